@@ -1,0 +1,1 @@
+//! Microsoft Defender for Endpoint API client: sign-in, rate budget, typed calls.

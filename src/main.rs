@@ -1,0 +1,31 @@
+use clap::{Parser, Subcommand};
+use defender_offboard::{devcluster, simulator};
+
+/// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
+#[derive(Parser, Debug)]
+#[command(name = "defender-offboard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a faithful MDE API simulator on a local address.
+    Simulate(simulator::SimulateArgs),
+    /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
+    Dev(devcluster::DevArgs),
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate(args) => simulator::run(args).await,
+        Command::Dev(args) => devcluster::run(args).await,
+    };
+    if let Err(error) = result {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
