@@ -999,3 +999,204 @@ async fn crds_created_through_the_api_are_served() {
     })
     .await;
 }
+
+/// Runs the real kubectl against the API with only `--kubeconfig` (and a private discovery cache).
+struct Kubectl {
+    kubeconfig: std::path::PathBuf,
+    cache: std::path::PathBuf,
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Kubectl {
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("KUBECACHEDIR", &self.cache)
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let output = tokio::time::timeout(Duration::from_secs(30), self.command(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {args:?} finished in time"))
+            .expect("kubectl runs");
+        Output {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.ok,
+            "kubectl {args:?} failed: {}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+}
+
+fn kubectl_available() -> bool {
+    std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "00-namespace.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: offboarding\n",
+    ),
+    (
+        "10-deviceoffboards.yaml",
+        "apiVersion: defender.offboard.dev/v1alpha1
+kind: DeviceOffboard
+metadata:
+  name: laptop-17
+  namespace: offboarding
+spec:
+  machineId: 0123456789abcdef0123456789abcdef01234567
+  comment: Retired laptop
+---
+apiVersion: defender.offboard.dev/v1alpha1
+kind: DeviceOffboard
+metadata:
+  name: desktop-3
+  namespace: offboarding
+spec:
+  deviceName: desktop-3.corp.example
+  comment: Returned to vendor
+",
+    ),
+];
+
+fn ready_status(name: &str) -> Patch<Value> {
+    Patch::Apply(json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DeviceOffboard", "metadata": {"name": name},
+        "status": {"phase": "Succeeded", "machineId": MACHINE_ID, "machineActionId": "7f3a", "actionStatus": "Succeeded",
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Offboarded", "message": "device offboarded",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    }))
+}
+
+#[tokio::test]
+async fn real_kubectl_works_against_the_api() {
+    if !kubectl_available() {
+        println!("NOTICE: kubectl is not on PATH; skipping the kubectl end-to-end test");
+        return;
+    }
+    bounded(async {
+        let api = start(ApiServerConfig::default()).await;
+        let client = api.client().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubectl = Kubectl { kubeconfig: dir.path().join("kubeconfig"), cache: dir.path().join("cache") };
+        api.write_kubeconfig(&kubectl.kubeconfig).unwrap();
+        let crd_file = dir.path().join("crd.yaml");
+        std::fs::write(&crd_file, DOFF_CRD).unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        for (name, text) in MANIFESTS {
+            std::fs::write(manifests.join(name), text).unwrap();
+        }
+        let crd_path = crd_file.to_str().unwrap();
+        let manifests_path = manifests.to_str().unwrap();
+
+        let out = kubectl.ok(&["apply", "-f", crd_path]).await;
+        assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/deviceoffboards.defender.offboard.dev created"), "{out}");
+        let out = kubectl.ok(&["apply", "-f", manifests_path]).await;
+        assert!(out.contains("namespace/offboarding created"), "{out}");
+        assert!(out.contains("deviceoffboard.defender.offboard.dev/laptop-17 created"), "{out}");
+        assert!(out.contains("deviceoffboard.defender.offboard.dev/desktop-3 created"), "{out}");
+        let out = kubectl.ok(&["apply", "-f", manifests_path]).await;
+        assert!(out.contains("deviceoffboard.defender.offboard.dev/laptop-17 unchanged"), "{out}");
+
+        // Printer columns.
+        let doffs: Api<DynamicObject> = Api::namespaced_with(client.clone(), "offboarding", &doff_resource());
+        let pp = PatchParams::apply("defender-offboard").force();
+        doffs
+            .patch_status("laptop-17", &pp, &Patch::Apply(json!({"apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DeviceOffboard",
+                "metadata": {"name": "laptop-17"}, "status": {"phase": "InProgress", "machineId": MACHINE_ID, "machineActionId": "7f3a", "actionStatus": "Pending"}})))
+            .await
+            .unwrap();
+        let table = kubectl.ok(&["get", "doff", "-n", "offboarding"]).await;
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAME", "MACHINE", "PHASE", "ACTION", "STATUS", "AGE"], "{table}");
+        let row: Vec<&str> = table.lines().find(|l| l.starts_with("laptop-17")).unwrap().split_whitespace().collect();
+        assert_eq!(&row[..5], ["laptop-17", MACHINE_ID, "InProgress", "7f3a", "Pending"], "{table}");
+        assert!(row[5].ends_with('s'), "age column: {table}");
+        let short = kubectl.ok(&["get", "offboard", "-A", "-o", "name"]).await;
+        assert_eq!(short.lines().count(), 2, "{short}");
+
+        // YAML output.
+        let yaml = kubectl.ok(&["get", "doff", "laptop-17", "-n", "offboarding", "-o", "yaml"]).await;
+        let object: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(object["spec"]["machineId"], MACHINE_ID);
+        assert_eq!(object["kind"], "DeviceOffboard");
+        assert_eq!(object["status"]["phase"], "InProgress");
+
+        // Events published by kube-rs show in describe.
+        let laptop = doffs.get("laptop-17").await.unwrap();
+        let recorder = Recorder::new(client.clone(), Reporter { controller: "defender-offboard".into(), instance: None });
+        recorder
+            .publish(
+                &Event { type_: EventType::Normal, reason: "Submitted".into(), note: Some("offboard request sent".into()),
+                    action: "Offboard".into(), secondary: None },
+                &laptop.object_ref(&doff_resource()),
+            )
+            .await
+            .unwrap();
+        let described = kubectl.ok(&["describe", "doff", "laptop-17", "-n", "offboarding"]).await;
+        let event_line = described.lines().find(|l| l.contains("Submitted")).unwrap_or_else(|| panic!("{described}"));
+        assert!(event_line.contains("Normal") && event_line.contains("defender-offboard") && event_line.contains("offboard request sent"), "{described}");
+
+        // kubectl wait watches until the condition appears.
+        let waiting = kubectl
+            .command(&["wait", "--for=condition=Ready", "doff", "--all", "-n", "offboarding", "--timeout=30s"])
+            .output();
+        let waiting = tokio::spawn(waiting);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "kubectl wait returned before the condition was set");
+        for name in ["laptop-17", "desktop-3"] {
+            doffs.patch_status(name, &pp, &ready_status(name)).await.unwrap();
+        }
+        let waited = waiting.await.unwrap().unwrap();
+        let stdout = String::from_utf8_lossy(&waited.stdout);
+        assert!(waited.status.success(), "{stdout}{}", String::from_utf8_lossy(&waited.stderr));
+        assert!(stdout.contains("deviceoffboard.defender.offboard.dev/laptop-17 condition met"), "{stdout}");
+        assert!(stdout.contains("deviceoffboard.defender.offboard.dev/desktop-3 condition met"), "{stdout}");
+
+        // An edited spec is refused by the CRD's CEL rule, naming the field.
+        let edited = MANIFESTS[1].1.replace("Retired laptop", "Edited comment");
+        std::fs::write(manifests.join(MANIFESTS[1].0), edited).unwrap();
+        let refused = kubectl.run(&["apply", "-f", manifests_path]).await;
+        assert!(!refused.ok);
+        assert!(refused.stderr.contains("spec: Invalid value: \"object\": spec is immutable"), "{}", refused.stderr);
+        assert!(refused.stderr.contains("laptop-17"), "{}", refused.stderr);
+
+        // Strict field validation: unknown fields are rejected.
+        let unknown = manifests.join("20-unknown.yaml");
+        std::fs::write(&unknown, MANIFESTS[1].1.split("---").next().unwrap().replace("laptop-17", "typo").replace("comment:", "colour: red\n  comment:")).unwrap();
+        let strict = kubectl.run(&["apply", "-f", unknown.to_str().unwrap()]).await;
+        assert!(!strict.ok && strict.stderr.contains("unknown field \"spec.colour\""), "{}", strict.stderr);
+
+        let out = kubectl.ok(&["delete", "doff", "laptop-17", "-n", "offboarding"]).await;
+        assert!(out.contains("deviceoffboard.defender.offboard.dev \"laptop-17\" deleted"), "{out}");
+        let gone = kubectl.run(&["get", "doff", "laptop-17", "-n", "offboarding"]).await;
+        assert!(!gone.ok);
+        assert!(gone.stderr.contains("deviceoffboards.defender.offboard.dev \"laptop-17\" not found"), "{}", gone.stderr);
+        api.shutdown().await;
+    })
+    .await;
+}

@@ -41,15 +41,6 @@ pub fn to_core(event: &Value) -> Value {
             out.insert((*old).into(), v.clone());
         }
     }
-    // kubectl describe shows source.component as "From"; kube-rs's Recorder sets only reportingController.
-    if event.get("deprecatedSource").is_none_or(Value::is_null)
-        && let Some(controller) = event.get("reportingController").and_then(Value::as_str)
-    {
-        out.insert(
-            "source".into(),
-            serde_json::json!({"component": controller}),
-        );
-    }
     if let Some(count) = event.pointer("/series/count") {
         out.insert("count".into(), count.clone());
         if let Some(last) = event.pointer("/series/lastObservedTime") {
@@ -57,6 +48,18 @@ pub fn to_core(event: &Value) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// A stored event as core/v1 presents it: kubectl describe shows `source.component` as
+/// "From", and kube-rs's Recorder sets only `reportingController`.
+pub fn present_core(event: &Value) -> Value {
+    let mut out = event.clone();
+    if event.get("source").is_none_or(Value::is_null)
+        && let Some(component) = event.get("reportingComponent").and_then(Value::as_str)
+    {
+        out["source"] = serde_json::json!({"component": component});
+    }
+    out
 }
 
 /// A stored (core/v1) event in `events.k8s.io/v1` shape.
@@ -97,9 +100,14 @@ mod tests {
         assert_eq!(core["involvedObject"]["name"], "x");
         assert_eq!(core["message"], "sent");
         assert_eq!(core["reportingComponent"], "defender-offboard");
-        assert_eq!(core["source"]["component"], "defender-offboard");
+        assert!(core.get("source").is_none());
+        assert_eq!(
+            present_core(&core)["source"]["component"],
+            "defender-offboard"
+        );
         assert_eq!(core["count"], 3);
         let back = to_events_v1(&core);
+        assert!(back.get("deprecatedSource").is_none());
         for field in [
             "regarding",
             "note",

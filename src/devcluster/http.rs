@@ -22,6 +22,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a deleted namespace stays `Terminating` before its objects are deleted.
+const NAMESPACE_CASCADE_DELAY: Duration = Duration::from_millis(500);
+
 /// What every handler needs.
 #[derive(Debug)]
 pub struct App {
@@ -310,6 +313,15 @@ async fn resource(
         (Method::DELETE, Some(name)) => {
             let options = parse_body(headers, body).unwrap_or(Value::Null);
             let object = shared.delete(&rt, ns, name, &options, &params)?;
+            if rt.is_namespaces() && !params.dry_run {
+                // kube's namespace controller empties a terminating namespace shortly after.
+                let shared = shared.clone();
+                let name = name.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep(NAMESPACE_CASCADE_DELAY).await;
+                    shared.finish_namespace(&name);
+                });
+            }
             Ok(json_response(200, &object))
         }
         (Method::DELETE, None) => {

@@ -80,11 +80,12 @@ impl WriteParams {
     }
 }
 
+/// Now, in whole seconds like kube's `metav1.Time`.
 pub fn now() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| jiff::Timestamp::now().to_string())
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
 }
 
 /// A stored object as the given resource version presents it.
@@ -92,7 +93,11 @@ pub fn to_external(rt: &ResourceType, stored: &Value) -> Value {
     if rt.is_events() && rt.group == "events.k8s.io" {
         return events::to_events_v1(stored);
     }
-    let mut out = stored.clone();
+    let mut out = if rt.is_events() {
+        events::present_core(stored)
+    } else {
+        stored.clone()
+    };
     out["apiVersion"] = rt.api_version().into();
     out["kind"] = rt.kind.clone().into();
     out
@@ -543,6 +548,14 @@ impl Shared {
         Ok(to_external(rt, &result))
     }
 
+    /// Run the namespace cascade for a terminating namespace (called shortly after its deletion).
+    pub fn finish_namespace(&self, ns: &str) {
+        let rv = finish_namespace(&mut self.lock(), ns);
+        if let Some(rv) = rv {
+            self.notify(rv);
+        }
+    }
+
     /// The newest resourceVersion (for list metadata and bookmarks).
     pub fn current_rv(&self) -> u64 {
         self.lock().store.current_rv()
@@ -580,6 +593,19 @@ fn create_locked(
         }
         if state.store.get("core/namespaces", "", url_ns).is_none() {
             return Err(ApiError::not_found("", "namespaces", url_ns));
+        }
+        if terminating_namespace(state, url_ns) {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {url_ns} because it is being terminated",
+                    rt.group_resource_name(),
+                    meta_str(object, "name")
+                        .or(meta_str(object, "generateName"))
+                        .unwrap_or_default()
+                ),
+            ));
         }
         url_ns.to_string()
     } else {
@@ -794,13 +820,19 @@ fn delete_locked(state: &mut State, rt: &ResourceType, k: &Key, old: Value) -> (
     let has_finalizers = old["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|f| !f.is_empty());
+    // Namespaces terminate first; the namespace cascade removes them once empty.
+    let held = has_finalizers || rt.is_namespaces();
+    if held && old["metadata"].get("deletionTimestamp").is_some() {
+        return (old, state.store.current_rv());
+    }
     let rv = state.store.next_rv();
     let mut last = old;
     last["metadata"]["resourceVersion"] = rv.to_string().into();
-    if has_finalizers {
-        if last["metadata"].get("deletionTimestamp").is_none() {
-            last["metadata"]["deletionTimestamp"] = now().into();
-            last["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+    if held {
+        last["metadata"]["deletionTimestamp"] = now().into();
+        last["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+        if rt.is_namespaces() {
+            last["status"]["phase"] = "Terminating".into();
         }
         state.store.put(&rt.storage, k.clone(), last.clone(), rv);
         return (last, rv);
@@ -810,34 +842,81 @@ fn delete_locked(state: &mut State, rt: &ResourceType, k: &Key, old: Value) -> (
     (last, rv)
 }
 
-/// Cascade what kube's controllers would: a namespace's objects, a CRD's resources.
-fn after_removal(state: &mut State, rt: &ResourceType, removed: &Value) {
-    if rt.is_namespaces() {
-        let ns = meta_str(removed, "name").unwrap_or_default().to_string();
-        let types: Vec<Arc<ResourceType>> = state
-            .registry
-            .types()
-            .iter()
-            .filter(|t| t.namespaced)
+/// Storages of namespaced resources (each once).
+fn namespaced_types(state: &State) -> Vec<Arc<ResourceType>> {
+    let mut seen: Vec<String> = Vec::new();
+    state
+        .registry
+        .types()
+        .iter()
+        .filter(|t| t.namespaced)
+        .filter(|t| {
+            let first = !seen.contains(&t.storage);
+            seen.push(t.storage.clone());
+            first
+        })
+        .cloned()
+        .collect()
+}
+
+fn terminating_namespace(state: &State, ns: &str) -> bool {
+    state
+        .store
+        .get("core/namespaces", "", ns)
+        .is_some_and(|n| n["metadata"].get("deletionTimestamp").is_some())
+}
+
+/// What kube's namespace controller does: delete the namespace's objects, then the namespace once empty.
+fn finish_namespace(state: &mut State, ns: &str) -> Option<u64> {
+    if !terminating_namespace(state, ns) {
+        return None;
+    }
+    for t in namespaced_types(state) {
+        let objects: Vec<Value> = state
+            .store
+            .list(&t.storage, Some(ns))
+            .into_iter()
             .cloned()
             .collect();
-        let mut seen = Vec::new();
-        for t in types {
-            if seen.contains(&t.storage) {
-                continue;
-            }
-            seen.push(t.storage.clone());
-            let objects: Vec<Value> = state
-                .store
-                .list(&t.storage, Some(&ns))
-                .into_iter()
-                .cloned()
-                .collect();
-            for object in objects {
-                let name = meta_str(&object, "name").unwrap_or_default().to_string();
-                delete_locked(state, &t, &(ns.clone(), name), object);
-            }
+        for object in objects {
+            let name = meta_str(&object, "name").unwrap_or_default().to_string();
+            delete_locked(state, &t, &(ns.to_string(), name), object);
         }
+    }
+    remove_namespace_if_empty(state, ns);
+    Some(state.store.current_rv())
+}
+
+fn remove_namespace_if_empty(state: &mut State, ns: &str) {
+    if !terminating_namespace(state, ns) {
+        return;
+    }
+    let empty = namespaced_types(state)
+        .iter()
+        .all(|t| state.store.list(&t.storage, Some(ns)).is_empty());
+    if !empty {
+        return;
+    }
+    let Some(mut namespace) = state.store.get("core/namespaces", "", ns).cloned() else {
+        return;
+    };
+    let rv = state.store.next_rv();
+    namespace["metadata"]["resourceVersion"] = rv.to_string().into();
+    state.store.remove(
+        "core/namespaces",
+        &(String::new(), ns.to_string()),
+        namespace,
+        rv,
+    );
+}
+
+/// Cascade what kube's controllers would: a terminating namespace, a CRD's resources.
+fn after_removal(state: &mut State, rt: &ResourceType, removed: &Value) {
+    if rt.namespaced
+        && let Some(ns) = meta_str(removed, "namespace")
+    {
+        let ns = ns.to_string();
+        remove_namespace_if_empty(state, &ns);
     }
     if rt.is_crd() {
         let storage = format!(

@@ -57,6 +57,15 @@ impl ResourceType {
         }
     }
 
+    /// kube's qualified resource name, e.g. `deviceoffboards.defender.offboard.dev`.
+    pub fn group_resource_name(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
     /// Whether the object keeps its desired state in `spec` (generation follows `spec` only).
     pub fn has_spec(&self) -> bool {
         !matches!(
