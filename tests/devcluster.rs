@@ -518,6 +518,40 @@ async fn apply_conflicts_between_managers() {
         assert!(conflict.message.contains("conflict with \"manager-a\""), "{}", conflict.message);
         let forced = leases.patch("leader", &PatchParams::apply("manager-b").force(), &lease("b")).await.unwrap();
         assert_eq!(forced.spec.unwrap().holder_identity.as_deref(), Some("b"));
+
+        // Apply creates missing objects; status sent to the main resource is neither kept nor owned.
+        let doffs = doffs(&client);
+        let applied = doffs
+            .patch(
+                "applied",
+                &PatchParams::apply("operator"),
+                &Patch::Apply(json!({"apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DeviceOffboard",
+                    "metadata": {"name": "applied"}, "spec": {"deviceName": "pc", "comment": "c"}, "status": {"phase": "Failed"}})),
+            )
+            .await
+            .unwrap();
+        assert!(applied.data.get("status").is_none());
+        let status = doffs
+            .patch_status(
+                "applied",
+                &PatchParams::apply("operator"),
+                &Patch::Apply(json!({"apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DeviceOffboard",
+                    "metadata": {"name": "applied"}, "status": {"phase": "Pending"}})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status.data["status"]["phase"], "Pending");
+        let taken = api_error(
+            doffs
+                .patch_status(
+                    "applied",
+                    &PatchParams::apply("intruder"),
+                    &Patch::Apply(json!({"apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DeviceOffboard",
+                        "metadata": {"name": "applied"}, "status": {"phase": "Failed"}})),
+                )
+                .await,
+        );
+        assert!(taken.message.contains("conflict with \"operator\"") && taken.message.contains(".status.phase"), "{}", taken.message);
         api.shutdown().await;
     })
     .await;

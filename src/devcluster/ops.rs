@@ -435,7 +435,7 @@ impl Shared {
                 }
                 let applied = patch::apply(
                     None,
-                    body,
+                    &split_applied(rt, body, ""),
                     &manager,
                     "",
                     &rt.api_version(),
@@ -471,6 +471,7 @@ impl Shared {
                 }
             }
             PatchKind::Apply => {
+                let body = &split_applied(rt, body, subresource);
                 doc = patch::apply(
                     Some(&doc),
                     body,
@@ -678,6 +679,27 @@ fn create_locked(
         state.registry.set_crd(object);
     }
     Ok((object.clone(), rv))
+}
+
+/// The part of an applied configuration a write to `subresource` can change, so that
+/// ownership is recorded only for fields the write keeps (kube resets the others).
+fn split_applied(rt: &ResourceType, applied: &Value, subresource: &str) -> Value {
+    if !rt.status_subresource {
+        return applied.clone();
+    }
+    let mut kept = applied.clone();
+    let Some(map) = kept.as_object_mut() else {
+        return kept;
+    };
+    if subresource == "status" {
+        map.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"));
+        if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.retain(|k, _| matches!(k.as_str(), "name" | "namespace" | "resourceVersion"));
+        }
+    } else {
+        map.remove("status");
+    }
+    kept
 }
 
 /// Metadata a client cannot change through an update.

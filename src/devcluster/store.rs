@@ -150,12 +150,9 @@ impl Store {
         if rv < history.compacted {
             return Err(history.compacted + 1);
         }
-        Ok(history
-            .changes
-            .iter()
-            .filter(|c| c.rv > rv)
-            .cloned()
-            .collect())
+        // Changes are in resourceVersion order: find the first newer one without scanning.
+        let start = history.changes.partition_point(|c| c.rv <= rv);
+        Ok(history.changes.range(start..).cloned().collect())
     }
 }
 
