@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{devcluster, simulator};
+use defender_offboard::{crd, devcluster, simulator};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Print the DeviceOffboard CustomResourceDefinition as YAML.
+    Crd,
     /// Run a faithful MDE API simulator on a local address.
     Simulate(simulator::SimulateArgs),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
@@ -21,6 +23,10 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
         Command::Simulate(args) => simulator::run(args).await,
         Command::Dev(args) => devcluster::run(args).await,
     };
