@@ -49,7 +49,10 @@ pub struct DeviceOffboardSpec {
     /// must match exactly one machine. Exactly one of `machineId` and
     /// `deviceName` must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+    )]
     pub device_name: Option<String>,
 
     /// Why the device is offboarded; sent to MDE as the action's comment.

@@ -5,5 +5,6 @@ pub mod controller;
 pub mod crd;
 pub mod defender;
 pub mod devcluster;
+pub mod metrics;
 pub mod simulator;
 pub mod telemetry;
