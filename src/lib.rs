@@ -6,5 +6,6 @@ pub mod crd;
 pub mod defender;
 pub mod devcluster;
 pub mod metrics;
+pub mod offboard;
 pub mod simulator;
 pub mod telemetry;

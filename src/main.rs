@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{crd, devcluster, simulator};
+use defender_offboard::{controller, crd, devcluster, offboard, simulator};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -11,8 +11,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controller (in-cluster config or KUBECONFIG).
+    Run(Box<controller::RunArgs>),
     /// Print the DeviceOffboard CustomResourceDefinition as YAML.
     Crd,
+    /// Offboard one device from the command line; prints the MachineAction as JSON.
+    Offboard(Box<offboard::OffboardArgs>),
     /// Run a faithful MDE API simulator on a local address.
     Simulate(simulator::SimulateArgs),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
@@ -23,10 +27,18 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => controller::run(*args).await,
         Command::Crd => {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
+        Command::Offboard(args) => match offboard::run(*args).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(error.exit_code());
+            }
+        },
         Command::Simulate(args) => simulator::run(args).await,
         Command::Dev(args) => devcluster::run(args).await,
     };
