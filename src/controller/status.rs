@@ -6,6 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub const SUBMITTED: &str = "Submitted";
 pub const READY: &str = "Ready";
+/// Set `True` on terminal failure so kstatus (Flux) reports Failed at once
+/// instead of waiting for its timeout.
+pub const STALLED: &str = "Stalled";
 
 /// Reasons on the `Ready` and `Submitted` conditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
