@@ -12,7 +12,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a faithful MDE API simulator on a local address.
-    Simulate(simulator::SimulateArgs),
+    Simulate(Box<simulator::SimulateArgs>),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
     Dev(devcluster::DevArgs),
 }
@@ -21,7 +21,7 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Simulate(args) => simulator::run(args).await,
+        Command::Simulate(args) => simulator::run(*args).await,
         Command::Dev(args) => devcluster::run(args).await,
     };
     if let Err(error) = result {
