@@ -18,7 +18,7 @@ enum Command {
     /// Offboard one device from the command line; prints the MachineAction as JSON.
     Offboard(Box<offboard::OffboardArgs>),
     /// Run a faithful MDE API simulator on a local address.
-    Simulate(simulator::SimulateArgs),
+    Simulate(Box<simulator::SimulateArgs>),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
     Dev(devcluster::DevArgs),
 }
@@ -39,7 +39,7 @@ async fn main() {
                 std::process::exit(error.exit_code());
             }
         },
-        Command::Simulate(args) => simulator::run(args).await,
+        Command::Simulate(args) => simulator::run(*args).await,
         Command::Dev(args) => devcluster::run(args).await,
     };
     if let Err(error) = result {
