@@ -263,7 +263,11 @@ pub enum AfterSend {
     AdoptPending,
 }
 
-pub fn after_send(view: &View, result: Result<MachineAction, MdeError>, settings: &Settings) -> AfterSend {
+pub fn after_send(
+    view: &View,
+    result: Result<MachineAction, MdeError>,
+    settings: &Settings,
+) -> AfterSend {
     let error = match result {
         Ok(action) => return AfterSend::Record(record_action(view, &action, false)),
         Err(MdeError::AlreadyPending { .. }) => return AfterSend::AdoptPending,
@@ -272,9 +276,9 @@ pub fn after_send(view: &View, result: Result<MachineAction, MdeError>, settings
     // Only an answer that may hide a created action keeps `Submitting` (and so
     // forces a lookup); a definite refusal means nothing exists at MDE.
     let phase = match &error {
-        MdeError::OutcomeUnknown { .. } | MdeError::Unavailable { .. } | MdeError::InvalidResponse { .. } => {
-            Phase::Submitting
-        }
+        MdeError::OutcomeUnknown { .. }
+        | MdeError::Unavailable { .. }
+        | MdeError::InvalidResponse { .. } => Phase::Submitting,
         _ => Phase::Pending,
     };
     AfterSend::Record(on_error(view, &error, phase, settings))
@@ -431,7 +435,15 @@ fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
         status.completed_at = Some(Time(view.now));
         if phase == Phase::Failed {
             status.last_error = last_error(&word, message.clone());
-            set_condition(&mut status, STALLED, true, Reason::Failed, message.clone(), view.generation, view.now);
+            set_condition(
+                &mut status,
+                STALLED,
+                true,
+                Reason::Failed,
+                message.clone(),
+                view.generation,
+                view.now,
+            );
         }
     }
     Transition {
@@ -460,7 +472,15 @@ fn failed(
     status.last_error = last_error(code, message.clone());
     status.completed_at = Some(Time(view.now));
     status.next_retry_at = None;
-    set_condition(&mut status, STALLED, true, reason, message.clone(), view.generation, view.now);
+    set_condition(
+        &mut status,
+        STALLED,
+        true,
+        reason,
+        message.clone(),
+        view.generation,
+        view.now,
+    );
     Transition {
         status,
         note: Some(Note {
@@ -606,15 +626,27 @@ mod tests {
     }
 
     fn by_id() -> DeviceOffboardSpec {
-        DeviceOffboardSpec { machine_id: Some(MACHINE.into()), device_name: None, comment: "retired".into() }
+        DeviceOffboardSpec {
+            machine_id: Some(MACHINE.into()),
+            device_name: None,
+            comment: "retired".into(),
+        }
     }
 
     fn by_name() -> DeviceOffboardSpec {
-        DeviceOffboardSpec { machine_id: None, device_name: Some("pc-1.contoso.com".into()), comment: "retired".into() }
+        DeviceOffboardSpec {
+            machine_id: None,
+            device_name: Some("pc-1.contoso.com".into()),
+            comment: "retired".into(),
+        }
     }
 
     fn status(phase: Phase) -> DeviceOffboardStatus {
-        DeviceOffboardStatus { phase: Some(phase), machine_id: Some(MACHINE.into()), ..Default::default() }
+        DeviceOffboardStatus {
+            phase: Some(phase),
+            machine_id: Some(MACHINE.into()),
+            ..Default::default()
+        }
     }
 
     fn submitting_since(seconds_ago: i64) -> DeviceOffboardStatus {
@@ -644,7 +676,12 @@ mod tests {
     }
 
     fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> View<'a> {
-        View { spec, status, generation: Some(1), now: now() }
+        View {
+            spec,
+            status,
+            generation: Some(1),
+            now: now(),
+        }
     }
 
     fn settings() -> Settings {
@@ -656,7 +693,10 @@ mod tests {
     }
 
     fn throttled() -> MdeError {
-        MdeError::Throttled { family: ApiFamily::Offboard, retry_at: now() + SignedDuration::from_secs(30) }
+        MdeError::Throttled {
+            family: ApiFamily::Offboard,
+            retry_at: now() + SignedDuration::from_secs(30),
+        }
     }
 
     fn ready(status: &DeviceOffboardStatus) -> (String, String) {
@@ -672,18 +712,83 @@ mod tests {
             next_retry_at: Some(Time(now() + SignedDuration::from_secs(30))),
             ..status(Phase::Pending)
         };
-        let crashed_after_send = DeviceOffboardStatus { machine_action_id: Some(ACTION.into()), ..submitting_since(60) };
+        let crashed_after_send = DeviceOffboardStatus {
+            machine_action_id: Some(ACTION.into()),
+            ..submitting_since(60)
+        };
         let rows: Vec<(&str, DeviceOffboardSpec, DeviceOffboardStatus, Plan)> = vec![
-            ("new, by id", by_id(), none.clone(), Plan::Submit { machine_id: MACHINE.into() }),
-            ("new, by name", by_name(), none.clone(), Plan::Resolve { device_name: "pc-1.contoso.com".into() }),
-            ("pending, resolved earlier", by_name(), status(Phase::Pending), Plan::Submit { machine_id: MACHINE.into() }),
-            ("pending, throttled", by_id(), later, Plan::Idle { requeue: Some(Duration::from_secs(30)) }),
-            ("crash while submitting", by_id(), submitting_since(60), Plan::LookUp { machine_id: MACHINE.into() }),
-            ("just sent, ambiguous", by_id(), submitting_since(2), Plan::Idle { requeue: Some(Duration::from_secs(3)) }),
-            ("crash after the action was recorded", by_id(), crashed_after_send, Plan::Idle { requeue: None }),
-            ("in progress", by_id(), with_action(Phase::InProgress, "Pending"), Plan::Idle { requeue: None }),
-            ("succeeded", by_id(), with_action(Phase::Succeeded, "Succeeded"), Plan::Idle { requeue: None }),
-            ("failed", by_id(), status(Phase::Failed), Plan::Idle { requeue: None }),
+            (
+                "new, by id",
+                by_id(),
+                none.clone(),
+                Plan::Submit {
+                    machine_id: MACHINE.into(),
+                },
+            ),
+            (
+                "new, by name",
+                by_name(),
+                none.clone(),
+                Plan::Resolve {
+                    device_name: "pc-1.contoso.com".into(),
+                },
+            ),
+            (
+                "pending, resolved earlier",
+                by_name(),
+                status(Phase::Pending),
+                Plan::Submit {
+                    machine_id: MACHINE.into(),
+                },
+            ),
+            (
+                "pending, throttled",
+                by_id(),
+                later,
+                Plan::Idle {
+                    requeue: Some(Duration::from_secs(30)),
+                },
+            ),
+            (
+                "crash while submitting",
+                by_id(),
+                submitting_since(60),
+                Plan::LookUp {
+                    machine_id: MACHINE.into(),
+                },
+            ),
+            (
+                "just sent, ambiguous",
+                by_id(),
+                submitting_since(2),
+                Plan::Idle {
+                    requeue: Some(Duration::from_secs(3)),
+                },
+            ),
+            (
+                "crash after the action was recorded",
+                by_id(),
+                crashed_after_send,
+                Plan::Idle { requeue: None },
+            ),
+            (
+                "in progress",
+                by_id(),
+                with_action(Phase::InProgress, "Pending"),
+                Plan::Idle { requeue: None },
+            ),
+            (
+                "succeeded",
+                by_id(),
+                with_action(Phase::Succeeded, "Succeeded"),
+                Plan::Idle { requeue: None },
+            ),
+            (
+                "failed",
+                by_id(),
+                status(Phase::Failed),
+                Plan::Idle { requeue: None },
+            ),
         ];
         for (name, spec, status, expected) in rows {
             assert_eq!(plan(&view(&spec, &status), &s), expected, "{name}");
@@ -711,47 +816,164 @@ mod tests {
         let current = submitting_since(0);
         let v = view(&spec, &current);
         let msg = || "m".to_string();
-        let rows: Vec<(&str, Result<MachineAction, MdeError>, Phase, &str, Option<EventReason>)> = vec![
-            ("created", Ok(action(ActionStatus::Pending)), Phase::InProgress, "InProgress", Some(EventReason::OffboardRequested)),
-            ("created, already done", Ok(action(ActionStatus::Succeeded)), Phase::Succeeded, "Succeeded", Some(EventReason::OffboardRequested)),
-            ("not sent", Err(MdeError::NotSent { reason: msg() }), Phase::Pending, "MdeError", Some(EventReason::MdeError)),
-            ("throttled", Err(throttled()), Phase::Pending, "Throttled", Some(EventReason::Throttled)),
-            ("bad credentials", Err(MdeError::Unauthorized { message: msg() }), Phase::Pending, "AuthenticationFailed", Some(EventReason::AuthenticationFailed)),
-            ("sign-in", Err(MdeError::SignIn { message: msg() }), Phase::Pending, "AuthenticationFailed", Some(EventReason::AuthenticationFailed)),
-            ("no permission", Err(MdeError::Forbidden { code: "Forbidden".into(), message: msg() }), Phase::Pending, "PermissionDenied", Some(EventReason::PermissionDenied)),
-            ("unknown machine", Err(MdeError::NotFound { message: msg() }), Phase::Failed, "DeviceNotFound", Some(EventReason::DeviceNotFound)),
-            ("linux", Err(MdeError::PlatformNotSupported { message: msg() }), Phase::Failed, "PlatformNotSupported", Some(EventReason::PlatformNotSupported)),
-            ("bad request", Err(MdeError::BadRequest { status: 400, code: "InvalidRequestBody".into(), message: msg() }), Phase::Failed, "MdeError", Some(EventReason::OffboardFailed)),
-            ("lost response", Err(MdeError::OutcomeUnknown { reason: msg() }), Phase::Submitting, "OutcomeUnknown", Some(EventReason::OutcomeUnknown)),
-            ("5xx", Err(MdeError::Unavailable { status: 503, message: msg() }), Phase::Submitting, "MdeError", Some(EventReason::MdeError)),
-            ("garbled 2xx", Err(MdeError::InvalidResponse { message: msg() }), Phase::Submitting, "MdeError", Some(EventReason::MdeError)),
+        let rows: Vec<(
+            &str,
+            Result<MachineAction, MdeError>,
+            Phase,
+            &str,
+            Option<EventReason>,
+        )> = vec![
+            (
+                "created",
+                Ok(action(ActionStatus::Pending)),
+                Phase::InProgress,
+                "InProgress",
+                Some(EventReason::OffboardRequested),
+            ),
+            (
+                "created, already done",
+                Ok(action(ActionStatus::Succeeded)),
+                Phase::Succeeded,
+                "Succeeded",
+                Some(EventReason::OffboardRequested),
+            ),
+            (
+                "not sent",
+                Err(MdeError::NotSent { reason: msg() }),
+                Phase::Pending,
+                "MdeError",
+                Some(EventReason::MdeError),
+            ),
+            (
+                "throttled",
+                Err(throttled()),
+                Phase::Pending,
+                "Throttled",
+                Some(EventReason::Throttled),
+            ),
+            (
+                "bad credentials",
+                Err(MdeError::Unauthorized { message: msg() }),
+                Phase::Pending,
+                "AuthenticationFailed",
+                Some(EventReason::AuthenticationFailed),
+            ),
+            (
+                "sign-in",
+                Err(MdeError::SignIn { message: msg() }),
+                Phase::Pending,
+                "AuthenticationFailed",
+                Some(EventReason::AuthenticationFailed),
+            ),
+            (
+                "no permission",
+                Err(MdeError::Forbidden {
+                    code: "Forbidden".into(),
+                    message: msg(),
+                }),
+                Phase::Pending,
+                "PermissionDenied",
+                Some(EventReason::PermissionDenied),
+            ),
+            (
+                "unknown machine",
+                Err(MdeError::NotFound { message: msg() }),
+                Phase::Failed,
+                "DeviceNotFound",
+                Some(EventReason::DeviceNotFound),
+            ),
+            (
+                "linux",
+                Err(MdeError::PlatformNotSupported { message: msg() }),
+                Phase::Failed,
+                "PlatformNotSupported",
+                Some(EventReason::PlatformNotSupported),
+            ),
+            (
+                "bad request",
+                Err(MdeError::BadRequest {
+                    status: 400,
+                    code: "InvalidRequestBody".into(),
+                    message: msg(),
+                }),
+                Phase::Failed,
+                "MdeError",
+                Some(EventReason::OffboardFailed),
+            ),
+            (
+                "lost response",
+                Err(MdeError::OutcomeUnknown { reason: msg() }),
+                Phase::Submitting,
+                "OutcomeUnknown",
+                Some(EventReason::OutcomeUnknown),
+            ),
+            (
+                "5xx",
+                Err(MdeError::Unavailable {
+                    status: 503,
+                    message: msg(),
+                }),
+                Phase::Submitting,
+                "MdeError",
+                Some(EventReason::MdeError),
+            ),
+            (
+                "garbled 2xx",
+                Err(MdeError::InvalidResponse { message: msg() }),
+                Phase::Submitting,
+                "MdeError",
+                Some(EventReason::MdeError),
+            ),
         ];
         for (name, result, phase, reason, event) in rows {
-            let AfterSend::Record(t) = after_send(&v, result, &s) else { panic!("{name}: expected a record") };
+            let AfterSend::Record(t) = after_send(&v, result, &s) else {
+                panic!("{name}: expected a record")
+            };
             assert_eq!(t.status.phase, Some(phase), "{name}");
             assert_eq!(ready(&t.status).1, reason, "{name}");
             assert_eq!(t.note.as_ref().map(|n| n.reason), event, "{name}");
             match phase {
                 Phase::InProgress | Phase::Succeeded => {
-                    assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION), "{name}");
-                    assert_eq!(condition(&t.status, SUBMITTED).unwrap().status, "True", "{name}");
+                    assert_eq!(
+                        t.status.machine_action_id.as_deref(),
+                        Some(ACTION),
+                        "{name}"
+                    );
+                    assert_eq!(
+                        condition(&t.status, SUBMITTED).unwrap().status,
+                        "True",
+                        "{name}"
+                    );
                     assert!(t.status.last_error.is_none(), "{name}");
                 }
                 Phase::Failed => {
                     assert!(t.status.completed_at.is_some(), "{name}");
                     assert!(t.status.last_error.is_some(), "{name}");
-                    assert_eq!(condition(&t.status, STALLED).unwrap().status, "True", "{name}");
+                    assert_eq!(
+                        condition(&t.status, STALLED).unwrap().status,
+                        "True",
+                        "{name}"
+                    );
                     assert_eq!(t.requeue, None, "{name}: terminal, no retry");
                 }
                 _ => {
                     assert!(t.status.machine_action_id.is_none(), "{name}");
-                    assert!(t.status.next_retry_at.is_some(), "{name}: a retry time is shown");
-                    assert!(t.requeue.is_some(), "{name}: the worker is freed and comes back");
+                    assert!(
+                        t.status.next_retry_at.is_some(),
+                        "{name}: a retry time is shown"
+                    );
+                    assert!(
+                        t.requeue.is_some(),
+                        "{name}: the worker is freed and comes back"
+                    );
                     assert_eq!(ready(&t.status).0, "False", "{name}");
                 }
             }
         }
-        assert_eq!(after_send(&v, Err(MdeError::AlreadyPending { message: msg() }), &s), AfterSend::AdoptPending);
+        assert_eq!(
+            after_send(&v, Err(MdeError::AlreadyPending { message: msg() }), &s),
+            AfterSend::AdoptPending
+        );
     }
 
     #[test]
@@ -759,14 +981,30 @@ mod tests {
         let s = settings();
         let spec = by_id();
         let current = submitting_since(0);
-        let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(throttled()), &s) else { panic!() };
+        let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(throttled()), &s) else {
+            panic!()
+        };
         assert_eq!(t.requeue, Some(Duration::from_secs(30)));
-        assert_eq!(t.status.next_retry_at, Some(Time(now() + SignedDuration::from_secs(30))));
-        let forbidden = MdeError::Forbidden { code: "Forbidden".into(), message: "no Machine.Offboard".into() };
-        let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(forbidden), &s) else { panic!() };
+        assert_eq!(
+            t.status.next_retry_at,
+            Some(Time(now() + SignedDuration::from_secs(30)))
+        );
+        let forbidden = MdeError::Forbidden {
+            code: "Forbidden".into(),
+            message: "no Machine.Offboard".into(),
+        };
+        let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(forbidden), &s) else {
+            panic!()
+        };
         assert_eq!(t.requeue, Some(s.access_backoff));
-        assert!(ready(&t.status).0 == "False" && t.status.phase == Some(Phase::Pending), "not terminal");
-        assert!(t.note.unwrap().message.contains("Machine.Offboard"), "the fix is named");
+        assert!(
+            ready(&t.status).0 == "False" && t.status.phase == Some(Phase::Pending),
+            "not terminal"
+        );
+        assert!(
+            t.note.unwrap().message.contains("Machine.Offboard"),
+            "the fix is named"
+        );
     }
 
     #[test]
@@ -775,7 +1013,9 @@ mod tests {
         let spec = by_id();
         let current = submitting_since(60);
         let v = view(&spec, &current);
-        let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(Some(action(ActionStatus::InProgress))), &s) else {
+        let AfterLookUp::Adopt(t) =
+            after_lookup(&v, Ok(Some(action(ActionStatus::InProgress))), &s)
+        else {
             panic!("found action must be adopted")
         };
         assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
@@ -786,9 +1026,21 @@ mod tests {
 
         assert_eq!(after_lookup(&v, Ok(None), &s), AfterLookUp::Send);
 
-        for error in [throttled(), MdeError::Unavailable { status: 503, message: "m".into() }] {
-            let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), &s) else { panic!("a failed lookup never sends") };
-            assert_eq!(t.status.phase, Some(Phase::Submitting), "the lookup must come first next time too");
+        for error in [
+            throttled(),
+            MdeError::Unavailable {
+                status: 503,
+                message: "m".into(),
+            },
+        ] {
+            let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), &s) else {
+                panic!("a failed lookup never sends")
+            };
+            assert_eq!(
+                t.status.phase,
+                Some(Phase::Submitting),
+                "the lookup must come first next time too"
+            );
             assert!(t.requeue.is_some());
         }
     }
@@ -809,15 +1061,38 @@ mod tests {
         let spec = by_id();
         let current = with_action(Phase::InProgress, "Pending");
         let v = view(&spec, &current);
-        assert_eq!(after_poll(&v, &action(ActionStatus::Pending)), None, "no change, no write");
+        assert_eq!(
+            after_poll(&v, &action(ActionStatus::Pending)),
+            None,
+            "no change, no write"
+        );
         let t = after_poll(&v, &action(ActionStatus::InProgress)).unwrap();
-        assert_eq!((t.status.phase, t.status.action_status.as_deref()), (Some(Phase::InProgress), Some("InProgress")));
+        assert_eq!(
+            (t.status.phase, t.status.action_status.as_deref()),
+            (Some(Phase::InProgress), Some("InProgress"))
+        );
         assert!(t.note.is_none());
         for (status, phase, event) in [
-            (ActionStatus::Succeeded, Phase::Succeeded, EventReason::OffboardSucceeded),
-            (ActionStatus::Failed, Phase::Failed, EventReason::OffboardFailed),
-            (ActionStatus::TimeOut, Phase::Failed, EventReason::OffboardFailed),
-            (ActionStatus::Cancelled, Phase::Failed, EventReason::OffboardFailed),
+            (
+                ActionStatus::Succeeded,
+                Phase::Succeeded,
+                EventReason::OffboardSucceeded,
+            ),
+            (
+                ActionStatus::Failed,
+                Phase::Failed,
+                EventReason::OffboardFailed,
+            ),
+            (
+                ActionStatus::TimeOut,
+                Phase::Failed,
+                EventReason::OffboardFailed,
+            ),
+            (
+                ActionStatus::Cancelled,
+                Phase::Failed,
+                EventReason::OffboardFailed,
+            ),
         ] {
             let word = status.as_str().to_string();
             let t = after_poll(&v, &action(status)).unwrap();
@@ -825,13 +1100,24 @@ mod tests {
             assert_eq!(t.status.action_status.as_deref(), Some(word.as_str()));
             assert_eq!(t.status.completed_at, Some(Time(now())));
             assert_eq!(t.note.unwrap().reason, event);
-            assert_eq!(ready(&t.status).0, if phase == Phase::Succeeded { "True" } else { "False" });
+            assert_eq!(
+                ready(&t.status).0,
+                if phase == Phase::Succeeded {
+                    "True"
+                } else {
+                    "False"
+                }
+            );
             if phase == Phase::Failed {
                 assert_eq!(t.status.last_error.as_ref().unwrap().code, word);
             }
         }
         let done = with_action(Phase::Succeeded, "Succeeded");
-        assert_eq!(after_poll(&view(&spec, &done), &action(ActionStatus::Failed)), None, "terminal stays terminal");
+        assert_eq!(
+            after_poll(&view(&spec, &done), &action(ActionStatus::Failed)),
+            None,
+            "terminal stays terminal"
+        );
     }
 
     #[test]
@@ -840,18 +1126,40 @@ mod tests {
         let spec = by_name();
         let current = DeviceOffboardStatus::default();
         let v = view(&spec, &current);
-        let machine = |id: &str| Machine { id: id.into(), last_seen: Some("2026-05-01T00:00:00Z".into()), ..Default::default() };
-        assert_eq!(after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s), Ok(MACHINE.to_string()));
+        let machine = |id: &str| Machine {
+            id: id.into(),
+            last_seen: Some("2026-05-01T00:00:00Z".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s),
+            Ok(MACHINE.to_string())
+        );
 
         let t = after_resolve(&v, "pc-1.contoso.com", Ok(vec![]), &s).unwrap_err();
         assert_eq!(t.status.phase, Some(Phase::Failed));
         assert_eq!(ready(&t.status).1, "DeviceNotFound");
-        assert!(t.status.last_error.unwrap().message.contains("pc-1.contoso.com"));
+        assert!(
+            t.status
+                .last_error
+                .unwrap()
+                .message
+                .contains("pc-1.contoso.com")
+        );
 
-        let t = after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine("a1"), machine("b2")]), &s).unwrap_err();
+        let t = after_resolve(
+            &v,
+            "pc-1.contoso.com",
+            Ok(vec![machine("a1"), machine("b2")]),
+            &s,
+        )
+        .unwrap_err();
         assert_eq!(ready(&t.status).1, "DeviceAmbiguous");
         let message = t.status.last_error.unwrap().message;
-        assert!(message.contains("a1") && message.contains("b2") && message.contains("spec.machineId"), "{message}");
+        assert!(
+            message.contains("a1") && message.contains("b2") && message.contains("spec.machineId"),
+            "{message}"
+        );
 
         let t = after_resolve(&v, "pc-1.contoso.com", Err(throttled()), &s).unwrap_err();
         assert_eq!(t.status.phase, Some(Phase::Pending));
@@ -861,9 +1169,18 @@ mod tests {
     #[test]
     fn unchanged_state_produces_an_identical_status() {
         let spec = by_id();
-        let first = waiting_for_budget(&view(&spec, &status(Phase::Pending)), Duration::from_secs(1));
-        let later = View { now: now() + SignedDuration::from_secs(60), ..view(&spec, &first.status) };
+        let first = waiting_for_budget(
+            &view(&spec, &status(Phase::Pending)),
+            Duration::from_secs(1),
+        );
+        let later = View {
+            now: now() + SignedDuration::from_secs(60),
+            ..view(&spec, &first.status)
+        };
         let second = waiting_for_budget(&later, Duration::from_secs(1));
-        assert_eq!(first.status, second.status, "waiting again must not cause a status write");
+        assert_eq!(
+            first.status, second.status,
+            "waiting again must not cause a status write"
+        );
     }
 }

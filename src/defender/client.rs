@@ -131,6 +131,11 @@ impl DefenderClient {
         }
     }
 
+    /// `GET /api/machines?$filter=...`, following `@odata.nextLink`.
+    pub async fn list_machines(&self, filter: &str) -> Result<Vec<Machine>, MdeError> {
+        self.list(ApiFamily::Machines, "api/machines", filter).await
+    }
+
     /// `GET /api/machineactions/{id}`.
     pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
         let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
