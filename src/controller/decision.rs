@@ -167,6 +167,8 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
 }
 
 /// After resolving `deviceName`: the machine id, or a transition to write.
+// The transition lives for one reconcile; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
 pub fn after_resolve(
     view: &View,
     device_name: &str,
@@ -257,6 +259,7 @@ pub fn submitting(view: &View, machine_id: &str) -> DeviceOffboardStatus {
 
 /// What to do after the send (`view.status` is the `Submitting` status).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum AfterSend {
     Record(Transition),
     /// MDE says an offboard is already pending: find it and adopt it.
@@ -286,6 +289,7 @@ pub fn after_send(
 
 /// What to do after the lookup that precedes any resend.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum AfterLookUp {
     /// Found: adopt it.
     Adopt(Transition),
@@ -809,6 +813,15 @@ mod tests {
     }
 
     /// Phase after each client outcome of the send, the event, and whether a lookup must follow.
+    /// Outcome of the send, expected phase, Ready reason, event.
+    type SendRow = (
+        &'static str,
+        Result<MachineAction, MdeError>,
+        Phase,
+        &'static str,
+        Option<EventReason>,
+    );
+
     #[test]
     fn after_send_for_every_outcome() {
         let s = settings();
@@ -816,13 +829,7 @@ mod tests {
         let current = submitting_since(0);
         let v = view(&spec, &current);
         let msg = || "m".to_string();
-        let rows: Vec<(
-            &str,
-            Result<MachineAction, MdeError>,
-            Phase,
-            &str,
-            Option<EventReason>,
-        )> = vec![
+        let rows: Vec<SendRow> = vec![
             (
                 "created",
                 Ok(action(ActionStatus::Pending)),

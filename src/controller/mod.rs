@@ -257,3 +257,6 @@ pub async fn run_controller(
 }
 
 pub mod leader;
+
+#[cfg(test)]
+mod verifier_tests;
