@@ -347,9 +347,20 @@ pub async fn list_actions(
         return r;
     }
     let base = base_url(&shared, &headers);
+    // Status depends on time, so action JSON is built per call; narrow first by the
+    // ids a poll names (`id in (...)`) to keep large polls cheap.
+    let filter = parse_query(query.as_deref())
+        .ok()
+        .and_then(|q| q.filter)
+        .and_then(|f| odata::parse(&f).ok());
+    let ids = filter.as_ref().and_then(|f| f.equality_values("id"));
+    let machine_ids = filter.as_ref().and_then(|f| f.equality_values("machineId"));
     let (items, page_size) = {
         let store = shared.lock();
-        (store.actions_json(), store.config.page_size)
+        (
+            store.actions_json(ids.as_deref(), machine_ids.as_deref()),
+            store.config.page_size,
+        )
     };
     match list_page(
         &items,

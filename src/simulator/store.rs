@@ -239,10 +239,20 @@ impl Store {
         Some(action.to_json(self.now(), self.schedule()))
     }
 
-    pub fn actions_json(&self) -> Vec<Value> {
+    /// JSON of the actions whose id and machine id are among the given ones
+    /// (lower-cased; `None` means any), oldest first.
+    pub fn actions_json(
+        &self,
+        ids: Option<&[String]>,
+        machine_ids: Option<&[String]>,
+    ) -> Vec<Value> {
         let (now, schedule) = (self.now(), self.schedule());
+        let wanted = |values: Option<&[String]>, value: &str| {
+            values.is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(value)))
+        };
         self.actions
             .iter()
+            .filter(|a| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
             .map(|a| a.to_json(now, schedule))
             .collect()
     }
