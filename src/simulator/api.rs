@@ -137,7 +137,7 @@ fn parse_query(raw: Option<&str>) -> Result<ListQuery, String> {
 
 /// One page of a filtered collection, with `@odata.nextLink` when more remain.
 fn list_page(
-    items: Vec<Value>,
+    items: &[Value],
     raw_query: Option<&str>,
     entity_set: &str,
     path: &str,
@@ -158,14 +158,19 @@ fn list_page(
         }
         None => None,
     };
-    let matching: Vec<Value> = items
-        .into_iter()
+    let matching: Vec<&Value> = items
+        .iter()
         .filter(|v| filter.as_ref().is_none_or(|f| f.matches(v)))
         .collect();
     let wanted = query.top.unwrap_or(usize::MAX);
     let available = matching.len().saturating_sub(query.skip);
-    let take = wanted.min(page_size).min(available);
-    let page: Vec<Value> = matching.into_iter().skip(query.skip).take(take).collect();
+    let take = wanted.min(page_size.max(1)).min(available);
+    let page: Vec<Value> = matching
+        .into_iter()
+        .skip(query.skip)
+        .take(take)
+        .cloned()
+        .collect();
     let mut body = json!({
         "@odata.context": format!("{base}/api/$metadata#{entity_set}"),
         "value": page,
@@ -244,7 +249,7 @@ pub async fn list_machines(
         (store.machines_json(), store.config.page_size)
     };
     match list_page(
-        items,
+        &items,
         query.as_deref(),
         "Machines",
         "/api/machines",
@@ -342,12 +347,23 @@ pub async fn list_actions(
         return r;
     }
     let base = base_url(&shared, &headers);
+    // Status depends on time, so action JSON is built per call; narrow first by the
+    // ids a poll names (`id in (...)`) to keep large polls cheap.
+    let filter = parse_query(query.as_deref())
+        .ok()
+        .and_then(|q| q.filter)
+        .and_then(|f| odata::parse(&f).ok());
+    let ids = filter.as_ref().and_then(|f| f.equality_values("id"));
+    let machine_ids = filter.as_ref().and_then(|f| f.equality_values("machineId"));
     let (items, page_size) = {
         let store = shared.lock();
-        (store.actions_json(), store.config.page_size)
+        (
+            store.actions_json(ids.as_deref(), machine_ids.as_deref()),
+            store.config.page_size,
+        )
     };
     match list_page(
-        items,
+        &items,
         query.as_deref(),
         "MachineActions",
         "/api/machineactions",
@@ -399,7 +415,7 @@ mod tests {
 
     fn page(n: usize, query: &str, page_size: usize) -> Value {
         list_page(
-            items(n),
+            &items(n),
             Some(query),
             "Things",
             "/api/things",

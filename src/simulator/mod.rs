@@ -5,6 +5,11 @@
 //! time-driven progression and cancel, MDE's rate limits with `Retry-After`, and
 //! fault injection. `/_sim/*` routes expose counters and runtime controls.
 //!
+//! Time: `time_scale` divides rate-limit windows, action schedules, token lifetime
+//! and injected latency, so an hour of MDE budget can pass in seconds. Everything a
+//! client sees (`expires_in`, `Retry-After`, timestamps) is in wall-clock time under
+//! those scaled durations, so a client that honours them behaves correctly unchanged.
+//!
 //! Embed it with [`spawn`]; run it standalone with [`run`].
 
 mod actions;
@@ -56,6 +61,11 @@ impl SimHandle {
     /// `http://IP:PORT`, the base for both the token endpoint and the API.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The Azure AD v2 token endpoint of `tenant`.
+    pub fn token_url(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/token", self.base_url())
     }
 
     /// A snapshot of the counters (same as `GET /_sim/stats`).

@@ -407,6 +407,32 @@ impl Filter {
         Ok(())
     }
 
+    /// The values (lower-cased) `field` must equal for the filter to match, when the
+    /// filter pins it down with `eq` or `in`; lets a list skip entities cheaply.
+    pub fn equality_values(&self, field: &str) -> Option<Vec<String>> {
+        let text = |l: &Literal| match l {
+            Literal::String(s) | Literal::Bare(s) => Some(s.to_lowercase()),
+            _ => None,
+        };
+        match self {
+            Filter::Compare {
+                field: f,
+                op: CompareOp::Eq,
+                value,
+            } if f == field => text(value).map(|v| vec![v]),
+            Filter::In { field: f, values } if f == field => values.iter().map(text).collect(),
+            Filter::And(a, b) => a
+                .equality_values(field)
+                .or_else(|| b.equality_values(field)),
+            Filter::Or(a, b) => {
+                let mut values = a.equality_values(field)?;
+                values.extend(b.equality_values(field)?);
+                Some(values)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the entity (as JSON) matches. String comparisons ignore case, like MDE's.
     pub fn matches(&self, entity: &Value) -> bool {
         match self {
@@ -563,6 +589,23 @@ mod tests {
         assert!(err("substringof(id,'a')").contains("function 'substringof'"));
         assert!(err("").contains("empty"));
         assert!(err("id eq 'a' and").contains("expected a property name"));
+    }
+
+    #[test]
+    fn equality_values_narrow_only_when_required() {
+        let ids = |f: &str| parse(f).unwrap().equality_values("id");
+        assert_eq!(ids("id eq 'A'"), Some(vec!["a".into()]));
+        assert_eq!(
+            ids("status eq 'x' and id in ('a','b')"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            ids("id eq 'a' or id eq 'b'"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(ids("id eq 'a' or status eq 'x'"), None);
+        assert_eq!(ids("not id eq 'a'"), None);
+        assert_eq!(ids("id ne 'a'"), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -88,6 +88,8 @@ pub struct Store {
     started: Instant,
     started_utc: jiff::Timestamp,
     machines: Vec<Machine>,
+    /// Machines never change, so their JSON is built once for list calls.
+    machines_json: Arc<Vec<Value>>,
     machine_index: HashMap<String, usize>,
     actions: Vec<Action>,
     action_index: HashMap<uuid::Uuid, usize>,
@@ -109,6 +111,12 @@ impl Store {
             .enumerate()
             .map(|(i, m)| (m.id.clone(), i))
             .collect();
+        let machines_json = Arc::new(
+            machines
+                .iter()
+                .map(|m| serde_json::to_value(m).expect("machine serialises"))
+                .collect(),
+        );
         // Faults draw from their own stream so changing them leaves the inventory alone.
         let fault_rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_fa17);
         Self {
@@ -116,6 +124,7 @@ impl Store {
             started: Instant::now(),
             started_utc,
             machines,
+            machines_json,
             machine_index,
             actions: Vec::new(),
             action_index: HashMap::new(),
@@ -218,11 +227,8 @@ impl Store {
             .map(|&i| &self.machines[i])
     }
 
-    pub fn machines_json(&self) -> Vec<Value> {
-        self.machines
-            .iter()
-            .map(|m| serde_json::to_value(m).expect("machine serialises"))
-            .collect()
+    pub fn machines_json(&self) -> Arc<Vec<Value>> {
+        self.machines_json.clone()
     }
 
     // ---- actions ----
@@ -233,10 +239,20 @@ impl Store {
         Some(action.to_json(self.now(), self.schedule()))
     }
 
-    pub fn actions_json(&self) -> Vec<Value> {
+    /// JSON of the actions whose id and machine id are among the given ones
+    /// (lower-cased; `None` means any), oldest first.
+    pub fn actions_json(
+        &self,
+        ids: Option<&[String]>,
+        machine_ids: Option<&[String]>,
+    ) -> Vec<Value> {
         let (now, schedule) = (self.now(), self.schedule());
+        let wanted = |values: Option<&[String]>, value: &str| {
+            values.is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(value)))
+        };
         self.actions
             .iter()
+            .filter(|a| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
             .map(|a| a.to_json(now, schedule))
             .collect()
     }
