@@ -50,10 +50,22 @@ impl Endpoints {
         api_url: Option<&str>,
         authority_host: Option<&str>,
     ) -> Result<Self, String> {
-        let api = parse_base_url("--api-url", api_url.unwrap_or(cloud.api_url()))?;
+        Self::with_http_policy(cloud, api_url, authority_host, false)
+    }
+
+    /// As [`Endpoints::new`]; `allow_http` permits plain http off loopback (a
+    /// simulator inside a test cluster). Never for a real tenant.
+    pub fn with_http_policy(
+        cloud: Cloud,
+        api_url: Option<&str>,
+        authority_host: Option<&str>,
+        allow_http: bool,
+    ) -> Result<Self, String> {
+        let api = parse_base_url("--api-url", api_url.unwrap_or(cloud.api_url()), allow_http)?;
         let authority = parse_base_url(
             "--authority-host",
             authority_host.unwrap_or(cloud.authority_host()),
+            allow_http,
         )?;
         Ok(Endpoints {
             api,
@@ -63,7 +75,7 @@ impl Endpoints {
     }
 }
 
-fn parse_base_url(flag: &str, value: &str) -> Result<Url, String> {
+fn parse_base_url(flag: &str, value: &str, allow_http: bool) -> Result<Url, String> {
     let url = Url::parse(value)
         .map_err(|e| format!("{flag} {value:?} is not a URL ({e}); give e.g. https://host"))?;
     if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
@@ -71,9 +83,9 @@ fn parse_base_url(flag: &str, value: &str) -> Result<Url, String> {
             "{flag} {value:?} must be an http(s) URL with a host"
         ));
     }
-    if url.scheme() == "http" && !is_loopback(&url) {
+    if url.scheme() == "http" && !is_loopback(&url) && !allow_http {
         return Err(format!(
-            "{flag} {value:?} uses plain http; credentials are only sent over https (plain http is allowed for loopback simulators only)"
+            "{flag} {value:?} uses plain http; credentials are only sent over https (plain http is allowed for loopback simulators, or with --allow-insecure-http for a test simulator)"
         ));
     }
     Ok(url)

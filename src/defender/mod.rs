@@ -29,6 +29,10 @@ pub struct ConnectionArgs {
     /// Entra ID login host (overrides the cloud preset).
     #[arg(long, env = "AZURE_AUTHORITY_HOST")]
     pub authority_host: Option<String>,
+    /// Allow plain-http --api-url/--authority-host off loopback (a simulator in a
+    /// test cluster). Never use it with a real tenant.
+    #[arg(long, env = "DEFENDER_ALLOW_INSECURE_HTTP")]
+    pub allow_insecure_http: bool,
     /// Own rate budget per API family: never more than CALLS in any WINDOW.
     #[arg(
         long,
