@@ -1,9 +1,204 @@
 //! In-memory Kubernetes API double for `defender-offboard dev` and tests.
+//!
+//! It serves custom resources from CRDs plus the built-ins the operator and
+//! kubectl use (namespaces, secrets, configmaps, events in `v1` and
+//! `events.k8s.io/v1`, leases, CRDs) over plain HTTP on loopback, with
+//! kube-apiserver's semantics where clients depend on them: resourceVersions,
+//! list/watch with bookmarks and `410 Gone`, the status subresource split,
+//! `generation`, optimistic concurrency, patches, schema and CEL validation,
+//! discovery, OpenAPI and the Table form.
+
+mod discovery;
+mod events;
+mod http;
+pub mod kubeconfig;
+mod openapi;
+mod ops;
+mod patch;
+mod registry;
+mod selector;
+mod status;
+mod store;
+mod table;
+mod validation;
+mod watch;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// How the in-memory API is set up.
+#[derive(Debug, Clone)]
+pub struct ApiServerConfig {
+    /// CRDs served from the start (more can be created through the API).
+    pub crds: Vec<CustomResourceDefinition>,
+    /// Changes kept per resource for watches that resume from a resourceVersion; older → `410 Gone`.
+    pub watch_history: usize,
+    /// How often watches that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+    /// Namespaces created at start besides `default` and `kube-system`.
+    pub namespaces: Vec<String>,
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        Self {
+            crds: Vec::new(),
+            watch_history: 10_000,
+            bookmark_interval: Duration::from_secs(60),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+/// A running API; dropping it does not stop it, call [`ApiHandle::shutdown`].
+#[derive(Debug)]
+pub struct ApiHandle {
+    addr: SocketAddr,
+    shared: Arc<ops::Shared>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl ApiHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig (context and user `defender-offboard-dev`, namespace `default`).
+    pub fn kubeconfig_yaml(&self) -> String {
+        kubeconfig::kubeconfig_yaml(&self.url())
+    }
+
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml())
+    }
+
+    /// A kube-rs client for this API (default namespace `default`).
+    pub async fn client(&self) -> kube::Result<kube::Client> {
+        let url = self
+            .url()
+            .parse()
+            .expect("a socket address always forms a valid URL");
+        let mut config = kube::Config::new(url);
+        config.default_namespace = "default".into();
+        kube::Client::try_from(config)
+    }
+
+    /// Stop serving: end open watches and wait for the server to finish.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+}
+
+/// Start the API on `listener` (bind it to `127.0.0.1:0` for tests).
+pub async fn spawn_api(
+    config: ApiServerConfig,
+    listener: TcpListener,
+) -> std::io::Result<ApiHandle> {
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(ops::Shared::new(
+        registry::Registry::with_builtins(),
+        config.watch_history,
+        config.bookmark_interval,
+    ));
+    let registry = shared.registry();
+    let namespaces = registry
+        .find("", "v1", "namespaces")
+        .expect("namespaces are built in");
+    let crds = registry
+        .find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        .expect("CRDs are built in");
+    let mut names = vec!["default".to_string(), "kube-system".to_string()];
+    names.extend(config.namespaces.iter().cloned());
+    for name in names {
+        seed(&shared, &namespaces, json!({"metadata": {"name": name}}))?;
+    }
+    for crd in &config.crds {
+        let object = serde_json::to_value(crd).map_err(std::io::Error::other)?;
+        seed(&shared, &crds, object)?;
+    }
+    let app = Arc::new(http::App {
+        shared: shared.clone(),
+        addr,
+    });
+    let shutdown = shared.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(app))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Ok(ApiHandle {
+        addr,
+        shared,
+        server,
+    })
+}
+
+fn seed(
+    shared: &ops::Shared,
+    rt: &registry::ResourceType,
+    object: serde_json::Value,
+) -> std::io::Result<()> {
+    shared
+        .seed(rt, object)
+        .map(|_| ())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+}
 
 /// Command-line arguments of `defender-offboard dev`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct DevArgs {}
+pub struct DevArgs {
+    /// Address of the in-memory Kubernetes API (loopback; port 0 picks a free one).
+    #[arg(long, env = "DEV_API_LISTEN", default_value = "127.0.0.1:8001")]
+    pub api_listen: SocketAddr,
+    /// Where to write the kubeconfig for kubectl.
+    #[arg(
+        long,
+        env = "DEV_KUBECONFIG",
+        default_value = "defender-offboard-dev.kubeconfig"
+    )]
+    pub kubeconfig_out: PathBuf,
+    /// Changes kept per resource for watches resuming from a resourceVersion.
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_history: usize,
+}
 
-pub async fn run(_args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    Err("dev playground not built yet".into())
+/// Start the API described by `args` with the given CRDs and write its kubeconfig.
+pub async fn start_api(
+    args: &DevArgs,
+    crds: Vec<CustomResourceDefinition>,
+) -> std::io::Result<ApiHandle> {
+    let listener = TcpListener::bind(args.api_listen).await?;
+    let config = ApiServerConfig {
+        crds,
+        watch_history: args.watch_history,
+        ..ApiServerConfig::default()
+    };
+    let handle = spawn_api(config, listener).await?;
+    handle.write_kubeconfig(&args.kubeconfig_out)?;
+    Ok(handle)
+}
+
+pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let handle = start_api(&args, Vec::new()).await?;
+    println!(
+        "Kubernetes API on {}; kubeconfig written to {} (try: kubectl --kubeconfig {} get namespaces)",
+        handle.url(),
+        args.kubeconfig_out.display(),
+        args.kubeconfig_out.display()
+    );
+    tokio::signal::ctrl_c().await?;
+    handle.shutdown().await;
+    Ok(())
 }

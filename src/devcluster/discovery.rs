@@ -1,0 +1,118 @@
+//! Legacy discovery documents (`/api`, `/apis`, APIResourceLists) and `/version`.
+
+use super::registry::{ALL_VERBS, Registry, ResourceType};
+use serde_json::{Value, json};
+
+/// The Kubernetes version this API presents itself as.
+pub const GIT_VERSION: &str = "v1.32.0-defender-offboard-dev";
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "32",
+        "gitVersion": GIT_VERSION,
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2025-01-01T00:00:00Z",
+        "goVersion": "go1.23.0",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+pub fn core_versions(server_address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}],
+    })
+}
+
+fn group_json(name: &str, versions: &[String]) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    json!({
+        "name": name,
+        "versions": versions,
+        "preferredVersion": versions.first().cloned().unwrap_or(Value::Null),
+    })
+}
+
+pub fn group_list(registry: &Registry) -> Value {
+    let groups: Vec<Value> = registry
+        .groups()
+        .into_iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, versions)| group_json(&g, &versions))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(registry: &Registry, name: &str) -> Option<Value> {
+    registry
+        .groups()
+        .into_iter()
+        .find(|(g, _)| g == name && !g.is_empty())
+        .map(|(g, versions)| {
+            let mut doc = group_json(&g, &versions);
+            doc["kind"] = "APIGroup".into();
+            doc["apiVersion"] = "v1".into();
+            doc
+        })
+}
+
+fn resource_json(rt: &ResourceType) -> Value {
+    let mut doc = json!({
+        "name": rt.plural,
+        "singularName": rt.singular,
+        "namespaced": rt.namespaced,
+        "kind": rt.kind,
+        "verbs": ALL_VERBS,
+    });
+    if !rt.short_names.is_empty() {
+        doc["shortNames"] = json!(rt.short_names);
+    }
+    if !rt.categories.is_empty() {
+        doc["categories"] = json!(rt.categories);
+    }
+    doc
+}
+
+/// The APIResourceList of one group/version, or `None` if nothing is served there.
+pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
+    let types: Vec<&ResourceType> = registry
+        .types()
+        .iter()
+        .map(|t| t.as_ref())
+        .filter(|t| t.group == group && t.version == version)
+        .collect();
+    if types.is_empty() {
+        return None;
+    }
+    let mut resources = Vec::new();
+    for t in types {
+        resources.push(resource_json(t));
+        if t.status_subresource {
+            resources.push(json!({
+                "name": format!("{}/status", t.plural),
+                "singularName": "",
+                "namespaced": t.namespaced,
+                "kind": t.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": resources,
+    }))
+}

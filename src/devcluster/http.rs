@@ -1,0 +1,415 @@
+//! HTTP routing: kube-apiserver's URL layout, query parameters, content
+//! negotiation (JSON, YAML bodies, the Table form) and Status errors.
+
+use super::discovery;
+use super::openapi;
+use super::ops::{Shared, WriteParams, to_external};
+use super::patch::PatchKind;
+use super::registry::ResourceType;
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::ApiError;
+use super::table;
+use super::validation::FieldValidation;
+use super::watch::{self, WatchParams};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every handler needs.
+#[derive(Debug)]
+pub struct App {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+}
+
+pub fn router(app: Arc<App>) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(app)
+}
+
+fn json_response(code: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error_response(error: &ApiError) -> Response {
+    json_response(error.code, &error.to_status())
+}
+
+/// Where a resource request points.
+#[derive(Debug, Clone)]
+struct Target {
+    group: String,
+    version: String,
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// Split the part after `/api/v1` or `/apis/g/v` into namespace, resource, name and subresource.
+fn parse_rest(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
+    let namespaced_form = rest.first() == Some(&"namespaces")
+        && rest.len() >= 3
+        && !(rest.len() == 3 && matches!(rest[2], "status" | "finalize"));
+    let (namespace, rest) = if namespaced_form {
+        (Some(rest[1].to_string()), &rest[2..])
+    } else {
+        (None, rest)
+    };
+    if rest.is_empty() || rest.len() > 3 {
+        return None;
+    }
+    Some(Target {
+        group: group.into(),
+        version: version.into(),
+        plural: rest[0].into(),
+        namespace,
+        name: rest.get(1).map(|s| s.to_string()),
+        subresource: rest.get(2).map(|s| s.to_string()),
+    })
+}
+
+fn query_map(uri: &Uri) -> HashMap<String, String> {
+    uri.query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn flag(query: &HashMap<String, String>, name: &str) -> bool {
+    matches!(
+        query.get(name).map(String::as_str),
+        Some("true") | Some("1")
+    )
+}
+
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    if let Ok(value) = serde_json::from_slice::<Value>(body) {
+        return Ok(value);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    serde_yaml_ng::from_slice::<Value>(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body ({content_type}) is neither JSON nor YAML: {e}"
+        ))
+    })
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("as=Table"))
+}
+
+async fn handle(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tracing::debug!(%method, %uri, "request");
+    match route(&app, &method, &uri, &headers, &body).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(%method, %uri, %error, "request failed");
+            error_response(&error)
+        }
+    }
+}
+
+async fn route(
+    app: &Arc<App>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let registry = app.shared.registry();
+    let get_only = |value: Option<Value>| -> Result<Response, ApiError> {
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed());
+        }
+        value
+            .map(|v| json_response(200, &v))
+            .ok_or_else(ApiError::path_not_found)
+    };
+    match segments.as_slice() {
+        ["version"] => get_only(Some(discovery::version())),
+        ["healthz"] | ["readyz"] | ["livez"] => Ok((StatusCode::OK, "ok").into_response()),
+        ["api"] => get_only(Some(discovery::core_versions(&app.addr.to_string()))),
+        ["apis"] => get_only(Some(discovery::group_list(&registry))),
+        ["openapi", "v3"] => get_only(Some(openapi::v3_index(&registry))),
+        ["openapi", "v3", "api", version] => get_only(openapi::v3_document(&registry, "", version)),
+        ["openapi", "v3", "apis", group, version] => {
+            get_only(openapi::v3_document(&registry, group, version))
+        }
+        ["openapi", "v2"] => get_only(Some(openapi::v2_document(&registry))),
+        ["api", version] => get_only(discovery::resource_list(&registry, "", version)),
+        ["apis", group] => get_only(discovery::group(&registry, group)),
+        ["apis", group, version] => get_only(discovery::resource_list(&registry, group, version)),
+        ["api", version, rest @ ..] => {
+            let target = parse_rest("", version, rest).ok_or_else(ApiError::path_not_found)?;
+            resource(app, target, method, uri, headers, body).await
+        }
+        ["apis", group, version, rest @ ..] => {
+            let target = parse_rest(group, version, rest).ok_or_else(ApiError::path_not_found)?;
+            resource(app, target, method, uri, headers, body).await
+        }
+        _ => Err(ApiError::path_not_found()),
+    }
+}
+
+fn write_params(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteParams {
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    WriteParams {
+        dry_run: query.contains_key("dryRun"),
+        field_manager: query.get("fieldManager").cloned(),
+        force: flag(query, "force"),
+        // kube-apiserver names the manager after the User-Agent's program name.
+        default_manager: agent.split('/').next().unwrap_or_default().to_string(),
+        field_validation: FieldValidation::parse(query.get("fieldValidation").map(String::as_str)),
+    }
+}
+
+fn selectors(
+    rt: &ResourceType,
+    query: &HashMap<String, String>,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels =
+        LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let extra: &[&str] = if rt.kind == "Secret" {
+        &["type"]
+    } else if rt.is_namespaces() {
+        &["status.phase"]
+    } else {
+        &[]
+    };
+    let fields = FieldSelector::parse(
+        query.get("fieldSelector").map(String::as_str).unwrap_or(""),
+        rt.is_events(),
+        extra,
+    )?;
+    Ok((labels, fields))
+}
+
+async fn resource(
+    app: &Arc<App>,
+    target: Target,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let shared = &app.shared;
+    let rt = shared
+        .registry()
+        .find(&target.group, &target.version, &target.plural)
+        .ok_or_else(ApiError::path_not_found)?;
+    if target.namespace.is_some() && !rt.namespaced {
+        return Err(ApiError::path_not_found());
+    }
+    if rt.namespaced && target.namespace.is_none() && target.name.is_some() {
+        return Err(ApiError::path_not_found());
+    }
+    let subresource = target.subresource.clone().unwrap_or_default();
+    let served = match subresource.as_str() {
+        "" => true,
+        "status" => rt.status_subresource,
+        "finalize" => rt.is_namespaces(),
+        _ => false,
+    };
+    if !served {
+        return Err(ApiError::path_not_found());
+    }
+    let query = query_map(uri);
+    let ns = target.namespace.as_deref();
+    let table = wants_table(headers);
+    let include = query
+        .get("includeObject")
+        .cloned()
+        .unwrap_or_else(|| "Metadata".into());
+    let params = write_params(&query, headers);
+    match (method.clone(), target.name.as_deref()) {
+        (Method::GET, None) => {
+            let (labels, fields) = selectors(&rt, &query)?;
+            if flag(&query, "watch") {
+                return watch_response(app, rt, ns, &query, labels, fields, table, include);
+            }
+            if table {
+                let (items, rv) = shared.list_stored(&rt, ns, &labels, &fields);
+                let objects: Vec<Value> = items.iter().map(|o| to_external(&rt, o)).collect();
+                return Ok(json_response(
+                    200,
+                    &table::table(&rt, &objects, Some(rv), &include),
+                ));
+            }
+            Ok(json_response(200, &shared.list(&rt, ns, &labels, &fields)))
+        }
+        (Method::GET, Some(name)) => {
+            let object = shared.get(&rt, ns, name)?;
+            if table {
+                return Ok(json_response(
+                    200,
+                    &table::table(&rt, &[object], None, &include),
+                ));
+            }
+            Ok(json_response(200, &object))
+        }
+        (Method::POST, None) => {
+            let object = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
+            Ok(json_response(201, &object))
+        }
+        (Method::PUT, Some(name)) => {
+            let object = shared.update(
+                &rt,
+                ns,
+                name,
+                &subresource,
+                parse_body(headers, body)?,
+                &params,
+            )?;
+            Ok(json_response(200, &object))
+        }
+        (Method::PATCH, Some(name)) => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let kind = PatchKind::from_content_type(content_type)?;
+            let patch = parse_body(headers, body)?;
+            let object = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
+            Ok(json_response(200, &object))
+        }
+        (Method::DELETE, Some(name)) => {
+            let options = parse_body(headers, body).unwrap_or(Value::Null);
+            let object = shared.delete(&rt, ns, name, &options, &params)?;
+            Ok(json_response(200, &object))
+        }
+        (Method::DELETE, None) => {
+            let (labels, fields) = selectors(&rt, &query)?;
+            let (items, _) = shared.list_stored(&rt, ns, &labels, &fields);
+            let mut deleted = Vec::new();
+            for item in items {
+                let name = item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let item_ns = item["metadata"]["namespace"].as_str().map(String::from);
+                if let Ok(object) =
+                    shared.delete(&rt, item_ns.as_deref(), &name, &Value::Null, &params)
+                {
+                    deleted.push(object);
+                }
+            }
+            Ok(json_response(
+                200,
+                &serde_json::json!({"apiVersion": rt.api_version(), "kind": rt.list_kind,
+                    "metadata": {"resourceVersion": shared.current_rv().to_string()}, "items": deleted}),
+            ))
+        }
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn watch_response(
+    app: &Arc<App>,
+    rt: Arc<ResourceType>,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    as_table: bool,
+    include: String,
+) -> Result<Response, ApiError> {
+    let params = WatchParams {
+        namespace: namespace.map(String::from),
+        resource_version: query.get("resourceVersion").cloned(),
+        labels,
+        fields,
+        bookmarks: flag(query, "allowWatchBookmarks"),
+        timeout: query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs),
+        send_initial_events: flag(query, "sendInitialEvents"),
+    };
+    let render: watch::Render = if as_table {
+        Arc::new(move |rt: &ResourceType, object: Value| {
+            table::table(rt, &[object], None, &include)
+        })
+    } else {
+        Arc::new(|_: &ResourceType, object: Value| object)
+    };
+    let rx = watch::start(app.shared.clone(), rt, params, render)?;
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| {
+            error_response(&ApiError::new(
+                500,
+                "InternalError",
+                "could not start the watch",
+            ))
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_layout() {
+        let t = parse_rest("", "v1", &["namespaces", "default", "secrets", "s"]).unwrap();
+        assert_eq!(
+            (t.namespace.as_deref(), t.plural.as_str(), t.name.as_deref()),
+            (Some("default"), "secrets", Some("s"))
+        );
+        let t = parse_rest("", "v1", &["namespaces", "prod", "status"]).unwrap();
+        assert_eq!(
+            (
+                t.namespace,
+                t.plural.as_str(),
+                t.name.as_deref(),
+                t.subresource.as_deref()
+            ),
+            (None, "namespaces", Some("prod"), Some("status"))
+        );
+        let t = parse_rest("g", "v", &["things"]).unwrap();
+        assert_eq!((t.namespace, t.name), (None, None));
+    }
+}

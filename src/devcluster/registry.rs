@@ -1,0 +1,319 @@
+//! The resource types the API serves: built-ins and those defined by CRDs.
+
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Every verb a served resource supports here.
+pub const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+/// A printer column of a CRD version (`additionalPrinterColumns`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrinterColumn {
+    pub name: String,
+    pub type_: String,
+    pub format: String,
+    pub description: String,
+    pub priority: i64,
+    pub json_path: String,
+}
+
+/// One served group/version/resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceType {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub list_kind: String,
+    pub plural: String,
+    pub singular: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    pub status_subresource: bool,
+    /// The store shared by every version (and, for events, both API groups).
+    pub storage: String,
+    /// The CRD's `openAPIV3Schema` for custom resources; `None` for built-ins.
+    pub schema: Option<Value>,
+    pub printer_columns: Vec<PrinterColumn>,
+    /// Whether the resource is defined by a CRD (served as unstructured, validated by schema).
+    pub custom: bool,
+}
+
+impl ResourceType {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Whether the object keeps its desired state in `spec` (generation follows `spec` only).
+    pub fn has_spec(&self) -> bool {
+        !matches!(
+            self.storage.as_str(),
+            "core/secrets" | "core/configmaps" | "core/events"
+        )
+    }
+
+    pub fn is_events(&self) -> bool {
+        self.storage == "core/events"
+    }
+
+    pub fn is_crd(&self) -> bool {
+        self.storage == "apiextensions.k8s.io/customresourcedefinitions"
+    }
+
+    pub fn is_namespaces(&self) -> bool {
+        self.storage == "core/namespaces"
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn builtin(
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+    namespaced: bool,
+    short_names: &[&str],
+    status_subresource: bool,
+    storage: &str,
+) -> ResourceType {
+    ResourceType {
+        group: group.into(),
+        version: version.into(),
+        kind: kind.into(),
+        list_kind: format!("{kind}List"),
+        plural: plural.into(),
+        singular: kind.to_lowercase(),
+        namespaced,
+        short_names: short_names.iter().map(|s| s.to_string()).collect(),
+        categories: Vec::new(),
+        status_subresource,
+        storage: storage.into(),
+        schema: None,
+        printer_columns: Vec::new(),
+        custom: false,
+    }
+}
+
+/// The built-in resources the operator and kubectl use.
+pub fn builtins() -> Vec<ResourceType> {
+    vec![
+        builtin(
+            "",
+            "v1",
+            "Namespace",
+            "namespaces",
+            false,
+            &["ns"],
+            true,
+            "core/namespaces",
+        ),
+        builtin(
+            "",
+            "v1",
+            "Secret",
+            "secrets",
+            true,
+            &[],
+            false,
+            "core/secrets",
+        ),
+        builtin(
+            "",
+            "v1",
+            "ConfigMap",
+            "configmaps",
+            true,
+            &["cm"],
+            false,
+            "core/configmaps",
+        ),
+        builtin(
+            "",
+            "v1",
+            "Event",
+            "events",
+            true,
+            &["ev"],
+            false,
+            "core/events",
+        ),
+        builtin(
+            "events.k8s.io",
+            "v1",
+            "Event",
+            "events",
+            true,
+            &["ev"],
+            false,
+            "core/events",
+        ),
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "Lease",
+            "leases",
+            true,
+            &[],
+            false,
+            "coordination.k8s.io/leases",
+        ),
+        builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+            &["crd", "crds"],
+            true,
+            "apiextensions.k8s.io/customresourcedefinitions",
+        ),
+    ]
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn text(value: &Value, pointer: &str) -> String {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The served versions of a CRD (given as JSON), one `ResourceType` each.
+pub fn from_crd(crd: &Value) -> Vec<ResourceType> {
+    let group = text(crd, "/spec/group");
+    let kind = text(crd, "/spec/names/kind");
+    let plural = text(crd, "/spec/names/plural");
+    let singular = match text(crd, "/spec/names/singular") {
+        s if s.is_empty() => kind.to_lowercase(),
+        s => s,
+    };
+    let list_kind = match text(crd, "/spec/names/listKind") {
+        s if s.is_empty() => format!("{kind}List"),
+        s => s,
+    };
+    let names = &crd["spec"]["names"];
+    let namespaced = text(crd, "/spec/scope") != "Cluster";
+    let versions = crd["spec"]["versions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    versions
+        .iter()
+        .filter(|v| v["served"].as_bool().unwrap_or(true))
+        .map(|v| ResourceType {
+            group: group.clone(),
+            version: text(v, "/name"),
+            kind: kind.clone(),
+            list_kind: list_kind.clone(),
+            plural: plural.clone(),
+            singular: singular.clone(),
+            namespaced,
+            short_names: strings(&names["shortNames"]),
+            categories: strings(&names["categories"]),
+            status_subresource: v.pointer("/subresources/status").is_some(),
+            storage: format!("{group}/{plural}"),
+            schema: v.pointer("/schema/openAPIV3Schema").cloned(),
+            printer_columns: v["additionalPrinterColumns"]
+                .as_array()
+                .map(|cols| {
+                    cols.iter()
+                        .map(|c| PrinterColumn {
+                            name: text(c, "/name"),
+                            type_: text(c, "/type"),
+                            format: text(c, "/format"),
+                            description: text(c, "/description"),
+                            priority: c["priority"].as_i64().unwrap_or(0),
+                            json_path: text(c, "/jsonPath"),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            custom: true,
+        })
+        .collect()
+}
+
+/// All served resource types; CRDs add and remove theirs at runtime.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    types: Vec<Arc<ResourceType>>,
+}
+
+impl Registry {
+    pub fn with_builtins() -> Self {
+        Self {
+            types: builtins().into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn types(&self) -> &[Arc<ResourceType>] {
+        &self.types
+    }
+
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        self.types
+            .iter()
+            .find(|t| t.group == group && t.version == version && t.plural == plural)
+            .cloned()
+    }
+
+    /// Any served version of a storage (used to present stored objects).
+    pub fn by_storage(&self, storage: &str) -> Option<Arc<ResourceType>> {
+        self.types.iter().find(|t| t.storage == storage).cloned()
+    }
+
+    /// Replace the types served for the CRD's group/plural with its current versions.
+    pub fn set_crd(&mut self, crd: &Value) {
+        self.remove_crd(crd);
+        self.types.extend(from_crd(crd).into_iter().map(Arc::new));
+    }
+
+    pub fn remove_crd(&mut self, crd: &Value) {
+        let storage = format!(
+            "{}/{}",
+            text(crd, "/spec/group"),
+            text(crd, "/spec/names/plural")
+        );
+        self.types.retain(|t| !(t.custom && t.storage == storage));
+    }
+
+    /// API groups in serving order (core first), each with its versions.
+    pub fn groups(&self) -> Vec<(String, Vec<String>)> {
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for t in &self.types {
+            match groups.iter_mut().find(|(g, _)| *g == t.group) {
+                Some((_, versions)) => {
+                    if !versions.contains(&t.version) {
+                        versions.push(t.version.clone());
+                    }
+                }
+                None => groups.push((t.group.clone(), vec![t.version.clone()])),
+            }
+        }
+        groups
+    }
+}
