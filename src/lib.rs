@@ -7,5 +7,6 @@ pub mod defender;
 pub mod devcluster;
 pub mod metrics;
 pub mod offboard;
+pub mod playground;
 pub mod simulator;
 pub mod telemetry;

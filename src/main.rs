@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{controller, crd, devcluster, offboard, simulator};
+use defender_offboard::{controller, crd, offboard, playground, simulator};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -20,7 +20,7 @@ enum Command {
     /// Run a faithful MDE API simulator on a local address.
     Simulate(Box<simulator::SimulateArgs>),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
-    Dev(devcluster::DevArgs),
+    Dev(Box<playground::DevArgs>),
 }
 
 #[tokio::main]
@@ -40,7 +40,7 @@ async fn main() {
             }
         },
         Command::Simulate(args) => simulator::run(*args).await,
-        Command::Dev(args) => devcluster::run(args).await,
+        Command::Dev(args) => playground::run(*args).await,
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -497,7 +497,12 @@ fn failed(
 
 /// Map a failed call to a transition, keeping `phase` unless the error is final.
 pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings) -> Transition {
-    let message = error.to_string();
+    // MDE's messages often end in a period; the advice follows after a "; ".
+    let message = error
+        .to_string()
+        .trim_end()
+        .trim_end_matches('.')
+        .to_string();
     let (reason, event, wait) = match error {
         MdeError::Throttled { retry_at, .. } => {
             let wait = to_std(retry_at.duration_since(view.now));

@@ -5,6 +5,7 @@ use super::Context;
 use super::reconcile::record_poll;
 use crate::crd::{DeviceOffboard, Phase};
 use crate::metrics::PhaseLabels;
+use futures::FutureExt;
 use kube::runtime::reflector::Store;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,13 +39,21 @@ pub fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> 
 }
 
 pub async fn run(store: Store<DeviceOffboard>, ctx: Arc<Context>, interval: Duration) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cache_ready = false;
     loop {
         ticker.tick().await;
+        // Not `wait_until_ready().await`: the store's readiness is a one-waker
+        // channel that the controller also waits on, so a second waiter may
+        // never be woken. Checking it once per tick needs no waker.
+        if !cache_ready {
+            match store.wait_until_ready().now_or_never() {
+                Some(Ok(())) => cache_ready = true,
+                Some(Err(_)) => return,
+                None => continue,
+            }
+        }
         let resources = store.state();
         for (phase, count) in count_by_phase(&resources) {
             ctx.metrics
@@ -55,6 +64,11 @@ pub async fn run(store: Store<DeviceOffboard>, ctx: Arc<Context>, interval: Dura
                 .set(count);
         }
         let ids = in_flight(&resources);
+        tracing::debug!(
+            resources = resources.len(),
+            in_flight = ids.len(),
+            "poll tick"
+        );
         if ids.is_empty() {
             continue;
         }
