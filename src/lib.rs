@@ -5,5 +5,8 @@ pub mod controller;
 pub mod crd;
 pub mod defender;
 pub mod devcluster;
+pub mod metrics;
+pub mod offboard;
+pub mod playground;
 pub mod simulator;
 pub mod telemetry;

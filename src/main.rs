@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{devcluster, simulator};
+use defender_offboard::{controller, crd, offboard, playground, simulator};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -11,18 +11,36 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controller (in-cluster config or KUBECONFIG).
+    Run(Box<controller::RunArgs>),
+    /// Print the DeviceOffboard CustomResourceDefinition as YAML.
+    Crd,
+    /// Offboard one device from the command line; prints the MachineAction as JSON.
+    Offboard(Box<offboard::OffboardArgs>),
     /// Run a faithful MDE API simulator on a local address.
-    Simulate(simulator::SimulateArgs),
+    Simulate(Box<simulator::SimulateArgs>),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
-    Dev(devcluster::DevArgs),
+    Dev(Box<playground::DevArgs>),
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Simulate(args) => simulator::run(args).await,
-        Command::Dev(args) => devcluster::run(args).await,
+        Command::Run(args) => controller::run(*args).await,
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Offboard(args) => match offboard::run(*args).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(error.exit_code());
+            }
+        },
+        Command::Simulate(args) => simulator::run(*args).await,
+        Command::Dev(args) => playground::run(*args).await,
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

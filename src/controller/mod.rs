@@ -1,1 +1,262 @@
-//! The `DeviceOffboard` controller.
+//! The `DeviceOffboard` controller (`defender-offboard run`).
+
+pub mod decision;
+pub mod poller;
+pub mod reconcile;
+pub mod status;
+
+use crate::crd::DeviceOffboard;
+use crate::defender::{ConnectionArgs, DefenderClient, MdeError};
+use crate::metrics::{ErrorLabels, Metrics};
+use decision::Settings;
+use futures::StreamExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+    #[error(
+        "the resource changed while being written (409 Conflict); retrying with the latest version"
+    )]
+    Conflict,
+    #[error("the resource has no metadata.uid")]
+    MissingUid,
+    #[error(transparent)]
+    Mde(#[from] MdeError),
+}
+
+impl Error {
+    /// A bounded label for `defender_offboard_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Conflict => "conflict",
+            Error::MissingUid => "missing_uid",
+            Error::Mde(_) => "mde",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shared by every reconcile: built once.
+pub struct Context {
+    pub client: kube::Client,
+    pub mde: DefenderClient,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+}
+
+fn error_policy(_obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            error: error.metric_label().to_string(),
+        })
+        .inc();
+    match error {
+        // Someone wrote in between: re-read and decide again, soon.
+        Error::Conflict => Action::requeue(Duration::from_millis(100)),
+        _ => {
+            tracing::warn!(error = %error, "reconcile failed; retrying");
+            Action::requeue(ctx.settings.retry_backoff)
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Flags of `defender-offboard run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Resources reconciled at the same time.
+    #[arg(long, default_value_t = 8, env = "DEFENDER_CONCURRENCY")]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Take a Lease before reconciling, so only one replica acts.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name or host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Leader lease duration; a standby takes over after this long without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// The leader stops all work if it cannot renew within this (must be < lease duration).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+    /// How often the lease is renewed or checked.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+    #[arg(long, value_enum, default_value = "text", env = "LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// How often in-flight actions are polled (one batched call for all of them).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Pause before looking an action up after an ambiguous send.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lookup_delay: Duration,
+    /// Retry delay after a transient failure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Retry delay after a credentials or permission failure.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub access_backoff: Duration,
+}
+
+impl RunArgs {
+    pub fn lease_timing(&self) -> leader::LeaseTiming {
+        leader::LeaseTiming {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        }
+    }
+}
+
+/// Set once the controller is watching; read by `/readyz`.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `defender-offboard run`.
+pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    crate::telemetry::init(args.log_format);
+    let config = args.connection.client_config()?;
+    let metrics = Arc::new(Metrics::default());
+    let mde = DefenderClient::new(config, metrics.clone())?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
+    check_crd_installed(&client, args.namespace.as_deref()).await?;
+    match mde.check_sign_in().await {
+        Ok(()) => tracing::info!("signed in to MDE"),
+        Err(error @ (MdeError::SignIn { .. } | MdeError::Credentials { .. })) => {
+            return Err(error.to_string().into());
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "sign-in check failed; will retry on first use")
+        }
+    }
+    let readiness = Readiness::default();
+    let server = tokio::spawn(crate::telemetry::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        readiness.clone(),
+    ));
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("defender-offboard-{}", uuid::Uuid::new_v4()));
+    let settings = Settings {
+        lookup_delay: args.lookup_delay,
+        retry_backoff: args.retry_backoff,
+        access_backoff: args.access_backoff,
+    };
+    let reporter = Reporter {
+        controller: "defender-offboard".into(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        mde,
+        metrics: metrics.clone(),
+        settings,
+    });
+    let shutdown = crate::telemetry::shutdown_signal();
+    if args.leader_elect {
+        leader::run_as_leader(&args, &identity, ctx, readiness, shutdown).await?;
+    } else {
+        readiness.set();
+        run_controller(&args, ctx, shutdown).await;
+    }
+    server.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn check_crd_installed(client: &kube::Client, namespace: Option<&str>) -> Result<(), String> {
+    let api: Api<DeviceOffboard> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
+            "the DeviceOffboard CRD is not installed: kubectl apply -f crds/{}.yaml",
+            crate::crd::CRD_NAME
+        )),
+        Err(kube::Error::Api(status)) if status.code == 403 => Err(format!(
+            "not allowed to list deviceoffboards ({}): check the operator's RBAC",
+            status.message
+        )),
+        Err(error) => Err(format!("cannot list deviceoffboards: {error}")),
+    }
+}
+
+/// The controller and the batch poller, until `shutdown` resolves.
+pub async fn run_controller(
+    args: &RunArgs,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<DeviceOffboard> = match &args.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(shutdown);
+    let poller = tokio::spawn(poller::run(
+        controller.store(),
+        ctx.clone(),
+        args.poll_interval,
+    ));
+    controller
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "controller event");
+            }
+        })
+        .await;
+    poller.abort();
+}
+
+pub mod leader;
+
+#[cfg(test)]
+mod verifier_tests;

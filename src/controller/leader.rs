@@ -1,0 +1,296 @@
+//! Leader election through a `coordination.k8s.io/v1` Lease.
+//!
+//! Written by hand (about as long as wiring a crate) because the property we
+//! need is specific: a leader that cannot renew must stop writing *before*
+//! any other replica can take the lease. The algorithm is client-go's: every
+//! write is an update with a resourceVersion precondition (so two candidates
+//! can never both win), followers judge expiry by when *they* last saw the
+//! lease change (immune to clock skew), and the leader aborts its work once
+//! `renew_deadline` (< `lease_duration`) passes without a successful renewal.
+//! kube-lease-manager relies on server-side-apply field conflicts instead and
+//! does not give that stop-before-takeover bound.
+
+use super::{Context, Readiness, RunArgs, run_controller};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub const LEASE_NAME: &str = "defender-offboard-leader";
+
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a candidate saw of the lease the last time it looked.
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    holder: Option<String>,
+    renew_time: Option<Timestamp>,
+    at: Instant,
+}
+
+/// Whether `identity` may take the lease now (pure: tested below).
+fn may_acquire(
+    identity: &str,
+    lease: &LeaseSpec,
+    observed: Option<&Observed>,
+    now: Instant,
+    timing: &LeaseTiming,
+) -> bool {
+    match lease.holder_identity.as_deref() {
+        None | Some("") => true,
+        Some(holder) if holder == identity => true,
+        Some(_) => {
+            let duration = lease
+                .lease_duration_seconds
+                .map(|s| Duration::from_secs(s.max(1) as u64))
+                .unwrap_or(timing.lease_duration);
+            // Expired only if it has not changed for a whole lease duration as *we* saw it.
+            observed.is_some_and(|o| now >= o.at + duration)
+        }
+    }
+}
+
+pub struct Elector {
+    api: Api<Lease>,
+    identity: String,
+    timing: LeaseTiming,
+    observed: Option<Observed>,
+}
+
+impl Elector {
+    pub fn new(client: kube::Client, namespace: &str, identity: &str, timing: LeaseTiming) -> Self {
+        Elector {
+            api: Api::namespaced(client, namespace),
+            identity: identity.to_string(),
+            timing,
+            observed: None,
+        }
+    }
+
+    /// One attempt to take or renew the lease. `Ok(true)` when we hold it.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        let now = Instant::now();
+        let seconds = self.timing.lease_duration.as_secs().max(1) as i32;
+        let lease = match self.api.get_opt(LEASE_NAME).await? {
+            Some(lease) => lease,
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(LEASE_NAME.into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.identity.clone()),
+                        lease_duration_seconds: Some(seconds),
+                        acquire_time: Some(MicroTime(Timestamp::now())),
+                        renew_time: Some(MicroTime(Timestamp::now())),
+                        lease_transitions: Some(0),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                return match self.api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let seen = Observed {
+            holder: spec.holder_identity.clone(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0),
+            at: now,
+        };
+        match &self.observed {
+            Some(previous)
+                if previous.holder == seen.holder && previous.renew_time == seen.renew_time => {}
+            _ => self.observed = Some(seen),
+        }
+        if !may_acquire(
+            &self.identity,
+            &spec,
+            self.observed.as_ref(),
+            now,
+            &self.timing,
+        ) {
+            return Ok(false);
+        }
+        let taking_over = spec.holder_identity.as_deref() != Some(self.identity.as_str());
+        let mut updated = lease.clone();
+        let mut new_spec = spec.clone();
+        new_spec.holder_identity = Some(self.identity.clone());
+        new_spec.lease_duration_seconds = Some(seconds);
+        new_spec.renew_time = Some(MicroTime(Timestamp::now()));
+        if taking_over {
+            new_spec.acquire_time = Some(MicroTime(Timestamp::now()));
+            new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        updated.spec = Some(new_spec);
+        // `replace` carries metadata.resourceVersion: a concurrent writer makes this 409.
+        match self
+            .api
+            .replace(LEASE_NAME, &PostParams::default(), &updated)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give the lease up on a clean shutdown so a standby takes over at once.
+    pub async fn release(&self) {
+        if let Ok(Some(mut lease)) = self.api.get_opt(LEASE_NAME).await
+            && let Some(spec) = lease.spec.as_mut()
+            && spec.holder_identity.as_deref() == Some(self.identity.as_str())
+        {
+            spec.holder_identity = None;
+            spec.renew_time = None;
+            let _ = self
+                .api
+                .replace(LEASE_NAME, &PostParams::default(), &lease)
+                .await;
+        }
+    }
+}
+
+/// Wait for the lease, then run the controller while renewing it. Returns an
+/// error (the process exits and restarts) if the lease is lost.
+pub async fn run_as_leader(
+    args: &RunArgs,
+    identity: &str,
+    ctx: Arc<Context>,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let timing = args.lease_timing();
+    let mut elector = Elector::new(ctx.client.clone(), &args.lease_namespace, identity, timing);
+    // Standbys are ready too: they serve health and wait.
+    readiness.set();
+    let mut shutdown = Box::pin(shutdown);
+    tracing::info!(identity, lease = LEASE_NAME, namespace = %args.lease_namespace, "waiting for the leader lease");
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(error = %error, "lease check failed"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(timing.retry_period) => {}
+        }
+    }
+    tracing::info!(identity, "became leader");
+    ctx.metrics.leader.set(1);
+    let mut last_renewal = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller_args = args.clone();
+    let controller_ctx = ctx.clone();
+    let mut work = tokio::spawn(async move {
+        run_controller(&controller_args, controller_ctx, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = &mut work => break Ok(()),
+            _ = tokio::time::sleep(timing.retry_period) => {}
+        }
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => last_renewal = Instant::now(),
+            Ok(false) => break Err("lost the leader lease to another replica".to_string()),
+            Err(error) => tracing::warn!(error = %error, "lease renewal failed"),
+        }
+        if last_renewal.elapsed() >= timing.renew_deadline {
+            break Err(format!(
+                "could not renew the leader lease for {:?}",
+                timing.renew_deadline
+            ));
+        }
+    };
+    ctx.metrics.leader.set(0);
+    match outcome {
+        Ok(()) => {
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut work).await;
+            work.abort();
+            elector.release().await;
+            Ok(())
+        }
+        Err(reason) => {
+            // Stop every write now, mid-request if need be: the Submitting record
+            // lets the next leader finish the job without a duplicate.
+            work.abort();
+            tracing::error!(reason, "stopping: no longer the leader");
+            Err(reason.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: Option<&str>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn takeover_only_after_a_full_lease_duration_unchanged() {
+        let timing = LeaseTiming::default();
+        let now = Instant::now();
+        assert!(may_acquire("b", &spec(None), None, now, &timing));
+        assert!(may_acquire("a", &spec(Some("a")), None, now, &timing));
+        // Never seen before: we cannot know it expired.
+        assert!(!may_acquire("b", &spec(Some("a")), None, now, &timing));
+        let seen = Observed {
+            holder: Some("a".into()),
+            renew_time: None,
+            at: now,
+        };
+        assert!(!may_acquire(
+            "b",
+            &spec(Some("a")),
+            Some(&seen),
+            now + Duration::from_secs(14),
+            &timing
+        ));
+        assert!(may_acquire(
+            "b",
+            &spec(Some("a")),
+            Some(&seen),
+            now + Duration::from_secs(15),
+            &timing
+        ));
+    }
+
+    #[test]
+    fn leader_stops_before_others_can_take_over() {
+        let timing = LeaseTiming::default();
+        assert!(timing.renew_deadline + timing.retry_period <= timing.lease_duration);
+    }
+}

@@ -1,0 +1,317 @@
+//! Sign-in to Microsoft Entra ID with the OAuth2 client-credentials grant.
+//!
+//! Written by hand rather than with `azure_identity`: the two token requests
+//! (client secret, federated client assertion) are a single form POST each,
+//! the SDK insists on https authorities (our simulator is plain-http loopback),
+//! does not read `AZURE_CLIENT_SECRET_FILE`, and brings a large dependency tree.
+
+use super::error::{MdeError, error_chain};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+/// A string that never shows itself in Debug or Display output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How the app proves who it is.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// `AZURE_CLIENT_SECRET`.
+    ClientSecret(Secret),
+    /// `AZURE_CLIENT_SECRET_FILE`, re-read at every refresh so rotation needs no restart.
+    ClientSecretFile(PathBuf),
+    /// `AZURE_FEDERATED_TOKEN_FILE` (workload identity), re-read at every refresh:
+    /// the kubelet rotates the projected token.
+    FederatedTokenFile(PathBuf),
+}
+
+/// Tenant, app and credential: everything needed to ask for a token.
+#[derive(Clone, Debug)]
+pub struct ClientIdentity {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub credential: Credential,
+}
+
+impl ClientIdentity {
+    /// Reads `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and one of `AZURE_CLIENT_SECRET`,
+    /// `AZURE_CLIENT_SECRET_FILE`, `AZURE_FEDERATED_TOKEN_FILE`.
+    pub fn from_parts(
+        tenant_id: Option<String>,
+        client_id: Option<String>,
+        secret: Option<String>,
+        secret_file: Option<PathBuf>,
+        federated_token_file: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let tenant_id = tenant_id
+            .filter(|t| !t.trim().is_empty())
+            .ok_or("AZURE_TENANT_ID is not set: give the Entra ID tenant id of the MDE app")?;
+        if !tenant_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(
+                "AZURE_TENANT_ID must be a tenant GUID or domain name (letters, digits, '-', '.')"
+                    .into(),
+            );
+        }
+        let client_id = client_id
+            .filter(|c| !c.trim().is_empty())
+            .ok_or("AZURE_CLIENT_ID is not set: give the application (client) id of the MDE app")?;
+        let credential = match (
+            secret.filter(|s| !s.is_empty()),
+            secret_file,
+            federated_token_file,
+        ) {
+            (Some(secret), _, _) => Credential::ClientSecret(Secret::new(secret)),
+            (None, Some(path), _) => Credential::ClientSecretFile(path),
+            (None, None, Some(path)) => Credential::FederatedTokenFile(path),
+            (None, None, None) => {
+                return Err(
+                    "no credential: set AZURE_CLIENT_SECRET, AZURE_CLIENT_SECRET_FILE or \
+                            AZURE_FEDERATED_TOKEN_FILE (workload identity)"
+                        .into(),
+                );
+            }
+        };
+        Ok(ClientIdentity {
+            tenant_id,
+            client_id,
+            credential,
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: f64,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct TokenError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+struct CachedToken {
+    value: Secret,
+    refresh_at: Instant,
+}
+
+/// Hands out bearer tokens, cached until shortly before expiry. Concurrent
+/// callers share one refresh: the cache lock is held across the token request
+/// on purpose, so only the first caller asks and the rest get its answer.
+pub struct TokenSource {
+    http: reqwest::Client,
+    token_url: Url,
+    scope: String,
+    identity: ClientIdentity,
+    cache: Mutex<Option<CachedToken>>,
+}
+
+impl TokenSource {
+    pub fn new(
+        http: reqwest::Client,
+        authority: &Url,
+        scope: String,
+        identity: ClientIdentity,
+    ) -> Result<Self, MdeError> {
+        let token_url = authority
+            .join(&format!("{}/oauth2/v2.0/token", identity.tenant_id))
+            .map_err(|e| MdeError::Credentials {
+                message: format!("cannot build the token URL: {e}"),
+            })?;
+        Ok(TokenSource {
+            http,
+            token_url,
+            scope,
+            identity,
+            cache: Mutex::new(None),
+        })
+    }
+
+    /// A valid token, from the cache or fresh.
+    pub async fn token(&self) -> Result<Secret, MdeError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(cached) = cache.as_ref().filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(cached.value.clone());
+        }
+        let fresh = self.request_token().await?;
+        let value = fresh.value.clone();
+        *cache = Some(fresh);
+        Ok(value)
+    }
+
+    /// Forget `stale` (the API answered 401 to it) so the next call signs in again.
+    pub async fn invalidate(&self, stale: &Secret) {
+        let mut cache = self.cache.lock().await;
+        if cache.as_ref().is_some_and(|c| &c.value == stale) {
+            *cache = None;
+        }
+    }
+
+    async fn request_token(&self) -> Result<CachedToken, MdeError> {
+        let mut form = vec![
+            ("grant_type", "client_credentials".to_string()),
+            ("client_id", self.identity.client_id.clone()),
+            ("scope", self.scope.clone()),
+        ];
+        match &self.identity.credential {
+            Credential::ClientSecret(secret) => {
+                form.push(("client_secret", secret.expose().to_string()))
+            }
+            Credential::ClientSecretFile(path) => form.push((
+                "client_secret",
+                read_credential_file(path, "AZURE_CLIENT_SECRET_FILE")?,
+            )),
+            Credential::FederatedTokenFile(path) => {
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push((
+                    "client_assertion",
+                    read_credential_file(path, "AZURE_FEDERATED_TOKEN_FILE")?,
+                ));
+            }
+        }
+        let host = self.token_url.host_str().unwrap_or_default().to_string();
+        let started = Instant::now();
+        let response = self
+            .http
+            .post(self.token_url.clone())
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| {
+                let reason = format!("cannot reach the login host {host}: {}", error_chain(&e));
+                if e.is_connect() {
+                    MdeError::NotSent { reason }
+                } else {
+                    MdeError::Unavailable {
+                        status: 0,
+                        message: reason,
+                    }
+                }
+            })?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| MdeError::Unavailable {
+            status: status.as_u16(),
+            message: format!("login host {host} dropped the answer: {}", error_chain(&e)),
+        })?;
+        if status.is_success() {
+            let token: TokenResponse =
+                serde_json::from_slice(&body).map_err(|e| MdeError::InvalidResponse {
+                    message: format!("login host {host} answered without a usable token: {e}"),
+                })?;
+            let lifetime = Duration::from_secs_f64(token.expires_in.max(0.0));
+            // Refresh early: five minutes before expiry, or at 90% of short lifetimes.
+            let margin = Duration::from_secs(300).min(lifetime / 10);
+            return Ok(CachedToken {
+                value: Secret::new(token.access_token),
+                refresh_at: started + lifetime - margin,
+            });
+        }
+        let error: TokenError = serde_json::from_slice(&body).unwrap_or_default();
+        let description = error
+            .error_description
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let message = format!(
+            "login host {host} answered {} {}: {} (check AZURE_TENANT_ID, AZURE_CLIENT_ID and the secret or federated token)",
+            status.as_u16(),
+            error.error,
+            description
+        );
+        if status.is_server_error() {
+            Err(MdeError::Unavailable {
+                status: status.as_u16(),
+                message,
+            })
+        } else {
+            Err(MdeError::SignIn { message })
+        }
+    }
+}
+
+fn read_credential_file(path: &std::path::Path, variable: &str) -> Result<String, MdeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| MdeError::Credentials {
+        message: format!(
+            "{variable} points at {}, which cannot be read: {e}",
+            path.display()
+        ),
+    })?;
+    let value = text.trim().to_string();
+    if value.is_empty() {
+        return Err(MdeError::Credentials {
+            message: format!("{variable} points at {}, which is empty", path.display()),
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        let identity = ClientIdentity::from_parts(
+            Some("t".into()),
+            Some("c".into()),
+            Some("hunter2".into()),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(!format!("{identity:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let err = ClientIdentity::from_parts(None, Some("c".into()), Some("s".into()), None, None)
+            .unwrap_err();
+        assert!(err.contains("AZURE_TENANT_ID"));
+        let err = ClientIdentity::from_parts(Some("t".into()), None, Some("s".into()), None, None)
+            .unwrap_err();
+        assert!(err.contains("AZURE_CLIENT_ID"));
+        let err = ClientIdentity::from_parts(Some("t".into()), Some("c".into()), None, None, None)
+            .unwrap_err();
+        assert!(err.contains("AZURE_CLIENT_SECRET") && err.contains("AZURE_FEDERATED_TOKEN_FILE"));
+        let err = ClientIdentity::from_parts(
+            Some("../evil".into()),
+            Some("c".into()),
+            Some("s".into()),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("AZURE_TENANT_ID"));
+    }
+}

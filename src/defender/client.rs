@@ -1,0 +1,360 @@
+//! Typed calls to the MDE API, each within the tenant's rate budget.
+
+use super::auth::{ClientIdentity, TokenSource};
+use super::cloud::{Endpoints, same_origin};
+use super::error::{MdeError, error_chain, parse_retry_after};
+use super::limiter::{ApiFamily, RateBudget, RateLimits};
+use super::types::{ErrorBody, Machine, MachineAction, ODataPage};
+use crate::metrics::Metrics;
+use jiff::Timestamp;
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use url::Url;
+
+/// How many action ids go in one `id in (...)` filter: keeps the URL well under
+/// common 8 KiB limits (each quoted GUID is ~40 characters).
+pub const IDS_PER_QUERY: usize = 50;
+
+/// Everything needed to talk to one tenant's MDE.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub endpoints: Endpoints,
+    pub identity: ClientIdentity,
+    pub rate_limits: RateLimits,
+    pub request_timeout: Duration,
+}
+
+/// The MDE client: sign-in, rate budget and typed calls.
+#[derive(Clone)]
+pub struct DefenderClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    api: Url,
+    tokens: TokenSource,
+    budget: RateBudget,
+    metrics: Arc<Metrics>,
+}
+
+/// The marker that ties an action to the request that created it. It travels in
+/// the action's `requestorComment`, the only free-text field MDE gives back.
+pub fn correlation_marker(key: &str) -> String {
+    format!("[defender-offboard:{key}]")
+}
+
+/// The offboard comment with the marker appended.
+pub fn comment_with_marker(comment: &str, key: &str) -> String {
+    format!("{} {}", comment.trim(), correlation_marker(key))
+}
+
+/// An OData string literal: single quotes doubled.
+pub fn odata_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl DefenderClient {
+    pub fn new(config: ClientConfig, metrics: Arc<Metrics>) -> Result<Self, MdeError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("defender-offboard/", env!("CARGO_PKG_VERSION")))
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            // Never follow redirects: a redirect could carry the bearer token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| MdeError::Credentials {
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let tokens = TokenSource::new(
+            http.clone(),
+            &config.endpoints.authority,
+            config.endpoints.scope.clone(),
+            config.identity,
+        )?;
+        Ok(DefenderClient {
+            inner: Arc::new(Inner {
+                http,
+                api: config.endpoints.api,
+                tokens,
+                budget: RateBudget::new(&config.rate_limits),
+                metrics,
+            }),
+        })
+    }
+
+    pub fn budget(&self) -> &RateBudget {
+        &self.inner.budget
+    }
+
+    /// Sign in now, to fail fast on bad credentials.
+    pub async fn check_sign_in(&self) -> Result<(), MdeError> {
+        self.inner.tokens.token().await.map(|_| ())
+    }
+
+    /// `POST /api/machines/{id}/offboard`. Not idempotent: on
+    /// [`MdeError::OutcomeUnknown`] look the action up before sending again.
+    pub async fn offboard(
+        &self,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        let url = self.api_url(&format!("api/machines/{machine_id}/offboard"), &[])?;
+        let body = serde_json::json!({ "Comment": comment });
+        self.call(ApiFamily::Offboard, Method::POST, url, Some(body), true)
+            .await
+    }
+
+    /// `GET /api/machines/{id}`.
+    pub async fn get_machine(&self, machine_id: &str) -> Result<Machine, MdeError> {
+        let url = self.api_url(&format!("api/machines/{machine_id}"), &[])?;
+        self.call(ApiFamily::Machines, Method::GET, url, None, false)
+            .await
+    }
+
+    /// Machines whose `computerDnsName` is `name` (several when a device was re-imaged).
+    pub async fn find_machines_by_name(&self, name: &str) -> Result<Vec<Machine>, MdeError> {
+        let filter = format!(
+            "computerDnsName eq {}",
+            odata_quote(&name.to_ascii_lowercase())
+        );
+        match self
+            .list(ApiFamily::Machines, "api/machines", &filter)
+            .await
+        {
+            // The list answers 404 when it has no recent machines at all.
+            Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// `GET /api/machines?$filter=...`, following `@odata.nextLink`.
+    pub async fn list_machines(&self, filter: &str) -> Result<Vec<Machine>, MdeError> {
+        self.list(ApiFamily::Machines, "api/machines", filter).await
+    }
+
+    /// `GET /api/machineactions/{id}`.
+    pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
+        let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
+        self.call(ApiFamily::MachineActions, Method::GET, url, None, false)
+            .await
+    }
+
+    /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
+    pub async fn list_machine_actions(&self, filter: &str) -> Result<Vec<MachineAction>, MdeError> {
+        self.list(ApiFamily::MachineActions, "api/machineactions", filter)
+            .await
+    }
+
+    /// Many actions by id, one call per [`IDS_PER_QUERY`] ids.
+    pub async fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        let mut actions = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let quoted: Vec<String> = chunk.iter().map(|id| odata_quote(id)).collect();
+            actions.extend(
+                self.list_machine_actions(&format!("id in ({})", quoted.join(",")))
+                    .await?,
+            );
+        }
+        Ok(actions)
+    }
+
+    /// The offboard action created with `marker` in its comment, if any: the
+    /// lookup that must precede any resend after an ambiguous outcome.
+    pub async fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let filter = format!(
+            "machineId eq {} and type eq 'Offboard'",
+            odata_quote(machine_id)
+        );
+        let mut matching: Vec<MachineAction> = self
+            .list_machine_actions(&filter)
+            .await?
+            .into_iter()
+            .filter(|a| {
+                a.action_type == "Offboard"
+                    && a.requestor_comment
+                        .as_deref()
+                        .is_some_and(|c| c.contains(marker))
+            })
+            .collect();
+        matching.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
+        Ok(matching.into_iter().next())
+    }
+
+    /// The offboard action for this machine that is not final yet, if any:
+    /// what an `ActiveRequestAlreadyExists` answer refers to.
+    pub async fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let filter = format!(
+            "machineId eq {} and type eq 'Offboard'",
+            odata_quote(machine_id)
+        );
+        let mut pending: Vec<MachineAction> = self
+            .list_machine_actions(&filter)
+            .await?
+            .into_iter()
+            .filter(|a| a.action_type == "Offboard" && !a.status.is_final())
+            .collect();
+        pending.sort_by(|a, b| b.creation_date_time_utc.cmp(&a.creation_date_time_utc));
+        Ok(pending.into_iter().next())
+    }
+
+    async fn list<T: DeserializeOwned>(
+        &self,
+        family: ApiFamily,
+        path: &str,
+        filter: &str,
+    ) -> Result<Vec<T>, MdeError> {
+        let mut url = self.api_url(path, &[("$filter", filter)])?;
+        let mut items = Vec::new();
+        loop {
+            let page: ODataPage<T> = self.call(family, Method::GET, url, None, false).await?;
+            items.extend(page.value);
+            let Some(next) = page.next_link else {
+                return Ok(items);
+            };
+            let next = Url::parse(&next)
+                .or_else(|_| self.inner.api.join(&next))
+                .map_err(|e| MdeError::InvalidResponse {
+                    message: format!("unusable @odata.nextLink: {e}"),
+                })?;
+            // The token must never leave the configured API host.
+            if !same_origin(&self.inner.api, &next) {
+                return Err(MdeError::InvalidResponse {
+                    message: format!(
+                        "refusing to follow @odata.nextLink to {} (not the configured API host)",
+                        next.host_str().unwrap_or("?")
+                    ),
+                });
+            }
+            url = next;
+        }
+    }
+
+    fn api_url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, MdeError> {
+        let mut url = self
+            .inner
+            .api
+            .join(path)
+            .map_err(|e| MdeError::InvalidResponse {
+                message: format!("cannot build a URL for {path}: {e}"),
+            })?;
+        if !query.is_empty() {
+            // OData servers read '+' literally in some places: encode spaces as %20.
+            let encoded: Vec<String> = query
+                .iter()
+                .map(|(k, v)| {
+                    let value: String =
+                        url::form_urlencoded::byte_serialize(v.as_bytes()).collect();
+                    format!("{k}={}", value.replace('+', "%20"))
+                })
+                .collect();
+            url.set_query(Some(&encoded.join("&")));
+        }
+        Ok(url)
+    }
+
+    /// One API call: token, budget, send, classify. A 401 refreshes the token
+    /// and tries once more (the API rejected the request before acting on it).
+    async fn call<T: DeserializeOwned>(
+        &self,
+        family: ApiFamily,
+        method: Method,
+        url: Url,
+        body: Option<serde_json::Value>,
+        is_write: bool,
+    ) -> Result<T, MdeError> {
+        let inner = &self.inner;
+        for attempt in 0..2 {
+            let token = inner.tokens.token().await?;
+            let waited = Instant::now();
+            let permit = inner.budget.acquire(family).await;
+            inner
+                .metrics
+                .record_budget_wait(family.as_str(), waited.elapsed().as_secs_f64());
+            let mut request = inner
+                .http
+                .request(method.clone(), url.clone())
+                .bearer_auth(token.expose());
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            tracing::debug!(%family, %method, path = url.path(), "MDE call");
+            let response = request.send().await;
+            let response = match response {
+                Ok(response) => response,
+                Err(error) => {
+                    permit.complete();
+                    inner.metrics.record_request(family.as_str(), 0);
+                    return Err(MdeError::from_transport(&error, is_write));
+                }
+            };
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let bytes = response.bytes().await;
+            permit.complete();
+            inner.metrics.record_request(family.as_str(), status);
+            let bytes = bytes.map_err(|e| {
+                let reason = format!("answer {status} cut off: {}", error_chain(&e));
+                if is_write {
+                    MdeError::OutcomeUnknown { reason }
+                } else {
+                    MdeError::Unavailable {
+                        status,
+                        message: reason,
+                    }
+                }
+            })?;
+            if (200..300).contains(&status) {
+                return serde_json::from_slice(&bytes).map_err(|e| MdeError::InvalidResponse {
+                    message: format!(
+                        "{} {} answered {status} with a body that does not parse: {e}",
+                        method,
+                        url.path()
+                    ),
+                });
+            }
+            if status == 401 && attempt == 0 {
+                tracing::info!(%family, "MDE answered 401; signing in again once");
+                inner.tokens.invalidate(&token).await;
+                continue;
+            }
+            let error: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+            let retry_at = retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, Timestamp::now()));
+            let error = MdeError::from_status(
+                status,
+                error.error.code,
+                error.error.message,
+                family,
+                retry_at,
+                is_write,
+            );
+            if let MdeError::Throttled { retry_at, .. } = &error {
+                let wait = retry_at.duration_since(Timestamp::now());
+                let wait = Duration::try_from(wait).unwrap_or_default();
+                tracing::warn!(%family, wait_ms = wait.as_millis() as u64, "MDE answered 429; parking this family's budget");
+                inner.budget.park(family, Instant::now() + wait);
+            }
+            return Err(error);
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}

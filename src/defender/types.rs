@@ -1,0 +1,178 @@
+//! MDE's wire types. Every field MDE documents is here; unknown fields are ignored
+//! so that MDE adding one never breaks the operator.
+
+use serde::{Deserialize, Serialize};
+
+/// A device in MDE (`GET /api/machines`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Machine {
+    pub id: String,
+    pub computer_dns_name: Option<String>,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub os_platform: Option<String>,
+    pub os_version: Option<String>,
+    pub os_processor: Option<String>,
+    pub version: Option<String>,
+    pub os_build: Option<i64>,
+    pub last_ip_address: Option<String>,
+    pub last_external_ip_address: Option<String>,
+    pub agent_version: Option<String>,
+    pub health_status: Option<String>,
+    pub onboarding_status: Option<String>,
+    pub device_value: Option<String>,
+    pub rbac_group_id: Option<i64>,
+    pub rbac_group_name: Option<String>,
+    pub risk_score: Option<String>,
+    pub exposure_level: Option<String>,
+    pub is_aad_joined: Option<bool>,
+    pub aad_device_id: Option<String>,
+    pub machine_tags: Vec<String>,
+}
+
+/// MDE's status of a machine action. The last four are final.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ActionStatus {
+    Pending,
+    InProgress,
+    Succeeded,
+    Failed,
+    TimeOut,
+    Cancelled,
+    /// A word MDE may add later; treated as not final so nothing is lost.
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl ActionStatus {
+    /// Final statuses never change again; polling stops there.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ActionStatus::Succeeded
+                | ActionStatus::Failed
+                | ActionStatus::TimeOut
+                | ActionStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ActionStatus::Pending => "Pending",
+            ActionStatus::InProgress => "InProgress",
+            ActionStatus::Succeeded => "Succeeded",
+            ActionStatus::Failed => "Failed",
+            ActionStatus::TimeOut => "TimeOut",
+            ActionStatus::Cancelled => "Cancelled",
+            ActionStatus::Other(word) => word,
+        }
+    }
+}
+
+impl std::fmt::Display for ActionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A machine action (`GET /api/machineactions`), e.g. the one an offboard creates.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineAction {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub action_type: String,
+    pub status: ActionStatus,
+    pub machine_id: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub requestor: Option<String>,
+    #[serde(default, rename = "externalID")]
+    pub external_id: Option<String>,
+    #[serde(default)]
+    pub request_source: Option<String>,
+    #[serde(default)]
+    pub commands: Option<serde_json::Value>,
+    #[serde(default)]
+    pub cancellation_requestor: Option<String>,
+    #[serde(default)]
+    pub requestor_comment: Option<String>,
+    #[serde(default)]
+    pub cancellation_comment: Option<String>,
+    #[serde(default)]
+    pub computer_dns_name: Option<String>,
+    #[serde(default)]
+    pub creation_date_time_utc: Option<String>,
+    #[serde(default)]
+    pub cancellation_date_time_utc: Option<String>,
+    #[serde(default)]
+    pub last_update_date_time_utc: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub related_file_info: Option<serde_json::Value>,
+}
+
+/// One page of an OData collection.
+#[derive(Deserialize, Debug)]
+pub struct ODataPage<T> {
+    pub value: Vec<T>,
+    #[serde(rename = "@odata.nextLink", default)]
+    pub next_link: Option<String>,
+}
+
+/// MDE's error body: `{"error": {"code", "message", "target"}}`.
+#[derive(Deserialize, Debug, Default)]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub error: ErrorDetail,
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct ErrorDetail {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_six_statuses_parse_and_four_are_final() {
+        for (word, is_final) in [
+            ("Pending", false),
+            ("InProgress", false),
+            ("Succeeded", true),
+            ("Failed", true),
+            ("TimeOut", true),
+            ("Cancelled", true),
+        ] {
+            let status: ActionStatus = serde_json::from_value(serde_json::json!(word)).unwrap();
+            assert_eq!(status.as_str(), word);
+            assert_eq!(status.is_final(), is_final, "{word}");
+        }
+        let unknown: ActionStatus = serde_json::from_value(serde_json::json!("Queued")).unwrap();
+        assert_eq!(unknown, ActionStatus::Other("Queued".into()));
+        assert!(!unknown.is_final());
+    }
+
+    #[test]
+    fn machine_action_tolerates_unknown_fields() {
+        let action: MachineAction = serde_json::from_value(serde_json::json!({
+            "id": "5382f7ea-7557-4ab7-9782-d50480024a4e",
+            "type": "Offboard",
+            "status": "TimeOut",
+            "machineId": "1e5bc9d7e413ddd7902c2932e418702b84d0cc07",
+            "requestorComment": "decommissioned",
+            "somethingNew": {"x": 1}
+        }))
+        .unwrap();
+        assert_eq!(action.status, ActionStatus::TimeOut);
+        assert_eq!(action.action_type, "Offboard");
+    }
+}

@@ -1,0 +1,399 @@
+//! `defender-offboard dev`: the whole product on loopback — the in-memory
+//! Kubernetes API, the MDE simulator and the controller — for a first look,
+//! for demos and for the end-to-end tests.
+
+use crate::controller::decision::Settings;
+use crate::controller::{Context, LogFormat, RunArgs, run_controller};
+use crate::crd::{DeviceOffboard, Phase};
+use crate::defender::{
+    ClientConfig, ClientIdentity, Cloud, ConnectionArgs, DefenderClient, Endpoints, RateLimits,
+};
+use crate::devcluster::{self, ApiHandle, ApiServerConfig};
+use crate::metrics::Metrics;
+use crate::simulator::{self, FaultConfig, LostResponseMode, SimConfig, SimHandle};
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Apply the manifests in this file or directory and show their phases until final.
+    #[arg(long)]
+    pub apply: Option<PathBuf>,
+    /// Where to write the kubeconfig for kubectl and `defender-offboard run`.
+    #[arg(long, default_value = ".dev/kubeconfig")]
+    pub kubeconfig_out: PathBuf,
+    /// Run only the API and the simulator; start `defender-offboard run` yourself.
+    #[arg(long)]
+    pub without_controller: bool,
+    /// Exit once every applied resource is final (exit code 0).
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Address of the in-memory Kubernetes API.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub api_listen: SocketAddr,
+    /// Address of the MDE simulator.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub sim_listen: SocketAddr,
+    /// Generated machines (the machines that examples/ name are always there).
+    #[arg(long, default_value_t = 50)]
+    pub sim_machines: usize,
+    #[arg(long, default_value_t = 1)]
+    pub sim_seed: u64,
+    /// Compress the simulator's time (windows, delays) by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    pub sim_time_scale: f64,
+    /// Share of simulator API calls answered 500/503.
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_fault_error_rate: f64,
+    /// Share of offboards whose action is created but whose answer is lost.
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_fault_lost_response_rate: f64,
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub sim_fault_lost_response_mode: LostResponseMode,
+    /// Added latency of every simulator API call.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub sim_fault_latency: Duration,
+    /// The simulator's rate limits per API family.
+    #[arg(long, default_value = "100/60s,1500/3600s")]
+    pub sim_rate_limit: RateLimits,
+    /// The controller's own rate budget (`run --rate-limit`).
+    #[arg(long, default_value = "100/60s,1500/3600s")]
+    pub rate_limit: RateLimits,
+    /// How often the controller polls in-flight actions.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+}
+
+/// The tenant the simulator accepts (a playground secret, not a real one).
+const SIM_TENANT: &str = "sim-tenant";
+const SIM_CLIENT: &str = "sim-client";
+const SIM_SECRET: &str = "sim-secret";
+
+pub struct Playground {
+    pub api: ApiHandle,
+    pub sim: SimHandle,
+}
+
+impl DevArgs {
+    fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            machines: self.sim_machines,
+            seed: self.sim_seed,
+            time_scale: self.sim_time_scale,
+            rate_limits: self
+                .sim_rate_limit
+                .0
+                .iter()
+                .map(|l| simulator::RateLimit {
+                    calls: l.calls,
+                    window: l.window,
+                })
+                .collect(),
+            faults: FaultConfig {
+                error_rate: self.sim_fault_error_rate,
+                latency: self.sim_fault_latency,
+                lost_response_rate: self.sim_fault_lost_response_rate,
+                lost_response_mode: self.sim_fault_lost_response_mode,
+            },
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// Start the API (with the CRD) and the simulator.
+pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
+    let sim = simulator::spawn(
+        args.sim_config(),
+        tokio::net::TcpListener::bind(args.sim_listen).await?,
+    )
+    .await?;
+    let config = ApiServerConfig {
+        crds: vec![DeviceOffboard::crd()],
+        ..ApiServerConfig::default()
+    };
+    let api = devcluster::spawn_api(
+        config,
+        tokio::net::TcpListener::bind(args.api_listen).await?,
+    )
+    .await?;
+    Ok(Playground { api, sim })
+}
+
+/// The client configuration that reaches the playground's simulator.
+pub fn sim_client_config(sim: &SimHandle, rate_limits: RateLimits) -> ClientConfig {
+    ClientConfig {
+        endpoints: Endpoints::new(
+            Cloud::Commercial,
+            Some(&sim.base_url()),
+            Some(&sim.base_url()),
+        )
+        .expect("loopback URLs are valid"),
+        identity: ClientIdentity::from_parts(
+            Some(SIM_TENANT.into()),
+            Some(SIM_CLIENT.into()),
+            Some(SIM_SECRET.into()),
+            None,
+            None,
+        )
+        .expect("complete identity"),
+        rate_limits,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Files next to the kubeconfig that let `defender-offboard run` reach the
+/// simulator: the secret as a file (never on a command line) and an env file.
+fn write_run_files(dir: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
+    let secret = dir.join("client-secret");
+    std::fs::write(&secret, SIM_SECRET)?;
+    let env = dir.join("env");
+    std::fs::write(
+        &env,
+        format!(
+            "export KUBECONFIG={kubeconfig}\nexport AZURE_TENANT_ID={SIM_TENANT}\nexport AZURE_CLIENT_ID={SIM_CLIENT}\n\
+             export AZURE_CLIENT_SECRET_FILE={secret}\nexport DEFENDER_API_URL={url}\nexport AZURE_AUTHORITY_HOST={url}\n",
+            kubeconfig = dir.join("kubeconfig").display(),
+            secret = secret.display(),
+            url = sim.base_url(),
+        ),
+    )?;
+    Ok(env)
+}
+
+pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    crate::telemetry::init(LogFormat::Text);
+    let playground = start(&args).await?;
+    let dir = args
+        .kubeconfig_out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    playground.api.write_kubeconfig(&args.kubeconfig_out)?;
+    let env_file = write_run_files(dir, &playground.sim)?;
+    println!(
+        "defender-offboard dev playground (a development and test double, not a production target)"
+    );
+    println!(
+        "  Kubernetes API  {}   kubeconfig: {}",
+        playground.api.url(),
+        args.kubeconfig_out.display()
+    );
+    println!(
+        "  MDE simulator   {}   stats: {}/_sim/stats",
+        playground.sim.base_url(),
+        playground.sim.base_url()
+    );
+    println!(
+        "  try:            kubectl --kubeconfig {} get doff",
+        args.kubeconfig_out.display()
+    );
+
+    let client = playground.api.client().await?;
+    let controller = if args.without_controller {
+        println!(
+            "  controller:     not started; run it yourself:  . {} && defender-offboard run --metrics-addr 127.0.0.1:0",
+            env_file.display()
+        );
+        None
+    } else {
+        println!("  controller:     running in this process");
+        Some(tokio::spawn(run_embedded_controller(
+            client.clone(),
+            &playground.sim,
+            &args,
+        )))
+    };
+
+    if let Some(path) = &args.apply {
+        let names = apply_manifests(&client, path).await?;
+        println!(
+            "applied {} DeviceOffboard resources from {}",
+            names.len(),
+            path.display()
+        );
+        watch_until_final(&client, &names).await?;
+        if args.exit_when_done {
+            if let Some(task) = controller {
+                task.abort();
+            }
+            return Ok(());
+        }
+    }
+    println!("playground running; Ctrl-C to stop");
+    crate::telemetry::shutdown_signal().await;
+    if let Some(task) = controller {
+        task.abort();
+    }
+    playground.api.shutdown().await;
+    Ok(())
+}
+
+fn run_embedded_controller(
+    client: kube::Client,
+    sim: &SimHandle,
+    args: &DevArgs,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mde = DefenderClient::new(
+        sim_client_config(sim, args.rate_limit.clone()),
+        Arc::new(Metrics::default()),
+    );
+    let run_args = embedded_run_args(args);
+    async move {
+        let mde = match mde {
+            Ok(mde) => mde,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return;
+            }
+        };
+        let ctx = Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "defender-offboard".into(),
+                    instance: Some("dev".into()),
+                },
+            ),
+            client,
+            mde,
+            metrics: Arc::new(Metrics::default()),
+            settings: Settings {
+                lookup_delay: Duration::from_secs(2),
+                ..Settings::default()
+            },
+        });
+        run_controller(&run_args, ctx, std::future::pending()).await;
+    }
+}
+
+fn embedded_run_args(args: &DevArgs) -> RunArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    let mut run = Wrapper::parse_from(["run"]).run;
+    run.poll_interval = args.poll_interval;
+    run.connection = ConnectionArgs {
+        rate_limit: args.rate_limit.clone(),
+        ..run.connection
+    };
+    run
+}
+
+/// Create every DeviceOffboard in `path` (a file or a directory of YAML files).
+pub async fn apply_manifests(
+    client: &kube::Client,
+    path: &Path,
+) -> Result<Vec<(String, String)>, Box<dyn std::error::Error + Send + Sync>> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut names = Vec::new();
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            if value.is_null() {
+                continue;
+            }
+            let mut resource: DeviceOffboard = serde_json::from_value(value)
+                .map_err(|e| format!("{}: not a DeviceOffboard: {e}", file.display()))?;
+            let namespace = resource
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            resource.metadata.namespace = Some(namespace.clone());
+            let name = resource.metadata.name.clone().unwrap_or_default();
+            let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), &namespace);
+            match api.create(&PostParams::default(), &resource).await {
+                Ok(_) => println!("  created  {namespace}/{name}"),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    println!("  exists   {namespace}/{name}")
+                }
+                Err(kube::Error::Api(status)) => {
+                    return Err(format!("{}: {}", file.display(), status.message).into());
+                }
+                Err(error) => return Err(error.into()),
+            }
+            names.push((namespace, name));
+        }
+    }
+    Ok(names)
+}
+
+/// Print each phase change until every named resource is final.
+pub async fn watch_until_final(
+    client: &kube::Client,
+    names: &[(String, String)],
+) -> Result<(), kube::Error> {
+    let api: Api<DeviceOffboard> = Api::all(client.clone());
+    let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let started = std::time::Instant::now();
+    println!(
+        "{:>8} {:<24} {:<11} {:<38} {:<10} REASON",
+        "", "NAME", "PHASE", "ACTION", "STATUS"
+    );
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let mut final_count = 0;
+        for resource in &list.items {
+            let key = (
+                resource.metadata.namespace.clone().unwrap_or_default(),
+                resource.metadata.name.clone().unwrap_or_default(),
+            );
+            if !names.contains(&key) {
+                continue;
+            }
+            let status = resource.status.clone().unwrap_or_default();
+            let phase = status.phase.unwrap_or(Phase::Pending);
+            if phase.is_terminal() {
+                final_count += 1;
+            }
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+            let line = format!(
+                "{:<24} {:<11} {:<38} {:<10} {}",
+                key.1,
+                phase.as_str(),
+                status.machine_action_id.as_deref().unwrap_or("-"),
+                status.action_status.as_deref().unwrap_or("-"),
+                ready.map(|c| c.reason.as_str()).unwrap_or("-"),
+            );
+            if seen.get(&key) != Some(&line) {
+                println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+                if phase.is_terminal()
+                    && let Some(error) = &status.last_error
+                {
+                    println!("         {}: {}", error.code, error.message);
+                }
+                seen.insert(key, line);
+            }
+        }
+        if final_count == names.len() {
+            println!(
+                "all {final_count} resources are final after {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

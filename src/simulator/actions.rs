@@ -1,0 +1,188 @@
+//! Machine actions and their progression. Status is computed from the action's age
+//! whenever it is read (Pending → InProgress → final), so no timers run per action.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// Properties `GET /api/machineactions` accepts in `$filter`.
+pub const FILTERABLE: &[&str] = &[
+    "id",
+    "status",
+    "machineId",
+    "type",
+    "requestor",
+    "creationDateTimeUtc",
+];
+
+/// Status of a machine action as MDE names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Status {
+    Pending,
+    InProgress,
+    Succeeded,
+    Failed,
+    TimeOut,
+    Cancelled,
+}
+
+impl Status {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Pending | Status::InProgress)
+    }
+}
+
+/// How an action ends when nobody cancels it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    #[default]
+    Succeeded,
+    Failed,
+    TimeOut,
+}
+
+impl From<Outcome> for Status {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Succeeded => Status::Succeeded,
+            Outcome::Failed => Status::Failed,
+            Outcome::TimeOut => Status::TimeOut,
+        }
+    }
+}
+
+/// How long an action stays in each non-final status (wall-clock time).
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    pub pending_for: Duration,
+    pub in_progress_for: Duration,
+}
+
+/// Status after `age`, and the age at which it last changed.
+pub fn progress(
+    age: Duration,
+    schedule: Schedule,
+    outcome: Outcome,
+    cancelled_at: Option<Duration>,
+) -> (Status, Duration) {
+    if let Some(at) = cancelled_at
+        && age >= at
+    {
+        return (Status::Cancelled, at);
+    }
+    let in_progress_at = schedule.pending_for;
+    let final_at = schedule.pending_for + schedule.in_progress_for;
+    if age < in_progress_at {
+        (Status::Pending, Duration::ZERO)
+    } else if age < final_at {
+        (Status::InProgress, in_progress_at)
+    } else {
+        (outcome.into(), final_at)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Cancellation {
+    pub requestor: String,
+    pub comment: String,
+    /// Age of the action when it was cancelled.
+    pub at: Duration,
+}
+
+/// A stored machine action.
+#[derive(Clone, Debug)]
+pub struct Action {
+    pub id: uuid::Uuid,
+    pub kind: &'static str,
+    pub machine_id: String,
+    pub computer_dns_name: String,
+    pub requestor: String,
+    pub comment: String,
+    /// Wall-clock offset from simulator start.
+    pub created: Duration,
+    pub created_utc: jiff::Timestamp,
+    pub outcome: Outcome,
+    pub cancellation: Option<Cancellation>,
+}
+
+impl Action {
+    pub fn age(&self, now: Duration) -> Duration {
+        now.saturating_sub(self.created)
+    }
+
+    pub fn status(&self, now: Duration, schedule: Schedule) -> Status {
+        progress(
+            self.age(now),
+            schedule,
+            self.outcome,
+            self.cancellation.as_ref().map(|c| c.at),
+        )
+        .0
+    }
+
+    /// The MachineAction JSON MDE returns.
+    pub fn to_json(&self, now: Duration, schedule: Schedule) -> Value {
+        let (status, changed) = progress(
+            self.age(now),
+            schedule,
+            self.outcome,
+            self.cancellation.as_ref().map(|c| c.at),
+        );
+        let utc_at = |age: Duration| {
+            let at = self.created_utc
+                + jiff::SignedDuration::try_from(age).unwrap_or(jiff::SignedDuration::ZERO);
+            format!("{at:.7}")
+        };
+        let cancellation = self.cancellation.as_ref();
+        json!({
+            "id": self.id.to_string(),
+            "type": self.kind,
+            "title": format!("{} {}", self.kind, self.computer_dns_name),
+            "requestor": self.requestor,
+            "requestorComment": self.comment,
+            "status": status,
+            "machineId": self.machine_id,
+            "computerDnsName": self.computer_dns_name,
+            "creationDateTimeUtc": utc_at(Duration::ZERO),
+            "lastUpdateDateTimeUtc": utc_at(changed),
+            "cancellationRequestor": cancellation.map(|c| c.requestor.clone()),
+            "cancellationComment": cancellation.map(|c| c.comment.clone()),
+            "cancellationDateTimeUtc": cancellation.map(|c| utc_at(c.at)),
+            "scope": null,
+            "externalID": null,
+            "requestSource": "PublicApi",
+            "commands": [],
+            "relatedFileInfo": null,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEDULE: Schedule = Schedule {
+        pending_for: Duration::from_secs(2),
+        in_progress_for: Duration::from_secs(3),
+    };
+
+    #[test]
+    fn progresses_through_the_schedule() {
+        let s = |secs| progress(Duration::from_secs(secs), SCHEDULE, Outcome::TimeOut, None).0;
+        assert_eq!(s(0), Status::Pending);
+        assert_eq!(s(2), Status::InProgress);
+        assert_eq!(s(4), Status::InProgress);
+        assert_eq!(s(5), Status::TimeOut);
+        assert!(s(5).is_final() && !s(4).is_final());
+    }
+
+    #[test]
+    fn cancellation_is_final_from_its_moment() {
+        let at = Some(Duration::from_secs(1));
+        let p = |secs| progress(Duration::from_secs(secs), SCHEDULE, Outcome::Succeeded, at);
+        assert_eq!(p(0).0, Status::Pending);
+        assert_eq!(p(1), (Status::Cancelled, Duration::from_secs(1)));
+        assert_eq!(p(9).0, Status::Cancelled);
+    }
+}

@@ -1,0 +1,40 @@
+//! The Helm chart and the examples agree with the code.
+
+use defender_offboard::crd::{DeviceOffboard, crd_yaml};
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let chart = std::fs::read_to_string(
+        "charts/defender-offboard/crds/deviceoffboards.defender.offboard.dev.yaml",
+    )
+    .unwrap();
+    assert!(
+        chart == crd_yaml(),
+        "the chart's CRD is stale: cp crds/deviceoffboards.defender.offboard.dev.yaml charts/defender-offboard/crds/"
+    );
+}
+
+#[test]
+fn examples_are_valid_device_offboards() {
+    let mut count = 0;
+    for entry in std::fs::read_dir("examples").unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_yaml_ng::Value::deserialize(document).unwrap();
+            let resource: DeviceOffboard = serde_yaml_ng::from_value(value)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let spec = &resource.spec;
+            assert!(
+                spec.machine_id.is_some() != spec.device_name.is_some(),
+                "{}",
+                path.display()
+            );
+            assert!(!spec.comment.trim().is_empty());
+            count += 1;
+        }
+    }
+    assert!(count >= 6, "examples hold {count} resources");
+}
+
+use serde::Deserialize;

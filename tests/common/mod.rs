@@ -1,0 +1,105 @@
+//! Shared helpers of the integration tests: everything on 127.0.0.1, port 0.
+#![allow(dead_code)]
+
+use defender_offboard::defender::{
+    ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits,
+};
+use defender_offboard::metrics::Metrics;
+use defender_offboard::simulator::{self, SimConfig, SimHandle};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn spawn_sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    simulator::spawn(config, listener).await.unwrap()
+}
+
+/// A simulator with MDE's limits, one simulated hour per wall-clock minute
+/// (`time_scale` 60): 100 calls per second and 1500 per minute.
+pub fn fast_sim_config() -> SimConfig {
+    SimConfig {
+        time_scale: 60.0,
+        pending_for: Duration::from_secs(6),
+        in_progress_for: Duration::from_secs(6),
+        ..SimConfig::default()
+    }
+}
+
+/// The client's own budget matching [`fast_sim_config`].
+pub const FAST_LIMITS: &str = "100/1s,1500/60s";
+
+pub fn client_config(sim: &SimHandle, secret: &str, limits: &str) -> ClientConfig {
+    ClientConfig {
+        endpoints: Endpoints::new(
+            Cloud::Commercial,
+            Some(&sim.base_url()),
+            Some(&sim.base_url()),
+        )
+        .unwrap(),
+        identity: ClientIdentity::from_parts(
+            Some("sim-tenant".into()),
+            Some("sim-client".into()),
+            Some(secret.into()),
+            None,
+            None,
+        )
+        .unwrap(),
+        rate_limits: limits.parse::<RateLimits>().unwrap(),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+pub fn client(sim: &SimHandle, limits: &str) -> DefenderClient {
+    DefenderClient::new(
+        client_config(sim, "sim-secret", limits),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+}
+
+/// POST a JSON body to a `/_sim/*` control route.
+pub async fn control(sim: &SimHandle, route: &str, body: serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_sim/{route}", sim.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "/_sim/{route}: {}",
+        response.status()
+    );
+}
+
+/// Ids of Windows machines the simulator generated (offboard works on them).
+pub async fn windows_machines(client: &DefenderClient, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for platform in [
+        "Windows10",
+        "Windows11",
+        "WindowsServer2019",
+        "WindowsServer2022",
+    ] {
+        let machines = client
+            .list_machines(&format!("osPlatform eq '{platform}'"))
+            .await
+            .unwrap();
+        ids.extend(machines.into_iter().map(|m| m.id));
+    }
+    ids.sort();
+    ids.dedup();
+    assert!(
+        ids.len() >= n,
+        "simulator has only {} Windows machines, {n} wanted",
+        ids.len()
+    );
+    ids.truncate(n);
+    ids
+}
+
+pub async fn with_timeout<T>(seconds: u64, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(seconds), future)
+        .await
+        .expect("test timed out")
+}
