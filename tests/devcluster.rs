@@ -1137,8 +1137,8 @@ async fn real_kubectl_works_against_the_api() {
         let dir = tempfile::tempdir().unwrap();
         let kubectl = Kubectl { kubeconfig: dir.path().join("kubeconfig"), cache: dir.path().join("cache") };
         api.write_kubeconfig(&kubectl.kubeconfig).unwrap();
-        let crd_file = dir.path().join("crd.yaml");
-        std::fs::write(&crd_file, DOFF_CRD).unwrap();
+        // The project's committed CRD file, as a user would apply it.
+        let crd_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/deviceoffboards.defender.offboard.dev.yaml");
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
         for (name, text) in MANIFESTS {
@@ -1230,6 +1230,52 @@ async fn real_kubectl_works_against_the_api() {
         let gone = kubectl.run(&["get", "doff", "laptop-17", "-n", "offboarding"]).await;
         assert!(!gone.ok);
         assert!(gone.stderr.contains("deviceoffboards.defender.offboard.dev \"laptop-17\" not found"), "{}", gone.stderr);
+        api.shutdown().await;
+    })
+    .await;
+}
+
+/// The project's own CRD (generated from the Rust types) is enforced like kube-apiserver would.
+#[tokio::test]
+async fn project_crd_rules_are_enforced() {
+    use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+    use kube::CustomResourceExt;
+    bounded(async {
+        let api = start(ApiServerConfig { crds: vec![DeviceOffboard::crd()], ..Default::default() }).await;
+        let client = api.client().await.unwrap();
+        let typed: Api<DeviceOffboard> = Api::default_namespaced(client.clone());
+        let spec = |machine: Option<&str>, device: Option<&str>, comment: &str| DeviceOffboardSpec {
+            machine_id: machine.map(String::from),
+            device_name: device.map(String::from),
+            comment: comment.into(),
+        };
+        let create = |name: &str, spec: DeviceOffboardSpec| {
+            let typed = typed.clone();
+            let object = DeviceOffboard::new(name, spec);
+            async move { typed.create(&PostParams::default(), &object).await }
+        };
+        let message = |status: kube::core::Status| status.message;
+
+        let both = message(api_error(create("both", spec(Some(MACHINE_ID), Some("pc-1"), "c")).await));
+        assert!(both.contains("spec: Invalid value: \"object\": exactly one of spec.machineId or spec.deviceName must be set"), "{both}");
+        let neither = message(api_error(create("neither", spec(None, None, "c")).await));
+        assert!(neither.contains("exactly one of spec.machineId or spec.deviceName must be set"), "{neither}");
+        let blank = message(api_error(create("blank", spec(None, Some("pc-1"), "   ")).await));
+        assert!(blank.contains("spec.comment: Invalid value: \"   \": spec.comment must not be blank"), "{blank}");
+        let bad_name = message(api_error(create("bad-name", spec(None, Some("pc 1"), "c")).await));
+        assert!(bad_name.contains("spec.deviceName: Invalid value: \"pc 1\": spec.deviceName in body should match"), "{bad_name}");
+
+        let created = create("ok", spec(None, Some("pc-1"), "retired")).await.unwrap();
+        let mut status_write = created.clone();
+        status_write.status = Some(DeviceOffboardStatus { phase: Some(Phase::Pending), ..Default::default() });
+        let written = typed.replace_status("ok", &PostParams::default(), &status_write).await.unwrap();
+        assert_eq!(written.status.unwrap().phase, Some(Phase::Pending));
+        assert_eq!(api_error(typed.replace_status("ok", &PostParams::default(), &status_write).await).code, 409);
+
+        let mut edited = typed.get("ok").await.unwrap();
+        edited.spec.comment = "changed".into();
+        let immutable = message(api_error(typed.replace("ok", &PostParams::default(), &edited).await));
+        assert!(immutable.contains("spec: Invalid value: \"object\": spec is immutable"), "{immutable}");
         api.shutdown().await;
     })
     .await;
