@@ -256,6 +256,17 @@ async fn crud_through_kube_client() {
             all.list(&ListParams::default()).await.unwrap().items.len(),
             2
         );
+        // Metadata-only requests (kube-rs metadata_watcher) get PartialObjectMetadata.
+        let metadata = doffs.list_metadata(&ListParams::default()).await.unwrap();
+        assert_eq!(metadata.items.len(), 2);
+        assert_eq!(
+            metadata.items[0].types.as_ref().map(|t| t.kind.as_str()),
+            Some("PartialObjectMetadata")
+        );
+        assert_eq!(
+            doffs.get_metadata("pc-1").await.unwrap().metadata.uid,
+            created.metadata.uid
+        );
 
         doffs
             .delete("pc-1", &DeleteParams::default())

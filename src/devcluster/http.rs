@@ -119,11 +119,32 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     })
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
-    headers
+/// The representation asked for in `Accept` (`as=Table`, `as=PartialObjectMetadata[List]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Object,
+    Table,
+    Metadata,
+}
+
+fn form(headers: &HeaderMap) -> Form {
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|accept| accept.contains("as=Table"))
+        .unwrap_or_default();
+    // The first media type kube-apiserver can serve wins; all of these are JSON.
+    for media in accept.split(',') {
+        if media.contains("as=Table") {
+            return Form::Table;
+        }
+        if media.contains("as=PartialObjectMetadata") {
+            return Form::Metadata;
+        }
+        if media.contains("json") || media.contains("*/*") {
+            return Form::Object;
+        }
+    }
+    Form::Object
 }
 
 async fn handle(
@@ -253,7 +274,7 @@ async fn resource(
     }
     let query = query_map(uri);
     let ns = target.namespace.as_deref();
-    let table = wants_table(headers);
+    let form = form(headers);
     let include = query
         .get("includeObject")
         .cloned()
@@ -263,27 +284,28 @@ async fn resource(
         (Method::GET, None) => {
             let (labels, fields) = selectors(&rt, &query)?;
             if flag(&query, "watch") {
-                return watch_response(app, rt, ns, &query, labels, fields, table, include);
+                return watch_response(app, rt, ns, &query, labels, fields, form, include);
             }
-            if table {
-                let (items, rv) = shared.list_stored(&rt, ns, &labels, &fields);
-                let objects: Vec<Value> = items.iter().map(|o| to_external(&rt, o)).collect();
-                return Ok(json_response(
-                    200,
-                    &table::table(&rt, &objects, Some(rv), &include),
-                ));
-            }
-            Ok(json_response(200, &shared.list(&rt, ns, &labels, &fields)))
+            let (items, rv) = shared.list_stored(&rt, ns, &labels, &fields);
+            let objects: Vec<Value> = items.iter().map(|o| to_external(&rt, o)).collect();
+            let body = match form {
+                Form::Table => table::table(&rt, &objects, Some(rv), &include),
+                Form::Metadata => table::partial_metadata_list(&objects, rv),
+                Form::Object => shared.list(&rt, ns, &labels, &fields),
+            };
+            Ok(json_response(200, &body))
         }
         (Method::GET, Some(name)) => {
             let object = shared.get(&rt, ns, name)?;
-            if table {
-                return Ok(json_response(
-                    200,
-                    &table::table(&rt, &[object], None, &include),
-                ));
-            }
-            Ok(json_response(200, &object))
+            let body = match form {
+                Form::Table => table::table(&rt, &[object], None, &include),
+                Form::Metadata => table::partial_metadata(&object),
+                Form::Object => object,
+            };
+            Ok(json_response(200, &body))
+        }
+        (Method::POST, None) if rt.namespaced && ns.is_none() => {
+            Err(ApiError::method_not_allowed())
         }
         (Method::POST, None) => {
             let object = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
@@ -358,7 +380,7 @@ fn watch_response(
     query: &HashMap<String, String>,
     labels: LabelSelector,
     fields: FieldSelector,
-    as_table: bool,
+    form: Form,
     include: String,
 ) -> Result<Response, ApiError> {
     let params = WatchParams {
@@ -373,12 +395,14 @@ fn watch_response(
             .map(Duration::from_secs),
         send_initial_events: flag(query, "sendInitialEvents"),
     };
-    let render: watch::Render = if as_table {
-        Arc::new(move |rt: &ResourceType, object: Value| {
+    let render: watch::Render = match form {
+        Form::Table => Arc::new(move |rt: &ResourceType, object: Value| {
             table::table(rt, &[object], None, &include)
-        })
-    } else {
-        Arc::new(|_: &ResourceType, object: Value| object)
+        }),
+        Form::Metadata => {
+            Arc::new(|_: &ResourceType, object: Value| table::partial_metadata(&object))
+        }
+        Form::Object => Arc::new(|_: &ResourceType, object: Value| object),
     };
     let rx = watch::start(app.shared.clone(), rt, params, render)?;
     let stream = futures::stream::unfold(rx, |mut rx| async move {

@@ -115,37 +115,171 @@ fn cell(column: &PrinterColumn, object: &Value) -> Value {
     }
 }
 
-fn column(name: &str, type_: &str, format: &str, path: &str) -> PrinterColumn {
-    PrinterColumn {
+/// How a column's cells are computed.
+#[derive(Debug, Clone)]
+enum Source {
+    /// A CRD printer column (or a built-in one that is a plain JSONPath).
+    Path(PrinterColumn),
+    /// The number of entries of a map, e.g. a Secret's `data`.
+    Count(&'static str),
+    /// An event's last occurrence as an age, as `kubectl get events` shows it.
+    EventLastSeen,
+    /// An event's object as `kind/name`.
+    EventObject,
+}
+
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    type_: String,
+    format: String,
+    description: String,
+    priority: i64,
+    source: Source,
+}
+
+fn path(name: &str, type_: &str, json_path: &str, priority: i64) -> Column {
+    Column {
         name: name.into(),
         type_: type_.into(),
-        format: format.into(),
+        format: String::new(),
         description: String::new(),
-        priority: 0,
-        json_path: path.into(),
+        priority,
+        source: Source::Path(PrinterColumn {
+            name: name.into(),
+            type_: type_.into(),
+            format: String::new(),
+            description: String::new(),
+            priority,
+            json_path: json_path.into(),
+        }),
     }
 }
 
-/// The columns after Name: a CRD's printer columns, or the built-in kind's usual ones.
-fn columns(rt: &ResourceType) -> Vec<PrinterColumn> {
-    if rt.custom {
-        if rt.printer_columns.is_empty() {
-            return vec![column("Age", "date", "", ".metadata.creationTimestamp")];
-        }
-        return rt.printer_columns.clone();
+fn computed(name: &str, type_: &str, source: Source, priority: i64) -> Column {
+    Column {
+        name: name.into(),
+        type_: type_.into(),
+        format: String::new(),
+        description: String::new(),
+        priority,
+        source,
     }
-    let age = column("Age", "date", "", ".metadata.creationTimestamp");
+}
+
+fn name_column(priority: i64) -> Column {
+    let mut name = path("Name", "string", ".metadata.name", priority);
+    name.format = "name".into();
+    name.description = "Name must be unique within a namespace.".into();
+    name
+}
+
+fn age_column() -> Column {
+    let mut age = path("Age", "date", ".metadata.creationTimestamp", 0);
+    age.type_ = "string".into();
+    age.format = "date".into();
+    age
+}
+
+/// The columns a resource is shown with: a CRD's printer columns, or the built-in kind's usual ones.
+fn columns(rt: &ResourceType) -> Vec<Column> {
+    if rt.custom {
+        let mut columns = vec![name_column(0)];
+        if rt.printer_columns.is_empty() {
+            columns.push(age_column());
+        }
+        columns.extend(rt.printer_columns.iter().map(|c| Column {
+            name: c.name.clone(),
+            type_: c.type_.clone(),
+            format: c.format.clone(),
+            description: if c.description.is_empty() {
+                format!(
+                    "Custom resource definition column (in JSONPath format): {}",
+                    c.json_path
+                )
+            } else {
+                c.description.clone()
+            },
+            priority: c.priority,
+            source: Source::Path(c.clone()),
+        }));
+        return columns;
+    }
     match rt.kind.as_str() {
-        "Namespace" => vec![column("Status", "string", "", ".status.phase"), age],
-        "Secret" => vec![column("Type", "string", "", ".type"), age],
-        "Lease" => vec![column("Holder", "string", "", ".spec.holderIdentity"), age],
-        "Event" => vec![
-            column("Type", "string", "", ".type"),
-            column("Reason", "string", "", ".reason"),
-            column("Object", "string", "", ".involvedObject.name"),
-            column("Message", "string", "", ".message"),
+        "Namespace" => vec![
+            name_column(0),
+            path("Status", "string", ".status.phase", 0),
+            age_column(),
         ],
-        _ => vec![age],
+        "Secret" => vec![
+            name_column(0),
+            path("Type", "string", ".type", 0),
+            computed("Data", "string", Source::Count("data"), 0),
+            age_column(),
+        ],
+        "ConfigMap" => vec![
+            name_column(0),
+            computed("Data", "string", Source::Count("data"), 0),
+            age_column(),
+        ],
+        "Lease" => vec![
+            name_column(0),
+            path("Holder", "string", ".spec.holderIdentity", 0),
+            age_column(),
+        ],
+        "CustomResourceDefinition" => vec![
+            name_column(0),
+            path("Created At", "date", ".metadata.creationTimestamp", 0),
+        ],
+        "Event" => vec![
+            computed("Last Seen", "string", Source::EventLastSeen, 0),
+            path("Type", "string", ".type", 0),
+            path("Reason", "string", ".reason", 0),
+            computed("Object", "string", Source::EventObject, 0),
+            path("Source", "string", ".source.component", 1),
+            path("Message", "string", ".message", 0),
+            path("Count", "integer", ".count", 1),
+            name_column(1),
+        ],
+        _ => vec![name_column(0), age_column()],
+    }
+}
+
+fn column_cell(column: &Column, object: &Value) -> Value {
+    match &column.source {
+        Source::Path(c)
+            if c.json_path == ".metadata.creationTimestamp" && column.format == "date" =>
+        {
+            age(&object["metadata"]["creationTimestamp"])
+        }
+        Source::Path(c) if c.type_ == "date" && column.name == "Created At" => {
+            object["metadata"]["creationTimestamp"].clone()
+        }
+        Source::Path(c) => cell(c, object),
+        Source::Count(field) => object[*field].as_object().map_or(0, |m| m.len()).into(),
+        Source::EventLastSeen => {
+            let last = [
+                &object["series"]["lastObservedTime"],
+                &object["lastTimestamp"],
+                &object["eventTime"],
+            ]
+            .into_iter()
+            .find(|v| v.is_string())
+            .cloned()
+            .unwrap_or(Value::Null);
+            age(&last)
+        }
+        Source::EventObject => format!(
+            "{}/{}",
+            object["involvedObject"]["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase(),
+            object["involvedObject"]["name"]
+                .as_str()
+                .unwrap_or_default()
+        )
+        .into(),
     }
 }
 
@@ -157,26 +291,22 @@ pub fn table(
     include: &str,
 ) -> Value {
     let columns = columns(rt);
-    let mut definitions = vec![json!({"name": "Name", "type": "string", "format": "name",
-        "description": "Name must be unique within a namespace.", "priority": 0})];
-    definitions.extend(columns.iter().map(|c| {
-        json!({"name": c.name, "type": c.type_, "format": c.format,
-            "description": if c.description.is_empty() { format!("Custom resource definition column (in JSONPath format): {}", c.json_path) } else { c.description.clone() },
-            "priority": c.priority})
-    }));
+    let definitions: Vec<Value> = columns
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "type": c.type_, "format": c.format,
+                "description": c.description, "priority": c.priority})
+        })
+        .collect();
     let rows: Vec<Value> = objects
         .iter()
         .map(|object| {
-            let mut cells = vec![object["metadata"]["name"].clone()];
-            cells.extend(columns.iter().map(|c| cell(c, object)));
+            let cells: Vec<Value> = columns.iter().map(|c| column_cell(c, object)).collect();
             let mut row = json!({"cells": cells});
             match include {
                 "None" => {}
                 "Object" => row["object"] = object.clone(),
-                _ => {
-                    row["object"] = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                        "metadata": object["metadata"]});
-                }
+                _ => row["object"] = partial_metadata(object),
             }
             row
         })
@@ -187,6 +317,18 @@ pub fn table(
     }
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": metadata,
         "columnDefinitions": definitions, "rows": rows})
+}
+
+/// An object as `PartialObjectMetadata` (metadata-only requests and Table rows).
+pub fn partial_metadata(object: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
+}
+
+/// A list as `PartialObjectMetadataList`.
+pub fn partial_metadata_list(objects: &[Value], resource_version: u64) -> Value {
+    json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version.to_string()},
+        "items": objects.iter().map(partial_metadata).collect::<Vec<_>>()})
 }
 
 #[cfg(test)]
@@ -200,6 +342,36 @@ mod tests {
         assert_eq!(human_duration(200), "3m20s");
         assert_eq!(human_duration(3600 * 5 + 120), "5h2m");
         assert_eq!(human_duration(86400 * 3), "3d");
+    }
+
+    #[test]
+    fn crd_columns_and_event_columns() {
+        let crd = json!({"spec": {"group": "g", "scope": "Namespaced", "names": {"kind": "K", "plural": "ks"},
+            "versions": [{"name": "v1", "served": true, "additionalPrinterColumns": [
+                {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]}]}});
+        let rt = super::super::registry::from_crd(&crd).remove(0);
+        let object = json!({"metadata": {"name": "a", "creationTimestamp": jiff::Timestamp::now().to_string()}, "status": {"phase": "Pending"}});
+        let t = table(&rt, &[object], Some(3), "Metadata");
+        let names: Vec<&str> = t["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["Name", "Phase", "Age"]);
+        assert_eq!(t["rows"][0]["cells"], json!(["a", "Pending", "0s"]));
+        assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+
+        let events = super::super::registry::builtins()
+            .into_iter()
+            .find(|t| t.kind == "Event")
+            .unwrap();
+        let event = json!({"metadata": {"name": "e"}, "type": "Normal", "reason": "Submitted", "message": "sent",
+            "involvedObject": {"kind": "DeviceOffboard", "name": "x"}, "eventTime": jiff::Timestamp::now().to_string()});
+        let t = table(&events, &[event], None, "None");
+        assert_eq!(t["rows"][0]["cells"][0], "0s");
+        assert_eq!(t["rows"][0]["cells"][3], "deviceoffboard/x");
     }
 
     #[test]
