@@ -671,6 +671,16 @@ async fn watch_resumes_from_a_version_with_bookmarks_and_expires() {
             }
             other => panic!("expected 410 Gone, got {other:?}"),
         }
+        // A version from the future (another server instance) makes the client relist too.
+        let mut future = doffs
+            .watch(&WatchParams::default(), "999999")
+            .await
+            .unwrap()
+            .boxed();
+        match future.next().await {
+            Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+            other => panic!("expected 410 Gone, got {other:?}"),
+        }
         api.shutdown().await;
     })
     .await;
@@ -723,6 +733,48 @@ async fn label_selectors_filter_lists_and_watches() {
                 .await,
         );
         assert_eq!(bad.code, 400);
+
+        // A filtered watch sees objects entering (ADDED) and leaving (DELETED) the selection.
+        let from = doffs
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .metadata
+            .resource_version
+            .unwrap();
+        let relabel = |name: &'static str, env: &'static str| {
+            let doffs = doffs.clone();
+            async move {
+                doffs
+                    .patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {"env": env}}})),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        relabel("b", "prod").await;
+        relabel("a", "dev").await;
+        relabel("c", "dev").await;
+        let events: Vec<WatchEvent<DynamicObject>> = doffs
+            .watch(&WatchParams::default().labels("env=prod").timeout(1), &from)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let seen: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Added(o) => Some(format!("ADDED {}", o.name_any())),
+                WatchEvent::Modified(o) => Some(format!("MODIFIED {}", o.name_any())),
+                WatchEvent::Deleted(o) => Some(format!("DELETED {}", o.name_any())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seen, ["ADDED b", "DELETED a"]);
         api.shutdown().await;
     })
     .await;

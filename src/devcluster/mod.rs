@@ -7,6 +7,20 @@
 //! list/watch with bookmarks and `410 Gone`, the status subresource split,
 //! `generation`, optimistic concurrency, patches, schema and CEL validation,
 //! discovery, OpenAPI and the Table form.
+//!
+//! Known differences from kube-apiserver (none of which the operator,
+//! kube-rs or kubectl's commands used here rely on):
+//! - no authentication or authorization, no admission, no TLS;
+//! - lists ignore `limit` and return everything at once (always consistent);
+//! - server-side apply is approximated (see `patch`): lists are atomic, and
+//!   non-apply writes own the leaf fields they change;
+//! - no garbage collection of dependents (`ownerReferences`), and
+//!   `propagationPolicy` is accepted but ignored; a deleted namespace turns
+//!   `Terminating` and is emptied half a second later;
+//! - CRD versions share one store without conversion; validation covers the
+//!   structural-schema keywords and CEL rules the project's CRD uses;
+//! - a watch from a resourceVersion newer than the server's answers `410`
+//!   (kube-apiserver times out and clients relist; kube-rs relists on 410).
 
 mod discovery;
 mod events;

@@ -96,6 +96,18 @@ pub fn start(
     let (initial, mut cursor, expired) = shared.with_state(|state| {
         let current = state.store.current_rv();
         match requested {
+            // A version this server never issued (e.g. from before a restart of the playground):
+            // kube-apiserver times out with "Too large resource version" and clients relist;
+            // kube-rs relists only on 410, so answer that.
+            Some(rv) if !params.send_initial_events && rv > current => (
+                Vec::new(),
+                rv,
+                Some(ApiError::new(
+                    410,
+                    "Expired",
+                    format!("too large resource version: {rv}, current: {current}"),
+                )),
+            ),
             Some(rv) if !params.send_initial_events => {
                 match state.store.changes_since(&rt.storage, rv) {
                     Ok(_) => (Vec::new(), rv, None),
