@@ -1288,6 +1288,15 @@ async fn real_kubectl_works_against_the_api() {
         let strict = kubectl.run(&["apply", "-f", unknown.to_str().unwrap()]).await;
         assert!(!strict.ok && strict.stderr.contains("unknown field \"spec.colour\""), "{}", strict.stderr);
 
+        // Typed kubectl commands send protobuf bodies for built-ins.
+        kubectl
+            .ok(&["create", "secret", "generic", "azure", "-n", "offboarding", "--from-literal=AZURE_CLIENT_ID=app"])
+            .await;
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "offboarding");
+        let secret = secrets.get("azure").await.unwrap();
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        assert_eq!(secret.data.unwrap()["AZURE_CLIENT_ID"].0, b"app");
+
         let out = kubectl.ok(&["delete", "doff", "laptop-17", "-n", "offboarding"]).await;
         assert!(out.contains("deviceoffboard.defender.offboard.dev \"laptop-17\" deleted"), "{out}");
         let gone = kubectl.run(&["get", "doff", "laptop-17", "-n", "offboarding"]).await;

@@ -5,6 +5,7 @@ use super::discovery;
 use super::openapi;
 use super::ops::{Shared, WriteParams, to_external};
 use super::patch::PatchKind;
+use super::protobuf;
 use super::registry::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
@@ -104,6 +105,9 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     if body.is_empty() {
         return Ok(Value::Null);
+    }
+    if body.starts_with(b"k8s\0") {
+        return protobuf::to_json(body);
     }
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         return Ok(value);

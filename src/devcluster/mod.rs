@@ -29,6 +29,7 @@ pub mod kubeconfig;
 mod openapi;
 mod ops;
 mod patch;
+mod protobuf;
 mod registry;
 mod selector;
 mod status;

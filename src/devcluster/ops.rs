@@ -205,6 +205,9 @@ fn defaults_on_create(rt: &ResourceType, object: &mut Value) {
     if rt.is_crd() {
         crd_status(object);
     }
+    if rt.kind == "Secret" && object["type"].as_str().is_none_or(str::is_empty) {
+        object["type"] = "Opaque".into();
+    }
 }
 
 fn crd_status(crd: &mut Value) {
