@@ -116,3 +116,14 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
         "resources": resources,
     }))
 }
+
+/// The answer to every `SelfSubjectAccessReview`: this API does not authorize.
+pub fn access_allowed() -> Value {
+    json!({
+        "kind": "SelfSubjectAccessReview",
+        "apiVersion": "authorization.k8s.io/v1",
+        "metadata": {},
+        "spec": {},
+        "status": {"allowed": true, "reason": "the development API has no authorization"},
+    })
+}

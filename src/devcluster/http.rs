@@ -196,6 +196,13 @@ async fn route(
             get_only(openapi::v3_document(&registry, group, version))
         }
         ["openapi", "v2"] => get_only(Some(openapi::v2_document(&registry))),
+        // No authorization here: `kubectl auth can-i` is always told yes.
+        [
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] if method == Method::POST => Ok(json_response(201, &discovery::access_allowed())),
         ["api", version] => get_only(discovery::resource_list(&registry, "", version)),
         ["apis", group] => get_only(discovery::group(&registry, group)),
         ["apis", group, version] => get_only(discovery::resource_list(&registry, group, version)),

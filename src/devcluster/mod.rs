@@ -26,6 +26,7 @@ mod discovery;
 mod events;
 mod http;
 pub mod kubeconfig;
+mod lifecycle;
 mod openapi;
 mod ops;
 mod patch;
