@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use defender_offboard::controller::decision::Settings;
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, Phase};
 use defender_offboard::devcluster::{self, ApiHandle, ApiServerConfig};
 use defender_offboard::playground::embedded_controller;
@@ -24,14 +23,6 @@ struct Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.controller.abort();
-    }
-}
-
-fn fast_settings() -> Settings {
-    Settings {
-        lookup_delay: Duration::from_millis(300),
-        retry_backoff: Duration::from_millis(300),
-        access_backoff: Duration::from_secs(5),
     }
 }
 
