@@ -84,15 +84,7 @@ impl DevArgs {
             machines: self.sim_machines,
             seed: self.sim_seed,
             time_scale: self.sim_time_scale,
-            rate_limits: self
-                .sim_rate_limit
-                .0
-                .iter()
-                .map(|l| simulator::RateLimit {
-                    calls: l.calls,
-                    window: l.window,
-                })
-                .collect(),
+            rate_limits: self.sim_rate_limit.0.clone(),
             faults: FaultConfig {
                 error_rate: self.sim_fault_error_rate,
                 latency: self.sim_fault_latency,
