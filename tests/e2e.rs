@@ -260,6 +260,33 @@ async fn examples_reach_their_final_phases() {
             "{finance}"
         );
 
+        // GitOps re-syncs: the applied manifests show no drift, re-applying them
+        // changes nothing and offboards nothing again.
+        let diff = cluster.kubectl(&["diff", "-f", examples], None).await;
+        assert!(
+            diff.success,
+            "kubectl diff reports drift:\n{}{}",
+            diff.stdout, diff.stderr
+        );
+        let sent_before = match &cluster.sim_url {
+            Some(url) => count(&Sim::new(url).stats().await, "actions_created"),
+            None => 0,
+        };
+        let reapplied = cluster.kubectl_ok(&["apply", "-f", examples], None).await;
+        assert_eq!(reapplied.matches(" unchanged").count(), 7, "{reapplied}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let again = cluster.wait_final(&names, Duration::from_secs(10)).await;
+        for name in &names {
+            assert_eq!(
+                again[name].status, all[name].status,
+                "{name} changed after a re-apply"
+            );
+        }
+        if let Some(url) = &cluster.sim_url {
+            let sent_after = count(&Sim::new(url).stats().await, "actions_created");
+            assert_eq!(sent_before, sent_after, "a re-apply offboarded again");
+        }
+
         let deleted = cluster
             .kubectl_ok(&["delete", "-f", examples, "--wait"], None)
             .await;
