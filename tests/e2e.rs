@@ -665,6 +665,23 @@ async fn leader_failover_keeps_exactly_once() {
         );
         assert_eq!(cluster.lease_holder("default").await.as_deref(), Some(first.as_str()));
         assert!(!replicas[&standby].log().contains("became leader"));
+        if have_kubectl().await {
+            let holder = cluster
+                .kubectl_ok(
+                    &[
+                        "get",
+                        "lease",
+                        LEASE_NAME,
+                        "-n",
+                        "default",
+                        "-o",
+                        "jsonpath={.spec.holderIdentity}",
+                    ],
+                    None,
+                )
+                .await;
+            assert_eq!(holder, first);
+        }
 
         replicas.get_mut(&first).unwrap().kill().await;
         let killed_at = Instant::now();
