@@ -5,9 +5,7 @@
 use crate::controller::decision::Settings;
 use crate::controller::{Context, LogFormat, RunArgs, run_controller};
 use crate::crd::{DeviceOffboard, Phase};
-use crate::defender::{
-    ClientConfig, ClientIdentity, Cloud, ConnectionArgs, DefenderClient, Endpoints, RateLimits,
-};
+use crate::defender::{ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits};
 use crate::devcluster::{self, ApiHandle, ApiServerConfig};
 use crate::metrics::Metrics;
 use crate::simulator::{self, FaultConfig, LostResponseMode, SimConfig, SimHandle};
@@ -86,15 +84,7 @@ impl DevArgs {
             machines: self.sim_machines,
             seed: self.sim_seed,
             time_scale: self.sim_time_scale,
-            rate_limits: self
-                .sim_rate_limit
-                .0
-                .iter()
-                .map(|l| simulator::RateLimit {
-                    calls: l.calls,
-                    window: l.window,
-                })
-                .collect(),
+            rate_limits: self.sim_rate_limit.0.clone(),
             faults: FaultConfig {
                 error_rate: self.sim_fault_error_rate,
                 latency: self.sim_fault_latency,
@@ -240,53 +230,64 @@ fn run_embedded_controller(
     sim: &SimHandle,
     args: &DevArgs,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mde = DefenderClient::new(
-        sim_client_config(sim, args.rate_limit.clone()),
-        Arc::new(Metrics::default()),
+    let settings = Settings {
+        lookup_delay: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let controller = embedded_controller(
+        client,
+        sim,
+        args.rate_limit.clone(),
+        settings,
+        args.poll_interval,
     );
-    let run_args = embedded_run_args(args);
     async move {
-        let mde = match mde {
-            Ok(mde) => mde,
-            Err(error) => {
-                eprintln!("error: {error}");
-                return;
-            }
-        };
-        let ctx = Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "defender-offboard".into(),
-                    instance: Some("dev".into()),
-                },
-            ),
-            client,
-            mde,
-            metrics: Arc::new(Metrics::default()),
-            settings: Settings {
-                lookup_delay: Duration::from_secs(2),
-                ..Settings::default()
-            },
-        });
-        run_controller(&run_args, ctx, std::future::pending()).await;
+        match controller {
+            Ok(controller) => controller.await,
+            Err(error) => eprintln!("error: {error}"),
+        }
     }
 }
 
-fn embedded_run_args(args: &DevArgs) -> RunArgs {
+/// A controller for the playground's API and simulator, run in this process
+/// until the returned future is dropped (tests use it with their own timings).
+pub fn embedded_controller(
+    client: kube::Client,
+    sim: &SimHandle,
+    rate_limits: RateLimits,
+    settings: Settings,
+    poll_interval: Duration,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, crate::defender::MdeError> {
+    let metrics = Arc::new(Metrics::default());
+    let mde = DefenderClient::new(sim_client_config(sim, rate_limits.clone()), metrics.clone())?;
+    let mut run_args = default_run_args();
+    run_args.poll_interval = poll_interval;
+    run_args.connection.rate_limit = rate_limits;
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "defender-offboard".into(),
+                instance: Some("dev".into()),
+            },
+        ),
+        client,
+        mde,
+        metrics,
+        settings,
+    });
+    Ok(async move { run_controller(&run_args, ctx, std::future::pending()).await })
+}
+
+/// `run`'s defaults, as clap parses them.
+fn default_run_args() -> RunArgs {
     use clap::Parser;
     #[derive(Parser)]
     struct Wrapper {
         #[command(flatten)]
         run: RunArgs,
     }
-    let mut run = Wrapper::parse_from(["run"]).run;
-    run.poll_interval = args.poll_interval;
-    run.connection = ConnectionArgs {
-        rate_limit: args.rate_limit.clone(),
-        ..run.connection
-    };
-    run
+    Wrapper::parse_from(["run"]).run
 }
 
 /// Create every DeviceOffboard in `path` (a file or a directory of YAML files).

@@ -208,7 +208,10 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     Ok(())
 }
 
-async fn check_crd_installed(client: &kube::Client, namespace: Option<&str>) -> Result<(), String> {
+pub async fn check_crd_installed(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> Result<(), String> {
     let api: Api<DeviceOffboard> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),

@@ -5,7 +5,7 @@ use super::decision::Settings;
 use super::reconcile::reconcile;
 use super::{Context, Error};
 use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
-use crate::defender::{ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints};
+use crate::defender::DefenderClient;
 use crate::metrics::Metrics;
 use crate::simulator::{self, SimConfig, SimHandle};
 use http::{Method, Request, Response, StatusCode};
@@ -35,28 +35,8 @@ async fn setup() -> (Arc<Context>, Handle, SimHandle) {
     .unwrap();
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    let mde = DefenderClient::new(
-        ClientConfig {
-            endpoints: Endpoints::new(
-                Cloud::Commercial,
-                Some(&sim.base_url()),
-                Some(&sim.base_url()),
-            )
-            .unwrap(),
-            identity: ClientIdentity::from_parts(
-                Some("sim-tenant".into()),
-                Some("sim-client".into()),
-                Some("sim-secret".into()),
-                None,
-                None,
-            )
-            .unwrap(),
-            rate_limits: "100/1s".parse().unwrap(),
-            request_timeout: Duration::from_secs(5),
-        },
-        Arc::new(Metrics::default()),
-    )
-    .unwrap();
+    let config = crate::playground::sim_client_config(&sim, "100/1s".parse().unwrap());
+    let mde = DefenderClient::new(config, Arc::new(Metrics::default())).unwrap();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),

@@ -172,43 +172,34 @@ impl DefenderClient {
         machine_id: &str,
         marker: &str,
     ) -> Result<Option<MachineAction>, MdeError> {
-        let filter = format!(
-            "machineId eq {} and type eq 'Offboard'",
-            odata_quote(machine_id)
-        );
-        let mut matching: Vec<MachineAction> = self
-            .list_machine_actions(&filter)
-            .await?
-            .into_iter()
-            .filter(|a| {
-                a.action_type == "Offboard"
-                    && a.requestor_comment
-                        .as_deref()
-                        .is_some_and(|c| c.contains(marker))
-            })
-            .collect();
-        matching.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
-        Ok(matching.into_iter().next())
+        let actions = self.offboard_actions(machine_id).await?;
+        Ok(actions.into_iter().find(|a| {
+            a.requestor_comment
+                .as_deref()
+                .is_some_and(|c| c.contains(marker))
+        }))
     }
 
-    /// The offboard action for this machine that is not final yet, if any:
-    /// what an `ActiveRequestAlreadyExists` answer refers to.
+    /// The newest offboard action for this machine that is not final yet, if
+    /// any: what an `ActiveRequestAlreadyExists` answer refers to.
     pub async fn find_pending_offboard(
         &self,
         machine_id: &str,
     ) -> Result<Option<MachineAction>, MdeError> {
+        let actions = self.offboard_actions(machine_id).await?;
+        Ok(actions.into_iter().rev().find(|a| !a.status.is_final()))
+    }
+
+    /// Every offboard action of a machine, oldest first.
+    async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
         let filter = format!(
             "machineId eq {} and type eq 'Offboard'",
             odata_quote(machine_id)
         );
-        let mut pending: Vec<MachineAction> = self
-            .list_machine_actions(&filter)
-            .await?
-            .into_iter()
-            .filter(|a| a.action_type == "Offboard" && !a.status.is_final())
-            .collect();
-        pending.sort_by(|a, b| b.creation_date_time_utc.cmp(&a.creation_date_time_utc));
-        Ok(pending.into_iter().next())
+        let mut actions = self.list_machine_actions(&filter).await?;
+        actions.retain(|a| a.action_type == "Offboard");
+        actions.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
+        Ok(actions)
     }
 
     async fn list<T: DeserializeOwned>(

@@ -1,10 +1,11 @@
 //! Simulator settings: the `simulate` command line and the in-process [`SimConfig`].
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::defender::limiter::{RateLimit, RateLimits};
 
 /// Default roles granted to the simulated application.
 pub const DEFAULT_ROLES: &str = "Machine.Read.All,Machine.Offboard";
@@ -54,10 +55,7 @@ impl Default for SimConfig {
             page_size: 10_000,
             pending_for: Duration::from_secs(2),
             in_progress_for: Duration::from_secs(3),
-            rate_limits: DEFAULT_RATE_LIMITS
-                .parse::<RateLimits>()
-                .expect("default limits parse")
-                .0,
+            rate_limits: RateLimits::default().0,
             window_mode: WindowMode::Sliding,
             time_scale: 1.0,
             faults: FaultConfig::default(),
@@ -140,49 +138,14 @@ pub enum WindowMode {
     Fixed,
 }
 
-/// At most `calls` calls in any `window` (simulated time).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimit {
-    pub calls: u32,
-    pub window: Duration,
-}
-
-impl FromStr for RateLimit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (calls, window) = s.trim().split_once('/').ok_or_else(|| {
-            format!("rate limit {s:?} must look like CALLS/WINDOW, e.g. 100/60s or 5/600ms")
-        })?;
-        let calls: u32 = calls
-            .trim()
-            .parse()
-            .map_err(|_| format!("rate limit {s:?}: {calls:?} is not a whole number of calls"))?;
-        let window = humantime::parse_duration(window.trim())
-            .map_err(|e| format!("rate limit {s:?}: window {window:?} is not a duration ({e})"))?;
-        if calls == 0 || window.is_zero() {
-            return Err(format!(
-                "rate limit {s:?}: calls and window must both be greater than zero"
-            ));
-        }
-        Ok(Self { calls, window })
-    }
-}
-
-/// A comma-separated list of [`RateLimit`]s; `none` or empty disables limiting.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RateLimits(pub Vec<RateLimit>);
-
-impl FromStr for RateLimits {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if s.is_empty() || s.eq_ignore_ascii_case("none") {
-            return Ok(Self(Vec::new()));
-        }
-        s.split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map(Self)
+/// `--rate-limit`: the client's own list syntax (`100/60s,1500/3600s`, see
+/// [`RateLimits`]), plus `none` or empty, which serves without any limit.
+fn parse_rate_limits(s: &str) -> Result<RateLimits, String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        Ok(RateLimits(Vec::new()))
+    } else {
+        s.parse()
     }
 }
 
@@ -256,7 +219,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub in_progress_for: Duration,
     /// Limits per API family, tenant and client, e.g. `100/60s,1500/3600s`; `none` disables.
-    #[arg(long, default_value = DEFAULT_RATE_LIMITS)]
+    #[arg(long, default_value = DEFAULT_RATE_LIMITS, value_parser = parse_rate_limits)]
     pub rate_limit: RateLimits,
     /// How calls are counted against the limits.
     #[arg(long, value_enum, default_value = "sliding")]
@@ -351,7 +314,7 @@ mod tests {
 
     #[test]
     fn parses_default_and_subsecond_limits() {
-        let limits: RateLimits = "100/60s, 1500/3600s,5/600ms".parse().unwrap();
+        let limits = parse_rate_limits("100/60s, 1500/3600s,5/600ms").unwrap();
         assert_eq!(
             limits.0,
             vec![
@@ -369,9 +332,14 @@ mod tests {
                 },
             ]
         );
-        assert!("none".parse::<RateLimits>().unwrap().0.is_empty());
-        assert!("100".parse::<RateLimits>().is_err());
-        assert!("0/1s".parse::<RateLimits>().is_err());
+        assert!(parse_rate_limits("none").unwrap().0.is_empty());
+        assert!(parse_rate_limits(" ").unwrap().0.is_empty());
+        assert!(parse_rate_limits("100").is_err());
+        assert!(parse_rate_limits("0/1s").is_err());
+        assert_eq!(
+            parse_rate_limits(DEFAULT_RATE_LIMITS).unwrap().0,
+            SimConfig::default().rate_limits
+        );
     }
 
     #[test]

@@ -7,13 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use super::config::WindowMode;
-
-/// One limit in wall-clock terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limit {
-    pub calls: u32,
-    pub window: Duration,
-}
+use crate::defender::limiter::RateLimit;
 
 /// The answer for one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,14 +28,14 @@ pub struct Window {
 
 impl Window {
     /// Decides on a call at `now` and counts it when allowed (throttled calls are not counted).
-    pub fn check(&mut self, limits: &[Limit], mode: WindowMode, now: Duration) -> Decision {
+    pub fn check(&mut self, limits: &[RateLimit], mode: WindowMode, now: Duration) -> Decision {
         match mode {
             WindowMode::Sliding => self.check_sliding(limits, now),
             WindowMode::Fixed => self.check_fixed(limits, now),
         }
     }
 
-    fn check_sliding(&mut self, limits: &[Limit], now: Duration) -> Decision {
+    fn check_sliding(&mut self, limits: &[RateLimit], now: Duration) -> Decision {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
         while self.calls.front().is_some_and(|&t| t + longest <= now) {
             self.calls.pop_front();
@@ -70,7 +64,7 @@ impl Window {
         }
     }
 
-    fn check_fixed(&mut self, limits: &[Limit], now: Duration) -> Decision {
+    fn check_fixed(&mut self, limits: &[RateLimit], now: Duration) -> Decision {
         self.fixed.resize(limits.len(), (0, 0));
         let mut wait = Duration::ZERO;
         for (limit, (index, count)) in limits.iter().zip(self.fixed.iter_mut()) {
@@ -109,7 +103,7 @@ impl Limiter {
         &mut self,
         family: &str,
         caller: &str,
-        limits: &[Limit],
+        limits: &[RateLimit],
         mode: WindowMode,
         now: Duration,
     ) -> Decision {
@@ -137,7 +131,7 @@ mod tests {
         Duration::from_secs_f64(secs)
     }
 
-    const TWO_PER_10S: [Limit; 1] = [Limit {
+    const TWO_PER_10S: [RateLimit; 1] = [RateLimit {
         calls: 2,
         window: Duration::from_secs(10),
     }];
@@ -188,11 +182,11 @@ mod tests {
     #[test]
     fn the_longest_wait_of_several_limits_wins() {
         let limits = [
-            Limit {
+            RateLimit {
                 calls: 3,
                 window: Duration::from_secs(1),
             },
-            Limit {
+            RateLimit {
                 calls: 4,
                 window: Duration::from_secs(60),
             },
@@ -210,7 +204,7 @@ mod tests {
 
     #[test]
     fn callers_and_families_are_counted_apart() {
-        let limits = [Limit {
+        let limits = [RateLimit {
             calls: 1,
             window: Duration::from_secs(60),
         }];

@@ -11,9 +11,10 @@ use rand::rngs::StdRng;
 use serde_json::Value;
 
 use super::actions::{Action, Schedule, Status};
+use super::config::RateLimit;
 use super::config::{SimConfig, scale};
 use super::machines::{self, Machine};
-use super::ratelimit::{Decision, Limit, Limiter};
+use super::ratelimit::{Decision, Limiter};
 use super::stats::SimStats;
 
 /// API families that are rate limited and counted separately.
@@ -149,13 +150,13 @@ impl Store {
         }
     }
 
-    fn limits(&self) -> Vec<Limit> {
+    fn limits(&self) -> Vec<RateLimit> {
         self.config
             .rate_limits
             .iter()
-            .map(|l| Limit {
-                calls: l.calls,
+            .map(|l| RateLimit {
                 window: scale(l.window, self.config.time_scale),
+                ..*l
             })
             .collect()
     }

@@ -1,11 +1,13 @@
 //! Shared helpers of the integration tests: everything on 127.0.0.1, port 0.
 #![allow(dead_code)]
 
-use defender_offboard::defender::{
-    ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits,
-};
+use defender_offboard::controller::decision::Settings;
+use defender_offboard::crd::DeviceOffboard;
+use defender_offboard::defender::{ClientConfig, ClientIdentity, DefenderClient, RateLimits};
 use defender_offboard::metrics::Metrics;
 use defender_offboard::simulator::{self, SimConfig, SimHandle};
+use defender_offboard::{devcluster, playground};
+use kube::CustomResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,24 +30,36 @@ pub fn fast_sim_config() -> SimConfig {
 /// The client's own budget matching [`fast_sim_config`].
 pub const FAST_LIMITS: &str = "100/1s,1500/60s";
 
+/// The client configuration for the simulator, with another secret when a test needs a wrong one.
 pub fn client_config(sim: &SimHandle, secret: &str, limits: &str) -> ClientConfig {
-    ClientConfig {
-        endpoints: Endpoints::new(
-            Cloud::Commercial,
-            Some(&sim.base_url()),
-            Some(&sim.base_url()),
-        )
-        .unwrap(),
-        identity: ClientIdentity::from_parts(
-            Some("sim-tenant".into()),
-            Some("sim-client".into()),
-            Some(secret.into()),
-            None,
-            None,
-        )
-        .unwrap(),
-        rate_limits: limits.parse::<RateLimits>().unwrap(),
-        request_timeout: Duration::from_secs(5),
+    let mut config = playground::sim_client_config(sim, limits.parse::<RateLimits>().unwrap());
+    config.identity = ClientIdentity::from_parts(
+        Some("sim-tenant".into()),
+        Some("sim-client".into()),
+        Some(secret.into()),
+        None,
+        None,
+    )
+    .unwrap();
+    config
+}
+
+/// The in-memory Kubernetes API with the project's CRD.
+pub async fn spawn_api() -> devcluster::ApiHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = devcluster::ApiServerConfig {
+        crds: vec![DeviceOffboard::crd()],
+        ..Default::default()
+    };
+    devcluster::spawn_api(config, listener).await.unwrap()
+}
+
+/// Controller timings compressed for tests.
+pub fn fast_settings() -> Settings {
+    Settings {
+        lookup_delay: Duration::from_millis(300),
+        retry_backoff: Duration::from_millis(300),
+        access_backoff: Duration::from_secs(5),
     }
 }
 
