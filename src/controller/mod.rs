@@ -240,6 +240,7 @@ pub async fn run_controller(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    seed_budget_from_history(&api, &ctx).await;
     let controller = Controller::new(api, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
@@ -258,6 +259,40 @@ pub async fn run_controller(
         .await;
     poller.abort();
 }
+
+/// A new process (after a restart or a leader change) does not know the
+/// offboards its predecessor sent in the current windows; the resources'
+/// `submittedAt` tell it, so the budget starts where the predecessor left it.
+async fn seed_budget_from_history(api: &Api<DeviceOffboard>, ctx: &Context) {
+    let resources = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(error) => {
+            tracing::warn!(error = %error, "could not read past submissions; starting with a full budget");
+            return;
+        }
+    };
+    let now_instant = tokio::time::Instant::now();
+    let now = jiff::Timestamp::now();
+    let past: Vec<_> = resources
+        .iter()
+        .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref())
+        .filter_map(|t| std::time::Duration::try_from(now.duration_since(t.0)).ok())
+        .filter(|age| *age <= MAX_BUDGET_MEMORY)
+        .filter_map(|age| now_instant.checked_sub(age))
+        .collect();
+    if !past.is_empty() {
+        tracing::info!(
+            recent = past.len(),
+            "counting recent offboards against the budget"
+        );
+        ctx.mde
+            .budget()
+            .record_past(crate::defender::ApiFamily::Offboard, &past);
+    }
+}
+
+/// The longest window worth remembering (MDE's hourly limit).
+const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);
 
 pub mod leader;
 

@@ -274,6 +274,31 @@ impl RateBudget {
         }
     }
 
+    /// Count calls made before this process started (e.g. by a previous
+    /// leader, known from the resources' `submittedAt`), so a restart does not
+    /// spend the same window twice. `answered` are the instants of those calls.
+    pub fn record_past(&self, family: ApiFamily, answered: &[Instant]) {
+        let mut sorted = answered.to_vec();
+        sorted.sort();
+        let mut state = self.inner.lock().expect("budget lock poisoned");
+        let first_id = state.next_id;
+        state.next_id += sorted.len() as u64;
+        for window in &mut state.family_mut(family).windows {
+            let mut past: VecDeque<Slot> = sorted
+                .iter()
+                .enumerate()
+                .map(|(i, at)| Slot {
+                    id: first_id + i as u64,
+                    done: Some(*at),
+                })
+                .collect();
+            past.extend(window.slots.drain(..));
+            let excess = past.len().saturating_sub(window.limit.calls as usize);
+            past.drain(..excess);
+            window.slots = past;
+        }
+    }
+
     /// A 429 told us the server's budget is spent: stop this family until `until`.
     pub fn park(&self, family: ApiFamily, until: Instant) {
         let mut state = self.inner.lock().expect("budget lock poisoned");
@@ -379,6 +404,27 @@ mod tests {
         assert_eq!(
             not_yet.retry_at,
             Some(Instant::now() + Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_from_before_a_restart_count() {
+        let budget = RateBudget::new(&limits("3/10s"));
+        let now = Instant::now();
+        let past = [
+            now - Duration::from_secs(9),
+            now - Duration::from_secs(2),
+            now - Duration::from_secs(1),
+        ];
+        budget.record_past(ApiFamily::Offboard, &past);
+        // The oldest of the last three leaves the window in 1 s.
+        assert_eq!(
+            budget.ready_at(ApiFamily::Offboard),
+            Some(now + Duration::from_secs(1))
+        );
+        assert!(
+            budget.try_reserve(ApiFamily::Machines).is_ok(),
+            "other families are untouched"
         );
     }
 
