@@ -42,7 +42,7 @@ mod watch;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -170,51 +170,4 @@ fn seed(
         .seed(rt, object)
         .map(|_| ())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
-}
-
-/// Command-line arguments of `defender-offboard dev`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct DevArgs {
-    /// Address of the in-memory Kubernetes API (loopback; port 0 picks a free one).
-    #[arg(long, env = "DEV_API_LISTEN", default_value = "127.0.0.1:8001")]
-    pub api_listen: SocketAddr,
-    /// Where to write the kubeconfig for kubectl.
-    #[arg(
-        long,
-        env = "DEV_KUBECONFIG",
-        default_value = "defender-offboard-dev.kubeconfig"
-    )]
-    pub kubeconfig_out: PathBuf,
-    /// Changes kept per resource for watches resuming from a resourceVersion.
-    #[arg(long, default_value_t = 10_000)]
-    pub watch_history: usize,
-}
-
-/// Start the API described by `args` with the given CRDs and write its kubeconfig.
-pub async fn start_api(
-    args: &DevArgs,
-    crds: Vec<CustomResourceDefinition>,
-) -> std::io::Result<ApiHandle> {
-    let listener = TcpListener::bind(args.api_listen).await?;
-    let config = ApiServerConfig {
-        crds,
-        watch_history: args.watch_history,
-        ..ApiServerConfig::default()
-    };
-    let handle = spawn_api(config, listener).await?;
-    handle.write_kubeconfig(&args.kubeconfig_out)?;
-    Ok(handle)
-}
-
-pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let handle = start_api(&args, Vec::new()).await?;
-    println!(
-        "Kubernetes API on {}; kubeconfig written to {} (try: kubectl --kubeconfig {} get namespaces)",
-        handle.url(),
-        args.kubeconfig_out.display(),
-        args.kubeconfig_out.display()
-    );
-    tokio::signal::ctrl_c().await?;
-    handle.shutdown().await;
-    Ok(())
 }
