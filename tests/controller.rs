@@ -279,8 +279,11 @@ async fn a_throttled_run_waits_for_retry_after_without_blocking_others() {
         stats.count("offboard", "201"),
         stats.duplicate_offboards
     );
+    // Calls already in flight when the first 429 parks the budget may each get
+    // one; after that nothing is sent until Retry-After, so at most one per late
+    // resource, never a retry loop.
     assert!(
-        stats.throttled <= 2,
+        (1..=5).contains(&stats.throttled),
         "the parked budget does not hammer MDE: {} 429s",
         stats.throttled
     );
