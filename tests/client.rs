@@ -107,13 +107,14 @@ async fn throttling_honours_retry_after() {
 #[tokio::test]
 async fn tokens_are_refreshed_before_expiry_and_after_a_401() {
     let sim = spawn_sim(SimConfig {
-        token_lifetime: Duration::from_secs(60),
+        token_lifetime: Duration::from_secs(120),
         ..fast_sim_config()
     })
     .await;
     let client = client(&sim, FAST_LIMITS);
-    // 60 simulated seconds = 1 s: calls across 2.5 s need fresh tokens, without any 401.
-    for _ in 0..5 {
+    // 120 simulated seconds = 2 s (refreshed 0.2 s early): calls across 5 s
+    // need fresh tokens, without any 401.
+    for _ in 0..10 {
         client.get_machine(FINANCE_LAPTOP).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
