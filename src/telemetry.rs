@@ -7,7 +7,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
@@ -73,14 +72,56 @@ async fn ready_handler(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, readiness: Readiness) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%addr, error = %error, "cannot listen for /metrics");
-            return;
-        }
-    };
-    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics, /healthz, /readyz");
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, readiness: Readiness) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
     let _ = axum::serve(listener, router(metrics, readiness)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.record_request("offboard", 429);
+        let readiness = Readiness::default();
+        let app = router(metrics, readiness.clone());
+        assert_eq!(get(app.clone(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(app.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        readiness.set();
+        assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
+        let (status, text) = get(app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains(
+                r#"defender_offboard_mde_requests_total{family="offboard",code="429"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"defender_offboard_mde_throttled_total{family="offboard"} 1"#),
+            "{text}"
+        );
+    }
 }

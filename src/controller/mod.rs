@@ -29,8 +29,6 @@ pub enum Error {
     Conflict,
     #[error("the resource has no metadata.uid")]
     MissingUid,
-    #[error(transparent)]
-    Mde(#[from] MdeError),
 }
 
 impl Error {
@@ -40,7 +38,6 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Conflict => "conflict",
             Error::MissingUid => "missing_uid",
-            Error::Mde(_) => "mde",
         }
     }
 }
@@ -170,8 +167,11 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         }
     }
     let readiness = Readiness::default();
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
     let server = tokio::spawn(crate::telemetry::serve(
-        args.metrics_addr,
+        listener,
         metrics.clone(),
         readiness.clone(),
     ));
