@@ -8,7 +8,7 @@
 
 use super::status::{EventReason, READY, Reason, STALLED, SUBMITTED, last_error, set_condition};
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
-use crate::defender::{ActionStatus, Machine, MachineAction, MdeError};
+use crate::defender::{ActionStatus, ErrorClass, Machine, MachineAction, MdeError};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
@@ -28,7 +28,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            lookup_delay: Duration::from_secs(5),
+            // Above the default 30 s request timeout: a request that timed out
+            // may still be in MDE's hands, and must be listable before we look.
+            lookup_delay: Duration::from_secs(35),
             retry_backoff: Duration::from_secs(10),
             access_backoff: Duration::from_secs(300),
         }
@@ -220,8 +222,8 @@ pub fn after_resolve(
 
 /// While the offboard budget is spent: stay `Pending`, say why, look again then.
 /// `nextRetryAt` is left alone so waiting costs no status writes per retry.
-pub fn waiting_for_budget(view: &View, wait: Duration) -> Transition {
-    let status = view.with(
+pub fn waiting_for_budget(view: &View, wait: Duration, machine_id: &str) -> Transition {
+    let mut status = view.with(
         Phase::Pending,
         (
             Reason::WaitingForBudget,
@@ -229,6 +231,8 @@ pub fn waiting_for_budget(view: &View, wait: Duration) -> Transition {
         ),
         (false, Reason::NotSubmitted, "not sent yet".into()),
     );
+    // Keep a resolved deviceName, so waiting does not resolve it again.
+    status.machine_id = Some(machine_id.to_string());
     Transition {
         status,
         note: None,
@@ -307,7 +311,29 @@ pub fn after_lookup(
     match result {
         Ok(Some(action)) => AfterLookUp::Adopt(record_action(view, &action, true)),
         Ok(None) => AfterLookUp::Send,
-        Err(error) => AfterLookUp::Wait(on_error(view, &error, Phase::Submitting, settings)),
+        Err(error) => AfterLookUp::Wait(lookup_failed(view, &error, settings)),
+    }
+}
+
+/// A lookup that precedes any resend failed: stay `Submitting` whatever the
+/// error — the action may exist, so neither a resend nor `Failed` is allowed.
+pub fn lookup_failed(view: &View, error: &MdeError, settings: &Settings) -> Transition {
+    match error.class() {
+        ErrorClass::Permanent | ErrorClass::AlreadyPending => {
+            let message = format!(
+                "looking the offboard action up failed ({error}); retrying the lookup before any resend"
+            );
+            retrying(
+                view,
+                Phase::Submitting,
+                Reason::MdeError,
+                EventReason::MdeError,
+                error.code(),
+                message,
+                settings.retry_backoff,
+            )
+        }
+        _ => on_error(view, error, Phase::Submitting, settings),
     }
 }
 
@@ -504,10 +530,11 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
         .trim_end_matches('.')
         .to_string();
     let (reason, event, wait) = match error {
-        MdeError::Throttled { retry_at, .. } => {
-            let wait = to_std(retry_at.duration_since(view.now));
+        MdeError::Throttled { retry_at, family } => {
+            // A floor, so a Retry-After of 0 or in the past cannot spin.
+            let wait = to_std(retry_at.duration_since(view.now)).max(Duration::from_secs(1));
             let message =
-                format!("MDE is throttling offboard calls for this tenant; retrying at {retry_at}");
+                format!("MDE is throttling {family} calls for this tenant; retrying at {retry_at}");
             let mut transition = retrying(
                 view,
                 phase,
@@ -522,7 +549,9 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
         }
         MdeError::NotFound { .. } => {
             let machine = view.machine_id().unwrap_or_default();
-            let message = format!("MDE has no machine {machine} ({message}); check spec.machineId");
+            let message = format!(
+                "MDE has no machine {machine} ({message}); check spec.machineId or spec.deviceName"
+            );
             return failed(
                 view,
                 Reason::DeviceNotFound,
@@ -578,13 +607,13 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
     };
     let message = match reason {
         Reason::PermissionDenied => format!(
-            "{message}; grant the MDE app the Machine.Offboard application permission (and Machine.Read.All for spec.deviceName) with admin consent"
+            "{message}; grant the MDE app the Machine.Offboard and Machine.Read.All application permissions with admin consent"
         ),
-        Reason::AuthenticationFailed => {
-            format!(
-                "{message}; check the operator's AZURE_TENANT_ID, AZURE_CLIENT_ID and client secret or federated token"
-            )
-        }
+        // Sign-in errors carry their own advice; a 401 on a fresh token usually
+        // means the token is for another cloud than the API host.
+        Reason::AuthenticationFailed if matches!(error, MdeError::Unauthorized { .. }) => format!(
+            "{message}; check that --cloud (or --api-url) matches the tenant's cloud and that the app registration has admin consent"
+        ),
         Reason::OutcomeUnknown => format!("{message}; looking the action up before any resend"),
         _ => message,
     };
@@ -1184,12 +1213,13 @@ mod tests {
         let first = waiting_for_budget(
             &view(&spec, &status(Phase::Pending)),
             Duration::from_secs(1),
+            MACHINE,
         );
         let later = View {
             now: now() + SignedDuration::from_secs(60),
             ..view(&spec, &first.status)
         };
-        let second = waiting_for_budget(&later, Duration::from_secs(1));
+        let second = waiting_for_budget(&later, Duration::from_secs(1), MACHINE);
         assert_eq!(
             first.status, second.status,
             "waiting again must not cause a status write"

@@ -187,7 +187,11 @@ pub async fn run_as_leader(
     readiness.set();
     let mut shutdown = Box::pin(shutdown);
     tracing::info!(identity, lease = LEASE_NAME, namespace = %args.lease_namespace, "waiting for the leader lease");
+    // The lease counts from when the winning request was *sent*: a slow answer
+    // must not stretch our idea of how long we hold it.
+    let mut last_renewal;
     loop {
+        last_renewal = Instant::now();
         match elector.try_acquire_or_renew().await {
             Ok(true) => break,
             Ok(false) => {}
@@ -200,7 +204,6 @@ pub async fn run_as_leader(
     }
     tracing::info!(identity, "became leader");
     ctx.metrics.leader.set(1);
-    let mut last_renewal = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller_args = args.clone();
     let controller_ctx = ctx.clone();
@@ -216,10 +219,15 @@ pub async fn run_as_leader(
             _ = &mut work => break Ok(()),
             _ = tokio::time::sleep(timing.retry_period) => {}
         }
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => last_renewal = Instant::now(),
-            Ok(false) => break Err("lost the leader lease to another replica".to_string()),
-            Err(error) => tracing::warn!(error = %error, "lease renewal failed"),
+        // A renewal that hangs (stuck API server, half-open connection) must not
+        // keep us working past the deadline: bound it by the time left.
+        let left = timing.renew_deadline.saturating_sub(last_renewal.elapsed());
+        let sent = Instant::now();
+        match tokio::time::timeout(left, elector.try_acquire_or_renew()).await {
+            Ok(Ok(true)) => last_renewal = sent,
+            Ok(Ok(false)) => break Err("lost the leader lease to another replica".to_string()),
+            Ok(Err(error)) => tracing::warn!(error = %error, "lease renewal failed"),
+            Err(_) => tracing::warn!("lease renewal did not answer in time"),
         }
         if last_renewal.elapsed() >= timing.renew_deadline {
             break Err(format!(

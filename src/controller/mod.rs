@@ -113,8 +113,9 @@ pub struct RunArgs {
     /// How often in-flight actions are polled (one batched call for all of them).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
-    /// Pause before looking an action up after an ambiguous send.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Pause before looking an action up after an ambiguous send. Keep it above
+    /// --request-timeout: a request that timed out may still be processed by MDE.
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
     /// Retry delay after a transient failure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -240,15 +241,17 @@ pub async fn run_controller(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    seed_budget_from_history(&api, &ctx).await;
+    seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
     let controller = Controller::new(api, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
-    let poller = tokio::spawn(poller::run(
+    // Aborted when this future ends or is dropped (e.g. a lost lease aborts
+    // the whole controller): a detached poller would keep writing.
+    let poller = AbortOnDrop(tokio::spawn(poller::run(
         controller.store(),
         ctx.clone(),
         args.poll_interval,
-    ));
+    )));
     controller
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -257,13 +260,26 @@ pub async fn run_controller(
             }
         })
         .await;
-    poller.abort();
+    drop(poller);
+}
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A new process (after a restart or a leader change) does not know the
 /// offboards its predecessor sent in the current windows; the resources'
 /// `submittedAt` tell it, so the budget starts where the predecessor left it.
-async fn seed_budget_from_history(api: &Api<DeviceOffboard>, ctx: &Context) {
+async fn seed_budget_from_history(
+    api: &Api<DeviceOffboard>,
+    ctx: &Context,
+    request_timeout: Duration,
+) {
     let resources = match api.list(&ListParams::default()).await {
         Ok(list) => list.items,
         Err(error) => {
@@ -273,10 +289,14 @@ async fn seed_budget_from_history(api: &Api<DeviceOffboard>, ctx: &Context) {
     };
     let now_instant = tokio::time::Instant::now();
     let now = jiff::Timestamp::now();
+    // `submittedAt` is written before the send and kept to the second: the
+    // answer came at the latest a request timeout (and a second) later.
+    let latest_answer = jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
+        .unwrap_or_default();
     let past: Vec<_> = resources
         .iter()
         .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref())
-        .filter_map(|t| std::time::Duration::try_from(now.duration_since(t.0)).ok())
+        .map(|t| Duration::try_from(now.duration_since(t.0 + latest_answer)).unwrap_or_default())
         .filter(|age| *age <= MAX_BUDGET_MEMORY)
         .filter_map(|age| now_instant.checked_sub(age))
         .collect();

@@ -35,6 +35,9 @@ async fn reconcile_inner(obj: &DeviceOffboard, ctx: &Context) -> Result<Action> 
     match decision::plan(&view, &ctx.settings) {
         Plan::Idle { requeue } => Ok(requeue.map_or_else(Action::await_change, Action::requeue)),
         Plan::Resolve { device_name } => {
+            if let Some(wait) = budget_wait(ctx, ApiFamily::Machines) {
+                return Ok(Action::requeue(wait));
+            }
             let found = ctx.mde.find_machines_by_name(&device_name).await;
             match decision::after_resolve(&view, &device_name, found, &ctx.settings) {
                 Ok(machine_id) => submit(ctx, &mut current, &machine_id).await,
@@ -43,6 +46,9 @@ async fn reconcile_inner(obj: &DeviceOffboard, ctx: &Context) -> Result<Action> 
         }
         Plan::Submit { machine_id } => submit(ctx, &mut current, &machine_id).await,
         Plan::LookUp { machine_id } => {
+            if let Some(wait) = budget_wait(ctx, ApiFamily::MachineActions) {
+                return Ok(Action::requeue(wait));
+            }
             let marker = correlation_marker(&uid(&current)?);
             let found = ctx.mde.find_offboard_action(&machine_id, &marker).await;
             match decision::after_lookup(&view, found, &ctx.settings) {
@@ -60,26 +66,49 @@ async fn reconcile_inner(obj: &DeviceOffboard, ctx: &Context) -> Result<Action> 
     }
 }
 
+/// How long a read of `family` would wait for budget, when that is long enough
+/// (over a second, e.g. parked after a 429) to free the worker instead.
+fn budget_wait(ctx: &Context, family: ApiFamily) -> Option<Duration> {
+    let ready = ctx.mde.budget().ready_at(family)?;
+    let wait = ready.saturating_duration_since(tokio::time::Instant::now());
+    (wait > Duration::from_secs(1)).then_some(wait)
+}
+
 /// Budget check, intent record, send, record the answer.
 async fn submit(ctx: &Context, current: &mut DeviceOffboard, machine_id: &str) -> Result<Action> {
     let status = current.status.clone().unwrap_or_default();
-    if let Some(ready) = ctx.mde.budget().ready_at(ApiFamily::Offboard) {
-        let wait = ready.saturating_duration_since(tokio::time::Instant::now());
-        if !wait.is_zero() {
+    // Take the budget slot first, so no worker writes its intent and then waits.
+    let permit = match ctx.mde.budget().try_reserve(ApiFamily::Offboard) {
+        Ok(permit) => permit,
+        Err(not_yet) => {
+            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |at| {
+                at.saturating_duration_since(tokio::time::Instant::now())
+            });
             // Spread the waiters a little so they do not all wake at once.
             let jitter = Duration::from_millis(rand::random_range(0..50));
             let transition =
-                decision::waiting_for_budget(&view_of(current, &status), wait + jitter);
+                decision::waiting_for_budget(&view_of(current, &status), wait + jitter, machine_id);
             return apply(ctx, current, transition).await;
         }
-    }
+    };
     // The intent record: only the writer holding the latest resourceVersion wins,
     // so two workers (or replicas) can never both send for one resource.
     let intent = decision::submitting(&view_of(current, &status), machine_id);
-    write_status(ctx, current, &intent).await?;
-
-    let comment = comment_with_marker(&current.spec.comment, &uid(current)?);
-    let result = ctx.mde.offboard(machine_id, &comment).await;
+    if let Err(error) = write_status(ctx, current, &intent).await {
+        permit.cancel();
+        return Err(error);
+    }
+    let comment = match uid(current) {
+        Ok(uid) => comment_with_marker(&current.spec.comment, &uid),
+        Err(error) => {
+            permit.cancel();
+            return Err(error);
+        }
+    };
+    let result = ctx
+        .mde
+        .offboard_reserved(Some(permit), machine_id, &comment)
+        .await;
     if result.is_ok() {
         ctx.metrics
             .offboards
@@ -107,7 +136,7 @@ async fn submit(ctx: &Context, current: &mut DeviceOffboard, machine_id: &str) -
                     Phase::Submitting,
                     &ctx.settings,
                 ),
-                Err(error) => decision::on_error(&view, &error, Phase::Submitting, &ctx.settings),
+                Err(error) => decision::lookup_failed(&view, &error, &ctx.settings),
             };
             apply(ctx, current, transition).await
         }

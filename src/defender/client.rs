@@ -3,7 +3,7 @@
 use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
 use super::error::{MdeError, error_chain, parse_retry_after};
-use super::limiter::{ApiFamily, RateBudget, RateLimits};
+use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
 use super::types::{ErrorBody, Machine, MachineAction, ODataPage};
 use crate::metrics::Metrics;
 use jiff::Timestamp;
@@ -102,16 +102,34 @@ impl DefenderClient {
         machine_id: &str,
         comment: &str,
     ) -> Result<MachineAction, MdeError> {
+        self.offboard_reserved(None, machine_id, comment).await
+    }
+
+    /// [`DefenderClient::offboard`] in a budget slot the caller reserved
+    /// (see [`RateBudget::try_reserve`]), so it never waits for budget.
+    pub async fn offboard_reserved(
+        &self,
+        permit: Option<Permit>,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
         let url = self.api_url(&format!("api/machines/{machine_id}/offboard"), &[])?;
         let body = serde_json::json!({ "Comment": comment });
-        self.call(ApiFamily::Offboard, Method::POST, url, Some(body), true)
-            .await
+        self.call(
+            ApiFamily::Offboard,
+            Method::POST,
+            url,
+            Some(body),
+            true,
+            permit,
+        )
+        .await
     }
 
     /// `GET /api/machines/{id}`.
     pub async fn get_machine(&self, machine_id: &str) -> Result<Machine, MdeError> {
         let url = self.api_url(&format!("api/machines/{machine_id}"), &[])?;
-        self.call(ApiFamily::Machines, Method::GET, url, None, false)
+        self.call(ApiFamily::Machines, Method::GET, url, None, false, None)
             .await
     }
 
@@ -139,14 +157,27 @@ impl DefenderClient {
     /// `GET /api/machineactions/{id}`.
     pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
         let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
-        self.call(ApiFamily::MachineActions, Method::GET, url, None, false)
-            .await
+        self.call(
+            ApiFamily::MachineActions,
+            Method::GET,
+            url,
+            None,
+            false,
+            None,
+        )
+        .await
     }
 
     /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
     pub async fn list_machine_actions(&self, filter: &str) -> Result<Vec<MachineAction>, MdeError> {
-        self.list(ApiFamily::MachineActions, "api/machineactions", filter)
+        match self
+            .list(ApiFamily::MachineActions, "api/machineactions", filter)
             .await
+        {
+            // Like the machines list, a filtered list may answer 404 for "none".
+            Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
+            other => other,
+        }
     }
 
     /// Many actions by id, one call per [`IDS_PER_QUERY`] ids.
@@ -192,10 +223,9 @@ impl DefenderClient {
 
     /// Every offboard action of a machine, oldest first.
     async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
-        let filter = format!(
-            "machineId eq {} and type eq 'Offboard'",
-            odata_quote(machine_id)
-        );
+        // Only `machineId` in the filter: no Microsoft example combines it with
+        // `type`, so the type is checked here instead.
+        let filter = format!("machineId eq {}", odata_quote(machine_id));
         let mut actions = self.list_machine_actions(&filter).await?;
         actions.retain(|a| a.action_type == "Offboard");
         actions.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
@@ -211,7 +241,9 @@ impl DefenderClient {
         let mut url = self.api_url(path, &[("$filter", filter)])?;
         let mut items = Vec::new();
         loop {
-            let page: ODataPage<T> = self.call(family, Method::GET, url, None, false).await?;
+            let page: ODataPage<T> = self
+                .call(family, Method::GET, url, None, false, None)
+                .await?;
             items.extend(page.value);
             let Some(next) = page.next_link else {
                 return Ok(items);
@@ -266,12 +298,25 @@ impl DefenderClient {
         url: Url,
         body: Option<serde_json::Value>,
         is_write: bool,
+        mut reserved: Option<Permit>,
     ) -> Result<T, MdeError> {
         let inner = &self.inner;
         for attempt in 0..2 {
-            let token = inner.tokens.token().await?;
+            let token = match inner.tokens.token().await {
+                Ok(token) => token,
+                Err(error) => {
+                    // Nothing was sent: the reserved slot goes back.
+                    if let Some(permit) = reserved.take() {
+                        permit.cancel();
+                    }
+                    return Err(error);
+                }
+            };
             let waited = Instant::now();
-            let permit = inner.budget.acquire(family).await;
+            let permit = match reserved.take() {
+                Some(permit) => permit,
+                None => inner.budget.acquire(family).await,
+            };
             inner
                 .metrics
                 .record_budget_wait(family.as_str(), waited.elapsed().as_secs_f64());

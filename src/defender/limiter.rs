@@ -182,6 +182,12 @@ impl Permit {
         self.finish();
     }
 
+    /// Give the slot back unused: the call was never sent.
+    pub fn cancel(mut self) {
+        self.completed = true;
+        self.budget.remove(self.family, self.id);
+    }
+
     fn finish(&mut self) {
         if !self.completed {
             self.completed = true;
@@ -306,6 +312,13 @@ impl RateBudget {
         budget.parked_until = Some(budget.parked_until.map_or(until, |p| p.max(until)));
     }
 
+    fn remove(&self, family: ApiFamily, id: u64) {
+        let mut state = self.inner.lock().expect("budget lock poisoned");
+        for window in &mut state.family_mut(family).windows {
+            window.slots.retain(|s| s.id != id);
+        }
+    }
+
     fn mark_done(&self, family: ApiFamily, id: u64, at: Instant) {
         let mut state = self.inner.lock().expect("budget lock poisoned");
         for window in &mut state.family_mut(family).windows {
@@ -405,6 +418,17 @@ mod tests {
             not_yet.retry_at,
             Some(Instant::now() + Duration::from_secs(1))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_permit_frees_its_slot() {
+        let budget = RateBudget::new(&limits("1/10s"));
+        budget.try_reserve(ApiFamily::Offboard).unwrap().cancel();
+        assert!(
+            budget.try_reserve(ApiFamily::Offboard).is_ok(),
+            "the unused slot is back"
+        );
+        assert!(budget.try_reserve(ApiFamily::Offboard).is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,10 +58,11 @@ pub struct ConnectionArgs {
 
 impl ConnectionArgs {
     pub fn client_config(&self) -> Result<ClientConfig, String> {
-        let endpoints = Endpoints::new(
+        let endpoints = Endpoints::with_http_policy(
             self.cloud,
             self.api_url.as_deref(),
             self.authority_host.as_deref(),
+            self.allow_insecure_http,
         )?;
         let identity = ClientIdentity::from_parts(
             self.tenant_id.clone(),
@@ -81,4 +82,50 @@ impl ConnectionArgs {
 
 fn parse_secret(value: &str) -> Result<Secret, String> {
     Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<ClientConfig, String> {
+        let mut argv = vec![
+            "x",
+            "--tenant-id",
+            "t",
+            "--client-id",
+            "c",
+            "--client-secret",
+            "s",
+        ];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .unwrap()
+            .connection
+            .client_config()
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_the_explicit_flag() {
+        let sim = [
+            "--api-url",
+            "http://mde-simulator.test:8090",
+            "--authority-host",
+            "http://mde-simulator.test:8090",
+        ];
+        assert!(config(&sim).unwrap_err().contains("--allow-insecure-http"));
+        let mut allowed = sim.to_vec();
+        allowed.push("--allow-insecure-http");
+        assert_eq!(
+            config(&allowed).unwrap().endpoints.api.host_str(),
+            Some("mde-simulator.test")
+        );
+    }
 }
