@@ -28,6 +28,10 @@ pub struct OffboardArgs {
     /// timeout) adopts the action the first run created instead of sending again.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Pause before looking the action up after an ambiguous answer (keep it
+    /// above --request-timeout: MDE may still be processing a timed-out request).
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    pub lookup_delay: Duration,
     /// How often `--wait` polls.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
@@ -124,6 +128,7 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         &args.comment,
         &key,
         args.idempotency_key.is_some(),
+        args.lookup_delay,
     )
     .await?;
     let action = if args.wait {
@@ -180,13 +185,27 @@ async fn offboard_once(
     comment: &str,
     key: &str,
     check_first: bool,
+    lookup_delay: Duration,
 ) -> Result<MachineAction, OffboardError> {
     const ATTEMPTS: u32 = 5;
     let marker = correlation_marker(key);
     let mut must_look_up = check_first;
+    // Once a send may have created an action, every way out names the key
+    // that lets a rerun adopt it instead of sending again.
+    let mut may_exist = false;
+    let hint = |error: MdeError, may_exist: bool| -> OffboardError {
+        if may_exist {
+            OffboardError::Input(format!(
+                "{error}; an offboard action may have been created: rerun with --idempotency-key {key} to adopt it instead of sending again"
+            ))
+        } else {
+            error.into()
+        }
+    };
     for attempt in 1..=ATTEMPTS {
         if must_look_up {
-            if let Some(action) = client.find_offboard_action(machine_id, &marker).await? {
+            let found = client.find_offboard_action(machine_id, &marker).await;
+            if let Some(action) = found.map_err(|e| hint(e, may_exist))? {
                 eprintln!(
                     "adopting offboard action {} created earlier with this key",
                     action.id
@@ -201,7 +220,8 @@ async fn offboard_once(
         {
             Ok(action) => return Ok(action),
             Err(MdeError::AlreadyPending { .. }) => {
-                if let Some(action) = client.find_pending_offboard(machine_id).await? {
+                let pending = client.find_pending_offboard(machine_id).await;
+                if let Some(action) = pending.map_err(|e| hint(e, may_exist))? {
                     eprintln!(
                         "an offboard is already pending for {machine_id}: adopting action {}",
                         action.id
@@ -211,8 +231,12 @@ async fn offboard_once(
                 must_look_up = true;
             }
             Err(error @ MdeError::OutcomeUnknown { .. }) => {
-                eprintln!("{error}; looking the action up before any resend");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                eprintln!(
+                    "{error}; looking the action up in {} before any resend",
+                    humantime::format_duration(lookup_delay)
+                );
+                may_exist = true;
+                tokio::time::sleep(lookup_delay).await;
                 must_look_up = true;
             }
             Err(error @ (MdeError::NotSent { .. } | MdeError::Throttled { .. }))
@@ -222,7 +246,7 @@ async fn offboard_once(
                 eprintln!("{error}; retrying");
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(hint(error, may_exist)),
         }
     }
     Err(MdeError::OutcomeUnknown {

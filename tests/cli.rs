@@ -189,3 +189,43 @@ async fn bad_input_ends_with_one_clear_line() {
     }
     assert_eq!(sim.stats().actions_created, 0);
 }
+
+/// Every answer is lost after MDE created the action: the command looks it up
+/// by its marker and prints it, having sent exactly once.
+#[tokio::test]
+async fn a_lost_answer_is_adopted_not_resent() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    control(
+        &sim,
+        "faults",
+        serde_json::json!({"lost_response_rate": 1.0, "lost_response_mode": "mixed"}),
+    )
+    .await;
+    let output = offboard(
+        &sim.base_url(),
+        SECRET,
+        &[
+            "--machine-id",
+            FINANCE_LAPTOP,
+            "--comment",
+            "returned",
+            "--lookup-delay",
+            "200ms",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("outcome unknown"), "{stderr}");
+    let action: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(action["machineId"], FINANCE_LAPTOP);
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.actions_created,
+            stats.lost_responses,
+            stats.duplicate_offboards
+        ),
+        (1, 1, 0)
+    );
+}

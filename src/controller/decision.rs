@@ -1086,6 +1086,68 @@ mod tests {
         }
     }
 
+    /// Whatever the lookup answers, the resource neither fails nor resends:
+    /// the action may exist.
+    #[test]
+    fn a_failed_lookup_never_fails_the_resource() {
+        let s = settings();
+        let spec = by_id();
+        let current = submitting_since(60);
+        let v = view(&spec, &current);
+        for error in [
+            MdeError::NotFound {
+                message: "m".into(),
+            },
+            MdeError::BadRequest {
+                status: 400,
+                code: "InvalidFilter".into(),
+                message: "m".into(),
+            },
+            MdeError::Forbidden {
+                code: "Forbidden".into(),
+                message: "m".into(),
+            },
+            MdeError::NotSent { reason: "m".into() },
+        ] {
+            let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), &s) else {
+                panic!("{error:?}")
+            };
+            assert_eq!(t.status.phase, Some(Phase::Submitting), "{error:?}");
+            assert!(
+                t.requeue.is_some() && t.status.completed_at.is_none(),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waiting_for_budget_keeps_the_resolved_machine() {
+        let spec = by_name();
+        let none = DeviceOffboardStatus::default();
+        let waiting =
+            waiting_for_budget(&view(&spec, &none), Duration::from_secs(1), MACHINE).status;
+        assert_eq!(waiting.machine_id.as_deref(), Some(MACHINE));
+        assert_eq!(
+            plan(&view(&spec, &waiting), &settings()),
+            Plan::Submit {
+                machine_id: MACHINE.into()
+            },
+            "no second resolve"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_in_the_past_still_waits_a_second() {
+        let spec = by_id();
+        let current = status(Phase::Pending);
+        let past = MdeError::Throttled {
+            family: ApiFamily::Offboard,
+            retry_at: now() - SignedDuration::from_secs(5),
+        };
+        let t = on_error(&view(&spec, &current), &past, Phase::Pending, &settings());
+        assert_eq!(t.requeue, Some(Duration::from_secs(1)));
+    }
+
     #[test]
     fn an_action_id_is_never_replaced() {
         let spec = by_id();

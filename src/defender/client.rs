@@ -48,8 +48,9 @@ pub fn correlation_marker(key: &str) -> String {
 }
 
 /// The offboard comment with the marker appended.
+/// The marker goes first, so a length cap at MDE can never cut it off.
 pub fn comment_with_marker(comment: &str, key: &str) -> String {
-    format!("{} {}", comment.trim(), correlation_marker(key))
+    format!("{} {}", correlation_marker(key), comment.trim())
 }
 
 /// An OData string literal: single quotes doubled.
