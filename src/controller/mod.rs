@@ -181,6 +181,13 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("defender-offboard-{}", uuid::Uuid::new_v4()));
+    if args.lookup_delay < args.connection.request_timeout {
+        tracing::warn!(
+            lookup_delay = ?args.lookup_delay,
+            request_timeout = ?args.connection.request_timeout,
+            "--lookup-delay is shorter than --request-timeout: a timed-out request may still be processed by MDE after the lookup"
+        );
+    }
     let settings = Settings {
         lookup_delay: args.lookup_delay,
         retry_backoff: args.retry_backoff,

@@ -4,7 +4,9 @@
 use super::Context;
 use super::reconcile::record_poll;
 use crate::crd::{DeviceOffboard, Phase};
-use crate::metrics::PhaseLabels;
+use crate::defender::RateLimits;
+use crate::defender::client::IDS_PER_QUERY;
+use crate::metrics::{ErrorLabels, PhaseLabels};
 use futures::FutureExt;
 use kube::runtime::reflector::Store;
 use std::collections::HashMap;
@@ -38,12 +40,22 @@ pub fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> 
     counts
 }
 
+/// The pause before the next poll: the configured interval, stretched when
+/// `calls` per poll would spend more than half of any machine-action budget
+/// window, so lookups (which exactly-once depends on) always find room.
+pub fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Duration {
+    limits.0.iter().fold(interval, |pause, limit| {
+        let share = (limit.calls / 2).max(1) as f64;
+        pause.max(limit.window.mul_f64(calls as f64 / share))
+    })
+}
+
 pub async fn run(store: Store<DeviceOffboard>, ctx: Arc<Context>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cache_ready = false;
+    let mut pause = Duration::ZERO;
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(pause).await;
+        pause = interval;
         // Not `wait_until_ready().await`: the store's readiness is a one-waker
         // channel that the controller also waits on, so a second waiter may
         // never be woken. Checking it once per tick needs no waker.
@@ -72,13 +84,32 @@ pub async fn run(store: Store<DeviceOffboard>, ctx: Arc<Context>, interval: Dura
         if ids.is_empty() {
             continue;
         }
+        pause = poll_pause(
+            interval,
+            ids.len().div_ceil(IDS_PER_QUERY),
+            ctx.mde.rate_limits(),
+        );
         let actions = match ctx.mde.machine_actions_by_ids(&ids).await {
             Ok(actions) => actions,
             Err(error) => {
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        error: "poll".into(),
+                    })
+                    .inc();
                 tracing::warn!(error = %error, in_flight = ids.len(), "polling in-flight actions failed; next interval retries");
                 continue;
             }
         };
+        if actions.len() < ids.len() {
+            // MDE keeps actions for months; a missing one is worth a look, not a guess.
+            tracing::warn!(
+                asked = ids.len(),
+                answered = actions.len(),
+                "some in-flight actions were not in MDE's answer"
+            );
+        }
         let by_id: HashMap<&str, _> = actions.iter().map(|a| (a.id.as_str(), a)).collect();
         for resource in &resources {
             let Some(id) = resource
@@ -95,5 +126,24 @@ pub async fn run(store: Store<DeviceOffboard>, ctx: Arc<Context>, interval: Dura
                 tracing::debug!(error = %error, "poll result not recorded this time");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_keeps_half_the_read_budget_free() {
+        let mde = RateLimits::default(); // 100/60s, 1500/3600s
+        let every = Duration::from_secs(10);
+        assert_eq!(
+            poll_pause(every, 1, &mde),
+            every,
+            "a few in-flight actions: the configured interval"
+        );
+        // 3000 in flight = 60 calls a poll: at most 750 calls an hour for polling.
+        assert_eq!(poll_pause(every, 60, &mde), Duration::from_secs(288));
+        assert_eq!(poll_pause(every, 0, &mde), every);
     }
 }

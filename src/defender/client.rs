@@ -38,6 +38,7 @@ struct Inner {
     api: Url,
     tokens: TokenSource,
     budget: RateBudget,
+    limits: RateLimits,
     metrics: Arc<Metrics>,
 }
 
@@ -82,6 +83,7 @@ impl DefenderClient {
                 api: config.endpoints.api,
                 tokens,
                 budget: RateBudget::new(&config.rate_limits),
+                limits: config.rate_limits,
                 metrics,
             }),
         })
@@ -89,6 +91,10 @@ impl DefenderClient {
 
     pub fn budget(&self) -> &RateBudget {
         &self.inner.budget
+    }
+
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.limits
     }
 
     /// Sign in now, to fail fast on bad credentials.
