@@ -5,10 +5,9 @@ mod common;
 
 use common::*;
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, Phase};
-use defender_offboard::devcluster::{self, ApiHandle, ApiServerConfig};
+use defender_offboard::devcluster::ApiHandle;
 use defender_offboard::playground::embedded_controller;
 use defender_offboard::simulator::{SimConfig, SimHandle};
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -28,16 +27,7 @@ impl Drop for Env {
 
 async fn start(sim_config: SimConfig) -> Env {
     let sim = spawn_sim(sim_config).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = devcluster::spawn_api(
-        ApiServerConfig {
-            crds: vec![DeviceOffboard::crd()],
-            ..Default::default()
-        },
-        listener,
-    )
-    .await
-    .unwrap();
+    let api = spawn_api().await;
     let client = api.client().await.unwrap();
     let controller = embedded_controller(
         client.clone(),

@@ -10,10 +10,9 @@ use defender_offboard::controller::check_crd_installed;
 use defender_offboard::controller::decision::Settings;
 use defender_offboard::controller::leader::{Elector, LeaseTiming};
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
-use defender_offboard::devcluster::{self, ApiServerConfig};
+
 use defender_offboard::playground::embedded_controller;
 use http::{Method, Request};
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use kube::client::{Body, ClientBuilder};
 use std::collections::BTreeSet;
@@ -87,16 +86,7 @@ fn permission(method: &Method, path: &str, query: &str) -> Permission {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_grants_every_call_the_controller_makes() {
     let sim = spawn_sim(fast_sim_config()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = devcluster::spawn_api(
-        ApiServerConfig {
-            crds: vec![DeviceOffboard::crd()],
-            ..Default::default()
-        },
-        listener,
-    )
-    .await
-    .unwrap();
+    let api = spawn_api().await;
     let seen: Arc<Mutex<BTreeSet<Permission>>> = Arc::default();
     let record = seen.clone();
     let recorder = tower::util::MapRequestLayer::new(move |request: Request<Body>| {

@@ -248,7 +248,7 @@ pub async fn list_machines(
         let store = shared.lock();
         (store.machines_json(), store.config.page_size)
     };
-    match list_page(
+    list_response(
         &items,
         query.as_deref(),
         "Machines",
@@ -256,7 +256,21 @@ pub async fn list_machines(
         machines::FILTERABLE,
         page_size,
         &base,
-    ) {
+    )
+}
+
+/// One page of a collection as MDE answers it, or a 400 naming what is wrong
+/// with the query.
+fn list_response(
+    items: &[serde_json::Value],
+    query: Option<&str>,
+    entity: &str,
+    path: &str,
+    filterable: &[&str],
+    page_size: usize,
+    base: &str,
+) -> Response {
+    match list_page(items, query, entity, path, filterable, page_size, base) {
         Ok(body) => Json(body).into_response(),
         Err(message) => bad_request("BadRequest", message),
     }
@@ -362,7 +376,7 @@ pub async fn list_actions(
             store.config.page_size,
         )
     };
-    match list_page(
+    list_response(
         &items,
         query.as_deref(),
         "MachineActions",
@@ -370,10 +384,7 @@ pub async fn list_actions(
         actions::FILTERABLE,
         page_size,
         &base,
-    ) {
-        Ok(body) => Json(body).into_response(),
-        Err(message) => bad_request("BadRequest", message),
-    }
+    )
 }
 
 /// `POST /api/machineactions/{id}/cancel`.
