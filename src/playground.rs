@@ -209,6 +209,11 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
             path.display()
         );
         watch_until_final(&client, &names).await?;
+        let stats = playground.sim.stats();
+        println!(
+            "MDE simulator: {} offboard actions created, {} answered 429, {} machines offboarded more than once",
+            stats.actions_created, stats.throttled, stats.duplicate_offboards
+        );
         if args.exit_when_done {
             if let Some(task) = controller {
                 task.abort();
