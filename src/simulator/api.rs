@@ -202,6 +202,19 @@ fn with_context(mut entity: Value, base: &str, context: &str) -> Value {
 
 /// Reads `{"Comment": "..."}`; the name is case-sensitive and the value must not be empty.
 /// Refusals are `400 InvalidRequestBody` with the returned message.
+/// The checks a write (offboard, cancel) goes through: token, limits, roles,
+/// then a body with a `Comment`.
+async fn admit_write(
+    shared: &Shared,
+    headers: &HeaderMap,
+    family: Family,
+    body: &[u8],
+) -> Result<(Caller, String), Response> {
+    let caller = admit(shared, headers, family, OFFBOARD_ROLES).await?;
+    let comment = comment(body).map_err(|message| bad_request("InvalidRequestBody", message))?;
+    Ok((caller, comment))
+}
+
 fn comment(body: &[u8]) -> Result<String, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
@@ -283,13 +296,9 @@ pub async fn offboard(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let caller = match admit(&shared, &headers, Family::Offboard, OFFBOARD_ROLES).await {
-        Ok(c) => c,
+    let (caller, comment) = match admit_write(&shared, &headers, Family::Offboard, &body).await {
+        Ok(admitted) => admitted,
         Err(r) => return r,
-    };
-    let comment = match comment(&body) {
-        Ok(c) => c,
-        Err(message) => return bad_request("InvalidRequestBody", message),
     };
     let base = base_url(&shared, &headers);
     let mut store = shared.lock();
@@ -394,13 +403,9 @@ pub async fn cancel_action(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let caller = match admit(&shared, &headers, Family::Cancel, OFFBOARD_ROLES).await {
-        Ok(c) => c,
+    let (caller, comment) = match admit_write(&shared, &headers, Family::Cancel, &body).await {
+        Ok(admitted) => admitted,
         Err(r) => return r,
-    };
-    let comment = match comment(&body) {
-        Ok(c) => c,
-        Err(message) => return bad_request("InvalidRequestBody", message),
     };
     let base = base_url(&shared, &headers);
     let mut store = shared.lock();
