@@ -102,6 +102,17 @@ async fn expect(
     body
 }
 
+/// Expect the next request to create an Event through events.k8s.io/v1.
+async fn expect_event(handle: &mut Handle) -> Value {
+    expect(
+        handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/it/events",
+        |body| (StatusCode::CREATED, body.clone()),
+    )
+    .await
+}
+
 /// What the API server would return after a merge patch: the object with the new status.
 fn patched(obj: &DeviceOffboard, patch: &Value, rv: &str) -> Value {
     let mut value = serde_json::to_value(obj).unwrap();
@@ -156,13 +167,7 @@ async fn new_resource_records_intent_with_a_precondition_then_the_action() {
     );
 
     // 3. The event, through events.k8s.io/v1.
-    let event = expect(
-        &mut handle,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/it/events",
-        |body| (StatusCode::CREATED, body.clone()),
-    )
-    .await;
+    let event = expect_event(&mut handle).await;
     assert_eq!(event["reason"], "OffboardRequested");
     assert!(event["note"].as_str().unwrap().contains(&action_id));
 
@@ -222,13 +227,7 @@ async fn found_in_submitting_after_a_crash_adopts_without_sending() {
     assert_eq!(adopted["metadata"]["resourceVersion"], "10");
     assert_eq!(adopted["status"]["machineActionId"], created.id.as_str());
     assert_eq!(adopted["status"]["attempts"], 1, "adoption sends nothing");
-    let event = expect(
-        &mut handle,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/it/events",
-        |body| (StatusCode::CREATED, body.clone()),
-    )
-    .await;
+    let event = expect_event(&mut handle).await;
     assert_eq!(event["reason"], "OffboardAdopted");
     reconciling.await.unwrap().unwrap();
     assert_eq!(

@@ -82,12 +82,7 @@ fn resource_json(rt: &ResourceType) -> Value {
 
 /// The APIResourceList of one group/version, or `None` if nothing is served there.
 pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
-    let types: Vec<&ResourceType> = registry
-        .types()
-        .iter()
-        .map(|t| t.as_ref())
-        .filter(|t| t.group == group && t.version == version)
-        .collect();
+    let types = registry.types_in(group, version);
     if types.is_empty() {
         return None;
     }

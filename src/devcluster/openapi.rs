@@ -150,12 +150,7 @@ fn kind_schema(rt: &ResourceType) -> Value {
 
 /// The OpenAPI v3 document of one group/version.
 pub fn v3_document(registry: &Registry, group: &str, version: &str) -> Option<Value> {
-    let types: Vec<&ResourceType> = registry
-        .types()
-        .iter()
-        .map(|t| t.as_ref())
-        .filter(|t| t.group == group && t.version == version)
-        .collect();
+    let types = registry.types_in(group, version);
     if types.is_empty() {
         return None;
     }

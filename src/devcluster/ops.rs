@@ -446,35 +446,22 @@ impl Shared {
             .get(&rt.storage, &k.0, &k.1)
             .cloned()
             .ok_or_else(|| not_found(rt, name))?;
-        if let Some(uid) = options
-            .pointer("/preconditions/uid")
-            .and_then(Value::as_str)
-            && Some(uid) != meta_str(&old, "uid")
-        {
-            return Err(ApiError::conflict_with(
-                &rt.group,
-                &rt.plural,
-                name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta_str(&old, "uid").unwrap_or_default()
-                ),
-            ));
-        }
-        if let Some(rv) = options
-            .pointer("/preconditions/resourceVersion")
-            .and_then(Value::as_str)
-            && Some(rv) != meta_str(&old, "resourceVersion")
-        {
-            return Err(ApiError::conflict_with(
-                &rt.group,
-                &rt.plural,
-                name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta_str(&old, "resourceVersion").unwrap_or_default()
-                ),
-            ));
+        for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+            if let Some(wanted) = options
+                .pointer(&format!("/preconditions/{field}"))
+                .and_then(Value::as_str)
+                && Some(wanted) != meta_str(&old, field)
+            {
+                return Err(ApiError::conflict_with(
+                    &rt.group,
+                    &rt.plural,
+                    name,
+                    &format!(
+                        "Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {}",
+                        meta_str(&old, field).unwrap_or_default()
+                    ),
+                ));
+            }
         }
         if params.dry_run {
             return Ok(to_external(rt, &old));

@@ -283,6 +283,15 @@ impl Registry {
         &self.types
     }
 
+    /// The types served in one group/version (discovery and OpenAPI list them).
+    pub fn types_in(&self, group: &str, version: &str) -> Vec<&ResourceType> {
+        self.types
+            .iter()
+            .map(|t| t.as_ref())
+            .filter(|t| t.group == group && t.version == version)
+            .collect()
+    }
+
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
         self.types
             .iter()
