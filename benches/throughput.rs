@@ -6,7 +6,7 @@
 //!
 //! `cargo bench --bench throughput [-- --time-scale 120 --offboards 1600]`
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common.rs"]
 mod common;
 
 use std::process::ExitCode;
@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::{FAST_LIMITS, client_config, spawn_sim, windows_machines};
-use defender_offboard::defender::client::IDS_PER_QUERY;
-use defender_offboard::defender::limiter::{RateLimit, RateLimits};
-use defender_offboard::defender::{ClientConfig, DefenderClient};
+use defender_offboard::mde::client::IDS_PER_QUERY;
+use defender_offboard::mde::limiter::{RateLimit, RateLimits};
+use defender_offboard::mde::{ClientConfig, DefenderClient};
 use defender_offboard::metrics::Metrics;
 use defender_offboard::simulator::{SimConfig, SimHandle};
 use futures::StreamExt;

@@ -1,12 +1,20 @@
-//! defender-offboard: a Kubernetes operator that offboards Windows devices from
-//! Microsoft Defender for Endpoint exactly once per `DeviceOffboard` resource.
+//! defender-offboard: the binary's subcommands, and a facade over the workspace
+//! crates so tests and benchmarks name one crate.
+//!
+//! - [`mde`] (`crates/mde-client`): the MDE API client;
+//! - [`operator`] (`crates/operator`): the controller;
+//! - with the default `dev` feature, [`simulator`] (`crates/mde-simulator`) and
+//!   [`devcluster`] (`crates/devcluster`): the test doubles, and [`playground`].
 
-pub mod controller;
-pub mod crd;
-pub mod defender;
-pub mod devcluster;
-pub mod metrics;
 pub mod offboard;
+#[cfg(feature = "dev")]
 pub mod playground;
-pub mod simulator;
-pub mod telemetry;
+
+pub use mde_client as mde;
+pub use offboard_operator as operator;
+pub use offboard_operator::{controller, crd, metrics, telemetry};
+
+#[cfg(feature = "dev")]
+pub use devcluster;
+#[cfg(feature = "dev")]
+pub use mde_simulator as simulator;

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{controller, crd, offboard, playground, simulator};
+use defender_offboard::{controller, crd, offboard};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -18,9 +18,11 @@ enum Command {
     /// Offboard one device from the command line; prints the MachineAction as JSON.
     Offboard(Box<offboard::OffboardArgs>),
     /// Run a faithful MDE API simulator on a local address.
-    Simulate(Box<simulator::SimulateArgs>),
+    #[cfg(feature = "dev")]
+    Simulate(Box<defender_offboard::simulator::SimulateArgs>),
     /// Run a self-contained playground: in-memory Kubernetes API, MDE simulator and controller.
-    Dev(Box<playground::DevArgs>),
+    #[cfg(feature = "dev")]
+    Dev(Box<defender_offboard::playground::DevArgs>),
 }
 
 #[tokio::main]
@@ -39,8 +41,10 @@ async fn main() {
                 std::process::exit(error.exit_code());
             }
         },
-        Command::Simulate(args) => simulator::run(*args).await,
-        Command::Dev(args) => playground::run(*args).await,
+        #[cfg(feature = "dev")]
+        Command::Simulate(args) => defender_offboard::simulator::run(*args).await,
+        #[cfg(feature = "dev")]
+        Command::Dev(args) => defender_offboard::playground::run(*args).await,
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

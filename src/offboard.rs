@@ -1,13 +1,26 @@
-//! `defender-offboard offboard`: the same client for people and pipelines.
+//! `defender-offboard offboard`: one device from the command line, through the
+//! controller's own exactly-once path. The command holds a `DeviceOffboard` in
+//! memory (its idempotency key plays the uid) and drives the same reconcile
+//! step ([`sequence::step`]) with the MDE client; only the ending differs: it
+//! exits where the controller would wait for a person.
 
-use crate::crd::MAX_COMMENT_LEN;
-use crate::defender::{
-    ConnectionArgs, DefenderClient, MachineAction, MdeError, comment_with_marker,
-    correlation_marker,
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::limiter::Permit;
+use mde_client::{
+    ConnectionArgs, DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget,
+    RateLimits,
 };
-use crate::metrics::Metrics;
-use std::sync::Arc;
+use offboard_operator::controller::decision::{Note, Settings};
+use offboard_operator::controller::ports::{MdeCalls, MemoryStore};
+use offboard_operator::controller::sequence::{self, Ports};
+use offboard_operator::controller::status::{READY, Reason, condition};
+use offboard_operator::crd::{
+    DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, MAX_COMMENT_LEN, Phase,
+};
+use offboard_operator::metrics::Metrics;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["machine_id", "device_name"])))]
@@ -35,6 +48,10 @@ pub struct OffboardArgs {
     /// How often `--wait` polls.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// Give up after this long in all (waiting out 429s included); a rerun with
+    /// the same --idempotency-key picks up where this one stopped.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
     #[command(flatten)]
     pub connection: ConnectionArgs,
 }
@@ -48,6 +65,8 @@ pub enum OffboardError {
     Mde(#[from] MdeError),
     #[error("offboard action {id} ended {status}")]
     NotSucceeded { id: String, status: String },
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl OffboardError {
@@ -110,39 +129,43 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         .connection
         .client_config()
         .map_err(OffboardError::Input)?;
-    let client = DefenderClient::new(config, Arc::new(Metrics::default()))?;
+    let client = DefenderClient::new(config, Arc::new(NoObserver))?;
     // Sign in first: a wrong secret or unreachable login host ends here, at once.
     client.check_sign_in().await?;
-    let machine_id = match (&args.machine_id, &args.device_name) {
-        (Some(id), _) => id.clone(),
-        (None, Some(name)) => resolve(&client, name).await?,
-        (None, None) => unreachable!("clap requires one of the two"),
-    };
     let key = args
         .idempotency_key
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let action = offboard_once(
-        &client,
-        &machine_id,
-        &args.comment,
-        &key,
-        args.idempotency_key.is_some(),
-        args.lookup_delay,
-    )
-    .await?;
-    let action = if args.wait {
-        wait_until_final(&client, action, args.poll_interval).await?
-    } else {
-        action
+    let mde = Remembering::new(client.clone());
+    let store = MemoryStore::with_notes(
+        request(&args, &key, args.idempotency_key.is_some()),
+        print_note,
+    );
+    let settings = Settings {
+        lookup_delay: args.lookup_delay,
+        retry_backoff: Duration::from_secs(2),
+        access_backoff: Duration::from_secs(2),
     };
+    let metrics = Metrics::default();
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let deadline = Instant::now() + args.timeout;
+    let status = drive(&ports, &args, &key, deadline).await?;
+    let action = mde.last(status.machine_action_id.as_deref()).ok_or_else(|| {
+        OffboardError::Stopped(format!(
+            "the action was recorded but not read back; rerun with --idempotency-key {key} to print it"
+        ))
+    })?;
     println!(
         "{}",
         serde_json::to_string_pretty(&action).expect("a MachineAction serializes")
     );
-    match action.status.as_str() {
-        "Succeeded" => Ok(()),
-        _ if args.wait => Err(OffboardError::NotSucceeded {
+    match status.phase {
+        Some(Phase::Failed) if args.wait => Err(OffboardError::NotSucceeded {
             id: action.id,
             status: action.status.to_string(),
         }),
@@ -150,133 +173,225 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
     }
 }
 
-async fn resolve(client: &DefenderClient, name: &str) -> Result<String, OffboardError> {
-    let machines = client.find_machines_by_name(name).await?;
-    match machines.as_slice() {
-        [one] => Ok(one.id.clone()),
-        [] => Err(OffboardError::Input(format!(
-            "no MDE machine has computerDnsName {name:?}"
-        ))),
-        several => {
-            let ids: Vec<String> = several
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{} (lastSeen {})",
-                        m.id,
-                        m.last_seen.as_deref().unwrap_or("unknown")
-                    )
-                })
-                .collect();
-            Err(OffboardError::Input(format!(
-                "{} machines share computerDnsName {name:?}: {}; rerun with --machine-id",
-                several.len(),
-                ids.join(", ")
-            )))
-        }
+/// The resource the command works on: its key is the uid the marker carries.
+/// A rerun with a key starts in `Submitting`, due for its lookup at once, so
+/// it adopts what an earlier run with that key created instead of sending.
+fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
+    let mut obj = DeviceOffboard::new(
+        "offboard",
+        DeviceOffboardSpec {
+            machine_id: args.machine_id.clone(),
+            device_name: args.device_name.clone(),
+            comment: args.comment.clone(),
+        },
+    );
+    obj.metadata.uid = Some(key.to_string());
+    obj.metadata.generation = Some(1);
+    if rerun {
+        let long_ago = jiff::SignedDuration::try_from(args.lookup_delay + Duration::from_secs(1))
+            .unwrap_or(jiff::SignedDuration::MAX);
+        let now = jiff::Timestamp::now();
+        obj.status = Some(DeviceOffboardStatus {
+            phase: Some(Phase::Submitting),
+            machine_id: args.machine_id.clone(),
+            submitted_at: Some(Time(now.checked_sub(long_ago).unwrap_or(now))),
+            ..DeviceOffboardStatus::default()
+        });
     }
+    obj
 }
 
-/// Send at most once per proven absence: an ambiguous outcome is always
-/// followed by a lookup of the marker before anything is sent again.
-async fn offboard_once(
-    client: &DefenderClient,
-    machine_id: &str,
-    comment: &str,
+fn print_note(note: &Note) {
+    eprintln!("{}: {}", note.reason.event_reason(), note.message);
+}
+
+/// Step until the action is recorded (and final, with `--wait`), or until the
+/// status says a person must act.
+async fn drive(
+    ports: &Ports<'_, Remembering, MemoryStore>,
+    args: &OffboardArgs,
     key: &str,
-    check_first: bool,
-    lookup_delay: Duration,
-) -> Result<MachineAction, OffboardError> {
-    const ATTEMPTS: u32 = 5;
-    let marker = correlation_marker(key);
-    let mut must_look_up = check_first;
-    // Once a send may have created an action, every way out names the key
-    // that lets a rerun adopt it instead of sending again.
-    let mut may_exist = false;
-    let hint = |error: MdeError, may_exist: bool| -> OffboardError {
-        if may_exist {
-            OffboardError::Input(format!(
-                "{error}; an offboard action may have been created: rerun with --idempotency-key {key} to adopt it instead of sending again"
-            ))
+    deadline: Instant,
+) -> Result<DeviceOffboardStatus, OffboardError> {
+    loop {
+        let obj = ports.store.object();
+        let status = obj.status.clone().unwrap_or_default();
+        let pause = if let Some(id) = status.machine_action_id.clone() {
+            if !args.wait || status.phase.is_some_and(Phase::is_terminal) {
+                return Ok(status);
+            }
+            poll(ports, &obj, &id).await?;
+            args.poll_interval
         } else {
-            error.into()
+            if let Some(stop) = must_stop(&status, key) {
+                return Err(stop);
+            }
+            let requeue = sequence::step(&obj, ports)
+                .await
+                .map_err(|e| OffboardError::Stopped(e.to_string()))?;
+            let after = ports.store.object().status.unwrap_or_default();
+            if after.machine_action_id.is_some() || must_stop(&after, key).is_some() {
+                continue;
+            }
+            requeue.unwrap_or(Duration::from_millis(100))
+        };
+        if Instant::now() + pause > deadline {
+            return Err(OffboardError::Stopped(format!(
+                "gave up after --timeout {}{}",
+                humantime::format_duration(args.timeout),
+                key_hint(&ports.store.object().status.unwrap_or_default(), key)
+            )));
         }
-    };
-    for attempt in 1..=ATTEMPTS {
-        if must_look_up {
-            let found = client.find_offboard_action(machine_id, &marker).await;
-            if let Some(action) = found.map_err(|e| hint(e, may_exist))? {
-                eprintln!(
-                    "adopting offboard action {} created earlier with this key",
-                    action.id
-                );
-                return Ok(action);
-            }
-            must_look_up = false;
-        }
-        match client
-            .offboard(machine_id, &comment_with_marker(comment, key))
-            .await
-        {
-            Ok(action) => return Ok(action),
-            Err(MdeError::AlreadyPending { .. }) => {
-                let pending = client.find_pending_offboard(machine_id).await;
-                if let Some(action) = pending.map_err(|e| hint(e, may_exist))? {
-                    eprintln!(
-                        "an offboard is already pending for {machine_id}: adopting action {}",
-                        action.id
-                    );
-                    return Ok(action);
-                }
-                must_look_up = true;
-            }
-            Err(error @ MdeError::OutcomeUnknown { .. }) => {
-                eprintln!(
-                    "{error}; looking the action up in {} before any resend",
-                    humantime::format_duration(lookup_delay)
-                );
-                may_exist = true;
-                tokio::time::sleep(lookup_delay).await;
-                must_look_up = true;
-            }
-            Err(error @ (MdeError::NotSent { .. } | MdeError::Throttled { .. }))
-                if attempt < ATTEMPTS =>
-            {
-                // Nothing was created; the budget is parked until Retry-After on a 429.
-                eprintln!("{error}; retrying");
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
-            }
-            Err(error) => return Err(hint(error, may_exist)),
-        }
+        tokio::time::sleep(pause).await;
     }
-    Err(MdeError::OutcomeUnknown {
-        reason: format!("gave up after {ATTEMPTS} attempts; rerun with --idempotency-key {key}"),
-    }
-    .into())
 }
 
-async fn wait_until_final(
-    client: &DefenderClient,
-    mut action: MachineAction,
-    every: Duration,
-) -> Result<MachineAction, OffboardError> {
-    while !action.status.is_final() {
-        eprintln!("action {} is {}", action.id, action.status);
-        tokio::time::sleep(every).await;
-        match client.get_machine_action(&action.id).await {
-            Ok(fresh) => action = fresh,
-            Err(error)
-                if matches!(
-                    error.class(),
-                    crate::defender::ErrorClass::Transient | crate::defender::ErrorClass::Throttled
-                ) =>
-            {
-                eprintln!("{error}; polling again");
-            }
-            Err(error) => return Err(error.into()),
+/// Read the action once and fold it in; a transient failure only waits.
+async fn poll(
+    ports: &Ports<'_, Remembering, MemoryStore>,
+    obj: &DeviceOffboard,
+    id: &str,
+) -> Result<(), OffboardError> {
+    match ports.mde.get_machine_action(id).await {
+        Ok(action) => sequence::record_poll(ports, obj, &action)
+            .await
+            .map_err(|e| OffboardError::Stopped(e.to_string())),
+        Err(error @ MdeError::Throttled { .. }) | Err(error @ MdeError::Unavailable { .. }) => {
+            eprintln!("{error}; polling again");
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Where the controller would wait for a person (a final failure, bad
+/// credentials, a missing permission), the command stops with that message.
+fn must_stop(status: &DeviceOffboardStatus, key: &str) -> Option<OffboardError> {
+    let ready = condition(status, READY)?;
+    let person_must_act = status.phase == Some(Phase::Failed)
+        || [Reason::AuthenticationFailed, Reason::PermissionDenied]
+            .iter()
+            .any(|r| r.as_str() == ready.reason);
+    person_must_act.then(|| {
+        let message = status
+            .last_error
+            .as_ref()
+            .map_or(ready.message.as_str(), |e| e.message.as_str());
+        OffboardError::Input(format!("{}{}", as_flags(message), key_hint(status, key)))
+    })
+}
+
+/// The decision names the resource's fields; the command's user knows flags.
+fn as_flags(message: &str) -> String {
+    message
+        .replace(
+            "create the DeviceOffboard with spec.machineId set to",
+            "rerun with --machine-id set to",
+        )
+        .replace("spec.machineId", "--machine-id")
+        .replace("spec.deviceName", "--device-name")
+}
+
+/// Once a send may have created an action, every way out names the key that
+/// lets a rerun adopt it instead of sending again.
+fn key_hint(status: &DeviceOffboardStatus, key: &str) -> String {
+    if status.phase == Some(Phase::Submitting) && status.attempts.unwrap_or(0) > 0 {
+        format!(
+            "; an offboard action may have been created: rerun with --idempotency-key {key} to adopt it instead of sending again"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The MDE client, remembering the last MachineAction it saw, so the command
+/// can print the action the step recorded without reading it again.
+struct Remembering {
+    client: DefenderClient,
+    last: Mutex<Option<MachineAction>>,
+}
+
+impl Remembering {
+    fn new(client: DefenderClient) -> Self {
+        Remembering {
+            client,
+            last: Mutex::new(None),
         }
     }
-    Ok(action)
+
+    fn last(&self, id: Option<&str>) -> Option<MachineAction> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.clone().filter(|a| Some(a.id.as_str()) == id)
+    }
+
+    fn remember(&self, action: Option<&MachineAction>) {
+        if let Some(action) = action {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(action.clone());
+        }
+    }
+
+    async fn get_machine_action(&self, id: &str) -> Result<MachineAction, MdeError> {
+        let result = self.client.get_machine_action(id).await;
+        self.remember(result.as_ref().ok());
+        result
+    }
+}
+
+impl MdeCalls for Remembering {
+    fn budget(&self) -> &RateBudget {
+        self.client.budget()
+    }
+
+    fn rate_limits(&self) -> &RateLimits {
+        self.client.rate_limits()
+    }
+
+    async fn find_machines_by_name(&self, name: &str) -> Result<Vec<Machine>, MdeError> {
+        self.client.find_machines_by_name(name).await
+    }
+
+    async fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let result = self.client.find_offboard_action(machine_id, marker).await;
+        if let Ok(Some(action)) = &result {
+            eprintln!(
+                "adopting offboard action {} created earlier with this key",
+                action.id
+            );
+        }
+        self.remember(result.as_ref().ok().and_then(Option::as_ref));
+        result
+    }
+
+    async fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let result = self.client.find_pending_offboard(machine_id).await;
+        self.remember(result.as_ref().ok().and_then(Option::as_ref));
+        result
+    }
+
+    async fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        let result = self
+            .client
+            .offboard_reserved(Some(slot), machine_id, comment)
+            .await;
+        self.remember(result.as_ref().ok());
+        result
+    }
+
+    async fn machine_actions_by_ids(&self, ids: &[String]) -> Result<Vec<MachineAction>, MdeError> {
+        self.client.machine_actions_by_ids(ids).await
+    }
 }
 
 #[cfg(test)]

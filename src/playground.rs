@@ -2,16 +2,16 @@
 //! Kubernetes API, the MDE simulator and the controller — for a first look,
 //! for demos and for the end-to-end tests.
 
-use crate::controller::decision::Settings;
-use crate::controller::{Context, LogFormat, RunArgs, run_controller};
-use crate::crd::{DeviceOffboard, Phase};
-use crate::defender::{ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits};
-use crate::devcluster::{self, ApiHandle, ApiServerConfig};
-use crate::metrics::Metrics;
-use crate::simulator::{self, FaultConfig, LostResponseMode, SimConfig, SimHandle};
+use devcluster::{ApiHandle, ApiServerConfig};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
+use mde_client::{ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits};
+use mde_simulator::{self as simulator, FaultConfig, LostResponseMode, SimConfig, SimHandle};
+use offboard_operator::controller::decision::Settings;
+use offboard_operator::controller::{Context, RunArgs, run_controller};
+use offboard_operator::crd::{DeviceOffboard, Phase};
+use offboard_operator::metrics::Metrics;
+use offboard_operator::telemetry::{self, LogFormat};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,9 +57,10 @@ pub struct DevArgs {
     /// Added latency of every simulator API call.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub sim_fault_latency: Duration,
-    /// The simulator's rate limits per API family.
-    #[arg(long, default_value = "100/60s,1500/3600s")]
-    pub sim_rate_limit: RateLimits,
+    /// The simulator's rate limits per API family (`none` serves without limit);
+    /// the same syntax and parser as `simulate --rate-limit`.
+    #[arg(long, default_value = simulator::DEFAULT_RATE_LIMITS, value_parser = simulator::parse_rate_limits)]
+    pub sim_rate_limit: simulator::RateLimits,
     /// The controller's own rate budget (`run --rate-limit`).
     #[arg(long, default_value = "100/60s,1500/3600s")]
     pub rate_limit: RateLimits,
@@ -139,7 +140,10 @@ pub fn sim_client_config(sim: &SimHandle, rate_limits: RateLimits) -> ClientConf
 
 /// Files next to the kubeconfig that let `defender-offboard run` reach the
 /// simulator: the secret as a file (never on a command line) and an env file.
-fn write_run_files(dir: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
+/// Paths in the env file are absolute, so it works from any directory.
+fn write_run_files(dir: &Path, kubeconfig: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
+    let dir = std::path::absolute(dir)?;
+    let kubeconfig = std::path::absolute(kubeconfig)?;
     let secret = dir.join("client-secret");
     std::fs::write(&secret, SIM_SECRET)?;
     let env = dir.join("env");
@@ -148,7 +152,7 @@ fn write_run_files(dir: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
         format!(
             "export KUBECONFIG={kubeconfig}\nexport AZURE_TENANT_ID={SIM_TENANT}\nexport AZURE_CLIENT_ID={SIM_CLIENT}\n\
              export AZURE_CLIENT_SECRET_FILE={secret}\nexport DEFENDER_API_URL={url}\nexport AZURE_AUTHORITY_HOST={url}\n",
-            kubeconfig = dir.join("kubeconfig").display(),
+            kubeconfig = kubeconfig.display(),
             secret = secret.display(),
             url = sim.base_url(),
         ),
@@ -157,7 +161,7 @@ fn write_run_files(dir: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
 }
 
 pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    crate::telemetry::init(LogFormat::Text);
+    telemetry::init(LogFormat::Text);
     let playground = start(&args).await?;
     let dir = args
         .kubeconfig_out
@@ -166,7 +170,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     playground.api.write_kubeconfig(&args.kubeconfig_out)?;
-    let env_file = write_run_files(dir, &playground.sim)?;
+    let env_file = write_run_files(dir, &args.kubeconfig_out, &playground.sim)?;
     println!(
         "defender-offboard dev playground (a development and test double, not a production target)"
     );
@@ -222,7 +226,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         }
     }
     println!("playground running; Ctrl-C to stop");
-    crate::telemetry::shutdown_signal().await;
+    telemetry::shutdown_signal().await;
     if let Some(task) = controller {
         task.abort();
     }
@@ -262,25 +266,19 @@ pub fn embedded_controller(
     rate_limits: RateLimits,
     settings: Settings,
     poll_interval: Duration,
-) -> Result<impl std::future::Future<Output = ()> + Send + 'static, crate::defender::MdeError> {
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let metrics = Arc::new(Metrics::default());
     let mde = DefenderClient::new(sim_client_config(sim, rate_limits.clone()), metrics.clone())?;
     let mut run_args = default_run_args();
     run_args.poll_interval = poll_interval;
     run_args.connection.rate_limit = rate_limits;
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "defender-offboard".into(),
-                instance: Some("dev".into()),
-            },
-        ),
+    let ctx = Arc::new(Context::new(
         client,
         mde,
         metrics,
         settings,
-    });
+        Some("dev".into()),
+    ));
     Ok(async move { run_controller(&run_args, ctx, std::future::pending()).await })
 }
 

@@ -1,0 +1,414 @@
+//! Typed calls to the MDE API, each within the tenant's rate budget.
+
+use super::auth::{ClientIdentity, TokenSource};
+use super::cloud::{Endpoints, same_origin};
+use super::error::{MdeError, error_chain, parse_retry_after};
+use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
+use super::types::{ErrorBody, Machine, MachineAction, ODataPage};
+use jiff::Timestamp;
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use url::Url;
+
+/// How many action ids go in one `id in (...)` filter: keeps the URL well under
+/// common 8 KiB limits (each quoted GUID is ~40 characters).
+pub const IDS_PER_QUERY: usize = 50;
+
+/// Everything needed to talk to one tenant's MDE.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub endpoints: Endpoints,
+    pub identity: ClientIdentity,
+    pub rate_limits: RateLimits,
+    pub request_timeout: Duration,
+}
+
+/// The MDE client: sign-in, rate budget and typed calls.
+#[derive(Clone)]
+pub struct DefenderClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    api: Url,
+    tokens: TokenSource,
+    budget: RateBudget,
+    limits: RateLimits,
+    observer: Arc<dyn CallObserver>,
+}
+
+/// What the client reports about its calls, so the operator can count them
+/// without this crate knowing its metrics.
+pub trait CallObserver: Send + Sync {
+    /// A call got an answer with this HTTP status (0: no answer at all).
+    fn request_finished(&self, _family: ApiFamily, _status: u16) {}
+    /// A call waited this long for rate budget before it was sent.
+    fn budget_waited(&self, _family: ApiFamily, _waited: Duration) {}
+}
+
+/// An observer that ignores everything (the CLI, tests).
+pub struct NoObserver;
+
+impl CallObserver for NoObserver {}
+
+/// The marker that ties an action to the request that created it. It travels in
+/// the action's `requestorComment`, the only free-text field MDE gives back.
+pub fn correlation_marker(key: &str) -> String {
+    format!("[defender-offboard:{key}]")
+}
+
+/// The offboard comment with the marker appended.
+/// The marker goes first, so a length cap at MDE can never cut it off.
+pub fn comment_with_marker(comment: &str, key: &str) -> String {
+    format!("{} {}", correlation_marker(key), comment.trim())
+}
+
+/// An OData string literal: single quotes doubled.
+pub fn odata_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl DefenderClient {
+    pub fn new(config: ClientConfig, observer: Arc<dyn CallObserver>) -> Result<Self, MdeError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("defender-offboard/", env!("CARGO_PKG_VERSION")))
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            // Never follow redirects: a redirect could carry the bearer token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| MdeError::Credentials {
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let tokens = TokenSource::new(
+            http.clone(),
+            &config.endpoints.authority,
+            config.endpoints.scope.clone(),
+            config.identity,
+        )?;
+        Ok(DefenderClient {
+            inner: Arc::new(Inner {
+                http,
+                api: config.endpoints.api,
+                tokens,
+                budget: RateBudget::new(&config.rate_limits),
+                limits: config.rate_limits,
+                observer,
+            }),
+        })
+    }
+
+    pub fn budget(&self) -> &RateBudget {
+        &self.inner.budget
+    }
+
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.limits
+    }
+
+    /// Sign in now, to fail fast on bad credentials.
+    pub async fn check_sign_in(&self) -> Result<(), MdeError> {
+        self.inner.tokens.token().await.map(|_| ())
+    }
+
+    /// `POST /api/machines/{id}/offboard`. Not idempotent: on
+    /// [`MdeError::OutcomeUnknown`] look the action up before sending again.
+    pub async fn offboard(
+        &self,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        self.offboard_reserved(None, machine_id, comment).await
+    }
+
+    /// [`DefenderClient::offboard`] in a budget slot the caller reserved
+    /// (see [`RateBudget::try_reserve`]), so it never waits for budget.
+    pub async fn offboard_reserved(
+        &self,
+        permit: Option<Permit>,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        let url = self.api_url(&format!("api/machines/{machine_id}/offboard"), &[])?;
+        let body = serde_json::json!({ "Comment": comment });
+        self.call(
+            ApiFamily::Offboard,
+            Method::POST,
+            url,
+            Some(body),
+            true,
+            permit,
+        )
+        .await
+    }
+
+    /// `GET /api/machines/{id}`.
+    pub async fn get_machine(&self, machine_id: &str) -> Result<Machine, MdeError> {
+        let url = self.api_url(&format!("api/machines/{machine_id}"), &[])?;
+        self.call(ApiFamily::Machines, Method::GET, url, None, false, None)
+            .await
+    }
+
+    /// Machines whose `computerDnsName` is `name` (several when a device was re-imaged).
+    pub async fn find_machines_by_name(&self, name: &str) -> Result<Vec<Machine>, MdeError> {
+        let filter = format!(
+            "computerDnsName eq {}",
+            odata_quote(&name.to_ascii_lowercase())
+        );
+        match self
+            .list(ApiFamily::Machines, "api/machines", &filter)
+            .await
+        {
+            // The list answers 404 when it has no recent machines at all.
+            Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// `GET /api/machines?$filter=...`, following `@odata.nextLink`.
+    pub async fn list_machines(&self, filter: &str) -> Result<Vec<Machine>, MdeError> {
+        self.list(ApiFamily::Machines, "api/machines", filter).await
+    }
+
+    /// `GET /api/machineactions/{id}`.
+    pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
+        let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
+        self.call(
+            ApiFamily::MachineActions,
+            Method::GET,
+            url,
+            None,
+            false,
+            None,
+        )
+        .await
+    }
+
+    /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
+    pub async fn list_machine_actions(&self, filter: &str) -> Result<Vec<MachineAction>, MdeError> {
+        match self
+            .list(ApiFamily::MachineActions, "api/machineactions", filter)
+            .await
+        {
+            // Like the machines list, a filtered list may answer 404 for "none".
+            Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// Many actions by id, one call per [`IDS_PER_QUERY`] ids.
+    pub async fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        let mut actions = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let quoted: Vec<String> = chunk.iter().map(|id| odata_quote(id)).collect();
+            actions.extend(
+                self.list_machine_actions(&format!("id in ({})", quoted.join(",")))
+                    .await?,
+            );
+        }
+        Ok(actions)
+    }
+
+    /// The offboard action created with `marker` in its comment, if any: the
+    /// lookup that must precede any resend after an ambiguous outcome.
+    pub async fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let actions = self.offboard_actions(machine_id).await?;
+        Ok(actions.into_iter().find(|a| {
+            a.requestor_comment
+                .as_deref()
+                .is_some_and(|c| c.contains(marker))
+        }))
+    }
+
+    /// The newest offboard action for this machine that is not final yet, if
+    /// any: what an `ActiveRequestAlreadyExists` answer refers to.
+    pub async fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let actions = self.offboard_actions(machine_id).await?;
+        Ok(actions.into_iter().rev().find(|a| !a.status.is_final()))
+    }
+
+    /// Every offboard action of a machine, oldest first.
+    async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
+        // Only `machineId` in the filter: no Microsoft example combines it with
+        // `type`, so the type is checked here instead.
+        let filter = format!("machineId eq {}", odata_quote(machine_id));
+        let mut actions = self.list_machine_actions(&filter).await?;
+        actions.retain(|a| a.action_type == "Offboard");
+        actions.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
+        Ok(actions)
+    }
+
+    async fn list<T: DeserializeOwned>(
+        &self,
+        family: ApiFamily,
+        path: &str,
+        filter: &str,
+    ) -> Result<Vec<T>, MdeError> {
+        let mut url = self.api_url(path, &[("$filter", filter)])?;
+        let mut items = Vec::new();
+        loop {
+            let page: ODataPage<T> = self
+                .call(family, Method::GET, url, None, false, None)
+                .await?;
+            items.extend(page.value);
+            let Some(next) = page.next_link else {
+                return Ok(items);
+            };
+            let next = Url::parse(&next)
+                .or_else(|_| self.inner.api.join(&next))
+                .map_err(|e| MdeError::InvalidResponse {
+                    message: format!("unusable @odata.nextLink: {e}"),
+                })?;
+            // The token must never leave the configured API host.
+            if !same_origin(&self.inner.api, &next) {
+                return Err(MdeError::InvalidResponse {
+                    message: format!(
+                        "refusing to follow @odata.nextLink to {} (not the configured API host)",
+                        next.host_str().unwrap_or("?")
+                    ),
+                });
+            }
+            url = next;
+        }
+    }
+
+    fn api_url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, MdeError> {
+        let mut url = self
+            .inner
+            .api
+            .join(path)
+            .map_err(|e| MdeError::InvalidResponse {
+                message: format!("cannot build a URL for {path}: {e}"),
+            })?;
+        if !query.is_empty() {
+            // OData servers read '+' literally in some places: encode spaces as %20.
+            let encoded: Vec<String> = query
+                .iter()
+                .map(|(k, v)| {
+                    let value: String =
+                        url::form_urlencoded::byte_serialize(v.as_bytes()).collect();
+                    format!("{k}={}", value.replace('+', "%20"))
+                })
+                .collect();
+            url.set_query(Some(&encoded.join("&")));
+        }
+        Ok(url)
+    }
+
+    /// One API call: token, budget, send, classify. A 401 refreshes the token
+    /// and tries once more (the API rejected the request before acting on it).
+    async fn call<T: DeserializeOwned>(
+        &self,
+        family: ApiFamily,
+        method: Method,
+        url: Url,
+        body: Option<serde_json::Value>,
+        is_write: bool,
+        mut reserved: Option<Permit>,
+    ) -> Result<T, MdeError> {
+        let inner = &self.inner;
+        for attempt in 0..2 {
+            let token = match inner.tokens.token().await {
+                Ok(token) => token,
+                Err(error) => {
+                    // Nothing was sent: the reserved slot goes back.
+                    if let Some(permit) = reserved.take() {
+                        permit.cancel();
+                    }
+                    return Err(error);
+                }
+            };
+            let waited = Instant::now();
+            let permit = match reserved.take() {
+                Some(permit) => permit,
+                None => inner.budget.acquire(family).await,
+            };
+            inner.observer.budget_waited(family, waited.elapsed());
+            let mut request = inner
+                .http
+                .request(method.clone(), url.clone())
+                .bearer_auth(token.expose());
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            tracing::debug!(%family, %method, path = url.path(), "MDE call");
+            let response = request.send().await;
+            let response = match response {
+                Ok(response) => response,
+                Err(error) => {
+                    permit.complete();
+                    inner.observer.request_finished(family, 0);
+                    return Err(MdeError::from_transport(&error, is_write));
+                }
+            };
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let bytes = response.bytes().await;
+            permit.complete();
+            inner.observer.request_finished(family, status);
+            let bytes = bytes.map_err(|e| {
+                let reason = format!("answer {status} cut off: {}", error_chain(&e));
+                if is_write {
+                    MdeError::OutcomeUnknown { reason }
+                } else {
+                    MdeError::Unavailable {
+                        status,
+                        message: reason,
+                    }
+                }
+            })?;
+            if (200..300).contains(&status) {
+                return serde_json::from_slice(&bytes).map_err(|e| MdeError::InvalidResponse {
+                    message: format!(
+                        "{} {} answered {status} with a body that does not parse: {e}",
+                        method,
+                        url.path()
+                    ),
+                });
+            }
+            if status == 401 && attempt == 0 {
+                tracing::info!(%family, "MDE answered 401; signing in again once");
+                inner.tokens.invalidate(&token).await;
+                continue;
+            }
+            let error: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+            let retry_at = retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, Timestamp::now()));
+            let error = MdeError::from_status(
+                status,
+                error.error.code,
+                error.error.message,
+                family,
+                retry_at,
+                is_write,
+            );
+            if let MdeError::Throttled { retry_at, .. } = &error {
+                let wait = retry_at.duration_since(Timestamp::now());
+                let wait = Duration::try_from(wait).unwrap_or_default();
+                tracing::warn!(%family, wait_ms = wait.as_millis() as u64, "MDE answered 429; parking this family's budget");
+                inner.budget.park(family, Instant::now() + wait);
+            }
+            return Err(error);
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}

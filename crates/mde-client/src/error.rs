@@ -1,0 +1,303 @@
+//! One error taxonomy for every MDE call, shaped for the decisions the
+//! controller and the CLI make: retry now, retry later, look up before resending,
+//! or stop and tell a person.
+
+use super::limiter::ApiFamily;
+use jiff::Timestamp;
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum MdeError {
+    /// The request never left: connection refused, DNS failure. Safe to retry.
+    #[error("request not sent: {reason}")]
+    NotSent { reason: String },
+
+    /// The request went out but no definite answer came back (timeout, reset,
+    /// 5xx on a write). The action may exist: look it up before any resend.
+    #[error("outcome unknown: {reason}")]
+    OutcomeUnknown { reason: String },
+
+    /// 429: the tenant's budget for this API family is spent until `retry_at`.
+    #[error("throttled by MDE on {family} calls until {retry_at}")]
+    Throttled {
+        family: ApiFamily,
+        retry_at: Timestamp,
+    },
+
+    /// 401 after a fresh token: the credentials are not accepted by the API.
+    #[error("MDE rejected the token (401): {message}")]
+    Unauthorized { message: String },
+
+    /// 403: the app lacks a permission, e.g. `Machine.Offboard`.
+    #[error("MDE refused the call (403 {code}): {message}")]
+    Forbidden { code: String, message: String },
+
+    /// 404 `ResourceNotFound`.
+    #[error("not found in MDE: {message}")]
+    NotFound { message: String },
+
+    /// 400 `ActiveRequestAlreadyExists`: an offboard for the machine is pending.
+    #[error("an offboard action is already pending for this machine: {message}")]
+    AlreadyPending { message: String },
+
+    /// 400 `OsPlatformNotSupported`.
+    #[error("the device's platform does not support offboarding through the API: {message}")]
+    PlatformNotSupported { message: String },
+
+    /// Any other 4xx, with MDE's code and message.
+    #[error("MDE rejected the request ({status} {code}): {message}")]
+    BadRequest {
+        status: u16,
+        code: String,
+        message: String,
+    },
+
+    /// 5xx on a read, or an unreachable host on a read: retry later.
+    #[error("MDE is unavailable ({status}): {message}")]
+    Unavailable { status: u16, message: String },
+
+    /// The login host refused the credentials (wrong secret, tenant or client id).
+    #[error("sign-in failed: {message}")]
+    SignIn { message: String },
+
+    /// The credentials could not be read (missing variable or unreadable file).
+    #[error("credentials not usable: {message}")]
+    Credentials { message: String },
+
+    /// MDE answered something this client cannot understand.
+    #[error("unexpected answer from MDE: {message}")]
+    InvalidResponse { message: String },
+}
+
+/// How a caller should react: the coarse classes the controller decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry (after a send, only once a lookup proved nothing was created:
+    /// see [`MdeError::may_have_created`]).
+    Transient,
+    /// Wait until the given instant.
+    Throttled,
+    /// A person must fix credentials or permissions; retry on a long backoff.
+    Access,
+    /// Final for this request (not found, unsupported platform, bad request).
+    Permanent,
+    /// An action is already pending: adopt it.
+    AlreadyPending,
+}
+
+impl MdeError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            MdeError::NotSent { .. }
+            | MdeError::OutcomeUnknown { .. }
+            | MdeError::Unavailable { .. }
+            | MdeError::InvalidResponse { .. } => ErrorClass::Transient,
+            MdeError::Throttled { .. } => ErrorClass::Throttled,
+            MdeError::Unauthorized { .. }
+            | MdeError::Forbidden { .. }
+            | MdeError::SignIn { .. }
+            | MdeError::Credentials { .. } => ErrorClass::Access,
+            MdeError::NotFound { .. }
+            | MdeError::PlatformNotSupported { .. }
+            | MdeError::BadRequest { .. } => ErrorClass::Permanent,
+            MdeError::AlreadyPending { .. } => ErrorClass::AlreadyPending,
+        }
+    }
+
+    /// Whether a failed *send* may still have created an action at MDE: the
+    /// request left and no definite refusal came back (timeout, reset, 5xx, a
+    /// 2xx whose body does not parse). After such an outcome, the action must be
+    /// looked up before anything is sent again. The one place this is decided.
+    pub fn may_have_created(&self) -> bool {
+        matches!(
+            self,
+            MdeError::OutcomeUnknown { .. }
+                | MdeError::Unavailable { .. }
+                | MdeError::InvalidResponse { .. }
+        )
+    }
+
+    /// A stable code for `status.lastError.code`, metrics and events.
+    pub fn code(&self) -> &str {
+        match self {
+            MdeError::NotSent { .. } => "NotSent",
+            MdeError::OutcomeUnknown { .. } => "OutcomeUnknown",
+            MdeError::Throttled { .. } => "TooManyRequests",
+            MdeError::Unauthorized { .. } => "Unauthorized",
+            MdeError::Forbidden { .. } => "Forbidden",
+            MdeError::NotFound { .. } => "ResourceNotFound",
+            MdeError::AlreadyPending { .. } => "ActiveRequestAlreadyExists",
+            MdeError::PlatformNotSupported { .. } => "OsPlatformNotSupported",
+            MdeError::BadRequest { code, .. } => code,
+            MdeError::Unavailable { .. } => "Unavailable",
+            MdeError::SignIn { .. } => "SignInFailed",
+            MdeError::Credentials { .. } => "CredentialsUnusable",
+            MdeError::InvalidResponse { .. } => "InvalidResponse",
+        }
+    }
+
+    /// Classify an MDE error answer. `is_write` marks non-idempotent calls
+    /// (offboard), where a 5xx leaves the outcome unknown.
+    pub fn from_status(
+        status: u16,
+        code: String,
+        message: String,
+        family: ApiFamily,
+        retry_at: Option<Timestamp>,
+        is_write: bool,
+    ) -> MdeError {
+        match (status, code.as_str()) {
+            (429, _) => MdeError::Throttled {
+                family,
+                retry_at: retry_at
+                    .unwrap_or_else(|| Timestamp::now() + jiff::SignedDuration::from_secs(60)),
+            },
+            (401, _) => MdeError::Unauthorized { message },
+            (403, _) => MdeError::Forbidden { code, message },
+            (404, _) => MdeError::NotFound { message },
+            (400, "ActiveRequestAlreadyExists") => MdeError::AlreadyPending { message },
+            (400, "OsPlatformNotSupported") => MdeError::PlatformNotSupported { message },
+            (500.., _) if is_write => MdeError::OutcomeUnknown {
+                reason: format!(
+                    "MDE answered {status} {code} after the request was sent: {message}"
+                ),
+            },
+            (500.., _) => MdeError::Unavailable {
+                status,
+                message: format!("{code} {message}").trim().to_string(),
+            },
+            _ => MdeError::BadRequest {
+                status,
+                code,
+                message,
+            },
+        }
+    }
+
+    /// Classify a transport failure. A failure to connect means nothing was sent.
+    pub fn from_transport(error: &reqwest::Error, is_write: bool) -> MdeError {
+        // reqwest's Display includes the URL, which carries no secret (tokens go in headers).
+        let reason = error_chain(error);
+        if error.is_connect() {
+            MdeError::NotSent { reason }
+        } else if is_write {
+            MdeError::OutcomeUnknown { reason }
+        } else {
+            MdeError::Unavailable {
+                status: 0,
+                message: reason,
+            }
+        }
+    }
+}
+
+/// The error with its sources, on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Timestamp> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return now
+                .checked_add(jiff::SignedDuration::from_secs_f64(seconds))
+                .ok();
+        }
+        return None;
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Timestamp::try_from(date).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(
+            parse_retry_after("7", now),
+            Some("2026-01-01T00:00:07Z".parse().unwrap())
+        );
+        assert_eq!(
+            parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now),
+            Some("2026-01-01T00:01:00Z".parse().unwrap())
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn statuses_map_to_classes() {
+        let error = |status, code: &str, write| {
+            MdeError::from_status(
+                status,
+                code.into(),
+                "m".into(),
+                ApiFamily::Offboard,
+                None,
+                write,
+            )
+        };
+        let classify = |status, code: &str, write| error(status, code, write).class();
+        assert_eq!(
+            classify(429, "TooManyRequests", true),
+            ErrorClass::Throttled
+        );
+        assert_eq!(classify(401, "Unauthorized", true), ErrorClass::Access);
+        assert_eq!(classify(403, "Forbidden", true), ErrorClass::Access);
+        assert_eq!(
+            classify(404, "ResourceNotFound", true),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(400, "ActiveRequestAlreadyExists", true),
+            ErrorClass::AlreadyPending
+        );
+        assert_eq!(
+            classify(400, "OsPlatformNotSupported", true),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(400, "InvalidRequestBody", true),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(503, "ServiceUnavailable", true),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify(503, "ServiceUnavailable", false),
+            ErrorClass::Transient
+        );
+        // Only a write whose outcome is unknown may hide a created action.
+        assert!(error(503, "ServiceUnavailable", true).may_have_created());
+        assert!(!error(429, "TooManyRequests", true).may_have_created());
+        assert!(!error(400, "InvalidRequestBody", true).may_have_created());
+        assert!(!error(401, "Unauthorized", true).may_have_created());
+        assert!(
+            MdeError::InvalidResponse {
+                message: "2xx body does not parse".into()
+            }
+            .may_have_created()
+        );
+        assert!(
+            !MdeError::NotSent {
+                reason: "refused".into()
+            }
+            .may_have_created()
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! Simulator settings: the `simulate` command line and the in-process [`SimConfig`].
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default roles granted to the simulated application.
+pub const DEFAULT_ROLES: &str = "Machine.Read.All,Machine.Offboard";
+/// Default MDE limits for each API family: 100 calls a minute and 1500 an hour.
+pub const DEFAULT_RATE_LIMITS: &str = "100/60s,1500/3600s";
+
+/// Everything the simulator can be told. `Default` mirrors MDE as closely as known.
+#[derive(Clone)]
+pub struct SimConfig {
+    pub tenant_id: String,
+    pub client_id: String,
+    /// Never printed: `Debug` redacts it.
+    pub client_secret: String,
+    /// Application roles the app registration holds (e.g. `Machine.Offboard`).
+    pub roles: Vec<String>,
+    /// Token lifetime in simulated time.
+    pub token_lifetime: Duration,
+    /// Generated machines, in addition to [`super::EXAMPLE_MACHINES`].
+    pub machines: usize,
+    /// Seed for generated machines, their offboard outcomes and faults.
+    pub seed: u64,
+    /// Largest page a list answers before it adds `@odata.nextLink`.
+    pub page_size: usize,
+    /// How long a new action stays `Pending` (simulated time).
+    pub pending_for: Duration,
+    /// How long an action stays `InProgress` before it is final (simulated time).
+    pub in_progress_for: Duration,
+    /// Limits applied to each API family separately, per tenant and client.
+    pub rate_limits: Vec<RateLimit>,
+    pub window_mode: WindowMode,
+    /// Simulated seconds per wall-clock second: windows, delays, token lifetime and
+    /// latency are divided by it.
+    pub time_scale: f64,
+    pub faults: FaultConfig,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            tenant_id: "sim-tenant".into(),
+            client_id: "sim-client".into(),
+            client_secret: "sim-secret".into(),
+            roles: parse_roles(DEFAULT_ROLES),
+            token_lifetime: Duration::from_secs(3600),
+            machines: 50,
+            seed: 1,
+            page_size: 10_000,
+            pending_for: Duration::from_secs(2),
+            in_progress_for: Duration::from_secs(3),
+            rate_limits: RateLimits::mde().0,
+            window_mode: WindowMode::Sliding,
+            time_scale: 1.0,
+            faults: FaultConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("roles", &self.roles)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("machines", &self.machines)
+            .field("seed", &self.seed)
+            .field("page_size", &self.page_size)
+            .field("pending_for", &self.pending_for)
+            .field("in_progress_for", &self.in_progress_for)
+            .field("rate_limits", &self.rate_limits)
+            .field("window_mode", &self.window_mode)
+            .field("time_scale", &self.time_scale)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+impl SimConfig {
+    /// Turns a simulated duration into wall-clock time.
+    pub fn scaled(&self, simulated: Duration) -> Duration {
+        scale(simulated, self.time_scale)
+    }
+}
+
+pub(crate) fn scale(simulated: Duration, time_scale: f64) -> Duration {
+    if time_scale > 0.0 && time_scale.is_finite() {
+        simulated.div_f64(time_scale)
+    } else {
+        simulated
+    }
+}
+
+/// Fault injection knobs; also the JSON of `POST /_sim/faults` (every field optional there).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultConfig {
+    /// Share of API calls answered 500 or 503 before anything happens.
+    pub error_rate: f64,
+    /// Added to every API call (simulated time).
+    #[serde(with = "humantime_serde_compat")]
+    pub latency: Duration,
+    /// Share of offboard calls whose action is created but whose answer is lost.
+    pub lost_response_rate: f64,
+    pub lost_response_mode: LostResponseMode,
+}
+
+/// How a lost offboard answer looks to the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LostResponseMode {
+    /// Close the connection without answering.
+    #[default]
+    Drop,
+    /// Answer `504 Gateway Timeout` after the action was committed.
+    #[serde(rename = "504")]
+    #[value(name = "504")]
+    GatewayTimeout,
+    /// Either of the two, chosen by the seeded generator.
+    Mixed,
+}
+
+/// How calls are counted against a limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowMode {
+    /// A call counts for exactly one window length after it was made.
+    #[default]
+    Sliding,
+    /// Counters reset at window boundaries measured from simulator start.
+    Fixed,
+}
+
+/// One limit the simulator enforces: at most `calls` in a window of `window`.
+///
+/// The simulator parses its limits itself rather than borrowing the client's
+/// parser: a double must not share the code it is meant to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub calls: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub window: Duration,
+}
+
+/// The limits of every API family, e.g. `100/60s,1500/3600s`; empty serves without limit.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RateLimits(pub Vec<RateLimit>);
+
+impl RateLimits {
+    /// MDE's documented limits: 100 calls a minute and 1500 an hour.
+    pub fn mde() -> Self {
+        parse_rate_limits(DEFAULT_RATE_LIMITS).expect("the default limits parse")
+    }
+}
+
+impl std::str::FromStr for RateLimits {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_rate_limits(s)
+    }
+}
+
+/// `--rate-limit` (and `dev --sim-rate-limit`): `CALLS/WINDOW` pairs separated by
+/// commas, windows as humantime (`600ms`, `60s`, `1h`); `none` or empty serves
+/// without any limit.
+pub fn parse_rate_limits(s: &str) -> Result<RateLimits, String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        return Ok(RateLimits(Vec::new()));
+    }
+    let mut limits = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (calls, window) = part.split_once('/').ok_or_else(|| {
+            format!("rate limit {part:?} must look like CALLS/WINDOW, e.g. 100/60s, or be `none`")
+        })?;
+        let calls = calls
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| {
+                format!("rate limit {part:?}: {calls:?} is not a positive number of calls")
+            })?;
+        let window = humantime::parse_duration(window.trim())
+            .ok()
+            .filter(|w| !w.is_zero())
+            .ok_or_else(|| {
+                format!("rate limit {part:?}: {window:?} is not a positive duration such as 60s")
+            })?;
+        limits.push(RateLimit { calls, window });
+    }
+    Ok(RateLimits(limits))
+}
+
+fn parse_roles(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} must be between 0 and 1"))
+    }
+}
+
+fn parse_time_scale(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v > 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("time scale {s:?} must be greater than zero"))
+    }
+}
+
+/// Command-line arguments of `defender-offboard simulate`.
+#[derive(clap::Args, Clone)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: std::net::SocketAddr,
+    /// Tenant the token endpoint accepts.
+    #[arg(long, default_value = "sim-tenant")]
+    pub tenant_id: String,
+    /// Client (application) id the token endpoint accepts.
+    #[arg(long, default_value = "sim-client")]
+    pub client_id: String,
+    /// Client secret the token endpoint accepts (never printed).
+    #[arg(
+        long,
+        env = "SIM_CLIENT_SECRET",
+        hide_env_values = true,
+        default_value = "sim-secret"
+    )]
+    pub client_secret: String,
+    /// Comma-separated application roles granted to the client.
+    #[arg(long, default_value = DEFAULT_ROLES)]
+    pub roles: String,
+    /// Lifetime of issued tokens (simulated time), e.g. 3600s or 1h.
+    #[arg(long, default_value = "3600s", value_parser = humantime::parse_duration)]
+    pub token_lifetime: Duration,
+    /// Number of generated machines (the fixed example machines are always added).
+    #[arg(long, default_value_t = 50)]
+    pub machines: usize,
+    /// Seed for generated machines, outcomes and faults.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Largest page of a list before `@odata.nextLink` is added.
+    #[arg(long, default_value_t = 10_000)]
+    pub page_size: usize,
+    /// How long a new action stays Pending (simulated time).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub pending_for: Duration,
+    /// How long an action stays InProgress (simulated time).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub in_progress_for: Duration,
+    /// Limits per API family, tenant and client, e.g. `100/60s,1500/3600s`; `none` disables.
+    #[arg(long, default_value = DEFAULT_RATE_LIMITS, value_parser = parse_rate_limits)]
+    pub rate_limit: RateLimits,
+    /// How calls are counted against the limits.
+    #[arg(long, value_enum, default_value = "sliding")]
+    pub window_mode: WindowMode,
+    /// Simulated seconds per real second (divides windows, delays, token lifetime, latency).
+    #[arg(long, default_value = "1.0", value_parser = parse_time_scale)]
+    pub time_scale: f64,
+    /// Share of API calls answered 500/503 before doing anything (0..1).
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    pub fault_error_rate: f64,
+    /// Latency added to every API call (simulated time).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub fault_latency: Duration,
+    /// Share of offboard calls that create the action and then lose the answer (0..1).
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    pub fault_lost_response_rate: f64,
+    /// How the answer is lost.
+    #[arg(long, value_enum, default_value = "drop")]
+    pub fault_lost_response_mode: LostResponseMode,
+}
+
+impl fmt::Debug for SimulateArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulateArgs")
+            .field("listen", &self.listen)
+            .field("config", &self.clone().into_config())
+            .finish()
+    }
+}
+
+impl SimulateArgs {
+    pub fn into_config(self) -> SimConfig {
+        SimConfig {
+            tenant_id: self.tenant_id,
+            client_id: self.client_id,
+            client_secret: self.client_secret,
+            roles: parse_roles(&self.roles),
+            token_lifetime: self.token_lifetime,
+            machines: self.machines,
+            seed: self.seed,
+            page_size: self.page_size.max(1),
+            pending_for: self.pending_for,
+            in_progress_for: self.in_progress_for,
+            rate_limits: self.rate_limit.0,
+            window_mode: self.window_mode,
+            time_scale: self.time_scale,
+            faults: FaultConfig {
+                error_rate: self.fault_error_rate,
+                latency: self.fault_latency,
+                lost_response_rate: self.fault_lost_response_rate,
+                lost_response_mode: self.fault_lost_response_mode,
+            },
+        }
+    }
+}
+
+impl From<SimulateArgs> for SimConfig {
+    fn from(args: SimulateArgs) -> Self {
+        args.into_config()
+    }
+}
+
+/// Serialises durations as humantime strings ("250ms") and accepts either such a
+/// string or a number of milliseconds.
+pub(crate) mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Millis(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
+            Raw::Text(t) => humantime::parse_duration(&t)
+                .map_err(|e| D::Error::custom(format!("{t:?} is not a duration: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_default_and_subsecond_limits() {
+        let limits = parse_rate_limits("100/60s, 1500/3600s,5/600ms").unwrap();
+        assert_eq!(
+            limits.0,
+            vec![
+                RateLimit {
+                    calls: 100,
+                    window: Duration::from_secs(60)
+                },
+                RateLimit {
+                    calls: 1500,
+                    window: Duration::from_secs(3600)
+                },
+                RateLimit {
+                    calls: 5,
+                    window: Duration::from_millis(600)
+                },
+            ]
+        );
+        assert!(parse_rate_limits("none").unwrap().0.is_empty());
+        assert!(parse_rate_limits(" ").unwrap().0.is_empty());
+        assert!(parse_rate_limits("100").is_err());
+        assert!(parse_rate_limits("0/1s").is_err());
+        assert_eq!(
+            parse_rate_limits(DEFAULT_RATE_LIMITS).unwrap().0,
+            SimConfig::default().rate_limits
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let config = SimConfig {
+            client_secret: "hunter2".into(),
+            ..SimConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,918 @@
+//! The MDE simulator over real HTTP on loopback, as the operator, benchmarks and
+//! the `dev` playground use it.
+
+use std::time::{Duration, Instant};
+
+use mde_simulator::{
+    EXAMPLE_MACHINES, ExampleOffboard, LostResponseMode, SimConfig, SimHandle, SimStats,
+    WindowMode, spawn,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SCOPE: &str = "https://api.securitycenter.microsoft.com/.default";
+
+async fn start(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spawn(config, listener).await.unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn example(name: &str) -> &'static str {
+    EXAMPLE_MACHINES
+        .iter()
+        .find(|m| m.computer_dns_name.starts_with(name))
+        .unwrap()
+        .id
+}
+
+async fn request_token(
+    sim: &SimHandle,
+    tenant: &str,
+    form: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let response = http()
+        .post(format!("{}/{tenant}/oauth2/v2.0/token", sim.base_url()))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+/// A signed-in API client.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    async fn login(sim: &SimHandle) -> Api {
+        let (status, body) = request_token(
+            sim,
+            "sim-tenant",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "sim-client"),
+                ("client_secret", "sim-secret"),
+                ("scope", SCOPE),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        Api {
+            http: http(),
+            base: sim.base_url(),
+            token: body["access_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap())
+    }
+
+    async fn post_raw(&self, path: &str, body: Value) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self.post_raw(path, body).await.unwrap();
+        (r.status(), r.json().await.unwrap())
+    }
+
+    async fn offboard(&self, machine: &str) -> (StatusCode, Value) {
+        self.post(
+            &format!("/api/machines/{machine}/offboard"),
+            json!({"Comment": "decommissioned"}),
+        )
+        .await
+    }
+
+    /// Reads an action until it is final, returning every status seen in order.
+    async fn wait_final(&self, action: &str, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let (status, body) = self.get(&format!("/api/machineactions/{action}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let s = body["status"].as_str().unwrap().to_owned();
+            if seen.last() != Some(&s) {
+                seen.push(s.clone());
+            }
+            if ["Succeeded", "Failed", "TimeOut", "Cancelled"].contains(&s.as_str()) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "action still {s} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn sim_post(sim: &SimHandle, path: &str, body: Value) -> Value {
+    let r = http()
+        .post(format!("{}{path}", sim.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+/// Actions move quickly: Pending 200 ms, InProgress 300 ms.
+fn fast() -> SimConfig {
+    SimConfig {
+        time_scale: 10.0,
+        machines: 20,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn token_endpoint_issues_tokens_and_refuses_like_azure_ad() {
+    let sim = start(SimConfig::default()).await;
+    let form = |client: &'static str, secret: &'static str| {
+        vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client),
+            ("client_secret", secret),
+            ("scope", SCOPE),
+        ]
+    };
+
+    let (status, body) = request_token(&sim, "sim-tenant", &form("sim-client", "sim-secret")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["ext_expires_in"], 3600);
+    let token = body["access_token"].as_str().unwrap();
+    assert!(token.len() >= 32 && !token.contains("sim-secret"));
+
+    let (status, body) = request_token(&sim, "sim-tenant", &form("sim-client", "wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "invalid_client");
+    assert_eq!(body["error_codes"], json!([7000215]));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS7000215: Invalid client secret provided.")
+    );
+    assert!(
+        !body.to_string().contains("wrong"),
+        "the presented secret is not echoed"
+    );
+
+    let (status, body) =
+        request_token(&sim, "other-tenant", &form("sim-client", "sim-secret")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    assert_eq!(body["error_codes"], json!([90002]));
+
+    let (status, body) =
+        request_token(&sim, "sim-tenant", &form("someone-else", "sim-secret")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unauthorized_client"))
+    );
+    assert_eq!(body["error_codes"], json!([700016]));
+
+    // Workload identity: a client assertion instead of a secret.
+    let (status, _) = request_token(
+        &sim,
+        "sim-tenant",
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "sim-client"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", "eyJhbGciOi.e30.sig"),
+            ("scope", SCOPE),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let mut no_default = form("sim-client", "sim-secret");
+    no_default[3] = (
+        "scope",
+        "https://api.securitycenter.microsoft.com/Machine.Offboard",
+    );
+    let (status, body) = request_token(&sim, "sim-tenant", &no_default).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_scope"))
+    );
+
+    let stats = sim.stats();
+    assert_eq!(stats.tokens_issued, 2);
+    assert_eq!(stats.count("token", "200"), 2);
+    assert_eq!(stats.count("token", "401"), 1);
+    assert_eq!(stats.count("token", "400"), 3);
+}
+
+#[tokio::test]
+async fn api_calls_need_a_valid_unexpired_unrevoked_token() {
+    // Lifetime 1 s at time scale 10: the token lives 100 ms.
+    let sim = start(SimConfig {
+        token_lifetime: Duration::from_secs(1),
+        ..fast()
+    })
+    .await;
+    let machine = format!("/api/machines/{}", example("finance-laptop"));
+
+    let r = http()
+        .get(format!("{}{machine}", sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&r.json().await.unwrap()), "Unauthorized");
+
+    let mut api = Api::login(&sim).await;
+    let (status, body) = api.get(&machine).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["computerDnsName"], "finance-laptop-07.contoso.com");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = api.get(&machine).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "Unauthorized")
+    );
+
+    let long_lived = start(SimConfig::default()).await;
+    api = Api::login(&long_lived).await;
+    assert_eq!(api.get(&machine).await.0, StatusCode::OK);
+    api.token = "not-a-token".into();
+    assert_eq!(api.get(&machine).await.0, StatusCode::UNAUTHORIZED);
+    api = Api::login(&long_lived).await;
+    let revoked = sim_post(&long_lived, "/_sim/revoke-tokens", json!({})).await;
+    assert_eq!(
+        revoked["revoked"], 2,
+        "both tokens issued by this simulator"
+    );
+    assert_eq!(api.get(&machine).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn offboard_creates_an_action_that_progresses_to_succeeded() {
+    let sim = start(fast()).await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+    let started = Instant::now();
+
+    let (status, action) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::CREATED, "{action}");
+    assert_eq!(action["type"], "Offboard");
+    assert_eq!(action["status"], "Pending");
+    assert_eq!(action["machineId"], machine);
+    assert_eq!(action["computerDnsName"], "finance-laptop-07.contoso.com");
+    assert_eq!(action["requestor"], "sim-client");
+    assert_eq!(action["requestorComment"], "decommissioned");
+    assert_eq!(action["requestSource"], "PublicApi");
+    assert_eq!(action["commands"], json!([]));
+    for null_field in [
+        "cancellationRequestor",
+        "cancellationComment",
+        "cancellationDateTimeUtc",
+        "externalID",
+        "relatedFileInfo",
+    ] {
+        assert!(action[null_field].is_null(), "{null_field}");
+    }
+    let id = action["id"].as_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok());
+    let created: jiff::Timestamp = action["creationDateTimeUtc"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let seen = api.wait_final(id, Duration::from_secs(2)).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(seen.last().unwrap(), "Succeeded", "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| ["Pending", "InProgress", "Succeeded"].contains(&s.as_str())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"InProgress".to_owned()),
+        "polled every 20 ms, InProgress lasts 300 ms: {seen:?}"
+    );
+
+    let (_, done) = api.get(&format!("/api/machineactions/{id}")).await;
+    let updated: jiff::Timestamp = done["lastUpdateDateTimeUtc"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        updated.duration_since(created),
+        jiff::SignedDuration::from_millis(500)
+    );
+
+    // The example that fails does so through its action, not the call.
+    let (status, failing) = api.offboard(example("lab-pc-09")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let seen = api
+        .wait_final(failing["id"].as_str().unwrap(), Duration::from_secs(2))
+        .await;
+    assert_eq!(seen.last().unwrap(), "Failed");
+}
+
+#[tokio::test]
+async fn offboard_refusals_match_mde() {
+    // Real-time schedule: actions stay active for the whole test.
+    let sim = start(SimConfig {
+        machines: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+
+    let (status, body) = api
+        .offboard("ffffffffffffffffffffffffffffffffffffffff")
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "ResourceNotFound")
+    );
+    assert_eq!(
+        body["error"]["message"],
+        "Machine ffffffffffffffffffffffffffffffffffffffff was not found"
+    );
+    assert!(uuid::Uuid::parse_str(body["error"]["target"].as_str().unwrap()).is_ok());
+    let (status, body) = api
+        .get("/api/machines/ffffffffffffffffffffffffffffffffffffffff")
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "ResourceNotFound")
+    );
+
+    let linux = EXAMPLE_MACHINES
+        .iter()
+        .find(|m| m.offboard == ExampleOffboard::PlatformNotSupported)
+        .unwrap();
+    let (status, body) = api.offboard(linux.id).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "OsPlatformNotSupported")
+    );
+
+    let machine = example("hr-desktop");
+    for bad in [
+        json!({}),
+        json!({"comment": "lower case"}),
+        json!({"Comment": ""}),
+    ] {
+        let (status, body) = api
+            .post(&format!("/api/machines/{machine}/offboard"), bad.clone())
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::BAD_REQUEST, "InvalidRequestBody"),
+            "{bad}"
+        );
+    }
+
+    let (status, first) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = api.offboard(machine).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "ActiveRequestAlreadyExists")
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Action is already in progress")
+    );
+
+    // Cancelling ends it; a cancelled (final) action cannot be cancelled again.
+    let cancel = format!(
+        "/api/machineactions/{}/cancel",
+        first["id"].as_str().unwrap()
+    );
+    let (status, cancelled) = api.post(&cancel, json!({"Comment": "wrong device"})).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "Cancelled");
+    assert_eq!(cancelled["cancellationComment"], "wrong device");
+    assert_eq!(cancelled["cancellationRequestor"], "sim-client");
+    let (status, _) = api.post(&cancel, json!({"Comment": "again"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        api.offboard(machine).await.0,
+        StatusCode::CREATED,
+        "a new offboard after a final one"
+    );
+}
+
+#[tokio::test]
+async fn permissions_come_from_the_application_roles() {
+    let sim = start(SimConfig {
+        roles: vec!["Machine.Read.All".into()],
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+
+    let (status, body) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body["error"],
+        json!({
+            "code": "Forbidden",
+            "message": "The application does not have any of the required application permissions (Machine.Offboard) to access the resource.",
+            "target": body["error"]["target"],
+        })
+    );
+    assert_eq!(api.get("/api/machines").await.0, StatusCode::OK);
+    assert_eq!(sim.stats().actions_created, 0);
+
+    sim_post(&sim, "/_sim/roles", json!({"roles": ["Machine.Offboard"]})).await;
+    assert_eq!(api.offboard(machine).await.0, StatusCode::CREATED);
+    let (status, body) = api.get("/api/machineactions").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "Forbidden")
+    );
+}
+
+#[tokio::test]
+async fn odata_filters_and_next_links() {
+    let sim = start(SimConfig {
+        page_size: 7,
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+
+    let (status, body) = api
+        .get("/api/machines?$filter=computerDnsName eq 'kiosk-lobby-01.contoso.com'")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ids: Vec<_> = body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [example("kiosk-lobby-01"), EXAMPLE_MACHINES[5].id]);
+    assert!(
+        body["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("/api/$metadata#Machines")
+    );
+    assert!(body.get("@odata.nextLink").is_none());
+
+    let (_, body) = api
+        .get("/api/machines?$filter=startswith(computerDnsName,'build-') and osPlatform eq 'Linux'")
+        .await;
+    assert_eq!(body["value"][0]["id"], example("build-agent"));
+    assert_eq!(body["value"].as_array().unwrap().len(), 1);
+
+    // Follow nextLink through 27 machines in pages of 7.
+    let mut next = Some("/api/machines".to_owned());
+    let (mut all, mut pages) = (Vec::new(), 0);
+    while let Some(link) = next {
+        let (status, body) = api.get(&link).await;
+        assert_eq!(status, StatusCode::OK, "{link}: {body}");
+        pages += 1;
+        all.extend(
+            body["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned()),
+        );
+        next = body["@odata.nextLink"].as_str().map(str::to_owned);
+        if let Some(n) = &next {
+            assert!(
+                n.starts_with(&format!("{}/api/machines?", sim.base_url())),
+                "{n}"
+            );
+        }
+    }
+    assert_eq!((all.len(), pages), (27, 4));
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 27);
+
+    // $top caps the total, also across pages.
+    let (_, body) = api.get("/api/machines?$top=9").await;
+    let next = body["@odata.nextLink"].as_str().unwrap().to_owned();
+    let (_, rest) = api.get(&next).await;
+    assert_eq!(rest["value"].as_array().unwrap().len(), 2);
+    assert!(rest.get("@odata.nextLink").is_none());
+
+    // Actions: in, and, gt.
+    let mut actions = Vec::new();
+    for name in ["finance-laptop", "hr-desktop", "ws2019-file"] {
+        let (status, action) = api.offboard(example(name)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        actions.push(action);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let id = |i: usize| actions[i]["id"].as_str().unwrap();
+    let (status, body) = api
+        .get(&format!(
+            "/api/machineactions?$filter=id in ('{}','{}')",
+            id(0),
+            id(2)
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut found: Vec<_> = body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    found.sort_unstable();
+    let mut expected = vec![id(0), id(2)];
+    expected.sort_unstable();
+    assert_eq!(found, expected);
+
+    let (_, body) = api
+        .get(&format!(
+            "/api/machineactions?$filter=machineId eq '{}' and type eq 'Offboard'",
+            example("hr-desktop")
+        ))
+        .await;
+    assert_eq!(body["value"].as_array().unwrap().len(), 1);
+    assert_eq!(body["value"][0]["id"], id(1));
+
+    let since = actions[0]["creationDateTimeUtc"].as_str().unwrap();
+    let (_, body) = api
+        .get(&format!(
+            "/api/machineactions?$filter=creationDateTimeUtc gt {since}"
+        ))
+        .await;
+    let later: Vec<_> = body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(later.len(), 2);
+    assert!(!later.contains(&id(0)));
+
+    let (_, body) = api.get("/api/machineactions?$top=2").await;
+    assert_eq!(body["value"].as_array().unwrap().len(), 2);
+
+    let (status, body) = api
+        .get("/api/machineactions?$filter=id eq 'unterminated")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unterminated string"),
+        "{body}"
+    );
+    let (status, body) = api.get("/api/machineactions?$filter=colour eq 'red'").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'colour'"),
+        "{body}"
+    );
+    let (status, _) = api.get("/api/machineactions?$top=10001").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+async fn get_status(api: &Api, path: &str) -> (StatusCode, Option<u64>, Value) {
+    let r = api
+        .http
+        .get(api.url(path))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    (r.status(), retry, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn sliding_window_answers_429_with_retry_after() {
+    let sim = start(SimConfig {
+        rate_limits: "3/5s".parse::<mde_simulator::RateLimits>().unwrap().0,
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    // Time scale 10 turns the 5 s window into 500 ms; Retry-After still says at least 1.
+    let sim2 = start(SimConfig {
+        rate_limits: "3/2s".parse::<mde_simulator::RateLimits>().unwrap().0,
+        time_scale: 1.0,
+        ..fast()
+    })
+    .await;
+    let api2 = Api::login(&sim2).await;
+
+    for _ in 0..3 {
+        assert_eq!(
+            get_status(&api2, "/api/machines?$top=1").await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, retry, body) = get_status(&api2, "/api/machines?$top=1").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests")
+    );
+    assert_eq!(
+        retry,
+        Some(2),
+        "the oldest call leaves the 2 s window in just under 2 s"
+    );
+    // Another family has its own budget.
+    assert_eq!(
+        get_status(&api2, "/api/machineactions").await.0,
+        StatusCode::OK
+    );
+    // Throttled calls are not counted, so waiting Retry-After is enough.
+    tokio::time::sleep(Duration::from_secs(retry.unwrap())).await;
+    assert_eq!(
+        get_status(&api2, "/api/machines?$top=1").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(sim2.stats().throttled, 1);
+    assert_eq!(sim2.stats().count("machines", "429"), 1);
+
+    for _ in 0..3 {
+        assert_eq!(
+            get_status(&api, "/api/machines?$top=1").await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, retry, _) = get_status(&api, "/api/machines?$top=1").await;
+    assert_eq!((status, retry), (StatusCode::TOO_MANY_REQUESTS, Some(1)));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        get_status(&api, "/api/machines?$top=1").await.0,
+        StatusCode::OK
+    );
+}
+
+/// Calls at 0, 1.5, 2.3 and 2.4 s against 2 calls per 2 s: a sliding window still
+/// counts the call at 1.5 at 2.4; fixed windows started afresh at 2.0.
+async fn window_sequence(mode: WindowMode) -> Vec<StatusCode> {
+    let sim = start(SimConfig {
+        rate_limits: "2/2s".parse::<mde_simulator::RateLimits>().unwrap().0,
+        window_mode: mode,
+        ..SimConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    let api = Api::login(&sim).await;
+    let mut statuses = Vec::new();
+    for at in [0.0, 1.5, 2.3, 2.4] {
+        tokio::time::sleep_until((started + Duration::from_secs_f64(at)).into()).await;
+        statuses.push(get_status(&api, "/api/machines?$top=1").await.0);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn fixed_windows_reset_at_boundaries_where_sliding_ones_do_not() {
+    let (sliding, fixed) = tokio::join!(
+        window_sequence(WindowMode::Sliding),
+        window_sequence(WindowMode::Fixed)
+    );
+    let ok = StatusCode::OK;
+    assert_eq!(sliding, [ok, ok, ok, StatusCode::TOO_MANY_REQUESTS]);
+    assert_eq!(fixed, [ok, ok, ok, ok]);
+}
+
+#[tokio::test]
+async fn forced_throttle_applies_to_one_family() {
+    let sim = start(fast()).await;
+    let api = Api::login(&sim).await;
+    sim_post(
+        &sim,
+        "/_sim/throttle",
+        json!({"family": "offboard", "seconds": 3}),
+    )
+    .await;
+    let r = api
+        .post_raw(
+            &format!("/api/machines/{}/offboard", example("finance")),
+            json!({"Comment": "x"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "3");
+    assert_eq!(api.get("/api/machines?$top=1").await.0, StatusCode::OK);
+    assert_eq!(sim.stats().actions_created, 0);
+}
+
+#[tokio::test]
+async fn lost_responses_still_create_the_action() {
+    let sim = start(SimConfig {
+        faults: mde_simulator::FaultConfig {
+            lost_response_rate: 1.0,
+            lost_response_mode: LostResponseMode::Drop,
+            ..Default::default()
+        },
+        machines: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let dropped = example("finance-laptop");
+
+    let started = Instant::now();
+    let error = api
+        .post_raw(
+            &format!("/api/machines/{dropped}/offboard"),
+            json!({"Comment": "x"}),
+        )
+        .await
+        .expect_err("the connection closes without an answer");
+    assert!(!error.is_timeout(), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (_, listed) = api
+        .get(&format!(
+            "/api/machineactions?$filter=machineId eq '{dropped}'"
+        ))
+        .await;
+    assert_eq!(
+        listed["value"].as_array().unwrap().len(),
+        1,
+        "the action was committed"
+    );
+    // A blind retry is refused while the first one runs: that is how clients notice.
+    sim_post(&sim, "/_sim/faults", json!({"lost_response_mode": "504"})).await;
+    let (status, body) = api.offboard(dropped).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "ActiveRequestAlreadyExists")
+    );
+
+    let timed_out = example("hr-desktop");
+    let (status, body) = api.offboard(timed_out).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+
+    sim_post(&sim, "/_sim/faults", json!({"lost_response_rate": 0.0})).await;
+    assert_eq!(api.offboard(example("ws2019")).await.0, StatusCode::CREATED);
+
+    let stats = sim.stats();
+    assert_eq!(stats.lost_responses, 2);
+    assert_eq!(stats.actions_created, 3);
+    assert_eq!(stats.offboard_actions_by_machine[dropped], 1);
+    assert_eq!(stats.offboard_actions_by_machine[timed_out], 1);
+    assert_eq!(stats.count("offboard", "dropped"), 1);
+    assert_eq!(stats.count("offboard", "504"), 1);
+    assert_eq!(stats.count("offboard", "201"), 1);
+}
+
+#[tokio::test]
+async fn injected_errors_and_latency() {
+    let sim = start(SimConfig {
+        faults: mde_simulator::FaultConfig {
+            error_rate: 1.0,
+            ..Default::default()
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    for _ in 0..4 {
+        let (status, _) = api.offboard(example("finance")).await;
+        assert!(
+            status == StatusCode::INTERNAL_SERVER_ERROR
+                || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}"
+        );
+    }
+    assert_eq!(sim.stats().injected_errors, 4);
+    assert_eq!(
+        sim.stats().actions_created,
+        0,
+        "errors are answered before anything happens"
+    );
+
+    // 2 s of simulated latency at time scale 10.
+    sim_post(
+        &sim,
+        "/_sim/faults",
+        json!({"error_rate": 0.0, "latency": "2s"}),
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(api.get("/api/machines?$top=1").await.0, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn stats_count_requests_and_duplicate_offboards() {
+    let sim = start(SimConfig {
+        machines: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let twice = example("finance-laptop");
+
+    let (_, first) = api.offboard(twice).await;
+    let cancel = format!(
+        "/api/machineactions/{}/cancel",
+        first["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        api.post(&cancel, json!({"Comment": "retry"})).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.offboard(twice).await.0,
+        StatusCode::CREATED,
+        "a new offboard after a final one"
+    );
+    assert_eq!(
+        api.offboard(example("hr-desktop")).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.offboard(example("hr-desktop")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+
+    let over_http: SimStats = http()
+        .get(format!("{}/_sim/stats", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(over_http, sim.stats());
+    assert_eq!(over_http.duplicate_offboards, 1);
+    assert_eq!(over_http.offboard_actions_by_machine[twice], 2);
+    assert_eq!(over_http.actions_created, 3);
+    assert_eq!(over_http.count("offboard", "201"), 3);
+    assert_eq!(over_http.count("offboard", "400"), 1);
+    assert_eq!(over_http.tokens_issued, 1);
+    assert_eq!(over_http.count("cancel", "200"), 1);
+    assert_eq!(over_http.actions_cancelled, 1);
+    assert!(
+        !over_http.requests.contains_key("other"),
+        "/_sim calls are not counted"
+    );
+    sim.shutdown().await;
+}

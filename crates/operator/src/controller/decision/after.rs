@@ -1,0 +1,299 @@
+//! The transition after each call the reconcile makes: resolve, the intent
+//! record, send, lookup and poll.
+
+use super::errors::{Failure, failed, lookup_failed, on_error};
+use super::{Conditions, Note, Settings, Submitted, Transition, View};
+use crate::controller::status::{
+    ConditionUpdate, Reason, STALLED, SUBMITTED, condition, last_error,
+};
+use crate::crd::{DeviceOffboardStatus, Phase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::{ActionStatus, Machine, MachineAction, MdeError};
+use std::time::Duration;
+
+/// After resolving `deviceName`: the machine id, or a transition to write.
+// The transition lives for one reconcile; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
+pub fn after_resolve(
+    view: &View,
+    device_name: &str,
+    result: Result<Vec<Machine>, MdeError>,
+    settings: &Settings,
+) -> Result<String, Transition> {
+    let machines = match result {
+        Ok(machines) => machines,
+        Err(error) => return Err(on_error(view, &error, Phase::Pending, settings)),
+    };
+    match machines.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(failed(
+            view,
+            Failure::new(
+                Reason::DeviceNotFound,
+                format!(
+                    "no MDE machine has computerDnsName {device_name:?}; check the name (as shown in the Defender portal) or use spec.machineId"
+                ),
+            ),
+        )),
+        several => {
+            let found: Vec<String> = several
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} (lastSeen {}, {})",
+                        m.id,
+                        m.last_seen.as_deref().unwrap_or("unknown"),
+                        m.os_platform.as_deref().unwrap_or("unknown platform")
+                    )
+                })
+                .collect();
+            let message = format!(
+                "{} MDE machines share computerDnsName {device_name:?} (a re-imaged device?): {}; create the DeviceOffboard with spec.machineId set to the one to offboard",
+                several.len(),
+                found.join(", ")
+            );
+            Err(failed(view, Failure::new(Reason::DeviceAmbiguous, message)))
+        }
+    }
+}
+
+/// While the offboard budget is spent: stay `Pending`, say why, look again then.
+/// `nextRetryAt` is left alone so waiting costs no status writes per retry.
+pub fn waiting_for_budget(view: &View, wait: Duration, machine_id: &str) -> Transition {
+    let mut status = view.with(
+        Phase::Pending,
+        Conditions {
+            ready: (
+                Reason::WaitingForBudget,
+                "waiting for the operator's offboard rate budget".into(),
+            ),
+            submitted: Submitted::no(Reason::NotSubmitted, "not sent yet"),
+        },
+    );
+    // Keep a resolved deviceName, so waiting does not resolve it again.
+    status.machine_id = Some(machine_id.to_string());
+    Transition {
+        status,
+        note: None,
+        requeue: Some(wait),
+    }
+}
+
+/// The intent record, written with a resourceVersion precondition before sending.
+/// It always differs from the status it replaces (`attempts` grows), so the
+/// write always moves the resourceVersion and fences every other writer.
+pub fn submitting(view: &View, machine_id: &str) -> DeviceOffboardStatus {
+    let mut status = view.with(
+        Phase::Submitting,
+        Conditions {
+            ready: (
+                Reason::Submitting,
+                format!("sending the offboard request for machine {machine_id}"),
+            ),
+            submitted: Submitted::no(Reason::Submitting, "offboard request being sent"),
+        },
+    );
+    status.machine_id = Some(machine_id.to_string());
+    status.attempts = Some(view.status.attempts.unwrap_or(0) + 1);
+    status.submitted_at = Some(Time(view.now));
+    status.next_retry_at = None;
+    status
+}
+
+/// What to do after the send (`view.status` is the `Submitting` status).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum AfterSend {
+    Record(Transition),
+    /// MDE says an offboard is already pending: find it and adopt it.
+    AdoptPending,
+}
+
+pub fn after_send(
+    view: &View,
+    result: Result<MachineAction, MdeError>,
+    settings: &Settings,
+) -> AfterSend {
+    let error = match result {
+        Ok(action) => return AfterSend::Record(record_action(view, &action, false)),
+        Err(MdeError::AlreadyPending { .. }) => return AfterSend::AdoptPending,
+        Err(error) => error,
+    };
+    // Only an answer that may hide a created action keeps `Submitting` (and so
+    // forces a lookup); a definite refusal means nothing exists at MDE.
+    let phase = if error.may_have_created() {
+        Phase::Submitting
+    } else {
+        Phase::Pending
+    };
+    AfterSend::Record(on_error(view, &error, phase, settings))
+}
+
+/// What to do after the lookup that precedes any resend.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum AfterLookUp {
+    /// Found: adopt it.
+    Adopt(Transition),
+    /// Proven absent: send (again).
+    Send,
+    /// The lookup failed: stay `Submitting` and try the lookup again later.
+    Wait(Transition),
+}
+
+pub fn after_lookup(
+    view: &View,
+    result: Result<Option<MachineAction>, MdeError>,
+    settings: &Settings,
+) -> AfterLookUp {
+    match result {
+        Ok(Some(action)) => AfterLookUp::Adopt(record_action(view, &action, true)),
+        Ok(None) => AfterLookUp::Send,
+        Err(error) => AfterLookUp::Wait(lookup_failed(view, &error, settings)),
+    }
+}
+
+/// Record a MachineAction in status. `machineActionId` is only ever set when empty.
+pub fn record_action(view: &View, action: &MachineAction, adopted: bool) -> Transition {
+    if let Some(existing) = &view.status.machine_action_id
+        && existing != &action.id
+    {
+        // Never replace: keep ours, say what was seen.
+        return Transition {
+            status: view.status.clone(),
+            note: Some(Note {
+                reason: Reason::ConflictingAction,
+                message: format!(
+                    "MDE answered with offboard action {} ({}) but this resource records action {existing}; keeping {existing}",
+                    action.id, action.status
+                ),
+            }),
+            requeue: None,
+        };
+    }
+    let (submitted_reason, verb) = if adopted {
+        (Reason::Adopted, "adopted existing")
+    } else {
+        (Reason::Requested, "requested")
+    };
+    let machine = action
+        .machine_id
+        .clone()
+        .or_else(|| view.machine_id())
+        .unwrap_or_default();
+    let mut transition = apply_action_status(view, action);
+    let status = &mut transition.status;
+    status.machine_action_id = Some(action.id.clone());
+    status.machine_id = Some(machine.clone());
+    status.next_retry_at = None;
+    if !status.phase.is_some_and(Phase::is_terminal) {
+        status.last_error = None;
+    }
+    if status.submitted_at.is_none() {
+        status.submitted_at = Some(Time(view.now));
+    }
+    view.set(
+        status,
+        ConditionUpdate {
+            type_: SUBMITTED,
+            holds: true,
+            reason: submitted_reason,
+            message: format!("offboard action {} {verb} for machine {machine}", action.id),
+        },
+    );
+    // The submit note wins over a poll note: a person wants to see the action id first.
+    transition.note = Some(Note {
+        reason: submitted_reason,
+        message: format!(
+            "offboard action {} {verb} for machine {machine} (MDE status {})",
+            action.id, action.status
+        ),
+    });
+    transition
+}
+
+/// Fold a polled action's status into the resource. `None` when nothing changed.
+pub fn after_poll(view: &View, action: &MachineAction) -> Option<Transition> {
+    if view.status.machine_action_id.as_deref() != Some(action.id.as_str())
+        || view.phase().is_terminal()
+    {
+        return None;
+    }
+    let transition = apply_action_status(view, action);
+    (transition.status != *view.status).then_some(transition)
+}
+
+/// The phase, `Ready` reason, message and Event that MDE's status word means.
+fn phase_of(action: &MachineAction) -> (Phase, Reason, String, Option<Reason>) {
+    let word = action.status.as_str();
+    match &action.status {
+        ActionStatus::Succeeded => (
+            Phase::Succeeded,
+            Reason::Succeeded,
+            format!("MDE offboard action {} succeeded", action.id),
+            Some(Reason::Succeeded),
+        ),
+        ActionStatus::Failed | ActionStatus::TimeOut | ActionStatus::Cancelled => (
+            Phase::Failed,
+            Reason::Failed,
+            format!(
+                "MDE offboard action {} ended {word}; see the action in the Defender portal, then create a new DeviceOffboard to retry",
+                action.id
+            ),
+            Some(Reason::Failed),
+        ),
+        _ => (
+            Phase::InProgress,
+            Reason::InProgress,
+            format!("MDE offboard action {} is {word}", action.id),
+            None,
+        ),
+    }
+}
+
+fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
+    let word = action.status.as_str().to_string();
+    let (phase, reason, message, note) = phase_of(action);
+    let already_submitted = condition(view.status, SUBMITTED).is_some_and(|c| c.status == "True");
+    let mut status = if already_submitted {
+        // Keep the Submitted condition as it is (Requested or Adopted).
+        let mut status = view.status.clone();
+        status.phase = Some(phase);
+        status.observed_generation = view.generation;
+        view.set_ready(&mut status, phase, (reason, message.clone()));
+        status
+    } else {
+        view.with(
+            phase,
+            Conditions {
+                ready: (reason, message.clone()),
+                submitted: Submitted {
+                    holds: true,
+                    reason: Reason::Requested,
+                    message: format!("offboard action {}", action.id),
+                },
+            },
+        )
+    };
+    status.action_status = Some(word.clone());
+    if phase.is_terminal() {
+        status.completed_at = Some(Time(view.now));
+        if phase == Phase::Failed {
+            status.last_error = last_error(&word, message.clone());
+            view.set(
+                &mut status,
+                ConditionUpdate {
+                    type_: STALLED,
+                    holds: true,
+                    reason: Reason::Failed,
+                    message: message.clone(),
+                },
+            );
+        }
+    }
+    Transition {
+        status,
+        note: note.map(|reason| Note { reason, message }),
+        requeue: None,
+    }
+}

@@ -1,0 +1,91 @@
+//! What to do next for a resource, from its spec and status alone.
+
+use super::{Conditions, Note, Settings, Submitted, Transition, View, at};
+use crate::controller::status::{ConditionUpdate, Reason, STALLED, last_error};
+use crate::crd::Phase;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::time::Duration;
+
+/// What the reconcile should do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Nothing now: final, waiting for the poller, or for `requeue`.
+    Idle { requeue: Option<Duration> },
+    /// Resolve `spec.deviceName` to a machine id.
+    Resolve { device_name: String },
+    /// Take budget, write `Submitting` (with a precondition), then send.
+    Submit { machine_id: String },
+    /// Look the action up by marker before any resend.
+    LookUp { machine_id: String },
+    /// The spec names no device (the schema forbids it): fail with this transition.
+    Refuse(Box<Transition>),
+}
+
+/// The next step for a resource, from its spec and status alone.
+pub fn plan(view: &View, settings: &Settings) -> Plan {
+    let phase = view.phase();
+    if phase.is_terminal() || view.status.machine_action_id.is_some() {
+        // Final, or an action exists: the batch poller takes it from here.
+        return Plan::Idle { requeue: None };
+    }
+    if let Some(wait) = view.until(view.status.next_retry_at.as_ref()) {
+        return Plan::Idle {
+            requeue: Some(wait),
+        };
+    }
+    match (phase, view.machine_id()) {
+        (Phase::Submitting, Some(machine_id)) => {
+            let due = view
+                .status
+                .submitted_at
+                .as_ref()
+                .map(|t| at(t.0, settings.lookup_delay));
+            match view.until(due.as_ref()) {
+                Some(wait) => Plan::Idle {
+                    requeue: Some(wait),
+                },
+                None => Plan::LookUp { machine_id },
+            }
+        }
+        (_, Some(machine_id)) => Plan::Submit { machine_id },
+        (_, None) => match &view.spec.device_name {
+            Some(device_name) => Plan::Resolve {
+                device_name: device_name.clone(),
+            },
+            // The schema forbids this; say so rather than loop.
+            None => Plan::Refuse(Box::new(invalid_spec(view))),
+        },
+    }
+}
+
+/// A spec with neither `machineId` nor `deviceName` (an older CRD without the
+/// rule, or a hand-edited one): final, with the fix named.
+pub fn invalid_spec(view: &View) -> Transition {
+    let message = "spec names no device: set exactly one of spec.machineId (40 lowercase hex characters) or spec.deviceName, and install the CRD of this release, which refuses such a spec".to_string();
+    let mut status = view.with(
+        Phase::Failed,
+        Conditions {
+            ready: (Reason::InvalidSpec, message.clone()),
+            submitted: Submitted::no(Reason::NotSubmitted, "no offboard request was sent"),
+        },
+    );
+    status.last_error = last_error(Reason::InvalidSpec.as_str(), message.clone());
+    status.completed_at = Some(Time(view.now));
+    view.set(
+        &mut status,
+        ConditionUpdate {
+            type_: STALLED,
+            holds: true,
+            reason: Reason::InvalidSpec,
+            message: message.clone(),
+        },
+    );
+    Transition {
+        status,
+        note: Some(Note {
+            reason: Reason::InvalidSpec,
+            message,
+        }),
+        requeue: None,
+    }
+}

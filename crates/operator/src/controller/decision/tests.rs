@@ -1,0 +1,622 @@
+//! Table tests of the decision: a new case is one row.
+use super::*;
+use crate::controller::status::{READY, Reason, STALLED, SUBMITTED, condition};
+use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::{ActionStatus, ApiFamily, Machine, MachineAction, MdeError};
+use std::time::Duration;
+
+const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+const ACTION: &str = "5382f7ea-7557-4ab7-9782-d50480024a4e";
+
+fn now() -> Timestamp {
+    "2026-06-01T12:00:00Z".parse().unwrap()
+}
+
+fn by_id() -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        machine_id: Some(MACHINE.into()),
+        device_name: None,
+        comment: "retired".into(),
+    }
+}
+
+fn by_name() -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        machine_id: None,
+        device_name: Some("pc-1.contoso.com".into()),
+        comment: "retired".into(),
+    }
+}
+
+fn status(phase: Phase) -> DeviceOffboardStatus {
+    DeviceOffboardStatus {
+        phase: Some(phase),
+        machine_id: Some(MACHINE.into()),
+        ..Default::default()
+    }
+}
+
+fn submitting_since(seconds_ago: i64) -> DeviceOffboardStatus {
+    DeviceOffboardStatus {
+        submitted_at: Some(Time(now() - SignedDuration::from_secs(seconds_ago))),
+        attempts: Some(1),
+        ..status(Phase::Submitting)
+    }
+}
+
+/// A realistic status after the send was recorded and polled to `action_status`.
+fn with_action(phase: Phase, action_status: &str) -> DeviceOffboardStatus {
+    let spec = by_id();
+    let sent = submitting_since(0);
+    let word: ActionStatus = serde_json::from_value(serde_json::json!(action_status)).unwrap();
+    let recorded = record_action(&view(&spec, &sent), &action(word), false).status;
+    assert_eq!(recorded.phase, Some(phase), "fixture");
+    recorded
+}
+
+fn action(status: ActionStatus) -> MachineAction {
+    serde_json::from_value(serde_json::json!({
+        "id": ACTION, "type": "Offboard", "status": status.as_str(), "machineId": MACHINE,
+        "requestorComment": "retired [defender-offboard:uid]"
+    }))
+    .unwrap()
+}
+
+fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> View<'a> {
+    View {
+        spec,
+        status,
+        generation: Some(1),
+        now: now(),
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        lookup_delay: Duration::from_secs(5),
+        retry_backoff: Duration::from_secs(10),
+        access_backoff: Duration::from_secs(300),
+    }
+}
+
+fn throttled() -> MdeError {
+    MdeError::Throttled {
+        family: ApiFamily::Offboard,
+        retry_at: now() + SignedDuration::from_secs(30),
+    }
+}
+
+fn ready(status: &DeviceOffboardStatus) -> (String, String) {
+    let c = condition(status, READY).expect("Ready condition");
+    (c.status.clone(), c.reason.clone())
+}
+
+#[test]
+fn plan_for_every_phase() {
+    let s = settings();
+    let none = DeviceOffboardStatus::default();
+    let later = DeviceOffboardStatus {
+        next_retry_at: Some(Time(now() + SignedDuration::from_secs(30))),
+        ..status(Phase::Pending)
+    };
+    let crashed_after_send = DeviceOffboardStatus {
+        machine_action_id: Some(ACTION.into()),
+        ..submitting_since(60)
+    };
+    let rows: Vec<(&str, DeviceOffboardSpec, DeviceOffboardStatus, Plan)> = vec![
+        (
+            "new, by id",
+            by_id(),
+            none.clone(),
+            Plan::Submit {
+                machine_id: MACHINE.into(),
+            },
+        ),
+        (
+            "new, by name",
+            by_name(),
+            none.clone(),
+            Plan::Resolve {
+                device_name: "pc-1.contoso.com".into(),
+            },
+        ),
+        (
+            "pending, resolved earlier",
+            by_name(),
+            status(Phase::Pending),
+            Plan::Submit {
+                machine_id: MACHINE.into(),
+            },
+        ),
+        (
+            "pending, throttled",
+            by_id(),
+            later,
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(30)),
+            },
+        ),
+        (
+            "crash while submitting",
+            by_id(),
+            submitting_since(60),
+            Plan::LookUp {
+                machine_id: MACHINE.into(),
+            },
+        ),
+        (
+            "just sent, ambiguous",
+            by_id(),
+            submitting_since(2),
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(3)),
+            },
+        ),
+        (
+            "crash after the action was recorded",
+            by_id(),
+            crashed_after_send,
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "in progress",
+            by_id(),
+            with_action(Phase::InProgress, "Pending"),
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "succeeded",
+            by_id(),
+            with_action(Phase::Succeeded, "Succeeded"),
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "failed",
+            by_id(),
+            status(Phase::Failed),
+            Plan::Idle { requeue: None },
+        ),
+    ];
+    for (name, spec, status, expected) in rows {
+        assert_eq!(plan(&view(&spec, &status), &s), expected, "{name}");
+    }
+}
+
+#[test]
+fn intent_record_counts_attempts() {
+    let spec = by_id();
+    let first = submitting(&view(&spec, &DeviceOffboardStatus::default()), MACHINE);
+    assert_eq!(first.phase, Some(Phase::Submitting));
+    assert_eq!(first.attempts, Some(1));
+    assert_eq!(first.submitted_at, Some(Time(now())));
+    assert_eq!(first.machine_id.as_deref(), Some(MACHINE));
+    assert_eq!(condition(&first, SUBMITTED).unwrap().reason, "Submitting");
+    let second = submitting(&view(&spec, &first), MACHINE);
+    assert_eq!(second.attempts, Some(2));
+}
+
+/// Phase after each client outcome of the send, the event, and whether a lookup must follow.
+/// Outcome of the send, expected phase, Ready reason, event.
+type SendRow = (
+    &'static str,
+    Result<MachineAction, MdeError>,
+    Phase,
+    &'static str,
+    Option<Reason>,
+);
+
+#[test]
+fn after_send_for_every_outcome() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(0);
+    let v = view(&spec, &current);
+    let msg = || "m".to_string();
+    let rows: Vec<SendRow> = vec![
+        (
+            "created",
+            Ok(action(ActionStatus::Pending)),
+            Phase::InProgress,
+            "InProgress",
+            Some(Reason::Requested),
+        ),
+        (
+            "created, already done",
+            Ok(action(ActionStatus::Succeeded)),
+            Phase::Succeeded,
+            "Succeeded",
+            Some(Reason::Requested),
+        ),
+        (
+            "not sent",
+            Err(MdeError::NotSent { reason: msg() }),
+            Phase::Pending,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+        (
+            "throttled",
+            Err(throttled()),
+            Phase::Pending,
+            "Throttled",
+            Some(Reason::Throttled),
+        ),
+        (
+            "bad credentials",
+            Err(MdeError::Unauthorized { message: msg() }),
+            Phase::Pending,
+            "AuthenticationFailed",
+            Some(Reason::AuthenticationFailed),
+        ),
+        (
+            "sign-in",
+            Err(MdeError::SignIn { message: msg() }),
+            Phase::Pending,
+            "AuthenticationFailed",
+            Some(Reason::AuthenticationFailed),
+        ),
+        (
+            "no permission",
+            Err(MdeError::Forbidden {
+                code: "Forbidden".into(),
+                message: msg(),
+            }),
+            Phase::Pending,
+            "PermissionDenied",
+            Some(Reason::PermissionDenied),
+        ),
+        (
+            "unknown machine",
+            Err(MdeError::NotFound { message: msg() }),
+            Phase::Failed,
+            "DeviceNotFound",
+            Some(Reason::DeviceNotFound),
+        ),
+        (
+            "linux",
+            Err(MdeError::PlatformNotSupported { message: msg() }),
+            Phase::Failed,
+            "PlatformNotSupported",
+            Some(Reason::PlatformNotSupported),
+        ),
+        (
+            "bad request",
+            Err(MdeError::BadRequest {
+                status: 400,
+                code: "InvalidRequestBody".into(),
+                message: msg(),
+            }),
+            Phase::Failed,
+            "MdeError",
+            Some(Reason::Failed),
+        ),
+        (
+            "lost response",
+            Err(MdeError::OutcomeUnknown { reason: msg() }),
+            Phase::Submitting,
+            "OutcomeUnknown",
+            Some(Reason::OutcomeUnknown),
+        ),
+        (
+            "5xx",
+            Err(MdeError::Unavailable {
+                status: 503,
+                message: msg(),
+            }),
+            Phase::Submitting,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+        (
+            "garbled 2xx",
+            Err(MdeError::InvalidResponse { message: msg() }),
+            Phase::Submitting,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+    ];
+    for (name, result, phase, reason, event) in rows {
+        let AfterSend::Record(t) = after_send(&v, result, &s) else {
+            panic!("{name}: expected a record")
+        };
+        assert_eq!(t.status.phase, Some(phase), "{name}");
+        assert_eq!(ready(&t.status).1, reason, "{name}");
+        assert_eq!(t.note.as_ref().map(|n| n.reason), event, "{name}");
+        match phase {
+            Phase::InProgress | Phase::Succeeded => {
+                assert_eq!(
+                    t.status.machine_action_id.as_deref(),
+                    Some(ACTION),
+                    "{name}"
+                );
+                assert_eq!(
+                    condition(&t.status, SUBMITTED).unwrap().status,
+                    "True",
+                    "{name}"
+                );
+                assert!(t.status.last_error.is_none(), "{name}");
+            }
+            Phase::Failed => {
+                assert!(t.status.completed_at.is_some(), "{name}");
+                assert!(t.status.last_error.is_some(), "{name}");
+                assert_eq!(
+                    condition(&t.status, STALLED).unwrap().status,
+                    "True",
+                    "{name}"
+                );
+                assert_eq!(t.requeue, None, "{name}: terminal, no retry");
+            }
+            _ => {
+                assert!(t.status.machine_action_id.is_none(), "{name}");
+                assert!(
+                    t.status.next_retry_at.is_some(),
+                    "{name}: a retry time is shown"
+                );
+                assert!(
+                    t.requeue.is_some(),
+                    "{name}: the worker is freed and comes back"
+                );
+                assert_eq!(ready(&t.status).0, "False", "{name}");
+            }
+        }
+    }
+    assert_eq!(
+        after_send(&v, Err(MdeError::AlreadyPending { message: msg() }), &s),
+        AfterSend::AdoptPending
+    );
+}
+
+#[test]
+fn throttle_waits_for_retry_after_and_access_errors_back_off_long() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(0);
+    let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(throttled()), &s) else {
+        panic!()
+    };
+    assert_eq!(t.requeue, Some(Duration::from_secs(30)));
+    assert_eq!(
+        t.status.next_retry_at,
+        Some(Time(now() + SignedDuration::from_secs(30)))
+    );
+    let forbidden = MdeError::Forbidden {
+        code: "Forbidden".into(),
+        message: "no Machine.Offboard".into(),
+    };
+    let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(forbidden), &s) else {
+        panic!()
+    };
+    assert_eq!(t.requeue, Some(s.access_backoff));
+    assert!(
+        ready(&t.status).0 == "False" && t.status.phase == Some(Phase::Pending),
+        "not terminal"
+    );
+    assert!(
+        t.note.unwrap().message.contains("Machine.Offboard"),
+        "the fix is named"
+    );
+}
+
+#[test]
+fn lookup_adopts_sends_or_waits() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(60);
+    let v = view(&spec, &current);
+    let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(Some(action(ActionStatus::InProgress))), &s)
+    else {
+        panic!("found action must be adopted")
+    };
+    assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
+    assert_eq!(t.status.phase, Some(Phase::InProgress));
+    assert_eq!(condition(&t.status, SUBMITTED).unwrap().reason, "Adopted");
+    assert_eq!(t.note.unwrap().reason, Reason::Adopted);
+    assert_eq!(t.status.attempts, Some(1), "adoption sends nothing");
+
+    assert_eq!(after_lookup(&v, Ok(None), &s), AfterLookUp::Send);
+
+    for error in [
+        throttled(),
+        MdeError::Unavailable {
+            status: 503,
+            message: "m".into(),
+        },
+    ] {
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), &s) else {
+            panic!("a failed lookup never sends")
+        };
+        assert_eq!(
+            t.status.phase,
+            Some(Phase::Submitting),
+            "the lookup must come first next time too"
+        );
+        assert!(t.requeue.is_some());
+    }
+}
+
+/// Whatever the lookup answers, the resource neither fails nor resends:
+/// the action may exist.
+#[test]
+fn a_failed_lookup_never_fails_the_resource() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(60);
+    let v = view(&spec, &current);
+    for error in [
+        MdeError::NotFound {
+            message: "m".into(),
+        },
+        MdeError::BadRequest {
+            status: 400,
+            code: "InvalidFilter".into(),
+            message: "m".into(),
+        },
+        MdeError::Forbidden {
+            code: "Forbidden".into(),
+            message: "m".into(),
+        },
+        MdeError::NotSent { reason: "m".into() },
+    ] {
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), &s) else {
+            panic!("{error:?}")
+        };
+        assert_eq!(t.status.phase, Some(Phase::Submitting), "{error:?}");
+        assert!(
+            t.requeue.is_some() && t.status.completed_at.is_none(),
+            "{error:?}"
+        );
+    }
+}
+
+#[test]
+fn waiting_for_budget_keeps_the_resolved_machine() {
+    let spec = by_name();
+    let none = DeviceOffboardStatus::default();
+    let waiting = waiting_for_budget(&view(&spec, &none), Duration::from_secs(1), MACHINE).status;
+    assert_eq!(waiting.machine_id.as_deref(), Some(MACHINE));
+    assert_eq!(
+        plan(&view(&spec, &waiting), &settings()),
+        Plan::Submit {
+            machine_id: MACHINE.into()
+        },
+        "no second resolve"
+    );
+}
+
+#[test]
+fn a_retry_after_in_the_past_still_waits_a_second() {
+    let spec = by_id();
+    let current = status(Phase::Pending);
+    let past = MdeError::Throttled {
+        family: ApiFamily::Offboard,
+        retry_at: now() - SignedDuration::from_secs(5),
+    };
+    let t = on_error(&view(&spec, &current), &past, Phase::Pending, &settings());
+    assert_eq!(t.requeue, Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn an_action_id_is_never_replaced() {
+    let spec = by_id();
+    let current = with_action(Phase::InProgress, "Pending");
+    let mut other = action(ActionStatus::Pending);
+    other.id = "00000000-0000-0000-0000-000000000000".into();
+    let t = record_action(&view(&spec, &current), &other, true);
+    assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
+    assert_eq!(after_poll(&view(&spec, &current), &other), None);
+}
+
+#[test]
+fn poll_results_move_to_final_phases() {
+    let spec = by_id();
+    let current = with_action(Phase::InProgress, "Pending");
+    let v = view(&spec, &current);
+    assert_eq!(
+        after_poll(&v, &action(ActionStatus::Pending)),
+        None,
+        "no change, no write"
+    );
+    let t = after_poll(&v, &action(ActionStatus::InProgress)).unwrap();
+    assert_eq!(
+        (t.status.phase, t.status.action_status.as_deref()),
+        (Some(Phase::InProgress), Some("InProgress"))
+    );
+    assert!(t.note.is_none());
+    for (status, phase, event) in [
+        (ActionStatus::Succeeded, Phase::Succeeded, Reason::Succeeded),
+        (ActionStatus::Failed, Phase::Failed, Reason::Failed),
+        (ActionStatus::TimeOut, Phase::Failed, Reason::Failed),
+        (ActionStatus::Cancelled, Phase::Failed, Reason::Failed),
+    ] {
+        let word = status.as_str().to_string();
+        let t = after_poll(&v, &action(status)).unwrap();
+        assert_eq!(t.status.phase, Some(phase), "{word}");
+        assert_eq!(t.status.action_status.as_deref(), Some(word.as_str()));
+        assert_eq!(t.status.completed_at, Some(Time(now())));
+        assert_eq!(t.note.unwrap().reason, event);
+        assert_eq!(
+            ready(&t.status).0,
+            if phase == Phase::Succeeded {
+                "True"
+            } else {
+                "False"
+            }
+        );
+        if phase == Phase::Failed {
+            assert_eq!(t.status.last_error.as_ref().unwrap().code, word);
+        }
+    }
+    let done = with_action(Phase::Succeeded, "Succeeded");
+    assert_eq!(
+        after_poll(&view(&spec, &done), &action(ActionStatus::Failed)),
+        None,
+        "terminal stays terminal"
+    );
+}
+
+#[test]
+fn device_names_resolve_to_exactly_one_machine() {
+    let s = settings();
+    let spec = by_name();
+    let current = DeviceOffboardStatus::default();
+    let v = view(&spec, &current);
+    let machine = |id: &str| Machine {
+        id: id.into(),
+        last_seen: Some("2026-05-01T00:00:00Z".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s),
+        Ok(MACHINE.to_string())
+    );
+
+    let t = after_resolve(&v, "pc-1.contoso.com", Ok(vec![]), &s).unwrap_err();
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "DeviceNotFound");
+    assert!(
+        t.status
+            .last_error
+            .unwrap()
+            .message
+            .contains("pc-1.contoso.com")
+    );
+
+    let t = after_resolve(
+        &v,
+        "pc-1.contoso.com",
+        Ok(vec![machine("a1"), machine("b2")]),
+        &s,
+    )
+    .unwrap_err();
+    assert_eq!(ready(&t.status).1, "DeviceAmbiguous");
+    let message = t.status.last_error.unwrap().message;
+    assert!(
+        message.contains("a1") && message.contains("b2") && message.contains("spec.machineId"),
+        "{message}"
+    );
+
+    let t = after_resolve(&v, "pc-1.contoso.com", Err(throttled()), &s).unwrap_err();
+    assert_eq!(t.status.phase, Some(Phase::Pending));
+    assert!(t.status.next_retry_at.is_some());
+}
+
+#[test]
+fn unchanged_state_produces_an_identical_status() {
+    let spec = by_id();
+    let first = waiting_for_budget(
+        &view(&spec, &status(Phase::Pending)),
+        Duration::from_secs(1),
+        MACHINE,
+    );
+    let later = View {
+        now: now() + SignedDuration::from_secs(60),
+        ..view(&spec, &first.status)
+    };
+    let second = waiting_for_budget(&later, Duration::from_secs(1), MACHINE);
+    assert_eq!(
+        first.status, second.status,
+        "waiting again must not cause a status write"
+    );
+}

@@ -1,0 +1,219 @@
+//! An in-memory MDE for unit tests of the reconcile sequence: scripted send
+//! outcomes, a list that can lag or fail, and offboard POSTs counted per
+//! correlation key, whatever the answer. It parses the marker itself rather
+//! than calling the client's helpers, so it cannot share their mistakes.
+
+use super::ports::MdeCalls;
+use mde_client::limiter::Permit;
+use mde_client::{Machine, MachineAction, MdeError, RateBudget, RateLimits};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+/// What one offboard POST does.
+#[derive(Debug, Clone)]
+pub enum Send {
+    /// Create the action and answer it.
+    Accept,
+    /// Create the action, then lose the answer with this error (timeout,
+    /// reset, 5xx after the fact, a garbled 2xx body).
+    CreateThenFail(MdeError),
+    /// Answer this error without creating anything (timeout before MDE
+    /// acted, 5xx, 429, 401, ...).
+    Fail(MdeError),
+}
+
+/// What one lookup (list of a machine's actions) answers.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// The truth: every action created so far.
+    Complete,
+    /// The list lags: actions created so far are not shown yet.
+    Lagging,
+    Fail(MdeError),
+}
+
+#[derive(Default)]
+struct State {
+    actions: Vec<MachineAction>,
+    posts_by_key: BTreeMap<String, u32>,
+    sends: VecDeque<Send>,
+    lookups: VecDeque<Lookup>,
+    calls: u32,
+}
+
+pub struct FakeMde {
+    budget: RateBudget,
+    limits: RateLimits,
+    state: Mutex<State>,
+}
+
+impl Default for FakeMde {
+    fn default() -> Self {
+        let limits: RateLimits = "1000/1s".parse().expect("valid limits");
+        FakeMde {
+            budget: RateBudget::new(&limits),
+            limits,
+            state: Mutex::new(State::default()),
+        }
+    }
+}
+
+impl FakeMde {
+    /// Script the next POSTs (then every POST is accepted).
+    pub fn sends(self, script: impl IntoIterator<Item = Send>) -> Self {
+        self.lock().sends.extend(script);
+        self
+    }
+
+    /// Script the next lookups (then every lookup is complete).
+    pub fn lookups(self, script: impl IntoIterator<Item = Lookup>) -> Self {
+        self.lock().lookups.extend(script);
+        self
+    }
+
+    /// Offboard POSTs received with `key` in their marker, whatever the answer.
+    pub fn posts_for(&self, key: &str) -> u32 {
+        self.lock().posts_by_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// Actions that exist for `machine_id`.
+    pub fn actions_for(&self, machine_id: &str) -> usize {
+        let state = self.lock();
+        state
+            .actions
+            .iter()
+            .filter(|a| a.machine_id.as_deref() == Some(machine_id))
+            .count()
+    }
+
+    /// Every call made, of any kind.
+    pub fn calls(&self) -> u32 {
+        self.lock().calls
+    }
+
+    /// An action created earlier (by a previous process, say).
+    pub fn insert(&self, machine_id: &str, comment: &str) -> MachineAction {
+        let action = new_action(self.lock().actions.len(), machine_id, comment);
+        self.lock().actions.push(action.clone());
+        action
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The key in a `[defender-offboard:KEY]` marker at the start of the comment.
+fn key_of(comment: &str) -> Option<String> {
+    let rest = comment.strip_prefix("[defender-offboard:")?;
+    let end = rest.find(']')?;
+    Some(rest[..end].to_string())
+}
+
+fn new_action(n: usize, machine_id: &str, comment: &str) -> MachineAction {
+    serde_json::from_value(serde_json::json!({
+        "id": format!("00000000-0000-4000-8000-{n:012}"),
+        "type": "Offboard",
+        "status": "Pending",
+        "machineId": machine_id,
+        "requestorComment": comment,
+        "creationDateTimeUtc": format!("2026-01-01T00:00:{:02}Z", n % 60),
+    }))
+    .expect("a valid MachineAction")
+}
+
+impl MdeCalls for FakeMde {
+    fn budget(&self) -> &RateBudget {
+        &self.budget
+    }
+
+    fn rate_limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    async fn find_machines_by_name(&self, name: &str) -> Result<Vec<Machine>, MdeError> {
+        self.lock().calls += 1;
+        let machine: Machine = serde_json::from_value(serde_json::json!({
+            "id": "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567",
+            "computerDnsName": name,
+        }))
+        .expect("a valid Machine");
+        Ok(vec![machine])
+    }
+
+    async fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        match state.lookups.pop_front().unwrap_or(Lookup::Complete) {
+            Lookup::Fail(error) => Err(error),
+            Lookup::Lagging => Ok(None),
+            Lookup::Complete => Ok(state
+                .actions
+                .iter()
+                .find(|a| {
+                    a.machine_id.as_deref() == Some(machine_id)
+                        && a.requestor_comment
+                            .as_deref()
+                            .is_some_and(|c| c.split_whitespace().any(|t| t == marker))
+                })
+                .cloned()),
+        }
+    }
+
+    async fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> Result<Option<MachineAction>, MdeError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        Ok(state
+            .actions
+            .iter()
+            .rev()
+            .find(|a| a.machine_id.as_deref() == Some(machine_id) && !a.status.is_final())
+            .cloned())
+    }
+
+    async fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        slot.complete();
+        let mut state = self.lock();
+        state.calls += 1;
+        if let Some(key) = key_of(comment) {
+            *state.posts_by_key.entry(key).or_default() += 1;
+        }
+        let script = state.sends.pop_front().unwrap_or(Send::Accept);
+        let create = |state: &mut State| {
+            let action = new_action(state.actions.len(), machine_id, comment);
+            state.actions.push(action.clone());
+            action
+        };
+        match script {
+            Send::Accept => Ok(create(&mut state)),
+            Send::CreateThenFail(error) => {
+                create(&mut state);
+                Err(error)
+            }
+            Send::Fail(error) => Err(error),
+        }
+    }
+
+    async fn machine_actions_by_ids(&self, ids: &[String]) -> Result<Vec<MachineAction>, MdeError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        Ok(state
+            .actions
+            .iter()
+            .filter(|a| ids.contains(&a.id))
+            .cloned()
+            .collect())
+    }
+}

@@ -1,0 +1,368 @@
+//! The `DeviceOffboard` controller (`defender-offboard run`).
+
+pub mod decision;
+pub mod leader;
+pub mod poller;
+pub mod ports;
+pub mod reconcile;
+pub mod sequence;
+pub mod status;
+
+use crate::crd::DeviceOffboard;
+use crate::metrics::{ErrorLabels, Metrics};
+use crate::telemetry::{LogFormat, Readiness};
+use decision::Settings;
+use futures::StreamExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use mde_client::{ConnectionArgs, DefenderClient, MdeError};
+use ports::{KubeStore, MdeCalls};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+    #[error(
+        "the resource changed while being written (409 Conflict); retrying with the latest version"
+    )]
+    Conflict,
+    #[error("the resource has no metadata.uid")]
+    MissingUid,
+    #[error("the status write was interrupted before it landed")]
+    Interrupted,
+}
+
+impl Error {
+    /// A bounded label for `defender_offboard_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Conflict => "conflict",
+            Error::MissingUid => "missing_uid",
+            Error::Interrupted => "interrupted",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shared by every reconcile: built once. `M` is the MDE port: the client in
+/// production, a fake in unit tests.
+pub struct Context<M = DefenderClient> {
+    pub client: kube::Client,
+    pub mde: M,
+    pub store: KubeStore,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+}
+
+impl<M: MdeCalls> Context<M> {
+    /// `instance` names this replica in the Events it publishes.
+    pub fn new(
+        client: kube::Client,
+        mde: M,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "defender-offboard".into(),
+            instance,
+        };
+        Context {
+            store: KubeStore {
+                recorder: Recorder::new(client.clone(), reporter),
+                client: client.clone(),
+            },
+            client,
+            mde,
+            metrics,
+            settings,
+        }
+    }
+
+    /// The ports one reconcile step runs against.
+    pub fn ports(&self) -> sequence::Ports<'_, M, KubeStore> {
+        sequence::Ports {
+            mde: &self.mde,
+            store: &self.store,
+            settings: &self.settings,
+            metrics: &self.metrics,
+        }
+    }
+}
+
+fn error_policy<M>(_obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context<M>>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            error: error.metric_label().to_string(),
+        })
+        .inc();
+    match error {
+        // Someone wrote in between: re-read and decide again, soon.
+        Error::Conflict => Action::requeue(Duration::from_millis(100)),
+        _ => {
+            tracing::warn!(error = %error, "reconcile failed; retrying");
+            Action::requeue(ctx.settings.retry_backoff)
+        }
+    }
+}
+
+/// Flags of `defender-offboard run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Resources reconciled at the same time.
+    #[arg(long, default_value_t = 8, env = "DEFENDER_CONCURRENCY")]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Take a Lease before reconciling, so only one replica acts.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name or host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Leader lease duration; a standby takes over after this long without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// The leader stops all work if it cannot renew within this (must be < lease duration).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+    /// How often the lease is renewed or checked.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+    #[arg(long, value_enum, default_value = "text", env = "LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// How often in-flight actions are polled (one batched call for all of them).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Pause before looking an action up after an ambiguous send. Keep it above
+    /// --request-timeout: a request that timed out may still be processed by MDE.
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    pub lookup_delay: Duration,
+    /// Retry delay after a transient failure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Retry delay after a credentials or permission failure.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub access_backoff: Duration,
+}
+
+impl RunArgs {
+    pub fn lease_timing(&self) -> leader::LeaseTiming {
+        leader::LeaseTiming {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        }
+    }
+}
+
+/// `defender-offboard run`.
+pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    crate::telemetry::init(args.log_format);
+    let config = args.connection.client_config()?;
+    let metrics = Arc::new(Metrics::default());
+    let mde = DefenderClient::new(config, metrics.clone())?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
+    check_crd_installed(&client, args.namespace.as_deref()).await?;
+    match mde.check_sign_in().await {
+        Ok(()) => tracing::info!("signed in to MDE"),
+        Err(error @ (MdeError::SignIn { .. } | MdeError::Credentials { .. })) => {
+            return Err(error.to_string().into());
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "sign-in check failed; will retry on first use")
+        }
+    }
+    let readiness = Readiness::default();
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
+    let server = tokio::spawn(crate::telemetry::serve(
+        listener,
+        metrics.clone(),
+        readiness.clone(),
+    ));
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("defender-offboard-{}", uuid::Uuid::new_v4()));
+    if args.lookup_delay < args.connection.request_timeout {
+        tracing::warn!(
+            lookup_delay = ?args.lookup_delay,
+            request_timeout = ?args.connection.request_timeout,
+            "--lookup-delay is shorter than --request-timeout: a timed-out request may still be processed by MDE after the lookup"
+        );
+    }
+    let settings = Settings {
+        lookup_delay: args.lookup_delay,
+        retry_backoff: args.retry_backoff,
+        access_backoff: args.access_backoff,
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        mde,
+        metrics.clone(),
+        settings,
+        Some(identity.clone()),
+    ));
+    let shutdown = crate::telemetry::shutdown_signal();
+    if args.leader_elect {
+        let lease = leader::LeaseConfig {
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            timing: args.lease_timing(),
+        };
+        let work = {
+            let args = args.clone();
+            let ctx = ctx.clone();
+            move |stop| async move { run_controller(&args, ctx, stop).await }
+        };
+        leader::run_as_leader(
+            client,
+            &lease,
+            metrics.leader.clone(),
+            readiness,
+            shutdown,
+            work,
+        )
+        .await?;
+    } else {
+        readiness.set();
+        run_controller(&args, ctx, shutdown).await;
+    }
+    server.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub async fn check_crd_installed(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> Result<(), String> {
+    let api: Api<DeviceOffboard> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
+            "the DeviceOffboard CRD is not installed: kubectl apply -f crds/{}.yaml",
+            crate::crd::CRD_NAME
+        )),
+        Err(kube::Error::Api(status)) if status.code == 403 => Err(format!(
+            "not allowed to list deviceoffboards ({}): check the operator's RBAC",
+            status.message
+        )),
+        Err(error) => Err(format!("cannot list deviceoffboards: {error}")),
+    }
+}
+
+/// The controller and the batch poller, until `shutdown` resolves.
+pub async fn run_controller<M: MdeCalls>(
+    args: &RunArgs,
+    ctx: Arc<Context<M>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<DeviceOffboard> = match &args.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(shutdown);
+    // Aborted when this future ends or is dropped (e.g. a lost lease aborts
+    // the whole controller): a detached poller would keep writing.
+    let poller = AbortOnDrop(tokio::spawn(poller::run(
+        controller.store(),
+        ctx.clone(),
+        args.poll_interval,
+    )));
+    controller
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "controller event");
+            }
+        })
+        .await;
+    drop(poller);
+}
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A new process (after a restart or a leader change) does not know the
+/// offboards its predecessor sent in the current windows; the resources'
+/// `submittedAt` tell it, so the budget starts where the predecessor left it.
+async fn seed_budget_from_history<M: MdeCalls>(
+    api: &Api<DeviceOffboard>,
+    ctx: &Context<M>,
+    request_timeout: Duration,
+) {
+    let resources = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(error) => {
+            tracing::warn!(error = %error, "could not read past submissions; starting with a full budget");
+            return;
+        }
+    };
+    let now_instant = tokio::time::Instant::now();
+    let now = jiff::Timestamp::now();
+    // `submittedAt` is written before the send and kept to the second: the
+    // answer came at the latest a request timeout (and a second) later.
+    let latest_answer = jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
+        .unwrap_or_default();
+    let past: Vec<_> = resources
+        .iter()
+        .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref())
+        .map(|t| Duration::try_from(now.duration_since(t.0 + latest_answer)).unwrap_or_default())
+        .filter(|age| *age <= MAX_BUDGET_MEMORY)
+        .filter_map(|age| now_instant.checked_sub(age))
+        .collect();
+    if !past.is_empty() {
+        tracing::info!(
+            recent = past.len(),
+            "counting recent offboards against the budget"
+        );
+        ctx.mde
+            .budget()
+            .record_past(mde_client::ApiFamily::Offboard, &past);
+    }
+}
+
+/// The longest window worth remembering (MDE's hourly limit).
+const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod sequence_tests;
+#[cfg(test)]
+mod verifier_tests;

@@ -1,0 +1,154 @@
+//! Batch polling of in-flight actions: one `id in (...)` call per 50 actions
+//! per interval, whatever the number of resources, instead of a call each.
+
+use super::Context;
+use super::ports::MdeCalls;
+use super::sequence::record_poll;
+use crate::crd::{DeviceOffboard, Phase};
+use crate::metrics::{ErrorLabels, PhaseLabels};
+use futures::FutureExt;
+use kube::runtime::reflector::Store;
+use mde_client::RateLimits;
+use mde_client::client::IDS_PER_QUERY;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The action ids worth polling: those of resources not yet final.
+pub fn in_flight(resources: &[Arc<DeviceOffboard>]) -> Vec<String> {
+    let mut ids: Vec<String> = resources
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .filter(|s| !s.phase.unwrap_or_default().is_terminal())
+        .filter_map(|s| s.machine_action_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Count resources by phase for the `resources` gauge.
+pub fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> {
+    let mut counts: HashMap<Phase, i64> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
+    for resource in resources {
+        let phase = resource
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or_default();
+        *counts.entry(phase).or_default() += 1;
+    }
+    counts
+}
+
+/// The pause before the next poll: the configured interval, stretched when
+/// `calls` per poll would spend more than half of any machine-action budget
+/// window, so lookups (which exactly-once depends on) always find room.
+pub fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Duration {
+    limits.0.iter().fold(interval, |pause, limit| {
+        let share = (limit.calls / 2).max(1) as f64;
+        pause.max(limit.window.mul_f64(calls as f64 / share))
+    })
+}
+
+pub async fn run<M: MdeCalls>(
+    store: Store<DeviceOffboard>,
+    ctx: Arc<Context<M>>,
+    interval: Duration,
+) {
+    let mut cache_ready = false;
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = interval;
+        // Not `wait_until_ready().await`: the store's readiness is a one-waker
+        // channel that the controller also waits on, so a second waiter may
+        // never be woken. Checking it once per tick needs no waker.
+        if !cache_ready {
+            match store.wait_until_ready().now_or_never() {
+                Some(Ok(())) => cache_ready = true,
+                Some(Err(_)) => return,
+                None => continue,
+            }
+        }
+        let resources = store.state();
+        for (phase, count) in count_by_phase(&resources) {
+            ctx.metrics
+                .resources
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str().to_string(),
+                })
+                .set(count);
+        }
+        let ids = in_flight(&resources);
+        tracing::debug!(
+            resources = resources.len(),
+            in_flight = ids.len(),
+            "poll tick"
+        );
+        if ids.is_empty() {
+            continue;
+        }
+        pause = poll_pause(
+            interval,
+            ids.len().div_ceil(IDS_PER_QUERY),
+            ctx.mde.rate_limits(),
+        );
+        let actions = match ctx.mde.machine_actions_by_ids(&ids).await {
+            Ok(actions) => actions,
+            Err(error) => {
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        error: "poll".into(),
+                    })
+                    .inc();
+                tracing::warn!(error = %error, in_flight = ids.len(), "polling in-flight actions failed; next interval retries");
+                continue;
+            }
+        };
+        if actions.len() < ids.len() {
+            // MDE keeps actions for months; a missing one is worth a look, not a guess.
+            tracing::warn!(
+                asked = ids.len(),
+                answered = actions.len(),
+                "some in-flight actions were not in MDE's answer"
+            );
+        }
+        let by_id: HashMap<&str, _> = actions.iter().map(|a| (a.id.as_str(), a)).collect();
+        for resource in &resources {
+            let Some(id) = resource
+                .status
+                .as_ref()
+                .and_then(|s| s.machine_action_id.as_deref())
+            else {
+                continue;
+            };
+            if let Some(action) = by_id.get(id)
+                && let Err(error) = record_poll(&ctx.ports(), resource, action).await
+            {
+                // A conflict means the cache was stale; the next tick sees the fresh object.
+                tracing::debug!(error = %error, "poll result not recorded this time");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_keeps_half_the_read_budget_free() {
+        let mde = RateLimits::default(); // 100/60s, 1500/3600s
+        let every = Duration::from_secs(10);
+        assert_eq!(
+            poll_pause(every, 1, &mde),
+            every,
+            "a few in-flight actions: the configured interval"
+        );
+        // 3000 in flight = 60 calls a poll: at most 750 calls an hour for polling.
+        assert_eq!(poll_pause(every, 60, &mde), Duration::from_secs(288));
+        assert_eq!(poll_pause(every, 0, &mde), every);
+    }
+}

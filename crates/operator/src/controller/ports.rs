@@ -1,0 +1,301 @@
+//! The two edges of the reconcile: the MDE calls it makes ([`MdeCalls`]) and
+//! the status writes and Events it makes ([`StatusStore`]). The controller
+//! plugs in the MDE client and the Kubernetes API; the `offboard` command plugs
+//! in the MDE client and a [`MemoryStore`]; unit tests plug in fakes, so the
+//! whole sequence (budget → intent write → send → record) runs in milliseconds.
+
+use super::decision::Note;
+use super::{Error, Result};
+use crate::crd::{DeviceOffboard, DeviceOffboardStatus};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use mde_client::limiter::Permit;
+use mde_client::{DefenderClient, Machine, MachineAction, MdeError, RateBudget, RateLimits};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::sync::Mutex;
+
+/// Field manager for every write the operator makes.
+pub const FIELD_MANAGER: &str = "defender-offboard";
+
+/// The MDE calls of the reconcile and the poller.
+pub trait MdeCalls: Send + Sync + 'static {
+    /// The tenant's rate budget (the offboard slot is reserved before the intent write).
+    fn budget(&self) -> &RateBudget;
+    fn rate_limits(&self) -> &RateLimits;
+    fn find_machines_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<Machine>, MdeError>> + Send;
+    /// The offboard action carrying `marker`, if a complete answer shows one.
+    fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send;
+    /// The newest offboard action of the machine that is not final yet.
+    fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send;
+    /// `POST /api/machines/{id}/offboard` in a reserved budget slot.
+    fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+}
+
+impl MdeCalls for DefenderClient {
+    fn budget(&self) -> &RateBudget {
+        DefenderClient::budget(self)
+    }
+
+    fn rate_limits(&self) -> &RateLimits {
+        DefenderClient::rate_limits(self)
+    }
+
+    fn find_machines_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<Machine>, MdeError>> + Send {
+        DefenderClient::find_machines_by_name(self, name)
+    }
+
+    fn find_offboard_action(
+        &self,
+        machine_id: &str,
+        marker: &str,
+    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send {
+        DefenderClient::find_offboard_action(self, machine_id, marker)
+    }
+
+    fn find_pending_offboard(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send {
+        DefenderClient::find_pending_offboard(self, machine_id)
+    }
+
+    fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        self.offboard_reserved(Some(slot), machine_id, comment)
+    }
+
+    fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::machine_actions_by_ids(self, ids)
+    }
+}
+
+/// Where the status lives, and where Events go.
+pub trait StatusStore: Send + Sync {
+    /// Write `status` with `current`'s resourceVersion as a precondition: a
+    /// stale writer gets [`Error::Conflict`]. Returns the object as stored.
+    fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> impl Future<Output = Result<DeviceOffboard>> + Send;
+    /// Tell a person (a Kubernetes Event; a line on stderr for the CLI).
+    /// Never fails the reconcile: the status already carries the outcome.
+    fn publish(&self, obj: &DeviceOffboard, note: &Note) -> impl Future<Output = ()> + Send;
+}
+
+/// The Kubernetes API: status merge patches with a resourceVersion
+/// precondition, Events through the recorder.
+pub struct KubeStore {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+}
+
+impl StatusStore for KubeStore {
+    async fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> Result<DeviceOffboard> {
+        let api: Api<DeviceOffboard> = Api::namespaced(
+            self.client.clone(),
+            &current.namespace().unwrap_or_default(),
+        );
+        let old = current.status.clone().unwrap_or_default();
+        let patch = status_patch(current.resource_version().as_deref(), &old, status);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        match api
+            .patch_status(&current.name_any(), &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(updated) => Ok(updated),
+            Err(kube::Error::Api(status)) if status.is_conflict() => Err(Error::Conflict),
+            Err(error) => Err(Error::Kube(error)),
+        }
+    }
+
+    async fn publish(&self, obj: &DeviceOffboard, note: &Note) {
+        let event = Event {
+            type_: if note.reason.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.event_reason().to_string(),
+            note: Some(truncate(&note.message, 1000)),
+            action: "Offboard".to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %error, reason = note.reason.event_reason(), "could not publish event");
+        }
+    }
+}
+
+/// The status merge patch from `old` to `new`: removed fields become `null`
+/// (a merge patch leaves absent keys alone), and the object's resourceVersion
+/// makes it a precondition — a stale writer gets 409 Conflict.
+pub fn status_patch(
+    resource_version: Option<&str>,
+    old: &DeviceOffboardStatus,
+    new: &DeviceOffboardStatus,
+) -> Value {
+    let old = serde_json::to_value(old).unwrap_or(Value::Null);
+    let mut new = serde_json::to_value(new).unwrap_or_else(|_| json!({}));
+    if let (Value::Object(old), Value::Object(new)) = (&old, &mut new) {
+        for key in old.keys() {
+            new.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    json!({ "metadata": { "resourceVersion": resource_version }, "status": new })
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// One resource held in memory: the `offboard` command's store (its key plays
+/// the uid), and the unit tests' Kubernetes. Writes check and bump the
+/// resourceVersion like an API server, so a stale writer gets a conflict.
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+    on_note: Box<dyn Fn(&Note) + Send + Sync>,
+}
+
+struct MemoryState {
+    object: DeviceOffboard,
+    notes: Vec<Note>,
+    writes: u64,
+    /// Writes with these 1-based numbers fail (a test's "crash" or "conflict").
+    failing_writes: Vec<(u64, FailWith)>,
+}
+
+/// How a scripted write fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailWith {
+    Conflict,
+    /// The process "dies" before the write lands.
+    Crash,
+}
+
+impl MemoryStore {
+    pub fn new(object: DeviceOffboard) -> Self {
+        Self::with_notes(object, |_| {})
+    }
+
+    /// A store that hands every note to `on_note` as it is published.
+    pub fn with_notes(
+        object: DeviceOffboard,
+        on_note: impl Fn(&Note) + Send + Sync + 'static,
+    ) -> Self {
+        let mut object = object;
+        object
+            .metadata
+            .resource_version
+            .get_or_insert_with(|| "1".into());
+        MemoryStore {
+            state: Mutex::new(MemoryState {
+                object,
+                notes: Vec::new(),
+                writes: 0,
+                failing_writes: Vec::new(),
+            }),
+            on_note: Box::new(on_note),
+        }
+    }
+
+    /// Make write number `n` (1-based, counting every attempt) fail.
+    pub fn fail_write(&self, n: u64, with: FailWith) {
+        self.lock().failing_writes.push((n, with));
+    }
+
+    /// The object as stored now.
+    pub fn object(&self) -> DeviceOffboard {
+        self.lock().object.clone()
+    }
+
+    pub fn notes(&self) -> Vec<Note> {
+        self.lock().notes.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        // A panic while holding the lock leaves plain data: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl StatusStore for MemoryStore {
+    async fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> Result<DeviceOffboard> {
+        let mut state = self.lock();
+        state.writes += 1;
+        let n = state.writes;
+        if let Some((_, with)) = state.failing_writes.iter().find(|(at, _)| *at == n) {
+            return Err(match with {
+                FailWith::Conflict => Error::Conflict,
+                FailWith::Crash => Error::Interrupted,
+            });
+        }
+        if current.metadata.resource_version != state.object.metadata.resource_version {
+            return Err(Error::Conflict);
+        }
+        let version: u64 = state
+            .object
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        state.object.status = Some(status.clone());
+        state.object.metadata.resource_version = Some((version + 1).to_string());
+        Ok(state.object.clone())
+    }
+
+    async fn publish(&self, _obj: &DeviceOffboard, note: &Note) {
+        (self.on_note)(note);
+        self.lock().notes.push(note.clone());
+    }
+}

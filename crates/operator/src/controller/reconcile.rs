@@ -1,0 +1,23 @@
+//! The controller's reconcile: one [`sequence::step`] with the MDE client and
+//! the Kubernetes API as its ports, timed into a histogram.
+
+use super::ports::MdeCalls;
+use super::sequence;
+use super::{Context, Result};
+use crate::crd::DeviceOffboard;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use std::sync::Arc;
+
+#[tracing::instrument(skip(obj, ctx), fields(name = %obj.name_any(), namespace = obj.namespace().unwrap_or_default()))]
+pub async fn reconcile<M: MdeCalls>(
+    obj: Arc<DeviceOffboard>,
+    ctx: Arc<Context<M>>,
+) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let result = sequence::step(&obj, &ctx.ports()).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    Ok(result?.map_or_else(Action::await_change, Action::requeue))
+}

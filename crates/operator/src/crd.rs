@@ -1,0 +1,198 @@
+//! The `DeviceOffboard` custom resource (contract: see DESIGN.md).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the resource.
+pub const GROUP: &str = "defender.offboard.dev";
+/// Full CRD name.
+pub const CRD_NAME: &str = "deviceoffboards.defender.offboard.dev";
+/// Longest comment accepted. MDE documents no limit; this leaves room for the
+/// correlation marker the operator appends, and keeps requests small.
+pub const MAX_COMMENT_LEN: usize = 900;
+
+/// Offboard one device from Microsoft Defender for Endpoint, exactly once.
+///
+/// The spec is immutable: to offboard another device, create another resource.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "defender.offboard.dev",
+    version = "v1alpha1",
+    kind = "DeviceOffboard",
+    plural = "deviceoffboards",
+    namespaced,
+    shortname = "doff",
+    shortname = "offboard",
+    category = "defender",
+    status = "DeviceOffboardStatus",
+    printcolumn = r#"{"name":"Machine","type":"string","jsonPath":".status.machineId"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".status.machineActionId"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.actionStatus"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self == oldSelf").message("spec is immutable: delete this DeviceOffboard and create a new one to offboard another device"),
+    validation = Rule::new("has(self.machineId) != has(self.deviceName)").message("exactly one of spec.machineId or spec.deviceName must be set")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceOffboardSpec {
+    /// The MDE machine id: 40 lowercase hexadecimal characters. Exactly one of
+    /// `machineId` and `deviceName` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{40}$"))]
+    pub machine_id: Option<String>,
+
+    /// The device's `computerDnsName` in MDE, resolved through the machines API;
+    /// must match exactly one machine. Exactly one of `machineId` and
+    /// `deviceName` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+    )]
+    pub device_name: Option<String>,
+
+    /// Why the device is offboarded; sent to MDE as the action's comment.
+    #[schemars(length(min = 1, max = 900))]
+    #[x_kube(validation = Rule::new("self.matches('\\\\S')").message("spec.comment must not be blank: say why the device is offboarded"))]
+    pub comment: String,
+}
+
+/// Where a `DeviceOffboard` stands. Contract: these names are read by scripts.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum Phase {
+    /// Accepted, not yet sent (also while waiting for rate budget).
+    #[default]
+    Pending,
+    /// Intent recorded; the offboard request may be in flight.
+    Submitting,
+    /// The MachineAction exists and MDE reports it Pending or InProgress.
+    InProgress,
+    /// MDE reports the action Succeeded.
+    Succeeded,
+    /// The offboard failed for good (see `lastError` and the `Ready` condition).
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Pending,
+        Phase::Submitting,
+        Phase::InProgress,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Submitting => "Submitting",
+            Phase::InProgress => "InProgress",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+/// The last error the operator met, in words a person can act on.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LastError {
+    /// A stable code: MDE's error code, or the operator's own (e.g. `DeviceAmbiguous`).
+    pub code: String,
+    /// What happened and what to do about it. Never contains a credential.
+    pub message: String,
+}
+
+/// Observed state of a `DeviceOffboard`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceOffboardStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The MDE machine id (resolved from `deviceName` when that was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// The offboard MachineAction's id; once set it never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_action_id: Option<String>,
+    /// MDE's own status of the action: Pending, InProgress, Succeeded, Failed, TimeOut, Cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_status: Option<String>,
+    /// `Submitted` and `Ready` (read by kstatus, Flux, Argo CD and `kubectl wait`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Offboard requests sent for this resource (each after a lookup proved none was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    /// While throttled or backing off: when the operator tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+}
+
+/// The CRD as YAML, exactly as `defender-offboard crd` prints it and as
+/// `crds/deviceoffboards.defender.offboard.dev.yaml` holds it.
+pub fn crd_yaml() -> String {
+    serde_yaml_ng::to_string(&DeviceOffboard::crd()).expect("the CRD always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_file_matches_the_rust_types() {
+        let committed = include_str!("../../../crds/deviceoffboards.defender.offboard.dev.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/deviceoffboards.defender.offboard.dev.yaml is stale: regenerate it with \
+             `cargo run -- crd > crds/deviceoffboards.defender.offboard.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_carries_the_contract_names() {
+        let crd = DeviceOffboard::crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some(CRD_NAME));
+        assert_eq!(crd.spec.group, GROUP);
+        let names = &crd.spec.names;
+        assert_eq!(names.plural, "deviceoffboards");
+        assert_eq!(
+            names.short_names.as_deref(),
+            Some(&["doff".to_string(), "offboard".to_string()][..])
+        );
+        let version = &crd.spec.versions[0];
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Machine", "Phase", "Action", "Status", "Age"]);
+    }
+
+    #[test]
+    fn spec_rules_make_it_immutable_and_exactly_one_target() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("rule: self == oldSelf"));
+        assert!(yaml.contains("has(self.machineId) != has(self.deviceName)"));
+        assert!(yaml.contains("pattern: ^[0-9a-f]{40}$"));
+    }
+}

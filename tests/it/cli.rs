@@ -1,0 +1,229 @@
+//! The `offboard` command as people and pipelines use it: the built binary
+//! against the simulator.
+
+use crate::common::*;
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_defender-offboard");
+const FINANCE_LAPTOP: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+const SECRET: &str = "sim-secret";
+
+async fn offboard(sim_url: &str, secret: &str, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .arg("offboard")
+        .args(args)
+        .env("AZURE_TENANT_ID", "sim-tenant")
+        .env("AZURE_CLIENT_ID", "sim-client")
+        .env("AZURE_CLIENT_SECRET", secret)
+        .env("DEFENDER_API_URL", sim_url)
+        .env("AZURE_AUTHORITY_HOST", sim_url)
+        .env("RUST_LOG", "debug")
+        .kill_on_drop(true);
+    with_timeout(30, command.output()).await.unwrap()
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn offboard_and_wait_prints_the_final_action() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let output = offboard(
+        &sim.base_url(),
+        SECRET,
+        &[
+            "--device-name",
+            "finance-laptop-07.contoso.com",
+            "--comment",
+            "returned",
+            "--wait",
+            "--poll-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    let action: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(action["status"], "Succeeded");
+    assert_eq!(action["machineId"], FINANCE_LAPTOP);
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+}
+
+#[tokio::test]
+async fn a_failed_action_exits_non_zero() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let lab_pc = "60718293a4b5c6d7e8f9012345678ab1c2d3e4f5";
+    let output = offboard(
+        &sim.base_url(),
+        SECRET,
+        &[
+            "--machine-id",
+            lab_pc,
+            "--comment",
+            "x",
+            "--wait",
+            "--poll-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.lines().last().unwrap().contains("ended Failed"),
+        "{stderr}"
+    );
+}
+
+/// A rerun with the same key adopts the first run's action instead of sending again.
+#[tokio::test]
+async fn an_idempotency_key_makes_reruns_adopt() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let args = [
+        "--machine-id",
+        FINANCE_LAPTOP,
+        "--comment",
+        "returned",
+        "--idempotency-key",
+        "ticket-1042",
+    ];
+    let first = offboard(&sim.base_url(), SECRET, &args).await;
+    assert!(first.status.success(), "{}", text(&first).1);
+    // Even after the first action is final, the rerun finds it by its key.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let second = offboard(&sim.base_url(), SECRET, &args).await;
+    assert!(second.status.success(), "{}", text(&second).1);
+    let id =
+        |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"].clone();
+    assert_eq!(id(&first), id(&second));
+    assert_eq!(
+        sim.stats().offboard_actions_by_machine.get(FINANCE_LAPTOP),
+        Some(&1)
+    );
+}
+
+/// Bad input ends with one clear line naming the problem, a non-zero exit,
+/// no panic, and never the secret.
+#[tokio::test]
+async fn bad_input_ends_with_one_clear_line() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let unreachable = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let cases: Vec<(&str, String, &str, Vec<&str>, &str)> = vec![
+        (
+            "malformed id",
+            sim.base_url(),
+            SECRET,
+            vec!["--machine-id", "ABC123", "--comment", "x"],
+            "--machine-id",
+        ),
+        (
+            "empty comment",
+            sim.base_url(),
+            SECRET,
+            vec!["--machine-id", FINANCE_LAPTOP, "--comment", " "],
+            "--comment",
+        ),
+        (
+            "unreachable host",
+            unreachable,
+            SECRET,
+            vec!["--machine-id", FINANCE_LAPTOP, "--comment", "x"],
+            "cannot reach the login host",
+        ),
+        (
+            "wrong secret",
+            sim.base_url(),
+            "wrong-secret-value",
+            vec!["--machine-id", FINANCE_LAPTOP, "--comment", "x"],
+            "AADSTS7000215",
+        ),
+        (
+            "unknown device",
+            sim.base_url(),
+            SECRET,
+            vec!["--device-name", "nope.contoso.com", "--comment", "x"],
+            "no MDE machine",
+        ),
+        (
+            "ambiguous device",
+            sim.base_url(),
+            SECRET,
+            vec![
+                "--device-name",
+                "kiosk-lobby-01.contoso.com",
+                "--comment",
+                "x",
+            ],
+            "--machine-id",
+        ),
+    ];
+    for (name, url, secret, args, expected) in cases {
+        let output = offboard(&url, secret, &args).await;
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(expected),
+            "{name}: {last}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+            "{name}: {stderr}"
+        );
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{name}: the secret leaked"
+        );
+        assert!(!stderr.contains("Bearer "), "{name}: a token leaked");
+    }
+    assert_eq!(sim.stats().actions_created, 0);
+}
+
+/// Every answer is lost after MDE created the action: the command looks it up
+/// by its marker and prints it, having sent exactly once.
+#[tokio::test]
+async fn a_lost_answer_is_adopted_not_resent() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    control(
+        &sim,
+        "faults",
+        serde_json::json!({"lost_response_rate": 1.0, "lost_response_mode": "mixed"}),
+    )
+    .await;
+    let output = offboard(
+        &sim.base_url(),
+        SECRET,
+        &[
+            "--machine-id",
+            FINANCE_LAPTOP,
+            "--comment",
+            "returned",
+            "--lookup-delay",
+            "200ms",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("outcome unknown"), "{stderr}");
+    let action: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(action["machineId"], FINANCE_LAPTOP);
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.actions_created,
+            stats.lost_responses,
+            stats.duplicate_offboards
+        ),
+        (1, 1, 0)
+    );
+}

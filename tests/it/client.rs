@@ -1,0 +1,375 @@
+//! The MDE client against the simulator, over loopback.
+
+use crate::common::*;
+use defender_offboard::mde::{
+    ActionStatus, DefenderClient, ErrorClass, MdeError, correlation_marker,
+};
+use defender_offboard::metrics::Metrics;
+use defender_offboard::simulator::{EXAMPLE_MACHINES, SimConfig};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FINANCE_LAPTOP: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+const LINUX_AGENT: &str = "3d4e5f60718293a4b5c6d7e8f9012345678ab1c2";
+
+#[tokio::test]
+async fn offboard_happy_path_reaches_succeeded() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    with_timeout(20, async {
+        let machine = client.get_machine(FINANCE_LAPTOP).await.unwrap();
+        assert_eq!(
+            machine.computer_dns_name.as_deref(),
+            Some("finance-laptop-07.contoso.com")
+        );
+        let action = client
+            .offboard(FINANCE_LAPTOP, "returned laptop [defender-offboard:k1]")
+            .await
+            .unwrap();
+        assert_eq!(action.action_type, "Offboard");
+        assert_eq!(action.status, ActionStatus::Pending);
+        assert_eq!(action.machine_id.as_deref(), Some(FINANCE_LAPTOP));
+        loop {
+            let fresh = client.get_machine_action(&action.id).await.unwrap();
+            if fresh.status.is_final() {
+                assert_eq!(fresh.status, ActionStatus::Succeeded);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(sim.stats().duplicate_offboards, 0);
+}
+
+#[tokio::test]
+async fn device_names_resolve_and_reimaged_devices_show_several() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    let one = client
+        .find_machines_by_name("finance-laptop-07.contoso.com")
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    let two = client
+        .find_machines_by_name("kiosk-lobby-01.contoso.com")
+        .await
+        .unwrap();
+    assert_eq!(two.len(), 2);
+    assert!(
+        client
+            .find_machines_by_name("nope.contoso.com")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// After a 429 the family is parked: the next call is not sent before Retry-After.
+#[tokio::test]
+async fn throttling_honours_retry_after() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    client.check_sign_in().await.unwrap();
+    control(
+        &sim,
+        "throttle",
+        json!({"family": "offboard", "seconds": 2.0}),
+    )
+    .await;
+    let started = Instant::now();
+    let error = client.offboard(FINANCE_LAPTOP, "x").await.unwrap_err();
+    let MdeError::Throttled { retry_at, .. } = &error else {
+        panic!("expected Throttled, got {error:?}")
+    };
+    assert_eq!(error.class(), ErrorClass::Throttled);
+    assert!(*retry_at > jiff::Timestamp::now());
+    let action = with_timeout(10, client.offboard(FINANCE_LAPTOP, "x"))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "second call went early: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(action.status, ActionStatus::Pending);
+    let stats = sim.stats();
+    assert_eq!(
+        stats.throttled, 1,
+        "exactly one 429: nothing was sent while parked"
+    );
+    assert_eq!(stats.count("offboard", "201"), 1);
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_before_expiry_and_after_a_401() {
+    let sim = spawn_sim(SimConfig {
+        token_lifetime: Duration::from_secs(120),
+        ..fast_sim_config()
+    })
+    .await;
+    let client = client(&sim, FAST_LIMITS);
+    // 120 simulated seconds = 2 s (refreshed 0.2 s early): calls across 5 s
+    // need fresh tokens, without any 401.
+    for _ in 0..10 {
+        client.get_machine(FINANCE_LAPTOP).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stats = sim.stats();
+    assert!(
+        stats.tokens_issued >= 3,
+        "tokens issued: {}",
+        stats.tokens_issued
+    );
+    assert_eq!(
+        stats.count("machines", "401"),
+        0,
+        "refresh happens before expiry"
+    );
+
+    // Revoked server-side: one 401, a new token, success.
+    control(&sim, "revoke-tokens", json!({})).await;
+    client.get_machine(FINANCE_LAPTOP).await.unwrap();
+    assert_eq!(sim.stats().count("machines", "401"), 1);
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_token_request() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    let calls: Vec<_> = (0..20)
+        .map(|_| client.get_machine(FINANCE_LAPTOP))
+        .collect();
+    for result in futures::future::join_all(calls).await {
+        result.unwrap();
+    }
+    assert_eq!(sim.stats().tokens_issued, 1);
+}
+
+#[tokio::test]
+async fn every_error_class_is_classified() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+
+    let not_found = client.offboard(&"f".repeat(40), "x").await.unwrap_err();
+    assert!(
+        matches!(not_found, MdeError::NotFound { .. }),
+        "{not_found:?}"
+    );
+    assert_eq!(not_found.class(), ErrorClass::Permanent);
+
+    let linux = client.offboard(LINUX_AGENT, "x").await.unwrap_err();
+    assert!(
+        matches!(linux, MdeError::PlatformNotSupported { .. }),
+        "{linux:?}"
+    );
+
+    let empty_comment = client.offboard(FINANCE_LAPTOP, "").await.unwrap_err();
+    assert!(
+        matches!(&empty_comment, MdeError::BadRequest { status: 400, .. }),
+        "{empty_comment:?}"
+    );
+
+    client.offboard(FINANCE_LAPTOP, "first").await.unwrap();
+    let pending = client.offboard(FINANCE_LAPTOP, "second").await.unwrap_err();
+    assert!(
+        matches!(pending, MdeError::AlreadyPending { .. }),
+        "{pending:?}"
+    );
+    assert_eq!(pending.class(), ErrorClass::AlreadyPending);
+    let adopted = client
+        .find_pending_offboard(FINANCE_LAPTOP)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(adopted.requestor_comment.as_deref(), Some("first"));
+
+    control(&sim, "roles", json!({"roles": ["Machine.Read.All"]})).await;
+    control(&sim, "revoke-tokens", json!({})).await;
+    let forbidden = client
+        .offboard(EXAMPLE_MACHINES[1].id, "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(forbidden, MdeError::Forbidden { .. }),
+        "{forbidden:?}"
+    );
+    assert_eq!(forbidden.class(), ErrorClass::Access);
+    control(
+        &sim,
+        "roles",
+        json!({"roles": ["Machine.Read.All", "Machine.Offboard"]}),
+    )
+    .await;
+
+    control(&sim, "faults", json!({"error_rate": 1.0})).await;
+    let read_5xx = client.get_machine(FINANCE_LAPTOP).await.unwrap_err();
+    assert!(
+        matches!(read_5xx, MdeError::Unavailable { .. }),
+        "{read_5xx:?}"
+    );
+    assert_eq!(read_5xx.class(), ErrorClass::Transient);
+    let write_5xx = client
+        .offboard(EXAMPLE_MACHINES[1].id, "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(write_5xx, MdeError::OutcomeUnknown { .. }),
+        "a 5xx on offboard is ambiguous: {write_5xx:?}"
+    );
+    control(&sim, "faults", json!({"error_rate": 0.0})).await;
+
+    let wrong_secret = DefenderClient::new(
+        client_config(&sim, "not-the-secret", FAST_LIMITS),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+    .check_sign_in()
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(wrong_secret, MdeError::SignIn { .. }),
+        "{wrong_secret:?}"
+    );
+    assert!(
+        !wrong_secret.to_string().contains("not-the-secret"),
+        "the secret never appears in errors"
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut config = client_config(&sim, "sim-secret", FAST_LIMITS);
+    config.endpoints = defender_offboard::mde::Endpoints::new(
+        defender_offboard::mde::Cloud::Commercial,
+        Some(&closed),
+        Some(&sim.base_url()),
+    )
+    .unwrap();
+    let unreachable = DefenderClient::new(config, Arc::new(Metrics::default()))
+        .unwrap()
+        .offboard(FINANCE_LAPTOP, "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unreachable, MdeError::NotSent { .. }),
+        "{unreachable:?}"
+    );
+    assert_eq!(unreachable.class(), ErrorClass::Transient);
+}
+
+/// The action is created but the answer is lost: the client says "outcome
+/// unknown", and the lookup by marker finds the action.
+#[tokio::test]
+async fn lost_responses_are_outcome_unknown_and_found_by_lookup() {
+    for mode in ["drop", "504"] {
+        let sim = spawn_sim(fast_sim_config()).await;
+        let client = client(&sim, FAST_LIMITS);
+        client.check_sign_in().await.unwrap();
+        control(
+            &sim,
+            "faults",
+            json!({"lost_response_rate": 1.0, "lost_response_mode": mode}),
+        )
+        .await;
+        let marker = correlation_marker("uid-1");
+        let error = client
+            .offboard(FINANCE_LAPTOP, &format!("retired {marker}"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, MdeError::OutcomeUnknown { .. }),
+            "{mode}: {error:?}"
+        );
+        assert!(error.may_have_created(), "{mode}: {error:?}");
+        control(&sim, "faults", json!({"lost_response_rate": 0.0})).await;
+        let found = client
+            .find_offboard_action(FINANCE_LAPTOP, &marker)
+            .await
+            .unwrap();
+        assert!(
+            found.is_some(),
+            "{mode}: the created action is found by its marker"
+        );
+        assert!(
+            client
+                .find_offboard_action(FINANCE_LAPTOP, &correlation_marker("other"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let stats = sim.stats();
+        assert_eq!(
+            (stats.lost_responses, stats.duplicate_offboards),
+            (1, 0),
+            "{mode}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn lists_follow_next_link_across_pages() {
+    let sim = spawn_sim(SimConfig {
+        page_size: 5,
+        ..fast_sim_config()
+    })
+    .await;
+    let client = client(&sim, FAST_LIMITS);
+    let machines = windows_machines(&client, 12).await;
+    for id in &machines {
+        client.offboard(id, "paging").await.unwrap();
+    }
+    let actions = client
+        .list_machine_actions("type eq 'Offboard'")
+        .await
+        .unwrap();
+    assert_eq!(actions.len(), 12);
+    let by_ids = client
+        .machine_actions_by_ids(&actions.iter().map(|a| a.id.clone()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(by_ids.len(), 12);
+    assert!(
+        sim.stats().count("machineactions", "200") >= 6,
+        "several pages were read"
+    );
+}
+
+/// 300 offboards as fast as the client allows, against MDE's limits counted in
+/// sliding windows (time-scaled ×60): not one 429, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_300_offboards_gets_no_429() {
+    let sim = spawn_sim(SimConfig {
+        machines: 400,
+        ..fast_sim_config()
+    })
+    .await;
+    let client = client(&sim, FAST_LIMITS);
+    let machines = windows_machines(&client, 300).await;
+    let started = Instant::now();
+    let sends: Vec<_> = machines
+        .iter()
+        .map(|id| {
+            let client = client.clone();
+            let id = id.clone();
+            tokio::spawn(async move { client.offboard(&id, "burst").await })
+        })
+        .collect();
+    let mut created = 0;
+    for send in sends {
+        with_timeout(30, send).await.unwrap().unwrap();
+        created += 1;
+    }
+    let stats = sim.stats();
+    println!(
+        "burst: {created} offboards in {:.2}s, 429s {}, duplicates {}",
+        started.elapsed().as_secs_f64(),
+        stats.throttled,
+        stats.duplicate_offboards
+    );
+    assert_eq!(created, 300);
+    assert_eq!(stats.throttled, 0);
+    assert_eq!(stats.count("offboard", "201"), 300);
+    assert_eq!(stats.duplicate_offboards, 0);
+}

@@ -1,0 +1,281 @@
+//! The real reconcile, in process, against the in-memory Kubernetes API and
+//! the MDE simulator (time-scaled ×60: MDE's 100/min is 100/s here).
+
+use crate::common::*;
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, Phase};
+use defender_offboard::devcluster::ApiHandle;
+use defender_offboard::playground::embedded_controller;
+use defender_offboard::simulator::{SimConfig, SimHandle};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+struct Env {
+    _api: ApiHandle,
+    sim: SimHandle,
+    client: kube::Client,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+async fn start(sim_config: SimConfig) -> Env {
+    let sim = spawn_sim(sim_config).await;
+    let api = spawn_api().await;
+    let client = api.client().await.unwrap();
+    let controller = embedded_controller(
+        client.clone(),
+        &sim,
+        FAST_LIMITS.parse().unwrap(),
+        fast_settings(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let controller = tokio::spawn(controller);
+    Env {
+        _api: api,
+        sim,
+        client,
+        controller,
+    }
+}
+
+async fn create(client: &kube::Client, name: &str, machine_id: &str) {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    let spec = DeviceOffboardSpec {
+        machine_id: Some(machine_id.into()),
+        device_name: None,
+        comment: "retired".into(),
+    };
+    api.create(&PostParams::default(), &DeviceOffboard::new(name, spec))
+        .await
+        .unwrap();
+}
+
+async fn phases(client: &kube::Client) -> Vec<(String, Phase, Option<String>)> {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|d| {
+            let status = d.status.unwrap_or_default();
+            (
+                d.metadata.name.unwrap(),
+                status.phase.unwrap_or_default(),
+                status.machine_action_id,
+            )
+        })
+        .collect()
+}
+
+async fn wait_all_final(
+    client: &kube::Client,
+    n: usize,
+    seconds: u64,
+) -> Vec<(String, Phase, Option<String>)> {
+    with_timeout(seconds, async {
+        loop {
+            let now = phases(client).await;
+            if now.len() == n && now.iter().all(|(_, p, _)| p.is_terminal()) {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+}
+
+async fn mde_client(env: &Env) -> defender_offboard::mde::DefenderClient {
+    client(&env.sim, FAST_LIMITS)
+}
+
+/// 300 resources at once against MDE's (time-scaled) limits: every one final,
+/// not one 429, no duplicate, and polling costs batched calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_300_resources_is_offboarded_without_429s_or_duplicates() {
+    let env = start(SimConfig {
+        machines: 420,
+        ..fast_sim_config()
+    })
+    .await;
+    let machines = windows_machines(&mde_client(&env).await, 300).await;
+    let started = Instant::now();
+    for (i, id) in machines.iter().enumerate() {
+        create(&env.client, &format!("burst-{i:03}"), id).await;
+    }
+    let done = wait_all_final(&env.client, 300, 90).await;
+    let stats = env.sim.stats();
+    let succeeded = done
+        .iter()
+        .filter(|(_, p, _)| *p == Phase::Succeeded)
+        .count();
+    println!(
+        "controller burst: 300 resources final in {:.1}s ({succeeded} Succeeded), offboards {}, 429s {}, duplicates {}, machine-action reads {}",
+        started.elapsed().as_secs_f64(),
+        stats.count("offboard", "201"),
+        stats.throttled,
+        stats.duplicate_offboards,
+        stats
+            .requests
+            .get("machineactions")
+            .map(|m| m.values().sum::<u64>())
+            .unwrap_or(0),
+    );
+    assert!(
+        done.iter().all(|(_, _, action)| action.is_some()),
+        "every resource has its action id"
+    );
+    assert_eq!(
+        stats.count("offboard", "201"),
+        300,
+        "one offboard per resource"
+    );
+    assert_eq!(stats.throttled, 0);
+    assert_eq!(stats.duplicate_offboards, 0);
+    env.controller.abort();
+}
+
+/// Every offboard answer is lost (dropped connection or 504 after the action
+/// was created): each resource ends with the action it created, adopted by
+/// lookup, never a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_responses_end_adopted_not_duplicated() {
+    let env = start(fast_sim_config()).await;
+    control(
+        &env.sim,
+        "faults",
+        json!({"lost_response_rate": 1.0, "lost_response_mode": "mixed"}),
+    )
+    .await;
+    let machines = windows_machines(&mde_client(&env).await, 10).await;
+    for (i, id) in machines.iter().enumerate() {
+        create(&env.client, &format!("lost-{i}"), id).await;
+    }
+    let done = wait_all_final(&env.client, 10, 60).await;
+    let stats = env.sim.stats();
+    println!(
+        "lost responses: {} lost, {} created, {} duplicates",
+        stats.lost_responses, stats.actions_created, stats.duplicate_offboards
+    );
+    assert_eq!(stats.lost_responses, 10);
+    assert_eq!(stats.actions_created, 10);
+    assert_eq!(stats.duplicate_offboards, 0);
+    assert!(done.iter().all(|(_, _, action)| action.is_some()));
+    // The adoption is visible to a person.
+    let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
+    let one = api.get("lost-0").await.unwrap().status.unwrap();
+    let submitted = one
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Submitted")
+        .unwrap();
+    assert_eq!(submitted.reason, "Adopted");
+    env.controller.abort();
+}
+
+/// Another client has spent the tenant's offboard budget: new resources wait
+/// (Pending, nextRetryAt) until Retry-After, while in-flight ones keep being
+/// polled and finish — nothing blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_run_waits_for_retry_after_without_blocking_others() {
+    // Actions take about 2 s here, so the early ones are still running when the throttle starts.
+    let slow_actions = SimConfig {
+        pending_for: Duration::from_secs(60),
+        in_progress_for: Duration::from_secs(60),
+        ..fast_sim_config()
+    };
+    let env = start(slow_actions).await;
+    let machines = windows_machines(&mde_client(&env).await, 10).await;
+    for (i, id) in machines[..5].iter().enumerate() {
+        create(&env.client, &format!("early-{i}"), id).await;
+    }
+    with_timeout(20, async {
+        while phases(&env.client)
+            .await
+            .iter()
+            .any(|(_, _, action)| action.is_none())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    control(
+        &env.sim,
+        "throttle",
+        json!({"family": "offboard", "seconds": 6.0}),
+    )
+    .await;
+    let throttled_at = Instant::now();
+    for (i, id) in machines[5..].iter().enumerate() {
+        create(&env.client, &format!("late-{i}"), id).await;
+    }
+    // The early ones finish while offboard calls are throttled.
+    with_timeout(20, async {
+        loop {
+            let now = phases(&env.client).await;
+            let early_done = now
+                .iter()
+                .filter(|(n, p, _)| n.starts_with("early") && p.is_terminal())
+                .count();
+            if early_done == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        throttled_at.elapsed() < Duration::from_secs(6),
+        "in-flight actions finished during the throttle"
+    );
+    let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
+    let late = api.get("late-0").await.unwrap().status.unwrap_or_default();
+    assert_eq!(late.phase, Some(Phase::Pending));
+    assert!(
+        late.next_retry_at.is_some(),
+        "nextRetryAt shows when it tries again"
+    );
+    assert_eq!(
+        late.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+            .reason,
+        "Throttled"
+    );
+
+    let done = wait_all_final(&env.client, 10, 30).await;
+    assert!(
+        throttled_at.elapsed() >= Duration::from_millis(5900),
+        "nothing was sent before Retry-After"
+    );
+    // Generated machines end as MDE decides (a few Failed or TimeOut); all were sent once.
+    assert!(
+        done.iter().all(|(_, _, action)| action.is_some()),
+        "{done:?}"
+    );
+    let stats = env.sim.stats();
+    println!(
+        "throttled run: 429s {}, offboards {}, duplicates {}",
+        stats.throttled,
+        stats.count("offboard", "201"),
+        stats.duplicate_offboards
+    );
+    // Calls already in flight when the first 429 parks the budget may each get
+    // one; after that nothing is sent until Retry-After, so at most one per late
+    // resource, never a retry loop.
+    assert!(
+        (1..=5).contains(&stats.throttled),
+        "the parked budget does not hammer MDE: {} 429s",
+        stats.throttled
+    );
+    assert_eq!(stats.count("offboard", "201"), 10);
+    assert_eq!(stats.duplicate_offboards, 0);
+    env.controller.abort();
+}

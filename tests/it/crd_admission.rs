@@ -1,0 +1,74 @@
+//! The project's own CRD (generated from the Rust types) enforced at admission
+//! by the in-memory API, as kube-apiserver enforces it.
+
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use defender_offboard::devcluster::{ApiHandle, ApiServerConfig, spawn_api};
+use kube::CustomResourceExt;
+use kube::api::{Api, PostParams};
+use std::time::Duration;
+
+const MACHINE_ID: &str = "0123456789abcdef0123456789abcdef01234567";
+
+async fn start(config: ApiServerConfig) -> ApiHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    spawn_api(config, listener).await.expect("start API")
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, kube::Error>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(status)) => *status,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+async fn bounded<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), future)
+        .await
+        .expect("test finished in time")
+}
+
+/// The project's own CRD (generated from the Rust types) is enforced like kube-apiserver would.
+#[tokio::test]
+async fn project_crd_rules_are_enforced() {
+    bounded(async {
+        let api = start(ApiServerConfig { crds: vec![DeviceOffboard::crd()], ..Default::default() }).await;
+        let client = api.client().await.unwrap();
+        let typed: Api<DeviceOffboard> = Api::default_namespaced(client.clone());
+        let spec = |machine: Option<&str>, device: Option<&str>, comment: &str| DeviceOffboardSpec {
+            machine_id: machine.map(String::from),
+            device_name: device.map(String::from),
+            comment: comment.into(),
+        };
+        let create = |name: &str, spec: DeviceOffboardSpec| {
+            let typed = typed.clone();
+            let object = DeviceOffboard::new(name, spec);
+            async move { typed.create(&PostParams::default(), &object).await }
+        };
+        let message = |status: kube::core::Status| status.message;
+
+        let both = message(api_error(create("both", spec(Some(MACHINE_ID), Some("pc-1"), "c")).await));
+        assert!(both.contains("spec: Invalid value: \"object\": exactly one of spec.machineId or spec.deviceName must be set"), "{both}");
+        let neither = message(api_error(create("neither", spec(None, None, "c")).await));
+        assert!(neither.contains("exactly one of spec.machineId or spec.deviceName must be set"), "{neither}");
+        let blank = message(api_error(create("blank", spec(None, Some("pc-1"), "   ")).await));
+        assert!(blank.contains("spec.comment: Invalid value: \"   \": spec.comment must not be blank"), "{blank}");
+        let bad_name = message(api_error(create("bad-name", spec(None, Some("pc 1"), "c")).await));
+        assert!(bad_name.contains("spec.deviceName: Invalid value: \"pc 1\": spec.deviceName in body should match"), "{bad_name}");
+
+        let created = create("ok", spec(None, Some("pc-1"), "retired")).await.unwrap();
+        let mut status_write = created.clone();
+        status_write.status = Some(DeviceOffboardStatus { phase: Some(Phase::Pending), ..Default::default() });
+        let written = typed.replace_status("ok", &PostParams::default(), &status_write).await.unwrap();
+        assert_eq!(written.status.unwrap().phase, Some(Phase::Pending));
+        assert_eq!(api_error(typed.replace_status("ok", &PostParams::default(), &status_write).await).code, 409);
+
+        let mut edited = typed.get("ok").await.unwrap();
+        edited.spec.comment = "changed".into();
+        let immutable = message(api_error(typed.replace("ok", &PostParams::default(), &edited).await));
+        assert!(immutable.contains("spec: Invalid value: \"object\": spec is immutable"), "{immutable}");
+        api.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,16 @@
+//! The root package's integration tests, in one binary so a 2-core machine
+//! links one test executable instead of eight. Everything runs on loopback.
+//!
+//! - `chart`, `crd_admission`: the Helm chart and the CRD against the generated types;
+//! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
+//! - `controller`, `rbac`: the controller in process against the in-memory API;
+//! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
+
+mod chart;
+mod cli;
+mod client;
+mod common;
+mod controller;
+mod crd_admission;
+mod e2e;
+mod rbac;

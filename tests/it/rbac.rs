@@ -1,0 +1,203 @@
+//! The chart grants every Kubernetes call the code makes: a full controller
+//! cycle (start-up check, leader lease, watch, status writes, events) runs
+//! against the in-memory API through a client that records each request, and
+//! every request must be allowed by the chart's RBAC rules.
+
+use crate::common::*;
+use defender_offboard::controller::check_crd_installed;
+use defender_offboard::controller::decision::Settings;
+use defender_offboard::controller::leader::{Elector, LeaseTiming};
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
+
+use defender_offboard::playground::embedded_controller;
+use http::{Method, Request};
+use kube::api::{Api, ListParams, PostParams};
+use kube::client::{Body, ClientBuilder};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// (API group, resource, verb) as RBAC names them.
+type Permission = (String, String, String);
+
+fn chart_rules() -> BTreeSet<Permission> {
+    let mut granted = BTreeSet::new();
+    for file in ["clusterrole.yaml", "leader-election-rbac.yaml"] {
+        let text =
+            std::fs::read_to_string(format!("charts/defender-offboard/templates/{file}")).unwrap();
+        // Rules are plain YAML between `rules:` and the end of that document.
+        let rules = text.split("rules:\n").nth(1).unwrap();
+        let rules: String = rules
+            .lines()
+            .take_while(|l| l.starts_with("  "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let rules: Vec<serde_json::Value> = serde_yaml_ng::from_str(&rules).unwrap();
+        for rule in rules {
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        granted.insert((
+                            group.as_str().unwrap().to_string(),
+                            resource.as_str().unwrap().to_string(),
+                            verb.as_str().unwrap().to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    granted
+}
+
+/// The RBAC permission a request needs.
+fn permission(method: &Method, path: &str, query: &str) -> Permission {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest.to_vec()),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest.to_vec()),
+        _ => panic!("unexpected path {path}"),
+    };
+    let rest = match rest.as_slice() {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest.to_vec(),
+        other => other.to_vec(),
+    };
+    let (resource, named) = match rest.as_slice() {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected path {path}"),
+    };
+    let verb = match *method {
+        Method::GET if query.contains("watch=true") => "watch",
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => panic!("unexpected method {method}"),
+    };
+    (group, resource, verb.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_grants_every_call_the_controller_makes() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let api = spawn_api().await;
+    let seen: Arc<Mutex<BTreeSet<Permission>>> = Arc::default();
+    let record = seen.clone();
+    let recorder = tower::util::MapRequestLayer::new(move |request: Request<Body>| {
+        let uri = request.uri();
+        record.lock().unwrap().insert(permission(
+            request.method(),
+            uri.path(),
+            uri.query().unwrap_or_default(),
+        ));
+        request
+    });
+    let config = kube::Config::new(api.url().parse().unwrap());
+    let client = ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&recorder)
+        .build();
+
+    // Start-up and leader election, as `run --leader-elect` does them.
+    check_crd_installed(&client, None).await.unwrap();
+    let timing = LeaseTiming {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(200),
+    };
+    let mut elector = Elector::new(client.clone(), "default", "replica-a", timing);
+    assert!(
+        elector.try_acquire_or_renew().await.unwrap(),
+        "first replica takes the lease"
+    );
+    assert!(
+        elector.try_acquire_or_renew().await.unwrap(),
+        "and renews it"
+    );
+
+    // A full controller cycle: success, a failure with events, a throttle.
+    let settings = Settings {
+        lookup_delay: Duration::from_millis(200),
+        retry_backoff: Duration::from_millis(200),
+        access_backoff: Duration::from_secs(5),
+    };
+    let controller = embedded_controller(
+        client.clone(),
+        &sim,
+        FAST_LIMITS.parse().unwrap(),
+        settings,
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    let controller = tokio::spawn(controller);
+    let admin = api.client().await.unwrap();
+    let resources: Api<DeviceOffboard> = Api::namespaced(admin, "default");
+    let spec = |machine: Option<&str>, device: Option<&str>| DeviceOffboardSpec {
+        machine_id: machine.map(str::to_string),
+        device_name: device.map(str::to_string),
+        comment: "rbac".into(),
+    };
+    resources
+        .create(
+            &PostParams::default(),
+            &DeviceOffboard::new(
+                "ok",
+                spec(Some("0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"), None),
+            ),
+        )
+        .await
+        .unwrap();
+    resources
+        .create(
+            &PostParams::default(),
+            &DeviceOffboard::new("ambiguous", spec(None, Some("kiosk-lobby-01.contoso.com"))),
+        )
+        .await
+        .unwrap();
+    with_timeout(30, async {
+        loop {
+            let list = resources.list(&ListParams::default()).await.unwrap();
+            if list.items.iter().all(|d| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_terminal())
+            }) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    controller.abort();
+    elector.release().await;
+
+    let granted = chart_rules();
+    let used = seen.lock().unwrap().clone();
+    println!("calls the controller made: {used:?}");
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        missing.is_empty(),
+        "the chart does not grant {missing:?}; add them to charts/defender-offboard/templates"
+    );
+    for expected in [
+        ("defender.offboard.dev", "deviceoffboards", "watch"),
+        ("defender.offboard.dev", "deviceoffboards/status", "patch"),
+        ("events.k8s.io", "events", "create"),
+        ("coordination.k8s.io", "leases", "update"),
+    ] {
+        let expected = (
+            expected.0.to_string(),
+            expected.1.to_string(),
+            expected.2.to_string(),
+        );
+        assert!(
+            used.contains(&expected),
+            "the recording missed {expected:?}: the test no longer exercises the controller"
+        );
+    }
+}
