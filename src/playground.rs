@@ -401,3 +401,51 @@ pub async fn watch_until_final(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dev: DevArgs,
+    }
+
+    #[test]
+    fn sim_rate_limit_takes_what_simulate_takes() {
+        let none = Cli::try_parse_from(["dev", "--sim-rate-limit", "none"]).unwrap();
+        assert!(none.dev.sim_config().rate_limits.is_empty());
+        let fast = Cli::try_parse_from(["dev", "--sim-rate-limit", "5/600ms"]).unwrap();
+        assert_eq!(
+            fast.dev.sim_config().rate_limits,
+            vec![simulator::RateLimit {
+                calls: 5,
+                window: Duration::from_millis(600)
+            }]
+        );
+        let bad = Cli::try_parse_from(["dev", "--sim-rate-limit", "many"]);
+        assert!(bad.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_env_file_names_the_kubeconfig_that_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = simulator::spawn(SimConfig::default(), listener)
+            .await
+            .unwrap();
+        let kubeconfig = dir.path().join("elsewhere").join("my.kubeconfig");
+        let env = write_run_files(dir.path(), &kubeconfig, &sim).unwrap();
+        let text = std::fs::read_to_string(env).unwrap();
+        assert!(
+            text.contains(&format!("export KUBECONFIG={}\n", kubeconfig.display())),
+            "{text}"
+        );
+        assert!(
+            !text.contains(SIM_SECRET),
+            "the secret goes in a file: {text}"
+        );
+    }
+}

@@ -33,6 +33,7 @@ mod patch;
 mod protobuf;
 mod registry;
 mod selector;
+mod state;
 mod status;
 mod store;
 mod table;

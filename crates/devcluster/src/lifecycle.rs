@@ -2,8 +2,8 @@
 //! on create, CRD status, deletion with finalizers, and the namespace and CRD
 //! cascades.
 
-use super::ops::{State, meta_str, now};
 use super::registry::ResourceType;
+use super::state::{State, meta_str, now};
 use super::status::{ApiError, Cause};
 use super::store::Key;
 use serde_json::{Value, json};

@@ -10,6 +10,7 @@ use super::lifecycle::{
 use super::patch::{self, PatchKind};
 use super::registry::{Registry, ResourceType};
 use super::selector::{FieldSelector, LabelSelector};
+pub use super::state::{State, meta_str, now};
 use super::status::{ApiError, Cause};
 use super::store::{Key, Store};
 use super::validation::{self, FieldValidation};
@@ -17,13 +18,6 @@ use serde_json::{Value, json};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// Everything behind the server's lock.
-#[derive(Debug)]
-pub struct State {
-    pub registry: Registry,
-    pub store: Store,
-}
 
 /// State shared by the handlers and watch streams.
 #[derive(Debug)]
@@ -84,14 +78,6 @@ impl WriteParams {
     }
 }
 
-/// Now, in whole seconds like kube's `metav1.Time`.
-pub fn now() -> String {
-    let now = jiff::Timestamp::now();
-    jiff::Timestamp::from_second(now.as_second())
-        .unwrap_or(now)
-        .to_string()
-}
-
 /// A stored object as the given resource version presents it.
 pub fn to_external(rt: &ResourceType, stored: &Value) -> Value {
     if rt.is_events() && rt.group == "events.k8s.io" {
@@ -117,10 +103,6 @@ fn to_storage(rt: &ResourceType, external: Value) -> Value {
         out["kind"] = rt.kind.clone().into();
     }
     out
-}
-
-pub(super) fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
-    object["metadata"][field].as_str().filter(|s| !s.is_empty())
 }
 
 fn check_body(rt: &ResourceType, body: &Value) -> Result<(), ApiError> {

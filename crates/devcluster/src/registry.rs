@@ -88,107 +88,120 @@ impl ResourceType {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn builtin(
-    group: &str,
-    version: &str,
-    kind: &str,
-    plural: &str,
+/// A built-in type, by name: the fields that differ between built-ins.
+struct Builtin<'a> {
+    group: &'a str,
+    version: &'a str,
+    kind: &'a str,
+    plural: &'a str,
     namespaced: bool,
-    short_names: &[&str],
+    short_names: &'a [&'a str],
     status_subresource: bool,
-    storage: &str,
-) -> ResourceType {
-    ResourceType {
-        group: group.into(),
-        version: version.into(),
-        kind: kind.into(),
-        list_kind: format!("{kind}List"),
-        plural: plural.into(),
-        singular: kind.to_lowercase(),
-        namespaced,
-        short_names: short_names.iter().map(|s| s.to_string()).collect(),
-        categories: Vec::new(),
-        status_subresource,
-        storage: storage.into(),
-        schema: None,
-        printer_columns: Vec::new(),
-        custom: false,
+    /// Where objects are kept: types that share storage (events) see one set.
+    storage: &'a str,
+}
+
+impl From<Builtin<'_>> for ResourceType {
+    fn from(b: Builtin<'_>) -> Self {
+        ResourceType {
+            group: b.group.into(),
+            version: b.version.into(),
+            kind: b.kind.into(),
+            list_kind: format!("{}List", b.kind),
+            plural: b.plural.into(),
+            singular: b.kind.to_lowercase(),
+            namespaced: b.namespaced,
+            short_names: b.short_names.iter().map(|s| s.to_string()).collect(),
+            categories: Vec::new(),
+            status_subresource: b.status_subresource,
+            storage: b.storage.into(),
+            schema: None,
+            printer_columns: Vec::new(),
+            custom: false,
+        }
     }
 }
 
 /// The built-in resources the operator and kubectl use.
 pub fn builtins() -> Vec<ResourceType> {
     vec![
-        builtin(
-            "",
-            "v1",
-            "Namespace",
-            "namespaces",
-            false,
-            &["ns"],
-            true,
-            "core/namespaces",
-        ),
-        builtin(
-            "",
-            "v1",
-            "Secret",
-            "secrets",
-            true,
-            &[],
-            false,
-            "core/secrets",
-        ),
-        builtin(
-            "",
-            "v1",
-            "ConfigMap",
-            "configmaps",
-            true,
-            &["cm"],
-            false,
-            "core/configmaps",
-        ),
-        builtin(
-            "",
-            "v1",
-            "Event",
-            "events",
-            true,
-            &["ev"],
-            false,
-            "core/events",
-        ),
-        builtin(
-            "events.k8s.io",
-            "v1",
-            "Event",
-            "events",
-            true,
-            &["ev"],
-            false,
-            "core/events",
-        ),
-        builtin(
-            "coordination.k8s.io",
-            "v1",
-            "Lease",
-            "leases",
-            true,
-            &[],
-            false,
-            "coordination.k8s.io/leases",
-        ),
-        builtin(
-            "apiextensions.k8s.io",
-            "v1",
-            "CustomResourceDefinition",
-            "customresourcedefinitions",
-            false,
-            &["crd", "crds"],
-            true,
-            "apiextensions.k8s.io/customresourcedefinitions",
-        ),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Namespace",
+            plural: "namespaces",
+            namespaced: false,
+            short_names: &["ns"],
+            status_subresource: true,
+            storage: "core/namespaces",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Secret",
+            plural: "secrets",
+            namespaced: true,
+            short_names: &[],
+            status_subresource: false,
+            storage: "core/secrets",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "ConfigMap",
+            plural: "configmaps",
+            namespaced: true,
+            short_names: &["cm"],
+            status_subresource: false,
+            storage: "core/configmaps",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Event",
+            plural: "events",
+            namespaced: true,
+            short_names: &["ev"],
+            status_subresource: false,
+            storage: "core/events",
+        }
+        .into(),
+        Builtin {
+            group: "events.k8s.io",
+            version: "v1",
+            kind: "Event",
+            plural: "events",
+            namespaced: true,
+            short_names: &["ev"],
+            status_subresource: false,
+            storage: "core/events",
+        }
+        .into(),
+        Builtin {
+            group: "coordination.k8s.io",
+            version: "v1",
+            kind: "Lease",
+            plural: "leases",
+            namespaced: true,
+            short_names: &[],
+            status_subresource: false,
+            storage: "coordination.k8s.io/leases",
+        }
+        .into(),
+        Builtin {
+            group: "apiextensions.k8s.io",
+            version: "v1",
+            kind: "CustomResourceDefinition",
+            plural: "customresourcedefinitions",
+            namespaced: false,
+            short_names: &["crd", "crds"],
+            status_subresource: true,
+            storage: "apiextensions.k8s.io/customresourcedefinitions",
+        }
+        .into(),
     ]
 }
 

@@ -2,7 +2,7 @@
 
 use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
-use super::error::{MdeError, error_chain, parse_retry_after};
+use super::error::{CallKind, MdeError, error_chain, parse_retry_after};
 use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
 use super::types::{ErrorBody, Machine, MachineAction, ODataPage};
 use jiff::Timestamp;
@@ -39,6 +39,27 @@ struct Inner {
     budget: RateBudget,
     limits: RateLimits,
     observer: Arc<dyn CallObserver>,
+}
+
+/// One API call: what it is, and whether it can change something at MDE.
+struct Call {
+    family: ApiFamily,
+    method: Method,
+    url: Url,
+    body: Option<serde_json::Value>,
+    kind: CallKind,
+}
+
+impl Call {
+    fn read(family: ApiFamily, url: Url) -> Self {
+        Call {
+            family,
+            method: Method::GET,
+            url,
+            body: None,
+            kind: CallKind::Read,
+        }
+    }
 }
 
 /// What the client reports about its calls, so the operator can count them
@@ -135,22 +156,20 @@ impl DefenderClient {
     ) -> Result<MachineAction, MdeError> {
         let url = self.api_url(&format!("api/machines/{machine_id}/offboard"), &[])?;
         let body = serde_json::json!({ "Comment": comment });
-        self.call(
-            ApiFamily::Offboard,
-            Method::POST,
+        let call = Call {
+            family: ApiFamily::Offboard,
+            method: Method::POST,
             url,
-            Some(body),
-            true,
-            permit,
-        )
-        .await
+            body: Some(body),
+            kind: CallKind::Write,
+        };
+        self.call(call, permit).await
     }
 
     /// `GET /api/machines/{id}`.
     pub async fn get_machine(&self, machine_id: &str) -> Result<Machine, MdeError> {
         let url = self.api_url(&format!("api/machines/{machine_id}"), &[])?;
-        self.call(ApiFamily::Machines, Method::GET, url, None, false, None)
-            .await
+        self.call(Call::read(ApiFamily::Machines, url), None).await
     }
 
     /// Machines whose `computerDnsName` is `name` (several when a device was re-imaged).
@@ -177,15 +196,8 @@ impl DefenderClient {
     /// `GET /api/machineactions/{id}`.
     pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
         let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
-        self.call(
-            ApiFamily::MachineActions,
-            Method::GET,
-            url,
-            None,
-            false,
-            None,
-        )
-        .await
+        self.call(Call::read(ApiFamily::MachineActions, url), None)
+            .await
     }
 
     /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
@@ -261,9 +273,7 @@ impl DefenderClient {
         let mut url = self.api_url(path, &[("$filter", filter)])?;
         let mut items = Vec::new();
         loop {
-            let page: ODataPage<T> = self
-                .call(family, Method::GET, url, None, false, None)
-                .await?;
+            let page: ODataPage<T> = self.call(Call::read(family, url), None).await?;
             items.extend(page.value);
             let Some(next) = page.next_link else {
                 return Ok(items);
@@ -313,13 +323,16 @@ impl DefenderClient {
     /// and tries once more (the API rejected the request before acting on it).
     async fn call<T: DeserializeOwned>(
         &self,
-        family: ApiFamily,
-        method: Method,
-        url: Url,
-        body: Option<serde_json::Value>,
-        is_write: bool,
+        call: Call,
         mut reserved: Option<Permit>,
     ) -> Result<T, MdeError> {
+        let Call {
+            family,
+            method,
+            url,
+            body,
+            kind,
+        } = call;
         let inner = &self.inner;
         for attempt in 0..2 {
             let token = match inner.tokens.token().await {
@@ -352,7 +365,7 @@ impl DefenderClient {
                 Err(error) => {
                     permit.complete();
                     inner.observer.request_finished(family, 0);
-                    return Err(MdeError::from_transport(&error, is_write));
+                    return Err(MdeError::from_transport(&error, kind));
                 }
             };
             let status = response.status().as_u16();
@@ -366,7 +379,7 @@ impl DefenderClient {
             inner.observer.request_finished(family, status);
             let bytes = bytes.map_err(|e| {
                 let reason = format!("answer {status} cut off: {}", error_chain(&e));
-                if is_write {
+                if kind == CallKind::Write {
                     MdeError::OutcomeUnknown { reason }
                 } else {
                     MdeError::Unavailable {
@@ -389,26 +402,37 @@ impl DefenderClient {
                 inner.tokens.invalidate(&token).await;
                 continue;
             }
-            let error: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
-            let retry_at = retry_after
-                .as_deref()
-                .and_then(|v| parse_retry_after(v, Timestamp::now()));
-            let error = MdeError::from_status(
-                status,
-                error.error.code,
-                error.error.message,
-                family,
-                retry_at,
-                is_write,
-            );
-            if let MdeError::Throttled { retry_at, .. } = &error {
-                let wait = retry_at.duration_since(Timestamp::now());
-                let wait = Duration::try_from(wait).unwrap_or_default();
-                tracing::warn!(%family, wait_ms = wait.as_millis() as u64, "MDE answered 429; parking this family's budget");
-                inner.budget.park(family, Instant::now() + wait);
-            }
-            return Err(error);
+            return Err(self.refusal(family, kind, status, &bytes, retry_after.as_deref()));
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The error an answer outside 2xx means; a 429 parks the family's budget
+    /// until its `Retry-After`.
+    fn refusal(
+        &self,
+        family: ApiFamily,
+        kind: CallKind,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<&str>,
+    ) -> MdeError {
+        let body: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+        let retry_at = retry_after.and_then(|v| parse_retry_after(v, Timestamp::now()));
+        let error = MdeError::from_status(
+            status,
+            body.error.code,
+            body.error.message,
+            family,
+            retry_at,
+            kind,
+        );
+        if let MdeError::Throttled { retry_at, .. } = &error {
+            let wait = retry_at.duration_since(Timestamp::now());
+            let wait = Duration::try_from(wait).unwrap_or_default();
+            tracing::warn!(%family, wait_ms = wait.as_millis() as u64, "MDE answered 429; parking this family's budget");
+            self.inner.budget.park(family, Instant::now() + wait);
+        }
+        error
     }
 }

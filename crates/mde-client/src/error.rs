@@ -68,6 +68,14 @@ pub enum MdeError {
     InvalidResponse { message: String },
 }
 
+/// Whether a call can change something at MDE: a write whose answer is lost
+/// has an unknown outcome; a read can simply be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    Read,
+    Write,
+}
+
 /// How a caller should react: the coarse classes the controller decides on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -135,15 +143,15 @@ impl MdeError {
         }
     }
 
-    /// Classify an MDE error answer. `is_write` marks non-idempotent calls
-    /// (offboard), where a 5xx leaves the outcome unknown.
+    /// Classify an MDE error answer. On a [`CallKind::Write`] (offboard) a 5xx
+    /// leaves the outcome unknown.
     pub fn from_status(
         status: u16,
         code: String,
         message: String,
         family: ApiFamily,
         retry_at: Option<Timestamp>,
-        is_write: bool,
+        kind: CallKind,
     ) -> MdeError {
         match (status, code.as_str()) {
             (429, _) => MdeError::Throttled {
@@ -156,7 +164,7 @@ impl MdeError {
             (404, _) => MdeError::NotFound { message },
             (400, "ActiveRequestAlreadyExists") => MdeError::AlreadyPending { message },
             (400, "OsPlatformNotSupported") => MdeError::PlatformNotSupported { message },
-            (500.., _) if is_write => MdeError::OutcomeUnknown {
+            (500.., _) if kind == CallKind::Write => MdeError::OutcomeUnknown {
                 reason: format!(
                     "MDE answered {status} {code} after the request was sent: {message}"
                 ),
@@ -174,12 +182,12 @@ impl MdeError {
     }
 
     /// Classify a transport failure. A failure to connect means nothing was sent.
-    pub fn from_transport(error: &reqwest::Error, is_write: bool) -> MdeError {
+    pub fn from_transport(error: &reqwest::Error, kind: CallKind) -> MdeError {
         // reqwest's Display includes the URL, which carries no secret (tokens go in headers).
         let reason = error_chain(error);
         if error.is_connect() {
             MdeError::NotSent { reason }
-        } else if is_write {
+        } else if kind == CallKind::Write {
             MdeError::OutcomeUnknown { reason }
         } else {
             MdeError::Unavailable {
@@ -205,11 +213,19 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// The longest `Retry-After` honoured: MDE's longest window (an hour). A
+/// larger value (or a date further out) is clamped, so one hostile or broken
+/// header cannot park the budget for days, nor overflow a time computation.
+pub const MAX_RETRY_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_secs(3600);
+
+/// `Retry-After` is either delta-seconds or an HTTP date (RFC 9110 §10.2.3),
+/// clamped to [`MAX_RETRY_AFTER`] from `now`.
 pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Timestamp> {
     let value = value.trim();
+    let latest = now.checked_add(MAX_RETRY_AFTER).ok()?;
     if let Ok(seconds) = value.parse::<f64>() {
         if seconds.is_finite() && seconds >= 0.0 {
+            let seconds = seconds.min(MAX_RETRY_AFTER.as_secs_f64());
             return now
                 .checked_add(jiff::SignedDuration::from_secs_f64(seconds))
                 .ok();
@@ -217,7 +233,7 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Timestamp> {
         return None;
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Timestamp::try_from(date).ok()
+    Timestamp::try_from(date).ok().map(|at| at.min(latest))
 }
 
 #[cfg(test)]
@@ -236,19 +252,36 @@ mod tests {
             Some("2026-01-01T00:01:00Z".parse().unwrap())
         );
         assert_eq!(parse_retry_after("soon", now), None);
+        // Absurd values are clamped to an hour, never a panic or a stall of days.
+        let in_an_hour = Some("2026-01-01T01:00:00Z".parse().unwrap());
+        assert_eq!(parse_retry_after("1e19", now), in_an_hour);
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            in_an_hour
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            in_an_hour
+        );
+        assert_eq!(parse_retry_after("inf", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
     }
 
     #[test]
     fn statuses_map_to_classes() {
-        let error = |status, code: &str, write| {
+        let error = |status, code: &str, write: bool| {
             MdeError::from_status(
                 status,
                 code.into(),
                 "m".into(),
                 ApiFamily::Offboard,
                 None,
-                write,
+                if write {
+                    CallKind::Write
+                } else {
+                    CallKind::Read
+                },
             )
         };
         let classify = |status, code: &str, write| error(status, code, write).class();

@@ -27,8 +27,6 @@ pub enum Send {
 pub enum Lookup {
     /// The truth: every action created so far.
     Complete,
-    /// The list lags: actions created so far are not shown yet.
-    Lagging,
     Fail(MdeError),
 }
 
@@ -150,7 +148,6 @@ impl MdeCalls for FakeMde {
         state.calls += 1;
         match state.lookups.pop_front().unwrap_or(Lookup::Complete) {
             Lookup::Fail(error) => Err(error),
-            Lookup::Lagging => Ok(None),
             Lookup::Complete => Ok(state
                 .actions
                 .iter()

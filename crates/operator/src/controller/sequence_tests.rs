@@ -79,6 +79,9 @@ fn submitted_reason(status: &DeviceOffboardStatus) -> String {
     condition(status, SUBMITTED).map_or_else(String::new, |c| c.reason.clone())
 }
 
+/// Name, scripted sends, scripted lookups, POSTs for the key, Submitted reason.
+type SendRow = (&'static str, Vec<Send>, Vec<Lookup>, u32, &'static str);
+
 /// Each fault on the send: POSTs for the key, actions at MDE, and how the
 /// action came to be recorded. A second POST is only ever sent after a
 /// complete lookup proved that the first created nothing.
@@ -88,8 +91,7 @@ async fn every_send_fault_ends_with_one_action() {
         family: ApiFamily::Offboard,
         retry_at: Timestamp::now(),
     };
-    // name, scripted sends, scripted lookups, POSTs, Submitted reason
-    let rows: Vec<(&str, Vec<Send>, Vec<Lookup>, u32, &str)> = vec![
+    let rows: Vec<SendRow> = vec![
         ("accepted", vec![], vec![], 1, "Requested"),
         (
             "timeout after MDE acted",

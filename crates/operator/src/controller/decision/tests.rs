@@ -505,7 +505,37 @@ fn an_action_id_is_never_replaced() {
     other.id = "00000000-0000-0000-0000-000000000000".into();
     let t = record_action(&view(&spec, &current), &other, true);
     assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
+    assert_eq!(t.status, current, "nothing else changes either");
+    // ... and says what was seen: both ids, and which one is kept.
+    let note = t.note.expect("an Event names the other action");
+    assert_eq!(note.reason, Reason::ConflictingAction);
+    assert!(
+        note.message.contains(ACTION) && note.message.contains(&other.id),
+        "{}",
+        note.message
+    );
     assert_eq!(after_poll(&view(&spec, &current), &other), None);
+}
+
+/// A spec naming no device (the schema forbids it; an old CRD may not) ends
+/// `Failed` with the fix named, instead of idling without a word.
+#[test]
+fn a_spec_without_a_device_fails_with_the_fix_named() {
+    let spec = DeviceOffboardSpec {
+        machine_id: None,
+        device_name: None,
+        comment: "retired".into(),
+    };
+    let none = DeviceOffboardStatus::default();
+    let Plan::Refuse(t) = plan(&view(&spec, &none), &settings()) else {
+        panic!("a spec without a device must be refused")
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status), ("False".into(), "InvalidSpec".into()));
+    assert_eq!(condition(&t.status, STALLED).unwrap().status, "True");
+    let note = t.note.expect("an Event says why");
+    assert!(note.message.contains("spec.machineId") && note.message.contains("spec.deviceName"));
+    assert_eq!(t.requeue, None, "final: nothing to retry");
 }
 
 #[test]
