@@ -4,13 +4,13 @@
 //! step ([`sequence::step`]) with the MDE client; only the ending differs: it
 //! exits where the controller would wait for a person.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::limiter::Permit;
 use mde_client::{
     ConnectionArgs, DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget,
     RateLimits,
 };
 use offboard_operator::controller::decision::{Note, Settings};
+use offboard_operator::controller::memory::ProcessMemory;
 use offboard_operator::controller::ports::{MdeCalls, MemoryStore};
 use offboard_operator::controller::sequence::{self, Ports};
 use offboard_operator::controller::status::{READY, Reason, condition};
@@ -18,6 +18,7 @@ use offboard_operator::crd::{
     DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, MAX_COMMENT_LEN, Phase,
 };
 use offboard_operator::metrics::Metrics;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -39,6 +40,8 @@ pub struct OffboardArgs {
     pub wait: bool,
     /// A key for this request: a rerun with the same key (after a crash or
     /// timeout) adopts the action the first run created instead of sending again.
+    /// A run with a key looks first; when it finds nothing it waits
+    /// --lookup-delay and looks again before sending (MDE's list may lag).
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Pause before looking the action up after an ambiguous answer (keep it
@@ -147,9 +150,11 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         access_backoff: Duration::from_secs(2),
     };
     let metrics = Metrics::default();
+    let memory = ProcessMemory::default();
     let ports = Ports {
         mde: &mde,
         store: &store,
+        memory: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -174,8 +179,9 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
 }
 
 /// The resource the command works on: its key is the uid the marker carries.
-/// A rerun with a key starts in `Submitting`, due for its lookup at once, so
-/// it adopts what an earlier run with that key created instead of sending.
+/// A run with a key starts in `Submitting`, as if a crash had cut an earlier
+/// run short: it looks first and adopts what an earlier run with that key
+/// created, and sends only once a lookup after --lookup-delay proved absence.
 fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
     let mut obj = DeviceOffboard::new(
         "offboard",
@@ -188,13 +194,9 @@ fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
     obj.metadata.uid = Some(key.to_string());
     obj.metadata.generation = Some(1);
     if rerun {
-        let long_ago = jiff::SignedDuration::try_from(args.lookup_delay + Duration::from_secs(1))
-            .unwrap_or(jiff::SignedDuration::MAX);
-        let now = jiff::Timestamp::now();
         obj.status = Some(DeviceOffboardStatus {
             phase: Some(Phase::Submitting),
             machine_id: args.machine_id.clone(),
-            submitted_at: Some(Time(now.checked_sub(long_ago).unwrap_or(now))),
             ..DeviceOffboardStatus::default()
         });
     }
@@ -268,7 +270,13 @@ async fn poll(
 /// credentials, a missing permission), the command stops with that message.
 fn must_stop(status: &DeviceOffboardStatus, key: &str) -> Option<OffboardError> {
     let ready = condition(status, READY)?;
+    // Paging that never ends will not improve by retrying in a command's lifetime.
+    let unusable = status
+        .last_error
+        .as_ref()
+        .is_some_and(|e| e.code == "PagingFailed");
     let person_must_act = status.phase == Some(Phase::Failed)
+        || unusable
         || [Reason::AuthenticationFailed, Reason::PermissionDenied]
             .iter()
             .any(|r| r.as_str() == ready.reason);
@@ -284,6 +292,7 @@ fn must_stop(status: &DeviceOffboardStatus, key: &str) -> Option<OffboardError> 
 /// The decision names the resource's fields; the command's user knows flags.
 fn as_flags(message: &str) -> String {
     message
+        .replace("; retrying the lookup before any resend", "")
         .replace(
             "create the DeviceOffboard with spec.machineId set to",
             "rerun with --machine-id set to",
@@ -304,40 +313,41 @@ fn key_hint(status: &DeviceOffboardStatus, key: &str) -> String {
     }
 }
 
-/// The MDE client, remembering the last MachineAction it saw, so the command
-/// can print the action the step recorded without reading it again.
+/// The MDE client, remembering the MachineActions it saw, so the command can
+/// print the action the step recorded without reading it again.
 struct Remembering {
     client: DefenderClient,
-    last: Mutex<Option<MachineAction>>,
+    seen: Mutex<HashMap<String, MachineAction>>,
 }
 
 impl Remembering {
     fn new(client: DefenderClient) -> Self {
         Remembering {
             client,
-            last: Mutex::new(None),
+            seen: Mutex::new(HashMap::new()),
         }
     }
 
     fn last(&self, id: Option<&str>) -> Option<MachineAction> {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.clone().filter(|a| Some(a.id.as_str()) == id)
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(id?).cloned()
     }
 
-    fn remember(&self, action: Option<&MachineAction>) {
-        if let Some(action) = action {
-            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(action.clone());
+    fn remember<'a>(&self, actions: impl IntoIterator<Item = &'a MachineAction>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for action in actions {
+            seen.insert(action.id.clone(), action.clone());
         }
     }
+}
 
+impl MdeCalls for Remembering {
     async fn get_machine_action(&self, id: &str) -> Result<MachineAction, MdeError> {
         let result = self.client.get_machine_action(id).await;
         self.remember(result.as_ref().ok());
         result
     }
-}
 
-impl MdeCalls for Remembering {
     fn budget(&self) -> &RateBudget {
         self.client.budget()
     }
@@ -350,28 +360,13 @@ impl MdeCalls for Remembering {
         self.client.find_machines_by_name(name).await
     }
 
-    async fn find_offboard_action(
-        &self,
-        machine_id: &str,
-        marker: &str,
-    ) -> Result<Option<MachineAction>, MdeError> {
-        let result = self.client.find_offboard_action(machine_id, marker).await;
-        if let Ok(Some(action)) = &result {
-            eprintln!(
-                "adopting offboard action {} created earlier with this key",
-                action.id
-            );
-        }
-        self.remember(result.as_ref().ok().and_then(Option::as_ref));
-        result
+    async fn sign_in(&self) -> Result<(), MdeError> {
+        self.client.check_sign_in().await
     }
 
-    async fn find_pending_offboard(
-        &self,
-        machine_id: &str,
-    ) -> Result<Option<MachineAction>, MdeError> {
-        let result = self.client.find_pending_offboard(machine_id).await;
-        self.remember(result.as_ref().ok().and_then(Option::as_ref));
+    async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
+        let result = self.client.offboard_actions(machine_id).await;
+        self.remember(result.iter().flatten());
         result
     }
 

@@ -5,7 +5,9 @@
 use devcluster::{ApiHandle, ApiServerConfig};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use mde_client::{ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits};
+use mde_client::{
+    BudgetWait, ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits,
+};
 use mde_simulator::{self as simulator, FaultConfig, LostResponseMode, SimConfig, SimHandle};
 use offboard_operator::controller::decision::Settings;
 use offboard_operator::controller::{Context, RunArgs, run_controller};
@@ -44,19 +46,37 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 1)]
     pub sim_seed: u64,
     /// Compress the simulator's time (windows, delays) by this factor.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value = "1.0", value_parser = simulator::parse_time_scale)]
     pub sim_time_scale: f64,
     /// Share of simulator API calls answered 500/503.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = simulator::parse_share)]
     pub sim_fault_error_rate: f64,
     /// Share of offboards whose action is created but whose answer is lost.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = simulator::parse_share)]
     pub sim_fault_lost_response_rate: f64,
     #[arg(long, value_enum, default_value = "mixed")]
     pub sim_fault_lost_response_mode: LostResponseMode,
     /// Added latency of every simulator API call.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub sim_fault_latency: Duration,
+    /// A new action stays out of list answers this long (eventual consistency).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub sim_fault_list_lag: Duration,
+    /// How `@odata.nextLink` behaves on lists that need more than one page.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub sim_fault_next_link: simulator::NextLinkMode,
+    /// How 429 answers carry Retry-After.
+    #[arg(long, value_enum, default_value = "seconds")]
+    pub sim_fault_retry_after: simulator::RetryAfterMode,
+    /// How a second offboard of a machine with one pending is refused.
+    #[arg(long, value_enum, default_value = "code")]
+    pub sim_fault_pending_conflict_wording: simulator::PendingConflictWording,
+    /// Serve `null` for every optional field of machines and actions.
+    #[arg(long)]
+    pub sim_fault_nulls: bool,
+    /// Share of machine-action list answers that are a 404 instead.
+    #[arg(long, default_value = "0", value_parser = simulator::parse_share)]
+    pub sim_fault_list_404_rate: f64,
     /// The simulator's rate limits per API family (`none` serves without limit);
     /// the same syntax and parser as `simulate --rate-limit`.
     #[arg(long, default_value = simulator::DEFAULT_RATE_LIMITS, value_parser = simulator::parse_rate_limits)]
@@ -91,6 +111,12 @@ impl DevArgs {
                 latency: self.sim_fault_latency,
                 lost_response_rate: self.sim_fault_lost_response_rate,
                 lost_response_mode: self.sim_fault_lost_response_mode,
+                list_lag: self.sim_fault_list_lag,
+                next_link: self.sim_fault_next_link,
+                retry_after: self.sim_fault_retry_after,
+                pending_conflict_wording: self.sim_fault_pending_conflict_wording,
+                nulls: self.sim_fault_nulls,
+                list_404_rate: self.sim_fault_list_404_rate,
             },
             ..SimConfig::default()
         }
@@ -135,6 +161,7 @@ pub fn sim_client_config(sim: &SimHandle, rate_limits: RateLimits) -> ClientConf
         .expect("complete identity"),
         rate_limits,
         request_timeout: Duration::from_secs(10),
+        budget_wait: BudgetWait::Wait,
     }
 }
 
@@ -268,7 +295,12 @@ pub fn embedded_controller(
     poll_interval: Duration,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let metrics = Arc::new(Metrics::default());
-    let mde = DefenderClient::new(sim_client_config(sim, rate_limits.clone()), metrics.clone())?;
+    let config = ClientConfig {
+        // As `run`: a worker never waits for budget.
+        budget_wait: BudgetWait::Refuse,
+        ..sim_client_config(sim, rate_limits.clone())
+    };
+    let mde = DefenderClient::new(config, metrics.clone())?;
     let mut run_args = default_run_args();
     run_args.poll_interval = poll_interval;
     run_args.connection.rate_limit = rate_limits;

@@ -2,13 +2,20 @@
 //! against the simulator.
 
 use crate::common::*;
+use defender_offboard::mde::DefenderClient;
+use defender_offboard::simulator::SimConfig;
 use std::process::Output;
+use std::sync::Arc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_defender-offboard");
 const FINANCE_LAPTOP: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
 const SECRET: &str = "sim-secret";
 
 async fn offboard(sim_url: &str, secret: &str, args: &[&str]) -> Output {
+    offboard_within(30, sim_url, secret, args).await
+}
+
+async fn offboard_within(seconds: u64, sim_url: &str, secret: &str, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(BIN);
     command
         .arg("offboard")
@@ -20,7 +27,7 @@ async fn offboard(sim_url: &str, secret: &str, args: &[&str]) -> Output {
         .env("AZURE_AUTHORITY_HOST", sim_url)
         .env("RUST_LOG", "debug")
         .kill_on_drop(true);
-    with_timeout(30, command.output()).await.unwrap()
+    with_timeout(seconds, command.output()).await.unwrap()
 }
 
 fn text(output: &Output) -> (String, String) {
@@ -92,6 +99,9 @@ async fn an_idempotency_key_makes_reruns_adopt() {
         "returned",
         "--idempotency-key",
         "ticket-1042",
+        // A keyed run finding nothing waits this long before it sends.
+        "--lookup-delay",
+        "300ms",
     ];
     let first = offboard(&sim.base_url(), SECRET, &args).await;
     assert!(first.status.success(), "{}", text(&first).1);
@@ -225,5 +235,155 @@ async fn a_lost_answer_is_adopted_not_resent() {
             stats.duplicate_offboards
         ),
         (1, 1, 0)
+    );
+    assert_eq!(
+        stats.offboard_requests_by_machine.get(FINANCE_LAPTOP),
+        Some(&1),
+        "one POST: the lost answer was looked up, not resent"
+    );
+}
+
+/// A batch script's way: 24 `offboard --wait` processes at once against one
+/// tenant whose MDE is stricter than our default budget (each process has its
+/// own budget, so together they overrun it). MDE answers 429s; every process
+/// waits out `Retry-After` and ends successfully, with one POST per machine.
+#[tokio::test]
+async fn parallel_runs_wait_out_429s_and_each_send_once() {
+    let sim = spawn_sim(SimConfig {
+        rate_limits: "20/1s"
+            .parse::<defender_offboard::simulator::RateLimits>()
+            .unwrap()
+            .0,
+        ..fast_sim_config()
+    })
+    .await;
+    let client = DefenderClient::new(
+        client_config(&sim, SECRET, FAST_LIMITS),
+        Arc::new(defender_offboard::mde::NoObserver),
+    )
+    .unwrap();
+    let machines = windows_machines(&client, 24).await;
+    // Another client of the tenant has just spent the budget: every first
+    // call of every run meets a 429 with Retry-After.
+    for family in ["machineactions", "offboard"] {
+        control(
+            &sim,
+            "throttle",
+            serde_json::json!({"family": family, "seconds": 2.0}),
+        )
+        .await;
+    }
+    let runs = machines.iter().map(|machine| {
+        let url = sim.base_url();
+        async move {
+            let args = [
+                "--machine-id",
+                machine.as_str(),
+                "--comment",
+                "batch retirement",
+                "--wait",
+                "--poll-interval",
+                "1s",
+                "--timeout",
+                "80s",
+            ];
+            (
+                machine.clone(),
+                offboard_within(95, &url, SECRET, &args).await,
+            )
+        }
+    });
+    let outputs = with_timeout(100, futures::future::join_all(runs)).await;
+    let stats = sim.stats();
+    assert!(
+        stats.throttled > 0,
+        "the test must make MDE answer 429s: {stats:?}"
+    );
+    let mut throttled_lines = 0;
+    for (machine, output) in &outputs {
+        let (_, stderr) = text(output);
+        // Exit 0, or 2 only where MDE itself ended the action Failed or
+        // TimeOut (the simulator does so for a seeded share of machines):
+        // no run gave up on a 429.
+        match output.status.code() {
+            Some(0) => {}
+            Some(2) => {
+                let action: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+                assert!(
+                    matches!(action["status"].as_str(), Some("Failed" | "TimeOut")),
+                    "{machine}: {action}"
+                );
+            }
+            other => panic!("{machine}: exit {other:?}: {stderr}"),
+        }
+        assert!(!stderr.contains("panicked"), "{machine}: {stderr}");
+        throttled_lines += stderr
+            .lines()
+            .filter(|l| l.starts_with("Throttled: "))
+            .count();
+        assert_eq!(
+            stats.offboard_requests_by_machine.get(machine.as_str()),
+            Some(&1),
+            "{machine}: POSTs"
+        );
+    }
+    let succeeded = outputs.iter().filter(|(_, o)| o.status.success()).count();
+    println!(
+        "24 parallel offboard --wait: {succeeded} exit 0 (the rest: MDE ended the action Failed), 429s {}, \
+         lines saying until when {throttled_lines}, POSTs {}",
+        stats.throttled,
+        stats.offboard_requests_by_machine.values().sum::<u64>()
+    );
+}
+
+/// A list whose `@odata.nextLink` never advances: the command stops with a
+/// clear error after a bounded number of requests, instead of burning the
+/// read budget.
+#[tokio::test]
+async fn a_next_link_that_never_advances_ends_the_command() {
+    let sim = spawn_sim(SimConfig {
+        page_size: 1,
+        ..fast_sim_config()
+    })
+    .await;
+    // Two earlier offboards of the machine, so its action list has two pages.
+    let client = DefenderClient::new(
+        client_config(&sim, SECRET, FAST_LIMITS),
+        Arc::new(defender_offboard::mde::NoObserver),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        client.offboard(FINANCE_LAPTOP, "earlier").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    control(&sim, "faults", serde_json::json!({"next_link": "repeat"})).await;
+    let before = sim
+        .stats()
+        .requests
+        .get("machineactions")
+        .map_or(0, |m| m.values().sum::<u64>());
+    let output = offboard(
+        &sim.base_url(),
+        SECRET,
+        &["--machine-id", FINANCE_LAPTOP, "--comment", "again"],
+    )
+    .await;
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("nextLink"),
+        "{last}"
+    );
+    let after = sim
+        .stats()
+        .requests
+        .get("machineactions")
+        .map_or(0, |m| m.values().sum::<u64>());
+    assert!(after - before <= 3, "{} list requests", after - before);
+    assert_eq!(
+        sim.stats().offboard_requests_for_key(""),
+        2,
+        "nothing sent by the command"
     );
 }

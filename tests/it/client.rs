@@ -372,4 +372,9 @@ async fn a_burst_of_300_offboards_gets_no_429() {
     assert_eq!(stats.throttled, 0);
     assert_eq!(stats.count("offboard", "201"), 300);
     assert_eq!(stats.duplicate_offboards, 0);
+    assert_eq!(
+        stats.offboard_requests_by_machine.values().max(),
+        Some(&1),
+        "one POST per machine, counted at MDE"
+    );
 }

@@ -138,6 +138,11 @@ async fn a_burst_of_300_resources_is_offboarded_without_429s_or_duplicates() {
     );
     assert_eq!(stats.throttled, 0);
     assert_eq!(stats.duplicate_offboards, 0);
+    assert_eq!(
+        max_posts_per_key(&stats),
+        1,
+        "one POST per resource, counted at MDE"
+    );
     env.controller.abort();
 }
 
@@ -166,6 +171,11 @@ async fn lost_responses_end_adopted_not_duplicated() {
     assert_eq!(stats.lost_responses, 10);
     assert_eq!(stats.actions_created, 10);
     assert_eq!(stats.duplicate_offboards, 0);
+    assert_eq!(
+        max_posts_per_key(&stats),
+        1,
+        "lost answers adopted, never resent"
+    );
     assert!(done.iter().all(|(_, _, action)| action.is_some()));
     // The adoption is visible to a person.
     let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
@@ -277,5 +287,20 @@ async fn a_throttled_run_waits_for_retry_after_without_blocking_others() {
     );
     assert_eq!(stats.count("offboard", "201"), 10);
     assert_eq!(stats.duplicate_offboards, 0);
+    assert_eq!(
+        max_posts_per_key(&stats),
+        1,
+        "a 429 refusal is not a POST that could create"
+    );
     env.controller.abort();
+}
+
+/// The most offboard POSTs MDE received for one key (resource uid).
+fn max_posts_per_key(stats: &defender_offboard::simulator::SimStats) -> u64 {
+    stats
+        .offboard_requests_by_key
+        .values()
+        .copied()
+        .max()
+        .unwrap_or(0)
 }

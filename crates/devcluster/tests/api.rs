@@ -1201,7 +1201,7 @@ async fn real_kubectl_works_against_the_api() {
         let kubectl = Kubectl { kubeconfig: dir.path().join("kubeconfig"), cache: dir.path().join("cache") };
         api.write_kubeconfig(&kubectl.kubeconfig).unwrap();
         // The project's committed CRD file, as a user would apply it.
-        let crd_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/deviceoffboards.defender.offboard.dev.yaml");
+        let crd_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds/deviceoffboards.defender.offboard.dev.yaml");
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
         for (name, text) in MANIFESTS {

@@ -101,6 +101,18 @@ impl ClientIdentity {
     }
 }
 
+/// The longest token lifetime believed: a day. Entra issues tokens for about
+/// an hour; a larger, infinite or negative `expires_in` is clamped, never a panic.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// `expires_in` (seconds, from the network) as a lifetime within [0, a day].
+fn token_lifetime(expires_in: f64) -> Duration {
+    if expires_in.is_nan() || expires_in <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(expires_in.min(MAX_TOKEN_LIFETIME.as_secs_f64()))
+}
+
 #[derive(serde::Deserialize)]
 struct TokenResponse {
     access_token: String,
@@ -226,7 +238,7 @@ impl TokenSource {
                 serde_json::from_slice(&body).map_err(|e| MdeError::InvalidResponse {
                     message: format!("login host {host} answered without a usable token: {e}"),
                 })?;
-            let lifetime = Duration::from_secs_f64(token.expires_in.max(0.0));
+            let lifetime = token_lifetime(token.expires_in);
             // Refresh early: five minutes before expiry, or at 90% of short lifetimes.
             let margin = Duration::from_secs(300).min(lifetime / 10);
             return Ok(CachedToken {
@@ -277,6 +289,15 @@ fn read_credential_file(path: &std::path::Path, variable: &str) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_token_lifetimes_are_clamped_not_panics() {
+        assert_eq!(token_lifetime(3599.0), Duration::from_secs(3599));
+        assert_eq!(token_lifetime(1e30), MAX_TOKEN_LIFETIME);
+        assert_eq!(token_lifetime(f64::INFINITY), MAX_TOKEN_LIFETIME);
+        assert_eq!(token_lifetime(f64::NAN), Duration::ZERO);
+        assert_eq!(token_lifetime(-5.0), Duration::ZERO);
+    }
 
     #[test]
     fn secrets_do_not_print() {

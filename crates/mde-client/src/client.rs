@@ -13,6 +13,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 use url::Url;
 
+/// The most pages one list follows: 100 pages of up to 10,000 items.
+pub const MAX_PAGES: usize = 100;
+
+/// Whether `comment` carries `marker` as a whole, whitespace-delimited token:
+/// a comment that merely quotes another resource's marker inside other text
+/// (`see [defender-offboard:abc]x`) does not match.
+pub fn has_marker(comment: &str, marker: &str) -> bool {
+    comment.split_whitespace().any(|token| token == marker)
+}
+
 /// How many action ids go in one `id in (...)` filter: keeps the URL well under
 /// common 8 KiB limits (each quoted GUID is ~40 characters).
 pub const IDS_PER_QUERY: usize = 50;
@@ -24,6 +34,18 @@ pub struct ClientConfig {
     pub identity: ClientIdentity,
     pub rate_limits: RateLimits,
     pub request_timeout: Duration,
+    pub budget_wait: BudgetWait,
+}
+
+/// What a call does when the rate budget has no slot for it now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BudgetWait {
+    /// Wait for the slot (the CLI: one request, nothing else to do).
+    #[default]
+    Wait,
+    /// Answer [`MdeError::BudgetSpent`] at once (the controller: a worker
+    /// must never sit on a budget wait; the resource is requeued instead).
+    Refuse,
 }
 
 /// The MDE client: sign-in, rate budget and typed calls.
@@ -38,6 +60,7 @@ struct Inner {
     tokens: TokenSource,
     budget: RateBudget,
     limits: RateLimits,
+    budget_wait: BudgetWait,
     observer: Arc<dyn CallObserver>,
 }
 
@@ -82,6 +105,13 @@ pub fn correlation_marker(key: &str) -> String {
     format!("[defender-offboard:{key}]")
 }
 
+/// The key in the marker a comment starts with (`[defender-offboard:KEY] ...`),
+/// if it carries one: which request (resource uid or CLI key) created an action.
+pub fn marker_key(comment: &str) -> Option<&str> {
+    let token = comment.split_whitespace().next()?;
+    token.strip_prefix("[defender-offboard:")?.strip_suffix(']')
+}
+
 /// The offboard comment with the marker appended.
 /// The marker goes first, so a length cap at MDE can never cut it off.
 pub fn comment_with_marker(comment: &str, key: &str) -> String {
@@ -118,6 +148,7 @@ impl DefenderClient {
                 tokens,
                 budget: RateBudget::new(&config.rate_limits),
                 limits: config.rate_limits,
+                budget_wait: config.budget_wait,
                 observer,
             }),
         })
@@ -201,15 +232,11 @@ impl DefenderClient {
     }
 
     /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
+    /// A 404 is an error, never "none": a wrong path, host or gateway answers
+    /// 404 too, and only a complete answer may prove that an action is absent.
     pub async fn list_machine_actions(&self, filter: &str) -> Result<Vec<MachineAction>, MdeError> {
-        match self
-            .list(ApiFamily::MachineActions, "api/machineactions", filter)
+        self.list(ApiFamily::MachineActions, "api/machineactions", filter)
             .await
-        {
-            // Like the machines list, a filtered list may answer 404 for "none".
-            Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
-            other => other,
-        }
     }
 
     /// Many actions by id, one call per [`IDS_PER_QUERY`] ids.
@@ -239,7 +266,7 @@ impl DefenderClient {
         Ok(actions.into_iter().find(|a| {
             a.requestor_comment
                 .as_deref()
-                .is_some_and(|c| c.contains(marker))
+                .is_some_and(|c| has_marker(c, marker))
         }))
     }
 
@@ -253,14 +280,21 @@ impl DefenderClient {
         Ok(actions.into_iter().rev().find(|a| !a.status.is_final()))
     }
 
-    /// Every offboard action of a machine, oldest first.
-    async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
+    /// Every offboard action of a machine, oldest first, from a complete answer
+    /// (every page read): only such a list may prove that an action is absent.
+    pub async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
         // Only `machineId` in the filter: no Microsoft example combines it with
         // `type`, so the type is checked here instead.
         let filter = format!("machineId eq {}", odata_quote(machine_id));
         let mut actions = self.list_machine_actions(&filter).await?;
         actions.retain(|a| a.action_type == "Offboard");
-        actions.sort_by(|a, b| a.creation_date_time_utc.cmp(&b.creation_date_time_utc));
+        // By time, not by text: MDE's timestamps vary in their fractions of a
+        // second. An unreadable time sorts first (oldest).
+        actions.sort_by_key(|a| {
+            a.creation_date_time_utc
+                .as_deref()
+                .and_then(|t| t.parse::<Timestamp>().ok())
+        });
         Ok(actions)
     }
 
@@ -272,7 +306,18 @@ impl DefenderClient {
     ) -> Result<Vec<T>, MdeError> {
         let mut url = self.api_url(path, &[("$filter", filter)])?;
         let mut items = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         loop {
+            // MDE has answered links that repeat or mangle their parameters
+            // forever: stop on a link already followed, and after MAX_PAGES.
+            if !seen.insert(url.to_string()) || seen.len() > MAX_PAGES {
+                return Err(MdeError::Paging {
+                    message: format!(
+                        "the @odata.nextLink of {path} did not advance after {} pages (at most {MAX_PAGES} are followed); stopped rather than spend the read budget",
+                        seen.len().min(MAX_PAGES)
+                    ),
+                });
+            }
             let page: ODataPage<T> = self.call(Call::read(family, url), None).await?;
             items.extend(page.value);
             let Some(next) = page.next_link else {
@@ -346,9 +391,20 @@ impl DefenderClient {
                 }
             };
             let waited = Instant::now();
-            let permit = match reserved.take() {
-                Some(permit) => permit,
-                None => inner.budget.acquire(family).await,
+            let permit = match (reserved.take(), inner.budget_wait) {
+                (Some(permit), _) => permit,
+                (None, BudgetWait::Wait) => inner.budget.acquire(family).await,
+                (None, BudgetWait::Refuse) => {
+                    inner
+                        .budget
+                        .try_reserve(family)
+                        .map_err(|not_yet| MdeError::BudgetSpent {
+                            family,
+                            ready_in: not_yet
+                                .retry_at
+                                .map(|at| at.saturating_duration_since(Instant::now())),
+                        })?
+                }
             };
             inner.observer.budget_waited(family, waited.elapsed());
             let mut request = inner
@@ -434,5 +490,42 @@ impl DefenderClient {
             self.inner.budget.park(family, Instant::now() + wait);
         }
         error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_match_as_whole_tokens_only() {
+        let marker = correlation_marker("uid-1");
+        assert!(has_marker(
+            &comment_with_marker("retired", "uid-1"),
+            &marker
+        ));
+        assert!(has_marker(
+            "moved by hand [defender-offboard:uid-1]",
+            &marker
+        ));
+        // Another resource's key that starts with this one's, or a quote of
+        // the marker inside other text, is not this resource's action.
+        assert!(!has_marker(
+            &comment_with_marker("retired", "uid-10"),
+            &marker
+        ));
+        assert!(!has_marker("see x[defender-offboard:uid-1]", &marker));
+        assert!(!has_marker("see [defender-offboard:uid-1]).", &marker));
+    }
+
+    #[test]
+    fn the_key_comes_from_the_leading_marker() {
+        assert_eq!(
+            marker_key(&comment_with_marker("retired", "uid-1")),
+            Some("uid-1")
+        );
+        assert_eq!(marker_key("retired by hand"), None);
+        assert_eq!(marker_key("retired [defender-offboard:uid-1]"), None);
+        assert_eq!(marker_key(""), None);
     }
 }

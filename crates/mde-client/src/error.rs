@@ -63,6 +63,19 @@ pub enum MdeError {
     #[error("credentials not usable: {message}")]
     Credentials { message: String },
 
+    /// This client's own rate budget has no slot now (with
+    /// [`crate::client::BudgetWait::Refuse`]): nothing was sent.
+    #[error("the operator's own {family} budget is spent for now{}", ready_in.map(|d| format!("; a slot frees in {}ms", d.as_millis())).unwrap_or_default())]
+    BudgetSpent {
+        family: ApiFamily,
+        ready_in: Option<std::time::Duration>,
+    },
+
+    /// A list's `@odata.nextLink` did not advance, or the pages did not end:
+    /// the list was stopped before it could spend the read budget.
+    #[error("MDE's paging did not end: {message}")]
+    Paging { message: String },
+
     /// MDE answered something this client cannot understand.
     #[error("unexpected answer from MDE: {message}")]
     InvalidResponse { message: String },
@@ -99,14 +112,15 @@ impl MdeError {
             | MdeError::OutcomeUnknown { .. }
             | MdeError::Unavailable { .. }
             | MdeError::InvalidResponse { .. } => ErrorClass::Transient,
-            MdeError::Throttled { .. } => ErrorClass::Throttled,
+            MdeError::Throttled { .. } | MdeError::BudgetSpent { .. } => ErrorClass::Throttled,
             MdeError::Unauthorized { .. }
             | MdeError::Forbidden { .. }
             | MdeError::SignIn { .. }
             | MdeError::Credentials { .. } => ErrorClass::Access,
             MdeError::NotFound { .. }
             | MdeError::PlatformNotSupported { .. }
-            | MdeError::BadRequest { .. } => ErrorClass::Permanent,
+            | MdeError::BadRequest { .. }
+            | MdeError::Paging { .. } => ErrorClass::Permanent,
             MdeError::AlreadyPending { .. } => ErrorClass::AlreadyPending,
         }
     }
@@ -140,6 +154,8 @@ impl MdeError {
             MdeError::SignIn { .. } => "SignInFailed",
             MdeError::Credentials { .. } => "CredentialsUnusable",
             MdeError::InvalidResponse { .. } => "InvalidResponse",
+            MdeError::BudgetSpent { .. } => "BudgetSpent",
+            MdeError::Paging { .. } => "PagingFailed",
         }
     }
 
@@ -162,7 +178,7 @@ impl MdeError {
             (401, _) => MdeError::Unauthorized { message },
             (403, _) => MdeError::Forbidden { code, message },
             (404, _) => MdeError::NotFound { message },
-            (400, "ActiveRequestAlreadyExists") => MdeError::AlreadyPending { message },
+            (400, _) if is_already_pending(&code, &message) => MdeError::AlreadyPending { message },
             (400, "OsPlatformNotSupported") => MdeError::PlatformNotSupported { message },
             (500.., _) if kind == CallKind::Write => MdeError::OutcomeUnknown {
                 reason: format!(
@@ -196,6 +212,23 @@ impl MdeError {
             }
         }
     }
+}
+
+/// The wordings of "an offboard is already pending for this machine" this
+/// client recognises: the code `ActiveRequestAlreadyExists` (seen in public
+/// clients), or a message saying an action is already in progress, pending,
+/// or that an active request exists (MDE's wording is not documented, and
+/// codes have come back empty).
+pub fn is_already_pending(code: &str, message: &str) -> bool {
+    const WORDINGS: [&str; 4] = [
+        "already in progress",
+        "already pending",
+        "active request already exists",
+        "activerequestalreadyexists",
+    ];
+    let message = message.to_ascii_lowercase();
+    code.eq_ignore_ascii_case("ActiveRequestAlreadyExists")
+        || WORDINGS.iter().any(|w| message.contains(w))
 }
 
 /// The error with its sources, on one line.
@@ -260,7 +293,7 @@ mod tests {
             in_an_hour
         );
         assert_eq!(
-            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            parse_retry_after("Sun, 01 Jan 2090 00:00:00 GMT", now),
             in_an_hour
         );
         assert_eq!(parse_retry_after("inf", now), None);
@@ -298,6 +331,29 @@ mod tests {
         assert_eq!(
             classify(400, "ActiveRequestAlreadyExists", true),
             ErrorClass::AlreadyPending
+        );
+        let pending = |code: &str, message: &str| {
+            MdeError::from_status(
+                400,
+                code.into(),
+                message.into(),
+                ApiFamily::Offboard,
+                None,
+                CallKind::Write,
+            )
+            .class()
+        };
+        assert_eq!(
+            pending("BadRequest", "Action is already in progress"),
+            ErrorClass::AlreadyPending
+        );
+        assert_eq!(
+            pending("", "An offboard action is already pending"),
+            ErrorClass::AlreadyPending
+        );
+        assert_eq!(
+            pending("BadRequest", "Comment is required"),
+            ErrorClass::Permanent
         );
         assert_eq!(
             classify(400, "OsPlatformNotSupported", true),

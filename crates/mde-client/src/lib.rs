@@ -10,7 +10,8 @@ pub mod types;
 
 pub use auth::{ClientIdentity, Credential, Secret};
 pub use client::{
-    CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker, correlation_marker,
+    BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker,
+    correlation_marker, has_marker, marker_key,
 };
 pub use cloud::{Cloud, Endpoints};
 pub use error::{ErrorClass, MdeError};
@@ -50,9 +51,11 @@ pub struct ConnectionArgs {
     pub tenant_id: Option<String>,
     #[arg(long, env = "AZURE_CLIENT_ID", hide_env_values = true)]
     pub client_id: Option<String>,
-    /// Prefer AZURE_CLIENT_SECRET_FILE: command lines are visible to other users.
-    #[arg(long, env = "AZURE_CLIENT_SECRET", hide_env_values = true, hide = true, value_parser = parse_secret)]
+    /// From the environment only (`AZURE_CLIENT_SECRET`), never a flag: a
+    /// command line is visible to every local user in `ps`. Prefer the file.
+    #[arg(skip = secret_from_env())]
     pub client_secret: Option<Secret>,
+    /// A file holding the client secret (re-read at every sign-in).
     #[arg(long, env = "AZURE_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
     #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
@@ -79,12 +82,17 @@ impl ConnectionArgs {
             identity,
             rate_limits: self.rate_limit.clone(),
             request_timeout: self.request_timeout,
+            budget_wait: BudgetWait::Wait,
         })
     }
 }
 
-fn parse_secret(value: &str) -> Result<Secret, String> {
-    Ok(Secret::new(value))
+/// `AZURE_CLIENT_SECRET`, if set and not empty.
+fn secret_from_env() -> Option<Secret> {
+    std::env::var("AZURE_CLIENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
 }
 
 #[cfg(test)]
@@ -105,14 +113,22 @@ mod tests {
             "t",
             "--client-id",
             "c",
-            "--client-secret",
-            "s",
+            "--client-secret-file",
+            "/run/secrets/client-secret",
         ];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv)
             .unwrap()
             .connection
             .client_config()
+    }
+
+    #[test]
+    fn a_secret_is_never_taken_from_the_command_line() {
+        let error = Cli::try_parse_from(["x", "--client-secret", "s3cr3t"])
+            .err()
+            .expect("no --client-secret flag");
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 
     #[test]

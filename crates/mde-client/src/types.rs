@@ -1,7 +1,16 @@
 //! MDE's wire types. Every field MDE documents is here; unknown fields are ignored
 //! so that MDE adding one never breaks the operator.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `null` reads as the type's default (MDE sends `"machineTags": null`).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
 
 /// A device in MDE (`GET /api/machines`).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
@@ -28,6 +37,7 @@ pub struct Machine {
     pub exposure_level: Option<String>,
     pub is_aad_joined: Option<bool>,
     pub aad_device_id: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
     pub machine_tags: Vec<String>,
 }
 
@@ -132,15 +142,42 @@ pub struct ErrorBody {
 
 #[derive(Deserialize, Debug, Default)]
 pub struct ErrorDetail {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub code: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nulls_read_as_absent() {
+        let machine: Machine = serde_json::from_value(serde_json::json!({
+            "id": "0a1b", "computerDnsName": "pc-1", "machineTags": null, "lastSeen": null,
+            "osPlatform": null, "osBuild": null, "rbacGroupId": null, "isAadJoined": null
+        }))
+        .unwrap();
+        assert!(machine.machine_tags.is_empty() && machine.last_seen.is_none());
+        let action: MachineAction = serde_json::from_value(serde_json::json!({
+            "id": "a", "type": "Offboard", "status": "Pending", "machineId": "0a1b",
+            "scope": null, "requestor": null, "externalID": null, "requestSource": null,
+            "commands": null, "cancellationRequestor": null, "requestorComment": null,
+            "cancellationComment": null, "computerDnsName": null, "creationDateTimeUtc": null,
+            "cancellationDateTimeUtc": null, "lastUpdateDateTimeUtc": null, "title": null,
+            "relatedFileInfo": null
+        }))
+        .unwrap();
+        assert!(action.requestor_comment.is_none());
+        let error: ErrorBody =
+            serde_json::from_value(serde_json::json!({"error": {"code": null, "message": "m"}}))
+                .unwrap();
+        assert_eq!(
+            (error.error.code.as_str(), error.error.message.as_str()),
+            ("", "m")
+        );
+    }
 
     #[test]
     fn all_six_statuses_parse_and_four_are_final() {

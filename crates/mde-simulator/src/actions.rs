@@ -16,6 +16,36 @@ pub const FILTERABLE: &[&str] = &[
     "creationDateTimeUtc",
 ];
 
+/// Properties `--fault-nulls` leaves alone: identity, state and what the requestor
+/// wrote.
+const KEPT_UNDER_NULLS: &[&str] = &[
+    "id",
+    "type",
+    "status",
+    "machineId",
+    "computerDnsName",
+    "requestorComment",
+    "creationDateTimeUtc",
+];
+
+/// `--fault-nulls`: every optional property of a machine action's JSON becomes
+/// `null` (`lastUpdateDateTimeUtc`, `requestor`, `cancellationComment`, `commands`,
+/// `relatedFileInfo`, ...).
+pub fn null_optional_fields(action: &mut Value) {
+    null_all_but(action, KEPT_UNDER_NULLS);
+}
+
+/// Sets every property but `kept` (and OData annotations) to `null`.
+pub(crate) fn null_all_but(entity: &mut Value, kept: &[&str]) {
+    if let Value::Object(map) = entity {
+        for (name, value) in map.iter_mut() {
+            if !kept.contains(&name.as_str()) && !name.starts_with('@') {
+                *value = Value::Null;
+            }
+        }
+    }
+}
+
 /// Status of a machine action as MDE names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Status {

@@ -25,7 +25,8 @@ pub struct SimConfig {
     pub machines: usize,
     /// Seed for generated machines, their offboard outcomes and faults.
     pub seed: u64,
-    /// Largest page a list answers before it adds `@odata.nextLink`.
+    /// Largest page a list without `$top` answers before it adds `@odata.nextLink`
+    /// (a list with `$top` answers up to `$top` entities at once, without a link).
     pub page_size: usize,
     /// How long a new action stays `Pending` (simulated time).
     pub pending_for: Duration,
@@ -98,7 +99,10 @@ pub(crate) fn scale(simulated: Duration, time_scale: f64) -> Duration {
 }
 
 /// Fault injection knobs; also the JSON of `POST /_sim/faults` (every field optional there).
+///
+/// `Default` is MDE as documented: no faults, no quirks.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FaultConfig {
     /// Share of API calls answered 500 or 503 before anything happens.
     pub error_rate: f64,
@@ -108,6 +112,69 @@ pub struct FaultConfig {
     /// Share of offboard calls whose action is created but whose answer is lost.
     pub lost_response_rate: f64,
     pub lost_response_mode: LostResponseMode,
+    /// Eventual consistency: a new action stays out of `GET /api/machineactions`
+    /// list answers for this long after its creation (simulated time);
+    /// `GET /api/machineactions/{id}` finds it at once.
+    #[serde(with = "humantime_serde_compat")]
+    pub list_lag: Duration,
+    /// How `@odata.nextLink` looks on lists without `$top` that need more than one page.
+    pub next_link: NextLinkMode,
+    /// How `429` answers carry `Retry-After`.
+    pub retry_after: RetryAfterMode,
+    /// How a second offboard of a machine with one pending is refused.
+    pub pending_conflict_wording: PendingConflictWording,
+    /// Serve machines and machine actions with `null` for every optional field
+    /// (machines keep `id` and `computerDnsName`; actions keep `id`, `type`,
+    /// `status`, `machineId`, `computerDnsName`, `requestorComment` and
+    /// `creationDateTimeUtc`). `$filter` still sees the real values.
+    pub nulls: bool,
+    /// Share of machine-action list answers that are `404 ResourceNotFound` instead
+    /// of the real (possibly non-empty) answer.
+    pub list_404_rate: f64,
+}
+
+/// `--fault-next-link`: how `@odata.nextLink` behaves on lists without `$top`
+/// that need more than one page (lists with `$top` never carry one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NextLinkMode {
+    /// The link leads to the next page (`$filter` kept, `$skip` advanced).
+    #[default]
+    Normal,
+    /// The link leads to the same page again, forever.
+    Repeat,
+    /// MDE's bug: the link keeps `$skip` but loses the other parameters' names
+    /// (`?=onboardingstatus+eq+%27Onboarded%27&=10000&$skip=10000`), so following it
+    /// lists without the filter; answers to such links keep carrying a mangled link.
+    Mangled,
+}
+
+/// `--fault-retry-after`: how a `429` carries `Retry-After`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryAfterMode {
+    /// Whole seconds, rounded up (`Retry-After: 3`).
+    #[default]
+    Seconds,
+    /// An RFC 7231 HTTP date (`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`), the
+    /// wait rounded up to the next whole second.
+    HttpDate,
+    /// No `Retry-After` header at all (the message still names the seconds).
+    Missing,
+    /// `Retry-After: 1e19`, which fits no integer type; clients must cap it.
+    Huge,
+}
+
+/// `--fault-pending-conflict-wording`: how MDE refuses an offboard while one is pending.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PendingConflictWording {
+    /// `400` with code `ActiveRequestAlreadyExists`.
+    #[default]
+    Code,
+    /// `400` with code `BadRequest` and message `Action is already in progress`:
+    /// recognisable only by the message.
+    MessageOnly,
 }
 
 /// How a lost offboard answer looks to the client.
@@ -206,7 +273,8 @@ fn parse_roles(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_share(s: &str) -> Result<f64, String> {
+/// A share between 0 and 1 (`--fault-error-rate 0.1`), for `simulate` and `dev --sim-*`.
+pub fn parse_share(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
@@ -217,7 +285,8 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_time_scale(s: &str) -> Result<f64, String> {
+/// A time scale greater than zero (`--time-scale 10`), for `simulate` and `dev --sim-*`.
+pub fn parse_time_scale(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if v > 0.0 && v.is_finite() {
         Ok(v)
@@ -258,7 +327,7 @@ pub struct SimulateArgs {
     /// Seed for generated machines, outcomes and faults.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Largest page of a list before `@odata.nextLink` is added.
+    /// Largest page of a list without `$top` before `@odata.nextLink` is added.
     #[arg(long, default_value_t = 10_000)]
     pub page_size: usize,
     /// How long a new action stays Pending (simulated time).
@@ -288,6 +357,25 @@ pub struct SimulateArgs {
     /// How the answer is lost.
     #[arg(long, value_enum, default_value = "drop")]
     pub fault_lost_response_mode: LostResponseMode,
+    /// New actions stay invisible to machine-action list queries for this long
+    /// (simulated time); fetching one by id finds it at once.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub fault_list_lag: Duration,
+    /// `@odata.nextLink` on lists without `$top` that need more than one page.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub fault_next_link: NextLinkMode,
+    /// How 429 answers carry `Retry-After`.
+    #[arg(long, value_enum, default_value = "seconds")]
+    pub fault_retry_after: RetryAfterMode,
+    /// How a second offboard of a machine with one pending is refused.
+    #[arg(long, value_enum, default_value = "code")]
+    pub fault_pending_conflict_wording: PendingConflictWording,
+    /// Serve machines and machine actions with `null` for optional fields.
+    #[arg(long)]
+    pub fault_nulls: bool,
+    /// Share of machine-action list answers that are 404 ResourceNotFound (0..1).
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    pub fault_list_404_rate: f64,
 }
 
 impl fmt::Debug for SimulateArgs {
@@ -320,6 +408,12 @@ impl SimulateArgs {
                 latency: self.fault_latency,
                 lost_response_rate: self.fault_lost_response_rate,
                 lost_response_mode: self.fault_lost_response_mode,
+                list_lag: self.fault_list_lag,
+                next_link: self.fault_next_link,
+                retry_after: self.fault_retry_after,
+                pending_conflict_wording: self.fault_pending_conflict_wording,
+                nulls: self.fault_nulls,
+                list_404_rate: self.fault_list_404_rate,
             },
         }
     }

@@ -7,7 +7,9 @@ use axum::http::StatusCode;
 use rand::Rng;
 use serde::Deserialize;
 
-use super::config::{FaultConfig, LostResponseMode};
+use super::config::{
+    FaultConfig, LostResponseMode, NextLinkMode, PendingConflictWording, RetryAfterMode,
+};
 
 /// How a lost answer is delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +45,11 @@ pub fn lost_response(rng: &mut impl Rng, faults: &FaultConfig) -> Option<LostRes
     })
 }
 
+/// Whether this machine-action list is answered `404` instead of its real answer.
+pub fn list_not_found(rng: &mut impl Rng, faults: &FaultConfig) -> bool {
+    faults.list_404_rate > 0.0 && rng.random_bool(faults.list_404_rate.min(1.0))
+}
+
 /// Body of `POST /_sim/faults`: only the fields present change.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +59,13 @@ pub struct FaultUpdate {
     pub latency: Option<Duration>,
     pub lost_response_rate: Option<f64>,
     pub lost_response_mode: Option<LostResponseMode>,
+    #[serde(default, with = "optional_duration")]
+    pub list_lag: Option<Duration>,
+    pub next_link: Option<NextLinkMode>,
+    pub retry_after: Option<RetryAfterMode>,
+    pub pending_conflict_wording: Option<PendingConflictWording>,
+    pub nulls: Option<bool>,
+    pub list_404_rate: Option<f64>,
 }
 
 impl FaultUpdate {
@@ -60,6 +74,7 @@ impl FaultUpdate {
         for (name, value) in [
             ("error_rate", self.error_rate),
             ("lost_response_rate", self.lost_response_rate),
+            ("list_404_rate", self.list_404_rate),
         ] {
             if let Some(v) = value
                 && !(0.0..=1.0).contains(&v)
@@ -78,6 +93,24 @@ impl FaultUpdate {
         }
         if let Some(v) = self.lost_response_mode {
             faults.lost_response_mode = v;
+        }
+        if let Some(v) = self.list_lag {
+            faults.list_lag = v;
+        }
+        if let Some(v) = self.next_link {
+            faults.next_link = v;
+        }
+        if let Some(v) = self.retry_after {
+            faults.retry_after = v;
+        }
+        if let Some(v) = self.pending_conflict_wording {
+            faults.pending_conflict_wording = v;
+        }
+        if let Some(v) = self.nulls {
+            faults.nulls = v;
+        }
+        if let Some(v) = self.list_404_rate {
+            faults.list_404_rate = v;
         }
         Ok(())
     }
@@ -149,5 +182,28 @@ mod tests {
         assert_eq!(faults.lost_response_mode, LostResponseMode::GatewayTimeout);
         let bad: FaultUpdate = serde_json::from_str(r#"{"error_rate":2}"#).unwrap();
         assert!(bad.apply(&mut faults).unwrap_err().contains("error_rate"));
+        let bad: FaultUpdate = serde_json::from_str(r#"{"list_404_rate":-0.5}"#).unwrap();
+        assert!(
+            bad.apply(&mut faults)
+                .unwrap_err()
+                .contains("list_404_rate")
+        );
+
+        let quirks: FaultUpdate = serde_json::from_str(
+            r#"{"list_lag":"3s","next_link":"mangled","retry_after":"http-date",
+                "pending_conflict_wording":"message-only","nulls":true,"list_404_rate":0.5}"#,
+        )
+        .unwrap();
+        quirks.apply(&mut faults).unwrap();
+        assert_eq!(faults.list_lag, Duration::from_secs(3));
+        assert_eq!(faults.next_link, NextLinkMode::Mangled);
+        assert_eq!(faults.retry_after, RetryAfterMode::HttpDate);
+        assert_eq!(
+            faults.pending_conflict_wording,
+            PendingConflictWording::MessageOnly
+        );
+        assert!(faults.nulls);
+        assert_eq!(faults.list_404_rate, 0.5);
+        assert_eq!(faults.latency, Duration::from_millis(250), "untouched");
     }
 }

@@ -11,6 +11,40 @@
 //! those scaled durations, so a client that honours them behaves correctly unchanged.
 //!
 //! Embed it with [`spawn`]; run it standalone with [`run`].
+//!
+//! # Faults and quirks
+//!
+//! Each is a `simulate` flag, a field of [`FaultConfig`] and a field of the JSON
+//! `POST /_sim/faults` takes (only the fields given change). The `dev` playground
+//! passes them through with a `sim-` prefix (`--sim-fault-nulls`), using the public
+//! value parsers ([`parse_share`], [`parse_rate_limits`], [`parse_time_scale`]) and
+//! mode enums re-exported here.
+//!
+//! | flag | `/_sim/faults` field | effect |
+//! |---|---|---|
+//! | `--fault-error-rate SHARE` | `error_rate` | that share of API calls is answered 500/503 before anything happens |
+//! | `--fault-latency DURATION` | `latency` | added to every API call (simulated time) |
+//! | `--fault-lost-response-rate SHARE` | `lost_response_rate` | that share of offboards creates the action, then loses the answer |
+//! | `--fault-lost-response-mode drop\|504\|mixed` | `lost_response_mode` | how it is lost ([`LostResponseMode`]) |
+//! | `--fault-list-lag DURATION` | `list_lag` | a new action stays out of `GET /api/machineactions?$filter=...` answers that long after creation (simulated time); `GET /api/machineactions/{id}` finds it at once |
+//! | `--fault-next-link normal\|repeat\|mangled` | `next_link` | `@odata.nextLink` of lists without `$top` that need more than one page: the next page, the same page forever, or MDE's mangled link (`?=...&=10000&$skip=N`) that lists unfiltered and keeps coming ([`NextLinkMode`]) |
+//! | `--fault-retry-after seconds\|http-date\|missing\|huge` | `retry_after` | how a 429 carries `Retry-After`: seconds, an HTTP date, none, or `1e19` ([`RetryAfterMode`]) |
+//! | `--fault-pending-conflict-wording code\|message-only` | `pending_conflict_wording` | a second offboard while one is pending: `400 ActiveRequestAlreadyExists`, or `400 BadRequest` "Action is already in progress" ([`PendingConflictWording`]) |
+//! | `--fault-nulls` | `nulls` | machines and machine actions carry `null` for every optional field |
+//! | `--fault-list-404-rate SHARE` | `list_404_rate` | that share of machine-action list answers is `404 {"error":{"code":"ResourceNotFound","message":"Not found"}}` |
+//!
+//! Always on, as MDE does: a list with `$top` (at most 10000) answers up to `$top`
+//! entities with no `@odata.nextLink`; a query option starting with `$` other than
+//! `$filter`, `$top`, `$skip`, `$select`, `$orderby`, `$count` and `$expand` is
+//! refused with MDE's `400` whose `code` is empty.
+//!
+//! # Counting offboards
+//!
+//! [`SimStats::offboard_requests_by_key`] counts every offboard POST that could have
+//! created an action (all but `401`/`429` refusals) under the key of the
+//! `[defender-offboard:KEY]` marker at the start of its `Comment`; that, not
+//! [`SimStats::duplicate_offboards`] (actions created), is where "exactly once" is
+//! asserted.
 
 mod actions;
 mod api;
@@ -36,11 +70,12 @@ use tokio::task::JoinHandle;
 
 pub use actions::Status as ActionStatus;
 pub use config::{
-    DEFAULT_RATE_LIMITS, DEFAULT_ROLES, FaultConfig, LostResponseMode, RateLimit, RateLimits,
-    SimConfig, SimulateArgs, WindowMode, parse_rate_limits,
+    DEFAULT_RATE_LIMITS, DEFAULT_ROLES, FaultConfig, LostResponseMode, NextLinkMode,
+    PendingConflictWording, RateLimit, RateLimits, RetryAfterMode, SimConfig, SimulateArgs,
+    WindowMode, parse_rate_limits, parse_share, parse_time_scale,
 };
 pub use machines::{EXAMPLE_MACHINES, ExampleMachine, ExampleOffboard};
-pub use stats::SimStats;
+pub use stats::{CORRELATION_MARKER, SimStats, correlation_key};
 
 use store::Shared;
 

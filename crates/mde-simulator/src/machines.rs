@@ -96,6 +96,15 @@ pub const FILTERABLE: &[&str] = &[
     "rbacGroupId",
 ];
 
+/// Properties `--fault-nulls` leaves alone: what a client finds a machine by.
+const KEPT_UNDER_NULLS: &[&str] = &["id", "computerDnsName"];
+
+/// `--fault-nulls`: every optional property of a machine's JSON becomes `null`
+/// (`machineTags`, `lastSeen`, `osPlatform`, `healthStatus`, ...).
+pub fn null_optional_fields(machine: &mut serde_json::Value) {
+    super::actions::null_all_but(machine, KEPT_UNDER_NULLS);
+}
+
 /// A machine as `GET /api/machines` returns it.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::config::RetryAfterMode;
 use super::ratelimit::retry_after_secs;
 
 /// `{"error":{"code","message","target"}}`; `target` is a fresh request id, as in MDE.
@@ -21,18 +22,64 @@ pub fn mde_error(status: StatusCode, code: &str, message: impl Into<String>) -> 
     (status, Json(body)).into_response()
 }
 
-/// `429 TooManyRequests` with `Retry-After` in whole seconds (rounded up, at least 1).
-pub fn too_many_requests(wait: Duration) -> Response {
+/// `429 TooManyRequests`; `Retry-After` as `mode` says (by default whole seconds,
+/// rounded up, at least 1).
+pub fn too_many_requests(wait: Duration, mode: RetryAfterMode) -> Response {
     let secs = retry_after_secs(wait);
     let mut response = mde_error(
         StatusCode::TOO_MANY_REQUESTS,
         "TooManyRequests",
         format!("Rate limit is exceeded. Try again in {secs} seconds."),
     );
+    let value = match mode {
+        RetryAfterMode::Seconds => Some(HeaderValue::from(secs)),
+        RetryAfterMode::HttpDate => Some(http_date_after(wait)),
+        RetryAfterMode::Missing => None,
+        RetryAfterMode::Huge => Some(HeaderValue::from_static("1e19")),
+    };
+    if let Some(value) = value {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
     response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    response
+}
+
+/// The IMF-fixdate (RFC 7231) of now + `wait`, rounded up to a whole second so a
+/// client that waits until then has waited long enough.
+fn http_date_after(wait: Duration) -> HeaderValue {
+    let at = jiff::SignedDuration::try_from(wait)
+        .ok()
+        .and_then(|wait| jiff::Timestamp::now().checked_add(wait).ok())
+        .unwrap_or(jiff::Timestamp::MAX);
+    let whole = if at.subsec_nanosecond() > 0 {
+        at.as_second().saturating_add(1)
+    } else {
+        at.as_second()
+    };
+    let at = jiff::Timestamp::from_second(whole).unwrap_or(jiff::Timestamp::MAX);
+    let text = jiff::fmt::rfc2822::DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&at)
+        .unwrap_or_else(|_| "Fri, 31 Dec 9999 23:59:59 GMT".to_owned());
+    HeaderValue::from_str(&text).expect("an HTTP date is a valid header value")
+}
+
+/// MDE's answer to an unknown `$` query option: `400`, an *empty* code, no target.
+pub fn custom_query_option(option: &str) -> Response {
+    let body = json!({
+        "error": {
+            "code": "",
+            "message": format!(
+                "The query specified in the URI is not valid. Custom query option '{option}' that starts with '$' is not supported."
+            ),
+            "details": [],
+        }
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// The bare `404` a machine-action list sometimes answers (`--fault-list-404-rate`).
+pub fn bare_not_found() -> Response {
+    let body = json!({"error": {"code": "ResourceNotFound", "message": "Not found"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
 pub fn unauthorized(message: &str) -> Response {

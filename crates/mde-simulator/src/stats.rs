@@ -4,6 +4,33 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Start of the correlation marker the product puts at the start of an offboard
+/// `Comment`: `[defender-offboard:KEY] rest of comment`.
+pub const CORRELATION_MARKER: &str = "[defender-offboard:";
+
+/// The `KEY` of a comment that starts with `[defender-offboard:KEY]`; `None` when it
+/// does not start so (leading spaces included) or the marker is not closed.
+///
+/// The simulator parses the marker itself: a double must not share the code it checks.
+pub fn correlation_key(comment: &str) -> Option<&str> {
+    let rest = comment.strip_prefix(CORRELATION_MARKER)?;
+    let end = rest.find(']')?;
+    Some(&rest[..end])
+}
+
+/// The key an offboard request body counts under: the marker's key, or `""` when
+/// the body has no string `Comment` or the comment has no marker.
+pub(crate) fn body_correlation_key(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .as_ref()
+        .and_then(|v| v.get("Comment"))
+        .and_then(serde_json::Value::as_str)
+        .and_then(correlation_key)
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// A snapshot of what the simulator has seen. Same JSON as `GET /_sim/stats`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
@@ -14,8 +41,28 @@ pub struct SimStats {
     pub throttled: u64,
     /// Machine id → offboard actions created for it.
     pub offboard_actions_by_machine: BTreeMap<String, u64>,
-    /// Machines with more than one offboard action created.
+    /// Machines with more than one offboard action *created*. A POST that MDE
+    /// refuses (e.g. `400 ActiveRequestAlreadyExists`) creates none, so a product
+    /// that sends twice can still show 0 here: assert "exactly once" on
+    /// [`Self::offboard_requests_by_key`] (and [`Self::offboard_requests_by_machine`]),
+    /// which count what was sent.
     pub duplicate_offboards: u64,
+    /// Correlation key → offboard POSTs received for it that could have created an
+    /// action: every answer except a `429` or `401` refusal, so including
+    /// `400 ActiveRequestAlreadyExists`, `403`, `404`, injected `5xx`, lost answers
+    /// and dropped connections. The key comes from a marker at the very start of the
+    /// `Comment` (`[defender-offboard:KEY] rest of comment`); a comment without one
+    /// (or a body without a `Comment`) counts under `""`.
+    ///
+    /// This is what "each device is offboarded exactly once" must be asserted on:
+    /// every key should show 1.
+    pub offboard_requests_by_key: BTreeMap<String, u64>,
+    /// Machine id (as in the path, lower-cased) → offboard POSTs received for it,
+    /// counted like [`Self::offboard_requests_by_key`].
+    pub offboard_requests_by_machine: BTreeMap<String, u64>,
+    /// Offboard POSTs refused before they could create anything: `429` (throttled)
+    /// or `401` (missing, invalid, expired or revoked token).
+    pub offboard_requests_refused: u64,
     /// Machine actions created (of any type).
     pub actions_created: u64,
     /// Actions cancelled through the API.
@@ -53,6 +100,23 @@ impl SimStats {
         }
     }
 
+    /// An offboard POST that got past authentication and the rate limits.
+    pub(crate) fn record_offboard_request(&mut self, key: &str, machine_id: &str) {
+        *self
+            .offboard_requests_by_key
+            .entry(key.to_owned())
+            .or_default() += 1;
+        *self
+            .offboard_requests_by_machine
+            .entry(machine_id.to_ascii_lowercase())
+            .or_default() += 1;
+    }
+
+    /// Offboard POSTs received under `key` (0 when none).
+    pub fn offboard_requests_for_key(&self, key: &str) -> u64 {
+        self.offboard_requests_by_key.get(key).copied().unwrap_or(0)
+    }
+
     /// Requests of one family answered with one status (0 when none).
     pub fn count(&self, family: &str, status: &str) -> u64 {
         self.requests
@@ -76,6 +140,40 @@ mod tests {
         assert_eq!(s.actions_created, 6);
         assert_eq!(s.duplicate_offboards, 2);
         assert_eq!(s.offboard_actions_by_machine["a"], 3);
+    }
+
+    #[test]
+    fn correlation_markers_are_parsed_from_the_start_only() {
+        let key = correlation_key;
+        assert_eq!(
+            key("[defender-offboard:ns/name/uid] offboarding"),
+            Some("ns/name/uid")
+        );
+        assert_eq!(key("[defender-offboard:k]"), Some("k"));
+        assert_eq!(key("[defender-offboard:] x"), Some(""));
+        assert_eq!(key(" [defender-offboard:k] x"), None, "not at the start");
+        assert_eq!(key("offboarding [defender-offboard:k]"), None);
+        assert_eq!(key("[defender-offboard:k unclosed"), None);
+        assert_eq!(key("[Defender-Offboard:k] x"), None, "case-sensitive");
+        assert_eq!(key("decommissioned"), None);
+        let body = |b: &str| body_correlation_key(b.as_bytes());
+        assert_eq!(body(r#"{"Comment":"[defender-offboard:a-1] x"}"#), "a-1");
+        assert_eq!(body(r#"{"comment":"[defender-offboard:a-1] x"}"#), "");
+        assert_eq!(body(r#"{"Comment":7}"#), "");
+        assert_eq!(body("not json"), "");
+    }
+
+    #[test]
+    fn offboard_requests_count_by_key_and_machine() {
+        let mut s = SimStats::default();
+        s.record_offboard_request("k1", "AB");
+        s.record_offboard_request("k1", "ab");
+        s.record_offboard_request("", "cd");
+        assert_eq!(s.offboard_requests_for_key("k1"), 2);
+        assert_eq!(s.offboard_requests_for_key(""), 1);
+        assert_eq!(s.offboard_requests_for_key("k2"), 0);
+        assert_eq!(s.offboard_requests_by_machine["ab"], 2);
+        assert_eq!(s.actions_created, 0, "requests are not actions");
     }
 
     #[test]

@@ -240,19 +240,22 @@ impl Store {
         Some(action.to_json(self.now(), self.schedule()))
     }
 
-    /// JSON of the actions whose id and machine id are among the given ones
-    /// (lower-cased; `None` means any), oldest first.
+    /// JSON of the actions a list query sees whose id and machine id are among the
+    /// given ones (lower-cased; `None` means any), oldest first. Actions younger
+    /// than the list lag (`--fault-list-lag`) are not visible to lists yet.
     pub fn actions_json(
         &self,
         ids: Option<&[String]>,
         machine_ids: Option<&[String]>,
     ) -> Vec<Value> {
         let (now, schedule) = (self.now(), self.schedule());
+        let lag = self.config.scaled(self.config.faults.list_lag);
         let wanted = |values: Option<&[String]>, value: &str| {
             values.is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(value)))
         };
         self.actions
             .iter()
+            .filter(|a| a.age(now) >= lag)
             .filter(|a| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
             .map(|a| a.to_json(now, schedule))
             .collect()

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use mde_simulator::{
-    EXAMPLE_MACHINES, ExampleOffboard, LostResponseMode, SimConfig, SimHandle, SimStats,
+    EXAMPLE_MACHINES, ExampleOffboard, FaultConfig, LostResponseMode, NextLinkMode,
+    PendingConflictWording, RetryAfterMode, SimConfig, SimHandle, SimStats, SimulateArgs,
     WindowMode, spawn,
 };
 use reqwest::StatusCode;
@@ -542,12 +543,13 @@ async fn odata_filters_and_next_links() {
     all.dedup();
     assert_eq!(all.len(), 27);
 
-    // $top caps the total, also across pages.
+    // $top caps the total: MDE answers up to $top at once and never adds a nextLink.
     let (_, body) = api.get("/api/machines?$top=9").await;
-    let next = body["@odata.nextLink"].as_str().unwrap().to_owned();
-    let (_, rest) = api.get(&next).await;
-    assert_eq!(rest["value"].as_array().unwrap().len(), 2);
-    assert!(rest.get("@odata.nextLink").is_none());
+    assert_eq!(body["value"].as_array().unwrap().len(), 9);
+    assert!(body.get("@odata.nextLink").is_none(), "{body}");
+    let (_, body) = api.get("/api/machines?$top=10000&$skip=20").await;
+    assert_eq!(body["value"].as_array().unwrap().len(), 7);
+    assert!(body.get("@odata.nextLink").is_none(), "{body}");
 
     // Actions: in, and, gt.
     let mut actions = Vec::new();
@@ -915,4 +917,745 @@ async fn stats_count_requests_and_duplicate_offboards() {
         "/_sim calls are not counted"
     );
     sim.shutdown().await;
+}
+
+// ---- offboard request accounting ----
+
+/// Sends one offboard with `comment` as it is (no marker added), returning the status
+/// (`None` when the connection closed without an answer) and the error code.
+async fn offboard_with(api: &Api, machine: &str, comment: &str) -> (Option<StatusCode>, String) {
+    match api
+        .post_raw(
+            &format!("/api/machines/{machine}/offboard"),
+            json!({ "Comment": comment }),
+        )
+        .await
+    {
+        Ok(r) => {
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (Some(status), error_code(&body).to_owned())
+        }
+        Err(e) => {
+            assert!(!e.is_timeout(), "{e:?}");
+            (None, String::new())
+        }
+    }
+}
+
+#[tokio::test]
+async fn offboard_posts_are_counted_by_correlation_key_whatever_the_answer() {
+    // Real-time schedule: actions stay pending for the whole test.
+    let sim = start(SimConfig {
+        machines: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut api = Api::login(&sim).await;
+    let finance = example("finance-laptop");
+    let hr = example("hr-desktop");
+    let ws = example("ws2019");
+    let missing = "ffffffffffffffffffffffffffffffffffffffff";
+
+    // 201, then 400 ActiveRequestAlreadyExists for the same key: both counted.
+    let ok = offboard_with(&api, finance, "[defender-offboard:ns/a/1] offboarding").await;
+    assert_eq!(ok.0, Some(StatusCode::CREATED));
+    let again = offboard_with(&api, finance, "[defender-offboard:ns/a/1] offboarding").await;
+    assert_eq!(
+        again,
+        (
+            Some(StatusCode::BAD_REQUEST),
+            "ActiveRequestAlreadyExists".into()
+        )
+    );
+    // 404 for an unknown machine, and a comment without a marker (key "").
+    let gone = offboard_with(&api, missing, "[defender-offboard:ns/b/2] x").await;
+    assert_eq!(gone.0, Some(StatusCode::NOT_FOUND));
+    assert_eq!(
+        offboard_with(&api, hr, "decommissioned").await.0,
+        Some(StatusCode::CREATED)
+    );
+    // A marker not at the very start does not count as one.
+    assert_eq!(
+        offboard_with(&api, hr, " [defender-offboard:ns/c/3] late")
+            .await
+            .1,
+        "ActiveRequestAlreadyExists"
+    );
+    // A body MDE refuses (lower-case `comment`) still reached the service: key "".
+    let r = api
+        .post(
+            &format!("/api/machines/{ws}/offboard"),
+            json!({"comment": "[defender-offboard:ns/d/4] x"}),
+        )
+        .await;
+    assert_eq!(error_code(&r.1), "InvalidRequestBody");
+
+    // Injected 5xx, a dropped connection and a 504: counted.
+    sim_post(&sim, "/_sim/faults", json!({"error_rate": 1.0})).await;
+    let failed = offboard_with(&api, ws, "[defender-offboard:ns/e/5] x").await;
+    assert!(failed.0.unwrap().is_server_error(), "{failed:?}");
+    sim_post(
+        &sim,
+        "/_sim/faults",
+        json!({"error_rate": 0.0, "lost_response_rate": 1.0, "lost_response_mode": "drop"}),
+    )
+    .await;
+    assert_eq!(
+        offboard_with(&api, ws, "[defender-offboard:ns/e/5] x")
+            .await
+            .0,
+        None
+    );
+    sim_post(&sim, "/_sim/faults", json!({"lost_response_mode": "504"})).await;
+    let lost = offboard_with(&api, example("lab-pc"), "[defender-offboard:ns/f/6] x").await;
+    assert_eq!(lost.0, Some(StatusCode::GATEWAY_TIMEOUT));
+    sim_post(&sim, "/_sim/faults", json!({"lost_response_rate": 0.0})).await;
+
+    // 403 (missing role) could have created an action had the role been there: counted.
+    sim_post(&sim, "/_sim/roles", json!({"roles": ["Machine.Read.All"]})).await;
+    let forbidden = offboard_with(&api, example("kiosk"), "[defender-offboard:ns/g/7] x").await;
+    assert_eq!(forbidden.0, Some(StatusCode::FORBIDDEN));
+    sim_post(
+        &sim,
+        "/_sim/roles",
+        json!({"roles": ["Machine.Offboard", "Machine.Read.All"]}),
+    )
+    .await;
+
+    // Refused before anything: 429 and 401, counted apart.
+    sim_post(
+        &sim,
+        "/_sim/throttle",
+        json!({"family": "offboard", "seconds": 30}),
+    )
+    .await;
+    let throttled = offboard_with(&api, example("kiosk"), "[defender-offboard:ns/h/8] x").await;
+    assert_eq!(throttled.0, Some(StatusCode::TOO_MANY_REQUESTS));
+    api.token = "not-a-token".into();
+    let bad_token = offboard_with(&api, example("kiosk"), "[defender-offboard:ns/h/8] x").await;
+    assert_eq!(bad_token.0, Some(StatusCode::UNAUTHORIZED));
+    let no_token = http()
+        .post(format!(
+            "{}/api/machines/{finance}/offboard",
+            sim.base_url()
+        ))
+        .json(&json!({"Comment": "[defender-offboard:ns/h/8] x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
+
+    let stats: SimStats = http()
+        .get(format!("{}/_sim/stats", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats, sim.stats());
+    let keys: Vec<(&str, u64)> = stats
+        .offboard_requests_by_key
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("", 3),
+            ("ns/a/1", 2),
+            ("ns/b/2", 1),
+            ("ns/e/5", 2),
+            ("ns/f/6", 1),
+            ("ns/g/7", 1),
+        ]
+    );
+    assert_eq!(stats.offboard_requests_for_key("ns/h/8"), 0);
+    assert_eq!(stats.offboard_requests_refused, 3);
+    assert_eq!(stats.offboard_requests_by_machine[finance], 2);
+    assert_eq!(stats.offboard_requests_by_machine[hr], 2);
+    assert_eq!(stats.offboard_requests_by_machine[ws], 3);
+    assert_eq!(stats.offboard_requests_by_machine[missing], 1);
+    assert_eq!(stats.offboard_requests_by_machine[example("kiosk")], 1);
+    // Actions created: finance, hr, ws (dropped answer) and lab-pc (504).
+    assert_eq!(stats.actions_created, 4);
+    assert_eq!(stats.duplicate_offboards, 0, "counts actions, not requests");
+    // The JSON names the dev playground and other crates' tests read.
+    let raw: Value = http()
+        .get(format!("{}/_sim/stats", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(raw["offboard_requests_by_key"]["ns/a/1"], 2);
+    assert_eq!(raw["offboard_requests_by_machine"][finance], 2);
+    assert_eq!(raw["offboard_requests_refused"], 3);
+}
+
+#[tokio::test]
+async fn a_second_offboard_after_success_is_created_and_counted() {
+    let sim = start(fast()).await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+    let comment = "[defender-offboard:default/finance/uid-1] offboard";
+
+    let (status, _) = offboard_with(&api, machine, comment).await;
+    assert_eq!(status, Some(StatusCode::CREATED));
+    let (_, listed) = api
+        .get(&format!(
+            "/api/machineactions?$filter=machineId eq '{machine}'"
+        ))
+        .await;
+    let first = listed["value"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        api.wait_final(&first, Duration::from_secs(3))
+            .await
+            .last()
+            .unwrap(),
+        "Succeeded"
+    );
+    // Unknown how MDE answers here; the simulator creates a second action.
+    assert_eq!(
+        offboard_with(&api, machine, comment).await.0,
+        Some(StatusCode::CREATED)
+    );
+    let stats = sim.stats();
+    assert_eq!(stats.offboard_requests_for_key("default/finance/uid-1"), 2);
+    assert_eq!(stats.offboard_requests_by_machine[machine], 2);
+    assert_eq!(stats.duplicate_offboards, 1);
+}
+
+// ---- list lag ----
+
+fn ids_of(body: &Value) -> Vec<String> {
+    body["value"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no value in {body}"))
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn list_lag_hides_new_actions_from_lists_but_not_from_get_by_id() {
+    // 5 s of simulated lag at time scale 10: 500 ms; actions stay Pending 10 s (1 s).
+    let sim = start(SimConfig {
+        pending_for: Duration::from_secs(10),
+        faults: FaultConfig {
+            list_lag: Duration::from_secs(5),
+            ..FaultConfig::default()
+        },
+        rate_limits: Vec::new(),
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+    let by_machine = format!("/api/machineactions?$filter=machineId eq '{machine}'");
+
+    let created = Instant::now();
+    let (status, action) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = action["id"].as_str().unwrap().to_owned();
+    let (status, body) = api.get(&by_machine).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ids_of(&body).is_empty(), "not yet listed: {body}");
+    let (_, body) = api
+        .get(&format!("/api/machineactions?$filter=id in ('{id}')"))
+        .await;
+    assert!(ids_of(&body).is_empty(), "not by id filter either: {body}");
+    let (status, one) = api.get(&format!("/api/machineactions/{id}")).await;
+    assert_eq!(
+        (status, one["id"].as_str()),
+        (StatusCode::OK, Some(id.as_str()))
+    );
+
+    // A second POST meanwhile is still refused: the service knows the action.
+    assert_eq!(api.offboard(machine).await.0, StatusCode::BAD_REQUEST);
+
+    let visible_after = loop {
+        let (_, body) = api.get(&by_machine).await;
+        if ids_of(&body) == [id.clone()] {
+            break created.elapsed();
+        }
+        assert!(created.elapsed() < Duration::from_secs(3), "never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        visible_after >= Duration::from_millis(450),
+        "listed after {visible_after:?}"
+    );
+
+    // Changed at runtime through /_sim/faults.
+    let now = sim_post(&sim, "/_sim/faults", json!({"list_lag": "0s"})).await;
+    assert_eq!(now["list_lag"], "0s");
+    let (_, second) = api.offboard(example("hr-desktop")).await;
+    let (_, body) = api.get("/api/machineactions").await;
+    assert!(
+        ids_of(&body).contains(&second["id"].as_str().unwrap().to_owned()),
+        "{body}"
+    );
+}
+
+// ---- paging ----
+
+/// Follows `@odata.nextLink` at most `max` times, returning every page's body.
+async fn follow(api: &Api, first: &str, max: usize) -> Vec<Value> {
+    let mut pages = Vec::new();
+    let mut next = Some(first.to_owned());
+    while let Some(link) = next {
+        if pages.len() == max {
+            break;
+        }
+        let (status, body) = api.get(&link).await;
+        assert_eq!(status, StatusCode::OK, "{link}: {body}");
+        next = body["@odata.nextLink"].as_str().map(str::to_owned);
+        pages.push(body);
+    }
+    pages
+}
+
+#[tokio::test]
+async fn next_link_repeat_points_to_the_same_page_forever() {
+    let sim = start(SimConfig {
+        page_size: 7,
+        rate_limits: Vec::new(),
+        faults: FaultConfig {
+            next_link: NextLinkMode::Repeat,
+            ..FaultConfig::default()
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let first = format!(
+        "{}/api/machines?$filter=healthStatus eq 'Active'",
+        sim.base_url()
+    );
+    let pages = follow(&api, &first, 5).await;
+    assert_eq!(pages.len(), 5, "the link never runs out");
+    let link = pages[0]["@odata.nextLink"].as_str().unwrap();
+    for page in &pages {
+        assert_eq!(page["@odata.nextLink"], link);
+        assert_eq!(ids_of(page), ids_of(&pages[0]));
+    }
+    // Following it again asks for the very same page.
+    let (_, again) = api.get(link).await;
+    assert_eq!(ids_of(&again), ids_of(&pages[0]));
+    // $top: no link; one page: no link.
+    let (_, top) = api.get("/api/machines?$top=20").await;
+    assert_eq!((ids_of(&top).len(), top.get("@odata.nextLink")), (20, None));
+    let (_, single) = api
+        .get("/api/machines?$filter=osPlatform eq 'Linux' and startswith(computerDnsName,'build-')")
+        .await;
+    assert!(single.get("@odata.nextLink").is_none());
+
+    // Back to normal at runtime: the pages end.
+    sim_post(&sim, "/_sim/faults", json!({"next_link": "normal"})).await;
+    let pages = follow(&api, "/api/machines", 10).await;
+    assert_eq!(pages.len(), 4, "27 machines in pages of 7");
+}
+
+#[tokio::test]
+async fn next_link_mangled_keeps_skip_loses_the_filter_and_keeps_coming() {
+    let sim = start(SimConfig {
+        page_size: 7,
+        rate_limits: Vec::new(),
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let set = sim_post(&sim, "/_sim/faults", json!({"next_link": "mangled"})).await;
+    assert_eq!(set["next_link"], "mangled");
+
+    // 25 of the 27 machines are Active (two re-imaged ones are Inactive).
+    let filtered = "/api/machines?$filter=healthStatus eq 'Active'";
+    let pages = follow(&api, filtered, 8).await;
+    assert_eq!(pages.len(), 8, "a mangled link keeps coming");
+    let link = pages[0]["@odata.nextLink"].as_str().unwrap();
+    assert!(
+        link.starts_with(&format!("{}/api/machines?=", sim.base_url())),
+        "{link}"
+    );
+    assert!(link.ends_with("&=7&$skip=7"), "{link}");
+    assert!(!link.contains("$filter"), "{link}");
+    let statuses: Vec<String> = pages
+        .iter()
+        .flat_map(|p| p["value"].as_array().unwrap().iter())
+        .map(|m| m["healthStatus"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        statuses.iter().any(|s| s == "Inactive"),
+        "the mangled pages list what the filter excluded"
+    );
+    // Past the end: empty pages that still carry a link with $skip advancing.
+    let last = pages.last().unwrap();
+    assert!(ids_of(last).is_empty(), "{last}");
+    assert!(
+        last["@odata.nextLink"]
+            .as_str()
+            .unwrap()
+            .ends_with("$skip=56"),
+        "{last}"
+    );
+    // Answering a mangled link with a huge $skip is immediate, not a loop.
+    let started = Instant::now();
+    let (status, far) = api
+        .get("/api/machines?=x&=7&$skip=18446744073709551000")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{far}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Machine actions page the same way; with $top there is never a link.
+    for name in ["finance-laptop", "hr-desktop", "ws2019", "kiosk", "lab-pc"] {
+        assert_eq!(api.offboard(example(name)).await.0, StatusCode::CREATED);
+    }
+    sim_post(&sim, "/_sim/faults", json!({"next_link": "normal"})).await;
+    let (_, few) = api
+        .get("/api/machineactions?$filter=type eq 'Offboard'")
+        .await;
+    assert!(few.get("@odata.nextLink").is_none(), "5 fit in a page of 7");
+    let (_, top) = api.get("/api/machineactions?$top=2").await;
+    assert_eq!((ids_of(&top).len(), top.get("@odata.nextLink")), (2, None));
+}
+
+// ---- unknown $ options ----
+
+#[tokio::test]
+async fn unknown_dollar_options_are_refused_with_mdes_empty_code() {
+    let sim = start(fast()).await;
+    let api = Api::login(&sim).await;
+    let expected = |option: &str| {
+        json!({"error": {
+            "code": "",
+            "message": format!("The query specified in the URI is not valid. Custom query option '{option}' that starts with '$' is not supported."),
+            "details": [],
+        }})
+    };
+    for (path, option) in [
+        ("/api/machines?$stop=5", "$stop"),
+        (
+            "/api/machines?$filter=osPlatform eq 'Linux'&%24stop=5",
+            "$stop",
+        ),
+        ("/api/machineactions?$top=5&$search=x", "$search"),
+        ("/api/machineactions?$Top=5", "$Top"),
+        (
+            &format!("/api/machines/{}?$format=json", example("finance")),
+            "$format",
+        ),
+        (
+            "/api/machineactions/00000000-0000-0000-0000-000000000000?$x=1",
+            "$x",
+        ),
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(body, expected(option), "{path}");
+    }
+    for path in [
+        "/api/machines?$select=id&$orderby=id&$count=true&$expand=x&$top=1&$skip=1",
+        "/api/machines?custom=1&$top=1",
+        "/api/machineactions?$select=id",
+    ] {
+        assert_eq!(api.get(path).await.0, StatusCode::OK, "{path}");
+    }
+}
+
+// ---- quirks ----
+
+async fn throttled_retry_after(api: &Api) -> (StatusCode, Option<String>, Value) {
+    let r = api
+        .http
+        .get(api.url("/api/machines?$top=1"))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    let header = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (r.status(), header, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn retry_after_modes() {
+    let sim = start(SimConfig {
+        faults: FaultConfig {
+            retry_after: RetryAfterMode::Huge,
+            ..FaultConfig::default()
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    sim_post(
+        &sim,
+        "/_sim/throttle",
+        json!({"family": "machines", "seconds": 3}),
+    )
+    .await;
+
+    let (status, header, body) = throttled_retry_after(&api).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(error_code(&body), "TooManyRequests");
+    assert_eq!(header.as_deref(), Some("1e19"));
+
+    sim_post(&sim, "/_sim/faults", json!({"retry_after": "seconds"})).await;
+    let (_, header, _) = throttled_retry_after(&api).await;
+    assert_eq!(header.as_deref(), Some("3"));
+
+    sim_post(&sim, "/_sim/faults", json!({"retry_after": "missing"})).await;
+    let (status, header, _) = throttled_retry_after(&api).await;
+    assert_eq!((status, header), (StatusCode::TOO_MANY_REQUESTS, None));
+
+    sim_post(&sim, "/_sim/faults", json!({"retry_after": "http-date"})).await;
+    let before = jiff::Timestamp::now();
+    let (status, header, _) = throttled_retry_after(&api).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let header = header.unwrap();
+    assert!(header.ends_with(" GMT"), "{header}");
+    let at = jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(&header)
+        .unwrap_or_else(|e| panic!("{header}: {e}"));
+    let wait = at.duration_since(before);
+    assert!(
+        wait >= jiff::SignedDuration::from_secs(1) && wait <= jiff::SignedDuration::from_secs(4),
+        "{header} is {wait:?} away"
+    );
+}
+
+#[tokio::test]
+async fn pending_conflict_wording_can_be_message_only() {
+    let sim = start(SimConfig {
+        machines: 20,
+        faults: FaultConfig {
+            pending_conflict_wording: PendingConflictWording::MessageOnly,
+            ..FaultConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+    assert_eq!(api.offboard(machine).await.0, StatusCode::CREATED);
+    let (status, body) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "BadRequest");
+    assert_eq!(body["error"]["message"], "Action is already in progress");
+
+    sim_post(
+        &sim,
+        "/_sim/faults",
+        json!({"pending_conflict_wording": "code"}),
+    )
+    .await;
+    let (status, body) = api.offboard(machine).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "ActiveRequestAlreadyExists")
+    );
+    assert_eq!(sim.stats().offboard_requests_by_machine[machine], 3);
+    assert_eq!(sim.stats().actions_created, 1);
+}
+
+#[tokio::test]
+async fn nulls_fault_serves_null_optional_fields() {
+    let sim = start(SimConfig {
+        pending_for: Duration::from_secs(3600),
+        faults: FaultConfig {
+            nulls: true,
+            ..FaultConfig::default()
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let machine = example("finance-laptop");
+
+    let (status, one) = api.get(&format!("/api/machines/{machine}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, listed) = api.get("/api/machines").await;
+    let in_list = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == machine)
+        .unwrap()
+        .clone();
+    for m in [&one, &in_list] {
+        assert_eq!(m["id"], machine);
+        assert_eq!(m["computerDnsName"], "finance-laptop-07.contoso.com");
+        for field in [
+            "machineTags",
+            "lastSeen",
+            "osPlatform",
+            "healthStatus",
+            "rbacGroupId",
+        ] {
+            assert!(m[field].is_null(), "{field} in {m}");
+            assert!(
+                m.as_object().unwrap().contains_key(field),
+                "present, as null"
+            );
+        }
+    }
+    assert!(
+        listed["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["machineTags"].is_null() && m["computerDnsName"].is_string())
+    );
+
+    let (status, created) = api.offboard(machine).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, fetched) = api.get(&format!("/api/machineactions/{id}")).await;
+    let (_, list) = api.get("/api/machineactions").await;
+    let (_, cancelled) = api
+        .post(
+            &format!("/api/machineactions/{id}/cancel"),
+            json!({"Comment": "stop"}),
+        )
+        .await;
+    for a in [&created, &fetched, &list["value"][0], &cancelled] {
+        assert_eq!(a["id"], id.as_str());
+        assert_eq!(a["machineId"], machine);
+        assert_eq!(a["type"], "Offboard");
+        assert!(a["status"].is_string(), "{a}");
+        assert_eq!(a["computerDnsName"], "finance-laptop-07.contoso.com");
+        assert_eq!(a["requestorComment"], "decommissioned");
+        assert!(a["creationDateTimeUtc"].is_string(), "{a}");
+        for field in [
+            "lastUpdateDateTimeUtc",
+            "cancellationComment",
+            "relatedFileInfo",
+            "requestor",
+            "commands",
+            "title",
+        ] {
+            assert!(a[field].is_null(), "{field} in {a}");
+        }
+    }
+    assert_eq!(cancelled["status"], "Cancelled");
+
+    sim_post(&sim, "/_sim/faults", json!({"nulls": false})).await;
+    let (_, plain) = api.get(&format!("/api/machines/{machine}")).await;
+    assert_eq!(plain["osPlatform"], "Windows11");
+}
+
+#[tokio::test]
+async fn list_404_rate_answers_machine_action_lists_not_found() {
+    let sim = start(SimConfig {
+        rate_limits: Vec::new(),
+        faults: FaultConfig {
+            list_404_rate: 1.0,
+            ..FaultConfig::default()
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let (status, action) = api.offboard(example("finance-laptop")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = action["id"].as_str().unwrap();
+
+    let (status, body) = api
+        .get(&format!("/api/machineactions?$filter=id in ('{id}')"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body,
+        json!({"error": {"code": "ResourceNotFound", "message": "Not found"}})
+    );
+    // Only machine-action lists: one action and machines still answer.
+    let (status, _) = api.get(&format!("/api/machineactions/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.get("/api/machines?$top=1").await.0, StatusCode::OK);
+
+    sim_post(&sim, "/_sim/faults", json!({"list_404_rate": 0.5})).await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(api.get("/api/machineactions").await.0);
+    }
+    let not_found = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::NOT_FOUND)
+        .count();
+    assert!((5..35).contains(&not_found), "{not_found} of 40");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::NOT_FOUND)
+    );
+
+    let refused = http()
+        .post(format!("{}/_sim/faults", sim.base_url()))
+        .json(&json!({"list_404_rate": 1.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+}
+
+// ---- the command line ----
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: SimulateArgs,
+}
+
+#[test]
+fn fault_flags_parse_into_the_config() {
+    use clap::Parser;
+    let config = Cli::try_parse_from([
+        "simulate",
+        "--time-scale",
+        "10",
+        "--fault-list-lag",
+        "2s",
+        "--fault-next-link",
+        "mangled",
+        "--fault-retry-after",
+        "http-date",
+        "--fault-pending-conflict-wording",
+        "message-only",
+        "--fault-nulls",
+        "--fault-list-404-rate",
+        "0.25",
+    ])
+    .unwrap()
+    .args
+    .into_config();
+    let faults = &config.faults;
+    assert_eq!(faults.list_lag, Duration::from_secs(2));
+    assert_eq!(config.scaled(faults.list_lag), Duration::from_millis(200));
+    assert_eq!(faults.next_link, NextLinkMode::Mangled);
+    assert_eq!(faults.retry_after, RetryAfterMode::HttpDate);
+    assert_eq!(
+        faults.pending_conflict_wording,
+        PendingConflictWording::MessageOnly
+    );
+    assert!(faults.nulls);
+    assert_eq!(faults.list_404_rate, 0.25);
+
+    let defaults = Cli::try_parse_from(["simulate"])
+        .unwrap()
+        .args
+        .into_config();
+    assert_eq!(defaults.faults, FaultConfig::default());
+    for mode in ["seconds", "missing", "huge"] {
+        assert!(Cli::try_parse_from(["simulate", "--fault-retry-after", mode]).is_ok());
+    }
+    assert!(Cli::try_parse_from(["simulate", "--fault-next-link", "repeat"]).is_ok());
+    assert!(Cli::try_parse_from(["simulate", "--fault-list-404-rate", "1.5"]).is_err());
+    assert!(Cli::try_parse_from(["simulate", "--fault-next-link", "sideways"]).is_err());
+    assert_eq!(mde_simulator::parse_share("0.5"), Ok(0.5));
+    assert!(mde_simulator::parse_share("2").is_err());
 }

@@ -16,6 +16,34 @@ pub enum LogFormat {
     Text,
 }
 
+/// Whether the process is healthy; read by `/healthz`. A background task
+/// that died (the poller) turns it red with a reason until it is restarted.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Liveness {
+    pub fn failing(&self, reason: impl Into<String>) {
+        *self.lock() = Some(reason.into());
+    }
+    pub fn recovered(&self) {
+        *self.lock() = None;
+    }
+    /// `None` while healthy, else why not.
+    pub fn problem(&self) -> Option<String> {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The probes `/healthz` and `/readyz` answer from.
+#[derive(Clone, Default)]
+pub struct Probes {
+    pub readiness: Readiness,
+    pub liveness: Liveness,
+}
+
 /// Set once the controller is watching; read by `/readyz`.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);
@@ -61,16 +89,23 @@ pub async fn shutdown_signal() {
 #[derive(Clone)]
 struct Health {
     metrics: Arc<Metrics>,
-    readiness: Readiness,
+    probes: Probes,
 }
 
 /// `/metrics`, `/healthz`, `/readyz`.
-pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+pub fn router(metrics: Arc<Metrics>, probes: Probes) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(live_handler))
         .route("/readyz", get(ready_handler))
-        .with_state(Health { metrics, readiness })
+        .with_state(Health { metrics, probes })
+}
+
+async fn live_handler(State(health): State<Health>) -> impl IntoResponse {
+    match health.probes.liveness.problem() {
+        None => (StatusCode::OK, "ok".to_string()),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, problem),
+    }
 }
 
 async fn metrics_handler(State(health): State<Health>) -> impl IntoResponse {
@@ -84,18 +119,18 @@ async fn metrics_handler(State(health): State<Health>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(health): State<Health>) -> impl IntoResponse {
-    if health.readiness.is_ready() {
+    if health.probes.readiness.is_ready() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, readiness: Readiness) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, probes: Probes) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     }
-    let _ = axum::serve(listener, router(metrics, readiness)).await;
+    let _ = axum::serve(listener, router(metrics, probes)).await;
 }
 
 #[cfg(test)]
@@ -121,8 +156,20 @@ mod tests {
     async fn health_readiness_and_metrics() {
         let metrics = Arc::new(Metrics::default());
         metrics.record_request("offboard", 429);
-        let readiness = Readiness::default();
-        let app = router(metrics, readiness.clone());
+        let probes = Probes::default();
+        let readiness = probes.readiness.clone();
+        let app = router(metrics, probes.clone());
+        assert_eq!(get(app.clone(), "/healthz").await.0, StatusCode::OK);
+        probes.liveness.failing("the poller stopped; restarting it");
+        let (status, text) = get(app.clone(), "/healthz").await;
+        assert_eq!(
+            (status, text.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the poller stopped; restarting it"
+            )
+        );
+        probes.liveness.recovered();
         assert_eq!(get(app.clone(), "/healthz").await.0, StatusCode::OK);
         assert_eq!(
             get(app.clone(), "/readyz").await.0,

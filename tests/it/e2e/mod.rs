@@ -449,6 +449,24 @@ fn assert_exactly_once(
 ) {
     assert_eq!(all.len(), names.len(), "resources lost");
     assert_eq!(count(stats, "duplicate_offboards"), 0, "{stats}");
+    // POSTs counted at MDE per key: a second POST for a key is allowed only
+    // after a lookup proved the first created nothing, which here happens only
+    // when MDE refused the first with an injected 5xx before acting.
+    let posts = posts_by_key(stats);
+    let uids: BTreeSet<String> = all
+        .values()
+        .filter_map(|d| d.metadata.uid.clone())
+        .collect();
+    let extra: u64 = posts
+        .iter()
+        .filter(|(key, _)| uids.contains(*key))
+        .map(|(_, n)| n.saturating_sub(1))
+        .sum();
+    assert!(
+        extra <= refused_with_5xx(stats),
+        "{extra} second POSTs for a key, but only {} POSTs were refused before MDE acted: {posts:?}",
+        refused_with_5xx(stats)
+    );
     let per_machine = actions_by_machine(stats);
     let over: Vec<_> = per_machine.iter().filter(|(_, n)| **n > 1).collect();
     assert!(over.is_empty(), "machines with several offboards: {over:?}");
@@ -518,10 +536,13 @@ async fn crash_test_sigkill_never_duplicates() {
         let mut kills = 0;
         let mut final_at_kill = Vec::new();
         // Kill at random moments until the work is done, at least 10 times.
+        // A process proves absence only after its own lookup delay (500 ms)
+        // since it first saw a resource Submitting, so each one lives a
+        // little longer than its start-up plus that delay, at random.
         while kills < 10 || final_at_kill.last() < Some(&n) {
             assert!(kills < 80, "no progress across restarts: {final_at_kill:?}");
             let mut run = cluster.spawn_run(&format!("run-{kills}"), &run_flags);
-            tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..2000))).await;
             if let Some(status) = run.exited() {
                 panic!("run exited by itself ({status}):\n{}", run.log());
             }

@@ -548,6 +548,27 @@ pub fn actions_by_machine(stats: &Value) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+/// Correlation key (resource uid) → offboard POSTs MDE received for it that
+/// could have created an action (refusals with 429/401 are not counted).
+pub fn posts_by_key(stats: &Value) -> BTreeMap<String, u64> {
+    stats["offboard_requests_by_key"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Offboard POSTs answered with a 5xx the simulator injected before acting.
+pub fn refused_with_5xx(stats: &Value) -> u64 {
+    ["500", "503"]
+        .iter()
+        .map(|code| stats["requests"]["offboard"][code].as_u64().unwrap_or(0))
+        .sum()
+}
+
 pub fn count(stats: &Value, key: &str) -> u64 {
     stats[key].as_u64().unwrap_or(0)
 }

@@ -33,10 +33,18 @@ pub enum Lookup {
 #[derive(Default)]
 struct State {
     actions: Vec<MachineAction>,
+    /// When each action was created (MDE lists it `list_lag` later).
+    created: Vec<tokio::time::Instant>,
+    list_lag: std::time::Duration,
+    /// POSTs that failed ambiguously without creating anything: the only
+    /// ones after which a second POST for the key is right.
+    refused_before_acting: u32,
     posts_by_key: BTreeMap<String, u32>,
     sends: VecDeque<Send>,
     lookups: VecDeque<Lookup>,
     calls: u32,
+    /// While set, lists show only the first this many actions (MDE's list lags).
+    listed: Option<usize>,
 }
 
 pub struct FakeMde {
@@ -63,10 +71,42 @@ impl FakeMde {
         self
     }
 
+    /// New actions show in lists only this long after they were created.
+    pub fn list_lag(self, lag: std::time::Duration) -> Self {
+        self.lock().list_lag = lag;
+        self
+    }
+
+    /// Ambiguous POST failures that created nothing.
+    pub fn refused_before_acting(&self) -> u32 {
+        self.lock().refused_before_acting
+    }
+
+    /// Append a scripted POST outcome.
+    pub fn push_send(&self, send: Send) {
+        self.lock().sends.push_back(send);
+    }
+
+    /// Append a scripted lookup outcome.
+    pub fn push_lookup(&self, lookup: Lookup) {
+        self.lock().lookups.push_back(lookup);
+    }
+
     /// Script the next lookups (then every lookup is complete).
     pub fn lookups(self, script: impl IntoIterator<Item = Lookup>) -> Self {
         self.lock().lookups.extend(script);
         self
+    }
+
+    /// Actions created from now on stay out of list answers until [`Self::catch_up`].
+    pub fn lag(&self) {
+        let mut state = self.lock();
+        state.listed = Some(state.actions.len());
+    }
+
+    /// Every action shows in lists from now on.
+    pub fn catch_up(&self) {
+        self.lock().listed = None;
     }
 
     /// Offboard POSTs received with `key` in their marker, whatever the answer.
@@ -91,8 +131,10 @@ impl FakeMde {
 
     /// An action created earlier (by a previous process, say).
     pub fn insert(&self, machine_id: &str, comment: &str) -> MachineAction {
-        let action = new_action(self.lock().actions.len(), machine_id, comment);
-        self.lock().actions.push(action.clone());
+        let mut state = self.lock();
+        let action = new_action(state.actions.len(), machine_id, comment);
+        state.actions.push(action.clone());
+        state.created.push(tokio::time::Instant::now());
         action
     }
 
@@ -139,40 +181,26 @@ impl MdeCalls for FakeMde {
         Ok(vec![machine])
     }
 
-    async fn find_offboard_action(
-        &self,
-        machine_id: &str,
-        marker: &str,
-    ) -> Result<Option<MachineAction>, MdeError> {
-        let mut state = self.lock();
-        state.calls += 1;
-        match state.lookups.pop_front().unwrap_or(Lookup::Complete) {
-            Lookup::Fail(error) => Err(error),
-            Lookup::Complete => Ok(state
-                .actions
-                .iter()
-                .find(|a| {
-                    a.machine_id.as_deref() == Some(machine_id)
-                        && a.requestor_comment
-                            .as_deref()
-                            .is_some_and(|c| c.split_whitespace().any(|t| t == marker))
-                })
-                .cloned()),
-        }
+    async fn sign_in(&self) -> Result<(), MdeError> {
+        Ok(())
     }
 
-    async fn find_pending_offboard(
-        &self,
-        machine_id: &str,
-    ) -> Result<Option<MachineAction>, MdeError> {
+    async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
         let mut state = self.lock();
         state.calls += 1;
-        Ok(state
-            .actions
-            .iter()
-            .rev()
-            .find(|a| a.machine_id.as_deref() == Some(machine_id) && !a.status.is_final())
-            .cloned())
+        let visible = state.listed.unwrap_or(usize::MAX).min(state.actions.len());
+        let lag = state.list_lag;
+        match state.lookups.pop_front().unwrap_or(Lookup::Complete) {
+            Lookup::Fail(error) => Err(error),
+            Lookup::Complete => Ok(state.actions[..visible]
+                .iter()
+                .zip(&state.created)
+                .filter(|(a, created)| {
+                    a.machine_id.as_deref() == Some(machine_id) && created.elapsed() >= lag
+                })
+                .map(|(a, _)| a.clone())
+                .collect()),
+        }
     }
 
     async fn offboard(
@@ -184,13 +212,20 @@ impl MdeCalls for FakeMde {
         slot.complete();
         let mut state = self.lock();
         state.calls += 1;
-        if let Some(key) = key_of(comment) {
+        let script = state.sends.pop_front().unwrap_or(Send::Accept);
+        // As MDE's own counters would: a 429 or 401 refusal is not a POST
+        // that could have created anything.
+        let refused = matches!(
+            &script,
+            Send::Fail(MdeError::Throttled { .. } | MdeError::Unauthorized { .. })
+        );
+        if let Some(key) = key_of(comment).filter(|_| !refused) {
             *state.posts_by_key.entry(key).or_default() += 1;
         }
-        let script = state.sends.pop_front().unwrap_or(Send::Accept);
         let create = |state: &mut State| {
             let action = new_action(state.actions.len(), machine_id, comment);
             state.actions.push(action.clone());
+            state.created.push(tokio::time::Instant::now());
             action
         };
         match script {
@@ -199,7 +234,12 @@ impl MdeCalls for FakeMde {
                 create(&mut state);
                 Err(error)
             }
-            Send::Fail(error) => Err(error),
+            Send::Fail(error) => {
+                if error.may_have_created() {
+                    state.refused_before_acting += 1;
+                }
+                Err(error)
+            }
         }
     }
 
@@ -212,5 +252,18 @@ impl MdeCalls for FakeMde {
             .filter(|a| ids.contains(&a.id))
             .cloned()
             .collect())
+    }
+
+    async fn get_machine_action(&self, id: &str) -> Result<MachineAction, MdeError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        state
+            .actions
+            .iter()
+            .find(|a| a.id == id)
+            .cloned()
+            .ok_or_else(|| MdeError::NotFound {
+                message: format!("MachineAction {id} was not found"),
+            })
     }
 }

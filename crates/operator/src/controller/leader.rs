@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,6 +36,27 @@ impl Default for LeaseTiming {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `leaseDurationSeconds` for a duration: rounded up, at least 1.
+fn lease_seconds(duration: Duration) -> i32 {
+    let seconds = duration.as_secs_f64().ceil().max(1.0);
+    seconds.min(i32::MAX as f64) as i32
+}
+
+impl LeaseTiming {
+    /// The leader must give up (renew deadline) and notice it (one retry
+    /// period later) before a standby may take over (lease duration).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.renew_deadline + self.retry_period < self.lease_duration {
+            Ok(())
+        } else {
+            Err(format!(
+                "--lease-renew-deadline ({:?}) + --lease-retry-period ({:?}) must be shorter than --lease-duration ({:?}): otherwise a standby may take over while the old leader still sends",
+                self.renew_deadline, self.retry_period, self.lease_duration
+            ))
         }
     }
 }
@@ -89,7 +111,9 @@ impl Elector {
     /// One attempt to take or renew the lease. `Ok(true)` when we hold it.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = Instant::now();
-        let seconds = self.timing.lease_duration.as_secs().max(1) as i32;
+        // The Lease counts whole seconds: round up, never down, so a standby
+        // never judges a 1.5 s lease expired after 1 s.
+        let seconds = lease_seconds(self.timing.lease_duration);
         let lease = match self.api.get_opt(LEASE_NAME).await? {
             Some(lease) => lease,
             None => {
@@ -181,6 +205,64 @@ pub struct LeaseConfig {
     pub timing: LeaseTiming,
 }
 
+/// Until when this process may act as leader, on its own monotonic clock: the
+/// point where it would give the lease up if no renewal succeeds. Checked just
+/// before each POST, so a paused or partitioned leader never sends on a lease
+/// a standby may already have taken.
+#[derive(Clone, Debug)]
+pub struct LeaseClock(Arc<std::sync::Mutex<LeaseState>>);
+
+#[derive(Debug)]
+enum LeaseState {
+    /// No leader election: always free to send.
+    NotElected,
+    Held {
+        until: Option<Instant>,
+    },
+}
+
+impl LeaseClock {
+    /// For a process that runs without leader election.
+    pub fn not_elected() -> Self {
+        LeaseClock(Arc::new(std::sync::Mutex::new(LeaseState::NotElected)))
+    }
+
+    /// For a candidate: nothing may be sent until the lease is held.
+    pub fn candidate() -> Self {
+        LeaseClock(Arc::new(std::sync::Mutex::new(LeaseState::Held {
+            until: None,
+        })))
+    }
+
+    fn set(&self, state: LeaseState) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn renewed(&self, until: Instant) {
+        self.set(LeaseState::Held { until: Some(until) });
+    }
+
+    fn lost(&self) {
+        self.set(LeaseState::Held { until: None });
+    }
+
+    /// Whether a request sent now, taking up to `margin`, still falls within the lease.
+    pub fn may_send(&self, margin: Duration) -> bool {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            LeaseState::NotElected => true,
+            LeaseState::Held { until } => {
+                until.is_some_and(|until| Instant::now() + margin < until)
+            }
+        }
+    }
+}
+
+impl Default for LeaseClock {
+    fn default() -> Self {
+        Self::not_elected()
+    }
+}
+
 /// A future that resolves when the work must stop.
 pub type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
@@ -190,6 +272,7 @@ pub type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 pub async fn run_as_leader<W, F>(
     client: kube::Client,
     lease: &LeaseConfig,
+    lease_clock: LeaseClock,
     leader_gauge: Gauge,
     readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -223,6 +306,7 @@ where
     }
     tracing::info!(identity, "became leader");
     leader_gauge.set(1);
+    lease_clock.renewed(last_renewal + timing.renew_deadline);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut work = tokio::spawn(work(Box::pin(async {
         let _ = stop_rx.await;
@@ -241,7 +325,10 @@ where
         let left = timing.renew_deadline.saturating_sub(last_renewal.elapsed());
         let sent = Instant::now();
         match tokio::time::timeout(left, elector.try_acquire_or_renew()).await {
-            Ok(Ok(true)) => last_renewal = sent,
+            Ok(Ok(true)) => {
+                last_renewal = sent;
+                lease_clock.renewed(last_renewal + timing.renew_deadline);
+            }
             Ok(Ok(false)) => break Err("lost the leader lease to another replica".to_string()),
             Ok(Err(error)) => tracing::warn!(error = %error, "lease renewal failed"),
             Err(_) => tracing::warn!("lease renewal did not answer in time"),
@@ -254,6 +341,7 @@ where
         }
     };
     leader_gauge.set(0);
+    lease_clock.lost();
     match outcome {
         Ok(()) => {
             let _ = stop_tx.send(());
@@ -317,7 +405,36 @@ mod tests {
 
     #[test]
     fn leader_stops_before_others_can_take_over() {
-        let timing = LeaseTiming::default();
-        assert!(timing.renew_deadline + timing.retry_period <= timing.lease_duration);
+        assert!(LeaseTiming::default().validate().is_ok());
+        let unsafe_timing = LeaseTiming {
+            lease_duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(9),
+            retry_period: Duration::from_secs(2),
+        };
+        let error = unsafe_timing.validate().unwrap_err();
+        assert!(error.contains("--lease-renew-deadline"), "{error}");
+    }
+
+    #[test]
+    fn sub_second_leases_round_up() {
+        assert_eq!(lease_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_seconds(Duration::from_millis(300)), 1);
+        assert_eq!(lease_seconds(Duration::from_secs(15)), 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_send_without_a_lease_or_near_its_end() {
+        let clock = LeaseClock::candidate();
+        assert!(!clock.may_send(Duration::ZERO), "not leader yet");
+        clock.renewed(Instant::now() + Duration::from_secs(10));
+        assert!(clock.may_send(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_millis(9500)).await;
+        assert!(
+            !clock.may_send(Duration::from_secs(1)),
+            "too close to the deadline"
+        );
+        clock.lost();
+        assert!(!clock.may_send(Duration::ZERO));
+        assert!(LeaseClock::not_elected().may_send(Duration::from_secs(3600)));
     }
 }

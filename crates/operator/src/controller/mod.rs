@@ -2,6 +2,7 @@
 
 pub mod decision;
 pub mod leader;
+pub mod memory;
 pub mod poller;
 pub mod ports;
 pub mod reconcile;
@@ -10,7 +11,7 @@ pub mod status;
 
 use crate::crd::DeviceOffboard;
 use crate::metrics::{ErrorLabels, Metrics};
-use crate::telemetry::{LogFormat, Readiness};
+use crate::telemetry::{Liveness, LogFormat, Probes, Readiness};
 use decision::Settings;
 use futures::StreamExt;
 use kube::api::{Api, ListParams};
@@ -57,6 +58,10 @@ pub struct Context<M = DefenderClient> {
     pub client: kube::Client,
     pub mde: M,
     pub store: KubeStore,
+    /// What this process remembers between reconciles (lookup clocks, machines).
+    pub memory: memory::ProcessMemory,
+    /// Red while a background task (the poller) is down.
+    pub liveness: Liveness,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
 }
@@ -81,6 +86,8 @@ impl<M: MdeCalls> Context<M> {
             },
             client,
             mde,
+            memory: memory::ProcessMemory::default(),
+            liveness: Liveness::default(),
             metrics,
             settings,
         }
@@ -91,6 +98,7 @@ impl<M: MdeCalls> Context<M> {
         sequence::Ports {
             mde: &self.mde,
             store: &self.store,
+            memory: &self.memory,
             settings: &self.settings,
             metrics: &self.metrics,
         }
@@ -176,7 +184,14 @@ impl RunArgs {
 /// `defender-offboard run`.
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     crate::telemetry::init(args.log_format);
-    let config = args.connection.client_config()?;
+    if args.leader_elect {
+        args.lease_timing().validate()?;
+    }
+    let config = mde_client::ClientConfig {
+        // A worker never waits for budget: the resource is requeued instead.
+        budget_wait: mde_client::BudgetWait::Refuse,
+        ..args.connection.client_config()?
+    };
     let metrics = Arc::new(Metrics::default());
     let mde = DefenderClient::new(config, metrics.clone())?;
     let client = kube::Client::try_default()
@@ -196,11 +211,6 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
-    let server = tokio::spawn(crate::telemetry::serve(
-        listener,
-        metrics.clone(),
-        readiness.clone(),
-    ));
     let identity = args
         .identity
         .clone()
@@ -218,13 +228,26 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         retry_backoff: args.retry_backoff,
         access_backoff: args.access_backoff,
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        mde,
-        metrics.clone(),
-        settings,
-        Some(identity.clone()),
-    ));
+    let lease_clock = if args.leader_elect {
+        leader::LeaseClock::candidate()
+    } else {
+        leader::LeaseClock::not_elected()
+    };
+    let ctx = Arc::new(Context {
+        memory: memory::ProcessMemory::with_lease(lease_clock.clone()),
+        ..Context::new(
+            client.clone(),
+            mde,
+            metrics.clone(),
+            settings,
+            Some(identity.clone()),
+        )
+    });
+    let probes = Probes {
+        readiness: readiness.clone(),
+        liveness: ctx.liveness.clone(),
+    };
+    let server = tokio::spawn(crate::telemetry::serve(listener, metrics.clone(), probes));
     let shutdown = crate::telemetry::shutdown_signal();
     if args.leader_elect {
         let lease = leader::LeaseConfig {
@@ -240,6 +263,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         leader::run_as_leader(
             client,
             &lease,
+            lease_clock,
             metrics.leader.clone(),
             readiness,
             shutdown,
@@ -293,10 +317,11 @@ pub async fn run_controller<M: MdeCalls>(
         .graceful_shutdown_on(shutdown);
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
     // the whole controller): a detached poller would keep writing.
-    let poller = AbortOnDrop(tokio::spawn(poller::run(
-        controller.store(),
-        ctx.clone(),
-        args.poll_interval,
+    let (store, poller_ctx, interval) = (controller.store(), ctx.clone(), args.poll_interval);
+    let poller = AbortOnDrop(tokio::spawn(poller::supervise(
+        move || poller::run(store.clone(), poller_ctx.clone(), interval),
+        ctx.liveness.clone(),
+        POLLER_RESTART_DELAY,
     )));
     controller
         .run(reconcile::reconcile, error_policy, ctx)
@@ -357,11 +382,16 @@ async fn seed_budget_from_history<M: MdeCalls>(
     }
 }
 
+/// How long a dead poller stays down before it is started again.
+const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
+
 /// The longest window worth remembering (MDE's hourly limit).
 const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);
 
 #[cfg(test)]
 mod fakes;
+#[cfg(test)]
+mod property_tests;
 #[cfg(test)]
 mod sequence_tests;
 #[cfg(test)]

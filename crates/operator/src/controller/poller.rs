@@ -3,14 +3,16 @@
 
 use super::Context;
 use super::ports::MdeCalls;
-use super::sequence::record_poll;
+use super::sequence::{record_gone, record_poll};
 use crate::crd::{DeviceOffboard, Phase};
 use crate::metrics::{ErrorLabels, PhaseLabels};
+use crate::telemetry::Liveness;
 use futures::FutureExt;
 use kube::runtime::reflector::Store;
-use mde_client::RateLimits;
 use mde_client::client::IDS_PER_QUERY;
+use mde_client::{MdeError, RateLimits};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +51,27 @@ pub fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Dura
         let share = (limit.calls / 2).max(1) as f64;
         pause.max(limit.window.mul_f64(calls as f64 / share))
     })
+}
+
+/// Run the poller, and again whenever it stops or panics: without it every
+/// in-flight resource would stay `InProgress` for good. While it is down,
+/// `/healthz` says so (a liveness probe restarts a pod whose poller keeps dying).
+pub async fn supervise<F, Fut>(start: F, liveness: Liveness, restart_delay: Duration)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let ended = tokio::spawn(start()).await;
+        let reason = match ended {
+            Err(error) if error.is_panic() => "the poller of in-flight actions panicked",
+            _ => "the poller of in-flight actions stopped",
+        };
+        tracing::error!(reason, restart_in = ?restart_delay, "restarting the poller");
+        liveness.failing(format!("{reason}; restarting it"));
+        tokio::time::sleep(restart_delay).await;
+        liveness.recovered();
+    }
 }
 
 pub async fn run<M: MdeCalls>(
@@ -107,27 +130,60 @@ pub async fn run<M: MdeCalls>(
                 continue;
             }
         };
-        if actions.len() < ids.len() {
-            // MDE keeps actions for months; a missing one is worth a look, not a guess.
-            tracing::warn!(
-                asked = ids.len(),
-                answered = actions.len(),
-                "some in-flight actions were not in MDE's answer"
-            );
-        }
         let by_id: HashMap<&str, _> = actions.iter().map(|a| (a.id.as_str(), a)).collect();
         for resource in &resources {
-            let Some(id) = resource
-                .status
-                .as_ref()
-                .and_then(|s| s.machine_action_id.as_deref())
-            else {
-                continue;
-            };
-            if let Some(action) = by_id.get(id)
+            if let Some(action) = action_id(resource).and_then(|id| by_id.get(id))
                 && let Err(error) = record_poll(&ctx.ports(), resource, action).await
             {
                 // A conflict means the cache was stale; the next tick sees the fresh object.
+                tracing::debug!(error = %error, "poll result not recorded this time");
+            }
+        }
+        let missing: Vec<&String> = ids
+            .iter()
+            .filter(|id| !by_id.contains_key(id.as_str()))
+            .collect();
+        read_missing(&ctx, &resources, &missing).await;
+    }
+}
+
+/// The action id a resource records.
+fn action_id(resource: &DeviceOffboard) -> Option<&str> {
+    resource.status.as_ref()?.machine_action_id.as_deref()
+}
+
+/// The most ids a batch left out that are read one by one in a tick.
+const SINGLE_READS_PER_TICK: usize = 10;
+
+/// Ids a batch answer left out are read alone: a list's silence proves
+/// nothing, but a 404 for the id itself ends the resource with the reason.
+async fn read_missing<M: MdeCalls>(
+    ctx: &Context<M>,
+    resources: &[Arc<DeviceOffboard>],
+    missing: &[&String],
+) {
+    if missing.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        missing = missing.len(),
+        "some in-flight actions were not in MDE's answer; reading them one by one"
+    );
+    for id in missing.iter().take(SINGLE_READS_PER_TICK) {
+        let answer = ctx.mde.get_machine_action(id).await;
+        for resource in resources
+            .iter()
+            .filter(|r| action_id(r) == Some(id.as_str()))
+        {
+            let written = match &answer {
+                Ok(action) => record_poll(&ctx.ports(), resource, action).await,
+                Err(MdeError::NotFound { .. }) => record_gone(&ctx.ports(), resource, id).await,
+                Err(error) => {
+                    tracing::warn!(error = %error, action = %id, "reading one action failed; next interval retries");
+                    Ok(())
+                }
+            };
+            if let Err(error) = written {
                 tracing::debug!(error = %error, "poll result not recorded this time");
             }
         }
@@ -137,6 +193,32 @@ pub async fn run<M: MdeCalls>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_poller_turns_health_red_and_is_restarted() {
+        let liveness = Liveness::default();
+        let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = starts.clone();
+        let supervisor = tokio::spawn(supervise(
+            move || {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        panic!("a bug in the poller");
+                    }
+                    std::future::pending::<()>().await
+                }
+            },
+            liveness.clone(),
+            Duration::from_secs(5),
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(liveness.problem().unwrap().contains("panicked"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(liveness.problem(), None, "green again once restarted");
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        supervisor.abort();
+    }
 
     #[test]
     fn polling_keeps_half_the_read_budget_free() {

@@ -28,17 +28,15 @@ pub trait MdeCalls: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Vec<Machine>, MdeError>> + Send;
-    /// The offboard action carrying `marker`, if a complete answer shows one.
-    fn find_offboard_action(
+    /// Make sure a token is at hand (cached, or fetched now), so the intent
+    /// record is never written before a slow sign-in.
+    fn sign_in(&self) -> impl Future<Output = Result<(), MdeError>> + Send;
+    /// Every offboard action of the machine, oldest first, from a complete
+    /// answer (every page read); any failure is an error, never "none".
+    fn offboard_actions(
         &self,
         machine_id: &str,
-        marker: &str,
-    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send;
-    /// The newest offboard action of the machine that is not final yet.
-    fn find_pending_offboard(
-        &self,
-        machine_id: &str,
-    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send;
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
     /// `POST /api/machines/{id}/offboard` in a reserved budget slot.
     fn offboard(
         &self,
@@ -50,6 +48,11 @@ pub trait MdeCalls: Send + Sync + 'static {
         &self,
         ids: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+    /// `GET /api/machineactions/{id}`: one action, for an id a batch left out.
+    fn get_machine_action(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
 }
 
 impl MdeCalls for DefenderClient {
@@ -68,19 +71,15 @@ impl MdeCalls for DefenderClient {
         DefenderClient::find_machines_by_name(self, name)
     }
 
-    fn find_offboard_action(
-        &self,
-        machine_id: &str,
-        marker: &str,
-    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send {
-        DefenderClient::find_offboard_action(self, machine_id, marker)
+    fn sign_in(&self) -> impl Future<Output = Result<(), MdeError>> + Send {
+        self.check_sign_in()
     }
 
-    fn find_pending_offboard(
+    fn offboard_actions(
         &self,
         machine_id: &str,
-    ) -> impl Future<Output = Result<Option<MachineAction>, MdeError>> + Send {
-        DefenderClient::find_pending_offboard(self, machine_id)
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions(self, machine_id)
     }
 
     fn offboard(
@@ -97,6 +96,13 @@ impl MdeCalls for DefenderClient {
         ids: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
         DefenderClient::machine_actions_by_ids(self, ids)
+    }
+
+    fn get_machine_action(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        DefenderClient::get_machine_action(self, id)
     }
 }
 
@@ -247,6 +253,11 @@ impl MemoryStore {
     /// Make write number `n` (1-based, counting every attempt) fail.
     pub fn fail_write(&self, n: u64, with: FailWith) {
         self.lock().failing_writes.push((n, with));
+    }
+
+    /// Write attempts so far (failed ones included).
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
     }
 
     /// The object as stored now.

@@ -2,27 +2,38 @@
 //! command: read the plan, do the I/O it asks for through the ports, write the
 //! result. The decisions are in [`super::decision`]; this is only the order.
 
-use super::decision::{self, AfterLookUp, AfterSend, Plan, Settings, Transition, View};
+use super::decision::{
+    self, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
+};
+use super::memory::{self, MachineClaim, ProcessMemory};
 use super::ports::{MdeCalls, StatusStore};
 use super::status::Reason;
 use super::{Error, Result};
 use crate::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::metrics::{Metrics, OutcomeLabels};
-use jiff::Timestamp;
 use kube::ResourceExt;
-use mde_client::{ApiFamily, MachineAction, MdeError, comment_with_marker, correlation_marker};
+use mde_client::limiter::Permit;
+use mde_client::{ApiFamily, MdeError, comment_with_marker};
 use std::time::Duration;
 
-/// What one step needs: the two ports, the tunables and the counters.
+/// What one step needs: the two ports, this process's memory, the tunables
+/// and the counters.
 pub struct Ports<'a, M, S> {
     pub mde: &'a M,
     pub store: &'a S,
+    pub memory: &'a ProcessMemory,
     pub settings: &'a Settings,
     pub metrics: &'a Metrics,
 }
 
 /// When to run the next step (`None`: only when the resource changes).
 pub type Requeue = Option<Duration>;
+
+/// How soon to look again when this process may not send (lease not held).
+const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
+
+/// How soon to look again when another resource is sending for the machine.
+const MACHINE_BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// One step for `obj`. Errors are only the store's (conflict, API error):
 /// every MDE outcome ends up in the status.
@@ -31,8 +42,14 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
 ) -> Result<Requeue> {
     let mut current = obj.clone();
+    let key = uid(&current)?;
     let status = current.status.clone().unwrap_or_default();
-    let view = view_of(&current, &status);
+    let submitting = status.phase == Some(Phase::Submitting);
+    let clock = ports.memory.observe(&key, submitting);
+    let view = View {
+        submitting: clock,
+        ..view_of(ports, &current, &status)
+    };
     match decision::plan(&view, ports.settings) {
         Plan::Idle { requeue } => Ok(requeue),
         Plan::Refuse(transition) => apply(ports, &mut current, *transition).await,
@@ -41,40 +58,74 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
                 return Ok(Some(wait));
             }
             let found = ports.mde.find_machines_by_name(&device_name).await;
+            if let Some(wait) = spent(&found) {
+                return Ok(Some(wait));
+            }
             match decision::after_resolve(&view, &device_name, found, ports.settings) {
                 // Never send from `Submitting` without the lookup first.
-                Ok(machine_id) if status.phase == Some(Phase::Submitting) => {
-                    look_up(ports, &mut current, &machine_id).await
+                Ok(machine_id) if submitting => {
+                    look_up(ports, &mut current, &machine_id, false).await
                 }
-                Ok(machine_id) => submit(ports, &mut current, &machine_id).await,
+                Ok(machine_id) => submit(ports, &mut current, &machine_id, true).await,
                 Err(transition) => apply(ports, &mut current, transition).await,
             }
         }
-        Plan::Submit { machine_id } => submit(ports, &mut current, &machine_id).await,
-        Plan::LookUp { machine_id } => look_up(ports, &mut current, &machine_id).await,
+        Plan::Submit {
+            machine_id,
+            check_machine,
+        } => submit(ports, &mut current, &machine_id, check_machine).await,
+        Plan::LookUp {
+            machine_id,
+            proves_absence,
+        } => look_up(ports, &mut current, &machine_id, proves_absence).await,
     }
 }
 
-/// The lookup that must precede any resend: adopt what it finds, send only
-/// when it proves absence, wait when it fails.
+/// The lookup before any resend: adopt what it finds, send only when it
+/// proves absence, otherwise wait.
 async fn look_up<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     current: &mut DeviceOffboard,
     machine_id: &str,
+    proves_absence: bool,
 ) -> Result<Requeue> {
     if let Some(wait) = budget_wait(ports.mde, ApiFamily::MachineActions) {
         return Ok(Some(wait));
     }
+    let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
-    let marker = correlation_marker(&uid(current)?);
-    let found = ports.mde.find_offboard_action(machine_id, &marker).await;
-    match decision::after_lookup(&view_of(current, &status), found, ports.settings) {
-        AfterLookUp::Adopt(transition) => {
-            count(ports.metrics, Reason::Adopted);
-            apply(ports, current, transition).await
-        }
-        AfterLookUp::Send => submit(ports, current, machine_id).await,
+    let found = ports.mde.offboard_actions(machine_id).await;
+    if let Some(wait) = spent(&found) {
+        return Ok(Some(wait));
+    }
+    if !proves_absence {
+        ports.memory.looked_early(&key);
+    }
+    let view = View {
+        submitting: ports.memory.observe(&key, true),
+        ..view_of(ports, current, &status)
+    };
+    let lookup = LookUp {
+        key: &key,
+        proves_absence,
+    };
+    match decision::after_lookup(&view, found, lookup, ports.settings) {
+        AfterLookUp::Adopt(transition) => adopt(ports, current, transition).await,
+        AfterLookUp::Send => submit(ports, current, machine_id, false).await,
         AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
+    }
+}
+
+/// When this process's own budget refused a read (nothing was sent): how
+/// long until a slot frees. The resource is requeued, nothing is written.
+fn spent<T>(result: &Result<T, MdeError>) -> Option<Duration> {
+    match result {
+        Err(MdeError::BudgetSpent { ready_in, .. }) => Some(
+            ready_in
+                .unwrap_or(Duration::from_millis(100))
+                .max(Duration::from_millis(10)),
+        ),
+        _ => None,
     }
 }
 
@@ -86,15 +137,34 @@ fn budget_wait<M: MdeCalls>(mde: &M, family: ApiFamily) -> Option<Duration> {
     (wait > Duration::from_secs(1)).then_some(wait)
 }
 
-/// Budget slot, intent record, send, record the answer.
+/// Claim the machine, check it (before a first send), sign in, take the
+/// budget slot, record the intent, send, record the answer.
 async fn submit<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     current: &mut DeviceOffboard,
     machine_id: &str,
+    check_machine: bool,
 ) -> Result<Requeue> {
+    let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
-    let comment = comment_with_marker(&current.spec.comment, &uid(current)?);
-    // Take the budget slot first, so no worker writes its intent and then waits.
+    // One offboard per machine: a resource of this process already sending
+    // for it, or already holding an action, is waited for or adopted.
+    let _claim = match ports.memory.claim_machine(machine_id, &key) {
+        MachineClaim::Granted(claim) => claim,
+        MachineClaim::Busy { .. } => return Ok(Some(MACHINE_BUSY_RETRY)),
+        MachineClaim::Known { action, key } => {
+            let view = view_of(ports, current, &status);
+            let transition = decision::record_action(&view, &action, Origin::Shared { key });
+            return adopt(ports, current, transition).await;
+        }
+    };
+    // A leader whose lease is (nearly) over sends nothing: a standby may be
+    // taking over. Checked here and again just before the POST.
+    if !ports.memory.may_send() {
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    // The offboard slot first, so no worker checks the machine or writes its
+    // intent and then waits (and a spent budget costs no read).
     let permit = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
         Ok(permit) => permit,
         Err(not_yet) => {
@@ -103,23 +173,81 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             });
             // Spread the waiters a little so they do not all wake at once.
             let jitter = Duration::from_millis(rand::random_range(0..50));
-            let transition =
-                decision::waiting_for_budget(&view_of(current, &status), wait + jitter, machine_id);
+            let transition = decision::waiting_for_budget(
+                &view_of(ports, current, &status),
+                wait + jitter,
+                machine_id,
+            );
             return apply(ports, current, transition).await;
         }
     };
+    if check_machine {
+        let found = ports.mde.offboard_actions(machine_id).await;
+        if let Some(wait) = spent(&found) {
+            permit.cancel();
+            return Ok(Some(wait));
+        }
+        let lookup = LookUp {
+            key: &key,
+            proves_absence: true,
+        };
+        let view = view_of(ports, current, &status);
+        match decision::after_lookup(&view, found, lookup, ports.settings) {
+            AfterLookUp::Send => {}
+            AfterLookUp::Adopt(transition) => {
+                permit.cancel();
+                return adopt(ports, current, transition).await;
+            }
+            AfterLookUp::Wait(transition) => {
+                permit.cancel();
+                return apply(ports, current, transition).await;
+            }
+        }
+    }
+    send(ports, current, machine_id, permit).await
+}
+
+/// Sign in, write the intent, send in the reserved slot, record.
+async fn send<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+    permit: Permit,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    let comment = comment_with_marker(&current.spec.comment, &key);
+    // The token first: a slow sign-in must not sit between the intent record
+    // and the send, where it would eat into the lookup delay.
+    if let Err(error) = ports.mde.sign_in().await {
+        permit.cancel();
+        let transition = decision::on_error(
+            &view_of(ports, current, &status),
+            &error,
+            status.phase.unwrap_or_default(),
+            ports.settings,
+        );
+        return apply(ports, current, transition).await;
+    }
     // The intent record: only the writer holding the latest resourceVersion wins,
     // so two workers (or replicas) can never both send for one resource.
-    let intent = decision::submitting(&view_of(current, &status), machine_id);
+    let intent = decision::submitting(&view_of(ports, current, &status), machine_id);
     if let Err(error) = write_status(ports.store, current, &intent).await {
         permit.cancel();
         return Err(error);
     }
+    if !ports.memory.may_send() {
+        // Recorded as Submitting, not sent: whoever holds the lease next looks
+        // it up (and finds nothing) before sending.
+        permit.cancel();
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    ports.memory.sending(&key);
     let result = ports.mde.offboard(permit, machine_id, &comment).await;
     if result.is_ok() {
         count(ports.metrics, Reason::Requested);
     }
-    let view = view_of(current, &intent);
+    let view = view_of(ports, current, &intent);
     let transition = match decision::after_send(&view, result, ports.settings) {
         AfterSend::Record(transition) => transition,
         AfterSend::AdoptPending => adopt_pending(ports, &view, machine_id).await,
@@ -133,44 +261,116 @@ async fn adopt_pending<M: MdeCalls, S: StatusStore>(
     view: &View<'_>,
     machine_id: &str,
 ) -> Transition {
-    match ports.mde.find_pending_offboard(machine_id).await {
-        Ok(Some(action)) => {
-            count(ports.metrics, Reason::Adopted);
-            decision::record_action(view, &action, true)
-        }
-        // Gone final between the two calls: confirm by marker later.
-        Ok(None) => decision::on_error(
-            view,
-            &MdeError::OutcomeUnknown {
-                reason: "MDE reported a pending offboard that could not be listed".into(),
-            },
-            Phase::Submitting,
-            ports.settings,
-        ),
+    match ports.mde.offboard_actions(machine_id).await {
+        Ok(actions) => match decision::pending_in(&actions) {
+            Some(action) => {
+                count(ports.metrics, Reason::Adopted);
+                let key = action
+                    .requestor_comment
+                    .as_deref()
+                    .and_then(mde_client::marker_key)
+                    .unwrap_or_default()
+                    .to_string();
+                decision::record_action(view, action, Origin::Shared { key })
+            }
+            // Gone final between the two calls: confirm by marker later.
+            None => decision::on_error(
+                view,
+                &MdeError::OutcomeUnknown {
+                    reason: "MDE reported a pending offboard that could not be listed".into(),
+                },
+                Phase::Submitting,
+                ports.settings,
+            ),
+        },
         Err(error) => decision::lookup_failed(view, &error, ports.settings),
     }
+}
+
+/// Record an adopted action, remember it for the machine, count it.
+async fn adopt<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    transition: Transition,
+) -> Result<Requeue> {
+    count(ports.metrics, Reason::Adopted);
+    apply(ports, current, transition).await
+}
+
+/// Once a resource records an action, other resources for its machine adopt it.
+fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
+    let Some(status) = &obj.status else { return };
+    let (Some(id), Some(machine_id), Some(key)) =
+        (&status.machine_action_id, &status.machine_id, obj.uid())
+    else {
+        return;
+    };
+    let Ok(action) = serde_json::from_value(serde_json::json!({
+        "id": id,
+        "type": "Offboard",
+        "status": status.action_status.as_deref().unwrap_or("Pending"),
+        "machineId": machine_id,
+    })) else {
+        return;
+    };
+    memory.known(&action, &key);
 }
 
 /// Fold a polled action into the resource (the batch poller and `--wait`).
 pub async fn record_poll<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     obj: &DeviceOffboard,
-    action: &MachineAction,
+    action: &mde_client::MachineAction,
 ) -> Result<()> {
     let status = obj.status.clone().unwrap_or_default();
-    if let Some(transition) = decision::after_poll(&view_of(obj, &status), action) {
+    if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {
         apply(ports, &mut obj.clone(), transition).await?;
     }
     Ok(())
 }
 
-fn view_of<'a>(obj: &'a DeviceOffboard, status: &'a DeviceOffboardStatus) -> View<'a> {
+/// MDE says the recorded action does not exist: end the resource, say so.
+pub async fn record_gone<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    obj: &DeviceOffboard,
+    action_id: &str,
+) -> Result<()> {
+    let status = obj.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(Phase::is_terminal)
+        || status.machine_action_id.as_deref() != Some(action_id)
+    {
+        return Ok(());
+    }
+    let transition = decision::action_gone(&view_of(ports, obj, &status), action_id);
+    apply(ports, &mut obj.clone(), transition).await?;
+    Ok(())
+}
+
+fn view_of<'a, M, S>(
+    ports: &Ports<'_, M, S>,
+    obj: &'a DeviceOffboard,
+    status: &'a DeviceOffboardStatus,
+) -> View<'a> {
     View {
         spec: &obj.spec,
         status,
         generation: obj.metadata.generation,
-        now: Timestamp::now(),
+        now: ports.memory.now(),
+        submitting: None,
+        retry_wait: obj.uid().map(|uid| retry_wait(ports, &uid)),
     }
+}
+
+/// The longest wait between retries of a transient failure.
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+/// The retry wait after `uid`'s failures in a row: exponential, jittered.
+fn retry_wait<M, S>(ports: &Ports<'_, M, S>, uid: &str) -> Duration {
+    memory::backoff(
+        ports.settings.retry_backoff,
+        RETRY_BACKOFF_CAP,
+        ports.memory.failures(uid),
+    )
 }
 
 fn uid(obj: &DeviceOffboard) -> Result<String> {
@@ -193,6 +393,17 @@ async fn apply<M: MdeCalls, S: StatusStore>(
     transition: Transition,
 ) -> Result<Requeue> {
     write_status(ports.store, current, &transition.status).await?;
+    remember_action(ports.memory, current);
+    if let Some(uid) = current.uid() {
+        let retrying = transition.requeue.is_some()
+            && transition.status.last_error.is_some()
+            && transition.status.machine_action_id.is_none();
+        if retrying {
+            ports.memory.failed(&uid);
+        } else {
+            ports.memory.succeeded(&uid);
+        }
+    }
     if let Some(note) = &transition.note {
         ports.store.publish(current, note).await;
     }

@@ -5,7 +5,8 @@
 use super::Error;
 use super::decision::Settings;
 use super::fakes::{FakeMde, Lookup, Send};
-use super::ports::{FailWith, MemoryStore};
+use super::memory::ProcessMemory;
+use super::ports::{FailWith, MdeCalls, MemoryStore};
 use super::sequence::{Ports, step};
 use super::status::{SUBMITTED, condition};
 use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -47,20 +48,24 @@ fn settings() -> Settings {
 /// every failed step as a new process would (from what the store holds).
 async fn drive(mde: &FakeMde, store: &MemoryStore) -> (DeviceOffboardStatus, Vec<Error>) {
     let (settings, metrics) = (settings(), Metrics::default());
-    let ports = Ports {
-        mde,
-        store,
-        settings: &settings,
-        metrics: &metrics,
-    };
+    let mut memory = ProcessMemory::default();
     let mut errors = Vec::new();
     for _ in 0..20 {
         let status = store.object().status.unwrap_or_default();
         if status.machine_action_id.is_some() || status.phase.is_some_and(Phase::is_terminal) {
             return (status, errors);
         }
+        let ports = Ports {
+            mde,
+            store,
+            memory: &memory,
+            settings: &settings,
+            metrics: &metrics,
+        };
         if let Err(error) = step(&store.object(), &ports).await {
             errors.push(error);
+            // The next step is a new process: it remembers nothing.
+            memory = ProcessMemory::default();
         }
     }
     panic!(
@@ -153,10 +158,10 @@ async fn every_send_fault_ends_with_one_action() {
             "Adopted",
         ),
         (
-            "429 (a refusal: nothing created), then sent",
+            "429 (a refusal, not counted as a POST that could create), then sent",
             vec![Send::Fail(throttled)],
             vec![],
-            2,
+            1,
             "Requested",
         ),
     ];
@@ -248,10 +253,11 @@ async fn two_workers_on_one_version_send_once() {
     let mde = FakeMde::default();
     let store = MemoryStore::new(resource(None));
     let snapshot = store.object();
-    let (settings, metrics) = (settings(), Metrics::default());
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
+        memory: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -276,4 +282,153 @@ async fn final_resources_make_no_call() {
         drive(&mde, &store).await;
     }
     assert_eq!(mde.calls(), 0);
+}
+
+fn on_machine(uid: &str) -> DeviceOffboard {
+    let mut obj = resource(None);
+    obj.metadata.uid = Some(uid.into());
+    obj
+}
+
+/// MDE's list lags: a previous process sent, died before recording, and its
+/// action is not listed yet. The new process's lookup counts the delay from
+/// when *it* first saw `Submitting` (not from the old wall-clock
+/// `submittedAt`), so it finds and adopts the action instead of resending.
+#[tokio::test(start_paused = true)]
+async fn a_lagging_list_is_waited_out_on_this_process_clock() {
+    let mde = FakeMde::default();
+    mde.lag();
+    mde.insert(MACHINE, &format!("[defender-offboard:{UID}] returned"));
+    let an_hour_ago = Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    let crashed = DeviceOffboardStatus {
+        phase: Some(Phase::Submitting),
+        machine_id: Some(MACHINE.into()),
+        attempts: Some(1),
+        submitted_at: Some(Time(an_hour_ago)),
+        ..Default::default()
+    };
+    let store = MemoryStore::new(resource(Some(crashed)));
+    let settings = Settings {
+        lookup_delay: Duration::from_secs(35),
+        ..settings()
+    };
+    let (metrics, memory) = (Metrics::default(), ProcessMemory::default());
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    // The early lookup sees nothing and proves nothing: wait the whole delay.
+    let requeue = step(&store.object(), &ports).await.unwrap();
+    assert_eq!(requeue, Some(Duration::from_secs(35)));
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert_eq!(
+        step(&store.object(), &ports).await.unwrap(),
+        Some(Duration::from_secs(15))
+    );
+    mde.catch_up();
+    tokio::time::advance(Duration::from_secs(15)).await;
+    step(&store.object(), &ports).await.unwrap();
+    let status = store.object().status.unwrap();
+    assert_eq!(mde.posts_for(UID), 0, "nothing resent");
+    assert!(status.machine_action_id.is_some());
+    assert_eq!(submitted_reason(&status), "Adopted");
+}
+
+/// Two resources naming one machine, reconciled at once, while MDE's list
+/// does not show new actions yet: one POST, and the second adopts it.
+#[tokio::test]
+async fn two_resources_for_one_machine_send_once() {
+    let mde = FakeMde::default();
+    mde.lag();
+    let (first, second) = (
+        MemoryStore::new(on_machine("uid-a")),
+        MemoryStore::new(on_machine("uid-b")),
+    );
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let ports = |store| Ports {
+        mde: &mde,
+        store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    for _ in 0..10 {
+        let (a, b) = (ports(&first), ports(&second));
+        let (oa, ob) = (first.object(), second.object());
+        let (ra, rb) = tokio::join!(step(&oa, &a), step(&ob, &b));
+        ra.unwrap();
+        rb.unwrap();
+    }
+    assert_eq!(mde.posts_for("uid-a") + mde.posts_for("uid-b"), 1);
+    assert_eq!(mde.actions_for(MACHINE), 1);
+    let (a, b) = (
+        first.object().status.unwrap(),
+        second.object().status.unwrap(),
+    );
+    assert_eq!(a.machine_action_id, b.machine_action_id);
+    let adopter = if submitted_reason(&a) == "Adopted" {
+        &first
+    } else {
+        &second
+    };
+    let note = adopter.notes().into_iter().last().unwrap();
+    assert!(
+        note.message.contains("for the same machine"),
+        "{}",
+        note.message
+    );
+}
+
+/// A new resource for a machine another resource already offboards (a GitOps
+/// prune and re-apply, a restore, a new leader): adopted, nothing sent.
+#[tokio::test]
+async fn a_new_resource_adopts_the_live_action_of_another() {
+    let mde = FakeMde::default();
+    let earlier = mde.insert(MACHINE, "[defender-offboard:old-uid] returned");
+    let store = MemoryStore::new(resource(None));
+    let (status, _) = drive(&mde, &store).await;
+    assert_eq!(mde.posts_for(UID), 0);
+    assert_eq!(status.machine_action_id, Some(earlier.id));
+    assert_eq!(submitted_reason(&status), "Adopted");
+}
+
+/// An action MDE says does not exist (asked for alone) ends the resource with
+/// the reason, instead of leaving it `InProgress` for good.
+#[tokio::test]
+async fn an_action_mde_does_not_have_fails_the_resource() {
+    let mde = FakeMde::default();
+    let store = MemoryStore::new(resource(None));
+    let (status, _) = drive(&mde, &store).await;
+    let recorded = status.machine_action_id.clone().unwrap();
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let gone = match mde
+        .get_machine_action("00000000-dead-4000-8000-000000000000")
+        .await
+    {
+        Err(error @ MdeError::NotFound { .. }) => error,
+        other => panic!("{other:?}"),
+    };
+    assert!(gone.to_string().contains("not found"));
+    super::sequence::record_gone(&ports, &store.object(), &recorded)
+        .await
+        .unwrap();
+    let status = store.object().status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.last_error.as_ref().unwrap().code, "ActionNotFound");
+    assert_eq!(
+        submitted_reason(&status),
+        "Requested",
+        "it was sent: Submitted stays"
+    );
+    assert_eq!(status.machine_action_id, Some(recorded));
 }

@@ -36,6 +36,8 @@ pub enum Reason {
     InvalidSpec,
     /// MDE answered with another action than the one this resource records.
     ConflictingAction,
+    /// MDE says the action this resource records does not exist.
+    ActionNotFound,
 }
 
 impl Reason {

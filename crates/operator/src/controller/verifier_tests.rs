@@ -171,7 +171,11 @@ async fn a_stale_intent_write_sends_nothing() {
     .await;
     let result = reconciling.await.unwrap();
     assert!(matches!(result, Err(Error::Conflict)), "{result:?}");
-    assert_eq!(ctx.mde.calls(), 0, "no offboard without the intent record");
+    assert_eq!(
+        ctx.mde.posts_for(UID),
+        0,
+        "no offboard without the intent record"
+    );
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The transition after each call the reconcile makes: resolve, the intent
 //! record, send, lookup and poll.
 
-use super::errors::{Failure, failed, lookup_failed, on_error};
+use super::errors::{Failure, failed, on_error};
 use super::{Conditions, Note, Settings, Submitted, Transition, View};
 use crate::controller::status::{
     ConditionUpdate, Reason, STALLED, SUBMITTED, condition, last_error,
@@ -115,7 +115,7 @@ pub fn after_send(
     settings: &Settings,
 ) -> AfterSend {
     let error = match result {
-        Ok(action) => return AfterSend::Record(record_action(view, &action, false)),
+        Ok(action) => return AfterSend::Record(record_action(view, &action, Origin::Sent)),
         Err(MdeError::AlreadyPending { .. }) => return AfterSend::AdoptPending,
         Err(error) => error,
     };
@@ -129,32 +129,20 @@ pub fn after_send(
     AfterSend::Record(on_error(view, &error, phase, settings))
 }
 
-/// What to do after the lookup that precedes any resend.
-#[derive(Debug, Clone, PartialEq)]
-#[allow(clippy::large_enum_variant)]
-pub enum AfterLookUp {
-    /// Found: adopt it.
-    Adopt(Transition),
-    /// Proven absent: send (again).
-    Send,
-    /// The lookup failed: stay `Submitting` and try the lookup again later.
-    Wait(Transition),
-}
-
-pub fn after_lookup(
-    view: &View,
-    result: Result<Option<MachineAction>, MdeError>,
-    settings: &Settings,
-) -> AfterLookUp {
-    match result {
-        Ok(Some(action)) => AfterLookUp::Adopt(record_action(view, &action, true)),
-        Ok(None) => AfterLookUp::Send,
-        Err(error) => AfterLookUp::Wait(lookup_failed(view, &error, settings)),
-    }
+/// How the resource came to its action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// This resource's send created it.
+    Sent,
+    /// Found by this resource's marker after an ambiguous outcome or a crash.
+    Recovered,
+    /// Created by another request for the same machine (`key`: its uid or CLI
+    /// key; empty when MDE said "already pending" for an action not ours).
+    Shared { key: String },
 }
 
 /// Record a MachineAction in status. `machineActionId` is only ever set when empty.
-pub fn record_action(view: &View, action: &MachineAction, adopted: bool) -> Transition {
+pub fn record_action(view: &View, action: &MachineAction, origin: Origin) -> Transition {
     if let Some(existing) = &view.status.machine_action_id
         && existing != &action.id
     {
@@ -171,10 +159,17 @@ pub fn record_action(view: &View, action: &MachineAction, adopted: bool) -> Tran
             requeue: None,
         };
     }
-    let (submitted_reason, verb) = if adopted {
-        (Reason::Adopted, "adopted existing")
-    } else {
-        (Reason::Requested, "requested")
+    let (submitted_reason, verb) = match &origin {
+        Origin::Sent => (Reason::Requested, "requested".to_string()),
+        Origin::Recovered => (Reason::Adopted, "adopted existing".to_string()),
+        Origin::Shared { key } if key.is_empty() => (
+            Reason::Adopted,
+            "adopted (already pending at MDE)".to_string(),
+        ),
+        Origin::Shared { key } => (
+            Reason::Adopted,
+            format!("adopted (created by request {key} for the same machine)"),
+        ),
     };
     let machine = action
         .machine_id
@@ -209,6 +204,26 @@ pub fn record_action(view: &View, action: &MachineAction, adopted: bool) -> Tran
             action.id, action.status
         ),
     });
+    transition
+}
+
+/// MDE answered 404 for the action this resource records, asked for it alone
+/// (not from a list, where a missing entry proves nothing): final, with the
+/// action named, instead of polling for it forever.
+pub fn action_gone(view: &View, action_id: &str) -> Transition {
+    let message = format!(
+        "MDE has no offboard action {action_id} (GET /api/machineactions/{action_id} answered 404); check the device in the Defender portal, then create a new DeviceOffboard to offboard it again"
+    );
+    let mut transition = failed(view, Failure::new(Reason::ActionNotFound, message));
+    // It was sent: keep Submitted as it was.
+    if let Some(submitted) = condition(view.status, SUBMITTED) {
+        let keep = submitted.clone();
+        transition
+            .status
+            .conditions
+            .retain(|c| c.type_ != SUBMITTED);
+        transition.status.conditions.push(keep);
+    }
     transition
 }
 

@@ -83,7 +83,8 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
         _ if matches!(error, MdeError::OutcomeUnknown { .. }) => {
             (Reason::OutcomeUnknown, settings.lookup_delay)
         }
-        _ => (Reason::MdeError, settings.retry_backoff),
+        ErrorClass::Throttled => (Reason::WaitingForBudget, view.retry_wait(settings)),
+        _ => (Reason::MdeError, view.retry_wait(settings)),
     };
     let message = with_advice(reason, error, message);
     retrying(
@@ -146,20 +147,27 @@ fn with_advice(reason: Reason, error: &MdeError, message: String) -> String {
 /// A lookup that precedes any resend failed: stay `Submitting` whatever the
 /// error — the action may exist, so neither a resend nor `Failed` is allowed.
 pub fn lookup_failed(view: &View, error: &MdeError, settings: &Settings) -> Transition {
+    list_failed(view, error, Phase::Submitting, settings)
+}
+
+/// A list of the machine's actions failed: keep `phase` whatever the error. A
+/// 404 or a 400 from a list proves nothing about the device (a wrong host or
+/// path answers so too), so it is retried, never final.
+pub fn list_failed(view: &View, error: &MdeError, phase: Phase, settings: &Settings) -> Transition {
     match error.class() {
         ErrorClass::Permanent | ErrorClass::AlreadyPending => retrying(
             view,
             Retry {
-                phase: Phase::Submitting,
+                phase,
                 reason: Reason::MdeError,
                 code: error.code(),
                 message: format!(
                     "looking the offboard action up failed ({error}); retrying the lookup before any resend"
                 ),
-                wait: settings.retry_backoff,
+                wait: view.retry_wait(settings),
             },
         ),
-        _ => on_error(view, error, Phase::Submitting, settings),
+        _ => on_error(view, error, phase, settings),
     }
 }
 

@@ -15,17 +15,20 @@
 
 mod after;
 mod errors;
+mod lookup;
 mod plan;
 #[cfg(test)]
 mod tests;
 
 pub use after::{
-    AfterLookUp, AfterSend, after_lookup, after_poll, after_resolve, after_send, record_action,
+    AfterSend, Origin, action_gone, after_poll, after_resolve, after_send, record_action,
     submitting, waiting_for_budget,
 };
-pub use errors::{lookup_failed, on_error};
+pub use errors::{list_failed, lookup_failed, on_error};
+pub use lookup::{AfterLookUp, Found, LookUp, after_lookup, found_in, pending_in};
 pub use plan::{Plan, invalid_spec, plan};
 
+use super::memory::SubmittingClock;
 use super::status::{ConditionUpdate, Observed, READY, Reason, SUBMITTED, set_condition};
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use jiff::{SignedDuration, Timestamp};
@@ -78,6 +81,12 @@ pub struct View<'a> {
     pub status: &'a DeviceOffboardStatus,
     pub generation: Option<i64>,
     pub now: Timestamp,
+    /// While `Submitting`: how long this process has seen it so, on its own
+    /// monotonic clock (`None`: not seen yet, counts as just now).
+    pub submitting: Option<SubmittingClock>,
+    /// The wait before the next retry after a transient failure, grown by the
+    /// caller with the failures in a row (`None`: `Settings::retry_backoff`).
+    pub retry_wait: Option<Duration>,
 }
 
 /// What the `Ready` and `Submitted` conditions say about a new phase.
@@ -121,6 +130,11 @@ impl View<'_> {
     fn until(&self, at: Option<&Time>) -> Option<Duration> {
         let at = at?.0;
         (at > self.now).then(|| to_std(at.duration_since(self.now)))
+    }
+
+    /// The wait before retrying a transient failure.
+    fn retry_wait(&self, settings: &Settings) -> Duration {
+        self.retry_wait.unwrap_or(settings.retry_backoff)
     }
 
     fn observed(&self) -> Observed {

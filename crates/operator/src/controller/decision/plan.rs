@@ -1,6 +1,7 @@
 //! What to do next for a resource, from its spec and status alone.
 
-use super::{Conditions, Note, Settings, Submitted, Transition, View, at};
+use super::{Conditions, Note, Settings, Submitted, Transition, View};
+use crate::controller::memory::SubmittingClock;
 use crate::controller::status::{ConditionUpdate, Reason, STALLED, last_error};
 use crate::crd::Phase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -14,9 +15,19 @@ pub enum Plan {
     /// Resolve `spec.deviceName` to a machine id.
     Resolve { device_name: String },
     /// Take budget, write `Submitting` (with a precondition), then send.
-    Submit { machine_id: String },
-    /// Look the action up by marker before any resend.
-    LookUp { machine_id: String },
+    /// Before a resource's first send (`check_machine`), list the machine's
+    /// offboard actions: one another resource created is adopted instead.
+    Submit {
+        machine_id: String,
+        check_machine: bool,
+    },
+    /// Look the action up by marker before any resend. Only a lookup made
+    /// `lookup_delay` after this process first saw `Submitting` proves absence;
+    /// an earlier one may only adopt.
+    LookUp {
+        machine_id: String,
+        proves_absence: bool,
+    },
     /// The spec names no device (the schema forbids it): fail with this transition.
     Refuse(Box<Transition>),
 }
@@ -35,19 +46,30 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
     }
     match (phase, view.machine_id()) {
         (Phase::Submitting, Some(machine_id)) => {
-            let due = view
-                .status
-                .submitted_at
-                .as_ref()
-                .map(|t| at(t.0, settings.lookup_delay));
-            match view.until(due.as_ref()) {
-                Some(wait) => Plan::Idle {
-                    requeue: Some(wait),
-                },
-                None => Plan::LookUp { machine_id },
+            let clock = view.submitting.unwrap_or(SubmittingClock {
+                seen_for: Duration::ZERO,
+                looked_early: false,
+            });
+            if clock.seen_for >= settings.lookup_delay {
+                Plan::LookUp {
+                    machine_id,
+                    proves_absence: true,
+                }
+            } else if !clock.looked_early {
+                Plan::LookUp {
+                    machine_id,
+                    proves_absence: false,
+                }
+            } else {
+                Plan::Idle {
+                    requeue: Some(settings.lookup_delay - clock.seen_for),
+                }
             }
         }
-        (_, Some(machine_id)) => Plan::Submit { machine_id },
+        (_, Some(machine_id)) => Plan::Submit {
+            machine_id,
+            check_machine: view.status.attempts.unwrap_or(0) == 0,
+        },
         (_, None) => match &view.spec.device_name {
             Some(device_name) => Plan::Resolve {
                 device_name: device_name.clone(),

@@ -1,5 +1,6 @@
 //! Table tests of the decision: a new case is one row.
 use super::*;
+use crate::controller::memory::SubmittingClock;
 use crate::controller::status::{READY, Reason, STALLED, SUBMITTED, condition};
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use jiff::{SignedDuration, Timestamp};
@@ -51,7 +52,7 @@ fn with_action(phase: Phase, action_status: &str) -> DeviceOffboardStatus {
     let spec = by_id();
     let sent = submitting_since(0);
     let word: ActionStatus = serde_json::from_value(serde_json::json!(action_status)).unwrap();
-    let recorded = record_action(&view(&spec, &sent), &action(word), false).status;
+    let recorded = record_action(&view(&spec, &sent), &action(word), Origin::Sent).status;
     assert_eq!(recorded.phase, Some(phase), "fixture");
     recorded
 }
@@ -70,6 +71,8 @@ fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> V
         status,
         generation: Some(1),
         now: now(),
+        submitting: None,
+        retry_wait: None,
     }
 }
 
@@ -93,6 +96,14 @@ fn ready(status: &DeviceOffboardStatus) -> (String, String) {
     (c.status.clone(), c.reason.clone())
 }
 
+/// Since when this process has seen a resource `Submitting`.
+fn clock(seconds: u64, looked_early: bool) -> Option<SubmittingClock> {
+    Some(SubmittingClock {
+        seen_for: Duration::from_secs(seconds),
+        looked_early,
+    })
+}
+
 #[test]
 fn plan_for_every_phase() {
     let s = settings();
@@ -101,23 +112,42 @@ fn plan_for_every_phase() {
         next_retry_at: Some(Time(now() + SignedDuration::from_secs(30))),
         ..status(Phase::Pending)
     };
+    let refused_once = DeviceOffboardStatus {
+        attempts: Some(1),
+        ..status(Phase::Pending)
+    };
     let crashed_after_send = DeviceOffboardStatus {
         machine_action_id: Some(ACTION.into()),
         ..submitting_since(60)
     };
-    let rows: Vec<(&str, DeviceOffboardSpec, DeviceOffboardStatus, Plan)> = vec![
+    let submit = |check_machine| Plan::Submit {
+        machine_id: MACHINE.into(),
+        check_machine,
+    };
+    let look_up = |proves_absence| Plan::LookUp {
+        machine_id: MACHINE.into(),
+        proves_absence,
+    };
+    type Row = (
+        &'static str,
+        DeviceOffboardSpec,
+        DeviceOffboardStatus,
+        Option<SubmittingClock>,
+        Plan,
+    );
+    let rows: Vec<Row> = vec![
         (
-            "new, by id",
+            "new, by id: check the machine first",
             by_id(),
             none.clone(),
-            Plan::Submit {
-                machine_id: MACHINE.into(),
-            },
+            None,
+            submit(true),
         ),
         (
             "new, by name",
             by_name(),
             none.clone(),
+            None,
             Plan::Resolve {
                 device_name: "pc-1.contoso.com".into(),
             },
@@ -126,61 +156,101 @@ fn plan_for_every_phase() {
             "pending, resolved earlier",
             by_name(),
             status(Phase::Pending),
-            Plan::Submit {
-                machine_id: MACHINE.into(),
-            },
+            None,
+            submit(true),
+        ),
+        (
+            "pending after a refused send: no second machine check",
+            by_id(),
+            refused_once,
+            None,
+            submit(false),
         ),
         (
             "pending, throttled",
             by_id(),
             later,
+            None,
             Plan::Idle {
                 requeue: Some(Duration::from_secs(30)),
             },
         ),
         (
-            "crash while submitting",
+            "found submitting (crash, new leader): an early lookup that may only adopt",
             by_id(),
             submitting_since(60),
-            Plan::LookUp {
-                machine_id: MACHINE.into(),
-            },
+            None,
+            look_up(false),
         ),
         (
-            "just sent, ambiguous",
+            // A wall-clock submittedAt an hour old proves nothing: another
+            // process wrote it, and its send may have gone out much later.
+            "submitted an hour ago by the wall clock, first seen now",
             by_id(),
-            submitting_since(2),
+            submitting_since(3600),
+            None,
+            look_up(false),
+        ),
+        (
+            "early lookup made, delay not over",
+            by_id(),
+            submitting_since(60),
+            clock(2, true),
             Plan::Idle {
                 requeue: Some(Duration::from_secs(3)),
             },
         ),
         (
+            "just sent by this process, ambiguous",
+            by_id(),
+            submitting_since(0),
+            clock(0, true),
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(5)),
+            },
+        ),
+        (
+            "seen submitting for the whole delay: a lookup that proves",
+            by_id(),
+            submitting_since(0),
+            clock(5, true),
+            look_up(true),
+        ),
+        (
             "crash after the action was recorded",
             by_id(),
             crashed_after_send,
+            None,
             Plan::Idle { requeue: None },
         ),
         (
             "in progress",
             by_id(),
             with_action(Phase::InProgress, "Pending"),
+            None,
             Plan::Idle { requeue: None },
         ),
         (
             "succeeded",
             by_id(),
             with_action(Phase::Succeeded, "Succeeded"),
+            None,
             Plan::Idle { requeue: None },
         ),
         (
             "failed",
             by_id(),
             status(Phase::Failed),
+            None,
             Plan::Idle { requeue: None },
         ),
     ];
-    for (name, spec, status, expected) in rows {
-        assert_eq!(plan(&view(&spec, &status), &s), expected, "{name}");
+    for (name, spec, status, clock, expected) in rows {
+        let v = View {
+            submitting: clock,
+            ..view(&spec, &status)
+        };
+        assert_eq!(plan(&v, &s), expected, "{name}");
     }
 }
 
@@ -405,7 +475,16 @@ fn lookup_adopts_sends_or_waits() {
     let spec = by_id();
     let current = submitting_since(60);
     let v = view(&spec, &current);
-    let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(Some(action(ActionStatus::InProgress))), &s)
+    let proving = LookUp {
+        key: "uid",
+        proves_absence: true,
+    };
+    let early = LookUp {
+        proves_absence: false,
+        ..proving
+    };
+    let AfterLookUp::Adopt(t) =
+        after_lookup(&v, Ok(vec![action(ActionStatus::InProgress)]), early, &s)
     else {
         panic!("found action must be adopted")
     };
@@ -415,7 +494,26 @@ fn lookup_adopts_sends_or_waits() {
     assert_eq!(t.note.unwrap().reason, Reason::Adopted);
     assert_eq!(t.status.attempts, Some(1), "adoption sends nothing");
 
-    assert_eq!(after_lookup(&v, Ok(None), &s), AfterLookUp::Send);
+    assert_eq!(after_lookup(&v, Ok(vec![]), proving, &s), AfterLookUp::Send);
+    // Absent on an early lookup: wait out the delay, write nothing.
+    let AfterLookUp::Wait(t) = after_lookup(&v, Ok(vec![]), early, &s) else {
+        panic!("an early lookup proves nothing")
+    };
+    assert_eq!(t.status, current);
+    assert_eq!((t.note, t.requeue), (None, Some(s.lookup_delay)));
+    // Another resource's action for the machine does not count as ours...
+    let mut others = action(ActionStatus::Failed);
+    others.requestor_comment = Some("[defender-offboard:uid-10] retired".into());
+    assert_eq!(
+        after_lookup(&v, Ok(vec![others.clone()]), proving, &s),
+        AfterLookUp::Send
+    );
+    // ... unless it is live or succeeded: then one offboard serves both.
+    others.status = ActionStatus::Pending;
+    let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(vec![others]), proving, &s) else {
+        panic!("a live action of another request for the machine is adopted")
+    };
+    assert!(t.note.unwrap().message.contains("uid-10"));
 
     for error in [
         throttled(),
@@ -424,7 +522,7 @@ fn lookup_adopts_sends_or_waits() {
             message: "m".into(),
         },
     ] {
-        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), &s) else {
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), proving, &s) else {
             panic!("a failed lookup never sends")
         };
         assert_eq!(
@@ -459,7 +557,11 @@ fn a_failed_lookup_never_fails_the_resource() {
         },
         MdeError::NotSent { reason: "m".into() },
     ] {
-        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), &s) else {
+        let proving = LookUp {
+            key: "uid",
+            proves_absence: true,
+        };
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), proving, &s) else {
             panic!("{error:?}")
         };
         assert_eq!(t.status.phase, Some(Phase::Submitting), "{error:?}");
@@ -479,7 +581,8 @@ fn waiting_for_budget_keeps_the_resolved_machine() {
     assert_eq!(
         plan(&view(&spec, &waiting), &settings()),
         Plan::Submit {
-            machine_id: MACHINE.into()
+            machine_id: MACHINE.into(),
+            check_machine: true,
         },
         "no second resolve"
     );
@@ -503,7 +606,7 @@ fn an_action_id_is_never_replaced() {
     let current = with_action(Phase::InProgress, "Pending");
     let mut other = action(ActionStatus::Pending);
     other.id = "00000000-0000-0000-0000-000000000000".into();
-    let t = record_action(&view(&spec, &current), &other, true);
+    let t = record_action(&view(&spec, &current), &other, Origin::Recovered);
     assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
     assert_eq!(t.status, current, "nothing else changes either");
     // ... and says what was seen: both ids, and which one is kept.

@@ -1,0 +1,314 @@
+//! What one process remembers between reconciles, on its own monotonic clock:
+//! since when it has seen each resource `Submitting` (the lookup delay counts
+//! from there, never from a wall-clock timestamp another process wrote), and
+//! which machines it is sending for or has an action for, so two resources for
+//! one machine lead to one POST even before MDE's list shows the first action.
+//!
+//! A new process (restart, new leader) starts empty: that is the point. Tests
+//! simulate a crash by handing the next step a fresh [`ProcessMemory`].
+
+use super::leader::LeaseClock;
+use backon::BackoffBuilder;
+use mde_client::MachineAction;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long this process saw a resource `Submitting`, and whether it has
+/// already made the early lookup (the one that may adopt but proves nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmittingClock {
+    pub seen_for: Duration,
+    pub looked_early: bool,
+}
+
+struct Seen {
+    since: Instant,
+    looked_early: bool,
+}
+
+/// A machine's entry: a send in flight for one key, or the action one key
+/// created or adopted.
+#[derive(Debug, Clone)]
+enum MachineEntry {
+    Sending {
+        key: String,
+    },
+    Known {
+        action: Box<MachineAction>,
+        key: String,
+        at: Instant,
+    },
+}
+
+/// What [`ProcessMemory::claim_machine`] answers.
+#[derive(Debug)]
+pub enum MachineClaim {
+    /// This key may send for the machine; the claim ends when dropped.
+    Granted(ClaimGuard),
+    /// Another key is sending for it right now: look again shortly.
+    Busy { key: String },
+    /// An action for the machine is known (sent or adopted by `key`).
+    Known {
+        action: Box<MachineAction>,
+        key: String,
+    },
+}
+
+#[derive(Default)]
+struct Inner {
+    submitting: HashMap<String, Seen>,
+    machines: HashMap<String, MachineEntry>,
+    /// Consecutive failed steps per resource, for exponential backoff.
+    failures: HashMap<String, u32>,
+}
+
+#[derive(Clone, Default)]
+pub struct ProcessMemory {
+    inner: Arc<Mutex<Inner>>,
+    lease: LeaseClock,
+    /// Where "now" (the wall clock written into status) comes from.
+    wall: WallClock,
+}
+
+/// The wall clock the decision reads: the system's, or (in tests with tokio's
+/// paused time) one that moves with tokio's clock from a fixed start.
+#[derive(Clone, Copy, Debug, Default)]
+enum WallClock {
+    #[default]
+    System,
+    Tokio {
+        start: jiff::Timestamp,
+        at: Instant,
+    },
+}
+
+/// A request is only sent while the lease has at least this long left.
+pub const LEASE_SEND_MARGIN: Duration = Duration::from_secs(1);
+
+/// After this long, a known action is forgotten: MDE's list shows it by then,
+/// and memory stays bounded by recent work rather than history.
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+impl ProcessMemory {
+    /// The memory of a leader-elected process: it sends only while `lease` is held.
+    pub fn with_lease(lease: LeaseClock) -> Self {
+        ProcessMemory {
+            inner: Arc::default(),
+            lease,
+            wall: WallClock::System,
+        }
+    }
+
+    /// A memory whose wall clock moves with tokio's (paused) clock.
+    pub fn on_tokio_time() -> Self {
+        ProcessMemory {
+            wall: WallClock::Tokio {
+                start: jiff::Timestamp::now(),
+                at: Instant::now(),
+            },
+            ..Self::default()
+        }
+    }
+
+    /// A new process's memory (it remembers nothing) on the same wall clock.
+    pub fn restarted(&self) -> Self {
+        ProcessMemory {
+            wall: self.wall,
+            ..Self::default()
+        }
+    }
+
+    /// The wall-clock time now.
+    pub fn now(&self) -> jiff::Timestamp {
+        match self.wall {
+            WallClock::System => jiff::Timestamp::now(),
+            WallClock::Tokio { start, at } => {
+                let elapsed = jiff::SignedDuration::try_from(at.elapsed()).unwrap_or_default();
+                start.checked_add(elapsed).unwrap_or(start)
+            }
+        }
+    }
+
+    /// Whether this process may send now (always, without leader election).
+    pub fn may_send(&self) -> bool {
+        self.lease.may_send(LEASE_SEND_MARGIN)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The resource's clock if it is `Submitting` (started now if this process
+    /// has not seen it so before); forgets it otherwise.
+    pub fn observe(&self, uid: &str, submitting: bool) -> Option<SubmittingClock> {
+        let mut inner = self.lock();
+        if !submitting {
+            inner.submitting.remove(uid);
+            return None;
+        }
+        let seen = inner.submitting.entry(uid.to_string()).or_insert(Seen {
+            since: Instant::now(),
+            looked_early: false,
+        });
+        Some(SubmittingClock {
+            seen_for: seen.since.elapsed(),
+            looked_early: seen.looked_early,
+        })
+    }
+
+    /// The early lookup was made: the next one waits for the delay.
+    pub fn looked_early(&self, uid: &str) {
+        if let Some(seen) = self.lock().submitting.get_mut(uid) {
+            seen.looked_early = true;
+        }
+    }
+
+    /// This process is about to send: the delay counts from now, and no
+    /// early lookup is needed (we know what we sent and when).
+    pub fn sending(&self, uid: &str) {
+        self.lock().submitting.insert(
+            uid.to_string(),
+            Seen {
+                since: Instant::now(),
+                looked_early: true,
+            },
+        );
+    }
+
+    /// Consecutive failures of this resource so far.
+    pub fn failures(&self, uid: &str) -> u32 {
+        self.lock().failures.get(uid).copied().unwrap_or(0)
+    }
+
+    /// One more failure in a row; returns how many now.
+    pub fn failed(&self, uid: &str) -> u32 {
+        let mut inner = self.lock();
+        let count = inner.failures.entry(uid.to_string()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    /// A step that did not fail: the backoff starts over.
+    pub fn succeeded(&self, uid: &str) {
+        self.lock().failures.remove(uid);
+    }
+
+    /// Ask to send for `machine_id` under `key`.
+    pub fn claim_machine(&self, machine_id: &str, key: &str) -> MachineClaim {
+        let mut inner = self.lock();
+        inner.machines.retain(|_, entry| match entry {
+            MachineEntry::Known { at, .. } => at.elapsed() < FORGET_AFTER,
+            MachineEntry::Sending { .. } => true,
+        });
+        match inner.machines.get(machine_id) {
+            Some(MachineEntry::Sending { key: other }) if other != key => {
+                MachineClaim::Busy { key: other.clone() }
+            }
+            // Only a live or succeeded action stands for the machine; after a
+            // failed one, a new request may send again.
+            Some(MachineEntry::Known {
+                action, key: by, ..
+            }) if !action.status.is_final()
+                || action.status == mde_client::ActionStatus::Succeeded =>
+            {
+                MachineClaim::Known {
+                    action: action.clone(),
+                    key: by.clone(),
+                }
+            }
+            _ => {
+                inner.machines.insert(
+                    machine_id.to_string(),
+                    MachineEntry::Sending {
+                        key: key.to_string(),
+                    },
+                );
+                MachineClaim::Granted(ClaimGuard {
+                    memory: self.clone(),
+                    machine_id: machine_id.to_string(),
+                    key: key.to_string(),
+                })
+            }
+        }
+    }
+
+    /// An action exists for the machine (sent or adopted by `key`).
+    pub fn known(&self, action: &MachineAction, key: &str) {
+        let Some(machine_id) = action.machine_id.clone() else {
+            return;
+        };
+        let entry = MachineEntry::Known {
+            action: Box::new(action.clone()),
+            key: key.to_string(),
+            at: Instant::now(),
+        };
+        self.lock().machines.insert(machine_id, entry);
+    }
+}
+
+/// Holds a machine for one key while it sends; released when dropped unless
+/// the machine became known meanwhile.
+#[derive(Debug)]
+pub struct ClaimGuard {
+    memory: ProcessMemory,
+    machine_id: String,
+    key: String,
+}
+
+impl std::fmt::Debug for ProcessMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProcessMemory")
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let mut inner = self.memory.lock();
+        if matches!(
+            inner.machines.get(&self.machine_id),
+            Some(MachineEntry::Sending { key }) if *key == self.key
+        ) {
+            inner.machines.remove(&self.machine_id);
+        }
+    }
+}
+
+/// The wait before retry number `failures + 1`: doubling from `base` up to
+/// `cap`, with jitter so resources that failed together do not retry together.
+/// (backon computes the series; the decision only receives the result.)
+pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
+    let mut series = backon::ExponentialBuilder::default()
+        .with_min_delay(base)
+        .with_max_delay(cap.max(base))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    series
+        .nth(failures as usize)
+        .unwrap_or(cap)
+        .min(cap.max(base) * 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_with_jitter() {
+        let (base, cap) = (Duration::from_secs(10), Duration::from_secs(300));
+        for failures in 0..40 {
+            let wait = backoff(base, cap, failures);
+            let floor = (base * 2u32.saturating_pow(failures.min(5))).min(cap);
+            assert!(wait >= floor, "{failures}: {wait:?} < {floor:?}");
+            // backon's jitter adds up to one more delay, never unbounded.
+            assert!(wait <= cap * 2, "{failures}: {wait:?}");
+        }
+        let spread: std::collections::BTreeSet<_> =
+            (0..20).map(|_| backoff(base, cap, 3)).collect();
+        assert!(spread.len() > 1, "jittered: {spread:?}");
+    }
+}
