@@ -10,11 +10,11 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-struct Env {
-    _api: ApiHandle,
-    sim: SimHandle,
-    client: kube::Client,
-    controller: tokio::task::JoinHandle<()>,
+pub(crate) struct Env {
+    pub(crate) _api: ApiHandle,
+    pub(crate) sim: SimHandle,
+    pub(crate) client: kube::Client,
+    pub(crate) controller: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Env {
@@ -23,7 +23,14 @@ impl Drop for Env {
     }
 }
 
-async fn start(sim_config: SimConfig) -> Env {
+pub(crate) async fn start(sim_config: SimConfig) -> Env {
+    start_with(sim_config, fast_settings()).await
+}
+
+pub(crate) async fn start_with(
+    sim_config: SimConfig,
+    settings: defender_offboard::controller::decision::Settings,
+) -> Env {
     let sim = spawn_sim(sim_config).await;
     let api = spawn_api().await;
     let client = api.client().await.unwrap();
@@ -31,7 +38,7 @@ async fn start(sim_config: SimConfig) -> Env {
         client.clone(),
         &sim,
         FAST_LIMITS.parse().unwrap(),
-        fast_settings(),
+        settings,
         Duration::from_millis(300),
     )
     .unwrap();
@@ -44,7 +51,7 @@ async fn start(sim_config: SimConfig) -> Env {
     }
 }
 
-async fn create(client: &kube::Client, name: &str, machine_id: &str) {
+pub(crate) async fn create(client: &kube::Client, name: &str, machine_id: &str) {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
     let spec = DeviceOffboardSpec {
         machine_id: Some(machine_id.into()),
@@ -56,7 +63,7 @@ async fn create(client: &kube::Client, name: &str, machine_id: &str) {
         .unwrap();
 }
 
-async fn phases(client: &kube::Client) -> Vec<(String, Phase, Option<String>)> {
+pub(crate) async fn phases(client: &kube::Client) -> Vec<(String, Phase, Option<String>)> {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
     api.list(&ListParams::default())
         .await

@@ -4,6 +4,7 @@
 //! - `chart`, `crd_admission`: the Helm chart and the CRD against the generated types;
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
+//! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
 mod chart;
@@ -13,4 +14,5 @@ mod common;
 mod controller;
 mod crd_admission;
 mod e2e;
+mod fault_matrix;
 mod rbac;

@@ -361,14 +361,16 @@ fn view_of<'a, M, S>(
     }
 }
 
-/// The longest wait between retries of a transient failure.
-pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// The longest wait between retries of a transient failure, in multiples of
+/// `--retry-backoff` (the default 10 s grows to at most 5 minutes).
+pub const RETRY_BACKOFF_CAP: u32 = 30;
 
 /// The retry wait after `uid`'s failures in a row: exponential, jittered.
 fn retry_wait<M, S>(ports: &Ports<'_, M, S>, uid: &str) -> Duration {
+    let base = ports.settings.retry_backoff;
     memory::backoff(
-        ports.settings.retry_backoff,
-        RETRY_BACKOFF_CAP,
+        base,
+        base.saturating_mul(RETRY_BACKOFF_CAP),
         ports.memory.failures(uid),
     )
 }

@@ -1,0 +1,280 @@
+//! The fault matrix of docs/reliability.md, in process: the real controller
+//! against the in-memory Kubernetes API and a simulator that misbehaves one
+//! way per row (MDE time-scaled ×60). Every row asserts what a user relies on:
+//! no resource lost, every resource final, no machine offboarded twice, and no
+//! second POST for a key unless the first was refused before MDE acted (the
+//! only case where a lookup can prove absence and a resend is right).
+//!
+//! `cargo test --test it fault_matrix -- --nocapture` prints the table.
+
+use crate::common::*;
+use crate::controller::{Env, create, phases, start_with};
+use defender_offboard::crd::DeviceOffboard;
+use defender_offboard::simulator::{
+    FaultConfig, LostResponseMode, PendingConflictWording, SimConfig, SimStats,
+};
+use kube::api::{Api, DeleteParams};
+use std::time::{Duration, Instant};
+
+const RESOURCES: usize = 40;
+
+struct Row {
+    name: &'static str,
+    resources: usize,
+    seconds: f64,
+    stats: SimStats,
+    lost: usize,
+    all_final: bool,
+    /// Machines with a second offboard sent while an earlier one was live or
+    /// had succeeded (after a Failed or TimeOut one, a new resource may retry).
+    offboarded_twice: Vec<String>,
+}
+
+/// The faults one row injects.
+#[derive(Clone, Copy)]
+enum Scenario {
+    Calm,
+    ServerErrors,
+    LostAnswers(LostResponseMode),
+    ListLag,
+    SecondClient,
+    Quirks,
+    TwoPerMachine,
+    RecreatedMidFlight,
+}
+
+fn sim_config(scenario: Scenario) -> SimConfig {
+    let faults = match scenario {
+        Scenario::ServerErrors => FaultConfig {
+            error_rate: 0.3,
+            ..FaultConfig::default()
+        },
+        Scenario::LostAnswers(mode) => FaultConfig {
+            lost_response_rate: 0.3,
+            lost_response_mode: mode,
+            ..FaultConfig::default()
+        },
+        // A minute of lag in MDE's time (one second here), with lost answers
+        // so that lookups must wait it out.
+        Scenario::ListLag => FaultConfig {
+            list_lag: Duration::from_secs(60),
+            lost_response_rate: 0.3,
+            ..FaultConfig::default()
+        },
+        Scenario::Quirks => FaultConfig {
+            nulls: true,
+            pending_conflict_wording: PendingConflictWording::MessageOnly,
+            list_404_rate: 0.2,
+            lost_response_rate: 0.2,
+            ..FaultConfig::default()
+        },
+        _ => FaultConfig::default(),
+    };
+    SimConfig {
+        machines: 100,
+        faults,
+        ..fast_sim_config()
+    }
+}
+
+async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
+    // The lookup delay must exceed MDE's list lag (one second here).
+    let settings = defender_offboard::controller::decision::Settings {
+        lookup_delay: Duration::from_millis(1500),
+        ..fast_settings()
+    };
+    let env: Env = start_with(sim_config(scenario), settings).await;
+    let machines = windows_machines(&client(&env.sim, FAST_LIMITS), RESOURCES).await;
+    let started = Instant::now();
+    let targets: Vec<&String> = match scenario {
+        // Two resources name each of half as many machines.
+        Scenario::TwoPerMachine => machines[..RESOURCES / 2]
+            .iter()
+            .chain(&machines[..RESOURCES / 2])
+            .collect(),
+        _ => machines.iter().collect(),
+    };
+    for (i, machine) in targets.iter().enumerate() {
+        create(&env.client, &format!("{slug}-{i:03}"), machine).await;
+    }
+    let stop = tokio_util_stop();
+    let second_client = match scenario {
+        // Another client of the tenant eats the budget: 429 storms, again and again.
+        Scenario::SecondClient => Some(tokio::spawn(storms(env.sim.base_url(), stop.clone()))),
+        _ => None,
+    };
+    if let Scenario::RecreatedMidFlight = scenario {
+        recreate_some(&env, slug, &targets).await;
+    }
+    let all_final = with_timeout(120, async {
+        loop {
+            let now = phases(&env.client).await;
+            if now.len() == targets.len() && now.iter().all(|(_, p, _)| p.is_terminal()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(task) = second_client {
+        let _ = task.await;
+    }
+    let lost = targets.len() - phases(&env.client).await.len();
+    let stats = env.sim.stats();
+    let mde = client(&env.sim, FAST_LIMITS);
+    let mut offboarded_twice = Vec::new();
+    for (machine, _) in stats
+        .offboard_actions_by_machine
+        .iter()
+        .filter(|(_, n)| **n > 1)
+    {
+        let actions = mde.offboard_actions(machine).await.unwrap();
+        let earlier_live = actions[..actions.len() - 1]
+            .iter()
+            .any(|a| !matches!(a.status.as_str(), "Failed" | "TimeOut" | "Cancelled"));
+        if earlier_live {
+            offboarded_twice.push(machine.clone());
+        }
+    }
+    Row {
+        name,
+        resources: targets.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        stats,
+        lost,
+        all_final,
+        offboarded_twice,
+    }
+}
+
+fn tokio_util_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+/// 429 for a second out of every two, on both families the controller uses.
+async fn storms(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let http = reqwest::Client::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for family in ["offboard", "machineactions"] {
+            let _ = http
+                .post(format!("{url}/_sim/throttle"))
+                .json(&serde_json::json!({"family": family, "seconds": 1.0}))
+                .send()
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Once a few are submitted, delete a quarter of the resources and apply them
+/// again under the same names (a GitOps prune and re-apply): new uids.
+async fn recreate_some(env: &Env, slug: &str, targets: &[&String]) {
+    let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
+    with_timeout(30, async {
+        while phases(&env.client)
+            .await
+            .iter()
+            .filter(|(_, _, a)| a.is_some())
+            .count()
+            < 5
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for (i, machine) in targets.iter().enumerate().take(RESOURCES / 4) {
+        let resource = format!("{slug}-{i:03}");
+        api.delete(&resource, &DeleteParams::default())
+            .await
+            .unwrap();
+        create(&env.client, &resource, machine).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix() {
+    let scenarios = [
+        ("no faults", Scenario::Calm),
+        ("5xx storm (30% of calls)", Scenario::ServerErrors),
+        (
+            "lost answers, connection dropped (30%)",
+            Scenario::LostAnswers(LostResponseMode::Drop),
+        ),
+        (
+            "lost answers, 504 (30%)",
+            Scenario::LostAnswers(LostResponseMode::GatewayTimeout),
+        ),
+        (
+            "list lag of 60 s simulated, lost answers",
+            Scenario::ListLag,
+        ),
+        (
+            "a second client eating the budget (429 storms)",
+            Scenario::SecondClient,
+        ),
+        (
+            "quirks: nulls, pending worded differently, list 404s, lost answers",
+            Scenario::Quirks,
+        ),
+        ("two resources for each machine", Scenario::TwoPerMachine),
+        (
+            "delete and re-create a quarter mid-flight",
+            Scenario::RecreatedMidFlight,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (row, (name, scenario)) in scenarios.into_iter().enumerate() {
+        rows.push(run_row(name, &format!("row{row}"), scenario).await);
+    }
+    println!(
+        "| row | resources | POSTs | actions created | max POSTs per key | second POSTs for a key / POSTs refused before MDE acted | answers lost | 429s | resources lost | machines offboarded twice | all final | time |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let posts: u64 = row.stats.offboard_requests_by_key.values().sum();
+        let max = row
+            .stats
+            .offboard_requests_by_key
+            .values()
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let seconds = posts.saturating_sub(row.stats.offboard_requests_by_key.len() as u64);
+        println!(
+            "| {} | {} | {posts} | {} | {max} | {seconds} / {} | {} | {} | {} | {} | {} | {:.1} s |",
+            row.name,
+            row.resources,
+            row.stats.actions_created,
+            row.stats.count("offboard", "500") + row.stats.count("offboard", "503"),
+            row.stats.lost_responses,
+            row.stats.throttled,
+            row.lost,
+            row.offboarded_twice.len(),
+            if row.all_final { "yes" } else { "no" },
+            row.seconds
+        );
+    }
+    for row in &rows {
+        let refused = row.stats.count("offboard", "500") + row.stats.count("offboard", "503");
+        let extra: u64 = row
+            .stats
+            .offboard_requests_by_key
+            .values()
+            .map(|n| n.saturating_sub(1))
+            .sum();
+        assert_eq!(row.lost, 0, "{}: resources lost", row.name);
+        assert!(row.all_final, "{}: not all final", row.name);
+        assert!(
+            row.offboarded_twice.is_empty(),
+            "{}: machines offboarded again while an earlier offboard was live or done: {:?}",
+            row.name,
+            row.offboarded_twice
+        );
+        assert!(
+            extra <= refused,
+            "{}: {extra} second POSTs, {refused} refusals",
+            row.name
+        );
+    }
+}
