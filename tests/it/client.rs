@@ -378,3 +378,62 @@ async fn a_burst_of_300_offboards_gets_no_429() {
         "one POST per machine, counted at MDE"
     );
 }
+
+/// `Retry-After` as MDE may send it: an HTTP date, missing, or absurd. Each is
+/// read to a bounded instant: never a panic, never a wait of days.
+#[tokio::test]
+async fn retry_after_in_every_form_is_honoured_within_bounds() {
+    for (mode, at_least, at_most) in [
+        ("http-date", 1, 4),
+        ("missing", 59, 61),
+        ("huge", 3599, 3601),
+    ] {
+        let sim = spawn_sim(fast_sim_config()).await;
+        let client = client(&sim, FAST_LIMITS);
+        client.check_sign_in().await.unwrap();
+        control(&sim, "faults", json!({"retry_after": mode})).await;
+        control(
+            &sim,
+            "throttle",
+            json!({"family": "machineactions", "seconds": 2.0}),
+        )
+        .await;
+        let error = client.offboard_actions(FINANCE_LAPTOP).await.unwrap_err();
+        let MdeError::Throttled { retry_at, .. } = error else {
+            panic!("{mode}: expected Throttled, got {error:?}")
+        };
+        let wait = retry_at
+            .duration_since(jiff::Timestamp::now())
+            .as_secs_f64();
+        assert!(
+            (at_least as f64..=at_most as f64).contains(&wait),
+            "{mode}: waits {wait} s"
+        );
+    }
+}
+
+/// A controller's client never waits for its own budget: a call with no slot
+/// answers at once, and nothing is sent.
+#[tokio::test]
+async fn a_refusing_budget_answers_at_once() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let config = defender_offboard::mde::ClientConfig {
+        budget_wait: defender_offboard::mde::BudgetWait::Refuse,
+        ..client_config(&sim, "sim-secret", "1/10s")
+    };
+    let client = DefenderClient::new(config, Arc::new(Metrics::default())).unwrap();
+    client.offboard_actions(FINANCE_LAPTOP).await.unwrap();
+    let started = Instant::now();
+    let error = client.offboard_actions(FINANCE_LAPTOP).await.unwrap_err();
+    assert!(matches!(error, MdeError::BudgetSpent { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        sim.stats().count("machineactions", "200"),
+        1,
+        "nothing sent"
+    );
+}

@@ -311,3 +311,43 @@ fn max_posts_per_key(stats: &defender_offboard::simulator::SimStats) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// With `--leader-elect`, work that ends by itself (a clean stop) must let the
+/// elector release the lease and return: the finished task is never polled
+/// again (that used to panic, so the lease was never released).
+#[tokio::test]
+async fn leader_work_that_ends_releases_the_lease() {
+    use defender_offboard::controller::leader::{
+        LEASE_NAME, LeaseClock, LeaseConfig, LeaseTiming, run_as_leader,
+    };
+    use defender_offboard::telemetry::Readiness;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api = spawn_api().await;
+    let client = api.client().await.unwrap();
+    let lease = LeaseConfig {
+        namespace: "default".into(),
+        identity: "replica-a".into(),
+        timing: LeaseTiming {
+            lease_duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            retry_period: Duration::from_millis(200),
+        },
+    };
+    let outcome = with_timeout(
+        20,
+        run_as_leader(
+            client.clone(),
+            &lease,
+            LeaseClock::candidate(),
+            prometheus_client::metrics::gauge::Gauge::default(),
+            Readiness::default(),
+            std::future::pending(),
+            |_stop| async {},
+        ),
+    )
+    .await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let held = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(held.holder_identity, None, "released for a standby");
+}
