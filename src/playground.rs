@@ -187,6 +187,8 @@ fn write_run_files(dir: &Path, kubeconfig: &Path, sim: &SimHandle) -> std::io::R
     Ok(env)
 }
 
+// One piece: the playground's start-up is a script a newcomer reads top to
+// bottom (start, write files, say where things are, apply, wait).
 pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     telemetry::init(LogFormat::Text);
     let playground = start(&args).await?;

@@ -184,6 +184,8 @@ impl TokenSource {
         }
     }
 
+    // One piece on purpose: every failure of the token request is classified
+    // here (not sent, login host down, refused credentials) for one message each.
     async fn request_token(&self) -> Result<CachedToken, MdeError> {
         let mut form = vec![
             ("grant_type", "client_credentials".to_string()),

@@ -364,7 +364,9 @@ impl DefenderClient {
         Ok(url)
     }
 
-    /// One API call: token, budget, send, classify. A 401 refreshes the token
+    /// One API call: token, budget, send, classify. Kept in one piece: the
+    /// budget slot must be completed or given back on every path out, and that
+    /// is only checkable when all the paths are in view. A 401 refreshes the token
     /// and tries once more (the API rejected the request before acting on it).
     async fn call<T: DeserializeOwned>(
         &self,

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub leader: Gauge,
 }
 
+// One registration per metric, in one place: the names read as a list, as
+// docs/operations.md lists them.
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("defender_offboard");

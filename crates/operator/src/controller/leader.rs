@@ -109,6 +109,8 @@ impl Elector {
     }
 
     /// One attempt to take or renew the lease. `Ok(true)` when we hold it.
+    /// Kept whole: it is client-go's algorithm step for step (read, judge,
+    /// write with a precondition), easiest to compare in one piece.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = Instant::now();
         // The Lease counts whole seconds: round up, never down, so a standby
@@ -266,7 +268,10 @@ impl Default for LeaseClock {
 /// A future that resolves when the work must stop.
 pub type StopSignal = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
-/// Wait for the lease, then run `work` while renewing it. `work` is handed a
+/// Wait for the lease, then run `work` while renewing it. One piece on
+/// purpose: the renewal loop, the instant of the last renewal and the work's
+/// task must live in one place for the stop-before-takeover bound to be read
+/// (and checked) at a glance. `work` is handed a
 /// stop signal for a clean shutdown; it is aborted mid-flight if the lease is
 /// lost, and an error is returned (the process exits and restarts).
 pub async fn run_as_leader<W, F>(

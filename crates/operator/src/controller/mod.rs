@@ -198,15 +198,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .await
         .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
     check_crd_installed(&client, args.namespace.as_deref()).await?;
-    match mde.check_sign_in().await {
-        Ok(()) => tracing::info!("signed in to MDE"),
-        Err(error @ (MdeError::SignIn { .. } | MdeError::Credentials { .. })) => {
-            return Err(error.to_string().into());
-        }
-        Err(error) => {
-            tracing::warn!(error = %error, "sign-in check failed; will retry on first use")
-        }
-    }
+    check_sign_in(&mde).await?;
     let readiness = Readiness::default();
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -216,13 +208,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("defender-offboard-{}", uuid::Uuid::new_v4()));
-    if args.lookup_delay < args.connection.request_timeout {
-        tracing::warn!(
-            lookup_delay = ?args.lookup_delay,
-            request_timeout = ?args.connection.request_timeout,
-            "--lookup-delay is shorter than --request-timeout: a timed-out request may still be processed by MDE after the lookup"
-        );
-    }
+    warn_about_timings(&args);
     let settings = Settings {
         lookup_delay: args.lookup_delay,
         retry_backoff: args.retry_backoff,
@@ -277,6 +263,31 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     server.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sign in once at start: wrong credentials end the process with their
+/// message; anything else (the login host briefly down) is retried on use.
+async fn check_sign_in(mde: &DefenderClient) -> Result<(), String> {
+    match mde.check_sign_in().await {
+        Ok(()) => tracing::info!("signed in to MDE"),
+        Err(error @ (MdeError::SignIn { .. } | MdeError::Credentials { .. })) => {
+            return Err(error.to_string());
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "sign-in check failed; will retry on first use")
+        }
+    }
+    Ok(())
+}
+
+fn warn_about_timings(args: &RunArgs) {
+    if args.lookup_delay < args.connection.request_timeout {
+        tracing::warn!(
+            lookup_delay = ?args.lookup_delay,
+            request_timeout = ?args.connection.request_timeout,
+            "--lookup-delay is shorter than --request-timeout: a timed-out request may still be processed by MDE after the lookup"
+        );
+    }
 }
 
 pub async fn check_crd_installed(

@@ -74,6 +74,18 @@ where
     }
 }
 
+/// The `resources` gauge: resources by phase.
+fn publish_phase_counts(metrics: &crate::metrics::Metrics, resources: &[Arc<DeviceOffboard>]) {
+    for (phase, count) in count_by_phase(resources) {
+        metrics
+            .resources
+            .get_or_create(&PhaseLabels {
+                phase: phase.as_str().to_string(),
+            })
+            .set(count);
+    }
+}
+
 pub async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
@@ -95,14 +107,7 @@ pub async fn run<M: MdeCalls>(
             }
         }
         let resources = store.state();
-        for (phase, count) in count_by_phase(&resources) {
-            ctx.metrics
-                .resources
-                .get_or_create(&PhaseLabels {
-                    phase: phase.as_str().to_string(),
-                })
-                .set(count);
-        }
+        publish_phase_counts(&ctx.metrics, &resources);
         let ids = in_flight(&resources);
         tracing::debug!(
             resources = resources.len(),

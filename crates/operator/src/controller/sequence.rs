@@ -181,30 +181,38 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             return apply(ports, current, transition).await;
         }
     };
-    if check_machine {
-        let found = ports.mde.offboard_actions(machine_id).await;
-        if let Some(wait) = spent(&found) {
-            permit.cancel();
-            return Ok(Some(wait));
-        }
-        let lookup = LookUp {
-            key: &key,
-            proves_absence: true,
-        };
-        let view = view_of(ports, current, &status);
-        match decision::after_lookup(&view, found, lookup, ports.settings) {
-            AfterLookUp::Send => {}
-            AfterLookUp::Adopt(transition) => {
-                permit.cancel();
-                return adopt(ports, current, transition).await;
-            }
-            AfterLookUp::Wait(transition) => {
-                permit.cancel();
-                return apply(ports, current, transition).await;
-            }
-        }
+    if check_machine && let Some(requeue) = check(ports, current, machine_id).await? {
+        permit.cancel();
+        return Ok(requeue);
     }
     send(ports, current, machine_id, permit).await
+}
+
+/// The check before a first send: `Some` (the step's result) when the machine's
+/// list shows an action to adopt, or could not be read; `None` to send.
+async fn check<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+) -> Result<Option<Requeue>> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    let found = ports.mde.offboard_actions(machine_id).await;
+    if let Some(wait) = spent(&found) {
+        return Ok(Some(Some(wait)));
+    }
+    let lookup = LookUp {
+        key: &key,
+        proves_absence: true,
+    };
+    let view = view_of(ports, current, &status);
+    Ok(
+        match decision::after_lookup(&view, found, lookup, ports.settings) {
+            AfterLookUp::Send => None,
+            AfterLookUp::Adopt(transition) => Some(adopt(ports, current, transition).await?),
+            AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
+        },
+    )
 }
 
 /// Sign in, write the intent, send in the reserved slot, record.
