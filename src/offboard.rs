@@ -159,7 +159,18 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         metrics: &metrics,
     };
     let deadline = Instant::now() + args.timeout;
-    let status = drive(&ports, &args, &key, deadline).await?;
+    // The whole run is bounded, the waits inside a step included (a call may
+    // wait in the budget for a parked family's Retry-After, up to an hour).
+    let status = match tokio::time::timeout_at(deadline, drive(&ports, &args, &key)).await {
+        Ok(status) => status?,
+        Err(_) => {
+            return Err(OffboardError::Stopped(format!(
+                "gave up after --timeout {}{}",
+                humantime::format_duration(args.timeout),
+                key_hint(&store.object().status.unwrap_or_default(), &key)
+            )));
+        }
+    };
     let action = mde.last(status.machine_action_id.as_deref()).ok_or_else(|| {
         OffboardError::Stopped(format!(
             "the action was recorded but not read back; rerun with --idempotency-key {key} to print it"
@@ -213,7 +224,6 @@ async fn drive(
     ports: &Ports<'_, Remembering, MemoryStore>,
     args: &OffboardArgs,
     key: &str,
-    deadline: Instant,
 ) -> Result<DeviceOffboardStatus, OffboardError> {
     loop {
         let obj = ports.store.object();
@@ -237,13 +247,6 @@ async fn drive(
             }
             requeue.unwrap_or(Duration::from_millis(100))
         };
-        if Instant::now() + pause > deadline {
-            return Err(OffboardError::Stopped(format!(
-                "gave up after --timeout {}{}",
-                humantime::format_duration(args.timeout),
-                key_hint(&ports.store.object().status.unwrap_or_default(), key)
-            )));
-        }
         tokio::time::sleep(pause).await;
     }
 }

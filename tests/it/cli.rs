@@ -387,3 +387,59 @@ async fn a_next_link_that_never_advances_ends_the_command() {
         "nothing sent by the command"
     );
 }
+
+/// `--timeout` bounds the whole run, waits inside a call included: a poll
+/// that meets a long `Retry-After` does not hold the command past it.
+#[tokio::test]
+async fn the_timeout_bounds_waits_for_a_parked_budget() {
+    let sim = spawn_sim(SimConfig {
+        // Long enough that `--wait` is still polling when the budget parks.
+        pending_for: std::time::Duration::from_secs(3600),
+        ..fast_sim_config()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let url = sim.base_url();
+    let run = tokio::spawn(async move {
+        let args = [
+            "--machine-id",
+            FINANCE_LAPTOP,
+            "--comment",
+            "returned",
+            "--wait",
+            "--poll-interval",
+            "200ms",
+            "--timeout",
+            "3s",
+        ];
+        offboard_within(30, &url, SECRET, &args).await
+    });
+    with_timeout(10, async {
+        while sim.stats().count("offboard", "201") == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    control(
+        &sim,
+        "throttle",
+        serde_json::json!({"family": "machineactions", "seconds": 60.0}),
+    )
+    .await;
+    let output = run.await.unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains("--timeout"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
