@@ -67,6 +67,21 @@ impl ActionStatus {
         )
     }
 
+    /// MDE's word back as a status (an unknown word is kept as [`ActionStatus::Other`]).
+    pub fn from_word(word: &str) -> Self {
+        [
+            ActionStatus::Pending,
+            ActionStatus::InProgress,
+            ActionStatus::Succeeded,
+            ActionStatus::Failed,
+            ActionStatus::TimeOut,
+            ActionStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == word)
+        .unwrap_or_else(|| ActionStatus::Other(word.to_string()))
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             ActionStatus::Pending => "Pending",
@@ -125,6 +140,33 @@ pub struct MachineAction {
     pub related_file_info: Option<serde_json::Value>,
 }
 
+impl MachineAction {
+    /// An offboard action as a resource's status records it (id, machine,
+    /// MDE's status word), for code that knows no more of it.
+    pub fn recorded_offboard(id: &str, machine_id: &str, status: ActionStatus) -> Self {
+        MachineAction {
+            id: id.to_string(),
+            action_type: "Offboard".to_string(),
+            status,
+            machine_id: Some(machine_id.to_string()),
+            scope: None,
+            requestor: None,
+            external_id: None,
+            request_source: None,
+            commands: None,
+            cancellation_requestor: None,
+            requestor_comment: None,
+            cancellation_comment: None,
+            computer_dns_name: None,
+            creation_date_time_utc: None,
+            cancellation_date_time_utc: None,
+            last_update_date_time_utc: None,
+            title: None,
+            related_file_info: None,
+        }
+    }
+}
+
 /// One page of an OData collection.
 #[derive(Deserialize, Debug)]
 pub struct ODataPage<T> {
@@ -151,6 +193,24 @@ pub struct ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_words_round_trip() {
+        for word in [
+            "Pending",
+            "InProgress",
+            "Succeeded",
+            "Failed",
+            "TimeOut",
+            "Cancelled",
+            "Queued",
+        ] {
+            let parsed = ActionStatus::from_word(word);
+            assert_eq!(parsed.as_str(), word);
+            let via_serde: ActionStatus = serde_json::from_value(serde_json::json!(word)).unwrap();
+            assert_eq!(parsed, via_serde);
+        }
+    }
 
     #[test]
     fn nulls_read_as_absent() {

@@ -43,8 +43,6 @@ struct State {
     sends: VecDeque<Send>,
     lookups: VecDeque<Lookup>,
     calls: u32,
-    /// While set, lists show only the first this many actions (MDE's list lags).
-    listed: Option<usize>,
 }
 
 pub struct FakeMde {
@@ -96,17 +94,6 @@ impl FakeMde {
     pub fn lookups(self, script: impl IntoIterator<Item = Lookup>) -> Self {
         self.lock().lookups.extend(script);
         self
-    }
-
-    /// Actions created from now on stay out of list answers until [`Self::catch_up`].
-    pub fn lag(&self) {
-        let mut state = self.lock();
-        state.listed = Some(state.actions.len());
-    }
-
-    /// Every action shows in lists from now on.
-    pub fn catch_up(&self) {
-        self.lock().listed = None;
     }
 
     /// Offboard POSTs received with `key` in their marker, whatever the answer.
@@ -188,11 +175,11 @@ impl MdeCalls for FakeMde {
     async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
         let mut state = self.lock();
         state.calls += 1;
-        let visible = state.listed.unwrap_or(usize::MAX).min(state.actions.len());
         let lag = state.list_lag;
         match state.lookups.pop_front().unwrap_or(Lookup::Complete) {
             Lookup::Fail(error) => Err(error),
-            Lookup::Complete => Ok(state.actions[..visible]
+            Lookup::Complete => Ok(state
+                .actions
                 .iter()
                 .zip(&state.created)
                 .filter(|(a, created)| {

@@ -13,7 +13,7 @@ use crate::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::metrics::{Metrics, OutcomeLabels};
 use kube::ResourceExt;
 use mde_client::limiter::Permit;
-use mde_client::{ApiFamily, MdeError, comment_with_marker};
+use mde_client::{ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
 use std::time::Duration;
 
 /// What one step needs: the two ports, this process's memory, the tunables
@@ -313,14 +313,8 @@ fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
     else {
         return;
     };
-    let Ok(action) = serde_json::from_value(serde_json::json!({
-        "id": id,
-        "type": "Offboard",
-        "status": status.action_status.as_deref().unwrap_or("Pending"),
-        "machineId": machine_id,
-    })) else {
-        return;
-    };
+    let word = status.action_status.as_deref().unwrap_or("Pending");
+    let action = MachineAction::recorded_offboard(id, machine_id, ActionStatus::from_word(word));
     memory.known(&action, &key);
 }
 
@@ -328,7 +322,7 @@ fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
 pub async fn record_poll<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     obj: &DeviceOffboard,
-    action: &mde_client::MachineAction,
+    action: &MachineAction,
 ) -> Result<()> {
     let status = obj.status.clone().unwrap_or_default();
     if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {

@@ -296,8 +296,8 @@ fn on_machine(uid: &str) -> DeviceOffboard {
 /// `submittedAt`), so it finds and adopts the action instead of resending.
 #[tokio::test(start_paused = true)]
 async fn a_lagging_list_is_waited_out_on_this_process_clock() {
-    let mde = FakeMde::default();
-    mde.lag();
+    // Listed 30 s after its creation: within the 35 s lookup delay.
+    let mde = FakeMde::default().list_lag(Duration::from_secs(30));
     mde.insert(MACHINE, &format!("[defender-offboard:{UID}] returned"));
     let an_hour_ago = Timestamp::now() - jiff::SignedDuration::from_secs(3600);
     let crashed = DeviceOffboardStatus {
@@ -328,7 +328,6 @@ async fn a_lagging_list_is_waited_out_on_this_process_clock() {
         step(&store.object(), &ports).await.unwrap(),
         Some(Duration::from_secs(15))
     );
-    mde.catch_up();
     tokio::time::advance(Duration::from_secs(15)).await;
     step(&store.object(), &ports).await.unwrap();
     let status = store.object().status.unwrap();
@@ -341,8 +340,8 @@ async fn a_lagging_list_is_waited_out_on_this_process_clock() {
 /// does not show new actions yet: one POST, and the second adopts it.
 #[tokio::test]
 async fn two_resources_for_one_machine_send_once() {
-    let mde = FakeMde::default();
-    mde.lag();
+    // MDE lists nothing new during the test.
+    let mde = FakeMde::default().list_lag(Duration::from_secs(3600));
     let (first, second) = (
         MemoryStore::new(on_machine("uid-a")),
         MemoryStore::new(on_machine("uid-b")),
