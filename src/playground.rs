@@ -45,6 +45,9 @@ pub struct DevArgs {
     pub sim_machines: usize,
     #[arg(long, default_value_t = 1)]
     pub sim_seed: u64,
+    /// Share of generated machines whose offboard ends Failed or TimeOut (0..1).
+    #[arg(long, default_value = "0.07", value_parser = simulator::parse_share)]
+    pub sim_unsuccessful_share: f64,
     /// Compress the simulator's time (windows, delays) by this factor.
     #[arg(long, default_value = "1.0", value_parser = simulator::parse_time_scale)]
     pub sim_time_scale: f64,
@@ -104,6 +107,7 @@ impl DevArgs {
         SimConfig {
             machines: self.sim_machines,
             seed: self.sim_seed,
+            unsuccessful_share: self.sim_unsuccessful_share,
             time_scale: self.sim_time_scale,
             rate_limits: self.sim_rate_limit.0.clone(),
             faults: FaultConfig {
@@ -297,6 +301,19 @@ pub fn embedded_controller(
     poll_interval: Duration,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let metrics = Arc::new(Metrics::default());
+    observed_controller(client, sim, rate_limits, settings, poll_interval, metrics)
+}
+
+/// [`embedded_controller`] reporting into `metrics`, so a test can read what
+/// the controller counted (e.g. status-write conflicts).
+pub fn observed_controller(
+    client: kube::Client,
+    sim: &SimHandle,
+    rate_limits: RateLimits,
+    settings: Settings,
+    poll_interval: Duration,
+    metrics: Arc<Metrics>,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let config = ClientConfig {
         // As `run`: a worker never waits for budget.
         budget_wait: BudgetWait::Refuse,

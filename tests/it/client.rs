@@ -134,6 +134,38 @@ async fn tokens_are_refreshed_before_expiry_and_after_a_401() {
     assert_eq!(sim.stats().count("machines", "401"), 1);
 }
 
+/// The login host down for a while (tokens revoked, so a sign-in is needed):
+/// the call fails as transient, nothing is sent, the message does not send
+/// the user to check credentials that are fine, and the next call after the
+/// outage signs in and works.
+#[tokio::test]
+async fn a_login_outage_is_transient_and_sends_nothing() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    client.get_machine(FINANCE_LAPTOP).await.unwrap();
+    control(&sim, "revoke-tokens", json!({})).await;
+    control(&sim, "token-outage", json!({"seconds": 1.0})).await;
+    let error = client
+        .offboard(FINANCE_LAPTOP, "[defender-offboard:outage] retired")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, MdeError::NotSent { .. }), "{error:?}");
+    assert!(
+        !error.may_have_created(),
+        "refused before anything was sent"
+    );
+    let message = error.to_string();
+    assert!(message.contains("temporarily_unavailable"), "{message}");
+    assert!(!message.contains("check AZURE_TENANT_ID"), "{message}");
+    assert_eq!(sim.stats().count("offboard", "201"), 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client
+        .offboard(FINANCE_LAPTOP, "[defender-offboard:outage] retired")
+        .await
+        .unwrap();
+    assert_eq!(sim.stats().count("offboard", "201"), 1);
+}
+
 #[tokio::test]
 async fn concurrent_callers_share_one_token_request() {
     let sim = spawn_sim(fast_sim_config()).await;

@@ -4,10 +4,12 @@
 use crate::common::*;
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, Phase};
 use defender_offboard::devcluster::ApiHandle;
-use defender_offboard::playground::embedded_controller;
+use defender_offboard::metrics::Metrics;
+use defender_offboard::playground::observed_controller;
 use defender_offboard::simulator::{SimConfig, SimHandle};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) struct Env {
@@ -15,6 +17,8 @@ pub(crate) struct Env {
     pub(crate) sim: SimHandle,
     pub(crate) client: kube::Client,
     pub(crate) controller: tokio::task::JoinHandle<()>,
+    /// What the controller counted.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Drop for Env {
@@ -34,12 +38,14 @@ pub(crate) async fn start_with(
     let sim = spawn_sim(sim_config).await;
     let api = spawn_api().await;
     let client = api.client().await.unwrap();
-    let controller = embedded_controller(
+    let metrics = Arc::new(Metrics::default());
+    let controller = observed_controller(
         client.clone(),
         &sim,
         FAST_LIMITS.parse().unwrap(),
         settings,
         Duration::from_millis(300),
+        metrics.clone(),
     )
     .unwrap();
     let controller = tokio::spawn(controller);
@@ -48,6 +54,7 @@ pub(crate) async fn start_with(
         sim,
         client,
         controller,
+        metrics,
     }
 }
 

@@ -13,7 +13,7 @@ use defender_offboard::crd::DeviceOffboard;
 use defender_offboard::simulator::{
     FaultConfig, LostResponseMode, PendingConflictWording, SimConfig, SimStats,
 };
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use std::time::{Duration, Instant};
 
 const RESOURCES: usize = 40;
@@ -25,6 +25,8 @@ struct Row {
     stats: SimStats,
     lost: usize,
     all_final: bool,
+    /// Status writes the controller lost to a concurrent writer (409).
+    conflicts: u64,
     /// Machines with a second offboard sent while an earlier one was live or
     /// had succeeded (after a Failed or TimeOut one, a new resource may retry).
     offboarded_twice: Vec<String>,
@@ -41,6 +43,8 @@ enum Scenario {
     Quirks,
     TwoPerMachine,
     RecreatedMidFlight,
+    LoginOutage,
+    StatusConflicts,
 }
 
 fn sim_config(scenario: Scenario) -> SimConfig {
@@ -66,6 +70,12 @@ fn sim_config(scenario: Scenario) -> SimConfig {
             pending_conflict_wording: PendingConflictWording::MessageOnly,
             list_404_rate: 0.2,
             lost_response_rate: 0.2,
+            ..FaultConfig::default()
+        },
+        // Every MDE call takes 0.2 s, so another writer has time to change a
+        // resource between the controller's intent write and its record write.
+        Scenario::StatusConflicts => FaultConfig {
+            latency: Duration::from_secs(12),
             ..FaultConfig::default()
         },
         _ => FaultConfig::default(),
@@ -103,6 +113,20 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
         Scenario::SecondClient => Some(tokio::spawn(storms(env.sim.base_url(), stop.clone()))),
         _ => None,
     };
+    let disturbance = match scenario {
+        // The login host down at the start and again mid-flight, with tokens
+        // revoked each time so the controller must sign in during the outage.
+        Scenario::LoginOutage => Some(tokio::spawn(login_outages(
+            env.sim.base_url(),
+            env.client.clone(),
+        ))),
+        // Another writer (a GitOps tool, a person with kubectl) changes every
+        // resource's labels over and over: status writes race with it.
+        Scenario::StatusConflicts => {
+            Some(tokio::spawn(touch_labels(env.client.clone(), stop.clone())))
+        }
+        _ => None,
+    };
     if let Scenario::RecreatedMidFlight = scenario {
         recreate_some(&env, slug, &targets).await;
     }
@@ -120,7 +144,7 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
     .await
     .is_ok();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(task) = second_client {
+    for task in second_client.into_iter().chain(disturbance) {
         let _ = task.await;
     }
     let lost = targets.len() - phases(&env.client).await.len();
@@ -140,6 +164,13 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
             offboarded_twice.push(machine.clone());
         }
     }
+    let conflicts = env
+        .metrics
+        .reconcile_errors
+        .get_or_create(&defender_offboard::metrics::ErrorLabels {
+            error: "conflict".into(),
+        })
+        .get();
     Row {
         name,
         resources: targets.len(),
@@ -147,6 +178,7 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
         stats,
         lost,
         all_final,
+        conflicts,
         offboarded_twice,
     }
 }
@@ -167,6 +199,59 @@ async fn storms(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>
                 .await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Revoke every token and take the login host down for 3 s at once; again
+/// for 2 s once ten resources have an action.
+async fn login_outages(url: String, client: kube::Client) {
+    let http = reqwest::Client::new();
+    let outage = |seconds: f64| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            for (route, body) in [
+                ("revoke-tokens", serde_json::json!({})),
+                ("token-outage", serde_json::json!({ "seconds": seconds })),
+            ] {
+                let _ = http
+                    .post(format!("{url}/_sim/{route}"))
+                    .json(&body)
+                    .send()
+                    .await;
+            }
+        }
+    };
+    outage(3.0).await;
+    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+        while phases(&client)
+            .await
+            .iter()
+            .filter(|(_, _, a)| a.is_some())
+            .count()
+            < 10
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    outage(2.0).await;
+}
+
+/// Merge-patch a label onto every resource every 20 ms (no resourceVersion:
+/// this writer always wins), until stopped.
+async fn touch_labels(client: kube::Client, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    let mut round = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        round += 1;
+        for (name, _, _) in phases(&client).await {
+            let patch = serde_json::json!({"metadata": {"labels": {"touched": round.to_string()}}});
+            let _ = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -225,15 +310,23 @@ async fn fault_matrix() {
             "delete and re-create a quarter mid-flight",
             Scenario::RecreatedMidFlight,
         ),
+        (
+            "login host down 3 s, then 2 s mid-flight (tokens revoked)",
+            Scenario::LoginOutage,
+        ),
+        (
+            "status-write conflicts (another writer patches every resource every 20 ms)",
+            Scenario::StatusConflicts,
+        ),
     ];
     let mut rows = Vec::new();
     for (row, (name, scenario)) in scenarios.into_iter().enumerate() {
         rows.push(run_row(name, &format!("row{row}"), scenario).await);
     }
     println!(
-        "| row | resources | POSTs | actions created | max POSTs per key | second POSTs for a key / POSTs refused before MDE acted | answers lost | 429s | resources lost | machines offboarded twice | all final | time |"
+        "| row | resources | POSTs | actions created | max POSTs per key | second POSTs for a key / POSTs refused before MDE acted | answers lost | 429s | sign-ins refused | status-write conflicts | resources lost | machines offboarded twice | all final | time |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let posts: u64 = row.stats.offboard_requests_by_key.values().sum();
         let max = row
@@ -245,13 +338,15 @@ async fn fault_matrix() {
             .unwrap_or(0);
         let seconds = posts.saturating_sub(row.stats.offboard_requests_by_key.len() as u64);
         println!(
-            "| {} | {} | {posts} | {} | {max} | {seconds} / {} | {} | {} | {} | {} | {} | {:.1} s |",
+            "| {} | {} | {posts} | {} | {max} | {seconds} / {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
             row.name,
             row.resources,
             row.stats.actions_created,
             row.stats.count("offboard", "500") + row.stats.count("offboard", "503"),
             row.stats.lost_responses,
             row.stats.throttled,
+            row.stats.count("token", "503"),
+            row.conflicts,
             row.lost,
             row.offboarded_twice.len(),
             if row.all_final { "yes" } else { "no" },
@@ -279,5 +374,17 @@ async fn fault_matrix() {
             "{}: {extra} second POSTs, {refused} refusals",
             row.name
         );
+    }
+    // The disturbing rows must have disturbed: otherwise they prove nothing.
+    for row in &rows {
+        if row.name.starts_with("login host down") {
+            assert!(
+                row.stats.count("token", "503") > 0,
+                "no sign-in was refused"
+            );
+        }
+        if row.name.starts_with("status-write conflicts") {
+            assert!(row.conflicts > 0, "no status write met a conflict");
+        }
     }
 }

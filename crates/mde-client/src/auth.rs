@@ -220,20 +220,15 @@ impl TokenSource {
             .send()
             .await
             .map_err(|e| {
-                let reason = format!("cannot reach the login host {host}: {}", error_chain(&e));
-                if e.is_connect() {
-                    MdeError::NotSent { reason }
-                } else {
-                    MdeError::Unavailable {
-                        status: 0,
-                        message: reason,
-                    }
+                // Whatever happened at the login host, the MDE call that
+                // needed this token has not been sent.
+                MdeError::NotSent {
+                    reason: format!("cannot reach the login host {host}: {}", error_chain(&e)),
                 }
             })?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| MdeError::Unavailable {
-            status: status.as_u16(),
-            message: format!("login host {host} dropped the answer: {}", error_chain(&e)),
+        let body = response.bytes().await.map_err(|e| MdeError::NotSent {
+            reason: format!("login host {host} dropped the answer: {}", error_chain(&e)),
         })?;
         if status.is_success() {
             let token: TokenResponse =
@@ -255,19 +250,25 @@ impl TokenSource {
             .next()
             .unwrap_or_default()
             .to_string();
-        let message = format!(
-            "login host {host} answered {} {}: {} (check AZURE_TENANT_ID, AZURE_CLIENT_ID and the secret or federated token)",
+        let answered = format!(
+            "login host {host} answered {} {}: {}",
             status.as_u16(),
             error.error,
             description
         );
-        if status.is_server_error() {
-            Err(MdeError::Unavailable {
-                status: status.as_u16(),
-                message,
+        // An outage or throttling of the login host is transient: nothing about
+        // the credentials is known to be wrong, and the MDE call that needed
+        // the token was not sent, so the caller retries later.
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            Err(MdeError::NotSent {
+                reason: format!("{answered} (the login host is unavailable; retrying later)"),
             })
         } else {
-            Err(MdeError::SignIn { message })
+            Err(MdeError::SignIn {
+                message: format!(
+                    "{answered} (check AZURE_TENANT_ID, AZURE_CLIENT_ID and the secret or federated token)"
+                ),
+            })
         }
     }
 }

@@ -138,6 +138,15 @@ pub async fn token(
 ) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let mut store = shared.lock();
+    if store.token_endpoint_down() {
+        // What Azure AD answers while it cannot issue tokens.
+        return aad_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            90033,
+            "A transient error has occurred. Please try again.",
+        );
+    }
     let checked = check_token_request(
         &tenant,
         &form,

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// Default roles granted to the simulated application.
 pub const DEFAULT_ROLES: &str = "Machine.Read.All,Machine.Offboard";
+/// Default share of generated machines whose offboard does not succeed.
+pub const DEFAULT_UNSUCCESSFUL_SHARE: f64 = 0.07;
+
 /// Default MDE limits for each API family: 100 calls a minute and 1500 an hour.
 pub const DEFAULT_RATE_LIMITS: &str = "100/60s,1500/3600s";
 
@@ -25,6 +28,10 @@ pub struct SimConfig {
     pub machines: usize,
     /// Seed for generated machines, their offboard outcomes and faults.
     pub seed: u64,
+    /// Share of generated machines whose offboard ends `Failed` or `TimeOut`
+    /// (0..1; MDE does not say how often, this is a guess that keeps those
+    /// paths exercised).
+    pub unsuccessful_share: f64,
     /// Largest page a list without `$top` answers before it adds `@odata.nextLink`
     /// (a list with `$top` answers up to `$top` entities at once, without a link).
     pub page_size: usize,
@@ -51,6 +58,7 @@ impl Default for SimConfig {
             token_lifetime: Duration::from_secs(3600),
             machines: 50,
             seed: 1,
+            unsuccessful_share: DEFAULT_UNSUCCESSFUL_SHARE,
             page_size: 10_000,
             pending_for: Duration::from_secs(2),
             in_progress_for: Duration::from_secs(3),
@@ -72,6 +80,7 @@ impl fmt::Debug for SimConfig {
             .field("token_lifetime", &self.token_lifetime)
             .field("machines", &self.machines)
             .field("seed", &self.seed)
+            .field("unsuccessful_share", &self.unsuccessful_share)
             .field("page_size", &self.page_size)
             .field("pending_for", &self.pending_for)
             .field("in_progress_for", &self.in_progress_for)
@@ -327,6 +336,9 @@ pub struct SimulateArgs {
     /// Seed for generated machines, outcomes and faults.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Share of generated machines whose offboard ends Failed or TimeOut (0..1).
+    #[arg(long, default_value = "0.07", value_parser = parse_share)]
+    pub unsuccessful_share: f64,
     /// Largest page of a list without `$top` before `@odata.nextLink` is added.
     #[arg(long, default_value_t = 10_000)]
     pub page_size: usize,
@@ -397,6 +409,7 @@ impl SimulateArgs {
             token_lifetime: self.token_lifetime,
             machines: self.machines,
             seed: self.seed,
+            unsuccessful_share: self.unsuccessful_share,
             page_size: self.page_size.max(1),
             pending_for: self.pending_for,
             in_progress_for: self.in_progress_for,

@@ -66,6 +66,32 @@ pub async fn throttle(
     Json(json!({ "family": family.as_str(), "seconds": t.seconds })).into_response()
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    /// Wall-clock seconds (not scaled).
+    seconds: f64,
+}
+
+/// `POST /_sim/token-outage`: the token endpoint answers `503
+/// temporarily_unavailable` for that long; issued tokens keep working.
+pub async fn token_outage(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Outage>, JsonRejection>,
+) -> Response {
+    let Json(o) = match body {
+        Ok(b) => b,
+        Err(e) => return refuse(format!("expected {{\"seconds\": ...}}: {e}")),
+    };
+    if !(o.seconds.is_finite() && (0.0..=86_400.0).contains(&o.seconds)) {
+        return refuse("seconds must be a number from 0 to 86400");
+    }
+    shared
+        .lock()
+        .token_outage(Duration::from_secs_f64(o.seconds));
+    Json(json!({ "seconds": o.seconds })).into_response()
+}
+
 /// `POST /_sim/revoke-tokens`.
 pub async fn revoke_tokens(State(shared): State<Arc<Shared>>) -> Response {
     let revoked = shared.lock().revoke_tokens();

@@ -33,6 +33,11 @@
 //! | `--fault-nulls` | `nulls` | machines and machine actions carry `null` for every optional field |
 //! | `--fault-list-404-rate SHARE` | `list_404_rate` | that share of machine-action list answers is `404 {"error":{"code":"ResourceNotFound","message":"Not found"}}` |
 //!
+//! `POST /_sim/token-outage {"seconds": N}` takes the token endpoint down for N
+//! wall-clock seconds (Azure AD's `503 temporarily_unavailable`); tokens already
+//! issued keep working, so pair it with `POST /_sim/revoke-tokens` to make
+//! clients sign in during the outage.
+//!
 //! Always on, as MDE does: a list with `$top` (at most 10000) answers up to `$top`
 //! entities with no `@odata.nextLink`; a query option starting with `$` other than
 //! `$filter`, `$top`, `$skip`, `$select`, `$orderby`, `$count` and `$expand` is

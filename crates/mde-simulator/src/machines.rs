@@ -210,12 +210,18 @@ fn pick_platform(rng: &mut StdRng) -> &'static str {
     }
 }
 
-/// A small, seed-determined share of generated offboards does not succeed.
-fn pick_outcome(rng: &mut StdRng) -> Outcome {
-    match rng.random_range(0..100) {
-        0..4 => Outcome::Failed,
-        4..7 => Outcome::TimeOut,
-        _ => Outcome::Succeeded,
+/// A seed-determined share of generated offboards does not succeed: four in
+/// seven of those end `Failed`, the rest `TimeOut`. One draw per machine
+/// whatever the share, so the rest of the inventory does not depend on it.
+fn pick_outcome(rng: &mut StdRng, unsuccessful_share: f64) -> Outcome {
+    let draw: f64 = rng.random_range(0..100) as f64;
+    let unsuccessful = unsuccessful_share.clamp(0.0, 1.0) * 100.0;
+    if draw < unsuccessful * 4.0 / 7.0 {
+        Outcome::Failed
+    } else if draw < unsuccessful {
+        Outcome::TimeOut
+    } else {
+        Outcome::Succeeded
     }
 }
 
@@ -295,7 +301,12 @@ fn build(
 
 /// The inventory: the example machines first, then `count` generated ones.
 /// Everything but the timestamps (relative to `now`) depends only on `seed`.
-pub fn inventory(count: usize, seed: u64, now: jiff::Timestamp) -> Vec<Machine> {
+pub fn inventory(
+    count: usize,
+    seed: u64,
+    unsuccessful_share: f64,
+    now: jiff::Timestamp,
+) -> Vec<Machine> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut machines: Vec<Machine> = EXAMPLE_MACHINES
         .iter()
@@ -319,7 +330,7 @@ pub fn inventory(count: usize, seed: u64, now: jiff::Timestamp) -> Vec<Machine> 
     let mut previous: Option<(String, String)> = None;
     for i in 0..count {
         let id = hex_id(&mut rng);
-        let outcome = pick_outcome(&mut rng);
+        let outcome = pick_outcome(&mut rng, unsuccessful_share);
         // Every 20th machine is a re-image of the one before: same name, new id.
         let (name, platform) = match previous.take() {
             Some((name, platform)) if i % 20 == 19 => (name, platform),
@@ -358,15 +369,40 @@ fn mark_reimaged(old: &mut Machine) {
 mod tests {
     use super::*;
 
+    const UNSUCCESSFUL: f64 = crate::config::DEFAULT_UNSUCCESSFUL_SHARE;
+
+    /// The share is honoured (none at 0, all at 1, about 7% by default), and
+    /// changing it leaves the rest of the inventory alone.
+    #[test]
+    fn the_unsuccessful_share_decides_outcomes_only() {
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        let unsuccessful = |share| {
+            inventory(2000, 3, share, now)[EXAMPLE_MACHINES.len()..]
+                .iter()
+                .filter(|m| m.offboard_outcome != Outcome::Succeeded)
+                .count()
+        };
+        assert_eq!(unsuccessful(0.0), 0);
+        assert_eq!(unsuccessful(1.0), 2000);
+        assert!((80..200).contains(&unsuccessful(UNSUCCESSFUL)));
+        let ids = |share| {
+            inventory(50, 3, share, now)
+                .into_iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(0.0), ids(0.5));
+    }
+
     #[test]
     fn inventory_is_deterministic_and_complete() {
         let now = jiff::Timestamp::from_second(1_700_000_000).unwrap();
-        let a = inventory(60, 7, now);
-        let b = inventory(60, 7, now);
+        let a = inventory(60, 7, UNSUCCESSFUL, now);
+        let b = inventory(60, 7, UNSUCCESSFUL, now);
         assert_eq!(a.len(), 60 + EXAMPLE_MACHINES.len());
         let ids = |m: &[Machine]| m.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
-        assert_ne!(ids(&a), ids(&inventory(60, 8, now)));
+        assert_ne!(ids(&a), ids(&inventory(60, 8, UNSUCCESSFUL, now)));
         for m in &a {
             assert_eq!(m.id.len(), 40);
             assert!(
@@ -399,7 +435,7 @@ mod tests {
 
     #[test]
     fn example_machines_keep_their_documented_behaviour() {
-        let machines = inventory(0, 1, jiff::Timestamp::UNIX_EPOCH);
+        let machines = inventory(0, 1, UNSUCCESSFUL, jiff::Timestamp::UNIX_EPOCH);
         let find = |id: &str| machines.iter().find(|m| m.id == id).unwrap();
         assert!(!find(EXAMPLE_MACHINES[3].id).offboard_supported());
         assert_eq!(

@@ -36,6 +36,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/stats", get(control::stats))
         .route("/_sim/throttle", post(control::throttle))
         .route("/_sim/revoke-tokens", post(control::revoke_tokens))
+        .route("/_sim/token-outage", post(control::token_outage))
         .route("/_sim/faults", post(control::faults))
         .route("/_sim/roles", post(control::roles))
         .fallback(|request: Request| async move {

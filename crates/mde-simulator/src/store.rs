@@ -99,6 +99,8 @@ pub struct Store {
     tokens: HashMap<String, IssuedToken>,
     limiter: Limiter,
     forced_throttles: HashMap<Family, Instant>,
+    /// Until when the token endpoint answers 503 (`POST /_sim/token-outage`).
+    token_outage_until: Option<Instant>,
     pub fault_rng: StdRng,
     pub stats: SimStats,
 }
@@ -106,7 +108,12 @@ pub struct Store {
 impl Store {
     pub fn new(config: SimConfig) -> Self {
         let started_utc = jiff::Timestamp::now();
-        let machines = machines::inventory(config.machines, config.seed, started_utc);
+        let machines = machines::inventory(
+            config.machines,
+            config.seed,
+            config.unsuccessful_share,
+            started_utc,
+        );
         let machine_index = machines
             .iter()
             .enumerate()
@@ -133,6 +140,7 @@ impl Store {
             tokens: HashMap::new(),
             limiter: Limiter::default(),
             forced_throttles: HashMap::new(),
+            token_outage_until: None,
             fault_rng,
             stats: SimStats::default(),
         }
@@ -184,6 +192,24 @@ impl Store {
         let now = Instant::now();
         self.tokens.retain(|_, t| t.expires > now);
         self.tokens.get(token).map(|t| t.caller.clone())
+    }
+
+    /// Takes the token endpoint down for `for_how_long` (wall-clock time):
+    /// tokens already issued keep working until they expire or are revoked.
+    pub fn token_outage(&mut self, for_how_long: Duration) {
+        self.token_outage_until = Some(Instant::now() + for_how_long);
+    }
+
+    /// Whether the token endpoint is down right now.
+    pub fn token_endpoint_down(&mut self) -> bool {
+        match self.token_outage_until {
+            Some(until) if until > Instant::now() => true,
+            Some(_) => {
+                self.token_outage_until = None;
+                false
+            }
+            None => false,
+        }
     }
 
     pub fn revoke_tokens(&mut self) -> usize {

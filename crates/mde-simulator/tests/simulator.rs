@@ -293,6 +293,46 @@ async fn api_calls_need_a_valid_unexpired_unrevoked_token() {
     assert_eq!(api.get(&machine).await.0, StatusCode::UNAUTHORIZED);
 }
 
+/// `/_sim/token-outage`: the token endpoint answers Azure AD's `503
+/// temporarily_unavailable` for that long, tokens already issued keep working,
+/// and sign-in works again afterwards.
+#[tokio::test]
+async fn a_token_outage_refuses_sign_in_for_a_while_only() {
+    let sim = start(SimConfig::default()).await;
+    let machine = format!("/api/machines/{}", example("finance-laptop"));
+    let api = Api::login(&sim).await;
+    sim_post(&sim, "/_sim/token-outage", json!({"seconds": 0.5})).await;
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", "sim-client"),
+        ("client_secret", "sim-secret"),
+        ("scope", SCOPE),
+    ];
+    let (status, body) = request_token(&sim, "sim-tenant", &form).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("temporarily_unavailable")
+        )
+    );
+    assert_eq!(api.get(&machine).await.0, StatusCode::OK, "issued token");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        request_token(&sim, "sim-tenant", &form).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(sim.stats().count("token", "503"), 1);
+
+    let bad = http()
+        .post(format!("{}/_sim/token-outage", sim.base_url()))
+        .json(&json!({"seconds": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn offboard_creates_an_action_that_progresses_to_succeeded() {
     let sim = start(fast()).await;

@@ -741,3 +741,124 @@ async fn leader_failover_keeps_exactly_once() {
     })
     .await;
 }
+
+/// A leader paused past its lease (SIGSTOP: a frozen VM, a stop-the-world
+/// pause, a debugger): the standby takes over and finishes the work; when the
+/// paused process wakes, its own monotonic clock says its lease has run out,
+/// so none of its workers sends, and it stops. MDE counts at most one POST per
+/// resource (beyond refusals that a lookup proved created nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_sends_nothing_when_it_wakes() {
+    if real_cluster() {
+        eprintln!(
+            "NOTICE: a_paused_leader_sends_nothing_when_it_wakes pauses controllers itself; skipped on a real cluster"
+        );
+        return;
+    }
+    bounded(150, async {
+        let cluster = Cluster::start(&["--sim-machines", "200", "--sim-time-scale", "10"]).await;
+        let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
+        let replica = |identity: &str| {
+            cluster.spawn_run(
+                identity,
+                &[
+                    "--leader-elect",
+                    "--identity",
+                    identity,
+                    "--lease-namespace",
+                    "default",
+                    "--lease-duration",
+                    "3s",
+                    "--lease-renew-deadline",
+                    "2s",
+                    "--lease-retry-period",
+                    "500ms",
+                    "--rate-limit",
+                    "100/6s,1500/360s",
+                ],
+            )
+        };
+        let mut replicas = BTreeMap::from([
+            ("replica-a".to_string(), replica("replica-a")),
+            ("replica-b".to_string(), replica("replica-b")),
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            if let Some(holder) = cluster.lease_holder("default").await {
+                break holder;
+            }
+            assert!(Instant::now() < deadline, "nobody took the lease");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let standby = if first == "replica-a" { "replica-b" } else { "replica-a" }.to_string();
+        replicas
+            .get_mut(&first)
+            .unwrap()
+            .wait_for_log("became leader", Duration::from_secs(10))
+            .await;
+        sim.set_faults(serde_json::json!({"lost_response_rate": 0.2, "lost_response_mode": "mixed"}))
+            .await;
+
+        let n = 120;
+        let started = Instant::now();
+        let names = create_burst(&cluster, &sim, "paused", n).await;
+        // Pause it mid-work: some sent, many waiting for budget or in flight.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .list()
+            .await
+            .iter()
+            .filter(|d| d.status.as_ref().is_some_and(|s| s.machine_action_id.is_some()))
+            .count()
+            < 15
+        {
+            assert!(Instant::now() < deadline, "the leader does no work");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        replicas[&first].signal("STOP");
+        let paused_at = Instant::now();
+        let takeover = loop {
+            if cluster.lease_holder("default").await.as_deref() == Some(standby.as_str()) {
+                break paused_at.elapsed();
+            }
+            assert!(
+                paused_at.elapsed() < Duration::from_secs(10),
+                "{standby} did not take over:\n{}",
+                replicas[&standby].log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Let the new leader send for a while, then wake the old one up in
+        // the middle of it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let paused_for = paused_at.elapsed();
+        replicas[&first].signal("CONT");
+        let woken = replicas.get_mut(&first).unwrap();
+        let log = woken
+            .wait_for_log("stopping: no longer the leader", Duration::from_secs(10))
+            .await;
+        let all = cluster.wait_final(&names, Duration::from_secs(90)).await;
+        let stats = sim.stats().await;
+        println!(
+            "paused leader: {} resources, {first} paused {:.1}s (lease 3s), {standby} took over after {:.2}s, \
+             phases {:?}, actions created {}, lost responses {}, duplicates {}, 429s {}, elapsed {:.1}s",
+            all.len(),
+            paused_for.as_secs_f64(),
+            takeover.as_secs_f64(),
+            phase_counts(&all),
+            count(&stats, "actions_created"),
+            count(&stats, "lost_responses"),
+            count(&stats, "duplicate_offboards"),
+            count(&stats, "throttled"),
+            started.elapsed().as_secs_f64()
+        );
+        assert!(log.contains("became leader"), "{log}");
+        assert_eq!(
+            cluster.lease_holder("default").await.as_deref(),
+            Some(standby.as_str()),
+            "the woken replica must not take the lease back"
+        );
+        assert_exactly_once(&all, &names, &stats);
+    })
+    .await;
+}

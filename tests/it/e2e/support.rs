@@ -58,6 +58,16 @@ impl Proc {
         let _ = self.child.wait().await;
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`) with the system's `kill`.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the process is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     /// `Some(code)` once the process has ended.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()

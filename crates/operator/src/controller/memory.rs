@@ -62,6 +62,9 @@ struct Inner {
     machines: HashMap<String, MachineEntry>,
     /// Consecutive failed steps per resource, for exponential backoff.
     failures: HashMap<String, u32>,
+    /// Consecutive reconciles per resource that ended in an error (a status
+    /// write conflict, an API error), for the error policy's backoff.
+    errored: HashMap<String, u32>,
 }
 
 #[derive(Clone, Default)]
@@ -196,6 +199,22 @@ impl ProcessMemory {
         self.lock().failures.remove(uid);
     }
 
+    /// One more reconcile of `uid` ended in an error; returns how many in a row.
+    pub fn reconcile_errored(&self, uid: &str) -> u32 {
+        let mut inner = self.lock();
+        let count = inner.errored.entry(uid.to_string()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    /// A reconcile of `uid` ended without error: its error backoff starts over.
+    pub fn reconcile_ok(&self, uid: &str) {
+        let mut inner = self.lock();
+        if !inner.errored.is_empty() {
+            inner.errored.remove(uid);
+        }
+    }
+
     /// Ask to send for `machine_id` under `key`.
     pub fn claim_machine(&self, machine_id: &str, key: &str) -> MachineClaim {
         let mut inner = self.lock();
@@ -287,8 +306,10 @@ pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
         .with_jitter()
         .without_max_times()
         .build();
+    // Doubling reaches any cap within 64 steps; bounding the index keeps a
+    // long run of failures from walking the series billions of times.
     series
-        .nth(failures as usize)
+        .nth(failures.min(64) as usize)
         .unwrap_or(cap)
         .min(cap.max(base) * 2)
 }

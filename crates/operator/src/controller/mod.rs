@@ -105,20 +105,44 @@ impl<M: MdeCalls> Context<M> {
     }
 }
 
-fn error_policy<M>(_obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context<M>>) -> Action {
+/// First wait after a status write conflict: someone wrote in between, so
+/// re-read and decide again soon; repeated conflicts back off to
+/// [`CONFLICT_BACKOFF_CAP`] so writers fighting over one object spread out.
+pub const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
+pub const CONFLICT_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+fn error_policy<M>(obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context<M>>) -> Action {
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ErrorLabels {
             error: error.metric_label().to_string(),
         })
         .inc();
+    let in_a_row = obj
+        .metadata
+        .uid
+        .as_deref()
+        .map_or(1, |uid| ctx.memory.reconcile_errored(uid));
+    if !matches!(error, Error::Conflict) {
+        tracing::warn!(error = %error, in_a_row, "reconcile failed; retrying");
+    }
+    Action::requeue(error_wait(error, &ctx.settings, in_a_row))
+}
+
+/// How long to wait after the `in_a_row`-th failed reconcile of one resource:
+/// exponential with jitter, from a short wait for conflicts and from
+/// `--retry-backoff` for other errors, each up to a cap.
+pub fn error_wait(error: &Error, settings: &Settings, in_a_row: u32) -> Duration {
+    let previous = in_a_row.saturating_sub(1);
     match error {
-        // Someone wrote in between: re-read and decide again, soon.
-        Error::Conflict => Action::requeue(Duration::from_millis(100)),
-        _ => {
-            tracing::warn!(error = %error, "reconcile failed; retrying");
-            Action::requeue(ctx.settings.retry_backoff)
-        }
+        Error::Conflict => memory::backoff(CONFLICT_BACKOFF, CONFLICT_BACKOFF_CAP, previous),
+        _ => memory::backoff(
+            settings.retry_backoff,
+            settings
+                .retry_backoff
+                .saturating_mul(sequence::RETRY_BACKOFF_CAP),
+            previous,
+        ),
     }
 }
 
@@ -407,3 +431,41 @@ mod property_tests;
 mod sequence_tests;
 #[cfg(test)]
 mod verifier_tests;
+
+#[cfg(test)]
+mod error_policy_tests {
+    use super::*;
+
+    /// Conflicts in a row back off from 100 ms and grow, instead of a fixed
+    /// 100 ms that keeps two writers colliding; other errors start from
+    /// `--retry-backoff`. Both stay under their caps (jitter adds at most one
+    /// more delay).
+    #[test]
+    fn repeated_errors_back_off_exponentially_to_a_cap() {
+        let settings = Settings::default();
+        let conflict = |n| error_wait(&Error::Conflict, &settings, n);
+        assert!(conflict(1) >= CONFLICT_BACKOFF && conflict(1) < CONFLICT_BACKOFF * 3);
+        assert!(conflict(5) >= CONFLICT_BACKOFF * 16, "{:?}", conflict(5));
+        for n in [20, 1000, u32::MAX] {
+            assert!(conflict(n) >= CONFLICT_BACKOFF_CAP.min(CONFLICT_BACKOFF * 64));
+            assert!(conflict(n) <= CONFLICT_BACKOFF_CAP * 2, "{:?}", conflict(n));
+        }
+        let other = error_wait(&Error::Interrupted, &settings, 1);
+        assert!(other >= settings.retry_backoff, "{other:?}");
+        let capped = error_wait(&Error::Interrupted, &settings, 200);
+        assert!(capped <= settings.retry_backoff * sequence::RETRY_BACKOFF_CAP * 2);
+    }
+
+    /// The count is per resource and starts over after a reconcile that did
+    /// not fail.
+    #[test]
+    fn the_error_count_is_per_resource_and_resets() {
+        let memory = memory::ProcessMemory::default();
+        assert_eq!(memory.reconcile_errored("a"), 1);
+        assert_eq!(memory.reconcile_errored("a"), 2);
+        assert_eq!(memory.reconcile_errored("b"), 1);
+        memory.reconcile_ok("a");
+        assert_eq!(memory.reconcile_errored("a"), 1);
+        assert_eq!(memory.reconcile_errored("b"), 2);
+    }
+}

@@ -19,5 +19,9 @@ pub async fn reconcile<M: MdeCalls>(
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    Ok(result?.map_or_else(Action::await_change, Action::requeue))
+    let requeue = result?;
+    if let Some(uid) = obj.metadata.uid.as_deref() {
+        ctx.memory.reconcile_ok(uid);
+    }
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
