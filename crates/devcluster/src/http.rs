@@ -340,8 +340,9 @@ async fn resource(
                 .unwrap_or_default();
             let kind = PatchKind::from_content_type(content_type)?;
             let patch = parse_body(headers, body)?;
-            let object = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
-            Ok(json_response(200, &object))
+            let patched = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
+            let code = if patched.created { 201 } else { 200 };
+            Ok(json_response(code, &patched.object))
         }
         (Method::DELETE, Some(name)) => {
             let options = parse_body(headers, body).unwrap_or(Value::Null);

@@ -78,6 +78,13 @@ impl WriteParams {
     }
 }
 
+/// The result of a patch: an apply patch may create the object (`201`).
+#[derive(Debug)]
+pub struct Patched {
+    pub object: Value,
+    pub created: bool,
+}
+
 /// A stored object as the given resource version presents it.
 pub fn to_external(rt: &ResourceType, stored: &Value) -> Value {
     if rt.is_events() && rt.group == "events.k8s.io" {
@@ -181,6 +188,19 @@ fn not_found(rt: &ResourceType, name: &str) -> ApiError {
 
 fn conflict(rt: &ResourceType, name: &str) -> ApiError {
     ApiError::conflict(&rt.group, &rt.plural, name)
+}
+
+fn missing_resource_version(rt: &ResourceType, name: &str) -> ApiError {
+    ApiError::invalid(
+        &rt.group,
+        &rt.kind,
+        name,
+        vec![Cause {
+            reason: "FieldValueInvalid",
+            message: "Invalid value: 0x0: must be specified for an update".into(),
+            field: "metadata.resourceVersion".into(),
+        }],
+    )
 }
 
 fn validate_object(
@@ -293,10 +313,13 @@ impl Shared {
             .get(&rt.storage, &k.0, &k.1)
             .cloned()
             .ok_or_else(|| not_found(rt, name))?;
-        if let Some(rv) = meta_str(&new, "resourceVersion")
-            && Some(rv) != meta_str(&old, "resourceVersion")
-        {
-            return Err(conflict(rt, name));
+        match meta_str(&new, "resourceVersion") {
+            // Custom resources allow no unconditional update (built-ins mostly do).
+            None if rt.custom => return Err(missing_resource_version(rt, name)),
+            Some(rv) if Some(rv) != meta_str(&old, "resourceVersion") => {
+                return Err(conflict(rt, name));
+            }
+            _ => {}
         }
         let (stored, rv) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, false)?;
@@ -317,7 +340,10 @@ impl Shared {
         kind: PatchKind,
         body: &Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Patched, ApiError> {
+        if kind == PatchKind::StrategicMerge && rt.custom {
+            return Err(ApiError::strategic_merge_unsupported());
+        }
         let mut state = self.lock();
         let k = key(rt, namespace, name);
         let old = state.store.get(&rt.storage, &k.0, &k.1).cloned();
@@ -368,7 +394,10 @@ impl Shared {
                 if !params.dry_run {
                     self.notify(rv);
                 }
-                return Ok(to_external(rt, &stored));
+                return Ok(Patched {
+                    object: to_external(rt, &stored),
+                    created: true,
+                });
             }
             return Err(not_found(rt, name));
         };
@@ -410,7 +439,10 @@ impl Shared {
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(to_external(rt, &stored))
+        Ok(Patched {
+            object: to_external(rt, &stored),
+            created: false,
+        })
     }
 
     pub fn delete(
