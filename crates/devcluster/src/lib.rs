@@ -29,6 +29,7 @@ pub mod kubeconfig;
 mod lifecycle;
 mod openapi;
 mod ops;
+mod paging;
 mod patch;
 mod protobuf;
 mod registry;

@@ -7,6 +7,7 @@ use super::lifecycle::{
     after_removal, crd_status, defaults_on_create, delete_locked, finish_namespace,
     terminating_namespace, validate_crd,
 };
+use super::paging::{self, Continue, Page, PageRequest};
 use super::patch::{self, PatchKind};
 use super::registry::{Registry, ResourceType};
 use super::selector::{FieldSelector, LabelSelector};
@@ -254,20 +255,36 @@ impl Shared {
         (items, state.store.current_rv())
     }
 
-    pub fn list(
+    /// One page of matching objects (storage form), read at the version the first page saw.
+    pub fn list_page(
         &self,
         rt: &ResourceType,
         namespace: Option<&str>,
         labels: &LabelSelector,
         fields: &FieldSelector,
-    ) -> Value {
-        let (items, rv) = self.list_stored(rt, namespace, labels, fields);
-        json!({
-            "apiVersion": rt.api_version(),
-            "kind": rt.list_kind,
-            "metadata": {"resourceVersion": rv.to_string()},
-            "items": items.iter().map(|o| to_external(rt, o)).collect::<Vec<_>>(),
-        })
+        request: PageRequest<'_>,
+    ) -> Result<Page, ApiError> {
+        let from = request.token.map(Continue::decode).transpose()?;
+        let state = self.lock();
+        let ns = if rt.namespaced { namespace } else { None };
+        let rv = from.as_ref().map_or(state.store.current_rv(), |c| c.rv);
+        let objects = state
+            .store
+            .list_at(&rt.storage, ns, rv)
+            .map_err(|_| paging::expired_token())?;
+        drop(state);
+        let matching = objects
+            .into_iter()
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o))
+            .collect();
+        let filtered = !(labels.is_empty() && fields.is_empty());
+        Ok(paging::page(
+            matching,
+            rv,
+            from.as_ref(),
+            request.limit,
+            filtered,
+        ))
     }
 
     pub fn create(

@@ -7,8 +7,8 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
-    PostParams, WatchEvent, WatchParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -312,6 +312,94 @@ async fn a_server_side_apply_that_creates_answers_created() {
         )
         .await;
         assert_eq!(again.status().as_u16(), 200);
+        api.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn lists_are_paged_at_one_version_and_stale_tokens_expire() {
+    bounded(async {
+        let (api, client) = start(ApiServerConfig {
+            crds: vec![thing_crd()],
+            watch_history: 4,
+            ..Default::default()
+        })
+        .await;
+        let things = things(&client);
+        for i in 0..5 {
+            things
+                .create(&PostParams::default(), &thing(&format!("t{i}"), json!({})))
+                .await
+                .expect("create");
+        }
+        let first = things
+            .list(&ListParams::default().limit(2))
+            .await
+            .expect("page 1");
+        let names = |list: &kube::api::ObjectList<DynamicObject>| {
+            list.items.iter().map(|o| o.name_any()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&first), ["t0", "t1"]);
+        assert_eq!(first.metadata.remaining_item_count, Some(3));
+        let token = first.metadata.continue_.clone().expect("a continue token");
+        // Later pages show the list as it was when the first page was read.
+        things
+            .delete("t3", &DeleteParams::default())
+            .await
+            .expect("delete");
+        let second = things
+            .list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .expect("page 2");
+        assert_eq!(names(&second), ["t2", "t3"]);
+        assert_eq!(
+            second.metadata.resource_version,
+            first.metadata.resource_version
+        );
+        let last = things
+            .list(
+                &ListParams::default()
+                    .limit(2)
+                    .continue_token(second.metadata.continue_.as_deref().expect("more")),
+            )
+            .await
+            .expect("page 3");
+        assert_eq!(names(&last), ["t4"]);
+        assert!(last.metadata.continue_.as_deref().is_none_or(str::is_empty));
+
+        // Once the first page's version has left the history, its token is refused.
+        for i in 0..5 {
+            let patch = json!({"metadata": {"labels": {"i": i.to_string()}}});
+            things
+                .patch("t0", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("patch");
+        }
+        let status = api_error(
+            things
+                .list(&ListParams::default().limit(2).continue_token(&token))
+                .await,
+        );
+        assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+
+        // kube-runtime's watcher reads its initial list in pages.
+        let seen: Vec<_> = kube::runtime::watcher(
+            things.clone(),
+            kube::runtime::watcher::Config::default().page_size(1),
+        )
+        .take_while(|e| {
+            std::future::ready(!matches!(e, Ok(kube::runtime::watcher::Event::InitDone)))
+        })
+        .filter_map(|e| {
+            std::future::ready(match e {
+                Ok(kube::runtime::watcher::Event::InitApply(o)) => Some(o.name_any()),
+                _ => None,
+            })
+        })
+        .collect()
+        .await;
+        assert_eq!(seen, ["t0", "t1", "t2", "t4"]);
         api.shutdown().await;
     })
     .await;
