@@ -189,6 +189,17 @@ async fn route(
     match segments.as_slice() {
         ["version"] => get_only(Some(discovery::version())),
         ["healthz"] | ["readyz"] | ["livez"] => Ok((StatusCode::OK, "ok").into_response()),
+        ["metrics"] if method == Method::GET => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            app.shared.metrics(),
+        )
+            .into_response()),
+        // Not kube-apiserver's: lets tests force what etcd compaction plus a watch timeout do.
+        ["_dev", "compact"] if method == Method::POST => {
+            app.shared.compact();
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         ["api"] => get_only(Some(discovery::core_versions(&app.addr.to_string()))),
         ["apis"] => get_only(Some(discovery::group_list(&registry))),
         ["openapi", "v3"] => get_only(Some(openapi::v3_index(&registry))),

@@ -112,6 +112,12 @@ impl ApiHandle {
         kube::Client::try_from(config)
     }
 
+    /// Forget the watch history and end open watches (as `POST /_dev/compact` does):
+    /// clients that resume from the version they last saw get `410 Expired` and relist.
+    pub fn compact(&self) {
+        self.shared.compact();
+    }
+
     /// Stop serving: end open watches and wait for the server to finish.
     pub async fn shutdown(self) {
         self.shared.shutdown.cancel();

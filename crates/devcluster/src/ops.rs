@@ -16,6 +16,7 @@ use super::status::{ApiError, Cause};
 use super::store::{Key, Store};
 use super::validation::{self, FieldValidation};
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -29,6 +30,10 @@ pub struct Shared {
     pub bookmark_interval: Duration,
     /// Ends every open watch stream when the server shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Bumped by a compaction: open watch streams end, as at a server-side timeout.
+    pub compactions: watch::Sender<u64>,
+    /// Watches answered with the in-stream `410 Expired`, for `/metrics`.
+    pub expired_watches: AtomicU64,
 }
 
 impl Shared {
@@ -41,6 +46,8 @@ impl Shared {
             changed: watch::channel(0).0,
             bookmark_interval,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            compactions: watch::channel(0).0,
+            expired_watches: AtomicU64::new(0),
         }
     }
 
@@ -51,6 +58,23 @@ impl Shared {
 
     fn notify(&self, rv: u64) {
         self.changed.send_replace(rv);
+    }
+
+    /// Forget the watch history and end open watches: a client resuming from the
+    /// version it last saw is told `410 Expired` and has to list again.
+    pub fn compact(&self) {
+        self.lock().store.compact();
+        self.compactions.send_modify(|n| *n += 1);
+    }
+
+    /// What `/metrics` shows (Prometheus text format).
+    pub fn metrics(&self) -> String {
+        format!(
+            "# HELP devcluster_watch_expired_total Watches answered with the in-stream 410 Expired.\n\
+             # TYPE devcluster_watch_expired_total counter\n\
+             devcluster_watch_expired_total {}\n",
+            self.expired_watches.load(Ordering::Relaxed)
+        )
     }
 }
 

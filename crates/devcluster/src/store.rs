@@ -48,6 +48,8 @@ pub struct Store {
     objects: HashMap<String, BTreeMap<Key, Value>>,
     histories: HashMap<String, History>,
     history_limit: usize,
+    /// Versions up to this one were compacted away in every storage.
+    floor: u64,
 }
 
 impl Store {
@@ -57,6 +59,7 @@ impl Store {
             objects: HashMap::new(),
             histories: HashMap::new(),
             history_limit: history_limit.max(1),
+            floor: 0,
         }
     }
 
@@ -179,14 +182,25 @@ impl Store {
         Ok(objects.into_iter().collect())
     }
 
+    /// Drop every kept change, as etcd's compaction does: only the current version stays valid.
+    pub fn compact(&mut self) {
+        self.floor = self.rv;
+        for history in self.histories.values_mut() {
+            history.changes.clear();
+            history.compacted = self.rv;
+        }
+    }
+
     /// Changes of a storage after `rv`, or `Err(oldest)` when some were already dropped.
     pub fn changes_since(&self, storage: &str, rv: u64) -> Result<Vec<Change>, u64> {
-        let Some(history) = self.histories.get(storage) else {
+        let history = self.histories.get(storage);
+        let compacted = history.map_or(0, |h| h.compacted).max(self.floor);
+        if rv < compacted {
+            return Err(compacted + 1);
+        }
+        let Some(history) = history else {
             return Ok(Vec::new());
         };
-        if rv < history.compacted {
-            return Err(history.compacted + 1);
-        }
         // Changes are in resourceVersion order: find the first newer one without scanning.
         let start = history.changes.partition_point(|c| c.rv <= rv);
         Ok(history.changes.range(start..).cloned().collect())

@@ -74,6 +74,14 @@ fn visible(
     Some((kind, to_external(rt, &change.object)))
 }
 
+/// kube-apiserver answers an expired watch with `200` and this one in-stream ERROR event.
+async fn send_expired(shared: &Shared, tx: &mpsc::Sender<Bytes>, error: ApiError) {
+    shared
+        .expired_watches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = tx.send(line("ERROR", error.to_status())).await;
+}
+
 fn parse_rv(raw: &str) -> Result<u64, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::bad_request(format!("invalid resource version: {raw:?}")))
@@ -92,6 +100,7 @@ pub fn start(
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut changed = shared.changed.subscribe();
+    let mut compactions = shared.compactions.subscribe();
     // Take the starting snapshot under the lock so no change falls between it and the stream.
     let (initial, mut cursor, expired) = shared.with_state(|state| {
         let current = state.store.current_rv();
@@ -133,7 +142,7 @@ pub fn start(
     });
     tokio::spawn(async move {
         if let Some(error) = expired {
-            let _ = tx.send(line("ERROR", error.to_status())).await;
+            send_expired(&shared, &tx, error).await;
             return;
         }
         for object in initial {
@@ -157,9 +166,7 @@ pub fn start(
             });
             match drained {
                 Err(oldest) => {
-                    let _ = tx
-                        .send(line("ERROR", ApiError::expired(cursor, oldest).to_status()))
-                        .await;
+                    send_expired(&shared, &tx, ApiError::expired(cursor, oldest)).await;
                     return;
                 }
                 Ok((changes, current)) => {
@@ -200,6 +207,7 @@ pub fn start(
                     return;
                 }
                 _ = tx.closed() => return,
+                _ = compactions.changed() => return,
                 _ = shared.shutdown.cancelled() => return,
             }
         }

@@ -404,3 +404,121 @@ async fn lists_are_paged_at_one_version_and_stale_tokens_expire() {
     })
     .await;
 }
+
+fn expired_watches(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("devcluster_watch_expired_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the counter is exported")
+}
+
+#[tokio::test]
+async fn an_expired_watch_gets_an_in_stream_410_and_the_watcher_relists() {
+    use kube::runtime::watcher::{self, Event};
+    bounded(async {
+        let (api, client) = start(ApiServerConfig {
+            crds: vec![thing_crd()],
+            watch_history: 2,
+            ..Default::default()
+        })
+        .await;
+        let things = things(&client);
+        for name in ["a", "b"] {
+            things
+                .create(&PostParams::default(), &thing(name, json!({})))
+                .await
+                .expect("create");
+        }
+        let mut stream = watcher::watcher(things.clone(), watcher::Config::default()).boxed();
+        let mut init = Vec::new();
+        loop {
+            match stream.try_next().await.expect("watcher").expect("event") {
+                Event::InitApply(o) => init.push(o.name_any()),
+                Event::InitDone => break,
+                _ => {}
+            }
+        }
+        assert_eq!(init, ["a", "b"]);
+        // While the watcher is not polled: a deletion, a creation, then compaction.
+        things
+            .delete("b", &DeleteParams::default())
+            .await
+            .expect("delete");
+        things
+            .create(&PostParams::default(), &thing("c", json!({})))
+            .await
+            .expect("create");
+        let from = things
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .metadata
+            .resource_version
+            .expect("rv");
+        api.compact();
+        // A raw watch from a version before the compaction: 200 and one ERROR event with a 410 Status.
+        let old = raw(
+            &api,
+            reqwest::Method::GET,
+            &format!("{THINGS}?watch=true&resourceVersion=1"),
+            "application/json",
+            json!(null),
+        )
+        .await;
+        assert_eq!(old.status().as_u16(), 200);
+        let text = old.text().await.expect("body");
+        let event: serde_json::Value =
+            serde_json::from_str(text.lines().next().expect("one event")).expect("json");
+        assert_eq!(event["type"], "ERROR", "{text}");
+        assert_eq!(
+            (
+                event["object"]["kind"].as_str(),
+                event["object"]["code"].as_i64(),
+                event["object"]["reason"].as_str()
+            ),
+            (Some("Status"), Some(410), Some("Expired"))
+        );
+        // The watcher's open watch ended; resuming is refused, so it lists again:
+        // b's deletion shows only as its absence from the new list.
+        let mut after = Vec::new();
+        loop {
+            match stream.next().await.expect("the watcher goes on") {
+                Err(watcher::Error::WatchError(status)) => {
+                    after.push(format!("Error {}", status.code))
+                }
+                Err(other) => panic!("watcher: {other}"),
+                Ok(Event::Init) => after.push("Init".to_string()),
+                Ok(Event::InitApply(o)) => after.push(o.name_any()),
+                Ok(Event::InitDone) => break,
+                Ok(Event::Apply(o)) => after.push(format!("Apply {}", o.name_any())),
+                Ok(Event::Delete(o)) => after.push(format!("Delete {}", o.name_any())),
+            }
+        }
+        assert_eq!(after, ["Error 410", "Init", "a", "c"]);
+        let metrics = raw(
+            &api,
+            reqwest::Method::GET,
+            "/metrics",
+            "text/plain",
+            json!(null),
+        )
+        .await
+        .text()
+        .await
+        .expect("metrics");
+        assert!(expired_watches(&metrics) >= 2, "{metrics}");
+        // The current version stays valid after a compaction.
+        let current = things
+            .watch(&WatchParams::default().timeout(1), &from)
+            .await
+            .expect("watch")
+            .boxed();
+        let events: Vec<_> = current.try_collect().await.expect("events");
+        assert!(
+            events.iter().all(|e| !matches!(e, WatchEvent::Error(_))),
+            "{events:?}"
+        );
+        api.shutdown().await;
+    })
+    .await;
+}
