@@ -8,6 +8,7 @@ use super::paging::PageRequest;
 use super::patch::PatchKind;
 use super::protobuf;
 use super::registry::ResourceType;
+use super::scale;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
@@ -307,10 +308,15 @@ async fn resource(
         "" => true,
         "status" => rt.status_subresource,
         "finalize" => rt.is_namespaces(),
+        "scale" => rt.scale.is_some(),
         _ => false,
     };
     if !served {
         return Err(ApiError::path_not_found());
+    }
+    if subresource == "scale" {
+        let (ns, name) = (target.namespace.as_deref(), target.name.as_deref());
+        return scale_request(shared, &rt, ns, name, method, uri, headers, body);
     }
     let query = query_map(uri);
     let ns = target.namespace.as_deref();
@@ -423,6 +429,43 @@ async fn resource(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scale_request(
+    shared: &Shared,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: Option<&str>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let name = name.ok_or_else(ApiError::path_not_found)?;
+    let params = write_params(&query_map(uri), headers);
+    let scale = match *method {
+        Method::GET => scale::get(shared, rt, ns, name)?,
+        Method::PUT => scale::update(shared, rt, ns, name, &parse_body(headers, body)?, &params)?,
+        Method::PATCH => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let kind = PatchKind::from_content_type(content_type)?;
+            scale::patch(
+                shared,
+                rt,
+                ns,
+                name,
+                kind,
+                &parse_body(headers, body)?,
+                &params,
+            )?
+        }
+        _ => return Err(ApiError::method_not_allowed()),
+    };
+    Ok(json_response(200, &scale))
 }
 
 #[allow(clippy::too_many_arguments)]

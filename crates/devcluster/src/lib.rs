@@ -33,6 +33,7 @@ mod paging;
 mod patch;
 mod protobuf;
 mod registry;
+mod scale;
 mod selector;
 mod state;
 mod status;

@@ -522,3 +522,51 @@ async fn an_expired_watch_gets_an_in_stream_410_and_the_watcher_relists() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_scale_subresource_reads_and_writes_the_crd_paths() {
+    bounded(async {
+        let (api, client) = start_with_things().await;
+        let things = things(&client);
+        things
+            .create(&PostParams::default(), &thing("s", json!({"replicas": 2})))
+            .await
+            .expect("create");
+        let status = json!({"status": {"replicas": 1, "selector": "app=s"}});
+        things
+            .patch_status("s", &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("status");
+        let scale = things.get_scale("s").await.expect("get scale");
+        assert_eq!(scale.spec.as_ref().and_then(|s| s.replicas), Some(2));
+        let scale_status = scale.status.clone().expect("status");
+        assert_eq!(
+            (scale_status.replicas, scale_status.selector.as_deref()),
+            (1, Some("app=s"))
+        );
+
+        let patched = things
+            .patch_scale(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 3}})),
+            )
+            .await
+            .expect("patch scale");
+        assert_eq!(patched.spec.and_then(|s| s.replicas), Some(3));
+        let object = things.get("s").await.expect("get");
+        assert_eq!(object.data["spec"]["replicas"], 3);
+        assert_eq!(object.metadata.generation, Some(2));
+
+        let mut stale = scale;
+        stale.spec = Some(k8s_openapi::api::autoscaling::v1::ScaleSpec { replicas: Some(5) });
+        let conflict = api_error(
+            things
+                .replace_scale("s", &PostParams::default(), &stale)
+                .await,
+        );
+        assert_eq!(conflict.code, 409);
+        api.shutdown().await;
+    })
+    .await;
+}
