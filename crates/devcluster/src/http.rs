@@ -133,11 +133,15 @@ enum Form {
     Metadata,
 }
 
-fn form(headers: &HeaderMap) -> Form {
-    let accept = headers
+fn accept(headers: &HeaderMap) -> &str {
+    headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn form(headers: &HeaderMap) -> Form {
+    let accept = accept(headers);
     // The first media type kube-apiserver can serve wins; all of these are JSON.
     for media in accept.split(',') {
         if media.contains("as=Table") {
@@ -200,6 +204,17 @@ async fn route(
         ["_dev", "compact"] if method == Method::POST => {
             app.shared.compact();
             Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        ["api"] | ["apis"]
+            if method == Method::GET && discovery::wants_aggregated(accept(headers)) =>
+        {
+            let body = discovery::aggregated(&registry, segments[0] == "api");
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, discovery::AGGREGATED_V2)],
+                body.to_string(),
+            )
+                .into_response())
         }
         ["api"] => get_only(Some(discovery::core_versions(&app.addr.to_string()))),
         ["apis"] => get_only(Some(discovery::group_list(&registry))),

@@ -570,3 +570,38 @@ async fn the_scale_subresource_reads_and_writes_the_crd_paths() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn aggregated_discovery_is_served_to_those_who_ask() {
+    use kube::discovery::{Discovery, Scope, verbs};
+    bounded(async {
+        let (api, client) = start_with_things().await;
+        let core = client.list_core_api_versions_aggregated().await.expect("/api aggregated");
+        let v1 = core.items[0].versions.iter().find(|v| v.version.as_deref() == Some("v1")).expect("core v1");
+        let nodes = v1.resources.iter().find(|r| r.resource.as_deref() == Some("nodes")).expect("nodes");
+        assert_eq!(nodes.scope.as_deref(), Some("Cluster"));
+        assert!(nodes.verbs.iter().any(|v| v == "watch"));
+
+        let discovery = Discovery::new(client.clone()).run_aggregated().await.expect("run_aggregated");
+        let (thing, caps) = discovery.get("example.dev").expect("the CRD's group").recommended_kind("Thing").expect("Thing");
+        assert_eq!((thing.plural.as_str(), caps.scope.clone()), ("things", Scope::Namespaced));
+        assert!(caps.supports_operation(verbs::PATCH));
+        let subresources: Vec<&str> = caps.subresources.iter().map(|(ar, _)| ar.plural.as_str()).collect();
+        assert!(subresources.contains(&"things/status") || subresources.contains(&"status"), "{subresources:?}");
+        let (service, _) = discovery.get("").expect("core").recommended_kind("Service").expect("Service");
+        assert_eq!(service.plural, "services");
+
+        let response = reqwest::Client::new()
+            .get(format!("{}/apis", api.url()))
+            .header("accept", "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json")
+            .send()
+            .await
+            .expect("GET /apis");
+        let content_type = response.headers()["content-type"].to_str().expect("ascii").to_string();
+        assert_eq!(content_type, "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList");
+        let legacy: serde_json::Value = reqwest::get(format!("{}/apis", api.url())).await.expect("GET").json().await.expect("json");
+        assert_eq!(legacy["kind"], "APIGroupList");
+        api.shutdown().await;
+    })
+    .await;
+}
