@@ -137,6 +137,14 @@ fn to_storage(rt: &ResourceType, external: Value) -> Value {
     out
 }
 
+/// A create or update body as written, before conversion to the stored shape.
+fn validated_storage(rt: &ResourceType, external: Value) -> Result<Value, ApiError> {
+    if rt.is_events() && rt.group == "events.k8s.io" {
+        events::validate_v1(&external)?;
+    }
+    Ok(to_storage(rt, external))
+}
+
 fn check_body(rt: &ResourceType, body: &Value) -> Result<(), ApiError> {
     if !body.is_object() {
         return Err(ApiError::bad_request(
@@ -319,7 +327,7 @@ impl Shared {
         params: &WriteParams,
     ) -> Result<Value, ApiError> {
         check_body(rt, &body)?;
-        let mut object = to_storage(rt, body);
+        let mut object = validated_storage(rt, body)?;
         let mut state = self.lock();
         let stored = create_locked(&mut state, rt, namespace, &mut object, params)?;
         drop(state);
@@ -346,7 +354,7 @@ impl Shared {
                 "the name of the object ({body_name}) does not match the name on the URL ({name})"
             )));
         }
-        let new = to_storage(rt, body);
+        let new = validated_storage(rt, body)?;
         let mut state = self.lock();
         let k = key(rt, namespace, name);
         let old = state

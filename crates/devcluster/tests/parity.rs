@@ -605,3 +605,57 @@ async fn aggregated_discovery_is_served_to_those_who_ask() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn events_v1_need_an_event_time_a_known_type_and_a_reporting_controller() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event;
+    bounded(async {
+        let (api, client) = start(ApiServerConfig::default()).await;
+        let events: Api<Event> = Api::namespaced(client.clone(), "default");
+        let good = json!({
+            "metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
+            "type": "Normal", "reason": "Tested", "action": "Test", "note": "n",
+            "reportingController": "example.dev/test", "reportingInstance": "test-1",
+            "regarding": {"kind": "Namespace", "name": "default"},
+        });
+        let event = |patch: serde_json::Value| {
+            let mut e = good.clone();
+            json_patch::merge(&mut e, &patch);
+            serde_json::from_value::<Event>(e).expect("event")
+        };
+        for (patch, field) in [
+            (json!({"eventTime": null}), "eventTime"),
+            (json!({"type": "Info"}), "type"),
+            (json!({"reportingController": null}), "reportingController"),
+        ] {
+            let status = api_error(
+                events
+                    .create(&PostParams::default(), &event(patch.clone()))
+                    .await,
+            );
+            assert_eq!(status.code, 422, "{patch}: {status:?}");
+            let causes = status.details.expect("details").causes;
+            assert!(
+                causes.iter().any(|c| c.field == field),
+                "{patch}: {causes:?}"
+            );
+        }
+        events
+            .create(&PostParams::default(), &event(json!({})))
+            .await
+            .expect("a complete event");
+        // core/v1 stays as lenient as kube-apiserver's.
+        let core: Api<CoreEvent> = Api::namespaced(client, "default");
+        let legacy: CoreEvent = serde_json::from_value(json!({
+            "metadata": {"name": "e2"}, "involvedObject": {"kind": "Namespace", "name": "default"},
+            "reason": "Tested", "message": "m",
+        }))
+        .expect("core event");
+        core.create(&PostParams::default(), &legacy)
+            .await
+            .expect("core/v1 event");
+        api.shutdown().await;
+    })
+    .await;
+}
