@@ -82,6 +82,46 @@ async fn send_expired(shared: &Shared, tx: &mpsc::Sender<Bytes>, error: ApiError
     let _ = tx.send(line("ERROR", error.to_status())).await;
 }
 
+/// kube-apiserver's bookmark schedule: one every interval (a minute there), and
+/// one shortly before the watch's timeout so a client ending the watch then
+/// still resumes from a recent version.
+#[derive(Debug)]
+struct BookmarkClock {
+    interval: Duration,
+    /// The pre-timeout moment, until its bookmark is sent.
+    pre_timeout: Option<tokio::time::Instant>,
+    next: tokio::time::Instant,
+}
+
+/// How long before the timeout kube-apiserver sends its last bookmark.
+const PRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl BookmarkClock {
+    fn new(interval: Duration, deadline: Option<tokio::time::Instant>) -> Self {
+        let now = tokio::time::Instant::now();
+        let pre_timeout = deadline.map(|d| d.checked_sub(PRE_TIMEOUT).unwrap_or(now).max(now));
+        let mut clock = Self {
+            interval,
+            pre_timeout,
+            next: now,
+        };
+        clock.schedule(now);
+        clock
+    }
+
+    fn schedule(&mut self, now: tokio::time::Instant) {
+        let heartbeat = now + self.interval;
+        self.next = self.pre_timeout.map_or(heartbeat, |p| p.min(heartbeat));
+    }
+
+    fn sent(&mut self, now: tokio::time::Instant) {
+        if self.pre_timeout.is_some_and(|p| p <= now) {
+            self.pre_timeout = None;
+        }
+        self.schedule(now);
+    }
+}
+
 fn parse_rv(raw: &str) -> Result<u64, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::bad_request(format!("invalid resource version: {raw:?}")))
@@ -154,8 +194,7 @@ pub fn start(
             return;
         }
         let deadline = params.timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut ticker = tokio::time::interval(shared.bookmark_interval);
-        ticker.tick().await;
+        let mut bookmarks = BookmarkClock::new(shared.bookmark_interval, deadline);
         loop {
             let drained = shared.with_state(|state| {
                 let current = state.store.current_rv();
@@ -195,7 +234,8 @@ pub fn start(
                         return;
                     }
                 }
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep_until(bookmarks.next) => {
+                    bookmarks.sent(tokio::time::Instant::now());
                     if params.bookmarks && tx.send(bookmark(&rt, cursor, false)).await.is_err() {
                         return;
                     }

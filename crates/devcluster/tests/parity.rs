@@ -659,3 +659,38 @@ async fn events_v1_need_an_event_time_a_known_type_and_a_reporting_controller() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_bookmark_comes_before_the_watch_times_out() {
+    bounded(async {
+        let (api, client) = start_with_things().await;
+        let things = things(&client);
+        let created = things
+            .create(&PostParams::default(), &thing("b", json!({})))
+            .await
+            .expect("create");
+        // Periodic bookmarks are a minute apart (the default); the watch lasts 4 s.
+        let params = WatchParams::default().timeout(4); // bookmarks are allowed by default
+        let mut stream = things
+            .watch(&params, &created.resource_version().expect("rv"))
+            .await
+            .expect("watch")
+            .boxed();
+        match stream.try_next().await.expect("event") {
+            Some(WatchEvent::Bookmark(_)) => {}
+            other => panic!("expected a bookmark first, got {other:?}"),
+        }
+        // The watch is still open after that bookmark: it was not the end of the stream.
+        let patch = json!({"metadata": {"labels": {"after": "bookmark"}}});
+        things
+            .patch("b", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch");
+        match stream.try_next().await.expect("event") {
+            Some(WatchEvent::Modified(o)) => assert_eq!(o.labels()["after"], "bookmark"),
+            other => panic!("expected the change on the same watch, got {other:?}"),
+        }
+        api.shutdown().await;
+    })
+    .await;
+}
