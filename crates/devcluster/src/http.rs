@@ -3,7 +3,7 @@
 
 use super::discovery;
 use super::openapi;
-use super::ops::{Shared, WriteParams, to_external};
+use super::ops::{Shared, WriteParams, Written, to_external};
 use super::paging::PageRequest;
 use super::patch::PatchKind;
 use super::protobuf;
@@ -47,6 +47,18 @@ fn json_response(code: u16, body: &Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+/// `201` or `200`, with one `Warning: 299` header per pruned unknown field, as kube-apiserver sends.
+fn written_response(written: &Written) -> Response {
+    let mut response = json_response(if written.created { 201 } else { 200 }, &written.object);
+    for warning in &written.warnings {
+        let text = format!("299 - {}", serde_json::Value::from(warning.as_str()));
+        if let Ok(value) = header::HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -381,11 +393,11 @@ async fn resource(
             Err(ApiError::method_not_allowed())
         }
         (Method::POST, None) => {
-            let object = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
-            Ok(json_response(201, &object))
+            let written = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
+            Ok(written_response(&written))
         }
         (Method::PUT, Some(name)) => {
-            let object = shared.update(
+            let written = shared.update(
                 &rt,
                 ns,
                 name,
@@ -393,7 +405,7 @@ async fn resource(
                 parse_body(headers, body)?,
                 &params,
             )?;
-            Ok(json_response(200, &object))
+            Ok(written_response(&written))
         }
         (Method::PATCH, Some(name)) => {
             let content_type = headers
@@ -402,9 +414,8 @@ async fn resource(
                 .unwrap_or_default();
             let kind = PatchKind::from_content_type(content_type)?;
             let patch = parse_body(headers, body)?;
-            let patched = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
-            let code = if patched.created { 201 } else { 200 };
-            Ok(json_response(code, &patched.object))
+            let written = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
+            Ok(written_response(&written))
         }
         (Method::DELETE, Some(name)) => {
             let options = parse_body(headers, body).unwrap_or(Value::Null);

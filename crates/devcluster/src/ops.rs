@@ -103,11 +103,14 @@ impl WriteParams {
     }
 }
 
-/// The result of a patch: an apply patch may create the object (`201`).
+/// The result of a write: the object, whether it was created (`201`; an apply
+/// patch may create), and the unknown fields pruned from it, which kube-apiserver
+/// reports as `Warning` headers under the default `fieldValidation`.
 #[derive(Debug)]
-pub struct Patched {
+pub struct Written {
     pub object: Value,
     pub created: bool,
+    pub warnings: Vec<String>,
 }
 
 /// A stored object as the given resource version presents it.
@@ -241,14 +244,21 @@ fn validate_object(
     object: &mut Value,
     old: Option<&Value>,
     params: &WriteParams,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
+    let mut warnings = Vec::new();
     if rt.custom {
-        validation::validate_custom(rt, object, old, params.field_validation)?;
+        let pruned = validation::validate_custom(rt, object, old, params.field_validation)?;
+        if params.field_validation == FieldValidation::Warn {
+            warnings = pruned
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+        }
     }
     if rt.is_crd() {
         validate_crd(object)?;
     }
-    Ok(())
+    Ok(warnings)
 }
 
 impl Shared {
@@ -325,16 +335,20 @@ impl Shared {
         namespace: Option<&str>,
         body: Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         check_body(rt, &body)?;
         let mut object = validated_storage(rt, body)?;
         let mut state = self.lock();
-        let stored = create_locked(&mut state, rt, namespace, &mut object, params)?;
+        let (stored, rv, warnings) = create_locked(&mut state, rt, namespace, &mut object, params)?;
         drop(state);
         if !params.dry_run {
-            self.notify(stored.1);
+            self.notify(rv);
         }
-        Ok(to_external(rt, &stored.0))
+        Ok(Written {
+            object: to_external(rt, &stored),
+            created: true,
+            warnings,
+        })
     }
 
     pub fn update(
@@ -345,7 +359,7 @@ impl Shared {
         subresource: &str,
         body: Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         check_body(rt, &body)?;
         if let Some(body_name) = meta_str(&body, "name")
             && body_name != name
@@ -370,13 +384,17 @@ impl Shared {
             }
             _ => {}
         }
-        let (stored, rv) =
+        let (stored, rv, warnings) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, false)?;
         drop(state);
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(to_external(rt, &stored))
+        Ok(Written {
+            object: to_external(rt, &stored),
+            created: false,
+            warnings,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -389,7 +407,7 @@ impl Shared {
         kind: PatchKind,
         body: &Value,
         params: &WriteParams,
-    ) -> Result<Patched, ApiError> {
+    ) -> Result<Written, ApiError> {
         if kind == PatchKind::StrategicMerge && rt.custom {
             return Err(ApiError::strategic_merge_unsupported());
         }
@@ -438,14 +456,16 @@ impl Shared {
                 .map_err(|c| patch::conflict_error(&c))?;
                 let mut object = to_storage(rt, applied);
                 object["metadata"]["name"] = name.into();
-                let (stored, rv) = create_locked(&mut state, rt, namespace, &mut object, params)?;
+                let (stored, rv, warnings) =
+                    create_locked(&mut state, rt, namespace, &mut object, params)?;
                 drop(state);
                 if !params.dry_run {
                     self.notify(rv);
                 }
-                return Ok(Patched {
+                return Ok(Written {
                     object: to_external(rt, &stored),
                     created: true,
+                    warnings,
                 });
             }
             return Err(not_found(rt, name));
@@ -482,15 +502,16 @@ impl Shared {
         }
         let new = to_storage(rt, doc);
         let applied = kind == PatchKind::Apply;
-        let (stored, rv) =
+        let (stored, rv, warnings) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, applied)?;
         drop(state);
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(Patched {
+        Ok(Written {
             object: to_external(rt, &stored),
             created: false,
+            warnings,
         })
     }
 
@@ -555,6 +576,7 @@ impl Shared {
     /// Put an object straight into the store (startup objects such as namespaces).
     pub fn seed(&self, rt: &ResourceType, object: Value) -> Result<Value, ApiError> {
         self.create(rt, None, object, &WriteParams::default())
+            .map(|written| written.object)
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -568,7 +590,7 @@ fn create_locked(
     namespace: Option<&str>,
     object: &mut Value,
     params: &WriteParams,
-) -> Result<(Value, u64), ApiError> {
+) -> Result<(Value, u64, Vec<String>), ApiError> {
     let ns = if rt.namespaced {
         let url_ns = namespace.unwrap_or("default");
         if let Some(body_ns) = meta_str(object, "namespace")
@@ -654,9 +676,9 @@ fn create_locked(
         );
         *object = created;
     }
-    validate_object(rt, object, None, params)?;
+    let warnings = validate_object(rt, object, None, params)?;
     if params.dry_run {
-        return Ok((object.clone(), state.store.current_rv()));
+        return Ok((object.clone(), state.store.current_rv(), warnings));
     }
     let rv = state.store.next_rv();
     object["metadata"]["resourceVersion"] = rv.to_string().into();
@@ -664,7 +686,7 @@ fn create_locked(
     if rt.is_crd() {
         state.registry.set_crd(object);
     }
-    Ok((object.clone(), rv))
+    Ok((object.clone(), rv, warnings))
 }
 
 /// The part of an applied configuration a write to `subresource` can change, so that
@@ -710,7 +732,7 @@ fn commit_update(
     subresource: &str,
     params: &WriteParams,
     applied: bool,
-) -> Result<(Value, Option<u64>), ApiError> {
+) -> Result<(Value, Option<u64>, Vec<String>), ApiError> {
     let mut next = if subresource == "status" {
         // Status writes change only status (and managedFields kept by apply).
         let mut next = old.clone();
@@ -799,11 +821,11 @@ fn commit_update(
             &now(),
         );
     }
-    validate_object(rt, &mut next, Some(old), params)?;
+    let warnings = validate_object(rt, &mut next, Some(old), params)?;
     if same_content(old, &next) || params.dry_run {
         let mut result = if params.dry_run { next } else { old.clone() };
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-        return Ok((result, None));
+        return Ok((result, None, warnings));
     }
     let rv = state.store.next_rv();
     next["metadata"]["resourceVersion"] = rv.to_string().into();
@@ -820,5 +842,5 @@ fn commit_update(
             state.registry.set_crd(&next);
         }
     }
-    Ok((next, Some(rv)))
+    Ok((next, Some(rv), warnings))
 }

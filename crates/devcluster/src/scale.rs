@@ -90,7 +90,7 @@ pub fn update(
     }
     write(&mut object, &paths.spec_replicas, replicas);
     let stored = shared.update(rt, ns, name, "", object, params)?;
-    Ok(to_scale(paths, &stored))
+    Ok(to_scale(paths, &stored.object))
 }
 
 /// A merge or JSON patch of the `Scale`, then written as an update.

@@ -694,3 +694,46 @@ async fn a_bookmark_comes_before_the_watch_times_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn pruned_unknown_fields_are_reported_as_warnings() {
+    bounded(async {
+        let (api, _client) = start_with_things().await;
+        let body = |name: &str| {
+            json!({"apiVersion": "example.dev/v1", "kind": "Thing",
+                "metadata": {"name": name}, "spec": {"size": "s", "colour": "red"}})
+        };
+        let warned = raw(
+            &api,
+            reqwest::Method::POST,
+            THINGS,
+            "application/json",
+            body("w"),
+        )
+        .await;
+        assert_eq!(warned.status().as_u16(), 201);
+        let warnings: Vec<&str> = warned
+            .headers()
+            .get_all("warning")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(warnings, [r#"299 - "unknown field \"spec.colour\"""#]);
+        let stored: serde_json::Value = warned.json().await.expect("json");
+        assert!(stored["spec"].get("colour").is_none(), "pruned: {stored}");
+
+        let path = format!("{THINGS}?fieldValidation=Ignore");
+        let quiet = raw(
+            &api,
+            reqwest::Method::POST,
+            &path,
+            "application/json",
+            body("q"),
+        )
+        .await;
+        assert_eq!(quiet.status().as_u16(), 201);
+        assert!(quiet.headers().get("warning").is_none());
+        api.shutdown().await;
+    })
+    .await;
+}
