@@ -194,6 +194,17 @@ pub fn builtins() -> Vec<ResourceType> {
         Builtin {
             group: "",
             version: "v1",
+            kind: "ComponentStatus",
+            plural: "componentstatuses",
+            namespaced: false,
+            short_names: &["cs"],
+            status_subresource: false,
+            storage: "core/componentstatuses",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
             kind: "Event",
             plural: "events",
             namespaced: true,

@@ -122,6 +122,12 @@ async fn the_kubernetes_service_and_nodes_are_served() {
         let port = &kubernetes.spec.expect("spec").ports.expect("ports")[0];
         assert_eq!((port.name.as_deref(), port.port), (Some("https"), 443));
 
+        let statuses: Api<k8s_openapi::api::core::v1::ComponentStatus> = Api::all(client.clone());
+        statuses
+            .get("scheduler")
+            .await
+            .expect("the scheduler's component status");
+
         let nodes: Api<Node> = Api::all(client.clone());
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": "win-07", "finalizers": ["example.dev/offboard"]},
