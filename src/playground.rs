@@ -87,6 +87,11 @@ pub struct DevArgs {
     /// The controller's own rate budget (`run --rate-limit`).
     #[arg(long, default_value = "100/60s,1500/3600s")]
     pub rate_limit: RateLimits,
+    /// Changes the in-memory API keeps per resource for watches that resume; a watch
+    /// from an older version gets `410 Expired` and its client lists again (small
+    /// values make relists happen, as etcd compaction does on a cluster).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch_history: u64,
     /// How often the controller polls in-flight actions.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
@@ -136,6 +141,7 @@ pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
     .await?;
     let config = ApiServerConfig {
         crds: vec![DeviceOffboard::crd()],
+        watch_history: usize::try_from(args.watch_history).unwrap_or(usize::MAX),
         ..ApiServerConfig::default()
     };
     let api = devcluster::spawn_api(

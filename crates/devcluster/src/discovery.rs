@@ -1,4 +1,5 @@
-//! Legacy discovery documents (`/api`, `/apis`, APIResourceLists) and `/version`.
+//! Discovery documents: legacy (`/api`, `/apis`, APIResourceLists), aggregated
+//! (`apidiscovery.k8s.io/v2`, which kubectl and kube-rs prefer) and `/version`.
 
 use super::registry::{ALL_VERBS, Registry, ResourceType};
 use serde_json::{Value, json};
@@ -98,6 +99,17 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if t.scale.is_some() {
+            resources.push(json!({
+                "name": format!("{}/scale", t.plural),
+                "singularName": "",
+                "namespaced": t.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     let group_version = if group.is_empty() {
         version.to_string()
@@ -110,6 +122,84 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
         "groupVersion": group_version,
         "resources": resources,
     }))
+}
+
+/// The media type of aggregated discovery, asked for in `Accept` and answered in `Content-Type`.
+pub const AGGREGATED_V2: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Whether an `Accept` header asks for aggregated discovery v2 (kube-apiserver 1.32 serves v2 only).
+pub fn wants_aggregated(accept: &str) -> bool {
+    accept.split(',').any(|media| {
+        let params: Vec<&str> = media.split(';').map(str::trim).collect();
+        params.contains(&"g=apidiscovery.k8s.io")
+            && params.contains(&"v=v2")
+            && params.contains(&"as=APIGroupDiscoveryList")
+    })
+}
+
+fn gvk_json(group: &str, version: &str, kind: &str) -> Value {
+    json!({"group": group, "version": version, "kind": kind})
+}
+
+fn resource_discovery(rt: &ResourceType) -> Value {
+    let mut subresources = Vec::new();
+    if rt.status_subresource {
+        subresources.push(json!({"subresource": "status",
+            "responseKind": gvk_json(&rt.group, &rt.version, &rt.kind),
+            "verbs": ["get", "patch", "update"]}));
+    }
+    if rt.scale.is_some() {
+        subresources.push(json!({"subresource": "scale",
+            "responseKind": gvk_json("autoscaling", "v1", "Scale"),
+            "verbs": ["get", "patch", "update"]}));
+    }
+    let mut doc = json!({
+        "resource": rt.plural,
+        "responseKind": gvk_json(&rt.group, &rt.version, &rt.kind),
+        "scope": if rt.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": rt.singular,
+        "verbs": ALL_VERBS,
+    });
+    if !rt.short_names.is_empty() {
+        doc["shortNames"] = json!(rt.short_names);
+    }
+    if !rt.categories.is_empty() {
+        doc["categories"] = json!(rt.categories);
+    }
+    if !subresources.is_empty() {
+        doc["subresources"] = json!(subresources);
+    }
+    doc
+}
+
+/// The `APIGroupDiscoveryList` of `/api` (`core`) or `/apis` (every named group).
+pub fn aggregated(registry: &Registry, core: bool) -> Value {
+    let items: Vec<Value> = registry
+        .groups()
+        .into_iter()
+        .filter(|(g, _)| g.is_empty() == core)
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| {
+                    let resources: Vec<Value> = registry
+                        .types_in(&group, v)
+                        .into_iter()
+                        .map(resource_discovery)
+                        .collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            let mut metadata = json!({"creationTimestamp": null});
+            if !group.is_empty() {
+                metadata["name"] = group.into();
+            }
+            json!({"metadata": metadata, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {}, "items": items})
 }
 
 /// The answer to every `SelfSubjectAccessReview`: this API does not authorize.

@@ -1,6 +1,8 @@
 //! Events are stored once (in core/v1 shape) and served as both `v1` and
 //! `events.k8s.io/v1`, converted field by field like kube-apiserver does.
 
+use super::state::meta_str;
+use super::status::{ApiError, Cause};
 use serde_json::{Map, Value};
 
 /// (events.k8s.io/v1 field, core/v1 field) pairs that are renamed one to one.
@@ -25,6 +27,40 @@ const SHARED: &[&str] = &[
     "series",
     "eventTime",
 ];
+
+/// What kube-apiserver requires of an event written through `events.k8s.io/v1`
+/// (core/v1 writes stay lenient, as there).
+pub fn validate_v1(event: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    let blank = |field: &str| event[field].as_str().is_none_or(str::is_empty);
+    if blank("eventTime") {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+            field: "eventTime".into(),
+        });
+    }
+    let kind = event["type"].as_str().unwrap_or_default();
+    if kind != "Normal" && kind != "Warning" {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: \"\": has invalid value: {kind}"),
+            field: "type".into(),
+        });
+    }
+    if blank("reportingController") {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+            field: "reportingController".into(),
+        });
+    }
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let name = meta_str(event, "name").unwrap_or_default();
+    Err(ApiError::invalid("events.k8s.io", "Event", name, causes))
+}
 
 /// An `events.k8s.io/v1` event in its stored (core/v1) shape.
 pub fn to_core(event: &Value) -> Value {

@@ -3,10 +3,12 @@
 
 use super::discovery;
 use super::openapi;
-use super::ops::{Shared, WriteParams, to_external};
+use super::ops::{Shared, WriteParams, Written, to_external};
+use super::paging::PageRequest;
 use super::patch::PatchKind;
 use super::protobuf;
 use super::registry::ResourceType;
+use super::scale;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
@@ -45,6 +47,18 @@ fn json_response(code: u16, body: &Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+/// `201` or `200`, with one `Warning: 299` header per pruned unknown field, as kube-apiserver sends.
+fn written_response(written: &Written) -> Response {
+    let mut response = json_response(if written.created { 201 } else { 200 }, &written.object);
+    for warning in &written.warnings {
+        let text = format!("299 - {}", serde_json::Value::from(warning.as_str()));
+        if let Ok(value) = header::HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -131,11 +145,15 @@ enum Form {
     Metadata,
 }
 
-fn form(headers: &HeaderMap) -> Form {
-    let accept = headers
+fn accept(headers: &HeaderMap) -> &str {
+    headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn form(headers: &HeaderMap) -> Form {
+    let accept = accept(headers);
     // The first media type kube-apiserver can serve wins; all of these are JSON.
     for media in accept.split(',') {
         if media.contains("as=Table") {
@@ -188,6 +206,28 @@ async fn route(
     match segments.as_slice() {
         ["version"] => get_only(Some(discovery::version())),
         ["healthz"] | ["readyz"] | ["livez"] => Ok((StatusCode::OK, "ok").into_response()),
+        ["metrics"] if method == Method::GET => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            app.shared.metrics(),
+        )
+            .into_response()),
+        // Not kube-apiserver's: lets tests force what etcd compaction plus a watch timeout do.
+        ["_dev", "compact"] if method == Method::POST => {
+            app.shared.compact();
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        ["api"] | ["apis"]
+            if method == Method::GET && discovery::wants_aggregated(accept(headers)) =>
+        {
+            let body = discovery::aggregated(&registry, segments[0] == "api");
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, discovery::AGGREGATED_V2)],
+                body.to_string(),
+            )
+                .into_response())
+        }
         ["api"] => get_only(Some(discovery::core_versions(&app.addr.to_string()))),
         ["apis"] => get_only(Some(discovery::group_list(&registry))),
         ["openapi", "v3"] => get_only(Some(openapi::v3_index(&registry))),
@@ -231,6 +271,23 @@ fn write_params(query: &HashMap<String, String>, headers: &HeaderMap) -> WritePa
         default_manager: agent.split('/').next().unwrap_or_default().to_string(),
         field_validation: FieldValidation::parse(query.get("fieldValidation").map(String::as_str)),
     }
+}
+
+fn page_request(query: &HashMap<String, String>) -> Result<PageRequest<'_>, ApiError> {
+    let limit = match query.get("limit").map(String::as_str) {
+        None | Some("") => 0,
+        Some(raw) => raw
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit: {raw:?}")))?
+            .max(0) as usize,
+    };
+    Ok(PageRequest {
+        limit,
+        token: query
+            .get("continue")
+            .map(String::as_str)
+            .filter(|t| !t.is_empty()),
+    })
 }
 
 fn selectors(
@@ -278,10 +335,15 @@ async fn resource(
         "" => true,
         "status" => rt.status_subresource,
         "finalize" => rt.is_namespaces(),
+        "scale" => rt.scale.is_some(),
         _ => false,
     };
     if !served {
         return Err(ApiError::path_not_found());
+    }
+    if subresource == "scale" {
+        let (ns, name) = (target.namespace.as_deref(), target.name.as_deref());
+        return scale_request(shared, &rt, ns, name, method, uri, headers, body);
     }
     let query = query_map(uri);
     let ns = target.namespace.as_deref();
@@ -297,13 +359,25 @@ async fn resource(
             if flag(&query, "watch") {
                 return watch_response(app, rt, ns, &query, labels, fields, form, include);
             }
-            let (items, rv) = shared.list_stored(&rt, ns, &labels, &fields);
-            let objects: Vec<Value> = items.iter().map(|o| to_external(&rt, o)).collect();
-            let body = match form {
+            let page = shared.list_page(&rt, ns, &labels, &fields, page_request(&query)?)?;
+            let objects: Vec<Value> = page.items.iter().map(|o| to_external(&rt, o)).collect();
+            let rv = page.rv;
+            let mut body = match form {
                 Form::Table => table::table(&rt, &objects, Some(rv), &include),
                 Form::Metadata => table::partial_metadata_list(&objects, rv),
-                Form::Object => shared.list(&rt, ns, &labels, &fields),
+                Form::Object => serde_json::json!({
+                    "apiVersion": rt.api_version(),
+                    "kind": rt.list_kind,
+                    "metadata": {"resourceVersion": rv.to_string()},
+                    "items": objects,
+                }),
             };
+            if let Some(token) = page.continue_token {
+                body["metadata"]["continue"] = token.into();
+            }
+            if let Some(remaining) = page.remaining {
+                body["metadata"]["remainingItemCount"] = remaining.into();
+            }
             Ok(json_response(200, &body))
         }
         (Method::GET, Some(name)) => {
@@ -319,11 +393,11 @@ async fn resource(
             Err(ApiError::method_not_allowed())
         }
         (Method::POST, None) => {
-            let object = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
-            Ok(json_response(201, &object))
+            let written = shared.create(&rt, ns, parse_body(headers, body)?, &params)?;
+            Ok(written_response(&written))
         }
         (Method::PUT, Some(name)) => {
-            let object = shared.update(
+            let written = shared.update(
                 &rt,
                 ns,
                 name,
@@ -331,7 +405,7 @@ async fn resource(
                 parse_body(headers, body)?,
                 &params,
             )?;
-            Ok(json_response(200, &object))
+            Ok(written_response(&written))
         }
         (Method::PATCH, Some(name)) => {
             let content_type = headers
@@ -340,8 +414,8 @@ async fn resource(
                 .unwrap_or_default();
             let kind = PatchKind::from_content_type(content_type)?;
             let patch = parse_body(headers, body)?;
-            let object = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
-            Ok(json_response(200, &object))
+            let written = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
+            Ok(written_response(&written))
         }
         (Method::DELETE, Some(name)) => {
             let options = parse_body(headers, body).unwrap_or(Value::Null);
@@ -381,6 +455,43 @@ async fn resource(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scale_request(
+    shared: &Shared,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: Option<&str>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let name = name.ok_or_else(ApiError::path_not_found)?;
+    let params = write_params(&query_map(uri), headers);
+    let scale = match *method {
+        Method::GET => scale::get(shared, rt, ns, name)?,
+        Method::PUT => scale::update(shared, rt, ns, name, &parse_body(headers, body)?, &params)?,
+        Method::PATCH => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let kind = PatchKind::from_content_type(content_type)?;
+            scale::patch(
+                shared,
+                rt,
+                ns,
+                name,
+                kind,
+                &parse_body(headers, body)?,
+                &params,
+            )?
+        }
+        _ => return Err(ApiError::method_not_allowed()),
+    };
+    Ok(json_response(200, &scale))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,26 +1,33 @@
 //! In-memory Kubernetes API double for `defender-offboard dev` and tests.
 //!
 //! It serves custom resources from CRDs plus the built-ins the operator and
-//! kubectl use (namespaces, secrets, configmaps, events in `v1` and
-//! `events.k8s.io/v1`, leases, CRDs) over plain HTTP on loopback, with
-//! kube-apiserver's semantics where clients depend on them: resourceVersions,
-//! list/watch with bookmarks and `410 Gone`, the status subresource split,
-//! `generation`, optimistic concurrency, patches, schema and CEL validation,
-//! discovery, OpenAPI and the Table form.
+//! kubectl use (namespaces, nodes, component statuses, secrets, configmaps,
+//! services with `default/kubernetes`, events in `v1` and `events.k8s.io/v1`,
+//! leases, CRDs) over plain HTTP on loopback, with kube-apiserver's semantics
+//! where clients depend on them: resourceVersions, paged lists, list/watch with
+//! bookmarks and the in-stream `410 Expired`, the status and scale
+//! subresources, `generation`, optimistic concurrency, patches, schema and CEL
+//! validation with unknown-field warnings, legacy and aggregated discovery,
+//! OpenAPI and the Table form.
 //!
 //! Known differences from kube-apiserver (none of which the operator,
 //! kube-rs or kubectl's commands used here rely on):
 //! - no authentication or authorization, no admission, no TLS;
-//! - lists ignore `limit` and return everything at once (always consistent);
+//! - built-ins are stored as sent: no schema, defaults or validation beyond
+//!   what `events.k8s.io/v1` requires; no pods, workloads or kubelet;
 //! - server-side apply is approximated (see `patch`): lists are atomic, and
-//!   non-apply writes own the leaf fields they change;
+//!   non-apply writes own the leaf fields they change; no apply to `/scale`;
 //! - no garbage collection of dependents (`ownerReferences`), and
 //!   `propagationPolicy` is accepted but ignored; a deleted namespace turns
 //!   `Terminating` and is emptied half a second later;
 //! - CRD versions share one store without conversion; validation covers the
 //!   structural-schema keywords and CEL rules the project's CRD uses;
+//! - the watch history is a count of changes per resource (`--watch-history`),
+//!   not a time window, and `POST /_dev/compact` forgets it on demand;
 //! - a watch from a resourceVersion newer than the server's answers `410`
-//!   (kube-apiserver times out and clients relist; kube-rs relists on 410).
+//!   (kube-apiserver times out and clients relist; kube-rs relists on 410);
+//! - `resourceVersionMatch` and `resourceVersion` on lists are ignored (every
+//!   first page is read at the newest version).
 
 mod discovery;
 mod events;
@@ -29,9 +36,11 @@ pub mod kubeconfig;
 mod lifecycle;
 mod openapi;
 mod ops;
+mod paging;
 mod patch;
 mod protobuf;
 mod registry;
+mod scale;
 mod selector;
 mod state;
 mod status;
@@ -111,6 +120,12 @@ impl ApiHandle {
         kube::Client::try_from(config)
     }
 
+    /// Forget the watch history and end open watches (as `POST /_dev/compact` does):
+    /// clients that resume from the version they last saw get `410 Expired` and relist.
+    pub fn compact(&self) {
+        self.shared.compact();
+    }
+
     /// Stop serving: end open watches and wait for the server to finish.
     pub async fn shutdown(self) {
         self.shared.shutdown.cancel();
@@ -141,6 +156,22 @@ pub async fn spawn_api(
     for name in names {
         seed(&shared, &namespaces, json!({"metadata": {"name": name}}))?;
     }
+    let services = registry
+        .find("", "v1", "services")
+        .expect("services are built in");
+    seed(&shared, &services, kubernetes_service(addr))?;
+    let statuses = registry
+        .find("", "v1", "componentstatuses")
+        .expect("component statuses are built in");
+    // kube-apiserver still reports these (deprecated); kube-rs's recorder tests read one.
+    for component in ["controller-manager", "scheduler", "etcd-0"] {
+        let healthy = json!({"type": "Healthy", "status": "True", "message": "ok"});
+        seed(
+            &shared,
+            &statuses,
+            json!({"metadata": {"name": component}, "conditions": [healthy]}),
+        )?;
+    }
     for crd in &config.crds {
         let object = serde_json::to_value(crd).map_err(std::io::Error::other)?;
         seed(&shared, &crds, object)?;
@@ -159,6 +190,23 @@ pub async fn spawn_api(
         addr,
         shared,
         server,
+    })
+}
+
+/// The `default/kubernetes` Service every cluster has; clients read it to find the API.
+fn kubernetes_service(addr: SocketAddr) -> serde_json::Value {
+    json!({
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": addr.ip().to_string(),
+            "clusterIPs": [addr.ip().to_string()],
+            "ipFamilies": [if addr.is_ipv4() { "IPv4" } else { "IPv6" }],
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": addr.port()}],
+            "sessionAffinity": "None",
+        },
+        "status": {"loadBalancer": {}},
     })
 }
 

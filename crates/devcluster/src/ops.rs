@@ -7,6 +7,7 @@ use super::lifecycle::{
     after_removal, crd_status, defaults_on_create, delete_locked, finish_namespace,
     terminating_namespace, validate_crd,
 };
+use super::paging::{self, Continue, Page, PageRequest};
 use super::patch::{self, PatchKind};
 use super::registry::{Registry, ResourceType};
 use super::selector::{FieldSelector, LabelSelector};
@@ -15,6 +16,7 @@ use super::status::{ApiError, Cause};
 use super::store::{Key, Store};
 use super::validation::{self, FieldValidation};
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -28,6 +30,10 @@ pub struct Shared {
     pub bookmark_interval: Duration,
     /// Ends every open watch stream when the server shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Bumped by a compaction: open watch streams end, as at a server-side timeout.
+    pub compactions: watch::Sender<u64>,
+    /// Watches answered with the in-stream `410 Expired`, for `/metrics`.
+    pub expired_watches: AtomicU64,
 }
 
 impl Shared {
@@ -40,6 +46,8 @@ impl Shared {
             changed: watch::channel(0).0,
             bookmark_interval,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            compactions: watch::channel(0).0,
+            expired_watches: AtomicU64::new(0),
         }
     }
 
@@ -50,6 +58,23 @@ impl Shared {
 
     fn notify(&self, rv: u64) {
         self.changed.send_replace(rv);
+    }
+
+    /// Forget the watch history and end open watches: a client resuming from the
+    /// version it last saw is told `410 Expired` and has to list again.
+    pub fn compact(&self) {
+        self.lock().store.compact();
+        self.compactions.send_modify(|n| *n += 1);
+    }
+
+    /// What `/metrics` shows (Prometheus text format).
+    pub fn metrics(&self) -> String {
+        format!(
+            "# HELP devcluster_watch_expired_total Watches answered with the in-stream 410 Expired.\n\
+             # TYPE devcluster_watch_expired_total counter\n\
+             devcluster_watch_expired_total {}\n",
+            self.expired_watches.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -78,6 +103,16 @@ impl WriteParams {
     }
 }
 
+/// The result of a write: the object, whether it was created (`201`; an apply
+/// patch may create), and the unknown fields pruned from it, which kube-apiserver
+/// reports as `Warning` headers under the default `fieldValidation`.
+#[derive(Debug)]
+pub struct Written {
+    pub object: Value,
+    pub created: bool,
+    pub warnings: Vec<String>,
+}
+
 /// A stored object as the given resource version presents it.
 pub fn to_external(rt: &ResourceType, stored: &Value) -> Value {
     if rt.is_events() && rt.group == "events.k8s.io" {
@@ -103,6 +138,14 @@ fn to_storage(rt: &ResourceType, external: Value) -> Value {
         out["kind"] = rt.kind.clone().into();
     }
     out
+}
+
+/// A create or update body as written, before conversion to the stored shape.
+fn validated_storage(rt: &ResourceType, external: Value) -> Result<Value, ApiError> {
+    if rt.is_events() && rt.group == "events.k8s.io" {
+        events::validate_v1(&external)?;
+    }
+    Ok(to_storage(rt, external))
 }
 
 fn check_body(rt: &ResourceType, body: &Value) -> Result<(), ApiError> {
@@ -183,19 +226,39 @@ fn conflict(rt: &ResourceType, name: &str) -> ApiError {
     ApiError::conflict(&rt.group, &rt.plural, name)
 }
 
+fn missing_resource_version(rt: &ResourceType, name: &str) -> ApiError {
+    ApiError::invalid(
+        &rt.group,
+        &rt.kind,
+        name,
+        vec![Cause {
+            reason: "FieldValueInvalid",
+            message: "Invalid value: 0x0: must be specified for an update".into(),
+            field: "metadata.resourceVersion".into(),
+        }],
+    )
+}
+
 fn validate_object(
     rt: &ResourceType,
     object: &mut Value,
     old: Option<&Value>,
     params: &WriteParams,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
+    let mut warnings = Vec::new();
     if rt.custom {
-        validation::validate_custom(rt, object, old, params.field_validation)?;
+        let pruned = validation::validate_custom(rt, object, old, params.field_validation)?;
+        if params.field_validation == FieldValidation::Warn {
+            warnings = pruned
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+        }
     }
     if rt.is_crd() {
         validate_crd(object)?;
     }
-    Ok(())
+    Ok(warnings)
 }
 
 impl Shared {
@@ -234,20 +297,36 @@ impl Shared {
         (items, state.store.current_rv())
     }
 
-    pub fn list(
+    /// One page of matching objects (storage form), read at the version the first page saw.
+    pub fn list_page(
         &self,
         rt: &ResourceType,
         namespace: Option<&str>,
         labels: &LabelSelector,
         fields: &FieldSelector,
-    ) -> Value {
-        let (items, rv) = self.list_stored(rt, namespace, labels, fields);
-        json!({
-            "apiVersion": rt.api_version(),
-            "kind": rt.list_kind,
-            "metadata": {"resourceVersion": rv.to_string()},
-            "items": items.iter().map(|o| to_external(rt, o)).collect::<Vec<_>>(),
-        })
+        request: PageRequest<'_>,
+    ) -> Result<Page, ApiError> {
+        let from = request.token.map(Continue::decode).transpose()?;
+        let state = self.lock();
+        let ns = if rt.namespaced { namespace } else { None };
+        let rv = from.as_ref().map_or(state.store.current_rv(), |c| c.rv);
+        let objects = state
+            .store
+            .list_at(&rt.storage, ns, rv)
+            .map_err(|_| paging::expired_token())?;
+        drop(state);
+        let matching = objects
+            .into_iter()
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o))
+            .collect();
+        let filtered = !(labels.is_empty() && fields.is_empty());
+        Ok(paging::page(
+            matching,
+            rv,
+            from.as_ref(),
+            request.limit,
+            filtered,
+        ))
     }
 
     pub fn create(
@@ -256,16 +335,20 @@ impl Shared {
         namespace: Option<&str>,
         body: Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         check_body(rt, &body)?;
-        let mut object = to_storage(rt, body);
+        let mut object = validated_storage(rt, body)?;
         let mut state = self.lock();
-        let stored = create_locked(&mut state, rt, namespace, &mut object, params)?;
+        let (stored, rv, warnings) = create_locked(&mut state, rt, namespace, &mut object, params)?;
         drop(state);
         if !params.dry_run {
-            self.notify(stored.1);
+            self.notify(rv);
         }
-        Ok(to_external(rt, &stored.0))
+        Ok(Written {
+            object: to_external(rt, &stored),
+            created: true,
+            warnings,
+        })
     }
 
     pub fn update(
@@ -276,7 +359,7 @@ impl Shared {
         subresource: &str,
         body: Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         check_body(rt, &body)?;
         if let Some(body_name) = meta_str(&body, "name")
             && body_name != name
@@ -285,7 +368,7 @@ impl Shared {
                 "the name of the object ({body_name}) does not match the name on the URL ({name})"
             )));
         }
-        let new = to_storage(rt, body);
+        let new = validated_storage(rt, body)?;
         let mut state = self.lock();
         let k = key(rt, namespace, name);
         let old = state
@@ -293,18 +376,25 @@ impl Shared {
             .get(&rt.storage, &k.0, &k.1)
             .cloned()
             .ok_or_else(|| not_found(rt, name))?;
-        if let Some(rv) = meta_str(&new, "resourceVersion")
-            && Some(rv) != meta_str(&old, "resourceVersion")
-        {
-            return Err(conflict(rt, name));
+        match meta_str(&new, "resourceVersion") {
+            // Custom resources allow no unconditional update (built-ins mostly do).
+            None if rt.custom => return Err(missing_resource_version(rt, name)),
+            Some(rv) if Some(rv) != meta_str(&old, "resourceVersion") => {
+                return Err(conflict(rt, name));
+            }
+            _ => {}
         }
-        let (stored, rv) =
+        let (stored, rv, warnings) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, false)?;
         drop(state);
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(to_external(rt, &stored))
+        Ok(Written {
+            object: to_external(rt, &stored),
+            created: false,
+            warnings,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -317,7 +407,10 @@ impl Shared {
         kind: PatchKind,
         body: &Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
+        if kind == PatchKind::StrategicMerge && rt.custom {
+            return Err(ApiError::strategic_merge_unsupported());
+        }
         let mut state = self.lock();
         let k = key(rt, namespace, name);
         let old = state.store.get(&rt.storage, &k.0, &k.1).cloned();
@@ -363,12 +456,17 @@ impl Shared {
                 .map_err(|c| patch::conflict_error(&c))?;
                 let mut object = to_storage(rt, applied);
                 object["metadata"]["name"] = name.into();
-                let (stored, rv) = create_locked(&mut state, rt, namespace, &mut object, params)?;
+                let (stored, rv, warnings) =
+                    create_locked(&mut state, rt, namespace, &mut object, params)?;
                 drop(state);
                 if !params.dry_run {
                     self.notify(rv);
                 }
-                return Ok(to_external(rt, &stored));
+                return Ok(Written {
+                    object: to_external(rt, &stored),
+                    created: true,
+                    warnings,
+                });
             }
             return Err(not_found(rt, name));
         };
@@ -404,13 +502,17 @@ impl Shared {
         }
         let new = to_storage(rt, doc);
         let applied = kind == PatchKind::Apply;
-        let (stored, rv) =
+        let (stored, rv, warnings) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, applied)?;
         drop(state);
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(to_external(rt, &stored))
+        Ok(Written {
+            object: to_external(rt, &stored),
+            created: false,
+            warnings,
+        })
     }
 
     pub fn delete(
@@ -474,6 +576,7 @@ impl Shared {
     /// Put an object straight into the store (startup objects such as namespaces).
     pub fn seed(&self, rt: &ResourceType, object: Value) -> Result<Value, ApiError> {
         self.create(rt, None, object, &WriteParams::default())
+            .map(|written| written.object)
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -487,7 +590,7 @@ fn create_locked(
     namespace: Option<&str>,
     object: &mut Value,
     params: &WriteParams,
-) -> Result<(Value, u64), ApiError> {
+) -> Result<(Value, u64, Vec<String>), ApiError> {
     let ns = if rt.namespaced {
         let url_ns = namespace.unwrap_or("default");
         if let Some(body_ns) = meta_str(object, "namespace")
@@ -573,9 +676,9 @@ fn create_locked(
         );
         *object = created;
     }
-    validate_object(rt, object, None, params)?;
+    let warnings = validate_object(rt, object, None, params)?;
     if params.dry_run {
-        return Ok((object.clone(), state.store.current_rv()));
+        return Ok((object.clone(), state.store.current_rv(), warnings));
     }
     let rv = state.store.next_rv();
     object["metadata"]["resourceVersion"] = rv.to_string().into();
@@ -583,7 +686,7 @@ fn create_locked(
     if rt.is_crd() {
         state.registry.set_crd(object);
     }
-    Ok((object.clone(), rv))
+    Ok((object.clone(), rv, warnings))
 }
 
 /// The part of an applied configuration a write to `subresource` can change, so that
@@ -629,7 +732,7 @@ fn commit_update(
     subresource: &str,
     params: &WriteParams,
     applied: bool,
-) -> Result<(Value, Option<u64>), ApiError> {
+) -> Result<(Value, Option<u64>, Vec<String>), ApiError> {
     let mut next = if subresource == "status" {
         // Status writes change only status (and managedFields kept by apply).
         let mut next = old.clone();
@@ -718,11 +821,11 @@ fn commit_update(
             &now(),
         );
     }
-    validate_object(rt, &mut next, Some(old), params)?;
+    let warnings = validate_object(rt, &mut next, Some(old), params)?;
     if same_content(old, &next) || params.dry_run {
         let mut result = if params.dry_run { next } else { old.clone() };
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-        return Ok((result, None));
+        return Ok((result, None, warnings));
     }
     let rv = state.store.next_rv();
     next["metadata"]["resourceVersion"] = rv.to_string().into();
@@ -739,5 +842,5 @@ fn commit_update(
             state.registry.set_crd(&next);
         }
     }
-    Ok((next, Some(rv)))
+    Ok((next, Some(rv), warnings))
 }

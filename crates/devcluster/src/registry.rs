@@ -46,6 +46,16 @@ pub struct ResourceType {
     pub printer_columns: Vec<PrinterColumn>,
     /// Whether the resource is defined by a CRD (served as unstructured, validated by schema).
     pub custom: bool,
+    /// The CRD's `scale` subresource, if it has one.
+    pub scale: Option<ScalePaths>,
+}
+
+/// Where a custom resource keeps what its `/scale` subresource shows (`.spec.replicas`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalePaths {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    pub label_selector: Option<String>,
 }
 
 impl ResourceType {
@@ -118,6 +128,7 @@ impl From<Builtin<'_>> for ResourceType {
             schema: None,
             printer_columns: Vec::new(),
             custom: false,
+            scale: None,
         }
     }
 }
@@ -156,6 +167,39 @@ pub fn builtins() -> Vec<ResourceType> {
             short_names: &["cm"],
             status_subresource: false,
             storage: "core/configmaps",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Service",
+            plural: "services",
+            namespaced: true,
+            short_names: &["svc"],
+            status_subresource: true,
+            storage: "core/services",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Node",
+            plural: "nodes",
+            namespaced: false,
+            short_names: &["no"],
+            status_subresource: true,
+            storage: "core/nodes",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "ComponentStatus",
+            plural: "componentstatuses",
+            namespaced: false,
+            short_names: &["cs"],
+            status_subresource: false,
+            storage: "core/componentstatuses",
         }
         .into(),
         Builtin {
@@ -275,6 +319,11 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceType> {
                 })
                 .unwrap_or_default(),
             custom: true,
+            scale: v.pointer("/subresources/scale").map(|scale| ScalePaths {
+                spec_replicas: text(scale, "/specReplicasPath"),
+                status_replicas: text(scale, "/statusReplicasPath"),
+                label_selector: scale["labelSelectorPath"].as_str().map(String::from),
+            }),
         })
         .collect()
 }

@@ -74,6 +74,54 @@ fn visible(
     Some((kind, to_external(rt, &change.object)))
 }
 
+/// kube-apiserver answers an expired watch with `200` and this one in-stream ERROR event.
+async fn send_expired(shared: &Shared, tx: &mpsc::Sender<Bytes>, error: ApiError) {
+    shared
+        .expired_watches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = tx.send(line("ERROR", error.to_status())).await;
+}
+
+/// kube-apiserver's bookmark schedule: one every interval (a minute there), and
+/// one shortly before the watch's timeout so a client ending the watch then
+/// still resumes from a recent version.
+#[derive(Debug)]
+struct BookmarkClock {
+    interval: Duration,
+    /// The pre-timeout moment, until its bookmark is sent.
+    pre_timeout: Option<tokio::time::Instant>,
+    next: tokio::time::Instant,
+}
+
+/// How long before the timeout kube-apiserver sends its last bookmark.
+const PRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl BookmarkClock {
+    fn new(interval: Duration, deadline: Option<tokio::time::Instant>) -> Self {
+        let now = tokio::time::Instant::now();
+        let pre_timeout = deadline.map(|d| d.checked_sub(PRE_TIMEOUT).unwrap_or(now).max(now));
+        let mut clock = Self {
+            interval,
+            pre_timeout,
+            next: now,
+        };
+        clock.schedule(now);
+        clock
+    }
+
+    fn schedule(&mut self, now: tokio::time::Instant) {
+        let heartbeat = now + self.interval;
+        self.next = self.pre_timeout.map_or(heartbeat, |p| p.min(heartbeat));
+    }
+
+    fn sent(&mut self, now: tokio::time::Instant) {
+        if self.pre_timeout.is_some_and(|p| p <= now) {
+            self.pre_timeout = None;
+        }
+        self.schedule(now);
+    }
+}
+
 fn parse_rv(raw: &str) -> Result<u64, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::bad_request(format!("invalid resource version: {raw:?}")))
@@ -92,6 +140,7 @@ pub fn start(
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut changed = shared.changed.subscribe();
+    let mut compactions = shared.compactions.subscribe();
     // Take the starting snapshot under the lock so no change falls between it and the stream.
     let (initial, mut cursor, expired) = shared.with_state(|state| {
         let current = state.store.current_rv();
@@ -133,7 +182,7 @@ pub fn start(
     });
     tokio::spawn(async move {
         if let Some(error) = expired {
-            let _ = tx.send(line("ERROR", error.to_status())).await;
+            send_expired(&shared, &tx, error).await;
             return;
         }
         for object in initial {
@@ -145,8 +194,7 @@ pub fn start(
             return;
         }
         let deadline = params.timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut ticker = tokio::time::interval(shared.bookmark_interval);
-        ticker.tick().await;
+        let mut bookmarks = BookmarkClock::new(shared.bookmark_interval, deadline);
         loop {
             let drained = shared.with_state(|state| {
                 let current = state.store.current_rv();
@@ -157,9 +205,7 @@ pub fn start(
             });
             match drained {
                 Err(oldest) => {
-                    let _ = tx
-                        .send(line("ERROR", ApiError::expired(cursor, oldest).to_status()))
-                        .await;
+                    send_expired(&shared, &tx, ApiError::expired(cursor, oldest)).await;
                     return;
                 }
                 Ok((changes, current)) => {
@@ -188,7 +234,8 @@ pub fn start(
                         return;
                     }
                 }
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep_until(bookmarks.next) => {
+                    bookmarks.sent(tokio::time::Instant::now());
                     if params.bookmarks && tx.send(bookmark(&rt, cursor, false)).await.is_err() {
                         return;
                     }
@@ -200,6 +247,7 @@ pub fn start(
                     return;
                 }
                 _ = tx.closed() => return,
+                _ = compactions.changed() => return,
                 _ = shared.shutdown.cancelled() => return,
             }
         }

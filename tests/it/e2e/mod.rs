@@ -21,6 +21,7 @@
 //! a notice and skip. Steps that need `kubectl` are skipped with a notice when it
 //! is not on PATH (resources are then created with kube-rs).
 
+mod relist;
 mod support;
 
 use defender_offboard::crd::DeviceOffboard;
@@ -514,6 +515,9 @@ async fn crash_test_sigkill_never_duplicates() {
     bounded(170, async {
         // Simulated time runs 10x: MDE's 100/min and 1500/h become 100/6s and
         // 1500/6min, slow enough that the kills land while work is in flight.
+        // A short watch history (kube-apiserver's watch cache starts at 100
+        // events) and compactions: watches expire and the controllers list
+        // again while they are killed and restarted.
         let cluster = Cluster::start(&[
             "--sim-machines",
             "320",
@@ -523,6 +527,8 @@ async fn crash_test_sigkill_never_duplicates() {
             "0.05",
             "--sim-fault-lost-response-rate",
             "0.1",
+            "--watch-history",
+            "100",
         ])
         .await;
         let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
@@ -542,7 +548,17 @@ async fn crash_test_sigkill_never_duplicates() {
         while kills < 10 || final_at_kill.last() < Some(&n) {
             assert!(kills < 80, "no progress across restarts: {final_at_kill:?}");
             let mut run = cluster.spawn_run(&format!("run-{kills}"), &run_flags);
-            tokio::time::sleep(Duration::from_millis(rng.random_range(300..2000))).await;
+            let life = Duration::from_millis(rng.random_range(300..2000));
+            if kills % 3 == 1 {
+                // Expire every third controller's watch halfway through its life; it
+                // waits out kube-runtime's backoff (0.8 s) before it lists again, so
+                // it gets a second more.
+                tokio::time::sleep(life / 2).await;
+                cluster.compact_watches().await;
+                tokio::time::sleep(life / 2 + Duration::from_secs(1)).await;
+            } else {
+                tokio::time::sleep(life).await;
+            }
             if let Some(status) = run.exited() {
                 panic!("run exited by itself ({status}):\n{}", run.log());
             }
@@ -554,8 +570,10 @@ async fn crash_test_sigkill_never_duplicates() {
         let all = cluster.wait_final(&names, Duration::from_secs(90)).await;
         let elapsed = started.elapsed();
         let stats = sim.stats().await;
+        let expired = cluster.expired_watches().await;
         println!(
             "crash test (seed {seed}): {} resources, {kills} SIGKILLs (final at each kill: {final_at_kill:?}), \
+             {expired} watches expired (history 100, every third controller's watch compacted away), \
              phases {:?}, actions created {}, lost responses {}, injected errors {}, duplicates {}, 429s {}, elapsed {:.1}s",
             all.len(),
             phase_counts(&all),
@@ -571,6 +589,7 @@ async fn crash_test_sigkill_never_duplicates() {
             "most kills came after the work was done: {final_at_kill:?}"
         );
         assert!(count(&stats, "lost_responses") > 0, "no lost response was injected: {stats}");
+        assert!(expired > 0, "no watch expired during the crash test");
         assert_exactly_once(&all, &names, &stats);
     })
     .await;

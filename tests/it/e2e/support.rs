@@ -252,6 +252,34 @@ impl Cluster {
         out.stdout
     }
 
+    /// Makes the `dev` API forget its watch history and end open watches: the
+    /// controller's next watch is told `410 Expired` and it lists again.
+    pub async fn compact_watches(&self) {
+        let request = http::Request::post("/_dev/compact")
+            .body(Vec::new())
+            .expect("a valid request");
+        self.client
+            .request_text(request)
+            .await
+            .expect("POST /_dev/compact");
+    }
+
+    /// Watches the `dev` API answered with the in-stream `410 Expired` so far.
+    pub async fn expired_watches(&self) -> u64 {
+        let request = http::Request::get("/metrics")
+            .body(Vec::new())
+            .expect("a valid request");
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .expect("GET /metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("devcluster_watch_expired_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no watch expiry counter in:\n{text}"))
+    }
+
     pub fn doffs(&self) -> Api<DeviceOffboard> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
