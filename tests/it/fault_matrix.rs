@@ -27,6 +27,8 @@ struct Row {
     all_final: bool,
     /// Status writes the controller lost to a concurrent writer (409).
     conflicts: u64,
+    /// Watches the API server ended with an in-stream `410 Expired`.
+    watches_expired: u64,
     /// Machines with a second offboard sent while an earlier one was live or
     /// had succeeded (after a Failed or TimeOut one, a new resource may retry).
     offboarded_twice: Vec<String>,
@@ -45,6 +47,7 @@ enum Scenario {
     RecreatedMidFlight,
     LoginOutage,
     StatusConflicts,
+    WatchExpiry,
 }
 
 fn sim_config(scenario: Scenario) -> SimConfig {
@@ -138,6 +141,12 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
             if now.len() == targets.len() && now.iter().all(|(_, p, _)| p.is_terminal()) {
                 return;
             }
+            if let Scenario::WatchExpiry = scenario {
+                // The API server forgets its watch history and ends open
+                // watches: the controller resumes from a version too old,
+                // gets 410 Expired and must list again.
+                env._api.compact();
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
@@ -171,6 +180,7 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
             error: "conflict".into(),
         })
         .get();
+    let watches_expired = watches_expired(&env._api.url()).await;
     Row {
         name,
         resources: targets.len(),
@@ -179,6 +189,7 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
         lost,
         all_final,
         conflicts,
+        watches_expired,
         offboarded_twice,
     }
 }
@@ -200,6 +211,20 @@ async fn storms(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// `devcluster_watch_expired_total` from the API server's `/metrics`.
+async fn watches_expired(api_url: &str) -> u64 {
+    let text = reqwest::get(format!("{api_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("devcluster_watch_expired_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no devcluster_watch_expired_total in {text}"))
 }
 
 /// Revoke every token and take the login host down for 3 s at once; again
@@ -318,15 +343,19 @@ async fn fault_matrix() {
             "status-write conflicts (another writer patches every resource every 20 ms)",
             Scenario::StatusConflicts,
         ),
+        (
+            "watch 410 Gone (history compacted every 200 ms)",
+            Scenario::WatchExpiry,
+        ),
     ];
     let mut rows = Vec::new();
     for (row, (name, scenario)) in scenarios.into_iter().enumerate() {
         rows.push(run_row(name, &format!("row{row}"), scenario).await);
     }
     println!(
-        "| row | resources | POSTs | actions created | max POSTs per key | second POSTs for a key / POSTs refused before MDE acted | answers lost | 429s | sign-ins refused | status-write conflicts | resources lost | machines offboarded twice | all final | time |"
+        "| row | resources | POSTs | actions created | max POSTs per key | second POSTs for a key / POSTs refused before MDE acted | answers lost | 429s | sign-ins refused | status-write conflicts | watches expired (410) | resources lost | machines offboarded twice | all final | time |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let posts: u64 = row.stats.offboard_requests_by_key.values().sum();
         let max = row
@@ -338,7 +367,7 @@ async fn fault_matrix() {
             .unwrap_or(0);
         let seconds = posts.saturating_sub(row.stats.offboard_requests_by_key.len() as u64);
         println!(
-            "| {} | {} | {posts} | {} | {max} | {seconds} / {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
+            "| {} | {} | {posts} | {} | {max} | {seconds} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
             row.name,
             row.resources,
             row.stats.actions_created,
@@ -347,6 +376,7 @@ async fn fault_matrix() {
             row.stats.throttled,
             row.stats.count("token", "503"),
             row.conflicts,
+            row.watches_expired,
             row.lost,
             row.offboarded_twice.len(),
             if row.all_final { "yes" } else { "no" },
@@ -385,6 +415,9 @@ async fn fault_matrix() {
         }
         if row.name.starts_with("status-write conflicts") {
             assert!(row.conflicts > 0, "no status write met a conflict");
+        }
+        if row.name.starts_with("watch 410") {
+            assert!(row.watches_expired > 0, "no watch expired");
         }
     }
 }
