@@ -351,6 +351,17 @@ impl MdeCalls for Remembering {
         result
     }
 
+    async fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        let result = self.client.cancel_action(Some(slot), id, comment).await;
+        self.remember(result.as_ref().ok());
+        result
+    }
+
     fn budget(&self) -> &RateBudget {
         self.client.budget()
     }

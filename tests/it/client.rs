@@ -469,3 +469,34 @@ async fn a_refusing_budget_answers_at_once() {
         "nothing sent"
     );
 }
+
+/// An id from an edited status cannot steer a request to another path: a
+/// `..`, `/` or `?` in an action or machine id is refused before anything
+/// is sent (a traversal could otherwise turn a cancel into an offboard).
+#[tokio::test]
+async fn ids_that_are_not_ids_are_refused_before_sending() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    let traversal = format!("../machines/{FINANCE_LAPTOP}/offboard");
+    for error in [
+        client.get_machine_action(&traversal).await.unwrap_err(),
+        client
+            .cancel_action(None, &traversal, "[defender-offboard:k] stop")
+            .await
+            .unwrap_err(),
+        client
+            .offboard(
+                &format!("{FINANCE_LAPTOP}?x=1"),
+                "[defender-offboard:k] retired",
+            )
+            .await
+            .unwrap_err(),
+        client.get_machine("a/b").await.unwrap_err(),
+    ] {
+        assert_eq!(error.code(), "InvalidId", "{error}");
+        assert!(!error.may_have_created());
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.offboard_requests_by_key.len(), 0, "{stats:?}");
+    assert_eq!(stats.actions_created, 0);
+}

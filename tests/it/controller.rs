@@ -358,3 +358,131 @@ async fn leader_work_that_ends_releases_the_lease() {
     let held = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
     assert_eq!(held.holder_identity, None, "released for a standby");
 }
+
+/// The object's status as stored now.
+async fn status_of(
+    client: &kube::Client,
+    name: &str,
+) -> defender_offboard::crd::DeviceOffboardStatus {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    api.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+/// Wait until `name`'s status satisfies `ready`.
+async fn wait_status(
+    client: &kube::Client,
+    name: &str,
+    ready: impl Fn(&defender_offboard::crd::DeviceOffboardStatus) -> bool,
+) -> defender_offboard::crd::DeviceOffboardStatus {
+    with_timeout(30, async {
+        loop {
+            let status = status_of(client, name).await;
+            if ready(&status) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+async fn annotate_cancel(client: &kube::Client, name: &str, reason: &str) {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    let patch =
+        json!({"metadata": {"annotations": {defender_offboard::crd::CANCEL_ANNOTATION: reason}}});
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+/// `kubectl annotate doff NAME defender.offboard.dev/cancel="wrong device"`:
+/// while MDE holds the action `Pending`, exactly one cancel is sent (counted
+/// at the simulator) with the reason as its comment, and the resource ends
+/// `Failed`/`Cancelled`; once the action is `InProgress`, nothing is sent, an
+/// Event says it is too late, and the offboard goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_annotation_cancels_a_pending_offboard_once() {
+    let env = start(SimConfig {
+        // 3 s Pending, then 10 s InProgress (wall clock at ×60).
+        pending_for: Duration::from_secs(180),
+        in_progress_for: Duration::from_secs(600),
+        ..fast_sim_config()
+    })
+    .await;
+    let machines = windows_machines(&mde_client(&env).await, 2).await;
+    create(&env.client, "mistake", &machines[0]).await;
+    create(&env.client, "late", &machines[1]).await;
+
+    let pending = wait_status(&env.client, "mistake", |s| s.machine_action_id.is_some()).await;
+    assert_eq!(pending.action_status.as_deref(), Some("Pending"));
+    annotate_cancel(&env.client, "mistake", "wrong device").await;
+    let cancelled = wait_status(&env.client, "mistake", |s| {
+        s.phase.is_some_and(Phase::is_terminal)
+    })
+    .await;
+    let action = cancelled.machine_action_id.clone().unwrap();
+    assert_eq!(cancelled.phase, Some(Phase::Failed));
+    assert_eq!(cancelled.action_status.as_deref(), Some("Cancelled"));
+    let cancel = cancelled.cancel.clone().unwrap();
+    assert_eq!(cancel.state, defender_offboard::crd::CancelState::Sent);
+    assert_eq!(cancel.reason, "wrong device");
+    let mde = mde_client(&env).await;
+    let at_mde = mde.get_machine_action(&action).await.unwrap();
+    assert_eq!(at_mde.status.as_str(), "Cancelled");
+    assert!(
+        at_mde
+            .cancellation_comment
+            .as_deref()
+            .is_some_and(|c| c.ends_with("wrong device") && c.contains("[defender-offboard:")),
+        "{at_mde:?}"
+    );
+
+    let running = wait_status(&env.client, "late", |s| {
+        s.action_status.as_deref() == Some("InProgress")
+    })
+    .await;
+    annotate_cancel(&env.client, "late", "changed my mind").await;
+    let late = wait_status(&env.client, "late", |s| s.cancel.is_some()).await;
+    assert_eq!(
+        late.cancel.unwrap().state,
+        defender_offboard::crd::CancelState::TooLate
+    );
+    assert_eq!(late.phase, Some(Phase::InProgress), "the offboard goes on");
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.cancel_requests_by_action.get(&action),
+        Some(&1),
+        "{stats:?}"
+    );
+    let late_action = running.machine_action_id.unwrap();
+    assert_eq!(stats.cancel_requests_by_action.get(&late_action), None);
+    assert_eq!(stats.actions_cancelled, 1);
+    // The too-late Event is there for a person to read.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), "default");
+    let reasons: Vec<String> = with_timeout(10, async {
+        loop {
+            let reasons: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|e| e.reason)
+                .collect();
+            if reasons.iter().any(|r| r == "CancelTooLate") {
+                return reasons;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        reasons.iter().any(|r| r == "OffboardCancelled"),
+        "{reasons:?}"
+    );
+}

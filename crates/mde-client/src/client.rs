@@ -185,6 +185,7 @@ impl DefenderClient {
         machine_id: &str,
         comment: &str,
     ) -> Result<MachineAction, MdeError> {
+        let machine_id = Self::segment("machine id", machine_id)?;
         let url = self.api_url(&format!("api/machines/{machine_id}/offboard"), &[])?;
         let body = serde_json::json!({ "Comment": comment });
         let call = Call {
@@ -197,8 +198,30 @@ impl DefenderClient {
         self.call(call, permit).await
     }
 
+    /// `POST /api/machineactions/{id}/cancel` with `comment`, in a slot of
+    /// `permit` when one was reserved. MDE cancels only actions that are not
+    /// final; a refusal comes back as [`MdeError::BadRequest`].
+    pub async fn cancel_action(
+        &self,
+        permit: Option<Permit>,
+        action_id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        let action_id = Self::segment("action id", action_id)?;
+        let url = self.api_url(&format!("api/machineactions/{action_id}/cancel"), &[])?;
+        let call = Call {
+            family: ApiFamily::Cancel,
+            method: Method::POST,
+            url,
+            body: Some(serde_json::json!({ "Comment": comment })),
+            kind: CallKind::Write,
+        };
+        self.call(call, permit).await
+    }
+
     /// `GET /api/machines/{id}`.
     pub async fn get_machine(&self, machine_id: &str) -> Result<Machine, MdeError> {
+        let machine_id = Self::segment("machine id", machine_id)?;
         let url = self.api_url(&format!("api/machines/{machine_id}"), &[])?;
         self.call(Call::read(ApiFamily::Machines, url), None).await
     }
@@ -226,6 +249,7 @@ impl DefenderClient {
 
     /// `GET /api/machineactions/{id}`.
     pub async fn get_machine_action(&self, action_id: &str) -> Result<MachineAction, MdeError> {
+        let action_id = Self::segment("action id", action_id)?;
         let url = self.api_url(&format!("api/machineactions/{action_id}"), &[])?;
         self.call(Call::read(ApiFamily::MachineActions, url), None)
             .await
@@ -338,6 +362,26 @@ impl DefenderClient {
                 });
             }
             url = next;
+        }
+    }
+
+    /// `id` as one path segment: MDE's machine ids are hex and action ids are
+    /// GUIDs, so anything else (a `/`, `..`, `?`, `%`) is refused before a
+    /// URL is built: an edited status must not steer a POST to another path.
+    fn segment<'a>(what: &str, id: &'a str) -> Result<&'a str, MdeError> {
+        let valid = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if valid {
+            Ok(id)
+        } else {
+            Err(MdeError::BadRequest {
+                status: 0,
+                code: "InvalidId".into(),
+                message: format!(
+                    "{what} {id:?} is not an MDE id (letters, digits and '-' only); nothing was sent"
+                ),
+            })
         }
     }
 

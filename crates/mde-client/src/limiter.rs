@@ -23,13 +23,16 @@ pub enum ApiFamily {
     Offboard,
     MachineActions,
     Machines,
+    /// `POST /api/machineactions/{id}/cancel`: a write with its own limits.
+    Cancel,
 }
 
 impl ApiFamily {
-    pub const ALL: [ApiFamily; 3] = [
+    pub const ALL: [ApiFamily; 4] = [
         ApiFamily::Offboard,
         ApiFamily::MachineActions,
         ApiFamily::Machines,
+        ApiFamily::Cancel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +40,7 @@ impl ApiFamily {
             ApiFamily::Offboard => "offboard",
             ApiFamily::MachineActions => "machine_actions",
             ApiFamily::Machines => "machines",
+            ApiFamily::Cancel => "cancel",
         }
     }
 }

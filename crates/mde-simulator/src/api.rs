@@ -617,6 +617,11 @@ pub async fn cancel_action(
     };
     let base = base_url(&shared, &headers);
     let mut store = shared.lock();
+    *store
+        .stats
+        .cancel_requests_by_action
+        .entry(id.to_ascii_lowercase())
+        .or_default() += 1;
     match store.cancel(&id, &caller.client_id, &comment) {
         Ok(mut action) => {
             if store.config.faults.nulls {

@@ -67,6 +67,10 @@ pub struct SimStats {
     pub actions_created: u64,
     /// Actions cancelled through the API.
     pub actions_cancelled: u64,
+    /// Action id → cancel POSTs that reached the action (past the token, the
+    /// limits and injected faults), whether MDE cancelled it or refused: where
+    /// "one cancel per request" is asserted.
+    pub cancel_requests_by_action: BTreeMap<String, u64>,
     /// Offboard calls whose action was created but whose answer was lost.
     pub lost_responses: u64,
     /// 500/503 answers injected by `--fault-error-rate`.

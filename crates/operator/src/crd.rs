@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "defender.offboard.dev";
 /// Full CRD name.
 pub const CRD_NAME: &str = "deviceoffboards.defender.offboard.dev";
+/// Annotating a resource with this key (the value is the reason, sent to MDE
+/// as the cancel's comment) asks the operator to cancel its offboard while MDE
+/// still has it `Pending`: `kubectl annotate doff NAME defender.offboard.dev/cancel="wrong device"`.
+pub const CANCEL_ANNOTATION: &str = "defender.offboard.dev/cancel";
+
 /// Longest comment accepted. MDE documents no limit; this leaves room for the
 /// correlation marker the operator appends, and keeps requests small.
 pub const MAX_COMMENT_LEN: usize = 900;
@@ -143,6 +148,37 @@ pub struct DeviceOffboardStatus {
     pub next_retry_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<LastError>,
+    /// A cancel asked for with the `defender.offboard.dev/cancel` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelStatus>,
+}
+
+/// Where a requested cancel stands.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelStatus {
+    /// The annotation's value, sent to MDE as the cancel's comment.
+    pub reason: String,
+    pub state: CancelState,
+    /// When the cancel was last recorded as being sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Time>,
+    /// Cancel requests sent (a second one only after a read of the action
+    /// showed the first had not cancelled it).
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// The states of a cancel. Contract: these names are read by scripts.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CancelState {
+    /// Recorded before sending: the request may be in flight. The action is
+    /// read before any second request.
+    Requesting,
+    /// MDE accepted the cancel.
+    Sent,
+    /// The action was already `InProgress` or final: nothing was sent.
+    TooLate,
 }
 
 /// The CRD as YAML, exactly as `defender-offboard crd` prints it and as

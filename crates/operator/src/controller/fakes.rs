@@ -5,7 +5,7 @@
 
 use super::ports::MdeCalls;
 use mde_client::limiter::Permit;
-use mde_client::{Machine, MachineAction, MdeError, RateBudget, RateLimits};
+use mde_client::{ActionStatus, Machine, MachineAction, MdeError, RateBudget, RateLimits};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
@@ -41,6 +41,10 @@ struct State {
     refused_before_acting: u32,
     posts_by_key: BTreeMap<String, u32>,
     sends: VecDeque<Send>,
+    /// Scripted cancel outcomes (`Accept` cancels a non-final action).
+    cancels: VecDeque<Send>,
+    /// Cancel POSTs received per action id, whatever the answer.
+    cancels_by_action: BTreeMap<String, u32>,
     lookups: VecDeque<Lookup>,
     calls: u32,
 }
@@ -83,6 +87,28 @@ impl FakeMde {
     /// Append a scripted POST outcome.
     pub fn push_send(&self, send: Send) {
         self.lock().sends.push_back(send);
+    }
+
+    /// Script the next cancel POSTs (then every cancel is accepted).
+    pub fn cancels(self, script: impl IntoIterator<Item = Send>) -> Self {
+        self.lock().cancels.extend(script);
+        self
+    }
+
+    /// Cancel POSTs received for `action_id`, whatever the answer.
+    pub fn cancels_for(&self, action_id: &str) -> u32 {
+        self.lock()
+            .cancels_by_action
+            .get(action_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// MDE moves the action on (to `InProgress`, say).
+    pub fn set_status(&self, action_id: &str, status: ActionStatus) {
+        if let Some(action) = self.lock().actions.iter_mut().find(|a| a.id == action_id) {
+            action.status = status;
+        }
     }
 
     /// Append a scripted lookup outcome.
@@ -252,5 +278,48 @@ impl MdeCalls for FakeMde {
             .ok_or_else(|| MdeError::NotFound {
                 message: format!("MachineAction {id} was not found"),
             })
+    }
+
+    async fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> Result<MachineAction, MdeError> {
+        slot.complete();
+        let mut state = self.lock();
+        state.calls += 1;
+        *state.cancels_by_action.entry(id.to_string()).or_default() += 1;
+        let script = state.cancels.pop_front().unwrap_or(Send::Accept);
+        let cancel = |state: &mut State| {
+            let action = state
+                .actions
+                .iter_mut()
+                .find(|a| a.id == id)
+                .ok_or_else(|| MdeError::NotFound {
+                    message: format!("Action {id} was not found"),
+                })?;
+            if action.status.is_final() {
+                return Err(MdeError::BadRequest {
+                    status: 400,
+                    code: "BadRequest".into(),
+                    message: format!(
+                        "Action {id} is already {} and can no longer be cancelled.",
+                        action.status
+                    ),
+                });
+            }
+            action.status = ActionStatus::Cancelled;
+            action.cancellation_comment = Some(comment.to_string());
+            Ok(action.clone())
+        };
+        match script {
+            Send::Accept => cancel(&mut state),
+            Send::CreateThenFail(error) => {
+                cancel(&mut state)?;
+                Err(error)
+            }
+            Send::Fail(error) => Err(error),
+        }
     }
 }

@@ -53,6 +53,13 @@ pub trait MdeCalls: Send + Sync + 'static {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    /// `POST /api/machineactions/{id}/cancel` in a reserved budget slot.
+    fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
 }
 
 impl MdeCalls for DefenderClient {
@@ -103,6 +110,15 @@ impl MdeCalls for DefenderClient {
         id: &str,
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
         DefenderClient::get_machine_action(self, id)
+    }
+
+    fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        DefenderClient::cancel_action(self, Some(slot), id, comment)
     }
 }
 

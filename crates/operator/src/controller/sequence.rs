@@ -3,13 +3,13 @@
 //! result. The decisions are in [`super::decision`]; this is only the order.
 
 use super::decision::{
-    self, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
+    self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
 };
 use super::memory::{self, MachineClaim, ProcessMemory};
 use super::ports::{MdeCalls, StatusStore};
 use super::status::Reason;
 use super::{Error, Result};
-use crate::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
+use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::metrics::{Metrics, OutcomeLabels};
 use kube::ResourceExt;
 use mde_client::limiter::Permit;
@@ -46,13 +46,25 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
     let status = current.status.clone().unwrap_or_default();
     let submitting = status.phase == Some(Phase::Submitting);
     let clock = ports.memory.observe(&key, submitting);
+    let requesting_cancel = status
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.state == CancelState::Requesting);
     let view = View {
         submitting: clock,
+        cancel_clock: ports.memory.observe(&cancel_key(&key), requesting_cancel),
         ..view_of(ports, &current, &status)
     };
     match decision::plan(&view, ports.settings) {
         Plan::Idle { requeue } => Ok(requeue),
-        Plan::Refuse(transition) => apply(ports, &mut current, *transition).await,
+        Plan::Write(transition) => apply(ports, &mut current, *transition).await,
+        Plan::Cancel { action_id, reason } => {
+            cancel(ports, &mut current, &action_id, &reason).await
+        }
+        Plan::ReadCancelled {
+            action_id,
+            proves_absence,
+        } => read_cancelled(ports, &mut current, &action_id, proves_absence).await,
         Plan::Resolve { device_name } => {
             if let Some(wait) = budget_wait(ports.mde, ApiFamily::Machines) {
                 return Ok(Some(wait));
@@ -78,6 +90,90 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
             machine_id,
             proves_absence,
         } => look_up(ports, &mut current, &machine_id, proves_absence).await,
+    }
+}
+
+/// The key of a resource's cancel in this process's lookup clocks.
+fn cancel_key(uid: &str) -> String {
+    format!("{uid}/cancel")
+}
+
+/// Take a cancel slot, sign in, record the intent, send, record the answer.
+async fn cancel<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    action_id: &str,
+    reason: &str,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    if !ports.memory.may_send() {
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    let permit = match ports.mde.budget().try_reserve(ApiFamily::Cancel) {
+        Ok(permit) => permit,
+        Err(not_yet) => {
+            return Ok(Some(
+                not_yet.retry_at.map_or(Duration::from_millis(100), |at| {
+                    at.saturating_duration_since(tokio::time::Instant::now())
+                }),
+            ));
+        }
+    };
+    if ports.mde.sign_in().await.is_err() {
+        // Nothing recorded, nothing sent: try again after the usual backoff.
+        permit.cancel();
+        ports.memory.failed(&key);
+        return Ok(Some(retry_wait(ports, &key)));
+    }
+    let status = current.status.clone().unwrap_or_default();
+    let intent = decision::cancel_intent(&view_of(ports, current, &status), reason);
+    if let Err(error) = write_status(ports.store, current, &intent).await {
+        permit.cancel();
+        return Err(error);
+    }
+    if !ports.memory.may_send() {
+        permit.cancel();
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    ports.memory.sending(&cancel_key(&key));
+    let comment = comment_with_marker(reason, &key);
+    let result = ports.mde.cancel_action(permit, action_id, &comment).await;
+    let transition =
+        decision::after_cancel(&view_of(ports, current, &intent), result, ports.settings);
+    apply(ports, current, transition).await
+}
+
+/// An unconfirmed cancel: read the action; adopt a cancel, resend only when
+/// the read proves the first did nothing.
+async fn read_cancelled<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    action_id: &str,
+    proves_absence: bool,
+) -> Result<Requeue> {
+    if let Some(wait) = budget_wait(ports.mde, ApiFamily::MachineActions) {
+        return Ok(Some(wait));
+    }
+    let key = uid(current)?;
+    let found = ports.mde.get_machine_action(action_id).await;
+    if let Some(wait) = spent(&found) {
+        return Ok(Some(wait));
+    }
+    if !proves_absence {
+        ports.memory.looked_early(&cancel_key(&key));
+    }
+    let status = current.status.clone().unwrap_or_default();
+    let view = view_of(ports, current, &status);
+    match decision::after_cancel_read(&view, found, proves_absence, ports.settings) {
+        AfterCancelRead::Write(transition) => apply(ports, current, transition).await,
+        AfterCancelRead::Resend => {
+            let reason = status
+                .cancel
+                .as_ref()
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
+            cancel(ports, current, action_id, &reason).await
+        }
     }
 }
 
@@ -111,6 +207,13 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
     };
     match decision::after_lookup(&view, found, lookup, ports.settings) {
         AfterLookUp::Adopt(transition) => adopt(ports, current, transition).await,
+        // Asked to cancel while the first send was unconfirmed, and the
+        // lookup proved it created nothing: send nothing, end cancelled.
+        AfterLookUp::Send if current.annotations().contains_key(CANCEL_ANNOTATION) => {
+            let reason = current.annotations()[CANCEL_ANNOTATION].clone();
+            let transition = decision::cancelled_before_send(&view, &reason);
+            apply(ports, current, transition).await
+        }
         AfterLookUp::Send => submit(ports, current, machine_id, false).await,
         AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
     }
@@ -357,6 +460,13 @@ fn view_of<'a, M, S>(
         spec: &obj.spec,
         status,
         generation: obj.metadata.generation,
+        cancel: obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CANCEL_ANNOTATION))
+            .map(String::as_str),
+        cancel_clock: None,
         now: ports.memory.now(),
         submitting: None,
         retry_wait: obj.uid().map(|uid| retry_wait(ports, &uid)),

@@ -431,3 +431,133 @@ async fn an_action_mde_does_not_have_fails_the_resource() {
     );
     assert_eq!(status.machine_action_id, Some(recorded));
 }
+
+/// A resource whose offboard MDE holds `Pending`, annotated to cancel.
+async fn pending_and_annotated(mde: &FakeMde) -> MemoryStore {
+    let store = MemoryStore::new(resource(None));
+    let (status, _) = drive(mde, &store).await;
+    assert_eq!(status.action_status.as_deref(), Some("Pending"));
+    let mut obj = store.object();
+    obj.metadata.annotations = Some(
+        [(
+            crate::crd::CANCEL_ANNOTATION.to_string(),
+            "wrong device".to_string(),
+        )]
+        .into(),
+    );
+    MemoryStore::new(obj)
+}
+
+/// Step until final (or 20 steps), a new process after every failed step.
+async fn drive_to_final(mde: &FakeMde, store: &MemoryStore) -> DeviceOffboardStatus {
+    let (settings, metrics) = (settings(), Metrics::default());
+    let mut memory = ProcessMemory::default();
+    for _ in 0..20 {
+        let status = store.object().status.unwrap_or_default();
+        if status.phase.is_some_and(Phase::is_terminal)
+            || status
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.state == crate::crd::CancelState::TooLate)
+        {
+            return status;
+        }
+        let ports = Ports {
+            mde,
+            store,
+            memory: &memory,
+            settings: &settings,
+            metrics: &metrics,
+        };
+        if step(&store.object(), &ports).await.is_err() {
+            memory = ProcessMemory::default();
+        }
+    }
+    panic!("not final after 20 steps: {:?}", store.object().status);
+}
+
+/// Each fault on the cancel: cancel POSTs for the action. A second one only
+/// after a read proved the first cancelled nothing.
+#[tokio::test]
+async fn a_cancel_is_sent_once_whatever_the_answer() {
+    let rows = [
+        ("accepted", vec![], 1),
+        (
+            "timeout after MDE cancelled: read, adopted",
+            vec![Send::CreateThenFail(unknown("operation timed out"))],
+            1,
+        ),
+        (
+            "refused before MDE acted: read, then resent",
+            vec![Send::Fail(MdeError::Unavailable {
+                status: 503,
+                message: "try later".into(),
+            })],
+            2,
+        ),
+    ];
+    for (name, script, cancels) in rows {
+        let mde = FakeMde::default().cancels(script);
+        let store = pending_and_annotated(&mde).await;
+        let status = drive_to_final(&mde, &store).await;
+        let action = status.machine_action_id.clone().unwrap();
+        assert_eq!(mde.cancels_for(&action), cancels, "{name}");
+        assert_eq!(status.phase, Some(Phase::Failed), "{name}");
+        assert_eq!(status.action_status.as_deref(), Some("Cancelled"), "{name}");
+        let ready = condition(&status, super::status::READY).unwrap();
+        assert_eq!(ready.reason, "Cancelled", "{name}");
+        assert_eq!(mde.posts_for(UID), 1, "{name}: one offboard");
+    }
+    // A crash on the intent write: nothing sent; the next process sends once.
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    store.fail_write(1, FailWith::Crash);
+    let status = drive_to_final(&mde, &store).await;
+    assert_eq!(
+        mde.cancels_for(status.machine_action_id.as_deref().unwrap()),
+        1
+    );
+}
+
+/// Too late: MDE already runs the offboard. Nothing is sent, an Event says
+/// so once, and the resource goes on to its real end.
+#[tokio::test]
+async fn a_cancel_after_in_progress_sends_nothing() {
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    let action = store.object().status.unwrap().machine_action_id.unwrap();
+    mde.set_status(&action, mde_client::ActionStatus::InProgress);
+    // The poller saw it InProgress.
+    let mut obj = store.object();
+    obj.status.as_mut().unwrap().action_status = Some("InProgress".into());
+    let store = MemoryStore::new(obj);
+    let status = drive_to_final(&mde, &store).await;
+    assert_eq!(mde.cancels_for(&action), 0);
+    assert_eq!(status.phase, Some(Phase::InProgress));
+    let notes = store.notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].reason, super::status::Reason::CancelTooLate);
+}
+
+/// Two workers holding one resourceVersion: only one cancel leaves.
+#[tokio::test]
+async fn two_workers_cannot_both_cancel() {
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    let obj = store.object();
+    let (settings, metrics) = (settings(), Metrics::default());
+    let (a, b) = (ProcessMemory::default(), ProcessMemory::default());
+    let ports = |memory| Ports {
+        mde: &mde,
+        store: &store,
+        memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let first = step(&obj, &ports(&a)).await;
+    let second = step(&obj, &ports(&b)).await;
+    assert!(first.is_ok());
+    assert!(matches!(second, Err(Error::Conflict)), "{second:?}");
+    let action = obj.status.unwrap().machine_action_id.unwrap();
+    assert_eq!(mde.cancels_for(&action), 1);
+}

@@ -38,6 +38,10 @@ pub enum Reason {
     ConflictingAction,
     /// MDE says the action this resource records does not exist.
     ActionNotFound,
+    /// The offboard was cancelled (annotation, or in the Defender portal).
+    Cancelled,
+    /// A cancel was asked for after the action left `Pending`: nothing sent.
+    CancelTooLate,
 }
 
 impl Reason {
@@ -54,6 +58,7 @@ impl Reason {
             Reason::Adopted => "OffboardAdopted",
             Reason::Succeeded => "OffboardSucceeded",
             Reason::Failed => "OffboardFailed",
+            Reason::Cancelled => "OffboardCancelled",
             other => other.as_str(),
         }
     }

@@ -248,7 +248,21 @@ fn phase_of(action: &MachineAction) -> (Phase, Reason, String, Option<Reason>) {
             format!("MDE offboard action {} succeeded", action.id),
             Some(Reason::Succeeded),
         ),
-        ActionStatus::Failed | ActionStatus::TimeOut | ActionStatus::Cancelled => (
+        ActionStatus::Cancelled => (
+            Phase::Failed,
+            Reason::Cancelled,
+            format!(
+                "MDE offboard action {} was cancelled{}; create a new DeviceOffboard to offboard the device after all",
+                action.id,
+                action
+                    .cancellation_comment
+                    .as_deref()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default()
+            ),
+            Some(Reason::Cancelled),
+        ),
+        ActionStatus::Failed | ActionStatus::TimeOut => (
             Phase::Failed,
             Reason::Failed,
             format!(
@@ -266,7 +280,7 @@ fn phase_of(action: &MachineAction) -> (Phase, Reason, String, Option<Reason>) {
     }
 }
 
-fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
+pub(super) fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
     let word = action.status.as_str().to_string();
     let (phase, reason, message, note) = phase_of(action);
     let already_submitted = condition(view.status, SUBMITTED).is_some_and(|c| c.status == "True");
@@ -300,7 +314,7 @@ fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
                 ConditionUpdate {
                     type_: STALLED,
                     holds: true,
-                    reason: Reason::Failed,
+                    reason,
                     message: message.clone(),
                 },
             );

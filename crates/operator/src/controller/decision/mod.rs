@@ -14,6 +14,7 @@
 //! these functions through [`super::sequence`].
 
 mod after;
+mod cancel;
 mod errors;
 mod lookup;
 mod plan;
@@ -23,6 +24,9 @@ mod tests;
 pub use after::{
     AfterSend, Origin, action_gone, after_poll, after_resolve, after_send, record_action,
     submitting, waiting_for_budget,
+};
+pub use cancel::{
+    AfterCancelRead, after_cancel, after_cancel_read, cancel_intent, cancelled_before_send,
 };
 pub use errors::{list_failed, lookup_failed, on_error};
 pub use lookup::{AfterLookUp, Found, LookUp, after_lookup, found_in, pending_in};
@@ -87,6 +91,10 @@ pub struct View<'a> {
     /// The wait before the next retry after a transient failure, grown by the
     /// caller with the failures in a row (`None`: `Settings::retry_backoff`).
     pub retry_wait: Option<Duration>,
+    /// The `defender.offboard.dev/cancel` annotation's value, if any.
+    pub cancel: Option<&'a str>,
+    /// While a cancel is `Requesting`: how long this process has seen it so.
+    pub cancel_clock: Option<SubmittingClock>,
 }
 
 /// What the `Ready` and `Submitted` conditions say about a new phase.
@@ -118,6 +126,14 @@ impl Submitted {
 impl View<'_> {
     fn phase(&self) -> Phase {
         self.status.phase.unwrap_or_default()
+    }
+
+    /// The cancel annotation's reason (a blank one still asks to cancel).
+    fn cancel_reason(&self) -> Option<&str> {
+        self.cancel.map(|reason| match reason.trim() {
+            "" => "cancel asked for with a blank defender.offboard.dev/cancel annotation",
+            reason => reason,
+        })
     }
 
     fn machine_id(&self) -> Option<String> {

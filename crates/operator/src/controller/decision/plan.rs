@@ -28,15 +28,60 @@ pub enum Plan {
         machine_id: String,
         proves_absence: bool,
     },
-    /// The spec names no device (the schema forbids it): fail with this transition.
-    Refuse(Box<Transition>),
+    /// Write this transition, nothing else: a spec with no device (the schema
+    /// forbids it), a cancel before sending or one that comes too late.
+    Write(Box<Transition>),
+    /// Record the cancel's intent, then `POST .../cancel` for the action.
+    Cancel { action_id: String, reason: String },
+    /// A cancel was recorded but not confirmed: read the action before any
+    /// second request. Only a read `lookup_delay` after the send may resend.
+    ReadCancelled {
+        action_id: String,
+        proves_absence: bool,
+    },
+}
+
+/// When a lookup that must precede a resend may run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum LookupTiming {
+    /// Now; `proves_absence` once this process has seen the intent for
+    /// `lookup_delay` on its own monotonic clock (earlier, it may only adopt).
+    Now { proves_absence: bool },
+    /// The early lookup was made: wait this long for the one that may prove.
+    Later(Duration),
+}
+
+pub(super) fn lookup_timing(clock: Option<SubmittingClock>, settings: &Settings) -> LookupTiming {
+    let clock = clock.unwrap_or(SubmittingClock {
+        seen_for: Duration::ZERO,
+        looked_early: false,
+    });
+    if clock.seen_for >= settings.lookup_delay {
+        LookupTiming::Now {
+            proves_absence: true,
+        }
+    } else if !clock.looked_early {
+        LookupTiming::Now {
+            proves_absence: false,
+        }
+    } else {
+        LookupTiming::Later(settings.lookup_delay - clock.seen_for)
+    }
 }
 
 /// The next step for a resource, from its spec and status alone.
 pub fn plan(view: &View, settings: &Settings) -> Plan {
     let phase = view.phase();
-    if phase.is_terminal() || view.status.machine_action_id.is_some() {
-        // Final, or an action exists: the batch poller takes it from here.
+    if phase.is_terminal() {
+        return Plan::Idle { requeue: None };
+    }
+    if let Some(reason) = view.cancel_reason()
+        && let Some(plan) = super::cancel::plan_cancel(view, reason, settings)
+    {
+        return plan;
+    }
+    if view.status.machine_action_id.is_some() {
+        // An action exists: the batch poller takes it from here.
         return Plan::Idle { requeue: None };
     }
     if let Some(wait) = view.until(view.status.next_retry_at.as_ref()) {
@@ -45,27 +90,15 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
         };
     }
     match (phase, view.machine_id()) {
-        (Phase::Submitting, Some(machine_id)) => {
-            let clock = view.submitting.unwrap_or(SubmittingClock {
-                seen_for: Duration::ZERO,
-                looked_early: false,
-            });
-            if clock.seen_for >= settings.lookup_delay {
-                Plan::LookUp {
-                    machine_id,
-                    proves_absence: true,
-                }
-            } else if !clock.looked_early {
-                Plan::LookUp {
-                    machine_id,
-                    proves_absence: false,
-                }
-            } else {
-                Plan::Idle {
-                    requeue: Some(settings.lookup_delay - clock.seen_for),
-                }
-            }
-        }
+        (Phase::Submitting, Some(machine_id)) => match lookup_timing(view.submitting, settings) {
+            LookupTiming::Now { proves_absence } => Plan::LookUp {
+                machine_id,
+                proves_absence,
+            },
+            LookupTiming::Later(wait) => Plan::Idle {
+                requeue: Some(wait),
+            },
+        },
         (_, Some(machine_id)) => Plan::Submit {
             machine_id,
             check_machine: view.status.attempts.unwrap_or(0) == 0,
@@ -75,7 +108,7 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
                 device_name: device_name.clone(),
             },
             // The schema forbids this; say so rather than loop.
-            None => Plan::Refuse(Box::new(invalid_spec(view))),
+            None => Plan::Write(Box::new(invalid_spec(view))),
         },
     }
 }

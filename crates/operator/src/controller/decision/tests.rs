@@ -73,6 +73,8 @@ fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> V
         now: now(),
         submitting: None,
         retry_wait: None,
+        cancel: None,
+        cancel_clock: None,
     }
 }
 
@@ -630,7 +632,7 @@ fn a_spec_without_a_device_fails_with_the_fix_named() {
         comment: "retired".into(),
     };
     let none = DeviceOffboardStatus::default();
-    let Plan::Refuse(t) = plan(&view(&spec, &none), &settings()) else {
+    let Plan::Write(t) = plan(&view(&spec, &none), &settings()) else {
         panic!("a spec without a device must be refused")
     };
     assert_eq!(t.status.phase, Some(Phase::Failed));
@@ -752,4 +754,180 @@ fn unchanged_state_produces_an_identical_status() {
         first.status, second.status,
         "waiting again must not cause a status write"
     );
+}
+
+/// What the cancel annotation leads to, for every state a resource can be in.
+#[test]
+fn plan_for_a_cancel_annotation() {
+    let spec = by_id();
+    let s = settings();
+    let cancelling = |status: &DeviceOffboardStatus, clock| {
+        let v = View {
+            cancel: Some("wrong device"),
+            cancel_clock: clock,
+            ..view(&spec, status)
+        };
+        plan(&v, &s)
+    };
+    // Pending at MDE: send the cancel.
+    let pending = with_action(Phase::InProgress, "Pending");
+    assert_eq!(
+        cancelling(&pending, None),
+        Plan::Cancel {
+            action_id: ACTION.into(),
+            reason: "wrong device".into()
+        }
+    );
+    // InProgress at MDE: too late, said once, nothing sent.
+    let running = with_action(Phase::InProgress, "InProgress");
+    let Plan::Write(t) = cancelling(&running, None) else {
+        panic!("too late is a write")
+    };
+    assert_eq!(t.note.as_ref().unwrap().reason, Reason::CancelTooLate);
+    let cancel = t.status.cancel.clone().unwrap();
+    assert_eq!(cancel.state, crate::crd::CancelState::TooLate);
+    assert_eq!(
+        t.status.phase,
+        Some(Phase::InProgress),
+        "the offboard goes on"
+    );
+    assert_eq!(
+        cancelling(&t.status, None),
+        Plan::Idle { requeue: None },
+        "said once"
+    );
+    // Final: nothing at all.
+    let done = with_action(Phase::Succeeded, "Succeeded");
+    assert_eq!(cancelling(&done, None), Plan::Idle { requeue: None });
+    // Not sent yet: end cancelled, nothing sent.
+    let Plan::Write(t) = cancelling(&status(Phase::Pending), None) else {
+        panic!("a cancel before sending is a write")
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(t.status.machine_action_id, None);
+    // Submitting: the lookup comes first.
+    assert!(matches!(
+        cancelling(&submitting_since(0), None),
+        Plan::LookUp { .. }
+    ));
+    // A cancel recorded but unconfirmed: read the action; only a read after
+    // the delay may lead to a second request.
+    let mut requesting = pending.clone();
+    requesting.cancel = Some(crate::crd::CancelStatus {
+        reason: "wrong device".into(),
+        state: crate::crd::CancelState::Requesting,
+        requested_at: None,
+        attempts: 1,
+    });
+    assert_eq!(
+        cancelling(&requesting, clock(0, false)),
+        Plan::ReadCancelled {
+            action_id: ACTION.into(),
+            proves_absence: false
+        }
+    );
+    assert_eq!(
+        cancelling(&requesting, clock(1, true)),
+        Plan::Idle {
+            requeue: Some(Duration::from_secs(4))
+        }
+    );
+    assert_eq!(
+        cancelling(&requesting, clock(5, true)),
+        Plan::ReadCancelled {
+            action_id: ACTION.into(),
+            proves_absence: true
+        }
+    );
+    // Without the annotation, a recorded action is the poller's.
+    assert_eq!(
+        plan(&view(&spec, &pending), &s),
+        Plan::Idle { requeue: None }
+    );
+}
+
+/// After the cancel request: accepted ends `Failed`/`Cancelled`; refused is
+/// too late; an ambiguous answer keeps the intent and reads after the delay.
+#[test]
+fn after_a_cancel_request() {
+    let spec = by_id();
+    let s = settings();
+    let pending = with_action(Phase::InProgress, "Pending");
+    let intent = cancel_intent(&view(&spec, &pending), "wrong device");
+    assert_eq!(intent.cancel.as_ref().unwrap().attempts, 1);
+    assert_ne!(
+        intent, pending,
+        "the intent write always changes the object"
+    );
+    let v = view(&spec, &intent);
+
+    let mut cancelled_action = action(ActionStatus::Cancelled);
+    cancelled_action.cancellation_comment = Some("[defender-offboard:uid] wrong device".into());
+    let t = after_cancel(&v, Ok(cancelled_action.clone()), &s);
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(t.status.action_status.as_deref(), Some("Cancelled"));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::Sent
+    );
+    assert_eq!(t.note.as_ref().unwrap().reason, Reason::Cancelled);
+
+    let refused = MdeError::BadRequest {
+        status: 400,
+        code: "BadRequest".into(),
+        message: "Action is already Succeeded and can no longer be cancelled.".into(),
+    };
+    let t = after_cancel(&v, Err(refused), &s);
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::TooLate
+    );
+    assert_eq!(t.note.unwrap().reason, Reason::CancelTooLate);
+
+    let timeout = MdeError::OutcomeUnknown {
+        reason: "timed out".into(),
+    };
+    let t = after_cancel(&v, Err(timeout.clone()), &s);
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::Requesting
+    );
+    assert_eq!(t.requeue, Some(s.lookup_delay));
+
+    // The read afterwards: cancelled is adopted whenever it is read; still
+    // Pending resends only after the delay; InProgress is too late.
+    assert!(matches!(
+        after_cancel_read(&v, Ok(cancelled_action), false, &s),
+        AfterCancelRead::Write(t) if t.status.phase == Some(Phase::Failed)
+    ));
+    assert_eq!(
+        after_cancel_read(&v, Ok(action(ActionStatus::Pending)), true, &s),
+        AfterCancelRead::Resend
+    );
+    assert!(matches!(
+        after_cancel_read(&v, Ok(action(ActionStatus::Pending)), false, &s),
+        AfterCancelRead::Write(t) if t.status == intent
+    ));
+    assert!(matches!(
+        after_cancel_read(&v, Ok(action(ActionStatus::InProgress)), true, &s),
+        AfterCancelRead::Write(t) if t.note.as_ref().unwrap().reason == Reason::CancelTooLate
+    ));
+    assert!(matches!(
+        after_cancel_read(&v, Err(timeout), true, &s),
+        AfterCancelRead::Write(t) if t.status.cancel.as_ref().unwrap().state == crate::crd::CancelState::Requesting
+    ));
+}
+
+/// An action cancelled elsewhere (the Defender portal) ends `Failed` with
+/// reason `Cancelled`, not a generic failure.
+#[test]
+fn an_action_cancelled_elsewhere_reads_cancelled() {
+    let spec = by_id();
+    let pending = with_action(Phase::InProgress, "Pending");
+    let t = after_poll(&view(&spec, &pending), &action(ActionStatus::Cancelled)).unwrap();
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(condition(&t.status, STALLED).unwrap().reason, "Cancelled");
 }
