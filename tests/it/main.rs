@@ -2,6 +2,7 @@
 //! links one test executable instead of eight. Everything runs on loopback.
 //!
 //! - `chart`, `crd_admission`: the Helm chart and the CRD against the generated types;
+//! - `observability`: the chart's alerts and dashboard against the registered metrics;
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
@@ -15,4 +16,5 @@ mod controller;
 mod crd_admission;
 mod e2e;
 mod fault_matrix;
+mod observability;
 mod rbac;

@@ -1,6 +1,7 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
 pub mod decision;
+pub mod gauges;
 pub mod leader;
 pub mod memory;
 pub mod poller;
@@ -334,6 +335,12 @@ pub async fn run_controller<M: MdeCalls>(
         ctx.liveness.clone(),
         POLLER_RESTART_DELAY,
     )));
+    let gauges = AbortOnDrop(tokio::spawn(gauges::run(
+        controller.store(),
+        ctx.metrics.clone(),
+        ctx.mde.budget().clone(),
+        GAUGE_INTERVAL,
+    )));
     controller
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -343,6 +350,7 @@ pub async fn run_controller<M: MdeCalls>(
         })
         .await;
     drop(poller);
+    drop(gauges);
 }
 
 /// A task handle that aborts its task when dropped.
@@ -395,6 +403,9 @@ async fn seed_budget_from_history<M: MdeCalls>(
 
 /// How long a dead poller stays down before it is started again.
 const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// How often the budget-left and in-flight-age gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The longest window worth remembering (MDE's hourly limit).
 const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);
