@@ -4,6 +4,7 @@
 use super::discovery;
 use super::openapi;
 use super::ops::{Shared, WriteParams, to_external};
+use super::paging::PageRequest;
 use super::patch::PatchKind;
 use super::protobuf;
 use super::registry::ResourceType;
@@ -233,6 +234,23 @@ fn write_params(query: &HashMap<String, String>, headers: &HeaderMap) -> WritePa
     }
 }
 
+fn page_request(query: &HashMap<String, String>) -> Result<PageRequest<'_>, ApiError> {
+    let limit = match query.get("limit").map(String::as_str) {
+        None | Some("") => 0,
+        Some(raw) => raw
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit: {raw:?}")))?
+            .max(0) as usize,
+    };
+    Ok(PageRequest {
+        limit,
+        token: query
+            .get("continue")
+            .map(String::as_str)
+            .filter(|t| !t.is_empty()),
+    })
+}
+
 fn selectors(
     rt: &ResourceType,
     query: &HashMap<String, String>,
@@ -297,13 +315,25 @@ async fn resource(
             if flag(&query, "watch") {
                 return watch_response(app, rt, ns, &query, labels, fields, form, include);
             }
-            let (items, rv) = shared.list_stored(&rt, ns, &labels, &fields);
-            let objects: Vec<Value> = items.iter().map(|o| to_external(&rt, o)).collect();
-            let body = match form {
+            let page = shared.list_page(&rt, ns, &labels, &fields, page_request(&query)?)?;
+            let objects: Vec<Value> = page.items.iter().map(|o| to_external(&rt, o)).collect();
+            let rv = page.rv;
+            let mut body = match form {
                 Form::Table => table::table(&rt, &objects, Some(rv), &include),
                 Form::Metadata => table::partial_metadata_list(&objects, rv),
-                Form::Object => shared.list(&rt, ns, &labels, &fields),
+                Form::Object => serde_json::json!({
+                    "apiVersion": rt.api_version(),
+                    "kind": rt.list_kind,
+                    "metadata": {"resourceVersion": rv.to_string()},
+                    "items": objects,
+                }),
             };
+            if let Some(token) = page.continue_token {
+                body["metadata"]["continue"] = token.into();
+            }
+            if let Some(remaining) = page.remaining {
+                body["metadata"]["remainingItemCount"] = remaining.into();
+            }
             Ok(json_response(200, &body))
         }
         (Method::GET, Some(name)) => {
@@ -340,8 +370,9 @@ async fn resource(
                 .unwrap_or_default();
             let kind = PatchKind::from_content_type(content_type)?;
             let patch = parse_body(headers, body)?;
-            let object = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
-            Ok(json_response(200, &object))
+            let patched = shared.patch(&rt, ns, name, &subresource, kind, &patch, &params)?;
+            let code = if patched.created { 201 } else { 200 };
+            Ok(json_response(code, &patched.object))
         }
         (Method::DELETE, Some(name)) => {
             let options = parse_body(headers, body).unwrap_or(Value::Null);

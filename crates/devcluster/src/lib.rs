@@ -1,8 +1,8 @@
 //! In-memory Kubernetes API double for `defender-offboard dev` and tests.
 //!
 //! It serves custom resources from CRDs plus the built-ins the operator and
-//! kubectl use (namespaces, secrets, configmaps, events in `v1` and
-//! `events.k8s.io/v1`, leases, CRDs) over plain HTTP on loopback, with
+//! kubectl use (namespaces, nodes, secrets, configmaps, services with
+//! `default/kubernetes`, events in `v1` and `events.k8s.io/v1`, leases, CRDs) over plain HTTP on loopback, with
 //! kube-apiserver's semantics where clients depend on them: resourceVersions,
 //! list/watch with bookmarks and `410 Gone`, the status subresource split,
 //! `generation`, optimistic concurrency, patches, schema and CEL validation,
@@ -29,6 +29,7 @@ pub mod kubeconfig;
 mod lifecycle;
 mod openapi;
 mod ops;
+mod paging;
 mod patch;
 mod protobuf;
 mod registry;
@@ -141,6 +142,10 @@ pub async fn spawn_api(
     for name in names {
         seed(&shared, &namespaces, json!({"metadata": {"name": name}}))?;
     }
+    let services = registry
+        .find("", "v1", "services")
+        .expect("services are built in");
+    seed(&shared, &services, kubernetes_service(addr))?;
     for crd in &config.crds {
         let object = serde_json::to_value(crd).map_err(std::io::Error::other)?;
         seed(&shared, &crds, object)?;
@@ -159,6 +164,23 @@ pub async fn spawn_api(
         addr,
         shared,
         server,
+    })
+}
+
+/// The `default/kubernetes` Service every cluster has; clients read it to find the API.
+fn kubernetes_service(addr: SocketAddr) -> serde_json::Value {
+    json!({
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": addr.ip().to_string(),
+            "clusterIPs": [addr.ip().to_string()],
+            "ipFamilies": [if addr.is_ipv4() { "IPv4" } else { "IPv6" }],
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": addr.port()}],
+            "sessionAffinity": "None",
+        },
+        "status": {"loadBalancer": {}},
     })
 }
 

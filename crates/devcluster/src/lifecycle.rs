@@ -101,6 +101,10 @@ pub(super) fn delete_locked(
     if held {
         last["metadata"]["deletionTimestamp"] = now().into();
         last["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+        // Like kube's markAsDeleting: terminating is a change of desired state.
+        if let Some(generation) = last["metadata"]["generation"].as_i64().filter(|g| *g > 0) {
+            last["metadata"]["generation"] = (generation + 1).into();
+        }
         if rt.is_namespaces() {
             last["status"]["phase"] = "Terminating".into();
         }

@@ -72,12 +72,18 @@ fn operation(rt: &ResourceType, action: &str, with_body: bool) -> Value {
             .as_array_mut()
             .expect("array")
             .push(query("force", "boolean"));
-        op["requestBody"] = json!({"content": {
+        let mut content = json!({
             "application/apply-patch+yaml": {"schema": {"type": "object"}},
             "application/json-patch+json": {"schema": {"type": "object"}},
             "application/merge-patch+json": {"schema": {"type": "object"}},
-            "application/strategic-merge-patch+json": {"schema": {"type": "object"}},
-        }});
+        });
+        // kubectl sends a strategic merge patch only where the document offers one;
+        // custom resources have no patch strategies, so kube-apiserver does not.
+        if !rt.custom {
+            content["application/strategic-merge-patch+json"] =
+                json!({"schema": {"type": "object"}});
+        }
+        op["requestBody"] = json!({"content": content});
     } else if with_body {
         op["requestBody"] = json!({"content": {"application/json": {"schema": reference}}});
     }

@@ -7,6 +7,7 @@ use super::lifecycle::{
     after_removal, crd_status, defaults_on_create, delete_locked, finish_namespace,
     terminating_namespace, validate_crd,
 };
+use super::paging::{self, Continue, Page, PageRequest};
 use super::patch::{self, PatchKind};
 use super::registry::{Registry, ResourceType};
 use super::selector::{FieldSelector, LabelSelector};
@@ -76,6 +77,13 @@ impl WriteParams {
                 &self.default_manager
             })
     }
+}
+
+/// The result of a patch: an apply patch may create the object (`201`).
+#[derive(Debug)]
+pub struct Patched {
+    pub object: Value,
+    pub created: bool,
 }
 
 /// A stored object as the given resource version presents it.
@@ -183,6 +191,19 @@ fn conflict(rt: &ResourceType, name: &str) -> ApiError {
     ApiError::conflict(&rt.group, &rt.plural, name)
 }
 
+fn missing_resource_version(rt: &ResourceType, name: &str) -> ApiError {
+    ApiError::invalid(
+        &rt.group,
+        &rt.kind,
+        name,
+        vec![Cause {
+            reason: "FieldValueInvalid",
+            message: "Invalid value: 0x0: must be specified for an update".into(),
+            field: "metadata.resourceVersion".into(),
+        }],
+    )
+}
+
 fn validate_object(
     rt: &ResourceType,
     object: &mut Value,
@@ -234,20 +255,36 @@ impl Shared {
         (items, state.store.current_rv())
     }
 
-    pub fn list(
+    /// One page of matching objects (storage form), read at the version the first page saw.
+    pub fn list_page(
         &self,
         rt: &ResourceType,
         namespace: Option<&str>,
         labels: &LabelSelector,
         fields: &FieldSelector,
-    ) -> Value {
-        let (items, rv) = self.list_stored(rt, namespace, labels, fields);
-        json!({
-            "apiVersion": rt.api_version(),
-            "kind": rt.list_kind,
-            "metadata": {"resourceVersion": rv.to_string()},
-            "items": items.iter().map(|o| to_external(rt, o)).collect::<Vec<_>>(),
-        })
+        request: PageRequest<'_>,
+    ) -> Result<Page, ApiError> {
+        let from = request.token.map(Continue::decode).transpose()?;
+        let state = self.lock();
+        let ns = if rt.namespaced { namespace } else { None };
+        let rv = from.as_ref().map_or(state.store.current_rv(), |c| c.rv);
+        let objects = state
+            .store
+            .list_at(&rt.storage, ns, rv)
+            .map_err(|_| paging::expired_token())?;
+        drop(state);
+        let matching = objects
+            .into_iter()
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o))
+            .collect();
+        let filtered = !(labels.is_empty() && fields.is_empty());
+        Ok(paging::page(
+            matching,
+            rv,
+            from.as_ref(),
+            request.limit,
+            filtered,
+        ))
     }
 
     pub fn create(
@@ -293,10 +330,13 @@ impl Shared {
             .get(&rt.storage, &k.0, &k.1)
             .cloned()
             .ok_or_else(|| not_found(rt, name))?;
-        if let Some(rv) = meta_str(&new, "resourceVersion")
-            && Some(rv) != meta_str(&old, "resourceVersion")
-        {
-            return Err(conflict(rt, name));
+        match meta_str(&new, "resourceVersion") {
+            // Custom resources allow no unconditional update (built-ins mostly do).
+            None if rt.custom => return Err(missing_resource_version(rt, name)),
+            Some(rv) if Some(rv) != meta_str(&old, "resourceVersion") => {
+                return Err(conflict(rt, name));
+            }
+            _ => {}
         }
         let (stored, rv) =
             commit_update(&mut state, rt, &k, &old, new, subresource, params, false)?;
@@ -317,7 +357,10 @@ impl Shared {
         kind: PatchKind,
         body: &Value,
         params: &WriteParams,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Patched, ApiError> {
+        if kind == PatchKind::StrategicMerge && rt.custom {
+            return Err(ApiError::strategic_merge_unsupported());
+        }
         let mut state = self.lock();
         let k = key(rt, namespace, name);
         let old = state.store.get(&rt.storage, &k.0, &k.1).cloned();
@@ -368,7 +411,10 @@ impl Shared {
                 if !params.dry_run {
                     self.notify(rv);
                 }
-                return Ok(to_external(rt, &stored));
+                return Ok(Patched {
+                    object: to_external(rt, &stored),
+                    created: true,
+                });
             }
             return Err(not_found(rt, name));
         };
@@ -410,7 +456,10 @@ impl Shared {
         if let Some(rv) = rv {
             self.notify(rv);
         }
-        Ok(to_external(rt, &stored))
+        Ok(Patched {
+            object: to_external(rt, &stored),
+            created: false,
+        })
     }
 
     pub fn delete(

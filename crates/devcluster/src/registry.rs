@@ -161,6 +161,28 @@ pub fn builtins() -> Vec<ResourceType> {
         Builtin {
             group: "",
             version: "v1",
+            kind: "Service",
+            plural: "services",
+            namespaced: true,
+            short_names: &["svc"],
+            status_subresource: true,
+            storage: "core/services",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "Node",
+            plural: "nodes",
+            namespaced: false,
+            short_names: &["no"],
+            status_subresource: true,
+            storage: "core/nodes",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
             kind: "Event",
             plural: "events",
             namespaced: true,

@@ -117,6 +117,10 @@ impl LabelSelector {
         Ok(Self { requirements })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty()
+    }
+
     pub fn matches(&self, object: &Value) -> bool {
         let labels = &object["metadata"]["labels"];
         self.requirements.iter().all(|r| {
@@ -191,6 +195,10 @@ impl FieldSelector {
             terms.push((field, value.trim().to_string(), equal));
         }
         Ok(Self { terms })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
     }
 
     pub fn matches(&self, object: &Value) -> bool {

@@ -139,6 +139,15 @@ impl ApiError {
         )
     }
 
+    /// `415` for a strategic-merge patch of a custom resource: it has no Go struct to carry patch strategies.
+    pub fn strategic_merge_unsupported() -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+        )
+    }
+
     /// `410 Gone` for a watch or list from a resourceVersion older than the kept history.
     pub fn expired(requested: u64, oldest: u64) -> Self {
         Self::new(

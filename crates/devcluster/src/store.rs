@@ -142,6 +142,43 @@ impl Store {
         }
     }
 
+    /// Objects of a storage as they were at `rv` (ordered like [`Store::list`]), rebuilt from
+    /// the history; `Err(oldest)` when changes after `rv` were already dropped.
+    pub fn list_at(
+        &self,
+        storage: &str,
+        namespace: Option<&str>,
+        rv: u64,
+    ) -> Result<Vec<(Key, Value)>, u64> {
+        let mut objects: BTreeMap<Key, Value> = self
+            .objects
+            .get(storage)
+            .map(|objects| {
+                objects
+                    .iter()
+                    .filter(|((ns, _), _)| namespace.is_none_or(|want| want == ns))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Undo the changes after `rv`, newest first, so each key ends as it was at `rv`.
+        for change in self.changes_since(storage, rv)?.into_iter().rev() {
+            if namespace.is_some_and(|want| want != change.namespace) {
+                continue;
+            }
+            let name = change.object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let key = (change.namespace.clone(), name);
+            match change.previous {
+                Some(previous) => objects.insert(key, Value::clone(&previous)),
+                None => objects.remove(&key),
+            };
+        }
+        Ok(objects.into_iter().collect())
+    }
+
     /// Changes of a storage after `rv`, or `Err(oldest)` when some were already dropped.
     pub fn changes_since(&self, storage: &str, rv: u64) -> Result<Vec<Change>, u64> {
         let Some(history) = self.histories.get(storage) else {
@@ -172,5 +209,31 @@ mod tests {
         let kept = store.changes_since("s", 2).expect("rv 2 is still covered");
         assert_eq!(kept.iter().map(|c| c.rv).collect::<Vec<_>>(), vec![3, 4]);
         assert!(store.changes_since("s", 4).expect("current").is_empty());
+    }
+
+    #[test]
+    fn lists_as_of_a_kept_version() {
+        let mut store = Store::new(3);
+        let key = |name: &str| (String::new(), name.to_string());
+        let object = |name: &str, v: u64| json!({"metadata": {"name": name}, "v": v});
+        for name in ["a", "b"] {
+            let rv = store.next_rv();
+            store.put("s", key(name), object(name, rv), rv);
+        }
+        let at = store.current_rv();
+        let rv = store.next_rv();
+        store.put("s", key("a"), object("a", rv), rv);
+        let rv = store.next_rv();
+        store.remove("s", &key("b"), object("b", rv), rv);
+        let rv = store.next_rv();
+        store.put("s", key("c"), object("c", rv), rv);
+        let then: Vec<(String, Value)> = store
+            .list_at("s", None, at)
+            .expect("kept")
+            .into_iter()
+            .map(|((_, name), v)| (name, v["v"].clone()))
+            .collect();
+        assert_eq!(then, vec![("a".into(), json!(1)), ("b".into(), json!(2))]);
+        assert_eq!(store.list_at("s", None, 1).err(), Some(3));
     }
 }

@@ -222,6 +222,17 @@ fn columns(rt: &ResourceType) -> Vec<Column> {
             computed("Data", "string", Source::Count("data"), 0),
             age_column(),
         ],
+        "Service" => vec![
+            name_column(0),
+            path("Type", "string", ".spec.type", 0),
+            path("Cluster-IP", "string", ".spec.clusterIP", 0),
+            age_column(),
+        ],
+        "Node" => vec![
+            name_column(0),
+            path("Version", "string", ".status.nodeInfo.kubeletVersion", 0),
+            age_column(),
+        ],
         "Lease" => vec![
             name_column(0),
             path("Holder", "string", ".spec.holderIdentity", 0),
