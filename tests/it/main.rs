@@ -5,6 +5,7 @@
 //! - `observability`: the chart's alerts and dashboard against the registered metrics;
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
+//! - `lifecycle`: node offboarding and TTL cleanup against the in-memory API;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
@@ -16,5 +17,6 @@ mod controller;
 mod crd_admission;
 mod e2e;
 mod fault_matrix;
+mod lifecycle;
 mod observability;
 mod rbac;

@@ -73,6 +73,7 @@ mod tests {
                 machine_id: None,
                 device_name: Some("pc".into()),
                 comment: "c".into(),
+                ttl_seconds_after_finished: None,
             },
         );
         r.metadata.creation_timestamp = Some(Time(

@@ -38,6 +38,8 @@ pub enum Reason {
     ConflictingAction,
     /// MDE says the action this resource records does not exist.
     ActionNotFound,
+    /// `spec.ttlSecondsAfterFinished` passed: the finished resource is deleted.
+    Expired,
 }
 
 impl Reason {
@@ -71,7 +73,11 @@ impl Reason {
     pub fn is_warning(self) -> bool {
         !matches!(
             self,
-            Reason::Requested | Reason::Adopted | Reason::Succeeded | Reason::InProgress
+            Reason::Requested
+                | Reason::Adopted
+                | Reason::Succeeded
+                | Reason::InProgress
+                | Reason::Expired
         )
     }
 }
