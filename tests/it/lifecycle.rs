@@ -327,3 +327,46 @@ async fn ttl_deletes_a_finished_resource_and_never_an_unfinished_one() {
         4
     );
 }
+
+/// A Node whose record cannot be created (here: its namespace does not
+/// exist) is held and retried until `--node-finalizer-max-age`, then released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_never_held_past_the_bound() {
+    let api = spawn_api().await;
+    let admin = api.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "win-node-1", "labels": {"kubernetes.io/os": "windows"},
+                     "finalizers": [NODE_FINALIZER]},
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    nodes
+        .delete("win-node-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut options = node_options();
+    options.namespace = "no-such-namespace".into();
+    let metrics = Metrics::default();
+
+    let terminating = nodes.get("win-node-1").await.unwrap();
+    nodes::handle(&admin, &terminating.metadata, &options, &metrics).await;
+    assert!(
+        held(&nodes, "win-node-1").await,
+        "within the bound: held, retried later"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("defender_offboard_node_offboards_total{result=\"error\"} 1")
+    );
+
+    options.max_age = Duration::ZERO;
+    nodes::handle(&admin, &terminating.metadata, &options, &metrics).await;
+    wait_until_gone(&nodes, "win-node-1").await;
+    assert!(
+        metrics
+            .encode()
+            .contains("defender_offboard_node_offboards_total{result=\"released\"} 1")
+    );
+}
