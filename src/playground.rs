@@ -256,7 +256,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         args.kubeconfig_out.display()
     );
     println!(
-        "  nodes:          {} (node offboarding on: kubectl --kubeconfig {} delete node win-node-1)",
+        "  nodes:          {} (try: kubectl --kubeconfig {} delete node win-node-1)",
         DEV_NODES
             .iter()
             .map(|(n, _)| *n)
@@ -268,12 +268,14 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let client = playground.api.client().await?;
     let controller = if args.without_controller {
         println!(
-            "  controller:     not started; run it yourself:  . {} && defender-offboard run --metrics-addr 127.0.0.1:0",
+            "  controller:     not started; run it yourself:  . {} && defender-offboard run --metrics-addr 127.0.0.1:0 --offboard-deleted-nodes",
             env_file.display()
         );
         None
     } else {
-        println!("  controller:     running in this process");
+        println!(
+            "  controller:     running in this process, offboarding deleted Windows nodes into `default`"
+        );
         Some(tokio::spawn(run_embedded_controller(
             client.clone(),
             &playground.sim,
