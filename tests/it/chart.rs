@@ -65,7 +65,7 @@ fn chart_flags_are_flags_of_run() {
                 continue;
             }
             assert!(
-                known.iter().any(|k| *k == flag),
+                known.contains(&flag),
                 "{file} passes --{flag}, which `run` does not accept"
             );
             seen.push(flag.to_string());
