@@ -200,6 +200,7 @@ fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
             machine_id: args.machine_id.clone(),
             device_name: args.device_name.clone(),
             comment: args.comment.clone(),
+            ttl_seconds_after_finished: None,
         },
     );
     obj.metadata.uid = Some(key.to_string());

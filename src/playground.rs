@@ -3,6 +3,7 @@
 //! for demos and for the end-to-end tests.
 
 use devcluster::{ApiHandle, ApiServerConfig};
+use k8s_openapi::api::core::v1::Node;
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use mde_client::{
@@ -149,7 +150,44 @@ pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
         tokio::net::TcpListener::bind(args.api_listen).await?,
     )
     .await?;
+    let client = api.client().await.map_err(std::io::Error::other)?;
+    create_nodes(&client).await.map_err(std::io::Error::other)?;
     Ok(Playground { api, sim })
+}
+
+/// The playground's fake Nodes: Windows ones (the simulator has a device of
+/// each name) and Linux ones, which node offboarding leaves alone.
+pub const DEV_NODES: &[(&str, &str)] = &[
+    ("win-node-1", "windows"),
+    ("win-node-2", "windows"),
+    ("win-node-3", "windows"),
+    ("linux-node-1", "linux"),
+    ("linux-node-2", "linux"),
+];
+
+/// Create a Node with the `kubernetes.io/os` label a kubelet sets.
+pub async fn create_node(client: &kube::Client, name: &str, os: &str) -> Result<(), kube::Error> {
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/os": os, "kubernetes.io/hostname": name}},
+    }))
+    .expect("a valid Node");
+    match Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+async fn create_nodes(client: &kube::Client) -> Result<(), kube::Error> {
+    for (name, os) in DEV_NODES {
+        create_node(client, name, os).await?;
+    }
+    Ok(())
 }
 
 /// The client configuration that reaches the playground's simulator.
@@ -227,16 +265,27 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         "  try:            kubectl --kubeconfig {} get doff",
         args.kubeconfig_out.display()
     );
+    println!(
+        "  nodes:          {} (try: kubectl --kubeconfig {} delete node win-node-1)",
+        DEV_NODES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.kubeconfig_out.display()
+    );
 
     let client = playground.api.client().await?;
     let controller = if args.without_controller {
         println!(
-            "  controller:     not started; run it yourself:  . {} && defender-offboard run --metrics-addr 127.0.0.1:0",
+            "  controller:     not started; run it yourself:  . {} && defender-offboard run --metrics-addr 127.0.0.1:0 --offboard-deleted-nodes",
             env_file.display()
         );
         None
     } else {
-        println!("  controller:     running in this process");
+        println!(
+            "  controller:     running in this process, offboarding deleted Windows nodes into `default`"
+        );
         Some(tokio::spawn(run_embedded_controller(
             client.clone(),
             &playground.sim,
@@ -282,12 +331,18 @@ fn run_embedded_controller(
         lookup_delay: Duration::from_secs(2),
         ..Settings::default()
     };
-    let controller = embedded_controller(
+    // Node offboarding on, in `default`: `kubectl delete node win-node-1`
+    // shows a DeviceOffboard reach Succeeded.
+    let controller = embedded_controller_with(
         client,
         sim,
         args.rate_limit.clone(),
         settings,
         args.poll_interval,
+        |run| {
+            run.nodes.offboard_deleted_nodes = true;
+            run.nodes.node_offboard_namespace = Some("default".into());
+        },
     );
     async move {
         match controller {
@@ -306,8 +361,27 @@ pub fn embedded_controller(
     settings: Settings,
     poll_interval: Duration,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
+    embedded_controller_with(client, sim, rate_limits, settings, poll_interval, |_| {})
+}
+
+/// [`embedded_controller`] with `run`'s flags changed by `configure` (node
+/// offboarding, the TTL sweep interval).
+pub fn embedded_controller_with(
+    client: kube::Client,
+    sim: &SimHandle,
+    rate_limits: RateLimits,
+    settings: Settings,
+    poll_interval: Duration,
+    configure: impl FnOnce(&mut RunArgs),
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let metrics = Arc::new(Metrics::default());
-    observed_controller(client, sim, rate_limits, settings, poll_interval, metrics)
+    build_controller(
+        client,
+        sim,
+        (rate_limits, settings, poll_interval),
+        metrics,
+        configure,
+    )
 }
 
 /// [`embedded_controller`] reporting into `metrics`, so a test can read what
@@ -320,6 +394,22 @@ pub fn observed_controller(
     poll_interval: Duration,
     metrics: Arc<Metrics>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
+    build_controller(
+        client,
+        sim,
+        (rate_limits, settings, poll_interval),
+        metrics,
+        |_| {},
+    )
+}
+
+fn build_controller(
+    client: kube::Client,
+    sim: &SimHandle,
+    (rate_limits, settings, poll_interval): (RateLimits, Settings, Duration),
+    metrics: Arc<Metrics>,
+    configure: impl FnOnce(&mut RunArgs),
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, mde_client::MdeError> {
     let config = ClientConfig {
         // As `run`: a worker never waits for budget.
         budget_wait: BudgetWait::Refuse,
@@ -329,6 +419,7 @@ pub fn observed_controller(
     let mut run_args = default_run_args();
     run_args.poll_interval = poll_interval;
     run_args.connection.rate_limit = rate_limits;
+    configure(&mut run_args);
     let ctx = Arc::new(Context::new(
         client,
         mde,

@@ -38,3 +38,50 @@ fn examples_are_valid_device_offboards() {
 }
 
 use serde::Deserialize;
+
+/// Every `--flag` the chart passes to `run` (the controller and the uninstall
+/// hook) is one `run` accepts.
+#[test]
+fn chart_flags_are_flags_of_run() {
+    use clap::Args;
+    let run = defender_offboard::controller::RunArgs::augment_args(clap::Command::new("run"));
+    let known: Vec<String> = run
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut seen = Vec::new();
+    for file in ["deployment.yaml", "node-finalizer-cleanup.yaml"] {
+        let text =
+            std::fs::read_to_string(format!("charts/defender-offboard/templates/{file}")).unwrap();
+        for word in text.split(|c: char| c.is_whitespace() || c == '"') {
+            let Some(flag) = word.strip_prefix("--") else {
+                continue;
+            };
+            let flag: String = flag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if flag.is_empty() || flag.starts_with('-') {
+                continue;
+            }
+            assert!(
+                known.contains(&flag),
+                "{file} passes --{flag}, which `run` does not accept"
+            );
+            seen.push(flag.to_string());
+        }
+    }
+    for expected in [
+        "offboard-deleted-nodes",
+        "node-selector",
+        "node-device-name",
+        "node-offboard-ttl-seconds",
+        "remove-node-finalizers",
+        "stop-deployment",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "the chart never passes --{expected}"
+        );
+    }
+}

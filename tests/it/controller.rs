@@ -64,6 +64,7 @@ pub(crate) async fn create(client: &kube::Client, name: &str, machine_id: &str) 
         machine_id: Some(machine_id.into()),
         device_name: None,
         comment: "retired".into(),
+        ttl_seconds_after_finished: None,
     };
     api.create(&PostParams::default(), &DeviceOffboard::new(name, spec))
         .await

@@ -39,8 +39,7 @@ async fn project_crd_rules_are_enforced() {
         let spec = |machine: Option<&str>, device: Option<&str>, comment: &str| DeviceOffboardSpec {
             machine_id: machine.map(String::from),
             device_name: device.map(String::from),
-            comment: comment.into(),
-        };
+            comment: comment.into(), ttl_seconds_after_finished: None };
         let create = |name: &str, spec: DeviceOffboardSpec| {
             let typed = typed.clone();
             let object = DeviceOffboard::new(name, spec);
@@ -56,6 +55,11 @@ async fn project_crd_rules_are_enforced() {
         assert!(blank.contains("spec.comment: Invalid value: \"   \": spec.comment must not be blank"), "{blank}");
         let bad_name = message(api_error(create("bad-name", spec(None, Some("pc 1"), "c")).await));
         assert!(bad_name.contains("spec.deviceName: Invalid value: \"pc 1\": spec.deviceName in body should match"), "{bad_name}");
+
+        let mut negative = spec(None, Some("pc-1"), "c");
+        negative.ttl_seconds_after_finished = Some(-1);
+        let negative = message(api_error(create("negative-ttl", negative).await));
+        assert!(negative.contains("spec.ttlSecondsAfterFinished: Invalid value: -1: spec.ttlSecondsAfterFinished in body should be greater than or equal to 0"), "{negative}");
 
         let created = create("ok", spec(None, Some("pc-1"), "retired")).await.unwrap();
         let mut status_write = created.clone();

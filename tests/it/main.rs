@@ -2,8 +2,10 @@
 //! links one test executable instead of eight. Everything runs on loopback.
 //!
 //! - `chart`, `crd_admission`: the Helm chart and the CRD against the generated types;
+//! - `observability`: the chart's alerts and dashboard against the registered metrics;
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
+//! - `lifecycle`: node offboarding and TTL cleanup against the in-memory API;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
@@ -15,4 +17,6 @@ mod controller;
 mod crd_admission;
 mod e2e;
 mod fault_matrix;
+mod lifecycle;
+mod observability;
 mod rbac;

@@ -9,9 +9,12 @@ use defender_offboard::controller::decision::Settings;
 use defender_offboard::controller::leader::{Elector, LeaseTiming};
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
 
-use defender_offboard::playground::embedded_controller;
+use defender_offboard::controller::nodes::{self, NODE_FINALIZER};
+use defender_offboard::metrics::Metrics;
+use defender_offboard::playground::{create_node, embedded_controller_with};
 use http::{Method, Request};
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::client::{Body, ClientBuilder};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,12 @@ type Permission = (String, String, String);
 
 fn chart_rules() -> BTreeSet<Permission> {
     let mut granted = BTreeSet::new();
-    for file in ["clusterrole.yaml", "leader-election-rbac.yaml"] {
+    for file in [
+        "clusterrole.yaml",
+        "leader-election-rbac.yaml",
+        "node-offboarding-rbac.yaml",
+        "node-finalizer-cleanup.yaml",
+    ] {
         let text =
             std::fs::read_to_string(format!("charts/defender-offboard/templates/{file}")).unwrap();
         // Rules are plain YAML between `rules:` and the end of that document.
@@ -125,21 +133,52 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         retry_backoff: Duration::from_millis(200),
         access_backoff: Duration::from_secs(5),
     };
-    let controller = embedded_controller(
+    // With node offboarding and a fast TTL sweep, so their calls are recorded too.
+    let admin = api.client().await.unwrap();
+    create_node(&admin, "win-node-1", "windows").await.unwrap();
+    create_node(&admin, "win-node-2", "windows").await.unwrap();
+    let controller = embedded_controller_with(
         client.clone(),
         &sim,
         FAST_LIMITS.parse().unwrap(),
         settings,
         Duration::from_millis(200),
+        |run| {
+            run.nodes.offboard_deleted_nodes = true;
+            run.nodes.node_offboard_namespace = Some("default".into());
+            run.ttl_sweep_interval = Duration::from_millis(200);
+        },
     )
     .unwrap();
     let controller = tokio::spawn(controller);
-    let admin = api.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    with_timeout(30, async {
+        loop {
+            let node = nodes.get("win-node-1").await.unwrap();
+            if node
+                .metadata
+                .finalizers
+                .unwrap_or_default()
+                .iter()
+                .any(|f| f == NODE_FINALIZER)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    nodes
+        .delete("win-node-1", &DeleteParams::default())
+        .await
+        .unwrap();
     let resources: Api<DeviceOffboard> = Api::namespaced(admin, "default");
     let spec = |machine: Option<&str>, device: Option<&str>| DeviceOffboardSpec {
         machine_id: machine.map(str::to_string),
         device_name: device.map(str::to_string),
         comment: "rbac".into(),
+        // Deleted once final: the TTL sweep's delete is recorded.
+        ttl_seconds_after_finished: machine.map(|_| 0),
     };
     resources
         .create(
@@ -161,12 +200,20 @@ async fn the_chart_grants_every_call_the_controller_makes() {
     with_timeout(30, async {
         loop {
             let list = resources.list(&ListParams::default()).await.unwrap();
-            if list.items.iter().all(|d| {
-                d.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(|p| p.is_terminal())
-            }) {
+            let named = |name: &str| {
+                list.items
+                    .iter()
+                    .any(|d| d.metadata.name.as_deref() == Some(name))
+            };
+            if named("win-node-1")
+                && !named("ok")
+                && list.items.iter().all(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(|p| p.is_terminal())
+                })
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -174,6 +221,21 @@ async fn the_chart_grants_every_call_the_controller_makes() {
     })
     .await;
     controller.abort();
+    let _ = controller.await;
+    // The uninstall hook's calls (win-node-2 still holds the finalizer).
+    let options = {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            nodes: nodes::NodeArgs,
+        }
+        Cli::parse_from(["run"]).nodes.options("default")
+    };
+    let released = nodes::remove_finalizers(&client, &options, None, &Metrics::default())
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
     elector.release().await;
 
     let granted = chart_rules();
@@ -189,6 +251,10 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         ("defender.offboard.dev", "deviceoffboards/status", "patch"),
         ("events.k8s.io", "events", "create"),
         ("coordination.k8s.io", "leases", "update"),
+        ("", "nodes", "watch"),
+        ("", "nodes", "patch"),
+        ("defender.offboard.dev", "deviceoffboards", "create"),
+        ("defender.offboard.dev", "deviceoffboards", "delete"),
     ] {
         let expected = (
             expected.0.to_string(),

@@ -92,6 +92,14 @@ True ("true") when the pods read a client secret from a mounted Secret.
 {{- end }}
 
 {{/*
+Namespace of the DeviceOffboards node offboarding creates: the value, else
+the watched namespace, else the release namespace.
+*/}}
+{{- define "defender-offboard.nodeOffboardNamespace" -}}
+{{- .Values.nodeOffboarding.namespace | default .Values.watchNamespace | default .Release.Namespace }}
+{{- end }}
+
+{{/*
 Reject settings that cannot work, with a message naming the value and the fix.
 Rendered by the Deployment so every install and upgrade checks them.
 */}}
@@ -108,6 +116,9 @@ Rendered by the Deployment so every install and upgrade checks them.
 {{- end }}
 {{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicas > 1 needs leaderElection.enabled=true, or two controllers would reconcile the same resources" }}
+{{- end }}
+{{- if and .Values.nodeOffboarding.enabled .Values.watchNamespace (ne (include "defender-offboard.nodeOffboardNamespace" .) .Values.watchNamespace) }}
+{{- fail "nodeOffboarding.namespace must be watchNamespace (or empty) when watchNamespace is set: the controller reconciles only that namespace" }}
 {{- end }}
 {{- if .Values.workloadIdentity.enabled }}
 {{- if or .Values.credentials.clientSecret .Values.credentials.existingSecret }}

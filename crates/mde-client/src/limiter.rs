@@ -146,6 +146,16 @@ impl Window {
         let oldest = self.slots.front()?.done?;
         Some((oldest + self.limit.window).max(now))
     }
+
+    /// Slots that still count at `now`: in flight, or answered less than W ago.
+    fn used(&self, now: Instant) -> u32 {
+        let counted = self
+            .slots
+            .iter()
+            .filter(|s| s.done.is_none_or(|done| done + self.limit.window > now))
+            .count();
+        u32::try_from(counted).unwrap_or(u32::MAX)
+    }
 }
 
 #[derive(Debug)]
@@ -309,6 +319,23 @@ impl RateBudget {
         }
     }
 
+    /// Calls this family could send now without waiting, in its tightest window
+    /// (0 while parked by a 429). For the `budget_remaining` gauge.
+    pub fn remaining(&self, family: ApiFamily) -> u32 {
+        let now = Instant::now();
+        let mut state = self.inner.lock().expect("budget lock poisoned");
+        let budget = state.family_mut(family);
+        if budget.parked_until.is_some_and(|p| p > now) {
+            return 0;
+        }
+        budget
+            .windows
+            .iter()
+            .map(|w| w.limit.calls.saturating_sub(w.used(now)))
+            .min()
+            .unwrap_or(u32::MAX)
+    }
+
     /// A 429 told us the server's budget is spent: stop this family until `until`.
     pub fn park(&self, family: ApiFamily, until: Instant) {
         let mut state = self.inner.lock().expect("budget lock poisoned");
@@ -454,6 +481,22 @@ mod tests {
             budget.try_reserve(ApiFamily::Machines).is_ok(),
             "other families are untouched"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remaining_counts_the_tightest_window_and_a_park() {
+        let budget = RateBudget::new(&limits("3/1s,5/10s"));
+        assert_eq!(budget.remaining(ApiFamily::Offboard), 3);
+        budget.try_reserve(ApiFamily::Offboard).unwrap().complete();
+        let _in_flight = budget.try_reserve(ApiFamily::Offboard).unwrap();
+        assert_eq!(budget.remaining(ApiFamily::Offboard), 1);
+        assert_eq!(budget.remaining(ApiFamily::Machines), 3, "per family");
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        // The answered call left the 1 s window but not the 10 s one; the
+        // call in flight counts in both.
+        assert_eq!(budget.remaining(ApiFamily::Offboard), 2);
+        budget.park(ApiFamily::Offboard, Instant::now() + Duration::from_secs(5));
+        assert_eq!(budget.remaining(ApiFamily::Offboard), 0);
     }
 
     #[tokio::test(start_paused = true)]

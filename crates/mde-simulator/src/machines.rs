@@ -72,6 +72,26 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         os_platform: "Windows10",
         offboard: ExampleOffboard::Fails,
     },
+    // The Windows Nodes of the `dev` playground (node offboarding derives the
+    // device name from the node name).
+    ExampleMachine {
+        id: "7a11e0de00000000000000000000000000000001",
+        computer_dns_name: "win-node-1",
+        os_platform: "WindowsServer2022",
+        offboard: ExampleOffboard::Succeeds,
+    },
+    ExampleMachine {
+        id: "7a11e0de00000000000000000000000000000002",
+        computer_dns_name: "win-node-2",
+        os_platform: "WindowsServer2022",
+        offboard: ExampleOffboard::Succeeds,
+    },
+    ExampleMachine {
+        id: "7a11e0de00000000000000000000000000000003",
+        computer_dns_name: "win-node-3",
+        os_platform: "WindowsServer2022",
+        offboard: ExampleOffboard::Succeeds,
+    },
 ];
 
 /// Platforms the offboard API refuses with `OsPlatformNotSupported` (older MDE

@@ -64,6 +64,14 @@ pub struct DeviceOffboardSpec {
     #[schemars(length(min = 1, max = 900))]
     #[x_kube(validation = Rule::new("self.matches('\\\\S')").message("spec.comment must not be blank: say why the device is offboarded"))]
     pub comment: String,
+
+    /// Delete this resource this many seconds after it became final
+    /// (`Succeeded` or `Failed`), with an Event first; like a Job's field of
+    /// the same name. Unset keeps it forever (GitOps: leave it unset, or Argo
+    /// CD / Flux re-create the pruned resource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 315_360_000))]
+    pub ttl_seconds_after_finished: Option<i64>,
 }
 
 /// Where a `DeviceOffboard` stands. Contract: these names are read by scripts.
@@ -230,5 +238,6 @@ mod tests {
         assert!(yaml.contains("rule: self == oldSelf"));
         assert!(yaml.contains("has(self.machineId) != has(self.deviceName)"));
         assert!(yaml.contains("pattern: ^[0-9a-f]{40}$"));
+        assert!(yaml.contains("ttlSecondsAfterFinished"));
     }
 }

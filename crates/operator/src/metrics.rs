@@ -39,8 +39,39 @@ fn wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 4.0, 10))
 }
 
+/// Prefix of every metric name.
+const PREFIX: &str = "defender_offboard";
+
+/// The kind of a registered metric, which decides its series' suffixes.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// What was registered, by name and kind: an empty family shows nothing on
+/// `/metrics`, so the registry's output alone cannot list every series.
+#[derive(Default, Debug)]
+struct Catalog(Vec<(&'static str, Kind)>);
+
+impl Catalog {
+    fn register(
+        &mut self,
+        registry: &mut Registry,
+        name: &'static str,
+        help: &str,
+        kind: Kind,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        registry.register(name, help, metric);
+        self.0.push((name, kind));
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    catalog: Catalog,
     pub mde_requests: Family<RequestLabels, Counter>,
     pub mde_throttled: Family<FamilyLabels, Counter>,
     pub budget_wait: HistogramFamily<FamilyLabels>,
@@ -49,64 +80,123 @@ pub struct Metrics {
     pub resources: Family<PhaseLabels, Gauge>,
     pub offboards: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
+    pub budget_remaining: Family<FamilyLabels, Gauge>,
+    pub in_flight_oldest: Gauge,
+    pub ttl_deletions: Counter,
+    pub node_offboards: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 // One registration per metric, in one place: the names read as a list, as
 // docs/operations.md lists them.
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("defender_offboard");
+        let mut registry = Registry::with_prefix(PREFIX);
+        let mut catalog = Catalog::default();
         let mde_requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "mde_requests",
             "MDE API calls by family and HTTP status code",
+            Kind::Counter,
             mde_requests.clone(),
         );
         let mde_throttled = Family::<FamilyLabels, Counter>::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "mde_throttled",
             "429 answers from MDE by family",
+            Kind::Counter,
             mde_throttled.clone(),
         );
         let budget_wait: HistogramFamily<FamilyLabels> =
             Family::new_with_constructor(wait_histogram);
-        registry.register(
+        catalog.register(
+            &mut registry,
             "budget_wait_seconds",
             "Time calls waited for rate budget",
+            Kind::Histogram,
             budget_wait.clone(),
         );
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
-        registry.register(
+        catalog.register(
+            &mut registry,
             "reconcile_duration_seconds",
             "Duration of one reconcile",
+            Kind::Histogram,
             reconcile_duration.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "reconcile_errors",
             "Reconcile failures by error",
+            Kind::Counter,
             reconcile_errors.clone(),
         );
         let resources = Family::<PhaseLabels, Gauge>::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "resources",
             "DeviceOffboard resources by phase",
+            Kind::Gauge,
             resources.clone(),
         );
         let offboards = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "offboards",
             "Offboard actions submitted or adopted",
+            Kind::Counter,
             offboards.clone(),
         );
         let leader = Gauge::default();
-        registry.register(
+        catalog.register(
+            &mut registry,
             "leader",
             "1 while this replica holds the leader lease",
+            Kind::Gauge,
             leader.clone(),
+        );
+        let budget_remaining = Family::<FamilyLabels, Gauge>::default();
+        catalog.register(
+            &mut registry,
+            "budget_remaining",
+            "Calls each MDE API family may send now, in its tightest window (0 while a 429 parks it)",
+            Kind::Gauge,
+            budget_remaining.clone(),
+        );
+        let in_flight_oldest = Gauge::default();
+        catalog.register(
+            &mut registry,
+            "in_flight_oldest_seconds",
+            "Age of the oldest DeviceOffboard not yet final, from its creation (0 when none)",
+            Kind::Gauge,
+            in_flight_oldest.clone(),
+        );
+        let ttl_deletions = Counter::default();
+        catalog.register(
+            &mut registry,
+            "ttl_deletions",
+            "Finished DeviceOffboards deleted by spec.ttlSecondsAfterFinished",
+            Kind::Counter,
+            ttl_deletions.clone(),
+        );
+        let node_offboards = Family::<ResultLabels, Counter>::default();
+        catalog.register(
+            &mut registry,
+            "node_offboards",
+            "Deleted Nodes handled by node offboarding, by result",
+            Kind::Counter,
+            node_offboards.clone(),
         );
         Metrics {
             registry,
+            catalog,
             mde_requests,
             mde_throttled,
             budget_wait,
@@ -115,6 +205,10 @@ impl Default for Metrics {
             resources,
             offboards,
             leader,
+            budget_remaining,
+            in_flight_oldest,
+            ttl_deletions,
+            node_offboards,
         }
     }
 }
@@ -155,11 +249,56 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Every series name `/metrics` can show (`_total` for counters, `_bucket`,
+    /// `_sum` and `_count` for histograms), from what was registered, so
+    /// dashboards and alerts can be checked against the code.
+    pub fn series_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for (name, kind) in &self.catalog.0 {
+            let suffixes: &[&str] = match kind {
+                Kind::Counter => &["_total"],
+                Kind::Histogram => &["_bucket", "_sum", "_count"],
+                Kind::Gauge => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{PREFIX}_{name}{s}")));
+        }
+        names
+    }
+
     /// The text exposition format for `/metrics`.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_names_follow_the_exposition_suffixes() {
+        let names = Metrics::default().series_names();
+        for name in [
+            "defender_offboard_mde_requests_total",
+            "defender_offboard_budget_wait_seconds_bucket",
+            "defender_offboard_resources",
+            "defender_offboard_budget_remaining",
+            "defender_offboard_ttl_deletions_total",
+            "defender_offboard_node_offboards_total",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.contains("defender_offboard_mde_requests"));
+        // Each registered name shows on /metrics once it has a sample.
+        let metrics = Metrics::default();
+        metrics.record_request("offboard", 201);
+        assert!(
+            metrics.encode().contains(
+                "defender_offboard_mde_requests_total{family=\"offboard\",code=\"201\"} 1"
+            )
+        );
     }
 }

@@ -881,3 +881,70 @@ async fn a_paused_leader_sends_nothing_when_it_wakes() {
     })
     .await;
 }
+
+/// The playground's node offboarding, as a user tries it: `kubectl delete node
+/// win-node-1` against the dev API, then `kubectl get doff` shows its offboard
+/// `Succeeded`; a Linux node's deletion creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_windows_node_in_the_playground_offboards_its_device() {
+    if real_cluster() {
+        eprintln!(
+            "NOTICE: deleting_a_windows_node_in_the_playground_offboards_its_device deletes Nodes; skipped on a real cluster"
+        );
+        return;
+    }
+    bounded(120, async {
+        let cluster = Cluster::start(&[]).await;
+        let kubectl = have_kubectl().await;
+        let _controller = cluster.spawn_run("run", &["--offboard-deleted-nodes"]);
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client.clone());
+        // The controller holds the Windows Nodes with its finalizer first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let finalizers = nodes.get("win-node-1").await.unwrap().metadata.finalizers;
+            if finalizers.is_some_and(|f| {
+                f.iter()
+                    .any(|f| f == "defender.offboard.dev/offboard-device")
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "win-node-1 never got the finalizer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for node in ["linux-node-1", "win-node-1"] {
+            if kubectl {
+                let out = cluster.kubectl_ok(&["delete", "node", node], None).await;
+                assert!(out.contains(&format!("node \"{node}\" deleted")), "{out}");
+            } else {
+                nodes.delete(node, &Default::default()).await.unwrap();
+            }
+        }
+        let all = cluster
+            .wait_final(&["win-node-1".to_string()], Duration::from_secs(60))
+            .await;
+        assert_eq!(phase(&all["win-node-1"]), "Succeeded");
+        if kubectl {
+            let out = cluster.kubectl_ok(&["get", "doff"], None).await;
+            println!("kubectl get doff after kubectl delete node win-node-1:\n{out}");
+            let row = out
+                .lines()
+                .find(|l| l.starts_with("win-node-1 "))
+                .unwrap_or_else(|| panic!("{out}"));
+            assert!(row.contains("Succeeded"), "{out}");
+            assert!(!out.contains("linux-node-1"), "{out}");
+        }
+        let names: Vec<_> = cluster
+            .list()
+            .await
+            .into_iter()
+            .filter_map(|d| d.metadata.name)
+            .collect();
+        assert_eq!(names, ["win-node-1"]);
+        let stats = Sim::new(cluster.sim_url.as_deref().unwrap()).stats().await;
+        assert_eq!(count(&stats, "actions_created"), 1, "{stats}");
+    })
+    .await;
+}

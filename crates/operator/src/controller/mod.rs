@@ -1,13 +1,16 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
 pub mod decision;
+pub mod gauges;
 pub mod leader;
 pub mod memory;
+pub mod nodes;
 pub mod poller;
 pub mod ports;
 pub mod reconcile;
 pub mod sequence;
 pub mod status;
+pub mod ttl;
 
 use crate::crd::DeviceOffboard;
 use crate::metrics::{ErrorLabels, Metrics};
@@ -193,9 +196,22 @@ pub struct RunArgs {
     /// Retry delay after a credentials or permission failure.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub access_backoff: Duration,
+    /// How often finished resources are checked against spec.ttlSecondsAfterFinished
+    /// (a resource falling due sooner is deleted on time).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ttl_sweep_interval: Duration,
+    #[command(flatten)]
+    pub nodes: nodes::NodeArgs,
 }
 
 impl RunArgs {
+    /// Node offboarding's options; its namespace defaults to the watched
+    /// namespace, else the pod's.
+    pub fn node_options(&self) -> nodes::NodeOptions {
+        self.nodes
+            .options(self.namespace.as_deref().unwrap_or(&self.lease_namespace))
+    }
+
     pub fn lease_timing(&self) -> leader::LeaseTiming {
         leader::LeaseTiming {
             lease_duration: self.lease_duration,
@@ -208,6 +224,9 @@ impl RunArgs {
 /// `defender-offboard run`.
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     crate::telemetry::init(args.log_format);
+    if args.nodes.remove_node_finalizers {
+        return remove_node_finalizers(&args).await;
+    }
     if args.leader_elect {
         args.lease_timing().validate()?;
     }
@@ -289,6 +308,28 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     Ok(())
 }
 
+/// `run --remove-node-finalizers` (the chart's uninstall hook): needs no MDE
+/// credentials, only the Kubernetes API.
+async fn remove_node_finalizers(
+    args: &RunArgs,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
+    let stop = args
+        .nodes
+        .stop_deployment
+        .as_deref()
+        .map(|name| (args.lease_namespace.as_str(), name));
+    let released =
+        nodes::remove_finalizers(&client, &args.node_options(), stop, &Metrics::default()).await?;
+    tracing::info!(
+        released,
+        "removed the node offboarding finalizer from every Node"
+    );
+    Ok(())
+}
+
 /// Sign in once at start: wrong credentials end the process with their
 /// message; anything else (the login host briefly down) is retried on use.
 async fn check_sign_in(mde: &DefenderClient) -> Result<(), String> {
@@ -347,7 +388,7 @@ pub async fn run_controller<M: MdeCalls>(
         None => Api::all(ctx.client.clone()),
     };
     seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
@@ -358,6 +399,30 @@ pub async fn run_controller<M: MdeCalls>(
         ctx.liveness.clone(),
         POLLER_RESTART_DELAY,
     )));
+    let ttl = AbortOnDrop(tokio::spawn(ttl::run(
+        api.clone(),
+        KubeStore {
+            client: ctx.client.clone(),
+            recorder: ctx.store.recorder.clone(),
+        },
+        ctx.metrics.clone(),
+        args.ttl_sweep_interval,
+    )));
+    // Only where the controller runs: on the leader when leader election is on.
+    let nodes = args.nodes.offboard_deleted_nodes.then(|| {
+        AbortOnDrop(tokio::spawn(nodes::run(
+            ctx.client.clone(),
+            args.node_options(),
+            ctx.metrics.clone(),
+            nodes::RETRY_INTERVAL,
+        )))
+    });
+    let gauges = AbortOnDrop(tokio::spawn(gauges::run(
+        controller.store(),
+        ctx.metrics.clone(),
+        ctx.mde.budget().clone(),
+        GAUGE_INTERVAL,
+    )));
     controller
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -367,6 +432,7 @@ pub async fn run_controller<M: MdeCalls>(
         })
         .await;
     drop(poller);
+    drop((gauges, ttl, nodes));
 }
 
 /// A task handle that aborts its task when dropped.
@@ -419,6 +485,9 @@ async fn seed_budget_from_history<M: MdeCalls>(
 
 /// How long a dead poller stays down before it is started again.
 const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// How often the budget-left and in-flight-age gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The longest window worth remembering (MDE's hourly limit).
 const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);

@@ -91,6 +91,7 @@ fn resource() -> DeviceOffboard {
             machine_id: Some(MACHINE.into()),
             device_name: None,
             comment: "returned".into(),
+            ttl_seconds_after_finished: None,
         },
     );
     obj.metadata.uid = Some(UID.into());

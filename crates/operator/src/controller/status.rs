@@ -42,6 +42,8 @@ pub enum Reason {
     Cancelled,
     /// A cancel was asked for after the action left `Pending`: nothing sent.
     CancelTooLate,
+    /// `spec.ttlSecondsAfterFinished` passed: the finished resource is deleted.
+    Expired,
 }
 
 impl Reason {
@@ -76,7 +78,11 @@ impl Reason {
     pub fn is_warning(self) -> bool {
         !matches!(
             self,
-            Reason::Requested | Reason::Adopted | Reason::Succeeded | Reason::InProgress
+            Reason::Requested
+                | Reason::Adopted
+                | Reason::Succeeded
+                | Reason::InProgress
+                | Reason::Expired
         )
     }
 }

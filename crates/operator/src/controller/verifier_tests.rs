@@ -40,6 +40,7 @@ fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
             machine_id: Some(MACHINE.into()),
             device_name: None,
             comment: "returned".into(),
+            ttl_seconds_after_finished: None,
         },
     );
     obj.metadata.namespace = Some("it".into());

@@ -20,6 +20,7 @@ fn by_id() -> DeviceOffboardSpec {
         machine_id: Some(MACHINE.into()),
         device_name: None,
         comment: "retired".into(),
+        ttl_seconds_after_finished: None,
     }
 }
 
@@ -28,6 +29,7 @@ fn by_name() -> DeviceOffboardSpec {
         machine_id: None,
         device_name: Some("pc-1.contoso.com".into()),
         comment: "retired".into(),
+        ttl_seconds_after_finished: None,
     }
 }
 
@@ -630,6 +632,7 @@ fn a_spec_without_a_device_fails_with_the_fix_named() {
         machine_id: None,
         device_name: None,
         comment: "retired".into(),
+        ttl_seconds_after_finished: None,
     };
     let none = DeviceOffboardStatus::default();
     let Plan::Write(t) = plan(&view(&spec, &none), &settings()) else {
