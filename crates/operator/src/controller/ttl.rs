@@ -66,6 +66,9 @@ pub fn expiry(resource: &DeviceOffboard, now: Timestamp) -> Expiry {
     Duration::try_from(deadline.duration_since(now)).map_or(Expiry::Keep, Expiry::After)
 }
 
+/// The longest wait before a new leader's first sweep.
+const FIRST_SWEEP_DELAY: Duration = Duration::from_secs(10);
+
 /// Resources read per list call.
 const PAGE: u32 = 500;
 
@@ -142,6 +145,9 @@ pub async fn run(
     metrics: std::sync::Arc<Metrics>,
     interval: Duration,
 ) {
+    // The first sweep waits a little: a new leader's first seconds belong to
+    // the controller's own list and the work in flight.
+    tokio::time::sleep(interval.min(FIRST_SWEEP_DELAY)).await;
     loop {
         let pause = match sweep(&api, &store, &metrics).await {
             Ok(next) => next.map_or(interval, |n| n.min(interval)),
