@@ -390,6 +390,14 @@ impl MdeCalls for Remembering {
     async fn machine_actions_by_ids(&self, ids: &[String]) -> Result<Vec<MachineAction>, MdeError> {
         self.client.machine_actions_by_ids(ids).await
     }
+
+    async fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        self.client.offboard_actions_since(since, top).await
+    }
 }
 
 #[cfg(test)]

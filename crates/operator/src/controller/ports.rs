@@ -53,6 +53,13 @@ pub trait MdeCalls: Send + Sync + 'static {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    /// Every offboard action created since `since`, in pages of `top`: the
+    /// poll of all actions in flight in one call per `top` actions.
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
 }
 
 impl MdeCalls for DefenderClient {
@@ -104,6 +111,14 @@ impl MdeCalls for DefenderClient {
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
         DefenderClient::get_machine_action(self, id)
     }
+
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions_since(self, since, top)
+    }
 }
 
 /// Where the status lives, and where Events go.
@@ -147,6 +162,17 @@ impl StatusStore for KubeStore {
             .patch_status(&current.name_any(), &params, &Patch::Merge(&patch))
             .await
         {
+            // A final status and its label in one cycle: the label takes the
+            // resource out of the controller's watch (see `finished`).
+            Ok(updated) if super::finished::needs_label(&updated) => {
+                match super::finished::label(&self.client, &updated).await {
+                    Ok(labelled) => Ok(labelled),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not label a finished resource; its next reconcile does");
+                        Ok(updated)
+                    }
+                }
+            }
             Ok(updated) => Ok(updated),
             Err(kube::Error::Api(status)) if status.is_conflict() => Err(Error::Conflict),
             Err(error) => Err(Error::Kube(error)),
