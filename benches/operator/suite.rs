@@ -648,6 +648,7 @@ pub async fn run(config: &Config) -> Report {
     let mut report = Report::default();
     for &k in &config.polls {
         let (calls, old) = poll_cost(k).await;
+        eprintln!("poll of {k} in flight: {calls} calls");
         report.polls.push((k, calls, old));
     }
     let last = config.sizes.len().saturating_sub(1);
@@ -657,12 +658,15 @@ pub async fn run(config: &Config) -> Report {
         } else {
             0
         };
-        report
-            .rows
-            .push(operator_row(config, size - history, history, 0.0).await);
+        let row = operator_row(config, size - history, history, 0.0).await;
+        eprintln!("{row:?}");
+        report.rows.push(row);
     }
-    if let Some(&biggest_fresh) = config.sizes.iter().max() {
-        report.naive = Some(naive_row(config, biggest_fresh.min(10_000)).await);
+    // The loop gets as many resources as the largest fresh row.
+    if let Some(&biggest) = config.sizes.iter().max() {
+        let naive = naive_row(config, biggest.saturating_sub(config.history).max(1)).await;
+        eprintln!("{naive:?}");
+        report.naive = Some(naive);
     }
     if config.shared > 0 {
         report.shared = Some(operator_row(config, config.shared, 0, 0.5).await);

@@ -18,7 +18,7 @@ use decision::Settings;
 use futures::StreamExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::watcher;
 use mde_client::{ConnectionArgs, DefenderClient, MdeError};
 use ports::{KubeStore, MdeCalls};
@@ -83,7 +83,7 @@ impl<M: MdeCalls> Context<M> {
         };
         Context {
             store: KubeStore {
-                recorder: Recorder::new(client.clone(), reporter),
+                reporter,
                 client: client.clone(),
             },
             client,

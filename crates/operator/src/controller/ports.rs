@@ -8,7 +8,7 @@ use super::decision::Note;
 use super::{Error, Result};
 use crate::crd::{DeviceOffboard, DeviceOffboardStatus};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use mde_client::limiter::Permit;
 use mde_client::{DefenderClient, Machine, MachineAction, MdeError, RateBudget, RateLimits};
@@ -136,10 +136,10 @@ pub trait StatusStore: Send + Sync {
 }
 
 /// The Kubernetes API: status merge patches with a resourceVersion
-/// precondition, Events through the recorder.
+/// precondition, Events through a recorder made for each one.
 pub struct KubeStore {
     pub client: kube::Client,
-    pub recorder: Recorder,
+    pub reporter: Reporter,
 }
 
 impl StatusStore for KubeStore {
@@ -191,7 +191,12 @@ impl StatusStore for KubeStore {
             action: "Offboard".to_string(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        // A recorder per Event: kube's `Recorder` caches every Event it sent
+        // for six minutes and scans that cache on each publish, so one shared
+        // recorder grows with every resource handled (and its scan with it).
+        // The cost is that a repeated reason is a new Event, not a series.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(error) = recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(error = %error, reason = note.reason.event_reason(), "could not publish event");
         }
     }
