@@ -395,8 +395,11 @@ impl MdeCalls for Remembering {
         &self,
         since: jiff::Timestamp,
         top: usize,
+        expected: &[String],
     ) -> Result<Vec<MachineAction>, MdeError> {
-        self.client.offboard_actions_since(since, top).await
+        self.client
+            .offboard_actions_since(since, top, expected)
+            .await
     }
 }
 

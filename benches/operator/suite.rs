@@ -610,7 +610,7 @@ pub async fn poll_cost(k: usize) -> (usize, usize) {
     let mut found = 0;
     if let Some(window) = plan.window_since {
         found += client
-            .offboard_actions_since(window, MAX_TOP)
+            .offboard_actions_since(window, MAX_TOP, &ids)
             .await
             .unwrap()
             .iter()

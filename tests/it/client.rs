@@ -348,7 +348,7 @@ async fn the_offboard_window_reads_every_action_in_pages_of_top_in_one_call_each
     }
     let before = count_reads(&sim);
     let mut found: Vec<String> = client
-        .offboard_actions_since(since, 10_000)
+        .offboard_actions_since(since, 10_000, &[])
         .await
         .unwrap()
         .into_iter()
@@ -360,12 +360,26 @@ async fn the_offboard_window_reads_every_action_in_pages_of_top_in_one_call_each
     assert_eq!(found, created);
     // Pages of 2: a short third page ends it, without a nextLink to follow.
     let before = count_reads(&sim);
-    let paged = client.offboard_actions_since(since, 2).await.unwrap();
+    let paged = client.offboard_actions_since(since, 2, &[]).await.unwrap();
     assert_eq!((paged.len(), count_reads(&sim) - before), (5, 3));
+    // A full page holding every id looked for ends it: no empty page after.
+    let before = count_reads(&sim);
+    let full = client
+        .offboard_actions_since(since, 5, &created)
+        .await
+        .unwrap();
+    assert_eq!((full.len(), count_reads(&sim) - before), (5, 1));
+    let before = count_reads(&sim);
+    client.offboard_actions_since(since, 5, &[]).await.unwrap();
+    assert_eq!(
+        count_reads(&sim) - before,
+        2,
+        "nothing looked for: the next page"
+    );
     let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
     assert!(
         client
-            .offboard_actions_since(later, 10_000)
+            .offboard_actions_since(later, 10_000, &[])
             .await
             .unwrap()
             .is_empty()

@@ -245,6 +245,7 @@ impl MdeCalls for FakeMde {
         &self,
         since: jiff::Timestamp,
         _top: usize,
+        _expected: &[String],
     ) -> Result<Vec<MachineAction>, MdeError> {
         let mut state = self.lock();
         state.calls += 1;

@@ -165,7 +165,13 @@ pub async fn run<M: MdeCalls>(
             plan.expected_calls(now, state.density),
             ctx.mde.rate_limits(),
         );
-        let actions = match read_plan(&ctx, &plan, now, &mut state).await {
+        let by_ids: std::collections::HashSet<&String> = plan.by_ids.iter().collect();
+        let expected: Vec<String> = in_flight
+            .iter()
+            .filter(|a| !by_ids.contains(&a.id))
+            .map(|a| a.id.clone())
+            .collect();
+        let actions = match read_plan(&ctx, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
             Err(error) => {
                 ctx.metrics
@@ -186,7 +192,6 @@ pub async fn run<M: MdeCalls>(
         // Absent from the window and old enough for that to mean something:
         // ask for them by id, then (below) one by one.
         let grace = jiff::SignedDuration::try_from(ctx.settings.lookup_delay).unwrap_or_default();
-        let by_ids: std::collections::HashSet<&String> = plan.by_ids.iter().collect();
         let absent: Vec<String> = in_flight
             .iter()
             .filter(|a| !by_id.contains_key(&a.id) && !by_ids.contains(&a.id))
@@ -233,12 +238,16 @@ pub async fn run<M: MdeCalls>(
 async fn read_plan<M: MdeCalls>(
     ctx: &Context<M>,
     plan: &PollPlan,
+    expected: &[String],
     now: Timestamp,
     state: &mut PollState,
 ) -> Result<Vec<MachineAction>, MdeError> {
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
-        actions = ctx.mde.offboard_actions_since(since, MAX_TOP).await?;
+        actions = ctx
+            .mde
+            .offboard_actions_since(since, MAX_TOP, expected)
+            .await?;
         state.density = Density::observed(now, since, actions.len());
     }
     if !plan.by_ids.is_empty() {

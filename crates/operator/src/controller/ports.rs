@@ -59,6 +59,7 @@ pub trait MdeCalls: Send + Sync + 'static {
         &self,
         since: jiff::Timestamp,
         top: usize,
+        expected: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
 }
 
@@ -116,8 +117,9 @@ impl MdeCalls for DefenderClient {
         &self,
         since: jiff::Timestamp,
         top: usize,
+        expected: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
-        DefenderClient::offboard_actions_since(self, since, top)
+        DefenderClient::offboard_actions_since(self, since, top, expected)
     }
 }
 
