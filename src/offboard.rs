@@ -402,6 +402,17 @@ impl MdeCalls for Remembering {
     async fn machine_actions_by_ids(&self, ids: &[String]) -> Result<Vec<MachineAction>, MdeError> {
         self.client.machine_actions_by_ids(ids).await
     }
+
+    async fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        self.client
+            .offboard_actions_since(since, top, expected)
+            .await
+    }
 }
 
 #[cfg(test)]

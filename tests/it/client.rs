@@ -368,6 +368,60 @@ async fn lists_follow_next_link_across_pages() {
     );
 }
 
+#[tokio::test]
+async fn the_offboard_window_reads_every_action_in_pages_of_top_in_one_call_each() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let client = client(&sim, FAST_LIMITS);
+    let machines = windows_machines(&client, 5).await;
+    let since = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
+    let mut created = Vec::new();
+    for id in &machines {
+        created.push(client.offboard(id, "window").await.unwrap().id);
+    }
+    let before = count_reads(&sim);
+    let mut found: Vec<String> = client
+        .offboard_actions_since(since, 10_000, &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(count_reads(&sim) - before, 1, "five in flight: one call");
+    found.sort();
+    created.sort();
+    assert_eq!(found, created);
+    // Pages of 2: a short third page ends it, without a nextLink to follow.
+    let before = count_reads(&sim);
+    let paged = client.offboard_actions_since(since, 2, &[]).await.unwrap();
+    assert_eq!((paged.len(), count_reads(&sim) - before), (5, 3));
+    // A full page holding every id looked for ends it: no empty page after.
+    let before = count_reads(&sim);
+    let full = client
+        .offboard_actions_since(since, 5, &created)
+        .await
+        .unwrap();
+    assert_eq!((full.len(), count_reads(&sim) - before), (5, 1));
+    let before = count_reads(&sim);
+    client.offboard_actions_since(since, 5, &[]).await.unwrap();
+    assert_eq!(
+        count_reads(&sim) - before,
+        2,
+        "nothing looked for: the next page"
+    );
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+    assert!(
+        client
+            .offboard_actions_since(later, 10_000, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn count_reads(sim: &defender_offboard::simulator::SimHandle) -> u64 {
+    sim.stats().count("machineactions", "200")
+}
+
 /// 300 offboards as fast as the client allows, against MDE's limits counted in
 /// sliding windows (time-scaled ×60): not one 429, no duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use std::time::Duration;
 
 /// The machine id the simulator gives `win-node-N`.
@@ -269,13 +269,10 @@ async fn ttl_deletes_a_finished_resource_and_never_an_unfinished_one() {
 
     let store = KubeStore {
         client: admin.clone(),
-        recorder: Recorder::new(
-            admin.clone(),
-            Reporter {
-                controller: "test".into(),
-                instance: None,
-            },
-        ),
+        reporter: Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
     };
     let metrics = Metrics::default();
     let next = ttl::sweep(&records, &store, &metrics).await.unwrap();

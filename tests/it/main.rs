@@ -9,6 +9,7 @@
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
+mod bench_smoke;
 mod chart;
 mod cli;
 mod client;

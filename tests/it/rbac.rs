@@ -249,6 +249,8 @@ async fn the_chart_grants_every_call_the_controller_makes() {
     for expected in [
         ("defender.offboard.dev", "deviceoffboards", "watch"),
         ("defender.offboard.dev", "deviceoffboards/status", "patch"),
+        // The final label (see `controller::finished`).
+        ("defender.offboard.dev", "deviceoffboards", "patch"),
         ("events.k8s.io", "events", "create"),
         ("coordination.k8s.io", "leases", "update"),
         ("", "nodes", "watch"),

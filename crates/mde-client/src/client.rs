@@ -27,6 +27,9 @@ pub fn has_marker(comment: &str, marker: &str) -> bool {
 /// common 8 KiB limits (each quoted GUID is ~40 characters).
 pub const IDS_PER_QUERY: usize = 50;
 
+/// The most items MDE returns for one list call (`$top` up to 10,000).
+pub const MAX_TOP: usize = 10_000;
+
 /// Everything needed to talk to one tenant's MDE.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -116,6 +119,12 @@ pub fn marker_key(comment: &str) -> Option<&str> {
 /// The marker goes first, so a length cap at MDE can never cut it off.
 pub fn comment_with_marker(comment: &str, key: &str) -> String {
     format!("{} {}", correlation_marker(key), comment.trim())
+}
+
+/// Whether every id in `expected` is among `actions`.
+pub fn all_found(actions: &[MachineAction], expected: &[String]) -> bool {
+    let read: std::collections::HashSet<&str> = actions.iter().map(|a| a.id.as_str()).collect();
+    expected.iter().all(|id| read.contains(id.as_str()))
 }
 
 /// An OData string literal: single quotes doubled.
@@ -277,6 +286,51 @@ impl DefenderClient {
             );
         }
         Ok(actions)
+    }
+
+    /// Every offboard action created at or after `since`, read in pages of
+    /// `top` with `$top`/`$skip` (MDE never links the next page when `$top`
+    /// is given: a short page is the last). The filter names only properties
+    /// MDE documents for machine actions (`type`, `creationDateTimeUtc`), so
+    /// one call answers for up to `top` actions in flight. A full page is
+    /// followed by the next one unless every id in `expected` was read
+    /// already: 10,000 in flight then cost one call, not two.
+    pub async fn offboard_actions_since(
+        &self,
+        since: Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        let top = top.clamp(1, MAX_TOP);
+        let filter = format!(
+            "type eq 'Offboard' and creationDateTimeUtc ge {}",
+            since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        );
+        let mut actions = Vec::new();
+        for page in 0..MAX_PAGES {
+            let (top_text, skip_text) = (top.to_string(), (page * top).to_string());
+            let url = self.api_url(
+                "api/machineactions",
+                &[
+                    ("$filter", &filter),
+                    ("$top", &top_text),
+                    ("$skip", &skip_text),
+                ],
+            )?;
+            let answer: ODataPage<MachineAction> = self
+                .call(Call::read(ApiFamily::MachineActions, url), None)
+                .await?;
+            let short = answer.value.len() < top;
+            actions.extend(answer.value);
+            if short || (!expected.is_empty() && all_found(&actions, expected)) {
+                return Ok(actions);
+            }
+        }
+        Err(MdeError::Paging {
+            message: format!(
+                "more than {MAX_PAGES} pages of {top} offboard actions since {since}; stopped rather than spend the read budget"
+            ),
+        })
     }
 
     /// The offboard action created with `marker` in its comment, if any: the

@@ -21,8 +21,8 @@ use super::machines;
 use super::odata;
 use super::ratelimit::Decision;
 use super::responses::{
-    bad_request, bare_not_found, custom_query_option, mde_error, not_found, too_many_requests,
-    unauthorized,
+    bad_request, bare_not_found, custom_query_option, invalid_query, mde_error, not_found,
+    too_many_requests, unauthorized,
 };
 use super::stats::body_correlation_key;
 use super::store::{Caller, CancelRefusal, Family, OffboardRefusal, Shared};
@@ -158,6 +158,9 @@ enum QueryError {
     CustomOption(String),
     /// A known option with a bad value (`400 BadRequest` with this message).
     Invalid(String),
+    /// A `$filter` MDE cannot run: unparsable, or naming a property the
+    /// entity does not filter on (OData's empty-code `400`).
+    Filter(String),
 }
 
 impl std::fmt::Display for QueryError {
@@ -166,7 +169,7 @@ impl std::fmt::Display for QueryError {
             QueryError::CustomOption(option) => {
                 write!(f, "custom query option '{option}' is not supported")
             }
-            QueryError::Invalid(message) => f.write_str(message),
+            QueryError::Invalid(message) | QueryError::Filter(message) => f.write_str(message),
         }
     }
 }
@@ -176,6 +179,7 @@ impl IntoResponse for QueryError {
         match self {
             QueryError::CustomOption(option) => custom_query_option(&option),
             QueryError::Invalid(message) => bad_request("BadRequest", message),
+            QueryError::Filter(message) => invalid_query(&message),
         }
     }
 }
@@ -259,7 +263,7 @@ fn list_page(
                     f.check_fields(path.trim_start_matches("/api/"), filterable)
                         .map(|()| f)
                 })
-                .map_err(|e| QueryError::Invalid(format!("Invalid $filter '{text}': {e}")))?;
+                .map_err(|e| QueryError::Filter(format!("Invalid $filter '{text}': {e}")))?;
             Some(parsed)
         }
         None => None,

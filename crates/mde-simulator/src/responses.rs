@@ -76,6 +76,20 @@ pub fn custom_query_option(option: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
+/// MDE's OData refusal of a query it cannot run (a property it does not
+/// filter on, a filter it cannot parse): `400` with an empty code, as for an
+/// unknown `$` option.
+pub fn invalid_query(detail: &str) -> Response {
+    let body = json!({
+        "error": {
+            "code": "",
+            "message": format!("The query specified in the URI is not valid. {detail}"),
+            "details": [],
+        }
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
 /// The bare `404` a machine-action list sometimes answers (`--fault-list-404-rate`).
 pub fn bare_not_found() -> Response {
     let body = json!({"error": {"code": "ResourceNotFound", "message": "Not found"}});

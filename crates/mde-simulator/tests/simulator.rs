@@ -1705,3 +1705,56 @@ fn fault_flags_parse_into_the_config() {
     assert_eq!(mde_simulator::parse_share("0.5"), Ok(0.5));
     assert!(mde_simulator::parse_share("2").is_err());
 }
+
+#[tokio::test]
+async fn offboard_window_pages_with_top_and_skip_and_undocumented_filters_are_refused() {
+    let sim = start(fast()).await;
+    let api = Api::login(&sim).await;
+    let mut created = Vec::new();
+    for name in ["finance-laptop", "hr-desktop", "ws2019-file"] {
+        let (status, action) = api.offboard(example(name)).await;
+        assert_eq!(status, StatusCode::CREATED, "{action}");
+        created.push(action["id"].as_str().unwrap().to_owned());
+    }
+    // The poll of every action in flight: type and creation time, in pages of $top.
+    let window = "type eq 'Offboard' and creationDateTimeUtc ge 2020-01-01T00:00:00Z";
+    let mut seen = Vec::new();
+    for skip in [0, 2] {
+        let (status, body) = api
+            .get(&format!(
+                "/api/machineactions?$filter={window}&$top=2&$skip={skip}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.get("@odata.nextLink").is_none(),
+            "$top never links: {body}"
+        );
+        seen.extend(ids_of(&body));
+    }
+    seen.sort_unstable();
+    created.sort_unstable();
+    assert_eq!(seen, created);
+    let (_, body) = api
+        .get("/api/machineactions?$filter=type eq 'Offboard' and creationDateTimeUtc ge 2100-01-01T00:00:00Z")
+        .await;
+    assert!(ids_of(&body).is_empty(), "{body}");
+
+    // Properties MDE does not filter machine actions on: OData's 400, empty code.
+    for filter in [
+        "requestorComment eq 'x'",
+        "type eq 'Offboard' and computerDnsName eq 'a'",
+        "lastUpdateDateTimeUtc ge 2020-01-01T00:00:00Z",
+    ] {
+        let (status, body) = api
+            .get(&format!("/api/machineactions?$filter={filter}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{filter}: {body}");
+        assert_eq!(error_code(&body), "", "{filter}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("The query specified in the URI is not valid."),
+            "{message}"
+        );
+    }
+}

@@ -267,6 +267,27 @@ impl MdeCalls for FakeMde {
             .collect())
     }
 
+    async fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        _top: usize,
+        _expected: &[String],
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        Ok(state
+            .actions
+            .iter()
+            .filter(|a| {
+                a.creation_date_time_utc
+                    .as_deref()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|t| t >= since)
+            })
+            .cloned()
+            .collect())
+    }
+
     async fn get_machine_action(&self, id: &str) -> Result<MachineAction, MdeError> {
         let mut state = self.lock();
         state.calls += 1;

@@ -1,10 +1,12 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
 pub mod decision;
+pub mod finished;
 pub mod gauges;
 pub mod leader;
 pub mod memory;
 pub mod nodes;
+pub mod poll_plan;
 pub mod poller;
 pub mod ports;
 pub mod reconcile;
@@ -19,7 +21,7 @@ use decision::Settings;
 use futures::StreamExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::watcher;
 use mde_client::{ConnectionArgs, DefenderClient, MdeError};
 use ports::{KubeStore, MdeCalls};
@@ -84,7 +86,7 @@ impl<M: MdeCalls> Context<M> {
         };
         Context {
             store: KubeStore {
-                recorder: Recorder::new(client.clone(), reporter),
+                reporter,
                 client: client.clone(),
             },
             client,
@@ -388,7 +390,11 @@ pub async fn run_controller<M: MdeCalls>(
         None => Api::all(ctx.client.clone()),
     };
     seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
-    let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic())
+    // Finished resources are left out of the watch (and so of memory).
+    let watch = watcher::Config::default()
+        .any_semantic()
+        .labels(finished::WATCH_SELECTOR);
+    let controller = Controller::new(api.clone(), watch)
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
@@ -403,7 +409,7 @@ pub async fn run_controller<M: MdeCalls>(
         api.clone(),
         KubeStore {
             client: ctx.client.clone(),
-            recorder: ctx.store.recorder.clone(),
+            reporter: ctx.store.reporter.clone(),
         },
         ctx.metrics.clone(),
         args.ttl_sweep_interval,
@@ -447,29 +453,39 @@ impl Drop for AbortOnDrop {
 /// A new process (after a restart or a leader change) does not know the
 /// offboards its predecessor sent in the current windows; the resources'
 /// `submittedAt` tell it, so the budget starts where the predecessor left it.
+/// Read in pages, keeping only the times within the longest window: a
+/// cluster's history of finished resources never sits in memory at once.
 async fn seed_budget_from_history<M: MdeCalls>(
     api: &Api<DeviceOffboard>,
     ctx: &Context<M>,
     request_timeout: Duration,
 ) {
-    let resources = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
-        Err(error) => {
-            tracing::warn!(error = %error, "could not read past submissions; starting with a full budget");
-            return;
-        }
-    };
     let now_instant = tokio::time::Instant::now();
     let now = jiff::Timestamp::now();
-    // `submittedAt` is written before the send and kept to the second: the
-    // answer came at the latest a request timeout (and a second) later.
-    let latest_answer = jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
-        .unwrap_or_default();
-    let past: Vec<_> = resources
-        .iter()
-        .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref())
-        .map(|t| Duration::try_from(now.duration_since(t.0 + latest_answer)).unwrap_or_default())
-        .filter(|age| *age <= MAX_BUDGET_MEMORY)
+    let mut past = Vec::new();
+    let mut params = ListParams::default().limit(SEED_PAGE);
+    for _ in 0..SEED_MAX_PAGES {
+        let page = match api.list(&params).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(error = %error, "could not read past submissions; starting with what was read");
+                break;
+            }
+        };
+        past.extend(recent_submissions(
+            page.items
+                .iter()
+                .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref()),
+            now,
+            request_timeout,
+        ));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    let past: Vec<_> = past
+        .into_iter()
         .filter_map(|age| now_instant.checked_sub(age))
         .collect();
     if !past.is_empty() {
@@ -482,6 +498,29 @@ async fn seed_budget_from_history<M: MdeCalls>(
             .record_past(mde_client::ApiFamily::Offboard, &past);
     }
 }
+
+/// The ages of the submissions within the longest budget window.
+/// `submittedAt` is written before the send and kept to the second: the
+/// answer came at the latest a request timeout (and a second) later.
+pub fn recent_submissions<'a>(
+    submitted: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    now: jiff::Timestamp,
+    request_timeout: Duration,
+) -> Vec<Duration> {
+    let latest_answer = jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
+        .unwrap_or_default();
+    submitted
+        .filter_map(|t| t.0.checked_add(latest_answer).ok())
+        .map(|t| Duration::try_from(now.duration_since(t)).unwrap_or_default())
+        .filter(|age| *age <= MAX_BUDGET_MEMORY)
+        .collect()
+}
+
+/// Resources read per page when seeding the budget.
+const SEED_PAGE: u32 = 500;
+
+/// The most pages read when seeding (5 million resources).
+const SEED_MAX_PAGES: usize = 10_000;
 
 /// How long a dead poller stays down before it is started again.
 const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);

@@ -1,16 +1,20 @@
-//! Batch polling of in-flight actions: one `id in (...)` call per 50 actions
-//! per interval, whatever the number of resources, instead of a call each.
+//! Polling of in-flight actions: one window call (`type eq 'Offboard' and
+//! creationDateTimeUtc ge T`, 10,000 a page) per interval for up to 10,000 in
+//! flight, `id in (...)` batches when those cost fewer calls, and a single
+//! `GET` for an id neither answer holds (see [`super::poll_plan`]).
 
 use super::Context;
+use super::poll_plan::{self, Density, InFlight, PollPlan};
 use super::ports::MdeCalls;
 use super::sequence::{record_gone, record_poll};
 use crate::crd::{DeviceOffboard, Phase};
 use crate::metrics::{ErrorLabels, PhaseLabels};
 use crate::telemetry::Liveness;
 use futures::FutureExt;
+use jiff::Timestamp;
 use kube::runtime::reflector::Store;
-use mde_client::client::IDS_PER_QUERY;
-use mde_client::{MdeError, RateLimits};
+use mde_client::client::MAX_TOP;
+use mde_client::{MachineAction, MdeError, RateLimits};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -86,6 +90,39 @@ fn publish_phase_counts(metrics: &crate::metrics::Metrics, resources: &[Arc<Devi
     }
 }
 
+/// The actions in flight, with the earliest time each may have been created:
+/// the creation time an earlier answer showed, else `submittedAt` (written
+/// before the send), else unknown.
+pub fn in_flight_actions(
+    resources: &[Arc<DeviceOffboard>],
+    created: &HashMap<String, Timestamp>,
+) -> Vec<InFlight> {
+    let mut seen = std::collections::HashSet::new();
+    resources
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .filter(|s| !s.phase.unwrap_or_default().is_terminal())
+        .filter_map(|s| {
+            let id = s.machine_action_id.clone()?;
+            let since = created
+                .get(&id)
+                .copied()
+                .or_else(|| s.submitted_at.as_ref().map(|t| t.0));
+            Some(InFlight { id, since })
+        })
+        .filter(|a| seen.insert(a.id.clone()))
+        .collect()
+}
+
+/// What the poller carries from one tick to the next.
+#[derive(Default)]
+struct PollState {
+    /// Creation times MDE showed for actions still in flight.
+    created: HashMap<String, Timestamp>,
+    /// How dense MDE's list of offboards was in the last window answer.
+    density: Density,
+}
+
 pub async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
@@ -93,6 +130,7 @@ pub async fn run<M: MdeCalls>(
 ) {
     let mut cache_ready = false;
     let mut pause = Duration::ZERO;
+    let mut state = PollState::default();
     loop {
         tokio::time::sleep(pause).await;
         pause = interval;
@@ -108,21 +146,32 @@ pub async fn run<M: MdeCalls>(
         }
         let resources = store.state();
         publish_phase_counts(&ctx.metrics, &resources);
-        let ids = in_flight(&resources);
+        let in_flight = in_flight_actions(&resources, &state.created);
+        let wanted: std::collections::HashSet<&str> =
+            in_flight.iter().map(|a| a.id.as_str()).collect();
+        state.created.retain(|id, _| wanted.contains(id.as_str()));
         tracing::debug!(
             resources = resources.len(),
-            in_flight = ids.len(),
+            in_flight = in_flight.len(),
             "poll tick"
         );
-        if ids.is_empty() {
+        if in_flight.is_empty() {
             continue;
         }
+        let now = ctx.memory.now();
+        let plan = poll_plan::plan(&in_flight, now, state.density);
         pause = poll_pause(
             interval,
-            ids.len().div_ceil(IDS_PER_QUERY),
+            plan.expected_calls(now, state.density),
             ctx.mde.rate_limits(),
         );
-        let actions = match ctx.mde.machine_actions_by_ids(&ids).await {
+        let by_ids: std::collections::HashSet<&String> = plan.by_ids.iter().collect();
+        let expected: Vec<String> = in_flight
+            .iter()
+            .filter(|a| !by_ids.contains(&a.id))
+            .map(|a| a.id.clone())
+            .collect();
+        let actions = match read_plan(&ctx, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
             Err(error) => {
                 ctx.metrics
@@ -131,11 +180,41 @@ pub async fn run<M: MdeCalls>(
                         error: "poll".into(),
                     })
                     .inc();
-                tracing::warn!(error = %error, in_flight = ids.len(), "polling in-flight actions failed; next interval retries");
+                tracing::warn!(error = %error, in_flight = in_flight.len(), "polling in-flight actions failed; next interval retries");
                 continue;
             }
         };
-        let by_id: HashMap<&str, _> = actions.iter().map(|a| (a.id.as_str(), a)).collect();
+        let mut by_id: HashMap<String, MachineAction> = actions
+            .into_iter()
+            .filter(|a| wanted.contains(a.id.as_str()))
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        // Absent from the window and old enough for that to mean something:
+        // ask for them by id, then (below) one by one.
+        let grace = jiff::SignedDuration::try_from(ctx.settings.lookup_delay).unwrap_or_default();
+        let absent: Vec<String> = in_flight
+            .iter()
+            .filter(|a| !by_id.contains_key(&a.id) && !by_ids.contains(&a.id))
+            .filter(|a| poll_plan::worth_reading_again(a, now, grace))
+            .map(|a| a.id.clone())
+            .collect();
+        if !absent.is_empty() {
+            match ctx.mde.machine_actions_by_ids(&absent).await {
+                Ok(found) => by_id.extend(found.into_iter().map(|a| (a.id.clone(), a))),
+                Err(error) => {
+                    tracing::warn!(error = %error, absent = absent.len(), "reading actions by id failed; next interval retries")
+                }
+            }
+        }
+        for action in by_id.values() {
+            if let Some(created) = action
+                .creation_date_time_utc
+                .as_deref()
+                .and_then(|t| t.parse::<Timestamp>().ok())
+            {
+                state.created.insert(action.id.clone(), created);
+            }
+        }
         for resource in &resources {
             if let Some(action) = action_id(resource).and_then(|id| by_id.get(id))
                 && let Err(error) = record_poll(&ctx.ports(), resource, action).await
@@ -144,12 +223,37 @@ pub async fn run<M: MdeCalls>(
                 tracing::debug!(error = %error, "poll result not recorded this time");
             }
         }
-        let missing: Vec<&String> = ids
+        let missing: Vec<&String> = plan
+            .by_ids
             .iter()
+            .chain(&absent)
             .filter(|id| !by_id.contains_key(id.as_str()))
             .collect();
         read_missing(&ctx, &resources, &missing).await;
     }
+}
+
+/// The calls of one plan: the window (learning MDE's density from it), then
+/// the id batches.
+async fn read_plan<M: MdeCalls>(
+    ctx: &Context<M>,
+    plan: &PollPlan,
+    expected: &[String],
+    now: Timestamp,
+    state: &mut PollState,
+) -> Result<Vec<MachineAction>, MdeError> {
+    let mut actions = Vec::new();
+    if let Some(since) = plan.window_since {
+        actions = ctx
+            .mde
+            .offboard_actions_since(since, MAX_TOP, expected)
+            .await?;
+        state.density = Density::observed(now, since, actions.len());
+    }
+    if !plan.by_ids.is_empty() {
+        actions.extend(ctx.mde.machine_actions_by_ids(&plan.by_ids).await?);
+    }
+    Ok(actions)
 }
 
 /// The action id a resource records.

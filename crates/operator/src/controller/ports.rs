@@ -8,7 +8,7 @@ use super::decision::Note;
 use super::{Error, Result};
 use crate::crd::{DeviceOffboard, DeviceOffboardStatus};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use mde_client::limiter::Permit;
 use mde_client::{DefenderClient, Machine, MachineAction, MdeError, RateBudget, RateLimits};
@@ -60,6 +60,14 @@ pub trait MdeCalls: Send + Sync + 'static {
         id: &str,
         comment: &str,
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    /// Every offboard action created since `since`, in pages of `top`: the
+    /// poll of all actions in flight in one call per `top` actions.
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
 }
 
 impl MdeCalls for DefenderClient {
@@ -120,6 +128,15 @@ impl MdeCalls for DefenderClient {
     ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
         DefenderClient::cancel_action(self, Some(slot), id, comment)
     }
+
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions_since(self, since, top, expected)
+    }
 }
 
 /// Where the status lives, and where Events go.
@@ -137,10 +154,10 @@ pub trait StatusStore: Send + Sync {
 }
 
 /// The Kubernetes API: status merge patches with a resourceVersion
-/// precondition, Events through the recorder.
+/// precondition, Events through a recorder made for each one.
 pub struct KubeStore {
     pub client: kube::Client,
-    pub recorder: Recorder,
+    pub reporter: Reporter,
 }
 
 impl StatusStore for KubeStore {
@@ -163,6 +180,17 @@ impl StatusStore for KubeStore {
             .patch_status(&current.name_any(), &params, &Patch::Merge(&patch))
             .await
         {
+            // A final status and its label in one cycle: the label takes the
+            // resource out of the controller's watch (see `finished`).
+            Ok(updated) if super::finished::needs_label(&updated) => {
+                match super::finished::label(&self.client, &updated).await {
+                    Ok(labelled) => Ok(labelled),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not label a finished resource; its next reconcile does");
+                        Ok(updated)
+                    }
+                }
+            }
             Ok(updated) => Ok(updated),
             Err(kube::Error::Api(status)) if status.is_conflict() => Err(Error::Conflict),
             Err(error) => Err(Error::Kube(error)),
@@ -181,7 +209,12 @@ impl StatusStore for KubeStore {
             action: "Offboard".to_string(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        // A recorder per Event: kube's `Recorder` caches every Event it sent
+        // for six minutes and scans that cache on each publish, so one shared
+        // recorder grows with every resource handled (and its scan with it).
+        // The cost is that a repeated reason is a new Event, not a series.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(error) = recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(error = %error, reason = note.reason.event_reason(), "could not publish event");
         }
     }

@@ -1,6 +1,7 @@
 //! The controller's reconcile: one [`sequence::step`] with the MDE client and
 //! the Kubernetes API as its ports, timed into a histogram.
 
+use super::finished;
 use super::ports::MdeCalls;
 use super::sequence;
 use super::{Context, Result};
@@ -14,6 +15,14 @@ pub async fn reconcile<M: MdeCalls>(
     obj: Arc<DeviceOffboard>,
     ctx: Arc<Context<M>>,
 ) -> Result<Action> {
+    // Final in status, label lost (a crash between the two writes): nothing
+    // is done for it but the label that takes it out of the watch.
+    if finished::needs_label(&obj) {
+        finished::label(&ctx.client, &obj)
+            .await
+            .map_err(super::Error::Kube)?;
+        return Ok(Action::await_change());
+    }
     let started = std::time::Instant::now();
     let result = sequence::step(&obj, &ctx.ports()).await;
     ctx.metrics

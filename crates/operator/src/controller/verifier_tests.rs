@@ -3,6 +3,7 @@
 
 use super::decision::Settings;
 use super::fakes::FakeMde;
+use super::finished::FINAL_LABEL;
 use super::reconcile::reconcile;
 use super::{Context, Error};
 use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -218,10 +219,76 @@ async fn terminal_resources_cost_no_calls() {
         machine_action_id: Some("a".into()),
         ..Default::default()
     };
-    reconcile(Arc::new(resource(Some(done))), ctx.clone())
-        .await
-        .unwrap();
+    let mut labelled = resource(Some(done));
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(FINAL_LABEL.into(), "true".into());
+    reconcile(Arc::new(labelled), ctx.clone()).await.unwrap();
     let next = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
     assert!(matches!(next, Err(_) | Ok(None)), "no Kubernetes call");
     assert_eq!(ctx.mde.calls(), 0, "no MDE call");
+}
+
+/// A restart after the final status landed but its label did not: the
+/// resource is still final (no MDE call); it only gets its label.
+#[tokio::test]
+async fn a_final_resource_whose_label_was_lost_is_only_labelled() {
+    let (ctx, mut handle) = setup().await;
+    let done = DeviceOffboardStatus {
+        phase: Some(Phase::Failed),
+        machine_action_id: Some("a".into()),
+        ..Default::default()
+    };
+    let obj = resource(Some(done));
+    let reconciling = tokio::spawn(reconcile(Arc::new(obj.clone()), ctx.clone()));
+    let body = expect(
+        &mut handle,
+        Method::PATCH,
+        "/apis/defender.offboard.dev/v1alpha1/namespaces/it/deviceoffboards/laptop",
+        |_| (StatusCode::OK, serde_json::to_value(&obj).unwrap()),
+    )
+    .await;
+    assert_eq!(body["metadata"]["labels"][FINAL_LABEL], "true");
+    assert!(body.get("status").is_none(), "the status is not touched");
+    reconciling.await.unwrap().unwrap();
+    assert_eq!(ctx.mde.calls(), 0, "no MDE call");
+}
+
+/// The poll that makes a resource final writes the status, then the label.
+#[tokio::test]
+async fn the_final_status_write_is_followed_by_the_label() {
+    let (ctx, mut handle) = setup().await;
+    let action = ctx.mde.insert(MACHINE, "[defender-offboard:x] returned");
+    let in_progress = DeviceOffboardStatus {
+        phase: Some(Phase::InProgress),
+        machine_id: Some(MACHINE.into()),
+        machine_action_id: Some(action.id.clone()),
+        ..Default::default()
+    };
+    let obj = resource(Some(in_progress));
+    let mut done = action.clone();
+    done.status = mde_client::ActionStatus::Succeeded;
+    let recording = {
+        let (ctx, obj) = (ctx.clone(), obj.clone());
+        tokio::spawn(async move { super::sequence::record_poll(&ctx.ports(), &obj, &done).await })
+    };
+    let written = obj.clone();
+    let status = expect(&mut handle, Method::PATCH, STATUS_PATH, |patch| {
+        (StatusCode::OK, patched(&written, patch, "11"))
+    })
+    .await;
+    assert_eq!(status["status"]["phase"], "Succeeded");
+    let label = expect(
+        &mut handle,
+        Method::PATCH,
+        "/apis/defender.offboard.dev/v1alpha1/namespaces/it/deviceoffboards/laptop",
+        |_| (StatusCode::OK, serde_json::to_value(&obj).unwrap()),
+    )
+    .await;
+    assert_eq!(label["metadata"]["labels"][FINAL_LABEL], "true");
+    // Then the Event of the transition.
+    expect_event(&mut handle).await;
+    recording.await.unwrap().unwrap();
 }

@@ -1,0 +1,34 @@
+//! The operator benchmark (`cargo bench --bench operator`) at a tiny size, so
+//! it cannot rot. Asserts what it counts (one POST per resource, every
+//! resource final, one poll call), never a time.
+
+#[path = "../../benches/operator/suite.rs"]
+mod suite;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_benchmark_runs_at_a_tiny_size() {
+    let config = suite::Config {
+        bin: env!("CARGO_BIN_EXE_defender-offboard").into(),
+        sizes: vec![4, 10],
+        history: 6,
+        time_scale: 100.0,
+        latency_probes: 3,
+        polls: vec![3, 60],
+        shared: 4,
+    };
+    let report = suite::run(&config).await;
+    let table = suite::table(&report, &config);
+    println!("{table}");
+    let rows = report.rows.iter().chain(&report.shared);
+    for row in rows {
+        assert_eq!(row.final_count, row.resources, "{row:?}");
+        assert_eq!(row.posts, row.resources as u64, "one POST each: {row:?}");
+        assert_eq!(row.duplicates, 0, "{row:?}");
+    }
+    assert_eq!(report.rows[1].history, 6);
+    assert_eq!(report.polls, [(3, 1, 1), (60, 1, 2)], "one call per poll");
+    let naive = report.naive.expect("the naive loop ran");
+    assert_eq!(naive.posts, naive.resources as u64);
+    assert!(table.contains("| 429 answers |"), "{table}");
+    assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
+}
