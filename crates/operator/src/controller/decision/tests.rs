@@ -666,7 +666,7 @@ fn poll_results_move_to_final_phases() {
         (ActionStatus::Succeeded, Phase::Succeeded, Reason::Succeeded),
         (ActionStatus::Failed, Phase::Failed, Reason::Failed),
         (ActionStatus::TimeOut, Phase::Failed, Reason::Failed),
-        (ActionStatus::Cancelled, Phase::Failed, Reason::Failed),
+        (ActionStatus::Cancelled, Phase::Failed, Reason::Cancelled),
     ] {
         let word = status.as_str().to_string();
         let t = after_poll(&v, &action(status)).unwrap();
