@@ -21,6 +21,23 @@ pub const FINAL_LABEL: &str = "defender.offboard.dev/final";
 /// What the controller watches: everything not yet labelled final.
 pub const WATCH_SELECTOR: &str = "defender.offboard.dev/final!=true";
 
+/// What `kubectl apply` keeps on every object: a copy of the whole manifest.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drop what the controller never reads before an object enters its cache:
+/// `managedFields` (one entry per writer) and `kubectl apply`'s copy of the
+/// manifest. The cancel annotation and everything the decision reads stay;
+/// status writes need only the resourceVersion, which stays too.
+pub fn trim_for_cache(obj: &mut DeviceOffboard) {
+    obj.metadata.managed_fields = None;
+    if let Some(annotations) = obj.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            obj.metadata.annotations = None;
+        }
+    }
+}
+
 /// Whether the status is final.
 pub fn is_final(obj: &DeviceOffboard) -> bool {
     obj.status
@@ -59,6 +76,37 @@ pub async fn label(
 mod tests {
     use super::*;
     use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+
+    #[test]
+    fn the_cache_keeps_what_the_controller_reads() {
+        let mut obj = with(None, None);
+        obj.metadata.resource_version = Some("7".into());
+        obj.metadata.managed_fields = Some(vec![Default::default(), Default::default()]);
+        obj.metadata.annotations = Some(
+            [
+                (
+                    LAST_APPLIED.to_string(),
+                    "{\"big\":\"manifest\"}".to_string(),
+                ),
+                (
+                    crate::crd::CANCEL_ANNOTATION.to_string(),
+                    "wrong device".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        let before = obj.clone();
+        trim_for_cache(&mut obj);
+        assert_eq!(obj.metadata.managed_fields, None);
+        let annotations = obj.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations[crate::crd::CANCEL_ANNOTATION], "wrong device");
+        assert_eq!(obj.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(
+            (obj.spec.clone(), obj.status.clone()),
+            (before.spec, before.status)
+        );
+    }
 
     fn with(phase: Option<Phase>, label: Option<&str>) -> DeviceOffboard {
         let mut obj = DeviceOffboard::new(

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Reporter;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use mde_client::{ConnectionArgs, DefenderClient, MdeError};
 use ports::{KubeStore, MdeCalls};
 use std::net::SocketAddr;
@@ -390,11 +390,18 @@ pub async fn run_controller<M: MdeCalls>(
         None => Api::all(ctx.client.clone()),
     };
     seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
-    // Finished resources are left out of the watch (and so of memory).
+    // Finished resources are left out of the watch (and so of memory), and
+    // what the controller never reads is dropped before an object is cached.
     let watch = watcher::Config::default()
         .any_semantic()
         .labels(finished::WATCH_SELECTOR);
-    let controller = Controller::new(api.clone(), watch)
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api.clone(), watch)
+        .default_backoff()
+        .modify(finished::trim_for_cache)
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(objects, reader)
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
