@@ -595,6 +595,45 @@ async fn crash_test_sigkill_never_duplicates() {
     .await;
 }
 
+/// Two `run --leader-elect` replicas (3 s lease, MDE's limits ×10), and the
+/// one that took the lease.
+async fn two_replicas(cluster: &Cluster) -> (BTreeMap<String, Proc>, String) {
+    let replica = |identity: &str| {
+        cluster.spawn_run(
+            identity,
+            &[
+                "--leader-elect",
+                "--identity",
+                identity,
+                "--lease-namespace",
+                "default",
+                "--lease-duration",
+                "3s",
+                "--lease-renew-deadline",
+                "2s",
+                "--lease-retry-period",
+                "500ms",
+                "--rate-limit",
+                "100/6s,1500/360s",
+            ],
+        )
+    };
+    let replicas = BTreeMap::from([
+        ("replica-a".to_string(), replica("replica-a")),
+        ("replica-b".to_string(), replica("replica-b")),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(holder) = cluster.lease_holder("default").await {
+            break holder;
+        }
+        assert!(Instant::now() < deadline, "nobody took the lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(replicas.contains_key(&first), "unknown holder {first}");
+    (replicas, first)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_failover_keeps_exactly_once() {
     if real_cluster() {
@@ -608,39 +647,7 @@ async fn leader_failover_keeps_exactly_once() {
         let cluster = Cluster::start(&["--sim-machines", "250", "--sim-time-scale", "10"]).await;
         let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
         let lease_duration = Duration::from_secs(3);
-        let replica = |identity: &str| {
-            cluster.spawn_run(
-                identity,
-                &[
-                    "--leader-elect",
-                    "--identity",
-                    identity,
-                    "--lease-namespace",
-                    "default",
-                    "--lease-duration",
-                    "3s",
-                    "--lease-renew-deadline",
-                    "2s",
-                    "--lease-retry-period",
-                    "500ms",
-                    "--rate-limit",
-                    "100/6s,1500/360s",
-                ],
-            )
-        };
-        let mut replicas = BTreeMap::from([
-            ("replica-a".to_string(), replica("replica-a")),
-            ("replica-b".to_string(), replica("replica-b")),
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let first = loop {
-            if let Some(holder) = cluster.lease_holder("default").await {
-                break holder;
-            }
-            assert!(Instant::now() < deadline, "nobody took the lease");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(replicas.contains_key(&first), "unknown holder {first}");
+        let (mut replicas, first) = two_replicas(&cluster).await;
         // Ambiguous outcomes around the failover too.
         sim.set_faults(serde_json::json!({"error_rate": 0.05, "lost_response_rate": 0.2, "lost_response_mode": "mixed"}))
             .await;
@@ -777,38 +784,7 @@ async fn a_paused_leader_sends_nothing_when_it_wakes() {
     bounded(150, async {
         let cluster = Cluster::start(&["--sim-machines", "200", "--sim-time-scale", "10"]).await;
         let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
-        let replica = |identity: &str| {
-            cluster.spawn_run(
-                identity,
-                &[
-                    "--leader-elect",
-                    "--identity",
-                    identity,
-                    "--lease-namespace",
-                    "default",
-                    "--lease-duration",
-                    "3s",
-                    "--lease-renew-deadline",
-                    "2s",
-                    "--lease-retry-period",
-                    "500ms",
-                    "--rate-limit",
-                    "100/6s,1500/360s",
-                ],
-            )
-        };
-        let mut replicas = BTreeMap::from([
-            ("replica-a".to_string(), replica("replica-a")),
-            ("replica-b".to_string(), replica("replica-b")),
-        ]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let first = loop {
-            if let Some(holder) = cluster.lease_holder("default").await {
-                break holder;
-            }
-            assert!(Instant::now() < deadline, "nobody took the lease");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let (mut replicas, first) = two_replicas(&cluster).await;
         let standby = if first == "replica-a" { "replica-b" } else { "replica-a" }.to_string();
         replicas
             .get_mut(&first)

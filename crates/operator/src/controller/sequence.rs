@@ -66,13 +66,16 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
             proves_absence,
         } => read_cancelled(ports, &mut current, &action_id, proves_absence).await,
         Plan::Resolve { device_name } => {
-            if let Some(wait) = budget_wait(ports.mde, ApiFamily::Machines) {
-                return Ok(Some(wait));
-            }
-            let found = ports.mde.find_machines_by_name(&device_name).await;
-            if let Some(wait) = spent(&found) {
-                return Ok(Some(wait));
-            }
+            let found = match budgeted_read(
+                ports.mde,
+                ApiFamily::Machines,
+                ports.mde.find_machines_by_name(&device_name),
+            )
+            .await
+            {
+                Ok(found) => found,
+                Err(wait) => return Ok(Some(wait)),
+            };
             match decision::after_resolve(&view, &device_name, found, ports.settings) {
                 // Never send from `Submitting` without the lookup first.
                 Ok(machine_id) if submitting => {
@@ -151,14 +154,12 @@ async fn read_cancelled<M: MdeCalls, S: StatusStore>(
     action_id: &str,
     proves_absence: bool,
 ) -> Result<Requeue> {
-    if let Some(wait) = budget_wait(ports.mde, ApiFamily::MachineActions) {
-        return Ok(Some(wait));
-    }
     let key = uid(current)?;
-    let found = ports.mde.get_machine_action(action_id).await;
-    if let Some(wait) = spent(&found) {
-        return Ok(Some(wait));
-    }
+    let read = ports.mde.get_machine_action(action_id);
+    let found = match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await {
+        Ok(found) => found,
+        Err(wait) => return Ok(Some(wait)),
+    };
     if !proves_absence {
         ports.memory.looked_early(&cancel_key(&key));
     }
@@ -185,15 +186,13 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
     machine_id: &str,
     proves_absence: bool,
 ) -> Result<Requeue> {
-    if let Some(wait) = budget_wait(ports.mde, ApiFamily::MachineActions) {
-        return Ok(Some(wait));
-    }
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
-    let found = ports.mde.offboard_actions(machine_id).await;
-    if let Some(wait) = spent(&found) {
-        return Ok(Some(wait));
-    }
+    let read = ports.mde.offboard_actions(machine_id);
+    let found = match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await {
+        Ok(found) => found,
+        Err(wait) => return Ok(Some(wait)),
+    };
     if !proves_absence {
         ports.memory.looked_early(&key);
     }
@@ -229,6 +228,24 @@ fn spent<T>(result: &Result<T, MdeError>) -> Option<Duration> {
                 .max(Duration::from_millis(10)),
         ),
         _ => None,
+    }
+}
+
+/// A read in `family`'s budget, or how long to requeue instead: when the
+/// family is parked (after a 429) for over a second, the read is not made;
+/// when this process's budget refuses it, nothing was sent.
+async fn budgeted_read<M: MdeCalls, T>(
+    mde: &M,
+    family: ApiFamily,
+    read: impl std::future::Future<Output = std::result::Result<T, MdeError>>,
+) -> std::result::Result<std::result::Result<T, MdeError>, Duration> {
+    if let Some(wait) = budget_wait(mde, family) {
+        return Err(wait);
+    }
+    let result = read.await;
+    match spent(&result) {
+        Some(wait) => Err(wait),
+        None => Ok(result),
     }
 }
 
