@@ -150,6 +150,18 @@ async fn sim_post(sim: &SimHandle, path: &str, body: Value) -> Value {
     r.json().await.unwrap()
 }
 
+/// `GET /_sim/stats`, as a test client reads it (typed, or as raw JSON).
+async fn stats_over_http<T: serde::de::DeserializeOwned>(sim: &SimHandle) -> T {
+    http()
+        .get(format!("{}/_sim/stats", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_default()
 }
@@ -936,14 +948,7 @@ async fn stats_count_requests_and_duplicate_offboards() {
         StatusCode::BAD_REQUEST
     );
 
-    let over_http: SimStats = http()
-        .get(format!("{}/_sim/stats", sim.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let over_http: SimStats = stats_over_http(&sim).await;
     assert_eq!(over_http, sim.stats());
     assert_eq!(over_http.duplicate_offboards, 1);
     assert_eq!(over_http.offboard_actions_by_machine[twice], 2);
@@ -1087,14 +1092,7 @@ async fn offboard_posts_are_counted_by_correlation_key_whatever_the_answer() {
         .unwrap();
     assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
 
-    let stats: SimStats = http()
-        .get(format!("{}/_sim/stats", sim.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: SimStats = stats_over_http(&sim).await;
     assert_eq!(stats, sim.stats());
     let keys: Vec<(&str, u64)> = stats
         .offboard_requests_by_key
@@ -1123,14 +1121,7 @@ async fn offboard_posts_are_counted_by_correlation_key_whatever_the_answer() {
     assert_eq!(stats.actions_created, 4);
     assert_eq!(stats.duplicate_offboards, 0, "counts actions, not requests");
     // The JSON names the dev playground and other crates' tests read.
-    let raw: Value = http()
-        .get(format!("{}/_sim/stats", sim.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let raw: Value = stats_over_http(&sim).await;
     assert_eq!(raw["offboard_requests_by_key"]["ns/a/1"], 2);
     assert_eq!(raw["offboard_requests_by_machine"][finance], 2);
     assert_eq!(raw["offboard_requests_refused"], 3);

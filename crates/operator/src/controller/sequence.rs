@@ -130,15 +130,10 @@ async fn cancel<M: MdeCalls, S: StatusStore>(
     }
     let status = current.status.clone().unwrap_or_default();
     let intent = decision::cancel_intent(&view_of(ports, current, &status), reason);
-    if let Err(error) = write_status(ports.store, current, &intent).await {
-        permit.cancel();
-        return Err(error);
-    }
-    if !ports.memory.may_send() {
-        permit.cancel();
-        return Ok(Some(NOT_LEADER_RETRY));
-    }
-    ports.memory.sending(&cancel_key(&key));
+    let permit = match record_intent(ports, current, &intent, permit, &cancel_key(&key)).await? {
+        Ok(permit) => permit,
+        Err(requeue) => return Ok(requeue),
+    };
     let comment = comment_with_marker(reason, &key);
     let result = ports.mde.cancel_action(permit, action_id, &comment).await;
     let transition =
@@ -360,17 +355,10 @@ async fn send<M: MdeCalls, S: StatusStore>(
     // The intent record: only the writer holding the latest resourceVersion wins,
     // so two workers (or replicas) can never both send for one resource.
     let intent = decision::submitting(&view_of(ports, current, &status), machine_id);
-    if let Err(error) = write_status(ports.store, current, &intent).await {
-        permit.cancel();
-        return Err(error);
-    }
-    if !ports.memory.may_send() {
-        // Recorded as Submitting, not sent: whoever holds the lease next looks
-        // it up (and finds nothing) before sending.
-        permit.cancel();
-        return Ok(Some(NOT_LEADER_RETRY));
-    }
-    ports.memory.sending(&key);
+    let permit = match record_intent(ports, current, &intent, permit, &key).await? {
+        Ok(permit) => permit,
+        Err(requeue) => return Ok(requeue),
+    };
     let result = ports.mde.offboard(permit, machine_id, &comment).await;
     if result.is_ok() {
         count(ports.metrics, Reason::Requested);
@@ -381,6 +369,30 @@ async fn send<M: MdeCalls, S: StatusStore>(
         AfterSend::AdoptPending => adopt_pending(ports, &view, machine_id).await,
     };
     apply(ports, current, transition).await
+}
+
+/// Write an intent record with the resourceVersion precondition, then check
+/// the lease once more just before the send: `Ok(permit)` to send now (the
+/// lookup clock under `clock_key` starts), `Err(requeue)` when this process
+/// may no longer send. Recorded but not sent is safe: whoever holds the lease
+/// next reads before sending.
+async fn record_intent<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    intent: &DeviceOffboardStatus,
+    permit: Permit,
+    clock_key: &str,
+) -> Result<std::result::Result<Permit, Requeue>> {
+    if let Err(error) = write_status(ports.store, current, intent).await {
+        permit.cancel();
+        return Err(error);
+    }
+    if !ports.memory.may_send() {
+        permit.cancel();
+        return Ok(Err(Some(NOT_LEADER_RETRY)));
+    }
+    ports.memory.sending(clock_key);
+    Ok(Ok(permit))
 }
 
 /// MDE said an offboard is already pending for the machine: adopt that one.

@@ -45,15 +45,28 @@ fn settings() -> Settings {
     }
 }
 
-/// Step the stored resource until MDE's action is recorded, restarting after
-/// every failed step as a new process would (from what the store holds).
+/// Step the stored resource until MDE's action is recorded (or it is final),
+/// restarting after every failed step as a new process would.
 async fn drive(mde: &FakeMde, store: &MemoryStore) -> (DeviceOffboardStatus, Vec<Error>) {
+    drive_until(mde, store, |status| {
+        status.machine_action_id.is_some() || status.phase.is_some_and(Phase::is_terminal)
+    })
+    .await
+}
+
+/// Step the stored resource until `done` holds for its status, restarting
+/// after every failed step as a new process would (from what the store holds).
+async fn drive_until(
+    mde: &FakeMde,
+    store: &MemoryStore,
+    done: impl Fn(&DeviceOffboardStatus) -> bool,
+) -> (DeviceOffboardStatus, Vec<Error>) {
     let (settings, metrics) = (settings(), Metrics::default());
     let mut memory = ProcessMemory::default();
     let mut errors = Vec::new();
     for _ in 0..20 {
         let status = store.object().status.unwrap_or_default();
-        if status.machine_action_id.is_some() || status.phase.is_some_and(Phase::is_terminal) {
+        if done(&status) {
             return (status, errors);
         }
         let ports = Ports {
@@ -69,10 +82,7 @@ async fn drive(mde: &FakeMde, store: &MemoryStore) -> (DeviceOffboardStatus, Vec
             memory = ProcessMemory::default();
         }
     }
-    panic!(
-        "no action recorded after 20 steps: {:?}",
-        store.object().status
-    );
+    panic!("not done after 20 steps: {:?}", store.object().status);
 }
 
 fn unknown(reason: &str) -> MdeError {
@@ -449,32 +459,17 @@ async fn pending_and_annotated(mde: &FakeMde) -> MemoryStore {
     MemoryStore::new(obj)
 }
 
-/// Step until final (or 20 steps), a new process after every failed step.
+/// Step until final, or until the cancel is found too late.
 async fn drive_to_final(mde: &FakeMde, store: &MemoryStore) -> DeviceOffboardStatus {
-    let (settings, metrics) = (settings(), Metrics::default());
-    let mut memory = ProcessMemory::default();
-    for _ in 0..20 {
-        let status = store.object().status.unwrap_or_default();
-        if status.phase.is_some_and(Phase::is_terminal)
+    drive_until(mde, store, |status| {
+        status.phase.is_some_and(Phase::is_terminal)
             || status
                 .cancel
                 .as_ref()
                 .is_some_and(|c| c.state == crate::crd::CancelState::TooLate)
-        {
-            return status;
-        }
-        let ports = Ports {
-            mde,
-            store,
-            memory: &memory,
-            settings: &settings,
-            metrics: &metrics,
-        };
-        if step(&store.object(), &ports).await.is_err() {
-            memory = ProcessMemory::default();
-        }
-    }
-    panic!("not final after 20 steps: {:?}", store.object().status);
+    })
+    .await
+    .0
 }
 
 /// Each fault on the cancel: cancel POSTs for the action. A second one only
