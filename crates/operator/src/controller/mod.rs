@@ -6,6 +6,7 @@ pub mod gauges;
 pub mod leader;
 pub mod memory;
 pub mod nodes;
+pub mod pages;
 pub mod poll_plan;
 pub mod poller;
 pub mod ports;
@@ -470,9 +471,9 @@ async fn seed_budget_from_history<M: MdeCalls>(
     let now_instant = tokio::time::Instant::now();
     let now = jiff::Timestamp::now();
     let mut past = Vec::new();
-    let mut params = ListParams::default().limit(SEED_PAGE);
-    for _ in 0..SEED_MAX_PAGES {
-        let page = match api.list(&params).await {
+    let mut pages = pages::Pages::new(SEED_PAGE);
+    loop {
+        let page = match api.list(pages.params()).await {
             Ok(page) => page,
             Err(error) => {
                 tracing::warn!(error = %error, "could not read past submissions; starting with what was read");
@@ -486,9 +487,8 @@ async fn seed_budget_from_history<M: MdeCalls>(
             now,
             request_timeout,
         ));
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => break,
+        if !pages.advance(page.metadata.continue_) {
+            break;
         }
     }
     let past: Vec<_> = past
@@ -525,9 +525,6 @@ pub fn recent_submissions<'a>(
 
 /// Resources read per page when seeding the budget.
 const SEED_PAGE: u32 = 500;
-
-/// The most pages read when seeding (5 million resources).
-const SEED_MAX_PAGES: usize = 10_000;
 
 /// How long a dead poller stays down before it is started again.
 const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);

@@ -23,7 +23,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
@@ -467,10 +467,10 @@ pub async fn remove_finalizers(
     }
     let api: Api<Node> = Api::all(client.clone());
     let mut released = 0;
-    let mut params = ListParams::default().limit(500);
+    let mut pages = super::pages::Pages::new(500);
     loop {
         let page = api
-            .list_metadata(&params)
+            .list_metadata(pages.params())
             .await
             .map_err(|e| format!("cannot list Nodes: {e}"))?;
         for node in &page.items {
@@ -502,9 +502,8 @@ pub async fn remove_finalizers(
                 }
             }
         }
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(released),
+        if !pages.advance(page.metadata.continue_) {
+            return Ok(released);
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::crd::DeviceOffboard;
 use crate::metrics::Metrics;
 use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::api::{Api, DeleteParams, Preconditions};
 use std::time::Duration;
 
 /// What the TTL asks of one resource now.
@@ -80,9 +80,9 @@ pub async fn sweep(
     metrics: &Metrics,
 ) -> Result<Option<Duration>, kube::Error> {
     let mut next: Option<Duration> = None;
-    let mut params = ListParams::default().limit(PAGE);
+    let mut pages = super::pages::Pages::new(PAGE);
     loop {
-        let page = api.list(&params).await?;
+        let page = api.list(pages.params()).await?;
         let now = Timestamp::now();
         for resource in &page.items {
             match expiry(resource, now) {
@@ -95,9 +95,8 @@ pub async fn sweep(
                 }
             }
         }
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Ok(next),
+        if !pages.advance(page.metadata.continue_) {
+            return Ok(next);
         }
     }
 }
