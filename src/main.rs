@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use defender_offboard::{controller, crd, offboard};
+use defender_offboard::{connection, controller, crd, offboard};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -13,8 +13,11 @@ struct Cli {
 enum Command {
     /// Run the controller (in-cluster config or KUBECONFIG).
     Run(Box<controller::RunArgs>),
-    /// Print the DeviceOffboard CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML (default: DeviceOffboard).
+    Crd {
+        #[arg(value_enum, default_value = "device-offboard")]
+        kind: CrdKind,
+    },
     /// Offboard one device from the command line; prints the MachineAction as JSON.
     Offboard(Box<offboard::OffboardArgs>),
     /// Run a faithful MDE API simulator on a local address.
@@ -25,13 +28,26 @@ enum Command {
     Dev(Box<defender_offboard::playground::DevArgs>),
 }
 
+/// The resources whose CRD `crd` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CrdKind {
+    DeviceOffboard,
+    DefenderConnection,
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => controller::run(*args).await,
-        Command::Crd => {
-            print!("{}", crd::crd_yaml());
+        Command::Crd { kind } => {
+            print!(
+                "{}",
+                match kind {
+                    CrdKind::DeviceOffboard => crd::crd_yaml(),
+                    CrdKind::DefenderConnection => connection::connection_crd_yaml(),
+                }
+            );
             Ok(())
         }
         Command::Offboard(args) => match offboard::run(*args).await {

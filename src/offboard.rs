@@ -201,6 +201,7 @@ fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
             device_name: args.device_name.clone(),
             comment: args.comment.clone(),
             ttl_seconds_after_finished: None,
+            connection_ref: None,
         },
     );
     obj.metadata.uid = Some(key.to_string());

@@ -3,15 +3,17 @@
 //! for demos and for the end-to-end tests.
 
 use devcluster::{ApiHandle, ApiServerConfig};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use mde_client::{
     BudgetWait, ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits,
 };
 use mde_simulator::{self as simulator, FaultConfig, LostResponseMode, SimConfig, SimHandle};
+use offboard_operator::connection::DefenderConnection;
+use offboard_operator::controller::connections::Connections;
 use offboard_operator::controller::decision::Settings;
-use offboard_operator::controller::{Context, RunArgs, run_controller};
+use offboard_operator::controller::{Context, RunArgs, run_with_connections};
 use offboard_operator::crd::{DeviceOffboard, Phase};
 use offboard_operator::metrics::Metrics;
 use offboard_operator::telemetry::{self, LogFormat};
@@ -103,9 +105,19 @@ const SIM_TENANT: &str = "sim-tenant";
 const SIM_CLIENT: &str = "sim-client";
 const SIM_SECRET: &str = "sim-secret";
 
+/// The second simulated tenant, reached through the `DefenderConnection`
+/// [`SECOND_CONNECTION`] in `default` (its secret in the Secret of the same name).
+pub const SECOND_TENANT: &str = "sim-tenant-fabrikam";
+const SECOND_CLIENT: &str = "sim-client-fabrikam";
+const SECOND_SECRET: &str = "sim-secret-fabrikam";
+pub const SECOND_CONNECTION: &str = "fabrikam";
+
 pub struct Playground {
     pub api: ApiHandle,
+    /// The tenant of the operator's own credentials.
     pub sim: SimHandle,
+    /// The tenant of the `fabrikam` DefenderConnection.
+    pub second: SimHandle,
 }
 
 impl DevArgs {
@@ -133,15 +145,27 @@ impl DevArgs {
     }
 }
 
-/// Start the API (with the CRD) and the simulator.
+/// Start the API (with the CRDs), the simulator of each tenant, and the
+/// second tenant's Secret and DefenderConnection.
 pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
     let sim = simulator::spawn(
         args.sim_config(),
         tokio::net::TcpListener::bind(args.sim_listen).await?,
     )
     .await?;
+    let second = simulator::spawn(
+        SimConfig {
+            tenant_id: SECOND_TENANT.into(),
+            client_id: SECOND_CLIENT.into(),
+            client_secret: SECOND_SECRET.into(),
+            seed: args.sim_seed.wrapping_add(1),
+            ..args.sim_config()
+        },
+        tokio::net::TcpListener::bind((args.sim_listen.ip(), 0)).await?,
+    )
+    .await?;
     let config = ApiServerConfig {
-        crds: vec![DeviceOffboard::crd()],
+        crds: vec![DeviceOffboard::crd(), DefenderConnection::crd()],
         watch_history: usize::try_from(args.watch_history).unwrap_or(usize::MAX),
         ..ApiServerConfig::default()
     };
@@ -152,7 +176,103 @@ pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
     .await?;
     let client = api.client().await.map_err(std::io::Error::other)?;
     create_nodes(&client).await.map_err(std::io::Error::other)?;
-    Ok(Playground { api, sim })
+    create_connection(&client, "default", SECOND_CONNECTION, &second)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Playground { api, sim, second })
+}
+
+/// A Secret with the simulated tenant's client secret, and a
+/// DefenderConnection to that simulator, in `namespace`.
+pub async fn create_connection(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    sim: &SimHandle,
+) -> Result<(), kube::Error> {
+    let config = sim.config();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "stringData": {"client-secret": config.client_secret},
+    }))
+    .expect("a valid Secret");
+    let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
+        "apiVersion": "defender.offboard.dev/v1alpha1",
+        "kind": "DefenderConnection",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "tenantId": config.tenant_id,
+            "clientId": config.client_id,
+            "apiUrl": sim.base_url(),
+            "loginUrl": sim.base_url(),
+            "credential": {"clientSecret": {"name": name, "key": "client-secret"}},
+        },
+    }))
+    .expect("a valid DefenderConnection");
+    let created = Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await;
+    ignore_exists(created)?;
+    let created = Api::<DefenderConnection>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &connection)
+        .await;
+    ignore_exists(created)
+}
+
+/// A ServiceAccount and a DefenderConnection to that simulator using it
+/// (workload identity: the operator requests the ServiceAccount's token).
+pub async fn create_workload_identity_connection(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    sim: &SimHandle,
+) -> Result<(), kube::Error> {
+    let config = sim.config();
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace},
+    }))
+    .expect("a valid ServiceAccount");
+    let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
+        "apiVersion": "defender.offboard.dev/v1alpha1",
+        "kind": "DefenderConnection",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "tenantId": config.tenant_id,
+            "clientId": config.client_id,
+            "apiUrl": sim.base_url(),
+            "loginUrl": sim.base_url(),
+            "credential": {"workloadIdentity": {"serviceAccountName": name}},
+        },
+    }))
+    .expect("a valid DefenderConnection");
+    let created = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &account)
+        .await;
+    ignore_exists(created)?;
+    let created = Api::<DefenderConnection>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &connection)
+        .await;
+    ignore_exists(created)
+}
+
+fn ignore_exists<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// The `host:port` of a simulator, for `run --connection-allowed-hosts`.
+pub fn sim_host(sim: &SimHandle) -> String {
+    sim.base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
 }
 
 /// The playground's fake Nodes: Windows ones (the simulator has a device of
@@ -216,7 +336,12 @@ pub fn sim_client_config(sim: &SimHandle, rate_limits: RateLimits) -> ClientConf
 /// Files next to the kubeconfig that let `defender-offboard run` reach the
 /// simulator: the secret as a file (never on a command line) and an env file.
 /// Paths in the env file are absolute, so it works from any directory.
-fn write_run_files(dir: &Path, kubeconfig: &Path, sim: &SimHandle) -> std::io::Result<PathBuf> {
+fn write_run_files(
+    dir: &Path,
+    kubeconfig: &Path,
+    sim: &SimHandle,
+    second: &SimHandle,
+) -> std::io::Result<PathBuf> {
     let dir = std::path::absolute(dir)?;
     let kubeconfig = std::path::absolute(kubeconfig)?;
     let secret = dir.join("client-secret");
@@ -226,10 +351,12 @@ fn write_run_files(dir: &Path, kubeconfig: &Path, sim: &SimHandle) -> std::io::R
         &env,
         format!(
             "export KUBECONFIG={kubeconfig}\nexport AZURE_TENANT_ID={SIM_TENANT}\nexport AZURE_CLIENT_ID={SIM_CLIENT}\n\
-             export AZURE_CLIENT_SECRET_FILE={secret}\nexport DEFENDER_API_URL={url}\nexport AZURE_AUTHORITY_HOST={url}\n",
+             export AZURE_CLIENT_SECRET_FILE={secret}\nexport DEFENDER_API_URL={url}\nexport AZURE_AUTHORITY_HOST={url}\n\
+             export DEFENDER_CONNECTIONS=true\nexport DEFENDER_CONNECTION_ALLOWED_HOSTS={second}\n",
             kubeconfig = kubeconfig.display(),
             secret = secret.display(),
             url = sim.base_url(),
+            second = sim_host(second),
         ),
     )?;
     Ok(env)
@@ -247,7 +374,12 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     playground.api.write_kubeconfig(&args.kubeconfig_out)?;
-    let env_file = write_run_files(dir, &args.kubeconfig_out, &playground.sim)?;
+    let env_file = write_run_files(
+        dir,
+        &args.kubeconfig_out,
+        &playground.sim,
+        &playground.second,
+    )?;
     println!(
         "defender-offboard dev playground (a development and test double, not a production target)"
     );
@@ -260,6 +392,11 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         "  MDE simulator   {}   stats: {}/_sim/stats",
         playground.sim.base_url(),
         playground.sim.base_url()
+    );
+    println!(
+        "  second tenant   {}   DefenderConnection default/{SECOND_CONNECTION} (try: kubectl --kubeconfig {} get defenderconnections)",
+        playground.second.base_url(),
+        args.kubeconfig_out.display()
     );
     println!(
         "  try:            kubectl --kubeconfig {} get doff",
@@ -288,7 +425,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         );
         Some(tokio::spawn(run_embedded_controller(
             client.clone(),
-            &playground.sim,
+            &playground,
             &args,
         )))
     };
@@ -301,11 +438,16 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
             path.display()
         );
         watch_until_final(&client, &names).await?;
-        let stats = playground.sim.stats();
-        println!(
-            "MDE simulator: {} offboard actions created, {} answered 429, {} machines offboarded more than once",
-            stats.actions_created, stats.throttled, stats.duplicate_offboards
-        );
+        for (tenant, sim) in [
+            ("own", &playground.sim),
+            (SECOND_CONNECTION, &playground.second),
+        ] {
+            let stats = sim.stats();
+            println!(
+                "MDE simulator ({tenant} tenant): {} offboard actions created, {} answered 429, {} machines offboarded more than once",
+                stats.actions_created, stats.throttled, stats.duplicate_offboards
+            );
+        }
         if args.exit_when_done {
             if let Some(task) = controller {
                 task.abort();
@@ -324,9 +466,11 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
 
 fn run_embedded_controller(
     client: kube::Client,
-    sim: &SimHandle,
+    playground: &Playground,
     args: &DevArgs,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let sim = &playground.sim;
+    let second = sim_host(&playground.second);
     let settings = Settings {
         lookup_delay: Duration::from_secs(2),
         ..Settings::default()
@@ -342,6 +486,8 @@ fn run_embedded_controller(
         |run| {
             run.nodes.offboard_deleted_nodes = true;
             run.nodes.node_offboard_namespace = Some("default".into());
+            run.connections = true;
+            run.connection_allowed_hosts = vec![second];
         },
     );
     async move {
@@ -420,14 +566,14 @@ fn build_controller(
     run_args.poll_interval = poll_interval;
     run_args.connection.rate_limit = rate_limits;
     configure(&mut run_args);
-    let ctx = Arc::new(Context::new(
+    let ctx = Arc::new(Context::with_connections(
         client,
-        mde,
+        Connections::new(Some(mde), run_args.connections),
         metrics,
         settings,
         Some("dev".into()),
     ));
-    Ok(async move { run_controller(&run_args, ctx, std::future::pending()).await })
+    Ok(async move { run_with_connections(&run_args, ctx, std::future::pending()).await })
 }
 
 /// `run`'s defaults, as clap parses them.
@@ -585,8 +731,12 @@ mod tests {
             .await
             .unwrap();
         let kubeconfig = dir.path().join("elsewhere").join("my.kubeconfig");
-        let env = write_run_files(dir.path(), &kubeconfig, &sim).unwrap();
+        let env = write_run_files(dir.path(), &kubeconfig, &sim, &sim).unwrap();
         let text = std::fs::read_to_string(env).unwrap();
+        assert!(
+            text.contains("export DEFENDER_CONNECTIONS=true\n"),
+            "{text}"
+        );
         assert!(
             text.contains(&format!("export KUBECONFIG={}\n", kubeconfig.display())),
             "{text}"

@@ -209,6 +209,7 @@ fn resource(name: &str, machine: &str) -> DeviceOffboard {
             device_name: None,
             comment: "decommissioned (benchmark)".into(),
             ttl_seconds_after_finished: None,
+            connection_ref: None,
         },
     );
     obj.metadata.namespace = Some(NAMESPACE.into());

@@ -1,5 +1,6 @@
 //! The Helm chart and the examples agree with the code.
 
+use defender_offboard::connection::connection_crd_yaml;
 use defender_offboard::crd::{DeviceOffboard, crd_yaml};
 
 #[test]
@@ -11,6 +12,14 @@ fn chart_crd_is_the_generated_crd() {
     assert!(
         chart == crd_yaml(),
         "the chart's CRD is stale: cp crds/deviceoffboards.defender.offboard.dev.yaml charts/defender-offboard/crds/"
+    );
+    let chart = std::fs::read_to_string(
+        "charts/defender-offboard/crds/defenderconnections.defender.offboard.dev.yaml",
+    )
+    .unwrap();
+    assert!(
+        chart == connection_crd_yaml(),
+        "the chart's DefenderConnection CRD is stale: cp crds/defenderconnections.defender.offboard.dev.yaml charts/defender-offboard/crds/"
     );
 }
 

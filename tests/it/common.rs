@@ -44,11 +44,14 @@ pub fn client_config(sim: &SimHandle, secret: &str, limits: &str) -> ClientConfi
     config
 }
 
-/// The in-memory Kubernetes API with the project's CRD.
+/// The in-memory Kubernetes API with the project's CRDs.
 pub async fn spawn_api() -> devcluster::ApiHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = devcluster::ApiServerConfig {
-        crds: vec![DeviceOffboard::crd()],
+        crds: vec![
+            DeviceOffboard::crd(),
+            defender_offboard::connection::DefenderConnection::crd(),
+        ],
         ..Default::default()
     };
     devcluster::spawn_api(config, listener).await.unwrap()

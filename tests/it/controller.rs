@@ -65,6 +65,7 @@ pub(crate) async fn create(client: &kube::Client, name: &str, machine_id: &str) 
         device_name: None,
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
+        connection_ref: None,
     };
     api.create(&PostParams::default(), &DeviceOffboard::new(name, spec))
         .await

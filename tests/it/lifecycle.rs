@@ -234,6 +234,7 @@ async fn finished(
         device_name: Some("pc-1".into()),
         comment: "ttl".into(),
         ttl_seconds_after_finished: ttl,
+        connection_ref: None,
     };
     records
         .create(&PostParams::default(), &DeviceOffboard::new(name, spec))

@@ -4,6 +4,7 @@
 //! every request must be allowed by the chart's RBAC rules.
 
 use crate::common::*;
+use defender_offboard::connection::DefenderConnection;
 use defender_offboard::controller::check_crd_installed;
 use defender_offboard::controller::decision::Settings;
 use defender_offboard::controller::leader::{Elector, LeaseTiming};
@@ -11,7 +12,10 @@ use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
 
 use defender_offboard::controller::nodes::{self, NODE_FINALIZER};
 use defender_offboard::metrics::Metrics;
-use defender_offboard::playground::{create_node, embedded_controller_with};
+use defender_offboard::playground::{
+    create_connection, create_node, create_workload_identity_connection, embedded_controller_with,
+    sim_host,
+};
 use http::{Method, Request};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -30,14 +34,18 @@ fn chart_rules() -> BTreeSet<Permission> {
         "leader-election-rbac.yaml",
         "node-offboarding-rbac.yaml",
         "node-finalizer-cleanup.yaml",
+        "connections-rbac.yaml",
     ] {
         let text =
             std::fs::read_to_string(format!("charts/defender-offboard/templates/{file}")).unwrap();
         // Rules are plain YAML between `rules:` and the end of that document.
         let rules = text.split("rules:\n").nth(1).unwrap();
+        // A `{{- if ... }}` line inside the rules (e.g. connections.enabled)
+        // is skipped: what it guards counts as granted.
         let rules: String = rules
             .lines()
-            .take_while(|l| l.starts_with("  "))
+            .take_while(|l| l.starts_with("  ") || l.starts_with("{{-"))
+            .filter(|l| !l.starts_with("{{"))
             .map(|l| format!("{l}\n"))
             .collect();
         let rules: Vec<serde_json::Value> = serde_yaml_ng::from_str(&rules).unwrap();
@@ -137,6 +145,15 @@ async fn the_chart_grants_every_call_the_controller_makes() {
     let admin = api.client().await.unwrap();
     create_node(&admin, "win-node-1", "windows").await.unwrap();
     create_node(&admin, "win-node-2", "windows").await.unwrap();
+    // Two DefenderConnections: one with a Secret, one with workload identity.
+    let second = spawn_sim(fast_sim_config()).await;
+    create_connection(&admin, "default", "with-secret", &second)
+        .await
+        .unwrap();
+    create_workload_identity_connection(&admin, "default", "with-identity", &second)
+        .await
+        .unwrap();
+    let second_host = sim_host(&second);
     let controller = embedded_controller_with(
         client.clone(),
         &sim,
@@ -147,6 +164,8 @@ async fn the_chart_grants_every_call_the_controller_makes() {
             run.nodes.offboard_deleted_nodes = true;
             run.nodes.node_offboard_namespace = Some("default".into());
             run.ttl_sweep_interval = Duration::from_millis(200);
+            run.connections = true;
+            run.connection_allowed_hosts = vec![second_host];
         },
     )
     .unwrap();
@@ -172,13 +191,14 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         .delete("win-node-1", &DeleteParams::default())
         .await
         .unwrap();
-    let resources: Api<DeviceOffboard> = Api::namespaced(admin, "default");
+    let resources: Api<DeviceOffboard> = Api::namespaced(admin.clone(), "default");
     let spec = |machine: Option<&str>, device: Option<&str>| DeviceOffboardSpec {
         machine_id: machine.map(str::to_string),
         device_name: device.map(str::to_string),
         comment: "rbac".into(),
         // Deleted once final: the TTL sweep's delete is recorded.
         ttl_seconds_after_finished: machine.map(|_| 0),
+        connection_ref: None,
     };
     resources
         .create(
@@ -220,6 +240,25 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         }
     })
     .await;
+    // Both connections signed in (their credential fetched, status written).
+    let connections: Api<DefenderConnection> = Api::namespaced(admin.clone(), "default");
+    with_timeout(30, async {
+        loop {
+            let list = connections.list(&ListParams::default()).await.unwrap();
+            let ready = list.items.iter().filter(|c| {
+                c.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            });
+            if ready.count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     controller.abort();
     let _ = controller.await;
     // The uninstall hook's calls (win-node-2 still holds the finalizer).
@@ -246,6 +285,21 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         missing.is_empty(),
         "the chart does not grant {missing:?}; add them to charts/defender-offboard/templates"
     );
+    for never in [("", "secrets", "list"), ("", "secrets", "watch")] {
+        let never = (
+            never.0.to_string(),
+            never.1.to_string(),
+            never.2.to_string(),
+        );
+        assert!(
+            !used.contains(&never),
+            "the operator must only get Secrets by name, not {never:?}"
+        );
+        assert!(
+            !granted.contains(&never),
+            "the chart must not grant {never:?}"
+        );
+    }
     for expected in [
         ("defender.offboard.dev", "deviceoffboards", "watch"),
         ("defender.offboard.dev", "deviceoffboards/status", "patch"),
@@ -257,6 +311,14 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         ("", "nodes", "patch"),
         ("defender.offboard.dev", "deviceoffboards", "create"),
         ("defender.offboard.dev", "deviceoffboards", "delete"),
+        ("defender.offboard.dev", "defenderconnections", "watch"),
+        (
+            "defender.offboard.dev",
+            "defenderconnections/status",
+            "patch",
+        ),
+        ("", "secrets", "get"),
+        ("", "serviceaccounts/token", "create"),
     ] {
         let expected = (
             expected.0.to_string(),

@@ -127,12 +127,17 @@ Rendered by the Deployment so every install and upgrade checks them.
 {{- if and .Values.serviceAccount.create (not .Values.clientId) }}
 {{- fail "workloadIdentity.enabled=true needs clientId (the app registration or managed identity client id) for the service account annotation" }}
 {{- end }}
+{{- else if and .Values.connections.enabled (not (include "defender-offboard.usesSecret" .)) }}
+{{- /* DefenderConnections only: no default credentials, so none may be half set. */}}
+{{- if or .Values.tenantId .Values.clientId }}
+{{- fail "tenantId/clientId are set without a credential: set credentials.existingSecret, credentials.clientSecret or workloadIdentity.enabled=true, or unset them to serve only DeviceOffboards with a connectionRef" }}
+{{- end }}
 {{- else }}
 {{- if and .Values.credentials.clientSecret .Values.credentials.existingSecret }}
 {{- fail "set either credentials.clientSecret or credentials.existingSecret, not both" }}
 {{- end }}
 {{- if not (or .Values.credentials.clientSecret .Values.credentials.existingSecret) }}
-{{- fail "no credentials: set credentials.existingSecret (recommended), credentials.clientSecret, or workloadIdentity.enabled=true" }}
+{{- fail "no credentials: set credentials.existingSecret (recommended), credentials.clientSecret, or workloadIdentity.enabled=true (or connections.enabled=true to use DefenderConnections only)" }}
 {{- end }}
 {{- if and .Values.credentials.existingSecret (not .Values.credentials.existingSecretKey) }}
 {{- fail "credentials.existingSecretKey: name the key of credentials.existingSecret that holds the client secret" }}
@@ -142,6 +147,24 @@ Rendered by the Deployment so every install and upgrade checks them.
 {{- end }}
 {{- if not .Values.clientId }}
 {{- fail "clientId: set the application (client) id of the app registration" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.connections.enabled .Values.rbac.create }}
+{{- if and .Values.connections.clusterWide .Values.connections.namespaces }}
+{{- fail "set either connections.namespaces or connections.clusterWide=true, not both" }}
+{{- end }}
+{{- if not (or .Values.connections.clusterWide .Values.connections.namespaces) }}
+{{- fail "connections.enabled=true needs connections.namespaces (the namespaces whose Secrets and ServiceAccounts DefenderConnections may use; the operator gets a Role in each) or connections.clusterWide=true" }}
+{{- end }}
+{{- if .Values.watchNamespace }}
+{{- if .Values.connections.clusterWide }}
+{{- fail "connections.clusterWide=true with watchNamespace set: list only the watched namespace in connections.namespaces" }}
+{{- end }}
+{{- range .Values.connections.namespaces }}
+{{- if ne (toString .) $.Values.watchNamespace }}
+{{- fail (printf "connections.namespaces: %q is not watchNamespace %q; the controller serves only that namespace" (toString .) $.Values.watchNamespace) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -110,6 +110,17 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if t.serves_token() {
+            resources.push(json!({
+                "name": format!("{}/token", t.plural),
+                "singularName": "",
+                "namespaced": t.namespaced,
+                "group": "authentication.k8s.io",
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
     }
     let group_version = if group.is_empty() {
         version.to_string()
@@ -153,6 +164,11 @@ fn resource_discovery(rt: &ResourceType) -> Value {
         subresources.push(json!({"subresource": "scale",
             "responseKind": gvk_json("autoscaling", "v1", "Scale"),
             "verbs": ["get", "patch", "update"]}));
+    }
+    if rt.serves_token() {
+        subresources.push(json!({"subresource": "token",
+            "responseKind": gvk_json("authentication.k8s.io", "v1", "TokenRequest"),
+            "verbs": ["create"]}));
     }
     let mut doc = json!({
         "resource": rt.plural,

@@ -12,6 +12,7 @@ use super::scale;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
+use super::token;
 use super::validation::FieldValidation;
 use super::watch::{self, WatchParams};
 use axum::body::{Body, Bytes};
@@ -336,6 +337,7 @@ async fn resource(
         "status" => rt.status_subresource,
         "finalize" => rt.is_namespaces(),
         "scale" => rt.scale.is_some(),
+        "token" => rt.serves_token(),
         _ => false,
     };
     if !served {
@@ -344,6 +346,17 @@ async fn resource(
     if subresource == "scale" {
         let (ns, name) = (target.namespace.as_deref(), target.name.as_deref());
         return scale_request(shared, &rt, ns, name, method, uri, headers, body);
+    }
+    if subresource == "token" {
+        // Only `create` is served on the token subresource.
+        if method != Method::POST {
+            return Err(ApiError::method_not_allowed());
+        }
+        let (Some(ns), Some(name)) = (target.namespace.as_deref(), target.name.as_deref()) else {
+            return Err(ApiError::path_not_found());
+        };
+        let request = token::create(shared, &rt, ns, name, &parse_body(headers, body)?)?;
+        return Ok(json_response(201, &request));
     }
     let query = query_map(uri);
     let ns = target.namespace.as_deref();

@@ -2,17 +2,20 @@
 //!
 //! It serves custom resources from CRDs plus the built-ins the operator and
 //! kubectl use (namespaces, nodes, component statuses, secrets, configmaps,
-//! services with `default/kubernetes`, events in `v1` and `events.k8s.io/v1`,
-//! leases, CRDs) over plain HTTP on loopback, with kube-apiserver's semantics
-//! where clients depend on them: resourceVersions, paged lists, list/watch with
-//! bookmarks and the in-stream `410 Expired`, the status and scale
-//! subresources, `generation`, optimistic concurrency, patches, schema and CEL
+//! service accounts, services with `default/kubernetes`, events in `v1` and
+//! `events.k8s.io/v1`, leases, CRDs) over plain HTTP on loopback, with
+//! kube-apiserver's semantics where clients depend on them: resourceVersions,
+//! paged lists, list/watch with bookmarks and the in-stream `410 Expired`, the
+//! status, scale and ServiceAccount `token` subresources (TokenRequest, as Entra
+//! Workload ID uses), `generation`, optimistic concurrency, patches, schema and CEL
 //! validation with unknown-field warnings, legacy and aggregated discovery,
 //! OpenAPI and the Table form.
 //!
 //! Known differences from kube-apiserver (none of which the operator,
 //! kube-rs or kubectl's commands used here rely on):
 //! - no authentication or authorization, no admission, no TLS;
+//! - ServiceAccount tokens have kube's claims but a random signature: no
+//!   `TokenReview`, no OIDC discovery, and `boundObjectRef` is not checked;
 //! - built-ins are stored as sent: no schema, defaults or validation beyond
 //!   what `events.k8s.io/v1` requires; no pods, workloads or kubelet;
 //! - server-side apply is approximated (see `patch`): lists are atomic, and
@@ -46,6 +49,7 @@ mod state;
 mod status;
 mod store;
 mod table;
+mod token;
 mod validation;
 mod watch;
 

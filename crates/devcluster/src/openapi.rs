@@ -120,6 +120,18 @@ fn resource_paths(rt: &ResourceType, paths: &mut Map<String, Value>) {
             json!({"get": get("get"), "put": operation(rt, "put", true), "patch": operation(rt, "patch", false)}),
         );
     }
+    if rt.serves_token() {
+        paths.insert(
+            format!("{collection}/{{name}}/token"),
+            json!({"post": {
+                "operationId": format!("create{}Token", rt.kind),
+                "x-kubernetes-action": "post",
+                "x-kubernetes-group-version-kind": {"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"},
+                "parameters": [query("dryRun", "string"), query("fieldManager", "string"), query("fieldValidation", "string")],
+                "responses": {"201": {"description": "Created"}},
+            }}),
+        );
+    }
 }
 
 fn object_meta_schema() -> Value {

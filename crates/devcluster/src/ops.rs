@@ -137,7 +137,32 @@ fn to_storage(rt: &ResourceType, external: Value) -> Value {
         out["apiVersion"] = rt.api_version().into();
         out["kind"] = rt.kind.clone().into();
     }
+    if rt.storage == "core/secrets" {
+        merge_string_data(&mut out);
+    }
     out
+}
+
+/// A Secret's `stringData` is write-only: the API server base64-encodes each
+/// entry into `data` (overriding a `data` key of the same name) and never
+/// stores or returns `stringData` itself.
+fn merge_string_data(secret: &mut Value) {
+    use base64::Engine as _;
+    let Some(string_data) = secret.as_object_mut().and_then(|o| o.remove("stringData")) else {
+        return;
+    };
+    let Value::Object(entries) = string_data else {
+        return;
+    };
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    for (key, value) in entries {
+        let text = value.as_str().unwrap_or_default();
+        secret["data"][key] = base64::engine::general_purpose::STANDARD
+            .encode(text)
+            .into();
+    }
 }
 
 /// A create or update body as written, before conversion to the stored shape.

@@ -1,6 +1,7 @@
 //! Just enough of Kubernetes' protobuf encoding to accept what kubectl's typed
-//! clients send for built-ins (`kubectl create namespace|secret|configmap`):
-//! the `k8s\0` envelope (`runtime.Unknown`) around a Namespace, Secret or ConfigMap.
+//! clients send for built-ins (`kubectl create namespace|secret|configmap|serviceaccount|token`):
+//! the `k8s\0` envelope (`runtime.Unknown`) around a Namespace, Secret, ConfigMap,
+//! ServiceAccount or TokenRequest.
 //! Everything else is JSON; responses are always JSON (clients accept it).
 
 use super::status::ApiError;
@@ -16,7 +17,9 @@ enum Kind {
     Str,
     Bytes,
     Bool,
+    Int,
     RepeatedStr,
+    RepeatedMessage(&'static [Field]),
     MapStr,
     MapBytes,
     Message(&'static [Field]),
@@ -58,6 +61,41 @@ const NAMESPACE_SPEC: &[Field] = &[f(1, "finalizers", Kind::RepeatedStr)];
 const NAMESPACE: &[Field] = &[
     f(1, "metadata", Kind::Message(OBJECT_META)),
     f(2, "spec", Kind::Message(NAMESPACE_SPEC)),
+];
+const OBJECT_REFERENCE: &[Field] = &[
+    f(1, "kind", Kind::Str),
+    f(2, "namespace", Kind::Str),
+    f(3, "name", Kind::Str),
+    f(4, "uid", Kind::Str),
+    f(5, "apiVersion", Kind::Str),
+    f(6, "resourceVersion", Kind::Str),
+    f(7, "fieldPath", Kind::Str),
+];
+const LOCAL_OBJECT_REFERENCE: &[Field] = &[f(1, "name", Kind::Str)];
+const SERVICE_ACCOUNT: &[Field] = &[
+    f(1, "metadata", Kind::Message(OBJECT_META)),
+    f(2, "secrets", Kind::RepeatedMessage(OBJECT_REFERENCE)),
+    f(
+        3,
+        "imagePullSecrets",
+        Kind::RepeatedMessage(LOCAL_OBJECT_REFERENCE),
+    ),
+    f(4, "automountServiceAccountToken", Kind::Bool),
+];
+const BOUND_OBJECT_REFERENCE: &[Field] = &[
+    f(1, "kind", Kind::Str),
+    f(2, "apiVersion", Kind::Str),
+    f(3, "name", Kind::Str),
+    f(4, "uid", Kind::Str),
+];
+const TOKEN_REQUEST_SPEC: &[Field] = &[
+    f(1, "audiences", Kind::RepeatedStr),
+    f(3, "boundObjectRef", Kind::Message(BOUND_OBJECT_REFERENCE)),
+    f(4, "expirationSeconds", Kind::Int),
+];
+const TOKEN_REQUEST: &[Field] = &[
+    f(1, "metadata", Kind::Message(OBJECT_META)),
+    f(2, "spec", Kind::Message(TOKEN_REQUEST_SPEC)),
 ];
 const TYPE_META: &[Field] = &[f(1, "apiVersion", Kind::Str), f(2, "kind", Kind::Str)];
 const UNKNOWN: &[Field] = &[
@@ -176,6 +214,10 @@ fn decode(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, ApiError
             Kind::Bool => {
                 out.insert(name, (reader.varint()? != 0).into());
             }
+            Kind::Int => {
+                // int64 fields are two's-complement varints.
+                out.insert(name, (reader.varint()? as i64).into());
+            }
             Kind::RepeatedStr => {
                 let item = text(reader.chunk()?)?;
                 if let Value::Array(items) =
@@ -195,6 +237,14 @@ fn decode(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, ApiError
             }
             Kind::Message(inner) => {
                 out.insert(name, Value::Object(decode(reader.chunk()?, inner)?));
+            }
+            Kind::RepeatedMessage(inner) => {
+                let item = Value::Object(decode(reader.chunk()?, inner)?);
+                if let Value::Array(items) =
+                    out.entry(name).or_insert_with(|| Value::Array(Vec::new()))
+                {
+                    items.push(item);
+                }
             }
         }
     }
@@ -224,6 +274,8 @@ pub fn to_json(body: &[u8]) -> Result<Value, ApiError> {
         ("v1", "Secret") => SECRET,
         ("v1", "ConfigMap") => CONFIG_MAP,
         ("v1", "Namespace") => NAMESPACE,
+        ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
+        ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
         _ => {
             return Err(ApiError::unsupported_media_type(&format!(
                 "{MEDIA_TYPE} for {api_version} {kind}; send JSON"
@@ -260,5 +312,26 @@ mod tests {
                 "data": {"a": "Yg=="}, "type": "Opaque"})
         );
         assert!(to_json(b"k8s\0\x0a").is_err());
+    }
+
+    #[test]
+    fn decodes_a_token_request_as_kubectl_sends_it() {
+        let spec = [
+            field(1, b"api://AzureADTokenExchange"),
+            vec![4 << 3, 0xb0, 0x09],
+        ]
+        .concat();
+        let request = [field(1, &field(1, b"sa")), field(2, &spec)].concat();
+        let type_meta = [
+            field(1, b"authentication.k8s.io/v1"),
+            field(2, b"TokenRequest"),
+        ]
+        .concat();
+        let body = [MAGIC.to_vec(), field(1, &type_meta), field(2, &request)].concat();
+        assert_eq!(
+            to_json(&body).unwrap(),
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "metadata": {"name": "sa"},
+                "spec": {"audiences": ["api://AzureADTokenExchange"], "expirationSeconds": 1200}})
+        );
     }
 }

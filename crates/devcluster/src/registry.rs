@@ -80,8 +80,13 @@ impl ResourceType {
     pub fn has_spec(&self) -> bool {
         !matches!(
             self.storage.as_str(),
-            "core/secrets" | "core/configmaps" | "core/events"
+            "core/secrets" | "core/configmaps" | "core/events" | "core/serviceaccounts"
         )
+    }
+
+    /// Whether the resource has the `token` subresource (ServiceAccounts' TokenRequest).
+    pub fn serves_token(&self) -> bool {
+        self.storage == "core/serviceaccounts"
     }
 
     pub fn is_events(&self) -> bool {
@@ -156,6 +161,17 @@ pub fn builtins() -> Vec<ResourceType> {
             short_names: &[],
             status_subresource: false,
             storage: "core/secrets",
+        }
+        .into(),
+        Builtin {
+            group: "",
+            version: "v1",
+            kind: "ServiceAccount",
+            plural: "serviceaccounts",
+            namespaced: true,
+            short_names: &["sa"],
+            status_subresource: false,
+            storage: "core/serviceaccounts",
         }
         .into(),
         Builtin {

@@ -120,7 +120,7 @@ fn cell(column: &PrinterColumn, object: &Value) -> Value {
 enum Source {
     /// A CRD printer column (or a built-in one that is a plain JSONPath).
     Path(PrinterColumn),
-    /// The number of entries of a map, e.g. a Secret's `data`.
+    /// The number of entries of a map or list, e.g. a Secret's `data`, a ServiceAccount's `secrets`.
     Count(&'static str),
     /// An event's last occurrence as an age, as `kubectl get events` shows it.
     EventLastSeen,
@@ -217,6 +217,11 @@ fn columns(rt: &ResourceType) -> Vec<Column> {
             computed("Data", "string", Source::Count("data"), 0),
             age_column(),
         ],
+        "ServiceAccount" => vec![
+            name_column(0),
+            computed("Secrets", "string", Source::Count("secrets"), 0),
+            age_column(),
+        ],
         "ConfigMap" => vec![
             name_column(0),
             computed("Data", "string", Source::Count("data"), 0),
@@ -267,7 +272,12 @@ fn column_cell(column: &Column, object: &Value) -> Value {
             object["metadata"]["creationTimestamp"].clone()
         }
         Source::Path(c) => cell(c, object),
-        Source::Count(field) => object[*field].as_object().map_or(0, |m| m.len()).into(),
+        Source::Count(field) => match &object[*field] {
+            Value::Object(map) => map.len(),
+            Value::Array(items) => items.len(),
+            _ => 0,
+        }
+        .into(),
         Source::EventLastSeen => {
             let last = [
                 &object["series"]["lastObservedTime"],

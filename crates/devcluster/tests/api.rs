@@ -2,8 +2,9 @@
 
 use devcluster::{ApiHandle, ApiServerConfig, spawn_api};
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
@@ -1302,6 +1303,229 @@ async fn real_kubectl_works_against_the_api() {
         let gone = kubectl.run(&["get", "doff", "laptop-17", "-n", "offboarding"]).await;
         assert!(!gone.ok);
         assert!(gone.stderr.contains("deviceoffboards.defender.offboard.dev \"laptop-17\" not found"), "{}", gone.stderr);
+        api.shutdown().await;
+    })
+    .await;
+}
+
+/// The claims of a JWT-shaped token (its base64url middle part).
+fn token_claims(token: &str) -> Value {
+    use base64::Engine;
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "header.payload.signature: {token}");
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .expect("base64url claims");
+    serde_json::from_slice(&payload).expect("JSON claims")
+}
+
+fn token_request(audiences: &[&str], expiration_seconds: Option<i64>) -> TokenRequest {
+    TokenRequest {
+        // k8s-openapi 0.29 (`latest`) makes `spec` and `audiences` optional.
+        spec: Some(TokenRequestSpec {
+            audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+            expiration_seconds,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn service_account_tokens_for_workload_identity() {
+    bounded(async {
+        let (api, client) = start_default().await;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        let account: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "defender-offboard"}})).unwrap();
+        let created = accounts.create(&PostParams::default(), &account).await.unwrap();
+        let uid = created.uid().expect("uid");
+        let listed = accounts.list(&ListParams::default()).await.unwrap();
+        assert_eq!(listed.items.len(), 1);
+        let mut labelled = accounts.get("defender-offboard").await.unwrap();
+        labelled.labels_mut().insert("app".into(), "operator".into());
+        accounts.replace("defender-offboard", &PostParams::default(), &labelled).await.unwrap();
+
+        // What the operator asks for: an Entra Workload ID assertion.
+        let pp = PostParams::default();
+        let issued = accounts
+            .create_token_request("defender-offboard", &pp, &token_request(&["api://AzureADTokenExchange"], Some(3600)))
+            .await
+            .unwrap();
+        assert_eq!(issued.metadata.name.as_deref(), Some("defender-offboard"));
+        assert_eq!(issued.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(issued.spec.unwrap().audiences.unwrap(), ["api://AzureADTokenExchange"]);
+        let status = issued.status.expect("status");
+        let claims = token_claims(status.token.as_deref().unwrap());
+        assert_eq!(claims["sub"], "system:serviceaccount:default:defender-offboard");
+        assert_eq!(claims["aud"], json!(["api://AzureADTokenExchange"]));
+        assert_eq!(claims["iss"], "https://kubernetes.default.svc.cluster.local");
+        assert_eq!(claims["kubernetes.io"]["namespace"], "default");
+        assert_eq!(claims["kubernetes.io"]["serviceaccount"], json!({"name": "defender-offboard", "uid": uid}));
+        let (iat, exp) = (claims["iat"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
+        assert_eq!(claims["nbf"], claims["iat"]);
+        assert_eq!(exp - iat, 3600);
+        assert_eq!(status.expiration_timestamp.unwrap().0.as_second(), exp);
+        assert!((iat - jiff::Timestamp::now().as_second()).abs() < 60);
+        let again = accounts
+            .create_token_request("defender-offboard", &pp, &token_request(&["api://AzureADTokenExchange"], Some(3600)))
+            .await
+            .unwrap();
+        assert_ne!(again.status.unwrap().token, status.token, "every token is new");
+
+        // Defaults: the API server's audience and an hour.
+        let defaulted = accounts.create_token_request("defender-offboard", &pp, &token_request(&[], None)).await.unwrap();
+        assert_eq!(defaulted.spec.unwrap().expiration_seconds, Some(3600));
+        let claims = token_claims(&defaulted.status.unwrap().token.unwrap());
+        assert_eq!(claims["aud"], json!(["https://kubernetes.default.svc.cluster.local"]));
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 3600);
+
+        // The floor: kube-apiserver refuses less than ten minutes and accepts exactly ten.
+        let short = api_error(accounts.create_token_request("defender-offboard", &pp, &token_request(&["a"], Some(599))).await);
+        assert_eq!((short.code, short.reason.as_str()), (422, "Invalid"));
+        assert_eq!(
+            short.message,
+            "TokenRequest.authentication.k8s.io \"\" is invalid: spec.expirationSeconds: Invalid value: 599: may not specify a duration less than 10 minutes"
+        );
+        let ten_minutes = accounts.create_token_request("defender-offboard", &pp, &token_request(&["a"], Some(600))).await.unwrap();
+        assert_eq!(ten_minutes.spec.unwrap().expiration_seconds, Some(600));
+        let claims = token_claims(&ten_minutes.status.unwrap().token.unwrap());
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 600);
+
+        // A missing ServiceAccount, and one in another namespace.
+        let missing = api_error(accounts.create_token_request("ghost", &pp, &token_request(&["a"], None)).await);
+        assert_eq!((missing.code, missing.reason.as_str()), (404, "NotFound"));
+        assert_eq!(missing.message, "serviceaccounts \"ghost\" not found");
+        let elsewhere: Api<ServiceAccount> = Api::namespaced(client.clone(), "kube-system");
+        assert_eq!(
+            api_error(elsewhere.create_token_request("defender-offboard", &pp, &token_request(&["a"], None)).await).code,
+            404
+        );
+
+        // Only POST creates; the body must be a TokenRequest.
+        let url = format!("{}/api/v1/namespaces/default/serviceaccounts/defender-offboard/token", api.url());
+        let http = reqwest::Client::new();
+        let get = http.get(&url).send().await.unwrap();
+        assert_eq!(get.status().as_u16(), 405);
+        let get: Value = get.json().await.unwrap();
+        assert_eq!((get["kind"].as_str(), get["reason"].as_str()), (Some("Status"), Some("MethodNotAllowed")));
+        for body in [
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}),
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": "1h"}}),
+            json!("token please"),
+        ] {
+            let response = http.post(&url).json(&body).send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 400, "{body}");
+            let status: Value = response.json().await.unwrap();
+            assert_eq!(status["reason"], "BadRequest", "{body}");
+        }
+        let created = http
+            .post(&url)
+            .json(&json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": ["x"]}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status().as_u16(), 201);
+        let accounts_url = format!("{}/api/v1/namespaces/default/serviceaccounts/nobody/token", api.url());
+        let status: Value = http.post(&accounts_url).json(&json!({})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(status["details"], json!({"name": "nobody", "group": "", "kind": "serviceaccounts"}));
+
+        // Discovery: legacy and aggregated, with the short name and the token subresource.
+        let core = client.list_core_api_resources("v1").await.unwrap();
+        let sa = core.resources.iter().find(|r| r.name == "serviceaccounts").expect("serviceaccounts in /api/v1");
+        assert_eq!((sa.kind.as_str(), sa.namespaced), ("ServiceAccount", true));
+        assert_eq!(sa.short_names.as_deref(), Some(&["sa".to_string()][..]));
+        let token = core.resources.iter().find(|r| r.name == "serviceaccounts/token").expect("the token subresource");
+        assert_eq!((token.group.as_deref(), token.kind.as_str(), token.verbs.clone()), (Some("authentication.k8s.io"), "TokenRequest", vec!["create".to_string()]));
+        let discovery = kube::discovery::Discovery::new(client.clone()).run_aggregated().await.unwrap();
+        let (resource, caps) = discovery.get("").expect("core").recommended_kind("ServiceAccount").expect("ServiceAccount");
+        assert_eq!((resource.plural.as_str(), caps.scope.clone()), ("serviceaccounts", kube::discovery::Scope::Namespaced));
+
+        accounts.delete("defender-offboard", &DeleteParams::default()).await.unwrap();
+        assert_eq!(
+            api_error(accounts.create_token_request("defender-offboard", &pp, &token_request(&["a"], None)).await).code,
+            404
+        );
+        api.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_creates_service_accounts_and_tokens() {
+    if !kubectl_available() {
+        println!("NOTICE: kubectl is not on PATH; skipping the kubectl service account test");
+        return;
+    }
+    bounded(async {
+        let api = start(ApiServerConfig::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubectl = Kubectl {
+            kubeconfig: dir.path().join("kubeconfig"),
+            cache: dir.path().join("cache"),
+        };
+        api.write_kubeconfig(&kubectl.kubeconfig).unwrap();
+
+        let out = kubectl
+            .ok(&["create", "serviceaccount", "defender-offboard"])
+            .await;
+        assert!(
+            out.contains("serviceaccount/defender-offboard created"),
+            "{out}"
+        );
+        let table = kubectl.ok(&["get", "sa"]).await;
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAME", "SECRETS", "AGE"], "{table}");
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(&row[..2], ["defender-offboard", "0"], "{table}");
+        let yaml = kubectl
+            .ok(&["get", "serviceaccount", "defender-offboard", "-o", "yaml"])
+            .await;
+        let object: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(
+            (
+                object["kind"].as_str(),
+                object["metadata"]["namespace"].as_str()
+            ),
+            (Some("ServiceAccount"), Some("default"))
+        );
+
+        let token = kubectl
+            .ok(&[
+                "create",
+                "token",
+                "defender-offboard",
+                "--audience",
+                "api://AzureADTokenExchange",
+                "--duration",
+                "20m",
+            ])
+            .await;
+        let claims = token_claims(token.trim());
+        assert_eq!(
+            claims["sub"],
+            "system:serviceaccount:default:defender-offboard"
+        );
+        assert_eq!(claims["aud"], json!(["api://AzureADTokenExchange"]));
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            1200
+        );
+        let missing = kubectl.run(&["create", "token", "ghost"]).await;
+        assert!(
+            !missing.ok
+                && missing
+                    .stderr
+                    .contains("serviceaccounts \"ghost\" not found"),
+            "{}",
+            missing.stderr
+        );
+
+        let out = kubectl.ok(&["delete", "sa", "defender-offboard"]).await;
+        assert!(
+            out.contains("serviceaccount \"defender-offboard\" deleted"),
+            "{out}"
+        );
         api.shutdown().await;
     })
     .await;

@@ -7,7 +7,10 @@
 
 use super::error::{MdeError, error_chain};
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -42,6 +45,42 @@ pub enum Credential {
     /// `AZURE_FEDERATED_TOKEN_FILE` (workload identity), re-read at every refresh:
     /// the kubelet rotates the projected token.
     FederatedTokenFile(PathBuf),
+    /// Fetched afresh at every sign-in from where the caller keeps it (a
+    /// Kubernetes Secret, a ServiceAccount token request).
+    Fetched(Arc<dyn CredentialSource>),
+}
+
+/// What a [`CredentialSource`] hands over for one sign-in.
+pub enum FetchedCredential {
+    ClientSecret(Secret),
+    /// A federated token (workload identity) sent as `client_assertion`.
+    ClientAssertion(Secret),
+}
+
+/// Where a credential is fetched from at each sign-in, so rotating it needs
+/// no restart. An error says what to fix and never holds the credential.
+pub trait CredentialSource: Send + Sync + fmt::Debug {
+    fn fetch(&self)
+    -> Pin<Box<dyn Future<Output = Result<FetchedCredential, String>> + Send + '_>>;
+}
+
+/// The application roles (`roles` claim) an Entra access token carries, read
+/// without checking its signature: only to tell a person that the app lacks a
+/// permission before MDE refuses a call. `None` when the token is not a JWT.
+pub fn token_roles(token: &Secret) -> Option<Vec<String>> {
+    use base64::Engine as _;
+    let payload = token.expose().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(match claims.get("roles") {
+        Some(serde_json::Value::Array(roles)) => roles
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 /// Tenant, app and credential: everything needed to ask for a token.
@@ -210,6 +249,24 @@ impl TokenSource {
                     read_credential_file(path, "AZURE_FEDERATED_TOKEN_FILE")?,
                 ));
             }
+            Credential::Fetched(source) => {
+                let fetched = source
+                    .fetch()
+                    .await
+                    .map_err(|message| MdeError::Credentials { message })?;
+                match fetched {
+                    FetchedCredential::ClientSecret(secret) => {
+                        form.push(("client_secret", secret.expose().to_string()))
+                    }
+                    FetchedCredential::ClientAssertion(assertion) => {
+                        form.push((
+                            "client_assertion_type",
+                            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                        ));
+                        form.push(("client_assertion", assertion.expose().to_string()));
+                    }
+                }
+            }
         }
         let host = self.token_url.host_str().unwrap_or_default().to_string();
         let started = Instant::now();
@@ -315,6 +372,28 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{identity:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn roles_are_read_from_a_jwt_and_nothing_else() {
+        use base64::Engine as _;
+        let encode = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let jwt = |payload: &str| {
+            Secret::new(format!(
+                "{}.{}.sig",
+                encode(r#"{"alg":"RS256"}"#),
+                encode(payload)
+            ))
+        };
+        assert_eq!(
+            token_roles(&jwt(r#"{"roles":["Machine.Offboard","Machine.Read.All"]}"#)),
+            Some(vec!["Machine.Offboard".into(), "Machine.Read.All".into()])
+        );
+        assert_eq!(token_roles(&jwt(r#"{"tid":"t"}"#)), Some(vec![]));
+        assert_eq!(token_roles(&jwt(r#"{"roles":"x"}"#)), Some(vec![]));
+        assert_eq!(token_roles(&Secret::new("0123abcd")), None);
+        assert_eq!(token_roles(&Secret::new("a.!!!.c")), None);
+        assert_eq!(token_roles(&jwt("not json")), None);
     }
 
     #[test]

@@ -134,6 +134,17 @@ pub fn odata_quote(value: &str) -> String {
 
 impl DefenderClient {
     pub fn new(config: ClientConfig, observer: Arc<dyn CallObserver>) -> Result<Self, MdeError> {
+        let budget = RateBudget::new(&config.rate_limits);
+        Self::with_budget(config, observer, budget)
+    }
+
+    /// A client that spends `budget`, which other clients of the same tenant
+    /// and app may share: MDE counts its limits per tenant and app.
+    pub fn with_budget(
+        config: ClientConfig,
+        observer: Arc<dyn CallObserver>,
+        budget: RateBudget,
+    ) -> Result<Self, MdeError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("defender-offboard/", env!("CARGO_PKG_VERSION")))
             .timeout(config.request_timeout)
@@ -155,7 +166,7 @@ impl DefenderClient {
                 http,
                 api: config.endpoints.api,
                 tokens,
-                budget: RateBudget::new(&config.rate_limits),
+                budget,
                 limits: config.rate_limits,
                 budget_wait: config.budget_wait,
                 observer,
@@ -174,6 +185,13 @@ impl DefenderClient {
     /// Sign in now, to fail fast on bad credentials.
     pub async fn check_sign_in(&self) -> Result<(), MdeError> {
         self.inner.tokens.token().await.map(|_| ())
+    }
+
+    /// Sign in, and read the application roles the token grants (`None`:
+    /// the token does not say, e.g. it is not a JWT).
+    pub async fn granted_roles(&self) -> Result<Option<Vec<String>>, MdeError> {
+        let token = self.inner.tokens.token().await?;
+        Ok(crate::auth::token_roles(&token))
     }
 
     /// `POST /api/machines/{id}/offboard`. Not idempotent: on

@@ -8,7 +8,9 @@ pub mod error;
 pub mod limiter;
 pub mod types;
 
-pub use auth::{ClientIdentity, Credential, Secret};
+pub use auth::{
+    ClientIdentity, Credential, CredentialSource, FetchedCredential, Secret, token_roles,
+};
 pub use client::{
     BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker,
     correlation_marker, has_marker, marker_key,

@@ -108,6 +108,11 @@ impl SimHandle {
         format!("{}/{tenant}/oauth2/v2.0/token", self.base_url())
     }
 
+    /// The configuration it serves (tenant, app, secret, limits).
+    pub fn config(&self) -> SimConfig {
+        self.shared.lock().config.clone()
+    }
+
     /// A snapshot of the counters (same as `GET /_sim/stats`).
     pub fn stats(&self) -> SimStats {
         self.shared.lock().stats.clone()

@@ -57,6 +57,29 @@ pub struct Caller {
     pub client_id: String,
 }
 
+/// An access token shaped like Entra's: a JWT whose payload names the tenant
+/// (`tid`), the app (`appid`) and its application `roles`, with a random
+/// signature part that makes it unguessable. Clients may read the claims; the
+/// simulator only ever looks the whole string up.
+fn access_token(caller: &Caller, roles: &[String], lifetime: Duration) -> String {
+    use base64::Engine as _;
+    let encode = |value: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    let expires = jiff::Timestamp::now().as_second() + lifetime.as_secs() as i64;
+    let header = encode(serde_json::json!({"typ": "JWT", "alg": "RS256"}));
+    let payload = encode(serde_json::json!({
+        "aud": "https://api.securitycenter.microsoft.com",
+        "tid": caller.tenant_id,
+        "appid": caller.client_id,
+        "roles": roles,
+        "exp": expires,
+    }));
+    let signature: [u8; 32] = rand::random();
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature);
+    format!("{header}.{payload}.{signature}")
+}
+
 impl Caller {
     /// Key of the caller's rate-limit windows: limits are per tenant and application.
     fn key(&self) -> String {
@@ -174,8 +197,7 @@ impl Store {
     /// Issues a fresh opaque token; returns it and its lifetime in wall-clock time.
     pub fn issue_token(&mut self, caller: Caller) -> (String, Duration) {
         let lifetime = self.config.scaled(self.config.token_lifetime);
-        let bytes: [u8; 32] = rand::random();
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = access_token(&caller, &self.config.roles, lifetime);
         self.tokens.insert(
             token.clone(),
             IssuedToken {

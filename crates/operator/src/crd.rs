@@ -72,6 +72,23 @@ pub struct DeviceOffboardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 315_360_000))]
     pub ttl_seconds_after_finished: Option<i64>,
+
+    /// The `DefenderConnection` (tenant and app) to offboard through: one in
+    /// this resource's own namespace, never another's. Unset uses the
+    /// operator's own credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_ref: Option<ConnectionRef>,
+}
+
+/// A `DefenderConnection` in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct ConnectionRef {
+    /// The connection's name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
 }
 
 /// Where a `DeviceOffboard` stands. Contract: these names are read by scripts.

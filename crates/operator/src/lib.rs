@@ -3,6 +3,7 @@
 //! telemetry. It talks to MDE only through `mde-client`, and to Kubernetes only
 //! through kube-rs; it never depends on a test double.
 
+pub mod connection;
 pub mod controller;
 pub mod crd;
 pub mod metrics;

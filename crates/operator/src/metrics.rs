@@ -7,14 +7,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The label of the operator's own credentials in the `connection` label;
+/// a `DefenderConnection` shows as `namespace/name`.
+pub const DEFAULT_CONNECTION: &str = "default";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    pub connection: String,
     pub family: String,
     pub code: String,
 }
 
+/// Per tenant+app (connection) and MDE API family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
+    pub connection: String,
     pub family: String,
 }
 
@@ -213,21 +220,40 @@ impl Default for Metrics {
     }
 }
 
-/// The MDE client reports each call here.
+/// The MDE client of the operator's own credentials reports each call here.
 impl mde_client::CallObserver for Metrics {
     fn request_finished(&self, family: mde_client::ApiFamily, status: u16) {
-        self.record_request(family.as_str(), status);
+        self.record_request(DEFAULT_CONNECTION, family.as_str(), status);
     }
 
     fn budget_waited(&self, family: mde_client::ApiFamily, waited: std::time::Duration) {
-        self.record_budget_wait(family.as_str(), waited.as_secs_f64());
+        self.record_budget_wait(DEFAULT_CONNECTION, family.as_str(), waited.as_secs_f64());
+    }
+}
+
+/// The calls of one `DefenderConnection`'s client, labelled with it.
+pub struct ConnectionObserver {
+    pub metrics: std::sync::Arc<Metrics>,
+    pub connection: String,
+}
+
+impl mde_client::CallObserver for ConnectionObserver {
+    fn request_finished(&self, family: mde_client::ApiFamily, status: u16) {
+        self.metrics
+            .record_request(&self.connection, family.as_str(), status);
+    }
+
+    fn budget_waited(&self, family: mde_client::ApiFamily, waited: std::time::Duration) {
+        self.metrics
+            .record_budget_wait(&self.connection, family.as_str(), waited.as_secs_f64());
     }
 }
 
 impl Metrics {
-    pub fn record_request(&self, family: &str, code: u16) {
+    pub fn record_request(&self, connection: &str, family: &str, code: u16) {
         self.mde_requests
             .get_or_create(&RequestLabels {
+                connection: connection.to_string(),
                 family: family.to_string(),
                 code: code.to_string(),
             })
@@ -235,15 +261,17 @@ impl Metrics {
         if code == 429 {
             self.mde_throttled
                 .get_or_create(&FamilyLabels {
+                    connection: connection.to_string(),
                     family: family.to_string(),
                 })
                 .inc();
         }
     }
 
-    pub fn record_budget_wait(&self, family: &str, seconds: f64) {
+    pub fn record_budget_wait(&self, connection: &str, family: &str, seconds: f64) {
         self.budget_wait
             .get_or_create(&FamilyLabels {
+                connection: connection.to_string(),
                 family: family.to_string(),
             })
             .observe(seconds);
@@ -294,11 +322,9 @@ mod tests {
         assert!(!names.contains("defender_offboard_mde_requests"));
         // Each registered name shows on /metrics once it has a sample.
         let metrics = Metrics::default();
-        metrics.record_request("offboard", 201);
-        assert!(
-            metrics.encode().contains(
-                "defender_offboard_mde_requests_total{family=\"offboard\",code=\"201\"} 1"
-            )
-        );
+        metrics.record_request(DEFAULT_CONNECTION, "offboard", 201);
+        assert!(metrics.encode().contains(
+            "defender_offboard_mde_requests_total{connection=\"default\",family=\"offboard\",code=\"201\"} 1"
+        ));
     }
 }

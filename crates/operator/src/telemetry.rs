@@ -155,7 +155,7 @@ mod tests {
     #[tokio::test]
     async fn health_readiness_and_metrics() {
         let metrics = Arc::new(Metrics::default());
-        metrics.record_request("offboard", 429);
+        metrics.record_request("default", "offboard", 429);
         let probes = Probes::default();
         let readiness = probes.readiness.clone();
         let app = router(metrics, probes.clone());
@@ -181,12 +181,14 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(
             text.contains(
-                r#"defender_offboard_mde_requests_total{family="offboard",code="429"} 1"#
+                r#"defender_offboard_mde_requests_total{connection="default",family="offboard",code="429"} 1"#
             ),
             "{text}"
         );
         assert!(
-            text.contains(r#"defender_offboard_mde_throttled_total{family="offboard"} 1"#),
+            text.contains(
+                r#"defender_offboard_mde_throttled_total{connection="default",family="offboard"} 1"#
+            ),
             "{text}"
         );
     }

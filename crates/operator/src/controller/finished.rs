@@ -116,6 +116,7 @@ mod tests {
                 device_name: Some("d".into()),
                 comment: "c".into(),
                 ttl_seconds_after_finished: None,
+                connection_ref: None,
             },
         );
         obj.status = phase.map(|p| DeviceOffboardStatus {

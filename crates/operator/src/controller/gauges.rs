@@ -2,6 +2,8 @@
 //! budget each MDE API family has left, and how old the oldest unfinished
 //! `DeviceOffboard` is. Published by the leader on an interval.
 
+use super::Context;
+use super::ports::MdeCalls;
 use crate::crd::DeviceOffboard;
 use crate::metrics::{FamilyLabels, Metrics};
 use kube::runtime::reflector::Store;
@@ -27,15 +29,22 @@ pub fn oldest_in_flight(resources: &[Arc<DeviceOffboard>], now: jiff::Timestamp)
         .unwrap_or_default()
 }
 
-/// Set both gauges once.
-pub fn publish(metrics: &Metrics, budget: &RateBudget, resources: &[Arc<DeviceOffboard>]) {
-    for family in ApiFamily::ALL {
-        metrics
-            .budget_remaining
-            .get_or_create(&FamilyLabels {
-                family: family.as_str().to_string(),
-            })
-            .set(i64::from(budget.remaining(family)));
+/// Set both gauges once; the budget left is per connection (tenant and app).
+pub fn publish(
+    metrics: &Metrics,
+    budgets: &[(String, RateBudget)],
+    resources: &[Arc<DeviceOffboard>],
+) {
+    for (connection, budget) in budgets {
+        for family in ApiFamily::ALL {
+            metrics
+                .budget_remaining
+                .get_or_create(&FamilyLabels {
+                    connection: connection.clone(),
+                    family: family.as_str().to_string(),
+                })
+                .set(i64::from(budget.remaining(family)));
+        }
     }
     let age = oldest_in_flight(resources, jiff::Timestamp::now());
     metrics
@@ -44,14 +53,19 @@ pub fn publish(metrics: &Metrics, budget: &RateBudget, resources: &[Arc<DeviceOf
 }
 
 /// Publish every `interval` until dropped.
-pub async fn run(
+pub async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
-    metrics: Arc<Metrics>,
-    budget: RateBudget,
+    ctx: Arc<Context<M>>,
     interval: Duration,
 ) {
     loop {
-        publish(&metrics, &budget, &store.state());
+        let budgets: Vec<(String, RateBudget)> = ctx
+            .connections
+            .ready()
+            .into_iter()
+            .map(|(key, mde)| (key.to_string(), mde.budget().clone()))
+            .collect();
+        publish(&ctx.metrics, &budgets, &store.state());
         tokio::time::sleep(interval).await;
     }
 }
@@ -74,6 +88,7 @@ mod tests {
                 device_name: Some("pc".into()),
                 comment: "c".into(),
                 ttl_seconds_after_finished: None,
+                connection_ref: None,
             },
         );
         r.metadata.creation_timestamp = Some(Time(
@@ -108,10 +123,12 @@ mod tests {
     fn publish_sets_budget_left_per_family() {
         let metrics = Metrics::default();
         let budget = RateBudget::new(&"7/60s".parse().unwrap());
-        publish(&metrics, &budget, &[]);
+        publish(&metrics, &[("default".to_string(), budget)], &[]);
         let text = metrics.encode();
         assert!(
-            text.contains("defender_offboard_budget_remaining{family=\"offboard\"} 7"),
+            text.contains(
+                "defender_offboard_budget_remaining{connection=\"default\",family=\"offboard\"} 7"
+            ),
             "{text}"
         );
         assert!(

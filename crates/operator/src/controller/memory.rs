@@ -254,11 +254,9 @@ impl ProcessMemory {
         }
     }
 
-    /// An action exists for the machine (sent or adopted by `key`).
-    pub fn known(&self, action: &MachineAction, key: &str) {
-        let Some(machine_id) = action.machine_id.clone() else {
-            return;
-        };
+    /// An action exists for `machine` (sent or adopted by `key`).
+    pub fn known(&self, machine: &str, action: &MachineAction, key: &str) {
+        let machine_id = machine.to_string();
         let entry = MachineEntry::Known {
             action: Box::new(action.clone()),
             key: key.to_string(),

@@ -1,5 +1,7 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
+pub mod connection_controller;
+pub mod connections;
 pub mod decision;
 pub mod finished;
 pub mod gauges;
@@ -18,6 +20,7 @@ pub mod ttl;
 use crate::crd::DeviceOffboard;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::telemetry::{Liveness, LogFormat, Probes, Readiness};
+use connections::ConnectionKey;
 use decision::Settings;
 use futures::StreamExt;
 use kube::api::{Api, ListParams};
@@ -26,6 +29,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use mde_client::{ConnectionArgs, DefenderClient, MdeError};
 use ports::{KubeStore, MdeCalls};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +66,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// production, a fake in unit tests.
 pub struct Context<M = DefenderClient> {
     pub client: kube::Client,
-    pub mde: M,
+    /// The MDE client of each tenant: the operator's own, and one per
+    /// `DefenderConnection` (`run --connections`).
+    pub connections: Arc<connections::Connections<M>>,
     pub store: KubeStore,
     /// What this process remembers between reconciles (lookup clocks, machines).
     pub memory: memory::ProcessMemory,
@@ -73,10 +79,27 @@ pub struct Context<M = DefenderClient> {
 }
 
 impl<M: MdeCalls> Context<M> {
-    /// `instance` names this replica in the Events it publishes.
+    /// One tenant, through `mde`; `instance` names this replica in the Events
+    /// it publishes.
     pub fn new(
         client: kube::Client,
         mde: M,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
+        Self::with_connections(
+            client,
+            connections::Connections::new(Some(mde), false),
+            metrics,
+            settings,
+            instance,
+        )
+    }
+
+    pub fn with_connections(
+        client: kube::Client,
+        connections: connections::Connections<M>,
         metrics: Arc<Metrics>,
         settings: Settings,
         instance: Option<String>,
@@ -91,7 +114,7 @@ impl<M: MdeCalls> Context<M> {
                 client: client.clone(),
             },
             client,
-            mde,
+            connections: Arc::new(connections),
             memory: memory::ProcessMemory::default(),
             liveness: Liveness::default(),
             metrics,
@@ -99,10 +122,10 @@ impl<M: MdeCalls> Context<M> {
         }
     }
 
-    /// The ports one reconcile step runs against.
-    pub fn ports(&self) -> sequence::Ports<'_, M, KubeStore> {
+    /// The ports one reconcile step runs against, with `mde` the tenant's client.
+    pub fn ports<'a>(&'a self, mde: &'a M) -> sequence::Ports<'a, M, KubeStore> {
         sequence::Ports {
-            mde: &self.mde,
+            mde,
             store: &self.store,
             memory: &self.memory,
             settings: &self.settings,
@@ -205,6 +228,16 @@ pub struct RunArgs {
     pub ttl_sweep_interval: Duration,
     #[command(flatten)]
     pub nodes: nodes::NodeArgs,
+    /// Use DefenderConnections: a DeviceOffboard with spec.connectionRef is
+    /// offboarded through that tenant and app (docs/tenants.md). The
+    /// operator's own credentials become optional.
+    #[arg(long, env = "DEFENDER_CONNECTIONS")]
+    pub connections: bool,
+    /// Hosts (`host` or `host:port`) besides Microsoft's login and MDE API
+    /// hosts that a DefenderConnection's apiUrl/loginUrl may name, e.g. a
+    /// simulator. The operator's own --api-url and --authority-host are allowed.
+    #[arg(long, value_delimiter = ',', env = "DEFENDER_CONNECTION_ALLOWED_HOSTS")]
+    pub connection_allowed_hosts: Vec<String>,
 }
 
 impl RunArgs {
@@ -233,18 +266,26 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     if args.leader_elect {
         args.lease_timing().validate()?;
     }
-    let config = mde_client::ClientConfig {
-        // A worker never waits for budget: the resource is requeued instead.
-        budget_wait: mde_client::BudgetWait::Refuse,
-        ..args.connection.client_config()?
-    };
     let metrics = Arc::new(Metrics::default());
-    let mde = DefenderClient::new(config, metrics.clone())?;
+    let mde = match default_client_config(&args)? {
+        Some(config) => Some(DefenderClient::new(config, metrics.clone())?),
+        None => {
+            tracing::info!(
+                "no credentials of its own: only DeviceOffboards with spec.connectionRef are offboarded"
+            );
+            None
+        }
+    };
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
     check_crd_installed(&client, args.namespace.as_deref()).await?;
-    check_sign_in(&mde).await?;
+    if args.connections {
+        check_connection_crd_installed(&client, args.namespace.as_deref()).await?;
+    }
+    if let Some(mde) = &mde {
+        check_sign_in(mde).await?;
+    }
     let readiness = Readiness::default();
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -267,9 +308,9 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     };
     let ctx = Arc::new(Context {
         memory: memory::ProcessMemory::with_lease(lease_clock.clone()),
-        ..Context::new(
+        ..Context::with_connections(
             client.clone(),
-            mde,
+            connections::Connections::new(mde, args.connections),
             metrics.clone(),
             settings,
             Some(identity.clone()),
@@ -290,7 +331,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         let work = {
             let args = args.clone();
             let ctx = ctx.clone();
-            move |stop| async move { run_controller(&args, ctx, stop).await }
+            move |stop| async move { run_with_connections(&args, ctx, stop).await }
         };
         leader::run_as_leader(
             client,
@@ -304,11 +345,28 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .await?;
     } else {
         readiness.set();
-        run_controller(&args, ctx, shutdown).await;
+        run_with_connections(&args, ctx, shutdown).await;
     }
     server.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The operator's own client settings; `None` when it runs with
+/// `--connections` and no credentials of its own (no AZURE_TENANT_ID nor
+/// AZURE_CLIENT_ID). Half-given credentials are an error either way.
+fn default_client_config(args: &RunArgs) -> Result<Option<mde_client::ClientConfig>, String> {
+    let own = &args.connection;
+    let none_given = own.tenant_id.as_deref().is_none_or(str::is_empty)
+        && own.client_id.as_deref().is_none_or(str::is_empty);
+    if args.connections && none_given {
+        return Ok(None);
+    }
+    Ok(Some(mde_client::ClientConfig {
+        // A worker never waits for budget: the resource is requeued instead.
+        budget_wait: mde_client::BudgetWait::Refuse,
+        ..own.client_config()?
+    }))
 }
 
 /// `run --remove-node-finalizers` (the chart's uninstall hook): needs no MDE
@@ -380,6 +438,75 @@ pub async fn check_crd_installed(
     }
 }
 
+/// `--connections` needs the DefenderConnection CRD and the right to read it.
+pub async fn check_connection_crd_installed(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> Result<(), String> {
+    let api: Api<crate::connection::DefenderConnection> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
+            "--connections needs the DefenderConnection CRD: kubectl apply -f crds/{}.yaml",
+            crate::connection::CONNECTION_CRD_NAME
+        )),
+        Err(kube::Error::Api(status)) if status.code == 403 => Err(format!(
+            "--connections: not allowed to list defenderconnections ({}): check the operator's RBAC (chart: connections.enabled)",
+            status.message
+        )),
+        Err(error) => Err(format!("cannot list defenderconnections: {error}")),
+    }
+}
+
+/// With `--connections`, the DefenderConnection tasks beside the controller
+/// (on the leader only: they write the connections' status).
+pub async fn run_with_connections(
+    args: &RunArgs,
+    ctx: Arc<Context<DefenderClient>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let connections = args.connections.then(|| {
+        let shared = connection_controller::Shared {
+            client: ctx.client.clone(),
+            connections: ctx.connections.clone(),
+            metrics: ctx.metrics.clone(),
+            settings: connection_controller::ClientSettings {
+                rate_limits: args.connection.rate_limit.clone(),
+                request_timeout: args.connection.request_timeout,
+                allow_insecure_http: args.connection.allow_insecure_http,
+                allowed_hosts: allowed_hosts(args),
+            },
+            budgets: connection_controller::Budgets::default(),
+            reporter: ctx.store.reporter.clone(),
+        };
+        AbortOnDrop(tokio::spawn(connection_controller::run(
+            shared,
+            args.namespace.clone(),
+        )))
+    });
+    run_controller(args, ctx, shutdown).await;
+    drop(connections);
+}
+
+/// `--connection-allowed-hosts`, and the hosts of the operator's own
+/// `--api-url` and `--authority-host`.
+fn allowed_hosts(args: &RunArgs) -> Vec<String> {
+    let own = [&args.connection.api_url, &args.connection.authority_host]
+        .into_iter()
+        .flatten()
+        .filter_map(|u| url::Url::parse(u).ok())
+        .filter_map(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+    args.connection_allowed_hosts
+        .iter()
+        .filter(|h| !h.trim().is_empty())
+        .cloned()
+        .chain(own)
+        .collect()
+}
+
 /// The controller and the batch poller, until `shutdown` resolves.
 pub async fn run_controller<M: MdeCalls>(
     args: &RunArgs,
@@ -408,10 +535,8 @@ pub async fn run_controller<M: MdeCalls>(
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
     // the whole controller): a detached poller would keep writing.
     let (store, poller_ctx, interval) = (controller.store(), ctx.clone(), args.poll_interval);
-    let poller = AbortOnDrop(tokio::spawn(poller::supervise(
-        move || poller::run(store.clone(), poller_ctx.clone(), interval),
-        ctx.liveness.clone(),
-        POLLER_RESTART_DELAY,
+    let poller = AbortOnDrop(tokio::spawn(poller::run_per_connection(
+        store, poller_ctx, interval,
     )));
     let ttl = AbortOnDrop(tokio::spawn(ttl::run(
         api.clone(),
@@ -433,8 +558,7 @@ pub async fn run_controller<M: MdeCalls>(
     });
     let gauges = AbortOnDrop(tokio::spawn(gauges::run(
         controller.store(),
-        ctx.metrics.clone(),
-        ctx.mde.budget().clone(),
+        ctx.clone(),
         GAUGE_INTERVAL,
     )));
     controller
@@ -470,7 +594,7 @@ async fn seed_budget_from_history<M: MdeCalls>(
 ) {
     let now_instant = tokio::time::Instant::now();
     let now = jiff::Timestamp::now();
-    let mut past = Vec::new();
+    let mut past: HashMap<ConnectionKey, Vec<Duration>> = HashMap::new();
     let mut pages = pages::Pages::new(SEED_PAGE);
     loop {
         let page = match api.list(pages.params()).await {
@@ -480,29 +604,39 @@ async fn seed_budget_from_history<M: MdeCalls>(
                 break;
             }
         };
-        past.extend(recent_submissions(
-            page.items
-                .iter()
-                .filter_map(|r| r.status.as_ref()?.submitted_at.as_ref()),
-            now,
-            request_timeout,
-        ));
+        for resource in &page.items {
+            let Some(submitted) = resource
+                .status
+                .as_ref()
+                .and_then(|s| s.submitted_at.as_ref())
+            else {
+                continue;
+            };
+            past.entry(ConnectionKey::of(resource))
+                .or_default()
+                .extend(recent_submissions(
+                    std::iter::once(submitted),
+                    now,
+                    request_timeout,
+                ));
+        }
         if !pages.advance(page.metadata.continue_) {
             break;
         }
     }
-    let past: Vec<_> = past
-        .into_iter()
-        .filter_map(|age| now_instant.checked_sub(age))
-        .collect();
-    if !past.is_empty() {
-        tracing::info!(
-            recent = past.len(),
-            "counting recent offboards against the budget"
-        );
-        ctx.mde
-            .budget()
-            .record_past(mde_client::ApiFamily::Offboard, &past);
+    for (key, ages) in past {
+        let answered: Vec<_> = ages
+            .into_iter()
+            .filter_map(|age| now_instant.checked_sub(age))
+            .collect();
+        if !answered.is_empty() {
+            tracing::info!(
+                connection = %key,
+                recent = answered.len(),
+                "counting recent offboards against the budget"
+            );
+            ctx.connections.seed(key, answered);
+        }
     }
 }
 
@@ -525,9 +659,6 @@ pub fn recent_submissions<'a>(
 
 /// Resources read per page when seeding the budget.
 const SEED_PAGE: u32 = 500;
-
-/// How long a dead poller stays down before it is started again.
-const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
 
 /// How often the budget-left and in-flight-age gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);

@@ -278,6 +278,7 @@ pub fn offboard_for(
             device_name: Some(device),
             comment,
             ttl_seconds_after_finished: options.ttl_seconds,
+            connection_ref: None,
         },
     );
     resource.metadata.namespace = Some(options.namespace.clone());

@@ -4,6 +4,7 @@
 //! `GET` for an id neither answer holds (see [`super::poll_plan`]).
 
 use super::Context;
+use super::connections::ConnectionKey;
 use super::poll_plan::{self, Density, InFlight, PollPlan};
 use super::ports::MdeCalls;
 use super::sequence::{record_gone, record_poll};
@@ -123,21 +124,25 @@ struct PollState {
     density: Density,
 }
 
-pub async fn run<M: MdeCalls>(
+/// One poller per tenant with actions in flight (the operator's own, each
+/// `DefenderConnection`): each spends only its own tenant's budget, and a
+/// tenant that is slow or refuses holds only its own poller. The `resources`
+/// gauge is published here, for all of them.
+pub async fn run_per_connection<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
 ) {
+    let mut pollers: HashMap<ConnectionKey, AbortOnDrop> = HashMap::new();
     let mut cache_ready = false;
-    let mut pause = Duration::ZERO;
-    let mut state = PollState::default();
     loop {
-        tokio::time::sleep(pause).await;
-        pause = interval;
-        // Not `wait_until_ready().await`: the store's readiness is a one-waker
-        // channel that the controller also waits on, so a second waiter may
-        // never be woken. Checking it once per tick needs no waker.
-        if !cache_ready {
+        if cache_ready {
+            tokio::time::sleep(interval).await;
+        } else {
+            // Not `wait_until_ready().await`: the store's readiness is a
+            // one-waker channel that the controller also waits on, so a second
+            // waiter may never be woken. Checking it once per tick needs no waker.
+            tokio::time::sleep(interval.min(Duration::from_millis(200))).await;
             match store.wait_until_ready().now_or_never() {
                 Some(Ok(())) => cache_ready = true,
                 Some(Err(_)) => return,
@@ -146,11 +151,75 @@ pub async fn run<M: MdeCalls>(
         }
         let resources = store.state();
         publish_phase_counts(&ctx.metrics, &resources);
+        let keys: std::collections::HashSet<ConnectionKey> = resources
+            .iter()
+            .filter(|r| action_id(r).is_some())
+            .filter(|r| {
+                !r.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .unwrap_or_default()
+                    .is_terminal()
+            })
+            .map(|r| ConnectionKey::of(r))
+            .collect();
+        pollers.retain(|key, _| keys.contains(key));
+        for key in keys {
+            pollers.entry(key.clone()).or_insert_with(|| {
+                let (store, ctx) = (store.clone(), ctx.clone());
+                let liveness = ctx.liveness.clone();
+                AbortOnDrop(tokio::spawn(supervise(
+                    move || run(store.clone(), ctx.clone(), interval, key.clone()),
+                    liveness,
+                    POLLER_RESTART_DELAY,
+                )))
+            });
+        }
+    }
+}
+
+/// How long a dead poller stays down before it is started again.
+const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The poller of one tenant's actions (the resources whose connection is `key`).
+pub async fn run<M: MdeCalls>(
+    store: Store<DeviceOffboard>,
+    ctx: Arc<Context<M>>,
+    interval: Duration,
+    key: ConnectionKey,
+) {
+    let mut pause = Duration::ZERO;
+    let mut state = PollState::default();
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = interval;
+        let mde = match ctx.connections.get(&key) {
+            Ok(mde) => mde,
+            Err(unavailable) => {
+                tracing::warn!(connection = %key, reason = unavailable.reason().as_str(), "actions in flight cannot be polled while the connection is unavailable");
+                continue;
+            }
+        };
+        let resources: Vec<Arc<DeviceOffboard>> = store
+            .state()
+            .into_iter()
+            .filter(|r| ConnectionKey::of(r) == key)
+            .collect();
         let in_flight = in_flight_actions(&resources, &state.created);
         let wanted: std::collections::HashSet<&str> =
             in_flight.iter().map(|a| a.id.as_str()).collect();
         state.created.retain(|id, _| wanted.contains(id.as_str()));
         tracing::debug!(
+            connection = %key,
             resources = resources.len(),
             in_flight = in_flight.len(),
             "poll tick"
@@ -163,7 +232,7 @@ pub async fn run<M: MdeCalls>(
         pause = poll_pause(
             interval,
             plan.expected_calls(now, state.density),
-            ctx.mde.rate_limits(),
+            mde.rate_limits(),
         );
         let by_ids: std::collections::HashSet<&String> = plan.by_ids.iter().collect();
         let expected: Vec<String> = in_flight
@@ -171,7 +240,7 @@ pub async fn run<M: MdeCalls>(
             .filter(|a| !by_ids.contains(&a.id))
             .map(|a| a.id.clone())
             .collect();
-        let actions = match read_plan(&ctx, &plan, &expected, now, &mut state).await {
+        let actions = match read_plan(&*mde, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
             Err(error) => {
                 ctx.metrics
@@ -180,7 +249,7 @@ pub async fn run<M: MdeCalls>(
                         error: "poll".into(),
                     })
                     .inc();
-                tracing::warn!(error = %error, in_flight = in_flight.len(), "polling in-flight actions failed; next interval retries");
+                tracing::warn!(connection = %key, error = %error, in_flight = in_flight.len(), "polling in-flight actions failed; next interval retries");
                 continue;
             }
         };
@@ -199,7 +268,7 @@ pub async fn run<M: MdeCalls>(
             .map(|a| a.id.clone())
             .collect();
         if !absent.is_empty() {
-            match ctx.mde.machine_actions_by_ids(&absent).await {
+            match mde.machine_actions_by_ids(&absent).await {
                 Ok(found) => by_id.extend(found.into_iter().map(|a| (a.id.clone(), a))),
                 Err(error) => {
                     tracing::warn!(error = %error, absent = absent.len(), "reading actions by id failed; next interval retries")
@@ -217,7 +286,7 @@ pub async fn run<M: MdeCalls>(
         }
         for resource in &resources {
             if let Some(action) = action_id(resource).and_then(|id| by_id.get(id))
-                && let Err(error) = record_poll(&ctx.ports(), resource, action).await
+                && let Err(error) = record_poll(&ctx.ports(&mde), resource, action).await
             {
                 // A conflict means the cache was stale; the next tick sees the fresh object.
                 tracing::debug!(error = %error, "poll result not recorded this time");
@@ -229,14 +298,14 @@ pub async fn run<M: MdeCalls>(
             .chain(&absent)
             .filter(|id| !by_id.contains_key(id.as_str()))
             .collect();
-        read_missing(&ctx, &resources, &missing).await;
+        read_missing(&ctx, &mde, &resources, &missing).await;
     }
 }
 
 /// The calls of one plan: the window (learning MDE's density from it), then
 /// the id batches.
 async fn read_plan<M: MdeCalls>(
-    ctx: &Context<M>,
+    mde: &M,
     plan: &PollPlan,
     expected: &[String],
     now: Timestamp,
@@ -244,14 +313,11 @@ async fn read_plan<M: MdeCalls>(
 ) -> Result<Vec<MachineAction>, MdeError> {
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
-        actions = ctx
-            .mde
-            .offboard_actions_since(since, MAX_TOP, expected)
-            .await?;
+        actions = mde.offboard_actions_since(since, MAX_TOP, expected).await?;
         state.density = Density::observed(now, since, actions.len());
     }
     if !plan.by_ids.is_empty() {
-        actions.extend(ctx.mde.machine_actions_by_ids(&plan.by_ids).await?);
+        actions.extend(mde.machine_actions_by_ids(&plan.by_ids).await?);
     }
     Ok(actions)
 }
@@ -268,6 +334,7 @@ const SINGLE_READS_PER_TICK: usize = 10;
 /// nothing, but a 404 for the id itself ends the resource with the reason.
 async fn read_missing<M: MdeCalls>(
     ctx: &Context<M>,
+    mde: &M,
     resources: &[Arc<DeviceOffboard>],
     missing: &[&String],
 ) {
@@ -279,14 +346,14 @@ async fn read_missing<M: MdeCalls>(
         "some in-flight actions were not in MDE's answer; reading them one by one"
     );
     for id in missing.iter().take(SINGLE_READS_PER_TICK) {
-        let answer = ctx.mde.get_machine_action(id).await;
+        let answer = mde.get_machine_action(id).await;
         for resource in resources
             .iter()
             .filter(|r| action_id(r) == Some(id.as_str()))
         {
             let written = match &answer {
-                Ok(action) => record_poll(&ctx.ports(), resource, action).await,
-                Err(MdeError::NotFound { .. }) => record_gone(&ctx.ports(), resource, id).await,
+                Ok(action) => record_poll(&ctx.ports(mde), resource, action).await,
+                Err(MdeError::NotFound { .. }) => record_gone(&ctx.ports(mde), resource, id).await,
                 Err(error) => {
                     tracing::warn!(error = %error, action = %id, "reading one action failed; next interval retries");
                     Ok(())

@@ -92,6 +92,7 @@ fn resource() -> DeviceOffboard {
             device_name: None,
             comment: "returned".into(),
             ttl_seconds_after_finished: None,
+            connection_ref: None,
         },
     );
     obj.metadata.uid = Some(UID.into());

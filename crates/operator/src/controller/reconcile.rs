@@ -24,7 +24,20 @@ pub async fn reconcile<M: MdeCalls>(
         return Ok(Action::await_change());
     }
     let started = std::time::Instant::now();
-    let result = sequence::step(&obj, &ctx.ports()).await;
+    let result = match ctx.connections.for_resource(&obj) {
+        (_, Ok(mde)) => sequence::step(&obj, &ctx.ports(&mde)).await,
+        (key, Err(unavailable)) => {
+            tracing::debug!(connection = %key, reason = unavailable.reason().as_str(), "connection unavailable");
+            sequence::connection_unavailable(
+                &obj,
+                &ctx.store,
+                &ctx.memory,
+                &ctx.settings,
+                &unavailable,
+            )
+            .await
+        }
+    };
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());

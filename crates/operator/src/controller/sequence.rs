@@ -2,6 +2,7 @@
 //! command: read the plan, do the I/O it asks for through the ports, write the
 //! result. The decisions are in [`super::decision`]; this is only the order.
 
+use super::connections::ConnectionKey;
 use super::decision::{
     self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
 };
@@ -94,6 +95,41 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
             proves_absence,
         } => look_up(ports, &mut current, &machine_id, proves_absence).await,
     }
+}
+
+/// A resource whose connection cannot be used now: nothing is sent. One
+/// waiting to send or to confirm a send says why in its status (and an
+/// Event); one already `InProgress` keeps its status and is looked at again
+/// (its poll waits for the connection too).
+pub async fn connection_unavailable<S: StatusStore>(
+    obj: &DeviceOffboard,
+    store: &S,
+    memory: &ProcessMemory,
+    settings: &Settings,
+    unavailable: &decision::Unavailable,
+) -> Result<Requeue> {
+    let mut current = obj.clone();
+    let status = current.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or_default();
+    if !matches!(phase, Phase::Pending | Phase::Submitting) {
+        return Ok((!phase.is_terminal()).then_some(settings.retry_backoff));
+    }
+    let view = View {
+        spec: &current.spec,
+        status: &status,
+        generation: current.metadata.generation,
+        now: memory.now(),
+        submitting: None,
+        retry_wait: None,
+        cancel: None,
+        cancel_clock: None,
+    };
+    let transition = decision::connection_unavailable(&view, unavailable, settings);
+    write_status(store, &mut current, &transition.status).await?;
+    if let Some(note) = &transition.note {
+        store.publish(&current, note).await;
+    }
+    Ok(transition.requeue)
 }
 
 /// The key of a resource's cancel in this process's lookup clocks.
@@ -264,7 +300,10 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     let status = current.status.clone().unwrap_or_default();
     // One offboard per machine: a resource of this process already sending
     // for it, or already holding an action, is waited for or adopted.
-    let _claim = match ports.memory.claim_machine(machine_id, &key) {
+    let _claim = match ports
+        .memory
+        .claim_machine(&tenant_machine(current, machine_id), &key)
+    {
         MachineClaim::Granted(claim) => claim,
         MachineClaim::Busy { .. } => return Ok(Some(MACHINE_BUSY_RETRY)),
         MachineClaim::Known { action, key } => {
@@ -447,7 +486,13 @@ fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
     };
     let word = status.action_status.as_deref().unwrap_or("Pending");
     let action = MachineAction::recorded_offboard(id, machine_id, ActionStatus::from_word(word));
-    memory.known(&action, &key);
+    memory.known(&tenant_machine(obj, machine_id), &action, &key);
+}
+
+/// A machine as this process's memory knows it: machine ids are unique only
+/// within a tenant, so two tenants' machines never stand for each other.
+fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> String {
+    format!("{}/{machine_id}", ConnectionKey::of(obj))
 }
 
 /// Fold a polled action into the resource (the batch poller and `--wait`).

@@ -27,6 +27,7 @@ fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
             device_name: None,
             comment: "returned".into(),
             ttl_seconds_after_finished: None,
+            connection_ref: None,
         },
     );
     obj.metadata.namespace = Some("it".into());

@@ -44,6 +44,14 @@ pub enum Reason {
     CancelTooLate,
     /// `spec.ttlSecondsAfterFinished` passed: the finished resource is deleted.
     Expired,
+    /// `spec.connectionRef` names no `DefenderConnection` of the resource's namespace.
+    ConnectionNotFound,
+    /// The referenced `DefenderConnection` cannot sign in (yet).
+    ConnectionNotReady,
+    /// `spec.connectionRef` is set but the operator runs without `--connections`.
+    ConnectionsDisabled,
+    /// No `spec.connectionRef`, and the operator has no credentials of its own.
+    NoDefaultConnection,
 }
 
 impl Reason {

@@ -182,6 +182,7 @@ mod tests {
                 device_name: Some("pc".into()),
                 comment: "c".into(),
                 ttl_seconds_after_finished: ttl,
+                connection_ref: None,
             },
         );
         r.status = Some(DeviceOffboardStatus {

@@ -42,6 +42,7 @@ fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
             device_name: None,
             comment: "returned".into(),
             ttl_seconds_after_finished: None,
+            connection_ref: None,
         },
     );
     obj.metadata.namespace = Some("it".into());
@@ -155,7 +156,7 @@ async fn new_resource_records_intent_with_a_precondition_then_the_action() {
 
     reconciling.await.unwrap().unwrap();
     // The comment MDE got carries the uid marker.
-    assert_eq!(ctx.mde.posts_for(UID), 1);
+    assert_eq!(ctx.connections.default_client().unwrap().posts_for(UID), 1);
 }
 
 #[tokio::test]
@@ -174,7 +175,7 @@ async fn a_stale_intent_write_sends_nothing() {
     let result = reconciling.await.unwrap();
     assert!(matches!(result, Err(Error::Conflict)), "{result:?}");
     assert_eq!(
-        ctx.mde.posts_for(UID),
+        ctx.connections.default_client().unwrap().posts_for(UID),
         0,
         "no offboard without the intent record"
     );
@@ -185,7 +186,11 @@ async fn found_in_submitting_after_a_crash_adopts_without_sending() {
     let (ctx, mut handle) = setup().await;
     // A previous process sent the request and died before recording the answer.
     let marker = mde_client::correlation_marker(UID);
-    let created = ctx.mde.insert(MACHINE, &format!("{marker} returned"));
+    let created = ctx
+        .connections
+        .default_client()
+        .unwrap()
+        .insert(MACHINE, &format!("{marker} returned"));
     let crashed = DeviceOffboardStatus {
         phase: Some(Phase::Submitting),
         machine_id: Some(MACHINE.into()),
@@ -207,8 +212,18 @@ async fn found_in_submitting_after_a_crash_adopts_without_sending() {
     let event = expect_event(&mut handle).await;
     assert_eq!(event["reason"], "OffboardAdopted");
     reconciling.await.unwrap().unwrap();
-    assert_eq!(ctx.mde.posts_for(UID), 0, "adopted, nothing sent");
-    assert_eq!(ctx.mde.actions_for(MACHINE), 1);
+    assert_eq!(
+        ctx.connections.default_client().unwrap().posts_for(UID),
+        0,
+        "adopted, nothing sent"
+    );
+    assert_eq!(
+        ctx.connections
+            .default_client()
+            .unwrap()
+            .actions_for(MACHINE),
+        1
+    );
 }
 
 #[tokio::test]
@@ -228,7 +243,11 @@ async fn terminal_resources_cost_no_calls() {
     reconcile(Arc::new(labelled), ctx.clone()).await.unwrap();
     let next = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
     assert!(matches!(next, Err(_) | Ok(None)), "no Kubernetes call");
-    assert_eq!(ctx.mde.calls(), 0, "no MDE call");
+    assert_eq!(
+        ctx.connections.default_client().unwrap().calls(),
+        0,
+        "no MDE call"
+    );
 }
 
 /// A restart after the final status landed but its label did not: the
@@ -253,14 +272,22 @@ async fn a_final_resource_whose_label_was_lost_is_only_labelled() {
     assert_eq!(body["metadata"]["labels"][FINAL_LABEL], "true");
     assert!(body.get("status").is_none(), "the status is not touched");
     reconciling.await.unwrap().unwrap();
-    assert_eq!(ctx.mde.calls(), 0, "no MDE call");
+    assert_eq!(
+        ctx.connections.default_client().unwrap().calls(),
+        0,
+        "no MDE call"
+    );
 }
 
 /// The poll that makes a resource final writes the status, then the label.
 #[tokio::test]
 async fn the_final_status_write_is_followed_by_the_label() {
     let (ctx, mut handle) = setup().await;
-    let action = ctx.mde.insert(MACHINE, "[defender-offboard:x] returned");
+    let action = ctx
+        .connections
+        .default_client()
+        .unwrap()
+        .insert(MACHINE, "[defender-offboard:x] returned");
     let in_progress = DeviceOffboardStatus {
         phase: Some(Phase::InProgress),
         machine_id: Some(MACHINE.into()),
@@ -272,7 +299,14 @@ async fn the_final_status_write_is_followed_by_the_label() {
     done.status = mde_client::ActionStatus::Succeeded;
     let recording = {
         let (ctx, obj) = (ctx.clone(), obj.clone());
-        tokio::spawn(async move { super::sequence::record_poll(&ctx.ports(), &obj, &done).await })
+        tokio::spawn(async move {
+            super::sequence::record_poll(
+                &ctx.ports(&ctx.connections.default_client().unwrap()),
+                &obj,
+                &done,
+            )
+            .await
+        })
     };
     let written = obj.clone();
     let status = expect(&mut handle, Method::PATCH, STATUS_PATH, |patch| {

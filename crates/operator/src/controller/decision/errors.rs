@@ -38,12 +38,12 @@ impl Failure {
 }
 
 /// A retry: stay in `phase`, say why, and look again after `wait`.
-struct Retry<'a> {
-    phase: Phase,
-    reason: Reason,
-    code: &'a str,
-    message: String,
-    wait: Duration,
+pub(crate) struct Retry<'a> {
+    pub phase: Phase,
+    pub reason: Reason,
+    pub code: &'a str,
+    pub message: String,
+    pub wait: Duration,
 }
 
 /// Map a failed call to a transition, keeping `phase` unless the error is final.
@@ -208,7 +208,7 @@ pub(crate) fn failed(view: &View, failure: Failure) -> Transition {
     }
 }
 
-fn retrying(view: &View, retry: Retry) -> Transition {
+pub(crate) fn retrying(view: &View, retry: Retry) -> Transition {
     let submitted = match retry.phase {
         Phase::Submitting => Submitted::no(
             Reason::Submitting,

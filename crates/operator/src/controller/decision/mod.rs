@@ -15,6 +15,7 @@
 
 mod after;
 mod cancel;
+mod connection;
 mod errors;
 mod lookup;
 mod plan;
@@ -28,6 +29,7 @@ pub use after::{
 pub use cancel::{
     AfterCancelRead, after_cancel, after_cancel_read, cancel_intent, cancelled_before_send,
 };
+pub use connection::{Unavailable, connection_unavailable};
 pub use errors::{list_failed, lookup_failed, on_error};
 pub use lookup::{AfterLookUp, Found, LookUp, after_lookup, found_in, pending_in};
 pub use plan::{Plan, invalid_spec, plan};

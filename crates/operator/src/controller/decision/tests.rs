@@ -21,6 +21,7 @@ fn by_id() -> DeviceOffboardSpec {
         device_name: None,
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
+        connection_ref: None,
     }
 }
 
@@ -30,6 +31,7 @@ fn by_name() -> DeviceOffboardSpec {
         device_name: Some("pc-1.contoso.com".into()),
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
+        connection_ref: None,
     }
 }
 
@@ -633,6 +635,7 @@ fn a_spec_without_a_device_fails_with_the_fix_named() {
         device_name: None,
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
+        connection_ref: None,
     };
     let none = DeviceOffboardStatus::default();
     let Plan::Write(t) = plan(&view(&spec, &none), &settings()) else {

@@ -1,0 +1,203 @@
+//! Which MDE tenant a resource is offboarded through: the operator's own
+//! credentials, or a `DefenderConnection` of the resource's namespace. Each
+//! has its own client (token cache, rate budget, metrics label), so one
+//! tenant's 429s or revoked secret never slow another's resources.
+
+use super::decision::Unavailable;
+use crate::crd::DeviceOffboard;
+use crate::metrics::DEFAULT_CONNECTION;
+use kube::ResourceExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use tokio::time::Instant;
+
+/// The operator's own credentials, or one `DefenderConnection`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectionKey {
+    Default,
+    Named { namespace: String, name: String },
+}
+
+impl ConnectionKey {
+    /// The connection a resource asks for (its namespace, never another).
+    pub fn of(resource: &DeviceOffboard) -> Self {
+        match &resource.spec.connection_ref {
+            None => ConnectionKey::Default,
+            Some(reference) => ConnectionKey::Named {
+                namespace: resource.namespace().unwrap_or_default(),
+                name: reference.name.clone(),
+            },
+        }
+    }
+}
+
+/// `default`, or `namespace/name`: the `connection` metrics label.
+impl fmt::Display for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionKey::Default => f.write_str(DEFAULT_CONNECTION),
+            ConnectionKey::Named { namespace, name } => write!(f, "{namespace}/{name}"),
+        }
+    }
+}
+
+/// A connection's state as its controller last saw it.
+enum Entry<M> {
+    Ready(Arc<M>),
+    /// Cannot be used: the `Ready` reason and message.
+    NotReady {
+        reason: String,
+        message: String,
+    },
+}
+
+/// Every tenant this process can reach, by key.
+pub struct Connections<M> {
+    default: Option<Arc<M>>,
+    /// Whether `DefenderConnection`s are used at all (`run --connections`).
+    enabled: bool,
+    named: RwLock<HashMap<(String, String), Entry<M>>>,
+    /// Offboards sent in the budget windows, read at start, for connections
+    /// whose client does not exist yet: applied when it is created.
+    seeds: std::sync::Mutex<HashMap<ConnectionKey, Vec<Instant>>>,
+}
+
+impl<M: super::ports::MdeCalls> Connections<M> {
+    /// `default`: the operator's own client, if it has credentials.
+    pub fn new(default: Option<M>, enabled: bool) -> Self {
+        Connections {
+            default: default.map(Arc::new),
+            enabled,
+            named: RwLock::default(),
+            seeds: Default::default(),
+        }
+    }
+
+    pub fn default_client(&self) -> Option<Arc<M>> {
+        self.default.clone()
+    }
+
+    /// The client for `key`, when it is usable now.
+    pub fn get(&self, key: &ConnectionKey) -> Result<Arc<M>, Unavailable> {
+        match key {
+            ConnectionKey::Default => self.default.clone().ok_or(Unavailable::NoDefault),
+            ConnectionKey::Named { name, .. } if !self.enabled => {
+                Err(Unavailable::Disabled { name: name.clone() })
+            }
+            ConnectionKey::Named { namespace, name } => {
+                let named = self.named.read().unwrap_or_else(|e| e.into_inner());
+                match named.get(&(namespace.clone(), name.clone())) {
+                    Some(Entry::Ready(client)) => Ok(client.clone()),
+                    Some(Entry::NotReady { reason, message }) => Err(Unavailable::NotReady {
+                        name: name.clone(),
+                        reason: reason.clone(),
+                        message: message.clone(),
+                    }),
+                    None => Err(Unavailable::NotFound {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The client a resource uses, with its key.
+    pub fn for_resource(
+        &self,
+        resource: &DeviceOffboard,
+    ) -> (ConnectionKey, Result<Arc<M>, Unavailable>) {
+        let key = ConnectionKey::of(resource);
+        let client = self.get(&key);
+        (key, client)
+    }
+
+    /// A connection that signed in: its client (kept while its spec is unchanged).
+    pub fn set_ready(&self, namespace: &str, name: &str, client: Arc<M>) {
+        let key = ConnectionKey::Named {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if let Some(past) = self.take_seed(&key) {
+            client
+                .budget()
+                .record_past(mde_client::ApiFamily::Offboard, &past);
+        }
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.into(), name.into()), Entry::Ready(client));
+    }
+
+    /// A connection that cannot be used now, and why.
+    pub fn set_not_ready(&self, namespace: &str, name: &str, reason: &str, message: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (namespace.into(), name.into()),
+                Entry::NotReady {
+                    reason: reason.into(),
+                    message: message.into(),
+                },
+            );
+    }
+
+    /// The connection was deleted.
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Count offboards sent in the budget windows (read from the resources'
+    /// `submittedAt` at start) against the connection's budget, now or when
+    /// its client is created.
+    pub fn seed(&self, key: ConnectionKey, past: Vec<Instant>) {
+        match self.get(&key) {
+            Ok(client) => client
+                .budget()
+                .record_past(mde_client::ApiFamily::Offboard, &past),
+            Err(_) => {
+                self.seeds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default()
+                    .extend(past);
+            }
+        }
+    }
+
+    fn take_seed(&self, key: &ConnectionKey) -> Option<Vec<Instant>> {
+        self.seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
+    /// Every usable client with its key (the gauges publish each one's budget).
+    pub fn ready(&self) -> Vec<(ConnectionKey, Arc<M>)> {
+        let named = self.named.read().unwrap_or_else(|e| e.into_inner());
+        self.default
+            .iter()
+            .map(|c| (ConnectionKey::Default, c.clone()))
+            .chain(
+                named
+                    .iter()
+                    .filter_map(|((namespace, name), entry)| match entry {
+                        Entry::Ready(client) => Some((
+                            ConnectionKey::Named {
+                                namespace: namespace.clone(),
+                                name: name.clone(),
+                            },
+                            client.clone(),
+                        )),
+                        Entry::NotReady { .. } => None,
+                    }),
+            )
+            .collect()
+    }
+}
