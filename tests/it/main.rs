@@ -6,6 +6,7 @@
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
 //! - `lifecycle`: node offboarding and TTL cleanup against the in-memory API;
+//! - `tenants`: several MDE tenants through DefenderConnections;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
@@ -21,3 +22,4 @@ mod fault_matrix;
 mod lifecycle;
 mod observability;
 mod rbac;
+mod tenants;

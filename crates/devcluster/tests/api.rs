@@ -1530,3 +1530,40 @@ async fn kubectl_creates_service_accounts_and_tokens() {
     })
     .await;
 }
+
+/// A Secret's `stringData` is written into `data` (base64) on create, update
+/// and patch, and never stored or returned, as the API server does.
+#[tokio::test]
+async fn secret_string_data_is_merged_into_data() {
+    use k8s_openapi::api::core::v1::Secret;
+    let (_api, client) = start_default().await;
+    let secrets: Api<Secret> = Api::namespaced(client, "default");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "data": {"kept": "a2VwdA==", "replaced": "b2xk"},
+        "stringData": {"client-secret": "s3cr3t", "replaced": "new"},
+    }))
+    .unwrap();
+    let created = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let data = created.data.clone().unwrap();
+    assert_eq!(data["client-secret"].0, b"s3cr3t");
+    assert_eq!(data["kept"].0, b"kept");
+    assert_eq!(data["replaced"].0, b"new", "stringData wins over data");
+    assert!(created.string_data.is_none());
+    let patched = secrets
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"client-secret": "rotated"}})),
+        )
+        .await
+        .unwrap();
+    let data = patched.data.unwrap();
+    assert_eq!(data["client-secret"].0, b"rotated");
+    assert_eq!(data["kept"].0, b"kept");
+    let read = secrets.get("app").await.unwrap();
+    assert!(read.string_data.is_none(), "stringData is never stored");
+}

@@ -937,3 +937,63 @@ fn an_action_cancelled_elsewhere_reads_cancelled() {
     assert_eq!(ready(&t.status).1, "Cancelled");
     assert_eq!(condition(&t.status, STALLED).unwrap().reason, "Cancelled");
 }
+
+/// A resource whose connection cannot be used waits in its phase with the
+/// reason and the fix; nothing final, and the Event only when the reason is new.
+#[test]
+fn an_unavailable_connection_waits_with_the_reason() {
+    let spec = by_id();
+    let settings = Settings::default();
+    let cases = [
+        (
+            Unavailable::NotFound {
+                namespace: "team-b".into(),
+                name: "contoso".into(),
+            },
+            Reason::ConnectionNotFound,
+            settings.retry_backoff,
+            "own namespace",
+        ),
+        (
+            Unavailable::NotReady {
+                name: "contoso".into(),
+                reason: "AuthenticationFailed".into(),
+                message: "invalid_client".into(),
+            },
+            Reason::ConnectionNotReady,
+            settings.retry_backoff,
+            "AuthenticationFailed",
+        ),
+        (
+            Unavailable::Disabled {
+                name: "contoso".into(),
+            },
+            Reason::ConnectionsDisabled,
+            settings.access_backoff,
+            "--connections",
+        ),
+        (
+            Unavailable::NoDefault,
+            Reason::NoDefaultConnection,
+            settings.access_backoff,
+            "spec.connectionRef",
+        ),
+    ];
+    for phase in [Phase::Pending, Phase::Submitting] {
+        for (unavailable, reason, wait, fix) in &cases {
+            let before = status(phase);
+            let t = connection_unavailable(&view(&spec, &before), unavailable, &settings);
+            assert_eq!(t.status.phase, Some(phase), "{unavailable:?}");
+            assert_eq!(t.requeue, Some(*wait), "{unavailable:?}");
+            let error = t.status.last_error.clone().unwrap();
+            assert_eq!(error.code, reason.as_str());
+            assert!(error.message.contains(fix), "{}", error.message);
+            assert_eq!(t.note.as_ref().map(|n| n.reason), Some(*reason));
+            assert_eq!(ready(&t.status), ("False".into(), reason.as_str().into()));
+            // The same reason again: the status holds it, no second Event.
+            let again = connection_unavailable(&view(&spec, &t.status), unavailable, &settings);
+            assert_eq!(again.note, None, "{unavailable:?}");
+            assert_eq!(again.status.last_error, t.status.last_error);
+        }
+    }
+}

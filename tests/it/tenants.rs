@@ -1,0 +1,468 @@
+//! Several MDE tenants from one operator: each `DefenderConnection` has its
+//! own client, budget and poller, so a throttled or refused tenant never
+//! holds another's resources; a connection is used only from its own
+//! namespace. Every count is read at the simulators.
+
+use crate::common::*;
+use defender_offboard::connection::DefenderConnection;
+use defender_offboard::crd::{ConnectionRef, DeviceOffboard, DeviceOffboardSpec, Phase};
+use defender_offboard::devcluster::ApiHandle;
+use defender_offboard::playground::{
+    create_connection, create_workload_identity_connection, embedded_controller_with, sim_host,
+};
+use defender_offboard::simulator::{RateLimit, SimConfig, SimHandle};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ListParams, PostParams};
+use std::time::Duration;
+
+/// The second tenant: its own tenant, app and secret, the same generated
+/// machines as the first (same seed), so one list of ids serves both.
+fn second_tenant(config: SimConfig) -> SimConfig {
+    SimConfig {
+        tenant_id: "tenant-b".into(),
+        client_id: "app-b".into(),
+        client_secret: "secret-b".into(),
+        ..config
+    }
+}
+
+/// A client of the second tenant (for listing its generated machines).
+fn second_client(sim: &SimHandle) -> defender_offboard::mde::DefenderClient {
+    let mut config =
+        defender_offboard::playground::sim_client_config(sim, "1000/1s".parse().unwrap());
+    config.identity = defender_offboard::mde::ClientIdentity::from_parts(
+        Some("tenant-b".into()),
+        Some("app-b".into()),
+        Some("secret-b".into()),
+        None,
+        None,
+    )
+    .unwrap();
+    defender_offboard::mde::DefenderClient::new(
+        config,
+        std::sync::Arc::new(defender_offboard::mde::NoObserver),
+    )
+    .unwrap()
+}
+
+struct Tenants {
+    api: ApiHandle,
+    /// The tenant of the operator's own credentials.
+    own: SimHandle,
+    /// The tenant reached through DefenderConnections.
+    second: SimHandle,
+    client: kube::Client,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tenants {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+async fn start(own: SimConfig, second: SimConfig) -> Tenants {
+    let own = spawn_sim(own).await;
+    let second = spawn_sim(second).await;
+    let api = spawn_api().await;
+    let client = api.client().await.unwrap();
+    for namespace in ["team-a", "team-b"] {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+    let allowed = sim_host(&second);
+    let controller = embedded_controller_with(
+        client.clone(),
+        &own,
+        FAST_LIMITS.parse().unwrap(),
+        fast_settings(),
+        Duration::from_millis(300),
+        |run| {
+            run.connections = true;
+            run.connection_allowed_hosts = vec![allowed];
+        },
+    )
+    .unwrap();
+    Tenants {
+        api,
+        own,
+        second,
+        client: client.clone(),
+        controller: tokio::spawn(controller),
+    }
+}
+
+fn resource(name: &str, machine_id: &str, connection: Option<&str>) -> DeviceOffboard {
+    DeviceOffboard::new(
+        name,
+        DeviceOffboardSpec {
+            machine_id: Some(machine_id.into()),
+            device_name: None,
+            comment: "tenant test".into(),
+            ttl_seconds_after_finished: None,
+            connection_ref: connection.map(|name| ConnectionRef { name: name.into() }),
+        },
+    )
+}
+
+async fn create(client: &kube::Client, namespace: &str, resource: DeviceOffboard) {
+    Api::<DeviceOffboard>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &resource)
+        .await
+        .unwrap();
+}
+
+async fn list(client: &kube::Client, namespace: &str) -> Vec<DeviceOffboard> {
+    Api::<DeviceOffboard>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+fn phase(resource: &DeviceOffboard) -> Phase {
+    resource
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .unwrap_or_default()
+}
+
+fn error_code(resource: &DeviceOffboard) -> Option<String> {
+    Some(resource.status.as_ref()?.last_error.as_ref()?.code.clone())
+}
+
+async fn connection_reason(client: &kube::Client, namespace: &str, name: &str) -> Option<String> {
+    let connection = Api::<DefenderConnection>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .ok()?;
+    let status = connection.status?;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some(ready.reason.clone())
+}
+
+async fn wait_for_connection(client: &kube::Client, namespace: &str, name: &str, reason: &str) {
+    with_timeout(30, async {
+        while connection_reason(client, namespace, name).await.as_deref() != Some(reason) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+/// Tenant A (the operator's own credentials) is throttled hard: MDE allows
+/// it 2 calls a second. Tenant B's resources still finish, each with one
+/// POST and no 429, while A's are mostly still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_tenant_does_not_slow_another() {
+    let throttled = SimConfig {
+        rate_limits: vec![RateLimit {
+            calls: 2,
+            window: Duration::from_secs(60),
+        }],
+        ..fast_sim_config()
+    };
+    let env = start(throttled, second_tenant(fast_sim_config())).await;
+    create_connection(&env.client, "team-b", "tenant-b", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "tenant-b", "SignedIn").await;
+    let machines = windows_machines(&second_client(&env.second), 20).await;
+    for (i, machine) in machines.iter().enumerate() {
+        create(
+            &env.client,
+            "team-a",
+            resource(&format!("a-{i}"), machine, None),
+        )
+        .await;
+        create(
+            &env.client,
+            "team-b",
+            resource(&format!("b-{i}"), machine, Some("tenant-b")),
+        )
+        .await;
+    }
+    let a_final = with_timeout(60, async {
+        loop {
+            let b = list(&env.client, "team-b").await;
+            if b.len() == 20 && b.iter().all(|r| phase(r).is_terminal()) {
+                let a = list(&env.client, "team-a").await;
+                break a.iter().filter(|r| phase(r).is_terminal()).count();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let b = env.second.stats();
+    assert_eq!(
+        b.offboard_requests_by_key.len(),
+        20,
+        "{:?}",
+        b.offboard_requests_by_key
+    );
+    assert!(
+        b.offboard_requests_by_key.values().all(|n| *n == 1),
+        "one POST per resource: {:?}",
+        b.offboard_requests_by_key
+    );
+    assert_eq!(b.throttled, 0, "tenant B never saw a 429");
+    let a = env.own.stats();
+    assert!(a.throttled > 0, "tenant A was throttled: {a:?}");
+    assert!(
+        a_final < 10,
+        "when B was done, A (2 calls a second) had only {a_final} of 20 final"
+    );
+    assert!(
+        a.offboard_requests_by_key.values().all(|n| *n == 1),
+        "A's throttling never doubled a POST: {:?}",
+        a.offboard_requests_by_key
+    );
+}
+
+/// A connection whose secret was revoked (wrong value) is `AuthenticationFailed`;
+/// its resources wait with `ConnectionNotReady` and nothing is sent to its
+/// tenant, while the other tenant's resources finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_secret_holds_only_its_own_tenant() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    // Revoked: the Secret holds what the tenant no longer accepts (created
+    // first, so the connection's own Secret is not written over it).
+    let revoked: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tenant-b", "namespace": "team-b"},
+        "stringData": {"client-secret": "revoked"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), "team-b")
+        .create(&PostParams::default(), &revoked)
+        .await
+        .unwrap();
+    create_connection(&env.client, "team-b", "tenant-b", &env.second)
+        .await
+        .unwrap();
+    let machines = windows_machines(&client(&env.own, "1000/1s"), 6).await;
+    for (i, machine) in machines.iter().take(3).enumerate() {
+        create(
+            &env.client,
+            "team-a",
+            resource(&format!("a-{i}"), machine, None),
+        )
+        .await;
+    }
+    for (i, machine) in machines.iter().skip(3).enumerate() {
+        create(
+            &env.client,
+            "team-b",
+            resource(&format!("b-{i}"), machine, Some("tenant-b")),
+        )
+        .await;
+    }
+    wait_for_connection(&env.client, "team-b", "tenant-b", "AuthenticationFailed").await;
+    with_timeout(30, async {
+        loop {
+            let a = list(&env.client, "team-a").await;
+            let b = list(&env.client, "team-b").await;
+            let a_done = a.len() == 3 && a.iter().all(|r| phase(r).is_terminal());
+            let b_waiting = b.len() == 3
+                && b.iter()
+                    .all(|r| error_code(r).as_deref() == Some("ConnectionNotReady"));
+            if a_done && b_waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let b = list(&env.client, "team-b").await;
+    assert!(
+        b.iter().all(|r| phase(r) == Phase::Pending),
+        "nothing final, nothing lost"
+    );
+    let message = &b[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .last_error
+        .as_ref()
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("tenant-b") && message.contains("AuthenticationFailed"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("secret-b") && !message.contains("revoked"),
+        "{message}"
+    );
+    assert!(
+        env.second.stats().offboard_requests_by_key.is_empty(),
+        "nothing sent to B"
+    );
+}
+
+/// `connectionRef` names a connection of the resource's own namespace: one
+/// that exists only in another namespace is refused with the reason, and
+/// nothing is sent; the same name from its own namespace works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_of_another_namespace_is_refused() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    create_connection(&env.client, "team-a", "shared", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-a", "shared", "SignedIn").await;
+    let machines = windows_machines(&client(&env.own, "1000/1s"), 2).await;
+    create(
+        &env.client,
+        "team-b",
+        resource("borrower", &machines[0], Some("shared")),
+    )
+    .await;
+    create(
+        &env.client,
+        "team-a",
+        resource("owner", &machines[1], Some("shared")),
+    )
+    .await;
+    let borrower = with_timeout(30, async {
+        loop {
+            let owner = list(&env.client, "team-a").await;
+            let borrower = list(&env.client, "team-b").await;
+            if owner.iter().all(|r| phase(r).is_terminal())
+                && error_code(&borrower[0]).as_deref() == Some("ConnectionNotFound")
+            {
+                break borrower.into_iter().next().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let status = borrower.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    let message = status.last_error.unwrap().message;
+    assert!(
+        message.contains("\"team-b\"") && message.contains("own namespace"),
+        "{message}"
+    );
+    let sent = env.second.stats().offboard_requests_by_machine;
+    assert_eq!(
+        sent.get(&machines[0]),
+        None,
+        "nothing sent for the borrower: {sent:?}"
+    );
+    assert_eq!(
+        sent.get(&machines[1]),
+        Some(&1),
+        "the owner's one POST: {sent:?}"
+    );
+    assert!(
+        env.own.stats().offboard_requests_by_key.is_empty(),
+        "nor through the operator's own tenant"
+    );
+}
+
+/// Signed in, but the app lacks Machine.Offboard: `PermissionDenied`, named.
+/// Workload identity: the operator requests the ServiceAccount's token; a
+/// missing ServiceAccount is `CredentialNotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_what_to_fix() {
+    let read_only = SimConfig {
+        roles: vec!["Machine.Read.All".into()],
+        ..second_tenant(fast_sim_config())
+    };
+    let env = start(fast_sim_config(), read_only).await;
+    create_connection(&env.client, "team-a", "read-only", &env.second)
+        .await
+        .unwrap();
+    create_workload_identity_connection(&env.client, "team-b", "federated", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-a", "read-only", "PermissionDenied").await;
+    let connection = Api::<DefenderConnection>::namespaced(env.client.clone(), "team-a")
+        .get("read-only")
+        .await
+        .unwrap();
+    let ready = &connection.status.unwrap().conditions[0];
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("Machine.Offboard"),
+        "{}",
+        ready.message
+    );
+    // Workload identity signs in with the ServiceAccount's token, and is then
+    // refused for the same missing permission: the token request worked.
+    wait_for_connection(&env.client, "team-b", "federated", "PermissionDenied").await;
+    let mut missing = Api::<DefenderConnection>::namespaced(env.client.clone(), "team-b")
+        .get("federated")
+        .await
+        .unwrap();
+    missing.metadata = kube::api::ObjectMeta {
+        name: Some("no-account".into()),
+        namespace: Some("team-b".into()),
+        ..Default::default()
+    };
+    missing.status = None;
+    missing
+        .spec
+        .credential
+        .workload_identity
+        .as_mut()
+        .unwrap()
+        .service_account_name = "nobody".into();
+    Api::<DefenderConnection>::namespaced(env.client.clone(), "team-b")
+        .create(&PostParams::default(), &missing)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "no-account", "CredentialNotFound").await;
+    let tokens = env.second.stats().tokens_issued;
+    assert!(tokens >= 2, "both signed in: {tokens}");
+}
+
+/// `kubectl get defenderconnections` shows the tenant and whether it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_shows_tenant_and_readiness() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    create_connection(&env.client, "team-b", "tenant-b", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "tenant-b", "SignedIn").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let output = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["get", "defenderconnections", "-A"])
+        .output()
+        .await
+        .expect("kubectl on the PATH");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAMESPACE",
+            "NAME",
+            "TENANT",
+            "READY",
+            "REASON",
+            "OFFBOARDS",
+            "LEFT",
+            "AGE"
+        ]
+    );
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        &row[..5],
+        ["team-b", "tenant-b", "tenant-b", "True", "SignedIn"]
+    );
+    assert!(row[5].parse::<u32>().is_ok(), "offboards left: {row:?}");
+}
