@@ -76,3 +76,38 @@ async fn project_crd_rules_are_enforced() {
     })
     .await;
 }
+
+/// A DefenderConnection names exactly one credential and only URLs, refused
+/// at admission with the field named.
+#[tokio::test]
+async fn connection_crd_rules_are_enforced() {
+    use defender_offboard::connection::DefenderConnection;
+    bounded(async {
+        let api = start(ApiServerConfig { crds: vec![DefenderConnection::crd()], ..Default::default() }).await;
+        let client = api.client().await.unwrap();
+        let typed: Api<DefenderConnection> = Api::default_namespaced(client);
+        let create = |name: &str, credential: serde_json::Value, api_url: Option<&str>| {
+            let mut spec = serde_json::json!({"tenantId": "t", "clientId": "c", "credential": credential});
+            if let Some(url) = api_url {
+                spec["apiUrl"] = url.into();
+            }
+            let object: DefenderConnection = serde_json::from_value(serde_json::json!({
+                "apiVersion": "defender.offboard.dev/v1alpha1", "kind": "DefenderConnection",
+                "metadata": {"name": name}, "spec": spec,
+            }))
+            .unwrap();
+            let typed = typed.clone();
+            async move { typed.create(&PostParams::default(), &object).await }
+        };
+        let secret = serde_json::json!({"name": "s", "key": "k"});
+        let two = api_error(create("two", serde_json::json!({"clientSecret": secret, "workloadIdentity": {"serviceAccountName": "sa"}}), None).await).message;
+        assert!(two.contains("spec.credential needs exactly one of clientSecret, certificate or workloadIdentity"), "{two}");
+        let none = api_error(create("none", serde_json::json!({}), None).await).message;
+        assert!(none.contains("spec.credential needs exactly one of"), "{none}");
+        let ftp = api_error(create("ftp", serde_json::json!({"clientSecret": secret}), Some("ftp://x")).await).message;
+        assert!(ftp.contains("spec.apiUrl must be an https:// URL"), "{ftp}");
+        create("ok", serde_json::json!({"certificate": secret}), Some("https://eu.api.security.microsoft.com")).await.unwrap();
+        api.shutdown().await;
+    })
+    .await;
+}

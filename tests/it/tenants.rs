@@ -466,3 +466,55 @@ async fn kubectl_shows_tenant_and_readiness() {
     );
     assert!(row[5].parse::<u32>().is_ok(), "offboards left: {row:?}");
 }
+
+/// Certificate credentials: the Secret's key holds the certificate and its
+/// private key; the operator signs an assertion with it and offboards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_connection_offboards() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    let pem = include_str!("../../crates/mde-client/testdata/test-certificate.pem");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app-b-certificate", "namespace": "team-b"},
+        "stringData": {"tls.pem": pem},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), "team-b")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "by-certificate", "namespace": "team-b"},
+        "spec": {
+            "tenantId": "tenant-b",
+            "clientId": "app-b",
+            "apiUrl": env.second.base_url(),
+            "loginUrl": env.second.base_url(),
+            "credential": {"certificate": {"name": "app-b-certificate", "key": "tls.pem"}},
+        },
+    }))
+    .unwrap();
+    Api::<DefenderConnection>::namespaced(env.client.clone(), "team-b")
+        .create(&PostParams::default(), &connection)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "by-certificate", "SignedIn").await;
+    let machine = &windows_machines(&second_client(&env.second), 1).await[0];
+    create(
+        &env.client,
+        "team-b",
+        resource("cert", machine, Some("by-certificate")),
+    )
+    .await;
+    with_timeout(30, async {
+        while !list(&env.client, "team-b")
+            .await
+            .iter()
+            .all(|r| phase(r).is_terminal())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let sent = env.second.stats().offboard_requests_by_machine;
+    assert_eq!(sent.get(machine.as_str()), Some(&1), "{sent:?}");
+}

@@ -55,6 +55,55 @@ pub enum FetchedCredential {
     ClientSecret(Secret),
     /// A federated token (workload identity) sent as `client_assertion`.
     ClientAssertion(Secret),
+    /// PEM text holding the app's certificate and its RSA private key: the
+    /// client signs a fresh assertion with it for each sign-in.
+    Certificate(Secret),
+}
+
+/// How long a certificate assertion is valid: it is used at once.
+const ASSERTION_LIFETIME: i64 = 600;
+
+/// The client assertion of certificate credentials, as Microsoft Entra
+/// expects it: a JWT signed RS256 with the certificate's key, its SHA-1
+/// thumbprint as `x5t`, `aud` the token endpoint, `iss` and `sub` the app.
+/// Errors name what is wrong with the PEM and never contain any of it.
+pub fn certificate_assertion(
+    pem_text: &str,
+    client_id: &str,
+    token_url: &Url,
+    now: jiff::Timestamp,
+) -> Result<String, String> {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let blocks =
+        pem::parse_many(pem_text).map_err(|e| format!("the certificate is not PEM text ({e})"))?;
+    let certificate = blocks
+        .iter()
+        .find(|b| b.tag() == "CERTIFICATE")
+        .ok_or("the PEM holds no CERTIFICATE block: put the certificate and its private key in the Secret's key")?;
+    let key = blocks
+        .iter()
+        .find(|b| matches!(b.tag(), "PRIVATE KEY" | "RSA PRIVATE KEY"))
+        .ok_or("the PEM holds no PRIVATE KEY (PKCS#8) or RSA PRIVATE KEY block: put the certificate and its private key in the Secret's key")?;
+    let thumbprint = sha1::Sha1::digest(certificate.contents());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.x5t = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(thumbprint));
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(pem::encode(key).as_bytes()).map_err(|e| {
+            format!("the private key is not an RSA key this operator can sign with ({e})")
+        })?;
+    let issued = now.as_second();
+    let claims = serde_json::json!({
+        "aud": token_url.as_str(),
+        "iss": client_id,
+        "sub": client_id,
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "nbf": issued,
+        "iat": issued,
+        "exp": issued + ASSERTION_LIFETIME,
+    });
+    jsonwebtoken::encode(&header, &claims, &key)
+        .map_err(|e| format!("cannot sign the client assertion ({e})"))
 }
 
 /// Where a credential is fetched from at each sign-in, so rotating it needs
@@ -265,6 +314,20 @@ impl TokenSource {
                         ));
                         form.push(("client_assertion", assertion.expose().to_string()));
                     }
+                    FetchedCredential::Certificate(pem_text) => {
+                        let assertion = certificate_assertion(
+                            pem_text.expose(),
+                            &self.identity.client_id,
+                            &self.token_url,
+                            jiff::Timestamp::now(),
+                        )
+                        .map_err(|message| MdeError::Credentials { message })?;
+                        form.push((
+                            "client_assertion_type",
+                            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                        ));
+                        form.push(("client_assertion", assertion));
+                    }
                 }
             }
         }
@@ -394,6 +457,68 @@ mod tests {
         assert_eq!(token_roles(&Secret::new("0123abcd")), None);
         assert_eq!(token_roles(&Secret::new("a.!!!.c")), None);
         assert_eq!(token_roles(&jwt("not json")), None);
+    }
+
+    /// The assertion Entra checks: signed by the certificate's key (verified
+    /// with its public key), `x5t` the SHA-1 thumbprint `openssl x509
+    /// -fingerprint -sha1` prints, `aud` the token endpoint, short-lived.
+    #[test]
+    fn a_certificate_signs_the_assertion_entra_expects() {
+        let pem_text = include_str!("../testdata/test-certificate.pem");
+        let token_url =
+            Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/token").unwrap();
+        let now = jiff::Timestamp::now();
+        let assertion = certificate_assertion(pem_text, "app-1", &token_url, now).unwrap();
+        let header = jsonwebtoken::decode_header(&assertion).unwrap();
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+        assert_eq!(
+            header.x5t.as_deref(),
+            Some("XVYncR2m9fgd9-UYxe19fj3j6mQ"),
+            "the thumbprint 5D:56:27:71:1D:A6:F5:F8:1D:F7:E5:18:C5:ED:7D:7E:3D:E3:EA:64"
+        );
+        let public = include_str!("../testdata/test-certificate-public-key.pem");
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        validation.set_audience(&[token_url.as_str()]);
+        validation.set_issuer(&["app-1"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(
+            &assertion,
+            &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
+            &validation,
+        )
+        .expect("signed by the certificate's key")
+        .claims;
+        assert_eq!(claims["sub"], "app-1");
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            600
+        );
+        let other = certificate_assertion(pem_text, "app-1", &token_url, now).unwrap();
+        let jti = |a: &str| {
+            jsonwebtoken::decode::<serde_json::Value>(
+                a,
+                &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
+                &validation,
+            )
+            .unwrap()
+            .claims["jti"]
+                .clone()
+        };
+        assert_ne!(jti(&assertion), jti(&other), "each assertion is new");
+    }
+
+    #[test]
+    fn a_bad_certificate_is_named_without_its_content() {
+        let url = Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/token").unwrap();
+        let now = jiff::Timestamp::now();
+        let full = include_str!("../testdata/test-certificate.pem");
+        let key_only = &full[full.find("-----BEGIN PRIVATE KEY").unwrap()..];
+        let error = certificate_assertion(key_only, "a", &url, now).unwrap_err();
+        assert!(error.contains("no CERTIFICATE"), "{error}");
+        let cert_only = &full[..full.find("-----BEGIN PRIVATE KEY").unwrap()];
+        let error = certificate_assertion(cert_only, "a", &url, now).unwrap_err();
+        assert!(error.contains("no PRIVATE KEY"), "{error}");
+        let error = certificate_assertion("hunter2", "a", &url, now).unwrap_err();
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

@@ -80,7 +80,8 @@ pub struct DefenderConnectionSpec {
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("spec.loginUrl must be an https:// URL"))]
     pub login_url: Option<String>,
 
-    /// How the app proves who it is: exactly one of `clientSecret` or `workloadIdentity`.
+    /// How the app proves who it is: exactly one of `clientSecret`,
+    /// `certificate` or `workloadIdentity`.
     pub credential: ConnectionCredential,
 }
 
@@ -110,7 +111,7 @@ impl From<ConnectionCloud> for mde_client::Cloud {
 /// The app's credential; everything it names lives in the connection's namespace.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = Rule::new("has(self.clientSecret) != has(self.workloadIdentity)").message("spec.credential needs exactly one of clientSecret or workloadIdentity")
+    validation = Rule::new("[has(self.clientSecret), has(self.certificate), has(self.workloadIdentity)].filter(x, x).size() == 1").message("spec.credential needs exactly one of clientSecret, certificate or workloadIdentity")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionCredential {
@@ -118,6 +119,11 @@ pub struct ConnectionCredential {
     /// every sign-in (never listed or watched): rotating it needs no restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret: Option<SecretKeyRef>,
+    /// A key of a Secret in this namespace holding PEM text with the app's
+    /// certificate and its RSA private key (certificate credentials): the
+    /// operator signs a short-lived client assertion with it at each sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<SecretKeyRef>,
     /// Microsoft Entra Workload ID: the operator asks Kubernetes for a token of
     /// this ServiceAccount (TokenRequest, audience `api://AzureADTokenExchange`)
     /// and exchanges it at the login host; the app registration needs a
@@ -213,6 +219,8 @@ mod tests {
         );
         assert!(crd.spec.scope == "Namespaced");
         let yaml = connection_crd_yaml();
-        assert!(yaml.contains("has(self.clientSecret) != has(self.workloadIdentity)"));
+        assert!(yaml.contains(
+            "spec.credential needs exactly one of clientSecret, certificate or workloadIdentity"
+        ));
     }
 }

@@ -273,7 +273,11 @@ async fn examples_reach_their_final_phases() {
             None => 0,
         };
         let reapplied = cluster.kubectl_ok(&["apply", "-f", examples], None).await;
-        assert_eq!(reapplied.matches(" unchanged").count(), 7, "{reapplied}");
+        assert_eq!(
+            reapplied.matches(" unchanged").count(),
+            names.len(),
+            "{reapplied}"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let again = cluster.wait_final(&names, Duration::from_secs(10)).await;
         for name in &names {
@@ -290,7 +294,7 @@ async fn examples_reach_their_final_phases() {
         let deleted = cluster
             .kubectl_ok(&["delete", "-f", examples, "--wait"], None)
             .await;
-        assert_eq!(deleted.matches("deleted").count(), 7, "{deleted}");
+        assert_eq!(deleted.matches("deleted").count(), names.len(), "{deleted}");
         let left: Vec<String> = cluster
             .list()
             .await

@@ -170,6 +170,8 @@ struct SecretKeySource {
     namespace: String,
     name: String,
     key: String,
+    /// PEM certificate and key rather than a client secret.
+    certificate: bool,
 }
 
 impl std::fmt::Debug for SecretKeySource {
@@ -188,9 +190,14 @@ impl CredentialSource for SecretKeySource {
     ) -> Pin<Box<dyn Future<Output = Result<FetchedCredential, String>> + Send + '_>> {
         async move {
             let what = format!("Secret {:?} in namespace {:?}", self.name, self.namespace);
+            let field = if self.certificate {
+                "spec.credential.certificate"
+            } else {
+                "spec.credential.clientSecret"
+            };
             let secret = self.api.get(&self.name).await.map_err(|e| match e {
                 kube::Error::Api(s) if s.is_not_found() => {
-                    format!("{what} does not exist: create it, or fix spec.credential.clientSecret.name")
+                    format!("{what} does not exist: create it, or fix {field}.name")
                 }
                 kube::Error::Api(s) if s.code == 403 => format!(
                     "the operator may not read {what} ({}): list the namespace in the chart's connections.namespaces",
@@ -206,11 +213,15 @@ impl CredentialSource for SecretKeySource {
                 .filter(|v| !v.is_empty())
                 .ok_or_else(|| {
                     format!(
-                        "{what} has no key {:?} (or it is empty): fix spec.credential.clientSecret.key",
+                        "{what} has no key {:?} (or it is empty): fix {field}.key",
                         self.key
                     )
                 })?;
-            Ok(FetchedCredential::ClientSecret(Secret::new(value)))
+            Ok(if self.certificate {
+                FetchedCredential::Certificate(Secret::new(value))
+            } else {
+                FetchedCredential::ClientSecret(Secret::new(value))
+            })
         }
         .boxed()
     }
@@ -277,24 +288,32 @@ fn credential(
     namespace: &str,
     spec: &DefenderConnectionSpec,
 ) -> Result<Credential, String> {
-    let source: Arc<dyn CredentialSource> = match (
-        &spec.credential.client_secret,
-        &spec.credential.workload_identity,
-    ) {
-        (Some(secret), None) => Arc::new(SecretKeySource {
+    let credential = &spec.credential;
+    let secret_key = |reference: &crate::connection::SecretKeyRef, certificate| {
+        Arc::new(SecretKeySource {
             api: Api::namespaced(client.clone(), namespace),
             namespace: namespace.into(),
-            name: secret.name.clone(),
-            key: secret.key.clone(),
-        }),
-        (None, Some(identity)) => Arc::new(ServiceAccountTokenSource {
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+            certificate,
+        })
+    };
+    let source: Arc<dyn CredentialSource> = match (
+        &credential.client_secret,
+        &credential.certificate,
+        &credential.workload_identity,
+    ) {
+        (Some(secret), None, None) => secret_key(secret, false),
+        (None, Some(certificate), None) => secret_key(certificate, true),
+        (None, None, Some(identity)) => Arc::new(ServiceAccountTokenSource {
             api: Api::namespaced(client.clone(), namespace),
             namespace: namespace.into(),
             name: identity.service_account_name.clone(),
         }),
         _ => {
             return Err(
-                "spec.credential needs exactly one of clientSecret or workloadIdentity".into(),
+                "spec.credential needs exactly one of clientSecret, certificate or workloadIdentity"
+                    .into(),
             );
         }
     };
@@ -594,6 +613,7 @@ mod tests {
                     name: "s".into(),
                     key: "k".into(),
                 }),
+                certificate: None,
                 workload_identity: None,
             },
         }
