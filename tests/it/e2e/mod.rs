@@ -127,6 +127,8 @@ async fn examples_reach_their_final_phases() {
             "hr-desktop-12",
             "ws2019-file-01",
             "kiosk-lobby-01-current",
+            // Through the second tenant's DefenderConnection `fabrikam`.
+            "fabrikam-finance-laptop-07",
             "build-agent-03",
             "kiosk-lobby-01",
             "lab-pc-09",
@@ -135,7 +137,7 @@ async fn examples_reach_their_final_phases() {
         .to_vec();
         let all = cluster.wait_final(&names, Duration::from_secs(90)).await;
 
-        for name in &names[..4] {
+        for name in &names[..5] {
             let d = &all[name];
             let status = d.status.clone().unwrap();
             assert_eq!(phase(d), "Succeeded", "{name}: {status:?}");
