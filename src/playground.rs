@@ -190,35 +190,19 @@ pub async fn create_connection(
     name: &str,
     sim: &SimHandle,
 ) -> Result<(), kube::Error> {
-    let config = sim.config();
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": name, "namespace": namespace},
-        "stringData": {"client-secret": config.client_secret},
+        "stringData": {"client-secret": sim.config().client_secret},
     }))
     .expect("a valid Secret");
-    let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
-        "apiVersion": "defender.offboard.dev/v1alpha1",
-        "kind": "DefenderConnection",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "tenantId": config.tenant_id,
-            "clientId": config.client_id,
-            "apiUrl": sim.base_url(),
-            "loginUrl": sim.base_url(),
-            "credential": {"clientSecret": {"name": name, "key": "client-secret"}},
-        },
-    }))
-    .expect("a valid DefenderConnection");
     let created = Api::<Secret>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &secret)
         .await;
     ignore_exists(created)?;
-    let created = Api::<DefenderConnection>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &connection)
-        .await;
-    ignore_exists(created)
+    let credential = serde_json::json!({"clientSecret": {"name": name, "key": "client-secret"}});
+    create_connection_to(client, namespace, name, sim, credential).await
 }
 
 /// A ServiceAccount and a DefenderConnection to that simulator using it
@@ -229,13 +213,29 @@ pub async fn create_workload_identity_connection(
     name: &str,
     sim: &SimHandle,
 ) -> Result<(), kube::Error> {
-    let config = sim.config();
     let account: ServiceAccount = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": {"name": name, "namespace": namespace},
     }))
     .expect("a valid ServiceAccount");
+    let created = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &account)
+        .await;
+    ignore_exists(created)?;
+    let credential = serde_json::json!({"workloadIdentity": {"serviceAccountName": name}});
+    create_connection_to(client, namespace, name, sim, credential).await
+}
+
+/// A DefenderConnection to the simulator's tenant and app with `credential`.
+async fn create_connection_to(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    sim: &SimHandle,
+    credential: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let config = sim.config();
     let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
         "apiVersion": "defender.offboard.dev/v1alpha1",
         "kind": "DefenderConnection",
@@ -245,14 +245,10 @@ pub async fn create_workload_identity_connection(
             "clientId": config.client_id,
             "apiUrl": sim.base_url(),
             "loginUrl": sim.base_url(),
-            "credential": {"workloadIdentity": {"serviceAccountName": name}},
+            "credential": credential,
         },
     }))
     .expect("a valid DefenderConnection");
-    let created = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &account)
-        .await;
-    ignore_exists(created)?;
     let created = Api::<DefenderConnection>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &connection)
         .await;

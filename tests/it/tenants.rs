@@ -518,3 +518,28 @@ async fn a_certificate_connection_offboards() {
     let sent = env.second.stats().offboard_requests_by_machine;
     assert_eq!(sent.get(machine.as_str()), Some(&1), "{sent:?}");
 }
+
+/// `run --connections` on a cluster without the DefenderConnection CRD stops
+/// at start with the command that installs it.
+#[tokio::test]
+async fn a_missing_connection_crd_is_named_at_start() {
+    use defender_offboard::controller::{check_connection_crd_installed, check_crd_installed};
+    use kube::CustomResourceExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = defender_offboard::devcluster::ApiServerConfig {
+        crds: vec![DeviceOffboard::crd()],
+        ..Default::default()
+    };
+    let api = defender_offboard::devcluster::spawn_api(config, listener)
+        .await
+        .unwrap();
+    let client = api.client().await.unwrap();
+    check_crd_installed(&client, None).await.unwrap();
+    let error = check_connection_crd_installed(&client, Some("team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        "--connections: the DefenderConnection CRD is not installed: kubectl apply -f crds/defenderconnections.defender.offboard.dev.yaml"
+    );
+}

@@ -420,21 +420,40 @@ pub async fn check_crd_installed(
     client: &kube::Client,
     namespace: Option<&str>,
 ) -> Result<(), String> {
-    let api: Api<DeviceOffboard> = match namespace {
+    check_listable::<DeviceOffboard>(client, namespace, crate::crd::CRD_NAME, "").await
+}
+
+/// The CRD of `K` is installed and this process may list `K`; the error
+/// names the fix. `flag` says which option needs it (empty: always needed).
+async fn check_listable<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    crd_name: &str,
+    flag: &str,
+) -> Result<(), String>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let plural = K::plural(&Default::default()).to_string();
+    let kind = K::kind(&Default::default()).to_string();
     match api.list_metadata(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
-            "the DeviceOffboard CRD is not installed: kubectl apply -f crds/{}.yaml",
-            crate::crd::CRD_NAME
+            "{flag}the {kind} CRD is not installed: kubectl apply -f crds/{crd_name}.yaml"
         )),
         Err(kube::Error::Api(status)) if status.code == 403 => Err(format!(
-            "not allowed to list deviceoffboards ({}): check the operator's RBAC",
+            "{flag}not allowed to list {plural} ({}): check the operator's RBAC",
             status.message
         )),
-        Err(error) => Err(format!("cannot list deviceoffboards: {error}")),
+        Err(error) => Err(format!("{flag}cannot list {plural}: {error}")),
     }
 }
 
@@ -443,22 +462,13 @@ pub async fn check_connection_crd_installed(
     client: &kube::Client,
     namespace: Option<&str>,
 ) -> Result<(), String> {
-    let api: Api<crate::connection::DefenderConnection> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    match api.list_metadata(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
-            "--connections needs the DefenderConnection CRD: kubectl apply -f crds/{}.yaml",
-            crate::connection::CONNECTION_CRD_NAME
-        )),
-        Err(kube::Error::Api(status)) if status.code == 403 => Err(format!(
-            "--connections: not allowed to list defenderconnections ({}): check the operator's RBAC (chart: connections.enabled)",
-            status.message
-        )),
-        Err(error) => Err(format!("cannot list defenderconnections: {error}")),
-    }
+    check_listable::<crate::connection::DefenderConnection>(
+        client,
+        namespace,
+        crate::connection::CONNECTION_CRD_NAME,
+        "--connections: ",
+    )
+    .await
 }
 
 /// With `--connections`, the DefenderConnection tasks beside the controller
