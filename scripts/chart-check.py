@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Lint and render the Helm chart with Helm's own library (no cluster, no
+`helm` binary: the `helm-python-sdk` wheel carries Helm's Go SDK).
+
+Every `ci/*-values.yaml` must pass `helm lint --strict` and render; the
+connections RBAC must be least privilege (only `secrets: get` and
+`serviceaccounts/token: create`, a Role per listed namespace, a ClusterRole
+only when asked); a values file that would leave the operator without what
+it needs must fail to render with a message naming the value.
+Run by `.ci/run`; exits non-zero on the first problem.
+"""
+
+import glob
+import os
+import sys
+
+import helm_python as helm
+import yaml
+
+CHART = os.path.join(os.path.dirname(__file__), "..", "charts", "defender-offboard")
+SECRET = {"tenantId": "t", "clientId": "c", "credentials": {"clientSecret": "s"}}
+
+
+def fail(message):
+    print(f"chart-check: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def documents(manifests):
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for document in yaml.safe_load_all(text):
+            if document:
+                yield document
+
+
+def render(values):
+    chart = helm.Chart.load(CHART)
+    return list(documents(chart.render(values, name="defender-offboard", namespace="ops")))
+
+
+def lint_every_ci_values_file():
+    files = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
+    if not files:
+        fail("no ci/*-values.yaml")
+    for path in files:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        report = helm.lint(CHART, values, strict=True)
+        errors = report.get("errors") or [
+            m["error"] for m in report.get("messages", []) if m.get("severity", 0) >= 2
+        ]
+        if errors:
+            fail(f"helm lint --strict {os.path.basename(path)}: {errors}")
+        render(values)
+        print(f"chart-check: {os.path.basename(path)} lints and renders")
+
+
+def connection_rules(objects):
+    return [
+        o for o in objects if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"].endswith("-connections")
+    ]
+
+
+def check_connections_rbac():
+    off = render(SECRET)
+    if connection_rules(off):
+        fail("connections RBAC rendered with connections.enabled=false")
+    listed = render({**SECRET, "connections": {"enabled": True, "namespaces": ["mssp-contoso", "mssp-fabrikam"]}})
+    roles = connection_rules(listed)
+    if sorted((r["kind"], r["metadata"].get("namespace")) for r in roles) != [
+        ("Role", "mssp-contoso"),
+        ("Role", "mssp-fabrikam"),
+    ]:
+        fail(f"expected one Role per listed namespace, got {[(r['kind'], r['metadata'].get('namespace')) for r in roles]}")
+    for role in roles:
+        granted = sorted(
+            (resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]
+        )
+        if granted != [("secrets", "get"), ("serviceaccounts/token", "create")]:
+            fail(f"connections Role grants more or less than it should: {granted}")
+    deployment = next(o for o in listed if o["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    if "--connections" not in args:
+        fail(f"connections.enabled does not pass --connections: {args}")
+    wide = connection_rules(render({**SECRET, "connections": {"enabled": True, "clusterWide": True}}))
+    if [r["kind"] for r in wide] != ["ClusterRole"]:
+        fail(f"clusterWide should render one ClusterRole, got {[r['kind'] for r in wide]}")
+    # Connections alone: the operator needs no credentials of its own.
+    render({"connections": {"enabled": True, "namespaces": ["a"]}})
+    print("chart-check: connections RBAC is least privilege")
+
+
+def check_refusals():
+    for values, expected in [
+        ({**SECRET, "connections": {"enabled": True}}, "connections"),
+        ({}, "credential"),
+    ]:
+        try:
+            render(values)
+        except helm.HelmError as error:
+            if expected not in str(error):
+                fail(f"render of {values} failed without naming {expected!r}: {error}")
+            continue
+        fail(f"render of {values} should fail")
+    print("chart-check: incomplete values are refused with the value named")
+
+
+lint_every_ci_values_file()
+check_connections_rbac()
+check_refusals()
