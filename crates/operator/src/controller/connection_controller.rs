@@ -563,6 +563,7 @@ pub async fn run(shared: Shared, namespace: Option<String>) {
                     t.generation == connection.metadata.generation && t.spec == connection.spec
                 });
                 if !unchanged {
+                    shared.connections.set_checking(&key.0, &key.1);
                     let task = Task {
                         generation: connection.metadata.generation,
                         spec: connection.spec.clone(),
@@ -580,6 +581,7 @@ pub async fn run(shared: Shared, namespace: Option<String>) {
                 shared.connections.remove(&namespace, &name);
             }
             watcher::Event::InitDone => {
+                shared.connections.mark_synced();
                 if let Some(seen) = relisted.take() {
                     let gone: Vec<_> = tasks
                         .keys()

@@ -44,6 +44,8 @@ impl fmt::Display for ConnectionKey {
 
 /// A connection's state as its controller last saw it.
 enum Entry<M> {
+    /// Seen, not signed in with yet.
+    Checking,
     Ready(Arc<M>),
     /// Cannot be used: the `Ready` reason and message.
     NotReady {
@@ -58,6 +60,9 @@ pub struct Connections<M> {
     /// Whether `DefenderConnection`s are used at all (`run --connections`).
     enabled: bool,
     named: RwLock<HashMap<(String, String), Entry<M>>>,
+    /// Whether the first list of DefenderConnections is in: before it, a
+    /// connection not known yet may well exist.
+    synced: std::sync::atomic::AtomicBool,
     /// Offboards sent in the budget windows, read at start, for connections
     /// whose client does not exist yet: applied when it is created.
     seeds: std::sync::Mutex<HashMap<ConnectionKey, Vec<Instant>>>,
@@ -70,6 +75,7 @@ impl<M: super::ports::MdeCalls> Connections<M> {
             default: default.map(Arc::new),
             enabled,
             named: RwLock::default(),
+            synced: Default::default(),
             seeds: Default::default(),
         }
     }
@@ -89,6 +95,10 @@ impl<M: super::ports::MdeCalls> Connections<M> {
                 let named = self.named.read().unwrap_or_else(|e| e.into_inner());
                 match named.get(&(namespace.clone(), name.clone())) {
                     Some(Entry::Ready(client)) => Ok(client.clone()),
+                    Some(Entry::Checking) => Err(Unavailable::Checking { name: name.clone() }),
+                    None if !self.synced.load(std::sync::atomic::Ordering::Acquire) => {
+                        Err(Unavailable::Checking { name: name.clone() })
+                    }
                     Some(Entry::NotReady { reason, message }) => Err(Unavailable::NotReady {
                         name: name.clone(),
                         reason: reason.clone(),
@@ -128,6 +138,21 @@ impl<M: super::ports::MdeCalls> Connections<M> {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert((namespace.into(), name.into()), Entry::Ready(client));
+    }
+
+    /// A connection just seen (created, changed, or listed at start), before
+    /// its first sign-in.
+    pub fn set_checking(&self, namespace: &str, name: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.into(), name.into()), Entry::Checking);
+    }
+
+    /// The first complete list of DefenderConnections is in.
+    pub fn mark_synced(&self) {
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// A connection that cannot be used now, and why.
@@ -195,9 +220,89 @@ impl<M: super::ports::MdeCalls> Connections<M> {
                             },
                             client.clone(),
                         )),
-                        Entry::NotReady { .. } => None,
+                        Entry::NotReady { .. } | Entry::Checking => None,
                     }),
             )
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fakes::FakeMde;
+    use super::*;
+    use crate::crd::{ConnectionRef, DeviceOffboardSpec};
+
+    fn resource(namespace: &str, connection: Option<&str>) -> DeviceOffboard {
+        let mut r = DeviceOffboard::new(
+            "r",
+            DeviceOffboardSpec {
+                machine_id: None,
+                device_name: Some("pc".into()),
+                comment: "c".into(),
+                ttl_seconds_after_finished: None,
+                connection_ref: connection.map(|name| ConnectionRef { name: name.into() }),
+            },
+        );
+        r.metadata.namespace = Some(namespace.into());
+        r
+    }
+
+    fn unavailable(connections: &Connections<FakeMde>, r: &DeviceOffboard) -> Unavailable {
+        match connections.for_resource(r).1 {
+            Err(unavailable) => unavailable,
+            Ok(_) => panic!("expected the connection to be unavailable"),
+        }
+    }
+
+    /// A name is looked up in the resource's own namespace only; before the
+    /// first list, and before a connection's first sign-in, it is `Checking`
+    /// (wait quietly), then found, not ready, or not found.
+    #[test]
+    fn a_resource_reaches_only_its_own_namespaces_connection() {
+        let connections = Connections::new(Some(FakeMde::default()), true);
+        assert!(connections.for_resource(&resource("a", None)).1.is_ok());
+        let borrower = resource("b", Some("shared"));
+        assert!(matches!(
+            unavailable(&connections, &borrower),
+            Unavailable::Checking { .. }
+        ));
+        connections.mark_synced();
+        connections.set_checking("a", "shared");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::Checking { .. }
+        ));
+        connections.set_ready("a", "shared", Arc::new(FakeMde::default()));
+        let (key, found) = connections.for_resource(&resource("a", Some("shared")));
+        assert!(found.is_ok());
+        assert_eq!(key.to_string(), "a/shared");
+        assert_eq!(
+            unavailable(&connections, &borrower),
+            Unavailable::NotFound {
+                namespace: "b".into(),
+                name: "shared".into()
+            }
+        );
+        connections.set_not_ready("a", "shared", "AuthenticationFailed", "invalid_client");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::NotReady { reason, .. } if reason == "AuthenticationFailed"
+        ));
+        connections.remove("a", "shared");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::NotFound { .. }
+        ));
+        let disabled = Connections::new(Some(FakeMde::default()), false);
+        assert!(matches!(
+            unavailable(&disabled, &resource("a", Some("x"))),
+            Unavailable::Disabled { .. }
+        ));
+        let no_default: Connections<FakeMde> = Connections::new(None, true);
+        assert_eq!(
+            unavailable(&no_default, &resource("a", None)),
+            Unavailable::NoDefault
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 use super::Context;
 use super::connections::ConnectionKey;
+use super::decision::Unavailable;
 use super::poll_plan::{self, Density, InFlight, PollPlan};
 use super::ports::MdeCalls;
 use super::sequence::{record_gone, record_poll};
@@ -205,7 +206,9 @@ pub async fn run<M: MdeCalls>(
         let mde = match ctx.connections.get(&key) {
             Ok(mde) => mde,
             Err(unavailable) => {
-                tracing::warn!(connection = %key, reason = unavailable.reason().as_str(), "actions in flight cannot be polled while the connection is unavailable");
+                if !matches!(unavailable, Unavailable::Checking { .. }) {
+                    tracing::warn!(connection = %key, reason = unavailable.reason().as_str(), "actions in flight cannot be polled while the connection is unavailable");
+                }
                 continue;
             }
         };

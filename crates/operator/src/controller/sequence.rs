@@ -33,6 +33,9 @@ pub type Requeue = Option<Duration>;
 /// How soon to look again when this process may not send (lease not held).
 const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
 
+/// How soon to look again while a connection is checked for the first time.
+const CONNECTION_CHECKING_RETRY: Duration = Duration::from_secs(1);
+
 /// How soon to look again when another resource is sending for the machine.
 const MACHINE_BUSY_RETRY: Duration = Duration::from_millis(500);
 
@@ -108,6 +111,9 @@ pub async fn connection_unavailable<S: StatusStore>(
     settings: &Settings,
     unavailable: &decision::Unavailable,
 ) -> Result<Requeue> {
+    if matches!(unavailable, decision::Unavailable::Checking { .. }) {
+        return Ok(Some(CONNECTION_CHECKING_RETRY));
+    }
     let mut current = obj.clone();
     let status = current.status.clone().unwrap_or_default();
     let phase = status.phase.unwrap_or_default();

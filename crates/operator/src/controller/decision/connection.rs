@@ -21,6 +21,9 @@ pub enum Unavailable {
     },
     /// No `spec.connectionRef`, and the operator has no credentials of its own.
     NoDefault,
+    /// The connection is being read or signed in for the first time (just
+    /// created, or this process just started): wait briefly, write nothing.
+    Checking { name: String },
 }
 
 impl Unavailable {
@@ -28,7 +31,9 @@ impl Unavailable {
         match self {
             Unavailable::Disabled { .. } => Reason::ConnectionsDisabled,
             Unavailable::NotFound { .. } => Reason::ConnectionNotFound,
-            Unavailable::NotReady { .. } => Reason::ConnectionNotReady,
+            Unavailable::NotReady { .. } | Unavailable::Checking { .. } => {
+                Reason::ConnectionNotReady
+            }
             Unavailable::NoDefault => Reason::NoDefaultConnection,
         }
     }
@@ -49,6 +54,9 @@ impl Unavailable {
             } => format!(
                 "DefenderConnection {name:?} is not ready ({reason}: {message}); nothing was sent, retrying"
             ),
+            Unavailable::Checking { name } => format!(
+                "DefenderConnection {name:?} is being checked; nothing was sent yet"
+            ),
             Unavailable::NoDefault => "the operator runs without credentials of its own: set spec.connectionRef to a DefenderConnection of this namespace (recreate the resource: the spec is immutable), or give the operator AZURE_TENANT_ID, AZURE_CLIENT_ID and a credential; nothing was sent".into(),
         }
     }
@@ -58,7 +66,9 @@ impl Unavailable {
     /// configuration changes only with a restart.
     fn wait(&self, settings: &Settings) -> Duration {
         match self {
-            Unavailable::NotFound { .. } | Unavailable::NotReady { .. } => settings.retry_backoff,
+            Unavailable::NotFound { .. }
+            | Unavailable::NotReady { .. }
+            | Unavailable::Checking { .. } => settings.retry_backoff,
             Unavailable::Disabled { .. } | Unavailable::NoDefault => settings.access_backoff,
         }
     }
