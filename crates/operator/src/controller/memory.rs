@@ -7,9 +7,10 @@
 //! A new process (restart, new leader) starts empty: that is the point. Tests
 //! simulate a crash by handing the next step a fresh [`ProcessMemory`].
 
+use super::adopt_index::{self, AdoptIndex, Freshness, MachineCheck};
 use super::leader::LeaseClock;
 use backon::BackoffBuilder;
-use mde_client::MachineAction;
+use mde_client::{ActionStatus, MachineAction};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,12 +36,17 @@ enum MachineEntry {
     Sending {
         key: String,
     },
+    /// Only what a claim hands back: an offboard's id and last status.
     Known {
-        action: Box<MachineAction>,
-        key: String,
+        action_id: Box<str>,
+        status: ActionStatus,
+        key: Box<str>,
         at: Instant,
     },
 }
+
+/// How often known actions older than [`FORGET_AFTER`] are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What [`ProcessMemory::claim_machine`] answers.
 #[derive(Debug)]
@@ -60,6 +66,8 @@ pub enum MachineClaim {
 struct Inner {
     submitting: HashMap<String, Seen>,
     machines: HashMap<String, MachineEntry>,
+    /// When `machines` was last swept of forgotten actions.
+    swept: Option<Instant>,
     /// Consecutive failed steps per resource, for exponential backoff.
     failures: HashMap<String, u32>,
     /// Consecutive reconciles per resource that ended in an error (a status
@@ -73,6 +81,34 @@ pub struct ProcessMemory {
     lease: LeaseClock,
     /// Where "now" (the wall clock written into status) comes from.
     wall: WallClock,
+    /// The index of this operator's recent offboards (off unless turned on).
+    adopt: Arc<Adopt>,
+}
+
+/// The adopt index, its window (`None`: not used) and the lock that lets one
+/// worker at a time refresh it.
+#[derive(Default)]
+struct Adopt {
+    window: Mutex<Option<Duration>>,
+    index: Mutex<AdoptIndex>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl Adopt {
+    fn with_window(window: Option<Duration>) -> Arc<Self> {
+        Arc::new(Adopt {
+            window: Mutex::new(window),
+            ..Adopt::default()
+        })
+    }
+
+    fn window(&self) -> Option<Duration> {
+        *self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, AdoptIndex> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The wall clock the decision reads: the system's, or (in tests with tokio's
@@ -101,7 +137,16 @@ impl ProcessMemory {
             inner: Arc::default(),
             lease,
             wall: WallClock::System,
+            adopt: Arc::default(),
         }
+    }
+
+    /// Check machines before a first send against an index of this
+    /// operator's offboards created within `window` (see [`adopt_index`]); a
+    /// zero window turns the index off.
+    pub fn use_adopt_index(&self, window: Duration) {
+        *self.adopt.window.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!window.is_zero()).then_some(window);
     }
 
     /// A memory whose wall clock moves with tokio's (paused) clock.
@@ -119,6 +164,7 @@ impl ProcessMemory {
     pub fn restarted(&self) -> Self {
         ProcessMemory {
             wall: self.wall,
+            adopt: Adopt::with_window(self.adopt.window()),
             ..Self::default()
         }
     }
@@ -137,6 +183,50 @@ impl ProcessMemory {
     /// Whether this process may send now (always, without leader election).
     pub fn may_send(&self) -> bool {
         self.lease.may_send(LEASE_SEND_MARGIN)
+    }
+
+    /// What the adopt index says for a first send to `machine_id`, when it
+    /// is used; it must have been read at most `max_age` ago.
+    pub fn machine_check(&self, machine_id: &str, max_age: Duration) -> Option<MachineCheck> {
+        self.adopt.window()?;
+        let fresh = Freshness {
+            sending_since: self.lease.sending_since(),
+            max_age,
+            now: Instant::now(),
+        };
+        Some(adopt_index::machine_check(
+            &self.adopt.index(),
+            machine_id,
+            fresh,
+        ))
+    }
+
+    /// Where the adopt index's next read starts (`None`: no index).
+    pub fn adopt_next_since(&self, lag: Duration) -> Option<jiff::Timestamp> {
+        let window = self.adopt.window()?;
+        Some(self.adopt.index().next_since(self.now(), window, lag))
+    }
+
+    /// Fold a window read (from `since`, begun at `began`) into the adopt index.
+    pub fn adopt_fold(
+        &self,
+        actions: &[MachineAction],
+        since: jiff::Timestamp,
+        began: Instant,
+        complete: bool,
+        next_since: jiff::Timestamp,
+    ) {
+        let Some(window) = self.adopt.window() else {
+            return;
+        };
+        let mut index = self.adopt.index();
+        index.fold(actions, since, began, complete, next_since);
+        index.prune(self.now(), window);
+    }
+
+    /// Held by the one worker refreshing the adopt index.
+    pub async fn adopt_refreshing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.adopt.refreshing.lock().await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -218,24 +308,35 @@ impl ProcessMemory {
     /// Ask to send for `machine_id` under `key`.
     pub fn claim_machine(&self, machine_id: &str, key: &str) -> MachineClaim {
         let mut inner = self.lock();
-        inner.machines.retain(|_, entry| match entry {
-            MachineEntry::Known { at, .. } => at.elapsed() < FORGET_AFTER,
-            MachineEntry::Sending { .. } => true,
-        });
+        if inner.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            inner.machines.retain(|_, entry| match entry {
+                MachineEntry::Known { at, .. } => at.elapsed() < FORGET_AFTER,
+                MachineEntry::Sending { .. } => true,
+            });
+            inner.machines.shrink_to_fit();
+            inner.swept = Some(Instant::now());
+        }
         match inner.machines.get(machine_id) {
             Some(MachineEntry::Sending { key: other }) if other != key => {
                 MachineClaim::Busy { key: other.clone() }
             }
-            // Only a live or succeeded action stands for the machine; after a
-            // failed one, a new request may send again.
+            // Only a live or succeeded action stands for the machine (and only
+            // for FORGET_AFTER); after a failed one, a new request may send again.
             Some(MachineEntry::Known {
-                action, key: by, ..
-            }) if !action.status.is_final()
-                || action.status == mde_client::ActionStatus::Succeeded =>
+                action_id,
+                status,
+                key: by,
+                at,
+            }) if at.elapsed() < FORGET_AFTER
+                && (!status.is_final() || *status == ActionStatus::Succeeded) =>
             {
                 MachineClaim::Known {
-                    action: action.clone(),
-                    key: by.clone(),
+                    action: Box::new(MachineAction::recorded_offboard(
+                        action_id,
+                        machine_id,
+                        status.clone(),
+                    )),
+                    key: by.to_string(),
                 }
             }
             _ => {
@@ -260,8 +361,9 @@ impl ProcessMemory {
             return;
         };
         let entry = MachineEntry::Known {
-            action: Box::new(action.clone()),
-            key: key.to_string(),
+            action_id: action.id.as_str().into(),
+            status: action.status.clone(),
+            key: key.into(),
             at: Instant::now(),
         };
         self.lock().machines.insert(machine_id, entry);

@@ -1,5 +1,6 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
+pub mod adopt_index;
 pub mod decision;
 pub mod finished;
 pub mod gauges;
@@ -193,6 +194,11 @@ pub struct RunArgs {
     /// --request-timeout: a request that timed out may still be processed by MDE.
     #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
+    /// How far back the index of this operator's offboards reaches: a first
+    /// send for a machine without one in the index needs no read of the
+    /// machine's actions (0 turns the index off: one read per first send).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub adopt_window: Duration,
     /// Retry delay after a transient failure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub retry_backoff: Duration,
@@ -390,6 +396,7 @@ pub async fn run_controller<M: MdeCalls>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    ctx.memory.use_adopt_index(args.adopt_window);
     seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
     // Finished resources are left out of the watch (and so of memory), and
     // what the controller never reads is dropped before an object is cached.

@@ -4,6 +4,7 @@
 //! `GET` for an id neither answer holds (see [`super::poll_plan`]).
 
 use super::Context;
+use super::adopt_index;
 use super::poll_plan::{self, Density, InFlight, PollPlan};
 use super::ports::MdeCalls;
 use super::sequence::{record_gone, record_poll};
@@ -244,11 +245,19 @@ async fn read_plan<M: MdeCalls>(
 ) -> Result<Vec<MachineAction>, MdeError> {
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
+        let began = tokio::time::Instant::now();
+        let next = ctx.memory.adopt_next_since(ctx.settings.lookup_delay);
         actions = ctx
             .mde
             .offboard_actions_since(since, MAX_TOP, expected)
             .await?;
         state.density = Density::observed(now, since, actions.len());
+        // The same answer keeps the machine checks' index current.
+        if let Some(next) = next {
+            let complete = adopt_index::complete_answer(&actions, MAX_TOP);
+            ctx.memory
+                .adopt_fold(&actions, since, began, complete, next);
+        }
     }
     if !plan.by_ids.is_empty() {
         actions.extend(ctx.mde.machine_actions_by_ids(&plan.by_ids).await?);
