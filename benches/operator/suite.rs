@@ -49,6 +49,16 @@ pub struct Config {
     pub polls: Vec<usize>,
     /// Resources of the run that shares the tenant with a second client.
     pub shared: usize,
+    /// Extra arguments for `run` (e.g. `--adopt-window=0` to compare).
+    pub run_args: Vec<String>,
+    /// Which parts to run (all when empty): `polls`, `rows`, `naive`, `shared`.
+    pub only: Vec<String>,
+}
+
+impl Config {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 /// MDE's limits on every family: 100 a minute, 1500 an hour.
@@ -270,6 +280,7 @@ fn start_run(config: &Config, stage: &Stage, limits: &RateLimits) -> Run {
         .args(["--lookup-delay", &scale(35.0)])
         .args(["--retry-backoff", &scale(10.0)])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(&config.run_args)
         .env("KUBECONFIG", &kubeconfig)
         .env("AZURE_TENANT_ID", TENANT)
         .env("AZURE_CLIENT_ID", CLIENT)
@@ -327,6 +338,12 @@ pub struct Row {
     pub peak_rss_mib: f64,
     pub cpu_seconds: f64,
     pub second_client_posts: u64,
+    /// Machine-action reads (`GET /api/machineactions...`) answered during the burst.
+    pub reads: u64,
+    /// Of those, lists of one machine's actions (the exact machine checks).
+    pub machine_lists: u64,
+    /// Simulated minutes the burst took (for reads per minute).
+    pub simulated_minutes: f64,
 }
 
 impl Row {
@@ -342,7 +359,7 @@ impl Row {
 async fn seed_history(client: &kube::Client, count: usize) {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), NAMESPACE);
     futures::stream::iter(0..count)
-        .for_each_concurrent(16, |i| {
+        .for_each_concurrent(64, |i| {
             let api = api.clone();
             async move {
                 let name = format!("history-{i}");
@@ -493,10 +510,21 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
         peak_rss_mib,
         cpu_seconds,
         second_client_posts: second_posts.load(Ordering::Relaxed),
+        reads: family_calls(&after, "machineactions") - family_calls(&before, "machineactions"),
+        machine_lists: after.machine_action_lists - before.machine_action_lists,
+        simulated_minutes: elapsed.as_secs_f64() * config.time_scale / 60.0,
     };
     stage.api.shutdown().await;
     stage.sim.shutdown().await;
     row
+}
+
+/// Every answer the simulator served in `family`, whatever its status.
+fn family_calls(stats: &simulator::SimStats, family: &str) -> u64 {
+    stats
+        .requests
+        .get(family)
+        .map_or(0, |by_status| by_status.values().sum())
 }
 
 /// The way people offboard today: a loop that POSTs, sleeps 0.5 s and never
@@ -647,13 +675,18 @@ pub struct Report {
 pub async fn run(config: &Config) -> Report {
     let started = Instant::now();
     let mut report = Report::default();
-    for &k in &config.polls {
+    for &k in config.polls.iter().filter(|_| config.runs("polls")) {
         let (calls, old) = poll_cost(k).await;
         eprintln!("poll of {k} in flight: {calls} calls");
         report.polls.push((k, calls, old));
     }
     let last = config.sizes.len().saturating_sub(1);
-    for (i, &size) in config.sizes.iter().enumerate() {
+    for (i, &size) in config
+        .sizes
+        .iter()
+        .enumerate()
+        .filter(|_| config.runs("rows"))
+    {
         let history = if i == last && config.history > 0 {
             config.history.min(size)
         } else {
@@ -664,12 +697,12 @@ pub async fn run(config: &Config) -> Report {
         report.rows.push(row);
     }
     // The loop gets as many resources as the largest fresh row.
-    if let Some(&biggest) = config.sizes.iter().max() {
+    if let Some(&biggest) = config.sizes.iter().max().filter(|_| config.runs("naive")) {
         let naive = naive_row(config, biggest.saturating_sub(config.history).max(1)).await;
         eprintln!("{naive:?}");
         report.naive = Some(naive);
     }
-    if config.shared > 0 {
+    if config.shared > 0 && config.runs("shared") {
         report.shared = Some(operator_row(config, config.shared, 0, 0.5).await);
     }
     report.wall = started.elapsed();
@@ -744,6 +777,13 @@ pub fn table(report: &Report, config: &Config) -> String {
         line(format!(
             "| 429 answers | {} | {} | 0 |",
             r.throttled, naive.throttled
+        ));
+        line(format!(
+            "| MDE machine-action reads during the burst | {} ({} of one machine's actions; {:.2} per resource, {:.1} per simulated minute) | — | |",
+            r.reads,
+            r.machine_lists,
+            r.reads as f64 / r.resources.max(1) as f64,
+            r.reads as f64 / r.simulated_minutes.max(1e-9)
         ));
     }
     for (k, calls, old) in &report.polls {
