@@ -332,7 +332,18 @@ mod tests {
             ..fresh(t0)
         };
         assert_eq!(machine_check(&index, "m2", f), MachineCheck::Refresh);
-        index.fold(&[], since, t0, true, since);
+        assert_eq!(
+            index.next_since(at(0), WINDOW, LAG),
+            since,
+            "nothing accepted yet"
+        );
+        index.fold(
+            &[action("m1", &comment_with_marker("x", "k1"), at(-5))],
+            since,
+            t0,
+            true,
+            since,
+        );
         assert_eq!(machine_check(&index, "m2", f), MachineCheck::Send);
         assert_eq!(machine_check(&index, "m1", f), MachineCheck::ExactRead);
         // The next read starts at the newest creation less the lag.
