@@ -45,6 +45,20 @@ enum MachineEntry {
     },
 }
 
+/// The resources waiting for the offboard budget: each gets a place, and
+/// wakes when the slot of its place frees, instead of every waiter waking at
+/// every freed slot. A place whose resource did not come back within
+/// [`QUEUE_GRACE`] of its time (deleted, or served elsewhere) is given up.
+#[derive(Default)]
+struct BudgetQueue {
+    next: u64,
+    places: HashMap<String, (u64, Option<Instant>)>,
+    order: std::collections::BTreeMap<u64, String>,
+}
+
+/// How late a waiter may come back before its place is given up.
+pub const QUEUE_GRACE: Duration = Duration::from_secs(5);
+
 /// How often known actions older than [`FORGET_AFTER`] are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -68,6 +82,8 @@ struct Inner {
     machines: HashMap<String, MachineEntry>,
     /// When `machines` was last swept of forgotten actions.
     swept: Option<Instant>,
+    /// Resources waiting for an offboard slot, in the order they first waited.
+    budget_queue: BudgetQueue,
     /// Consecutive failed steps per resource, for exponential backoff.
     failures: HashMap<String, u32>,
     /// Consecutive reconciles per resource that ended in an error (a status
@@ -305,6 +321,55 @@ impl ProcessMemory {
         }
     }
 
+    /// `key`'s place among the resources waiting for the offboard budget (0:
+    /// next), taking one at the back if it has none.
+    pub fn budget_place(&self, key: &str) -> usize {
+        let mut inner = self.lock();
+        let queue = &mut inner.budget_queue;
+        let now = Instant::now();
+        let seq = match queue.places.get(key) {
+            Some((seq, _)) => *seq,
+            None => {
+                let seq = queue.next;
+                queue.next += 1;
+                queue.places.insert(key.to_string(), (seq, None));
+                queue.order.insert(seq, key.to_string());
+                seq
+            }
+        };
+        let stale: Vec<u64> = queue
+            .order
+            .range(..seq)
+            .filter(|(_, other)| {
+                queue.places.get(*other).is_some_and(|(_, due)| {
+                    due.is_some_and(|due| now.saturating_duration_since(due) > QUEUE_GRACE)
+                })
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in stale {
+            if let Some(other) = queue.order.remove(&seq) {
+                queue.places.remove(&other);
+            }
+        }
+        queue.order.range(..seq).count()
+    }
+
+    /// When `key` was told to come back for its slot.
+    pub fn budget_due(&self, key: &str, due: Instant) {
+        if let Some(place) = self.lock().budget_queue.places.get_mut(key) {
+            place.1 = Some(due);
+        }
+    }
+
+    /// `key` has its slot: it leaves the queue.
+    pub fn budget_served(&self, key: &str) {
+        let mut inner = self.lock();
+        if let Some((seq, _)) = inner.budget_queue.places.remove(key) {
+            inner.budget_queue.order.remove(&seq);
+        }
+    }
+
     /// Ask to send for `machine_id` under `key`.
     pub fn claim_machine(&self, machine_id: &str, key: &str) -> MachineClaim {
         let mut inner = self.lock();
@@ -419,6 +484,27 @@ pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_waiters_keep_their_places_and_stale_ones_are_given_up() {
+        let memory = ProcessMemory::default();
+        assert_eq!(memory.budget_place("a"), 0);
+        assert_eq!(memory.budget_place("b"), 1);
+        assert_eq!(memory.budget_place("c"), 2);
+        assert_eq!(memory.budget_place("b"), 1, "a place is kept");
+        memory.budget_served("a");
+        assert_eq!(memory.budget_place("b"), 0);
+        assert_eq!(memory.budget_place("c"), 1);
+        // `b` was due now and never came back: after the grace, `c` moves up.
+        memory.budget_due("b", Instant::now());
+        tokio::time::advance(QUEUE_GRACE + Duration::from_secs(1)).await;
+        assert_eq!(memory.budget_place("c"), 0);
+        assert_eq!(
+            memory.budget_place("b"),
+            1,
+            "a late waiter goes to the back"
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap_with_jitter() {

@@ -194,6 +194,10 @@ pub struct RunArgs {
     /// --request-timeout: a request that timed out may still be processed by MDE.
     #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
+    /// How far MDE's clock may be from ours: a poll's window of offboard
+    /// actions starts this much before the earliest time one may have been created.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub clock_skew: Duration,
     /// How far back the index of this operator's offboards reaches: a first
     /// send for a machine without one in the index needs no read of the
     /// machine's actions (0 turns the index off: one read per first send).
@@ -415,8 +419,9 @@ pub async fn run_controller<M: MdeCalls>(
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
     // the whole controller): a detached poller would keep writing.
     let (store, poller_ctx, interval) = (controller.store(), ctx.clone(), args.poll_interval);
+    let skew = args.clock_skew;
     let poller = AbortOnDrop(tokio::spawn(poller::supervise(
-        move || poller::run(store.clone(), poller_ctx.clone(), interval),
+        move || poller::run(store.clone(), poller_ctx.clone(), interval, skew),
         ctx.liveness.clone(),
         POLLER_RESTART_DELAY,
     )));

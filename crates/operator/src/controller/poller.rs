@@ -124,11 +124,16 @@ struct PollState {
     density: Density,
 }
 
+/// Run the poller: every `interval`, one plan over the actions in flight, its
+/// windows starting `clock_skew` before the earliest time each may have been
+/// created.
 pub async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
+    clock_skew: Duration,
 ) {
+    let skew = jiff::SignedDuration::try_from(clock_skew).unwrap_or(poll_plan::CLOCK_SKEW);
     let mut cache_ready = false;
     let mut pause = Duration::ZERO;
     let mut state = PollState::default();
@@ -160,7 +165,7 @@ pub async fn run<M: MdeCalls>(
             continue;
         }
         let now = ctx.memory.now();
-        let plan = poll_plan::plan(&in_flight, now, state.density);
+        let plan = poll_plan::plan_with_skew(&in_flight, now, state.density, skew);
         pause = poll_pause(
             interval,
             plan.expected_calls(now, state.density),

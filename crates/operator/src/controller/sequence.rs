@@ -283,13 +283,21 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
     let permit = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
-        Ok(permit) => permit,
+        Ok(permit) => {
+            ports.memory.budget_served(&key);
+            permit
+        }
         Err(not_yet) => {
-            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |at| {
+            // Each waiter comes back when the slot of its place in the queue
+            // frees, so a freed slot wakes one waiter, not all of them.
+            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |_| {
+                let place = ports.memory.budget_place(&key);
+                let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
+                ports.memory.budget_due(&key, at);
                 at.saturating_duration_since(tokio::time::Instant::now())
             });
-            // Spread the waiters a little so they do not all wake at once.
-            let jitter = Duration::from_millis(rand::random_range(0..50));
+            // A little jitter for waiters of the same slot.
+            let jitter = Duration::from_millis(rand::random_range(0..5));
             let transition = decision::waiting_for_budget(
                 &view_of(ports, current, &status),
                 wait + jitter,
