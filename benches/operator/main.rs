@@ -21,6 +21,16 @@ struct Args {
     /// Resources of the run that shares the tenant with a second client.
     #[arg(long, default_value_t = 2_000)]
     shared: usize,
+    /// An extra argument for `run` (repeatable), e.g. `--run-arg=--adopt-window=0`.
+    #[arg(long = "run-arg", allow_hyphen_values = true)]
+    run_args: Vec<String>,
+    /// The row sizes instead of 1,000, --resources and --history-resources
+    /// (comma-separated; the last holds the history).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Run only these parts (comma-separated: polls, rows, naive, shared).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -32,12 +42,18 @@ async fn main() {
     let fresh = args.resources;
     let config = suite::Config {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_defender-offboard")),
-        sizes: vec![fresh.min(1_000), fresh, args.history_resources.max(fresh)],
+        sizes: if args.sizes.is_empty() {
+            vec![fresh.min(1_000), fresh, args.history_resources.max(fresh)]
+        } else {
+            args.sizes.clone()
+        },
         history: args.history_resources.saturating_sub(fresh),
         time_scale: args.time_scale,
         latency_probes: 41,
         polls: vec![10, 100, 1_000, 10_000],
         shared: args.shared,
+        run_args: args.run_args,
+        only: args.only,
     };
     let report = suite::run(&config).await;
     print!("{}", suite::table(&report, &config));

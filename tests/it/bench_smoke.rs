@@ -15,6 +15,8 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         latency_probes: 3,
         polls: vec![3, 60],
         shared: 4,
+        run_args: Vec::new(),
+        only: Vec::new(),
     };
     let report = suite::run(&config).await;
     let table = suite::table(&report, &config);

@@ -162,6 +162,68 @@ async fn a_burst_of_300_resources_is_offboarded_without_429s_or_duplicates() {
     env.controller.abort();
 }
 
+/// The check before each first send comes from one index of this operator's
+/// recent offboards, not one read of each machine's actions: 60 first sends
+/// cost far fewer than 60 per-machine lists at MDE, still one POST each, and a
+/// machine this operator already offboarded (under another key) is adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_sends_are_checked_against_one_index_not_one_read_each() {
+    let settings = defender_offboard::controller::decision::Settings {
+        lookup_delay: Duration::from_secs(5),
+        ..fast_settings()
+    };
+    let env = start_with(
+        SimConfig {
+            machines: 120,
+            ..fast_sim_config()
+        },
+        settings,
+    )
+    .await;
+    let mde = mde_client(&env).await;
+    let machines = windows_machines(&mde, 61).await;
+    // An offboard this operator made earlier for the last machine (another key).
+    let earlier = mde
+        .offboard(
+            &machines[60],
+            &defender_offboard::mde::comment_with_marker("earlier", "other-request"),
+        )
+        .await
+        .unwrap();
+    for (i, id) in machines.iter().enumerate() {
+        create(&env.client, &format!("indexed-{i:02}"), id).await;
+    }
+    let done = wait_all_final(&env.client, 61, 90).await;
+    let stats = env.sim.stats();
+    let adopted = done
+        .iter()
+        .find(|(name, _, _)| name == "indexed-60")
+        .and_then(|(_, _, action)| action.clone());
+    assert_eq!(adopted, Some(earlier.id), "the earlier offboard is adopted");
+    assert_eq!(
+        stats.count("offboard", "201"),
+        61,
+        "60 sent here, 1 earlier"
+    );
+    assert_eq!(
+        max_posts_per_key(&stats),
+        1,
+        "one POST per key, counted at MDE"
+    );
+    assert_eq!(stats.offboard_requests_for_key("other-request"), 1);
+    assert_eq!(
+        stats.offboard_requests_by_key.values().sum::<u64>(),
+        61,
+        "the adopting resource sent nothing"
+    );
+    assert!(
+        stats.machine_action_lists < 30,
+        "60 first sends cost {} per-machine lists",
+        stats.machine_action_lists
+    );
+    env.controller.abort();
+}
+
 /// Every offboard answer is lost (dropped connection or 504 after the action
 /// was created): each resource ends with the action it created, adopted by
 /// lookup, never a second one.

@@ -280,6 +280,47 @@ impl RateBudget {
         state.family_mut(family).ready_at(now)
     }
 
+    /// When the `n`-th call from now (0: the next) could go if every call
+    /// before it went as early as the windows allow (a call still in flight
+    /// counts as answered now). Waiters that each take a place in a queue can
+    /// wake at their own slot, so a freed slot wakes the one waiter it serves
+    /// rather than all of them.
+    pub fn nth_ready_at(&self, family: ApiFamily, n: usize) -> Instant {
+        let n = n.min(100_000);
+        let now = Instant::now();
+        let mut state = self.inner.lock().expect("budget lock poisoned");
+        let budget = state.family_mut(family);
+        let start = budget.parked_until.filter(|p| *p > now).unwrap_or(now);
+        let windows: Vec<(usize, Duration, Vec<Instant>)> = budget
+            .windows
+            .iter()
+            .map(|w| {
+                let past = w.slots.iter().map(|s| s.done.unwrap_or(now)).collect();
+                (w.limit.calls as usize, w.limit.window, past)
+            })
+            .collect();
+        drop(state);
+        let mut future: Vec<Instant> = Vec::with_capacity(n + 1);
+        for j in 0..=n {
+            let mut at = future.last().copied().unwrap_or(start);
+            for (calls, window, past) in &windows {
+                // The call `calls` places earlier must have left the window.
+                let Some(i) = (past.len() + j).checked_sub(*calls) else {
+                    continue;
+                };
+                let before = past
+                    .get(i)
+                    .copied()
+                    .or_else(|| future.get(i - past.len()).copied());
+                if let Some(before) = before {
+                    at = at.max(before + *window);
+                }
+            }
+            future.push(at);
+        }
+        future[n]
+    }
+
     /// Wait for a slot. The lock is never held across the sleep; while every
     /// slot is in flight we re-check after a short pause instead of spinning.
     pub async fn acquire(&self, family: ApiFamily) -> Permit {
@@ -387,6 +428,36 @@ impl FamilyBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_nth_slot_follows_both_windows() {
+        let limits: RateLimits = "2/10s,3/100s".parse().unwrap();
+        let budget = RateBudget::new(&limits);
+        let t0 = Instant::now();
+        assert_eq!(budget.nth_ready_at(ApiFamily::Offboard, 0), t0);
+        assert_eq!(budget.nth_ready_at(ApiFamily::Offboard, 1), t0);
+        // The third waits for the first to leave the 10 s window; the fourth
+        // for the first to leave the 100 s window.
+        assert_eq!(
+            budget.nth_ready_at(ApiFamily::Offboard, 2),
+            t0 + Duration::from_secs(10)
+        );
+        assert_eq!(
+            budget.nth_ready_at(ApiFamily::Offboard, 3),
+            t0 + Duration::from_secs(100)
+        );
+        budget.try_reserve(ApiFamily::Offboard).unwrap().complete();
+        budget.try_reserve(ApiFamily::Offboard).unwrap().complete();
+        assert!(budget.try_reserve(ApiFamily::Offboard).is_err());
+        assert_eq!(
+            budget.nth_ready_at(ApiFamily::Offboard, 0),
+            t0 + Duration::from_secs(10)
+        );
+        assert_eq!(
+            budget.nth_ready_at(ApiFamily::Offboard, 1),
+            t0 + Duration::from_secs(100)
+        );
+    }
 
     fn limits(text: &str) -> RateLimits {
         text.parse().unwrap()

@@ -570,10 +570,16 @@ pub async fn list_actions(
         .and_then(|f| odata::parse(&f).ok());
     let ids = filter.as_ref().and_then(|f| f.equality_values("id"));
     let machine_ids = filter.as_ref().and_then(|f| f.equality_values("machineId"));
+    let created_from = filter
+        .as_ref()
+        .and_then(|f| f.lower_time_bound("creationDateTimeUtc"));
     let (items, paging) = {
-        let store = shared.lock();
+        let mut store = shared.lock();
+        if machine_ids.is_some() {
+            store.stats.machine_action_lists += 1;
+        }
         (
-            store.actions_json(ids.as_deref(), machine_ids.as_deref()),
+            store.actions_json(ids.as_deref(), machine_ids.as_deref(), created_from),
             paging(&store.config),
         )
     };

@@ -433,6 +433,21 @@ impl Filter {
         }
     }
 
+    /// The time `field` must be at or after (`ge` or `gt`) for the filter to
+    /// match, when an `and` of the filter says so; lets a list skip older
+    /// entities cheaply (the filter itself still decides).
+    pub fn lower_time_bound(&self, field: &str) -> Option<jiff::Timestamp> {
+        match self {
+            Filter::Compare {
+                field: f,
+                op: CompareOp::Ge | CompareOp::Gt,
+                value: Literal::String(v) | Literal::Bare(v),
+            } if f == field => v.parse().ok(),
+            Filter::And(a, b) => a.lower_time_bound(field).max(b.lower_time_bound(field)),
+            _ => None,
+        }
+    }
+
     /// Whether the entity (as JSON) matches. String comparisons ignore case, like MDE's.
     pub fn matches(&self, entity: &Value) -> bool {
         match self {

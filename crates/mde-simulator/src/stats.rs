@@ -77,6 +77,10 @@ pub struct SimStats {
     pub injected_errors: u64,
     /// Access tokens issued.
     pub tokens_issued: u64,
+    /// Machine-action lists filtered by `machineId` (one machine's actions,
+    /// as the check before a first send reads them).
+    #[serde(default)]
+    pub machine_action_lists: u64,
 }
 
 impl SimStats {

@@ -295,6 +295,7 @@ impl Store {
         &self,
         ids: Option<&[String]>,
         machine_ids: Option<&[String]>,
+        created_from: Option<jiff::Timestamp>,
     ) -> Vec<Value> {
         let (now, schedule) = (self.now(), self.schedule());
         let lag = self.config.scaled(self.config.faults.list_lag);
@@ -305,6 +306,11 @@ impl Store {
             .iter()
             .filter(|a| a.age(now) >= lag)
             .filter(|a| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
+            // A second of slack: the filter compares the JSON's own text.
+            .filter(|a| {
+                created_from
+                    .is_none_or(|from| a.created_utc + jiff::SignedDuration::from_secs(1) >= from)
+            })
             .map(|a| a.to_json(now, schedule))
             .collect()
     }

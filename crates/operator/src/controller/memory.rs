@@ -7,9 +7,10 @@
 //! A new process (restart, new leader) starts empty: that is the point. Tests
 //! simulate a crash by handing the next step a fresh [`ProcessMemory`].
 
+use super::adopt_index::{self, AdoptIndex, Freshness, MachineCheck};
 use super::leader::LeaseClock;
 use backon::BackoffBuilder;
-use mde_client::MachineAction;
+use mde_client::{ActionStatus, MachineAction};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,12 +36,31 @@ enum MachineEntry {
     Sending {
         key: String,
     },
+    /// Only what a claim hands back: an offboard's id and last status.
     Known {
-        action: Box<MachineAction>,
-        key: String,
+        action_id: Box<str>,
+        status: ActionStatus,
+        key: Box<str>,
         at: Instant,
     },
 }
+
+/// The resources waiting for the offboard budget: each gets a place, and
+/// wakes when the slot of its place frees, instead of every waiter waking at
+/// every freed slot. A place whose resource did not come back within
+/// [`QUEUE_GRACE`] of its time (deleted, or served elsewhere) is given up.
+#[derive(Default)]
+struct BudgetQueue {
+    next: u64,
+    places: HashMap<String, (u64, Option<Instant>)>,
+    order: std::collections::BTreeMap<u64, String>,
+}
+
+/// How late a waiter may come back before its place is given up.
+pub const QUEUE_GRACE: Duration = Duration::from_secs(5);
+
+/// How often known actions older than [`FORGET_AFTER`] are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// What [`ProcessMemory::claim_machine`] answers.
 #[derive(Debug)]
@@ -60,6 +80,10 @@ pub enum MachineClaim {
 struct Inner {
     submitting: HashMap<String, Seen>,
     machines: HashMap<String, MachineEntry>,
+    /// When `machines` was last swept of forgotten actions.
+    swept: Option<Instant>,
+    /// Resources waiting for an offboard slot, in the order they first waited.
+    budget_queue: BudgetQueue,
     /// Consecutive failed steps per resource, for exponential backoff.
     failures: HashMap<String, u32>,
     /// Consecutive reconciles per resource that ended in an error (a status
@@ -73,6 +97,52 @@ pub struct ProcessMemory {
     lease: LeaseClock,
     /// Where "now" (the wall clock written into status) comes from.
     wall: WallClock,
+    /// The index of this operator's recent offboards (off unless turned on).
+    adopt: Arc<Adopt>,
+}
+
+/// The adopt index of each tenant (machine ids are unique only within one,
+/// and an index proves absence only for the tenant whose reads filled it),
+/// the window (`None`: not used), and per tenant the lock that lets one
+/// worker at a time refresh it.
+#[derive(Default)]
+struct Adopt {
+    window: Mutex<Option<Duration>>,
+    tenants: Mutex<HashMap<String, Arc<TenantIndex>>>,
+}
+
+#[derive(Default)]
+struct TenantIndex {
+    index: Mutex<AdoptIndex>,
+    refreshing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Adopt {
+    fn with_window(window: Option<Duration>) -> Arc<Self> {
+        Arc::new(Adopt {
+            window: Mutex::new(window),
+            ..Adopt::default()
+        })
+    }
+
+    fn window(&self) -> Option<Duration> {
+        *self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tenant(&self, tenant: &str) -> Arc<TenantIndex> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+impl TenantIndex {
+    fn index(&self) -> std::sync::MutexGuard<'_, AdoptIndex> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The wall clock the decision reads: the system's, or (in tests with tokio's
@@ -101,7 +171,16 @@ impl ProcessMemory {
             inner: Arc::default(),
             lease,
             wall: WallClock::System,
+            adopt: Arc::default(),
         }
+    }
+
+    /// Check machines before a first send against an index of this
+    /// operator's offboards created within `window` (see [`adopt_index`]); a
+    /// zero window turns the index off.
+    pub fn use_adopt_index(&self, window: Duration) {
+        *self.adopt.window.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!window.is_zero()).then_some(window);
     }
 
     /// A memory whose wall clock moves with tokio's (paused) clock.
@@ -119,6 +198,7 @@ impl ProcessMemory {
     pub fn restarted(&self) -> Self {
         ProcessMemory {
             wall: self.wall,
+            adopt: Adopt::with_window(self.adopt.window()),
             ..Self::default()
         }
     }
@@ -137,6 +217,64 @@ impl ProcessMemory {
     /// Whether this process may send now (always, without leader election).
     pub fn may_send(&self) -> bool {
         self.lease.may_send(LEASE_SEND_MARGIN)
+    }
+
+    /// What `tenant`'s adopt index says for a first send to `machine_id`,
+    /// when it is used; it must have been read at most `max_age` ago.
+    pub fn machine_check(
+        &self,
+        tenant: &str,
+        machine_id: &str,
+        max_age: Duration,
+    ) -> Option<MachineCheck> {
+        self.adopt.window()?;
+        let fresh = Freshness {
+            sending_since: self.lease.sending_since(),
+            max_age,
+            now: Instant::now(),
+        };
+        Some(adopt_index::machine_check(
+            &self.adopt.tenant(tenant).index(),
+            machine_id,
+            fresh,
+        ))
+    }
+
+    /// Where `tenant`'s adopt index's next read starts (`None`: no index).
+    pub fn adopt_next_since(&self, tenant: &str, lag: Duration) -> Option<jiff::Timestamp> {
+        let window = self.adopt.window()?;
+        let next = self
+            .adopt
+            .tenant(tenant)
+            .index()
+            .next_since(self.now(), window, lag);
+        Some(next)
+    }
+
+    /// Fold a window read of `tenant` (from `since`, begun at `began`) into
+    /// its adopt index.
+    pub fn adopt_fold(
+        &self,
+        tenant: &str,
+        actions: &[MachineAction],
+        since: jiff::Timestamp,
+        began: Instant,
+        complete: bool,
+        next_since: jiff::Timestamp,
+    ) {
+        let Some(window) = self.adopt.window() else {
+            return;
+        };
+        let tenant = self.adopt.tenant(tenant);
+        let mut index = tenant.index();
+        index.fold(actions, since, began, complete, next_since);
+        index.prune(self.now(), window);
+    }
+
+    /// Held by the one worker refreshing `tenant`'s adopt index.
+    pub async fn adopt_refreshing(&self, tenant: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.adopt.tenant(tenant).refreshing.clone();
+        lock.lock_owned().await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -215,27 +353,87 @@ impl ProcessMemory {
         }
     }
 
+    /// `key`'s place among the resources waiting for the offboard budget (0:
+    /// next), taking one at the back if it has none.
+    pub fn budget_place(&self, key: &str) -> usize {
+        let mut inner = self.lock();
+        let queue = &mut inner.budget_queue;
+        let now = Instant::now();
+        let seq = match queue.places.get(key) {
+            Some((seq, _)) => *seq,
+            None => {
+                let seq = queue.next;
+                queue.next += 1;
+                queue.places.insert(key.to_string(), (seq, None));
+                queue.order.insert(seq, key.to_string());
+                seq
+            }
+        };
+        let stale: Vec<u64> = queue
+            .order
+            .range(..seq)
+            .filter(|(_, other)| {
+                queue.places.get(*other).is_some_and(|(_, due)| {
+                    due.is_some_and(|due| now.saturating_duration_since(due) > QUEUE_GRACE)
+                })
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in stale {
+            if let Some(other) = queue.order.remove(&seq) {
+                queue.places.remove(&other);
+            }
+        }
+        queue.order.range(..seq).count()
+    }
+
+    /// When `key` was told to come back for its slot.
+    pub fn budget_due(&self, key: &str, due: Instant) {
+        if let Some(place) = self.lock().budget_queue.places.get_mut(key) {
+            place.1 = Some(due);
+        }
+    }
+
+    /// `key` has its slot: it leaves the queue.
+    pub fn budget_served(&self, key: &str) {
+        let mut inner = self.lock();
+        if let Some((seq, _)) = inner.budget_queue.places.remove(key) {
+            inner.budget_queue.order.remove(&seq);
+        }
+    }
+
     /// Ask to send for `machine_id` under `key`.
     pub fn claim_machine(&self, machine_id: &str, key: &str) -> MachineClaim {
         let mut inner = self.lock();
-        inner.machines.retain(|_, entry| match entry {
-            MachineEntry::Known { at, .. } => at.elapsed() < FORGET_AFTER,
-            MachineEntry::Sending { .. } => true,
-        });
+        if inner.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            inner.machines.retain(|_, entry| match entry {
+                MachineEntry::Known { at, .. } => at.elapsed() < FORGET_AFTER,
+                MachineEntry::Sending { .. } => true,
+            });
+            inner.machines.shrink_to_fit();
+            inner.swept = Some(Instant::now());
+        }
         match inner.machines.get(machine_id) {
             Some(MachineEntry::Sending { key: other }) if other != key => {
                 MachineClaim::Busy { key: other.clone() }
             }
-            // Only a live or succeeded action stands for the machine; after a
-            // failed one, a new request may send again.
+            // Only a live or succeeded action stands for the machine (and only
+            // for FORGET_AFTER); after a failed one, a new request may send again.
             Some(MachineEntry::Known {
-                action, key: by, ..
-            }) if !action.status.is_final()
-                || action.status == mde_client::ActionStatus::Succeeded =>
+                action_id,
+                status,
+                key: by,
+                at,
+            }) if at.elapsed() < FORGET_AFTER
+                && (!status.is_final() || *status == ActionStatus::Succeeded) =>
             {
                 MachineClaim::Known {
-                    action: action.clone(),
-                    key: by.clone(),
+                    action: Box::new(MachineAction::recorded_offboard(
+                        action_id,
+                        machine_id,
+                        status.clone(),
+                    )),
+                    key: by.to_string(),
                 }
             }
             _ => {
@@ -258,8 +456,9 @@ impl ProcessMemory {
     pub fn known(&self, machine: &str, action: &MachineAction, key: &str) {
         let machine_id = machine.to_string();
         let entry = MachineEntry::Known {
-            action: Box::new(action.clone()),
-            key: key.to_string(),
+            action_id: action.id.as_str().into(),
+            status: action.status.clone(),
+            key: key.into(),
             at: Instant::now(),
         };
         self.lock().machines.insert(machine_id, entry);
@@ -315,6 +514,27 @@ pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_waiters_keep_their_places_and_stale_ones_are_given_up() {
+        let memory = ProcessMemory::default();
+        assert_eq!(memory.budget_place("a"), 0);
+        assert_eq!(memory.budget_place("b"), 1);
+        assert_eq!(memory.budget_place("c"), 2);
+        assert_eq!(memory.budget_place("b"), 1, "a place is kept");
+        memory.budget_served("a");
+        assert_eq!(memory.budget_place("b"), 0);
+        assert_eq!(memory.budget_place("c"), 1);
+        // `b` was due now and never came back: after the grace, `c` moves up.
+        memory.budget_due("b", Instant::now());
+        tokio::time::advance(QUEUE_GRACE + Duration::from_secs(1)).await;
+        assert_eq!(memory.budget_place("c"), 0);
+        assert_eq!(
+            memory.budget_place("b"),
+            1,
+            "a late waiter goes to the back"
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap_with_jitter() {

@@ -1,5 +1,6 @@
 //! The `DeviceOffboard` controller (`defender-offboard run`).
 
+pub mod adopt_index;
 pub mod connection_controller;
 pub mod connections;
 pub mod decision;
@@ -216,6 +217,15 @@ pub struct RunArgs {
     /// --request-timeout: a request that timed out may still be processed by MDE.
     #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
+    /// How far MDE's clock may be from ours: a poll's window of offboard
+    /// actions starts this much before the earliest time one may have been created.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub clock_skew: Duration,
+    /// How far back the index of this operator's offboards reaches: a first
+    /// send for a machine without one in the index needs no read of the
+    /// machine's actions (0 turns the index off: one read per first send).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub adopt_window: Duration,
     /// Retry delay after a transient failure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub retry_backoff: Duration,
@@ -527,6 +537,7 @@ pub async fn run_controller<M: MdeCalls>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    ctx.memory.use_adopt_index(args.adopt_window);
     seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
     // Finished resources are left out of the watch (and so of memory), and
     // what the controller never reads is dropped before an object is cached.
@@ -546,7 +557,10 @@ pub async fn run_controller<M: MdeCalls>(
     // the whole controller): a detached poller would keep writing.
     let (store, poller_ctx, interval) = (controller.store(), ctx.clone(), args.poll_interval);
     let poller = AbortOnDrop(tokio::spawn(poller::run_per_connection(
-        store, poller_ctx, interval,
+        store,
+        poller_ctx,
+        interval,
+        args.clock_skew,
     )));
     let ttl = AbortOnDrop(tokio::spawn(ttl::run(
         api.clone(),

@@ -64,14 +64,25 @@ impl Density {
 /// earliest time we expect.
 pub const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(300);
 
-/// `t` moved back by [`CLOCK_SKEW`] (unchanged at the edge of time).
-fn earlier(t: Timestamp) -> Timestamp {
-    t.checked_sub(CLOCK_SKEW).unwrap_or(t)
+/// `t` moved back by `skew` (unchanged at the edge of time).
+fn earlier(t: Timestamp, skew: SignedDuration) -> Timestamp {
+    t.checked_sub(skew).unwrap_or(t)
+}
+
+/// The cheapest plan with the default [`CLOCK_SKEW`].
+pub fn plan(in_flight: &[InFlight], now: Timestamp, density: Density) -> PollPlan {
+    plan_with_skew(in_flight, now, density, CLOCK_SKEW)
 }
 
 /// The cheapest plan: the oldest `i` actions by id, the rest by one window
-/// from the `i+1`-th oldest time. Ties go to the window (fewer ids to send).
-pub fn plan(in_flight: &[InFlight], now: Timestamp, density: Density) -> PollPlan {
+/// from the `i+1`-th oldest time less `skew`. Ties go to the window (fewer ids
+/// to send).
+pub fn plan_with_skew(
+    in_flight: &[InFlight],
+    now: Timestamp,
+    density: Density,
+    skew: SignedDuration,
+) -> PollPlan {
     if in_flight.is_empty() {
         return PollPlan::default();
     }
@@ -82,7 +93,7 @@ pub fn plan(in_flight: &[InFlight], now: Timestamp, density: Density) -> PollPla
     let cost = |i: usize| {
         let ids = i.div_ceil(IDS_PER_QUERY);
         match sorted.get(i).and_then(|a| a.since) {
-            Some(since) => ids + density.pages(now, earlier(since)),
+            Some(since) => ids + density.pages(now, earlier(since, skew)),
             None => ids,
         }
     };
@@ -90,7 +101,10 @@ pub fn plan(in_flight: &[InFlight], now: Timestamp, density: Density) -> PollPla
         .min_by_key(|&i| cost(i))
         .unwrap_or(sorted.len());
     PollPlan {
-        window_since: sorted.get(best).and_then(|a| a.since).map(earlier),
+        window_since: sorted
+            .get(best)
+            .and_then(|a| a.since)
+            .map(|t| earlier(t, skew)),
         by_ids: sorted[..best].iter().map(|a| a.id.clone()).collect(),
     }
 }

@@ -4,6 +4,7 @@
 //! `GET` for an id neither answer holds (see [`super::poll_plan`]).
 
 use super::Context;
+use super::adopt_index;
 use super::connections::ConnectionKey;
 use super::decision::Unavailable;
 use super::poll_plan::{self, Density, InFlight, PollPlan};
@@ -133,6 +134,7 @@ pub async fn run_per_connection<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
+    clock_skew: Duration,
 ) {
     let mut pollers: HashMap<ConnectionKey, AbortOnDrop> = HashMap::new();
     let mut cache_ready = false;
@@ -170,7 +172,15 @@ pub async fn run_per_connection<M: MdeCalls>(
                 let (store, ctx) = (store.clone(), ctx.clone());
                 let liveness = ctx.liveness.clone();
                 AbortOnDrop(tokio::spawn(supervise(
-                    move || run(store.clone(), ctx.clone(), interval, key.clone()),
+                    move || {
+                        run(
+                            store.clone(),
+                            ctx.clone(),
+                            interval,
+                            clock_skew,
+                            key.clone(),
+                        )
+                    },
                     liveness,
                     POLLER_RESTART_DELAY,
                 )))
@@ -191,13 +201,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The poller of one tenant's actions (the resources whose connection is `key`).
+/// The poller of one tenant's actions (the resources whose connection is
+/// `key`): every `interval`, one plan over its actions in flight, its windows
+/// starting `clock_skew` before the earliest time each may have been created.
 pub async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
+    clock_skew: Duration,
     key: ConnectionKey,
 ) {
+    let skew = jiff::SignedDuration::try_from(clock_skew).unwrap_or(poll_plan::CLOCK_SKEW);
+    let tenant = key.to_string();
     let mut pause = Duration::ZERO;
     let mut state = PollState::default();
     loop {
@@ -231,7 +246,7 @@ pub async fn run<M: MdeCalls>(
             continue;
         }
         let now = ctx.memory.now();
-        let plan = poll_plan::plan(&in_flight, now, state.density);
+        let plan = poll_plan::plan_with_skew(&in_flight, now, state.density, skew);
         pause = poll_pause(
             interval,
             plan.expected_calls(now, state.density),
@@ -243,7 +258,12 @@ pub async fn run<M: MdeCalls>(
             .filter(|a| !by_ids.contains(&a.id))
             .map(|a| a.id.clone())
             .collect();
-        let actions = match read_plan(&*mde, &plan, &expected, now, &mut state).await {
+        let read = Read {
+            ctx: &ctx,
+            mde: &mde,
+            tenant: &tenant,
+        };
+        let actions = match read_plan(read, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
             Err(error) => {
                 ctx.metrics
@@ -307,8 +327,17 @@ pub async fn run<M: MdeCalls>(
 
 /// The calls of one plan: the window (learning MDE's density from it), then
 /// the id batches.
+/// Who reads: the tenant's client, and the memory whose adopt index of that
+/// tenant the window answers keep current.
+#[derive(Clone, Copy)]
+struct Read<'a, M> {
+    ctx: &'a Context<M>,
+    mde: &'a M,
+    tenant: &'a str,
+}
+
 async fn read_plan<M: MdeCalls>(
-    mde: &M,
+    read: Read<'_, M>,
     plan: &PollPlan,
     expected: &[String],
     now: Timestamp,
@@ -316,11 +345,26 @@ async fn read_plan<M: MdeCalls>(
 ) -> Result<Vec<MachineAction>, MdeError> {
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
-        actions = mde.offboard_actions_since(since, MAX_TOP, expected).await?;
+        let began = tokio::time::Instant::now();
+        let next = read
+            .ctx
+            .memory
+            .adopt_next_since(read.tenant, read.ctx.settings.lookup_delay);
+        actions = read
+            .mde
+            .offboard_actions_since(since, MAX_TOP, expected)
+            .await?;
         state.density = Density::observed(now, since, actions.len());
+        // The same answer keeps the machine checks' index current.
+        if let Some(next) = next {
+            let complete = adopt_index::complete_answer(&actions, MAX_TOP);
+            read.ctx
+                .memory
+                .adopt_fold(read.tenant, &actions, since, began, complete, next);
+        }
     }
     if !plan.by_ids.is_empty() {
-        actions.extend(mde.machine_actions_by_ids(&plan.by_ids).await?);
+        actions.extend(read.mde.machine_actions_by_ids(&plan.by_ids).await?);
     }
     Ok(actions)
 }

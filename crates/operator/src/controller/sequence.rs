@@ -2,6 +2,7 @@
 //! command: read the plan, do the I/O it asks for through the ports, write the
 //! result. The decisions are in [`super::decision`]; this is only the order.
 
+use super::adopt_index::MachineCheck;
 use super::connections::ConnectionKey;
 use super::decision::{
     self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
@@ -13,6 +14,7 @@ use super::{Error, Result};
 use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::metrics::{Metrics, OutcomeLabels};
 use kube::ResourceExt;
+use mde_client::client::MAX_TOP;
 use mde_client::limiter::Permit;
 use mde_client::{ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
 use std::time::Duration;
@@ -326,13 +328,21 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
     let permit = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
-        Ok(permit) => permit,
+        Ok(permit) => {
+            ports.memory.budget_served(&key);
+            permit
+        }
         Err(not_yet) => {
-            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |at| {
+            // Each waiter comes back when the slot of its place in the queue
+            // frees, so a freed slot wakes one waiter, not all of them.
+            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |_| {
+                let place = ports.memory.budget_place(&key);
+                let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
+                ports.memory.budget_due(&key, at);
                 at.saturating_duration_since(tokio::time::Instant::now())
             });
-            // Spread the waiters a little so they do not all wake at once.
-            let jitter = Duration::from_millis(rand::random_range(0..50));
+            // A little jitter for waiters of the same slot.
+            let jitter = Duration::from_millis(rand::random_range(0..5));
             let transition = decision::waiting_for_budget(
                 &view_of(ports, current, &status),
                 wait + jitter,
@@ -357,6 +367,23 @@ async fn check<M: MdeCalls, S: StatusStore>(
 ) -> Result<Option<Requeue>> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
+    // The common case, nothing to adopt, proven by the tenant's index
+    // without a read.
+    let max_age = ports.settings.lookup_delay;
+    let tenant = ConnectionKey::of(current).to_string();
+    let decided = match ports.memory.machine_check(&tenant, machine_id, max_age) {
+        Some(MachineCheck::Refresh) => {
+            match refresh_adopt_index(ports, &tenant, machine_id).await {
+                Ok(decided) => decided,
+                Err(wait) => return Ok(Some(Some(wait))),
+            }
+        }
+        Some(decided) => decided,
+        None => MachineCheck::ExactRead,
+    };
+    if decided == MachineCheck::Send {
+        return Ok(None);
+    }
     let found = ports.mde.offboard_actions(machine_id).await;
     if let Some(wait) = spent(&found) {
         return Ok(Some(Some(wait)));
@@ -373,6 +400,48 @@ async fn check<M: MdeCalls, S: StatusStore>(
             AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
         },
     )
+}
+
+/// Bring the adopt index up to date with one window read (one worker at a
+/// time: the others wait for its answer), then decide for `machine_id`:
+/// [`MachineCheck::ExactRead`] whenever the read fails or proves nothing;
+/// `Err` (nothing read) when the read budget says to wait.
+async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    tenant: &str,
+    machine_id: &str,
+) -> std::result::Result<MachineCheck, Duration> {
+    let max_age = ports.settings.lookup_delay;
+    let decided = |memory: &ProcessMemory| match memory.machine_check(tenant, machine_id, max_age) {
+        Some(MachineCheck::Send) => MachineCheck::Send,
+        _ => MachineCheck::ExactRead,
+    };
+    let _refreshing = ports.memory.adopt_refreshing(tenant).await;
+    // Another worker may have refreshed it while this one waited.
+    if ports.memory.machine_check(tenant, machine_id, max_age) != Some(MachineCheck::Refresh) {
+        return Ok(decided(ports.memory));
+    }
+    let Some(since) = ports
+        .memory
+        .adopt_next_since(tenant, ports.settings.lookup_delay)
+    else {
+        return Ok(MachineCheck::ExactRead);
+    };
+    let began = tokio::time::Instant::now();
+    // No ids expected: every page is read, so the answer is complete.
+    let read = ports.mde.offboard_actions_since(since, MAX_TOP, &[]);
+    match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await? {
+        Ok(actions) => {
+            ports
+                .memory
+                .adopt_fold(tenant, &actions, since, began, true, since);
+            Ok(decided(ports.memory))
+        }
+        Err(error) => {
+            tracing::debug!(error = %error, "refreshing the adopt index failed; reading the machine's actions instead");
+            Ok(MachineCheck::ExactRead)
+        }
+    }
 }
 
 /// Sign in, write the intent, send in the reserved slot, record.
