@@ -83,7 +83,8 @@ struct Inner {
     /// When `machines` was last swept of forgotten actions.
     swept: Option<Instant>,
     /// Resources waiting for an offboard slot, in the order they first waited.
-    budget_queue: BudgetQueue,
+    /// Per tenant (connection): each waits for its own tenant's budget.
+    budget_queues: HashMap<String, BudgetQueue>,
     /// Consecutive failed steps per resource, for exponential backoff.
     failures: HashMap<String, u32>,
     /// Consecutive reconciles per resource that ended in an error (a status
@@ -355,9 +356,9 @@ impl ProcessMemory {
 
     /// `key`'s place among the resources waiting for the offboard budget (0:
     /// next), taking one at the back if it has none.
-    pub fn budget_place(&self, key: &str) -> usize {
+    pub fn budget_place(&self, tenant: &str, key: &str) -> usize {
         let mut inner = self.lock();
-        let queue = &mut inner.budget_queue;
+        let queue = inner.budget_queues.entry(tenant.to_string()).or_default();
         let now = Instant::now();
         let seq = match queue.places.get(key) {
             Some((seq, _)) => *seq,
@@ -388,17 +389,28 @@ impl ProcessMemory {
     }
 
     /// When `key` was told to come back for its slot.
-    pub fn budget_due(&self, key: &str, due: Instant) {
-        if let Some(place) = self.lock().budget_queue.places.get_mut(key) {
+    pub fn budget_due(&self, tenant: &str, key: &str, due: Instant) {
+        let mut inner = self.lock();
+        if let Some(place) = inner
+            .budget_queues
+            .get_mut(tenant)
+            .and_then(|queue| queue.places.get_mut(key))
+        {
             place.1 = Some(due);
         }
     }
 
-    /// `key` has its slot: it leaves the queue.
-    pub fn budget_served(&self, key: &str) {
+    /// `key` has its slot: it leaves its tenant's queue.
+    pub fn budget_served(&self, tenant: &str, key: &str) {
         let mut inner = self.lock();
-        if let Some((seq, _)) = inner.budget_queue.places.remove(key) {
-            inner.budget_queue.order.remove(&seq);
+        let Some(queue) = inner.budget_queues.get_mut(tenant) else {
+            return;
+        };
+        if let Some((seq, _)) = queue.places.remove(key) {
+            queue.order.remove(&seq);
+        }
+        if queue.places.is_empty() {
+            inner.budget_queues.remove(tenant);
         }
     }
 
@@ -515,25 +527,55 @@ pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
 mod tests {
     use super::*;
 
+    /// A tenant's index proves absence only for that tenant: after a read of
+    /// tenant A, A's machines may be sent without a read, B's still need
+    /// B's own read first.
+    #[tokio::test]
+    async fn each_tenant_has_its_own_adopt_index() {
+        let memory = ProcessMemory::default();
+        memory.use_adopt_index(Duration::from_secs(7 * 24 * 3600));
+        let max_age = Duration::from_secs(35);
+        assert_eq!(
+            memory.machine_check("default", "m1", max_age),
+            Some(MachineCheck::Refresh)
+        );
+        let since = memory
+            .adopt_next_since("default", Duration::from_secs(35))
+            .unwrap();
+        memory.adopt_fold("default", &[], since, Instant::now(), true, since);
+        assert_eq!(
+            memory.machine_check("default", "m1", max_age),
+            Some(MachineCheck::Send)
+        );
+        assert_eq!(
+            memory.machine_check("team-b/contoso", "m1", max_age),
+            Some(MachineCheck::Refresh),
+            "another tenant's read proves nothing here"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn budget_waiters_keep_their_places_and_stale_ones_are_given_up() {
         let memory = ProcessMemory::default();
-        assert_eq!(memory.budget_place("a"), 0);
-        assert_eq!(memory.budget_place("b"), 1);
-        assert_eq!(memory.budget_place("c"), 2);
-        assert_eq!(memory.budget_place("b"), 1, "a place is kept");
-        memory.budget_served("a");
-        assert_eq!(memory.budget_place("b"), 0);
-        assert_eq!(memory.budget_place("c"), 1);
+        assert_eq!(memory.budget_place("t", "a"), 0);
+        assert_eq!(memory.budget_place("t", "b"), 1);
+        assert_eq!(memory.budget_place("t", "c"), 2);
+        assert_eq!(memory.budget_place("t", "b"), 1, "a place is kept");
+        // Another tenant's waiters queue for another budget.
+        assert_eq!(memory.budget_place("other/tenant", "x"), 0);
+        memory.budget_served("t", "a");
+        assert_eq!(memory.budget_place("t", "b"), 0);
+        assert_eq!(memory.budget_place("t", "c"), 1);
         // `b` was due now and never came back: after the grace, `c` moves up.
-        memory.budget_due("b", Instant::now());
+        memory.budget_due("t", "b", Instant::now());
         tokio::time::advance(QUEUE_GRACE + Duration::from_secs(1)).await;
-        assert_eq!(memory.budget_place("c"), 0);
+        assert_eq!(memory.budget_place("t", "c"), 0);
         assert_eq!(
-            memory.budget_place("b"),
+            memory.budget_place("t", "b"),
             1,
             "a late waiter goes to the back"
         );
+        assert_eq!(memory.budget_place("other/tenant", "x"), 0);
     }
 
     #[test]

@@ -327,18 +327,19 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     }
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
+    let tenant = ConnectionKey::of(current).to_string();
     let permit = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
         Ok(permit) => {
-            ports.memory.budget_served(&key);
+            ports.memory.budget_served(&tenant, &key);
             permit
         }
         Err(not_yet) => {
             // Each waiter comes back when the slot of its place in the queue
             // frees, so a freed slot wakes one waiter, not all of them.
             let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |_| {
-                let place = ports.memory.budget_place(&key);
+                let place = ports.memory.budget_place(&tenant, &key);
                 let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
-                ports.memory.budget_due(&key, at);
+                ports.memory.budget_due(&tenant, &key, at);
                 at.saturating_duration_since(tokio::time::Instant::now())
             });
             // A little jitter for waiters of the same slot.
