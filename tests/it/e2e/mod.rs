@@ -649,8 +649,10 @@ async fn leader_failover_keeps_exactly_once() {
         return;
     }
     bounded(150, async {
-        // Simulated time 10x: 100 offboards per 6s, so the kill lands mid-way.
-        let cluster = Cluster::start(&["--sim-machines", "250", "--sim-time-scale", "10"]).await;
+        // Simulated time 10x: 100 offboards per 6s. With 300 resources the
+        // budget holds two thirds back for 6 to 12 s, so the kill lands while
+        // sends remain for the new leader however fast the first sends go.
+        let cluster = Cluster::start(&["--sim-machines", "400", "--sim-time-scale", "10"]).await;
         let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
         let lease_duration = Duration::from_secs(3);
         let (mut replicas, first) = two_replicas(&cluster).await;
@@ -664,7 +666,7 @@ async fn leader_failover_keeps_exactly_once() {
             .wait_for_log("became leader", Duration::from_secs(10))
             .await;
 
-        let n = 150;
+        let n = 300;
         let started = Instant::now();
         let names = create_burst(&cluster, &sim, "failover", n).await;
         // Mid-way: some actions exist, some resources are still waiting.
