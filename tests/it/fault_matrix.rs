@@ -152,6 +152,25 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
     })
     .await
     .is_ok();
+    if !all_final {
+        // What was left, for whoever reads the failure.
+        let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
+        for resource in api
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let status = resource.status.clone().unwrap_or_default();
+            if !status.phase.unwrap_or_default().is_terminal() {
+                println!(
+                    "{name}: not final: {} {:?}",
+                    resource.metadata.name.clone().unwrap_or_default(),
+                    status
+                );
+            }
+        }
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for task in second_client.into_iter().chain(disturbance) {
         let _ = task.await;
