@@ -61,9 +61,26 @@ impl Endpoints {
         authority_host: Option<&str>,
         allow_http: bool,
     ) -> Result<Self, String> {
-        let api = parse_base_url("--api-url", api_url.unwrap_or(cloud.api_url()), allow_http)?;
+        Self::named(
+            cloud,
+            (api_url, authority_host),
+            allow_http,
+            ("--api-url", "--authority-host"),
+        )
+    }
+
+    /// As [`Endpoints::with_http_policy`], with errors naming the two
+    /// overrides `fields` (e.g. a resource's `spec.apiUrl`, `spec.loginUrl`)
+    /// instead of the command-line flags.
+    pub fn named(
+        cloud: Cloud,
+        (api_url, authority_host): (Option<&str>, Option<&str>),
+        allow_http: bool,
+        (api_field, authority_field): (&str, &str),
+    ) -> Result<Self, String> {
+        let api = parse_base_url(api_field, api_url.unwrap_or(cloud.api_url()), allow_http)?;
         let authority = parse_base_url(
-            "--authority-host",
+            authority_field,
             authority_host.unwrap_or(cloud.authority_host()),
             allow_http,
         )?;

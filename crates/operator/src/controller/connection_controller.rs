@@ -110,16 +110,12 @@ pub fn endpoints(
     settings: &ClientSettings,
 ) -> Result<Endpoints, String> {
     let cloud = spec.cloud.map(Into::into).unwrap_or_default();
-    let endpoints = Endpoints::with_http_policy(
+    let endpoints = Endpoints::named(
         cloud,
-        spec.api_url.as_deref(),
-        spec.login_url.as_deref(),
+        (spec.api_url.as_deref(), spec.login_url.as_deref()),
         settings.allow_insecure_http,
-    )
-    .map_err(|e| {
-        e.replace("--api-url", "spec.apiUrl")
-            .replace("--authority-host", "spec.loginUrl")
-    })?;
+        ("spec.apiUrl", "spec.loginUrl"),
+    )?;
     for (field, url) in [
         ("spec.apiUrl", &endpoints.api),
         ("spec.loginUrl", &endpoints.authority),

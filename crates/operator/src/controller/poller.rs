@@ -156,14 +156,7 @@ pub async fn run_per_connection<M: MdeCalls>(
         publish_phase_counts(&ctx.metrics, &resources);
         let keys: std::collections::HashSet<ConnectionKey> = resources
             .iter()
-            .filter(|r| action_id(r).is_some())
-            .filter(|r| {
-                !r.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .unwrap_or_default()
-                    .is_terminal()
-            })
+            .filter(|r| action_id(r).is_some() && !super::finished::is_final(r))
             .map(|r| ConnectionKey::of(r))
             .collect();
         pollers.retain(|key, _| keys.contains(key));
