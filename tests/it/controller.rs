@@ -550,3 +550,49 @@ async fn a_cancel_annotation_cancels_a_pending_offboard_once() {
         "{reasons:?}"
     );
 }
+
+/// A GitOps prune and re-apply deletes a resource and creates it again under
+/// the same name while the controller finishes the first one. The label
+/// that takes a finished resource out of the watch goes by name, so it must
+/// not land on the new object: that one would never be offboarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_label_never_lands_on_a_resource_applied_again_under_the_same_name() {
+    use defender_offboard::controller::finished::{FINAL_LABEL, label};
+    let api_server = spawn_api().await;
+    let client = api_server.client().await.unwrap();
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    let finish = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            let status = json!({"status": {"phase": "Succeeded"}});
+            api.patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&status),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    create(&client, "recreated", &"a".repeat(40)).await;
+    let first = finish("recreated").await;
+    api.delete("recreated", &Default::default()).await.unwrap();
+    create(&client, "recreated", &"a".repeat(40)).await;
+
+    let refused = label(&client, &first).await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 409),
+        "{refused:?}"
+    );
+    let second = api.get("recreated").await.unwrap();
+    assert_ne!(second.metadata.uid, first.metadata.uid);
+    assert_eq!(
+        second.metadata.labels.unwrap_or_default().get(FINAL_LABEL),
+        None
+    );
+
+    // The object that is final itself is labelled.
+    let finished = finish("recreated").await;
+    let labelled = label(&client, &finished).await.unwrap();
+    assert_eq!(labelled.metadata.labels.unwrap()[FINAL_LABEL], "true");
+}

@@ -367,8 +367,20 @@ async fn fault_matrix() {
             Scenario::WatchExpiry,
         ),
     ];
+    // `FAULT_MATRIX_ROWS=re-create` runs only the rows whose name holds it
+    // (to chase one row in a loop); the full matrix runs otherwise.
+    let only = std::env::var("FAULT_MATRIX_ROWS").unwrap_or_default();
+    if std::env::var("FAULT_MATRIX_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("FAULT_MATRIX_LOG").unwrap())
+            .with_test_writer()
+            .try_init();
+    }
     let mut rows = Vec::new();
     for (row, (name, scenario)) in scenarios.into_iter().enumerate() {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         rows.push(run_row(name, &format!("row{row}"), scenario).await);
     }
     println!(

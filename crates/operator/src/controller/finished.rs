@@ -51,13 +51,18 @@ pub fn needs_label(obj: &DeviceOffboard) -> bool {
     is_final(obj) && obj.labels().get(FINAL_LABEL).map(String::as_str) != Some("true")
 }
 
-/// The merge patch that labels a resource final.
-pub fn label_patch() -> serde_json::Value {
-    json!({ "metadata": { "labels": { FINAL_LABEL: "true" } } })
+/// The merge patch that labels a resource final, with the resourceVersion
+/// the status was read at as a precondition.
+pub fn label_patch(resource_version: Option<&str>) -> serde_json::Value {
+    json!({ "metadata": { "resourceVersion": resource_version, "labels": { FINAL_LABEL: "true" } } })
 }
 
-/// Label a final resource (no precondition: it only adds a label, and a
-/// final status never changes back).
+/// Label a final resource. The patch goes by name, so it carries the
+/// resourceVersion of the object whose status is final: without it, a
+/// resource deleted and applied again under the same name in between (a
+/// GitOps prune and re-apply) would get the label, leave the watch and never
+/// be offboarded. A 409 means the object changed; its next reconcile labels
+/// it if it is still final.
 pub async fn label(
     client: &kube::Client,
     obj: &DeviceOffboard,
@@ -68,7 +73,8 @@ pub async fn label(
         field_manager: Some(super::ports::FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch(&obj.name_any(), &params, &Patch::Merge(&label_patch()))
+    let patch = label_patch(obj.resource_version().as_deref());
+    api.patch(&obj.name_any(), &params, &Patch::Merge(&patch))
         .await
 }
 
@@ -153,6 +159,8 @@ mod tests {
     #[test]
     fn the_selector_leaves_out_exactly_the_label() {
         assert_eq!(WATCH_SELECTOR, format!("{FINAL_LABEL}!=true"));
-        assert_eq!(label_patch()["metadata"]["labels"][FINAL_LABEL], "true");
+        let patch = label_patch(Some("41"));
+        assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
+        assert_eq!(patch["metadata"]["resourceVersion"], "41");
     }
 }

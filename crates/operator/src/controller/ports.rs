@@ -185,6 +185,9 @@ impl StatusStore for KubeStore {
             Ok(updated) if super::finished::needs_label(&updated) => {
                 match super::finished::label(&self.client, &updated).await {
                     Ok(labelled) => Ok(labelled),
+                    // Changed since (or deleted and applied again under its
+                    // name): its next reconcile labels it if still final.
+                    Err(kube::Error::Api(status)) if status.is_conflict() => Ok(updated),
                     Err(error) => {
                         tracing::warn!(error = %error, "could not label a finished resource; its next reconcile does");
                         Ok(updated)

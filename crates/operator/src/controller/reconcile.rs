@@ -20,7 +20,10 @@ pub async fn reconcile<M: MdeCalls>(
     if finished::needs_label(&obj) {
         finished::label(&ctx.client, &obj)
             .await
-            .map_err(super::Error::Kube)?;
+            .map_err(|error| match error {
+                kube::Error::Api(status) if status.is_conflict() => super::Error::Conflict,
+                error => super::Error::Kube(error),
+            })?;
         return Ok(Action::await_change());
     }
     let started = std::time::Instant::now();
