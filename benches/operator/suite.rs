@@ -350,6 +350,12 @@ pub struct Row {
     pub machine_lists: u64,
     /// Simulated minutes the burst took (for reads per minute).
     pub simulated_minutes: f64,
+    /// How long applying the burst's resources took (the operator sends meanwhile).
+    pub applied: Duration,
+    /// How far the k-th POST of the burst came after the ceiling's k-th call
+    /// (simulated seconds, from MDE's action times), at the last call of
+    /// each hour's budget.
+    pub slips: Vec<(usize, f64)>,
 }
 
 impl Row {
@@ -427,8 +433,17 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
     if latency_ms.len() > 1 {
         latency_ms.remove(0);
     }
-    // Let the probes' budget leave the minute window before the burst.
-    tokio::time::sleep(Duration::from_secs_f64(60.0 / config.time_scale)).await;
+    // Let the probes' budget leave every window the burst would fill: the
+    // ceiling is that of a fresh budget (with the probes' slots still in the
+    // hour, the burst's 1500th call would wait for them, an hour late).
+    let clear = ours
+        .0
+        .iter()
+        .filter(|l| probes + n > l.calls as usize)
+        .map(|l| l.window)
+        .max()
+        .unwrap_or_default();
+    tokio::time::sleep(clear).await;
     let second_posts = Arc::new(AtomicU64::new(0));
     let second_throttled = Arc::new(Throttled::default());
     let second = (share > 0.0).then(|| {
@@ -470,6 +485,7 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
             }
         })
         .await;
+    let applied = started.elapsed();
     let deadline =
         started + Duration::from_secs_f64((ceiling(n, &ours).as_secs_f64() * 3.0).max(60.0));
     let posted_before = posts_of(&before);
@@ -529,10 +545,50 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
         all_posted,
         machine_lists: after.machine_action_lists - before.machine_action_lists,
         simulated_minutes: elapsed.as_secs_f64() * config.time_scale / 60.0,
+        slips: slips(&helper, n, share, &full).await,
+        applied,
     };
     stage.api.shutdown().await;
     stage.sim.shutdown().await;
     row
+}
+
+/// The burst's POSTs at MDE against the ceiling's schedule: the creation
+/// times of the last `n` offboard actions (the simulator stamps wall-clock
+/// time), each minus the earliest time a perfect client under `limits` could
+/// make that call, at the end of each hour's budget. Empty when a second
+/// client shares the tenant.
+async fn slips(
+    helper: &DefenderClient,
+    n: usize,
+    share: f64,
+    limits: &RateLimits,
+) -> Vec<(usize, f64)> {
+    if share > 0.0 || n == 0 {
+        return Vec::new();
+    }
+    let since = jiff::Timestamp::UNIX_EPOCH;
+    let Ok(actions) = helper.offboard_actions_since(since, MAX_TOP, &[]).await else {
+        return Vec::new();
+    };
+    let mut times: Vec<jiff::Timestamp> = actions
+        .iter()
+        .filter_map(|a| a.creation_date_time_utc.as_deref()?.parse().ok())
+        .collect();
+    times.sort();
+    let burst = &times[times.len().saturating_sub(n)..];
+    let Some(first) = burst.first().copied() else {
+        return Vec::new();
+    };
+    let hour = mde_limits()[1].calls as usize;
+    let first_hour = [100, 500, 1000].into_iter().filter(|k| *k < n.min(hour));
+    first_hour
+        .chain((1..=n.div_ceil(hour)).map(|h| (h * hour).min(n)))
+        .map(|k| {
+            let at = burst[k - 1].duration_since(first).as_secs_f64();
+            (k, at - ceiling(k, limits).as_secs_f64())
+        })
+        .collect()
 }
 
 /// Every answer the simulator served in `family`, whatever its status.
@@ -768,11 +824,12 @@ pub fn table(report: &Report, config: &Config) -> String {
         let naive = report.naive.clone().unwrap_or_default();
         let naive_done = naive.posts.saturating_sub(naive.lost);
         line(format!(
-            "| {} resources: {} final in | {:.1} s ({:.2} simulated h) | {:.1} s, {} of {} offboarded | |",
+            "| {} resources: {} final in | {:.1} s ({:.2} simulated h; applying them took {:.1} s) | {:.1} s, {} of {} offboarded | |",
             r.resources,
             r.final_count,
             r.elapsed.as_secs_f64(),
             r.elapsed.as_secs_f64() * config.time_scale / 3600.0,
+            r.applied.as_secs_f64(),
             naive.elapsed.as_secs_f64(),
             naive_done,
             naive.resources
@@ -784,6 +841,17 @@ pub fn table(report: &Report, config: &Config) -> String {
             r.all_posted
                 .map_or("—".to_string(), |t| format!("{:.1} s", t.as_secs_f64()))
         ));
+        if !r.slips.is_empty() {
+            let slips: Vec<String> = r
+                .slips
+                .iter()
+                .map(|(k, slip)| format!("{k}: {slip:.2} s"))
+                .collect();
+            line(format!(
+                "| k-th POST at MDE behind the ceiling's k-th call | {} | — | |",
+                slips.join(", ")
+            ));
+        }
         line(format!(
             "| POSTs per resource | {:.3} ({} POSTs, {} keys with more than one) | {:.3} (lost requests: {}) | exactly 1 |",
             r.posts_per_resource(),
