@@ -4,7 +4,7 @@ use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
 use super::error::{CallKind, MdeError, error_chain, parse_retry_after};
 use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
-use super::types::{ErrorBody, Machine, MachineAction, ODataPage};
+use super::types::{ErrorBody, Machine, MachineAction, ODataPage, WindowAction};
 use jiff::Timestamp;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -312,7 +312,9 @@ impl DefenderClient {
     /// MDE documents for machine actions (`type`, `creationDateTimeUtc`), so
     /// one call answers for up to `top` actions in flight. A full page is
     /// followed by the next one unless every id in `expected` was read
-    /// already: 10,000 in flight then cost one call, not two.
+    /// already: 10,000 in flight then cost one call, not two. Each action
+    /// keeps only what a poll reads (id, type, status, machine, comments,
+    /// creation time; see `WindowAction`).
     pub async fn offboard_actions_since(
         &self,
         since: Timestamp,
@@ -335,11 +337,11 @@ impl DefenderClient {
                     ("$skip", &skip_text),
                 ],
             )?;
-            let answer: ODataPage<MachineAction> = self
+            let answer: ODataPage<WindowAction> = self
                 .call(Call::read(ApiFamily::MachineActions, url), None)
                 .await?;
             let short = answer.value.len() < top;
-            actions.extend(answer.value);
+            actions.extend(answer.value.into_iter().map(MachineAction::from));
             if short || (!expected.is_empty() && all_found(&actions, expected)) {
                 return Ok(actions);
             }
@@ -548,10 +550,13 @@ impl DefenderClient {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let bytes = response.bytes().await;
+            // Collected as the chunks that arrived, not copied into one
+            // buffer: a poll window of 10,000 actions is megabytes, and a
+            // success is parsed straight from the chunks.
+            let body = http_body_util::BodyExt::collect(reqwest::Body::from(response)).await;
             permit.complete();
             inner.observer.request_finished(family, status);
-            let bytes = bytes.map_err(|e| {
+            let body = body.map_err(|e| {
                 let reason = format!("answer {status} cut off: {}", error_chain(&e));
                 if kind == CallKind::Write {
                     MdeError::OutcomeUnknown { reason }
@@ -563,7 +568,8 @@ impl DefenderClient {
                 }
             })?;
             if (200..300).contains(&status) {
-                return serde_json::from_slice(&bytes).map_err(|e| MdeError::InvalidResponse {
+                let reader = bytes::Buf::reader(body.aggregate());
+                return serde_json::from_reader(reader).map_err(|e| MdeError::InvalidResponse {
                     message: format!(
                         "{} {} answered {status} with a body that does not parse: {e}",
                         method,
@@ -576,6 +582,7 @@ impl DefenderClient {
                 inner.tokens.invalidate(&token).await;
                 continue;
             }
+            let bytes = body.to_bytes();
             return Err(self.refusal(family, kind, status, &bytes, retry_after.as_deref()));
         }
         unreachable!("the loop returns on its second attempt")

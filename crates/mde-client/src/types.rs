@@ -167,6 +167,51 @@ impl MachineAction {
     }
 }
 
+/// What a poll window keeps of each machine action: a window answers with
+/// every offboard in flight (10,000 in one page), and the poll reads only
+/// these, so the rest of each action (title, DNS name, requestor, commands...)
+/// is not held in memory 10,000 times per interval.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WindowAction {
+    id: String,
+    #[serde(rename = "type")]
+    action_type: String,
+    status: ActionStatus,
+    machine_id: Option<String>,
+    #[serde(default)]
+    requestor_comment: Option<String>,
+    #[serde(default)]
+    cancellation_comment: Option<String>,
+    #[serde(default)]
+    creation_date_time_utc: Option<String>,
+}
+
+impl From<WindowAction> for MachineAction {
+    fn from(kept: WindowAction) -> Self {
+        MachineAction {
+            id: kept.id,
+            action_type: kept.action_type,
+            status: kept.status,
+            machine_id: kept.machine_id,
+            requestor_comment: kept.requestor_comment,
+            cancellation_comment: kept.cancellation_comment,
+            creation_date_time_utc: kept.creation_date_time_utc,
+            scope: None,
+            requestor: None,
+            external_id: None,
+            request_source: None,
+            commands: None,
+            cancellation_requestor: None,
+            computer_dns_name: None,
+            cancellation_date_time_utc: None,
+            last_update_date_time_utc: None,
+            title: None,
+            related_file_info: None,
+        }
+    }
+}
+
 /// One page of an OData collection.
 #[derive(Deserialize, Debug)]
 pub struct ODataPage<T> {
