@@ -437,9 +437,20 @@ async fn bad_manifests_are_rejected_naming_the_field() {
 
 /// The resources of a burst, with the simulator's Windows machines.
 async fn create_burst(cluster: &Cluster, sim: &Sim, prefix: &str, n: usize) -> Vec<String> {
+    create_burst_after(cluster, sim, prefix, 0, n).await
+}
+
+/// `n` resources for the Windows machines after the first `skip`.
+async fn create_burst_after(
+    cluster: &Cluster,
+    sim: &Sim,
+    prefix: &str,
+    skip: usize,
+    n: usize,
+) -> Vec<String> {
     let ids = sim.windows_machine_ids().await;
-    assert!(ids.len() >= n, "only {} Windows machines", ids.len());
-    let ids = &ids[..n];
+    assert!(ids.len() >= skip + n, "only {} Windows machines", ids.len());
+    let ids = &ids[skip..skip + n];
     let kubectl = have_kubectl().await;
     apply(cluster, kubectl, &manifests(prefix, ids))
         .await
@@ -650,9 +661,10 @@ async fn leader_failover_keeps_exactly_once() {
     }
     bounded(150, async {
         // Simulated time 10x: 100 offboards per 6s. With 300 resources the
-        // budget holds two thirds back for 6 to 12 s, so the kill lands while
-        // sends remain for the new leader however fast the first sends go.
-        let cluster = Cluster::start(&["--sim-machines", "400", "--sim-time-scale", "10"]).await;
+        // budget holds two thirds back for 6 to 12 s; a second batch applied
+        // just before the kill leaves sends for the new leader however long
+        // the checks before the kill take on a busy machine.
+        let cluster = Cluster::start(&["--sim-machines", "600", "--sim-time-scale", "10"]).await;
         let sim = Sim::new(cluster.sim_url.as_deref().unwrap());
         let lease_duration = Duration::from_secs(3);
         let (mut replicas, first) = two_replicas(&cluster).await;
@@ -668,7 +680,7 @@ async fn leader_failover_keeps_exactly_once() {
 
         let n = 300;
         let started = Instant::now();
-        let names = create_burst(&cluster, &sim, "failover", n).await;
+        let mut names = create_burst(&cluster, &sim, "failover", n).await;
         // Mid-way: some actions exist, some resources are still waiting.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -737,6 +749,7 @@ async fn leader_failover_keeps_exactly_once() {
             assert_eq!(holder, first);
         }
 
+        names.extend(create_burst_after(&cluster, &sim, "failover-late", n, 50).await);
         replicas.get_mut(&first).unwrap().kill().await;
         let killed_at = Instant::now();
         let final_at_kill = cluster.list().await.iter().filter(|d| is_final(d)).count();
