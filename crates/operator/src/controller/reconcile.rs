@@ -18,13 +18,15 @@ pub async fn reconcile<M: MdeCalls>(
     // Final in status, label lost (a crash between the two writes): nothing
     // is done for it but the label that takes it out of the watch.
     if finished::needs_label(&obj) {
-        finished::label(&ctx.client, &obj)
-            .await
-            .map_err(|error| match error {
-                kube::Error::Api(status) if status.is_conflict() => super::Error::Conflict,
-                error => super::Error::Kube(error),
-            })?;
-        return Ok(Action::await_change());
+        return match finished::label(&ctx.client, &obj).await {
+            Ok(_) => Ok(Action::await_change()),
+            // A newer version exists (most often this very label, written
+            // with the final status, and its watch event not here yet; or
+            // the resource was replaced): the watch brings it, and its
+            // reconcile labels it if it is still final and unlabelled.
+            Err(kube::Error::Api(status)) if status.is_conflict() => Ok(Action::await_change()),
+            Err(error) => Err(super::Error::Kube(error)),
+        };
     }
     let started = std::time::Instant::now();
     let result = match ctx.connections.for_resource(&obj) {
