@@ -550,13 +550,10 @@ impl DefenderClient {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            // Collected as the chunks that arrived, not copied into one
-            // buffer: a poll window of 10,000 actions is megabytes, and a
-            // success is parsed straight from the chunks.
-            let body = http_body_util::BodyExt::collect(reqwest::Body::from(response)).await;
+            let bytes = response.bytes().await;
             permit.complete();
             inner.observer.request_finished(family, status);
-            let body = body.map_err(|e| {
+            let bytes = bytes.map_err(|e| {
                 let reason = format!("answer {status} cut off: {}", error_chain(&e));
                 if kind == CallKind::Write {
                     MdeError::OutcomeUnknown { reason }
@@ -568,8 +565,7 @@ impl DefenderClient {
                 }
             })?;
             if (200..300).contains(&status) {
-                let reader = bytes::Buf::reader(body.aggregate());
-                return serde_json::from_reader(reader).map_err(|e| MdeError::InvalidResponse {
+                return serde_json::from_slice(&bytes).map_err(|e| MdeError::InvalidResponse {
                     message: format!(
                         "{} {} answered {status} with a body that does not parse: {e}",
                         method,
@@ -582,7 +578,6 @@ impl DefenderClient {
                 inner.tokens.invalidate(&token).await;
                 continue;
             }
-            let bytes = body.to_bytes();
             return Err(self.refusal(family, kind, status, &bytes, retry_after.as_deref()));
         }
         unreachable!("the loop returns on its second attempt")
