@@ -584,9 +584,10 @@ async fn slips(
     let first_hour = [100, 500, 1000].into_iter().filter(|k| *k < n.min(hour));
     first_hour
         .chain((1..=n.div_ceil(hour)).map(|h| (h * hour).min(n)))
-        .map(|k| {
-            let at = burst[k - 1].duration_since(first).as_secs_f64();
-            (k, at - ceiling(k, limits).as_secs_f64())
+        // The read may hold fewer than `n` (a lost page): only calls it saw.
+        .filter_map(|k| {
+            let at = burst.get(k - 1)?.duration_since(first).as_secs_f64();
+            Some((k, at - ceiling(k, limits).as_secs_f64()))
         })
         .collect()
 }

@@ -145,10 +145,18 @@ impl MachineAction {
     /// MDE's status word), for code that knows no more of it.
     pub fn recorded_offboard(id: &str, machine_id: &str, status: ActionStatus) -> Self {
         MachineAction {
-            id: id.to_string(),
-            action_type: "Offboard".to_string(),
-            status,
             machine_id: Some(machine_id.to_string()),
+            ..Self::bare(id.to_string(), "Offboard".to_string(), status)
+        }
+    }
+
+    /// An action with only its id, type and status known.
+    fn bare(id: String, action_type: String, status: ActionStatus) -> Self {
+        MachineAction {
+            id,
+            action_type,
+            status,
+            machine_id: None,
             scope: None,
             requestor: None,
             external_id: None,
@@ -190,24 +198,11 @@ pub(crate) struct WindowAction {
 impl From<WindowAction> for MachineAction {
     fn from(kept: WindowAction) -> Self {
         MachineAction {
-            id: kept.id,
-            action_type: kept.action_type,
-            status: kept.status,
             machine_id: kept.machine_id,
             requestor_comment: kept.requestor_comment,
             cancellation_comment: kept.cancellation_comment,
             creation_date_time_utc: kept.creation_date_time_utc,
-            scope: None,
-            requestor: None,
-            external_id: None,
-            request_source: None,
-            commands: None,
-            cancellation_requestor: None,
-            computer_dns_name: None,
-            cancellation_date_time_utc: None,
-            last_update_date_time_utc: None,
-            title: None,
-            related_file_info: None,
+            ..Self::bare(kept.id, kept.action_type, kept.status)
         }
     }
 }
