@@ -596,3 +596,93 @@ async fn the_final_label_never_lands_on_a_resource_applied_again_under_the_same_
     let labelled = label(&client, &finished).await.unwrap();
     assert_eq!(labelled.metadata.labels.unwrap()[FINAL_LABEL], "true");
 }
+
+/// Resources that wait long for budget leave the controller's cache (the
+/// `parked_resources` gauge counts them) and come back in their turn: every
+/// one is sent exactly once (POSTs counted at MDE per key), none meets a 429,
+/// and a cancel asked for the last in the queue ends it while the ones ahead
+/// of it still wait, not when its turn would have come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_budget_waits_are_spent_outside_the_cache_and_each_resource_is_sent_once() {
+    let sim = spawn_sim(SimConfig {
+        machines: 60,
+        ..fast_sim_config()
+    })
+    .await;
+    let api = spawn_api().await;
+    let client = api.client().await.unwrap();
+    let metrics = Arc::new(Metrics::default());
+    // 10 offboards per 2 s: the last of 40 waits about 6 s, longer than a park.
+    let controller = observed_controller(
+        client.clone(),
+        &sim,
+        "10/2s".parse().unwrap(),
+        fast_settings(),
+        Duration::from_millis(300),
+        metrics.clone(),
+    )
+    .unwrap();
+    let env = Env {
+        _api: api,
+        sim,
+        client,
+        controller: tokio::spawn(controller),
+        metrics,
+    };
+    let machines = windows_machines(&mde_client(&env).await, 40).await;
+    for (i, id) in machines.iter().enumerate() {
+        create(&env.client, &format!("queued-{i:02}"), id).await;
+    }
+    let parked = with_timeout(20, async {
+        loop {
+            let parked = env.metrics.parked.get();
+            if parked >= 10 {
+                return parked;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let last = status_of(&env.client, "queued-39").await;
+    assert_eq!(last.phase, Some(Phase::Pending), "{last:?}");
+    assert!(last.next_retry_at.is_some(), "a long wait says when: {last:?}");
+
+    annotate_cancel(&env.client, "queued-39", "not this one").await;
+    let cancelled = wait_status(&env.client, "queued-39", |s| {
+        s.phase.is_some_and(Phase::is_terminal)
+    })
+    .await;
+    let waiting_ahead = phases(&env.client)
+        .await
+        .iter()
+        .filter(|(_, _, action)| action.is_none())
+        .count();
+    assert!(
+        waiting_ahead > 1,
+        "the cancel ended it while others still waited to be sent ({waiting_ahead} unsent)"
+    );
+    assert_eq!(cancelled.machine_action_id, None, "{cancelled:?}");
+
+    let done = wait_all_final(&env.client, 40, 60).await;
+    let stats = env.sim.stats();
+    println!(
+        "parking: {parked} parked at once; {} offboards, 429s {}, duplicates {}",
+        stats.count("offboard", "201"),
+        stats.throttled,
+        stats.duplicate_offboards
+    );
+    assert_eq!(done.iter().filter(|(_, _, a)| a.is_some()).count(), 39);
+    assert_eq!(stats.count("offboard", "201"), 39, "one per resource but the cancelled one");
+    assert_eq!(stats.throttled, 0);
+    assert_eq!(max_posts_per_key(&stats), 1, "one POST per resource, counted at MDE");
+    let parked_after = with_timeout(5, async {
+        loop {
+            if env.metrics.parked.get() == 0 {
+                return 0;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(parked_after, 0, "nothing stays parked");
+}

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub budget_remaining: Family<FamilyLabels, Gauge>,
     pub in_flight_oldest: Gauge,
+    pub parked: Gauge,
     pub ttl_deletions: Counter,
     pub node_offboards: Family<ResultLabels, Counter>,
 }
@@ -185,6 +186,14 @@ impl Default for Metrics {
             Kind::Gauge,
             in_flight_oldest.clone(),
         );
+        let parked = Gauge::default();
+        catalog.register(
+            &mut registry,
+            "parked_resources",
+            "Pending DeviceOffboards waiting out a long budget or retry wait outside the controller's cache (counted in resources{phase=\"Pending\"} too)",
+            Kind::Gauge,
+            parked.clone(),
+        );
         let ttl_deletions = Counter::default();
         catalog.register(
             &mut registry,
@@ -214,6 +223,7 @@ impl Default for Metrics {
             leader,
             budget_remaining,
             in_flight_oldest,
+            parked,
             ttl_deletions,
             node_offboards,
         }

@@ -30,10 +30,13 @@ pub fn oldest_in_flight(resources: &[Arc<DeviceOffboard>], now: jiff::Timestamp)
 }
 
 /// Set both gauges once; the budget left is per connection (tenant and app).
+/// `parked_since` is the creation time of the oldest resource waiting
+/// outside the cache.
 pub fn publish(
     metrics: &Metrics,
     budgets: &[(String, RateBudget)],
     resources: &[Arc<DeviceOffboard>],
+    parked_since: Option<jiff::Timestamp>,
 ) {
     for (connection, budget) in budgets {
         for family in ApiFamily::ALL {
@@ -46,7 +49,11 @@ pub fn publish(
                 .set(i64::from(budget.remaining(family)));
         }
     }
-    let age = oldest_in_flight(resources, jiff::Timestamp::now());
+    let now = jiff::Timestamp::now();
+    let parked_age = parked_since
+        .and_then(|created| Duration::try_from(now.duration_since(created)).ok())
+        .unwrap_or_default();
+    let age = oldest_in_flight(resources, now).max(parked_age);
     metrics
         .in_flight_oldest
         .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
@@ -65,7 +72,12 @@ pub async fn run<M: MdeCalls>(
             .into_iter()
             .map(|(key, mde)| (key.to_string(), mde.budget().clone()))
             .collect();
-        publish(&ctx.metrics, &budgets, &store.state());
+        publish(
+            &ctx.metrics,
+            &budgets,
+            &store.state(),
+            ctx.parked.oldest_created(),
+        );
         tokio::time::sleep(interval).await;
     }
 }
@@ -123,7 +135,7 @@ mod tests {
     fn publish_sets_budget_left_per_family() {
         let metrics = Metrics::default();
         let budget = RateBudget::new(&"7/60s".parse().unwrap());
-        publish(&metrics, &[("default".to_string(), budget)], &[]);
+        publish(&metrics, &[("default".to_string(), budget)], &[], None);
         let text = metrics.encode();
         assert!(
             text.contains(

@@ -10,6 +10,7 @@ pub mod leader;
 pub mod memory;
 pub mod nodes;
 pub mod pages;
+pub mod parking;
 pub mod poll_plan;
 pub mod poller;
 pub mod ports;
@@ -77,6 +78,8 @@ pub struct Context<M = DefenderClient> {
     pub liveness: Liveness,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
+    /// Resources waiting outside the cache until their `nextRetryAt`.
+    pub parked: Arc<parking::ParkingLot>,
 }
 
 impl<M: MdeCalls> Context<M> {
@@ -120,6 +123,7 @@ impl<M: MdeCalls> Context<M> {
             liveness: Liveness::default(),
             metrics,
             settings,
+            parked: Arc::default(),
         }
     }
 
@@ -545,11 +549,23 @@ pub async fn run_controller<M: MdeCalls>(
         .any_semantic()
         .labels(finished::WATCH_SELECTOR);
     let (reader, writer) = reflector::store();
-    let objects = watcher(api.clone(), watch)
-        .default_backoff()
-        .modify(finished::trim_for_cache)
+    // Resources that wait long are parked outside the cache, and read back
+    // into its feed (`revived`) shortly before their time.
+    let (revive, revived) = tokio::sync::mpsc::channel::<DeviceOffboard>(64);
+    let revived = futures::stream::unfold(revived, |mut rx| async move {
+        let obj = rx.recv().await?;
+        Some((Ok(watcher::Event::Apply(obj)), rx))
+    });
+    let events = futures::stream::select(watcher(api.clone(), watch).default_backoff(), revived)
+        .modify(finished::trim_for_cache);
+    let objects = parking::park_events(events, ctx.parked.clone())
         .reflect(writer)
         .applied_objects();
+    let waker = AbortOnDrop(tokio::spawn(parking::wake(
+        ctx.parked.clone(),
+        ctx.client.clone(),
+        revive,
+    )));
     let controller = Controller::for_stream(objects, reader)
         .with_config(ControllerConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(shutdown);
@@ -594,7 +610,7 @@ pub async fn run_controller<M: MdeCalls>(
         })
         .await;
     drop(poller);
-    drop((gauges, ttl, nodes));
+    drop((gauges, ttl, nodes, waker));
 }
 
 /// A task handle that aborts its task when dropped.

@@ -81,9 +81,18 @@ where
     }
 }
 
-/// The `resources` gauge: resources by phase.
-fn publish_phase_counts(metrics: &crate::metrics::Metrics, resources: &[Arc<DeviceOffboard>]) {
-    for (phase, count) in count_by_phase(resources) {
+/// The `resources` gauge: resources by phase; the parked ones are `Pending`.
+fn publish_phase_counts(
+    metrics: &crate::metrics::Metrics,
+    resources: &[Arc<DeviceOffboard>],
+    parked: usize,
+) {
+    let mut counts = count_by_phase(resources);
+    *counts.entry(Phase::Pending).or_default() += i64::try_from(parked).unwrap_or(i64::MAX);
+    metrics
+        .parked
+        .set(i64::try_from(parked).unwrap_or(i64::MAX));
+    for (phase, count) in counts {
         metrics
             .resources
             .get_or_create(&PhaseLabels {
@@ -153,7 +162,7 @@ pub async fn run_per_connection<M: MdeCalls>(
             }
         }
         let resources = store.state();
-        publish_phase_counts(&ctx.metrics, &resources);
+        publish_phase_counts(&ctx.metrics, &resources, ctx.parked.len());
         let keys: std::collections::HashSet<ConnectionKey> = resources
             .iter()
             .filter(|r| action_id(r).is_some() && !super::finished::is_final(r))

@@ -72,6 +72,10 @@ pub fn waiting_for_budget(view: &View, wait: Duration, machine_id: &str) -> Tran
     );
     // Keep a resolved deviceName, so waiting does not resolve it again.
     status.machine_id = Some(machine_id.to_string());
+    // A long wait says when it ends, and is spent outside the controller's
+    // cache (`parking`); a short one writes nothing new when waited again.
+    status.next_retry_at =
+        (wait > crate::controller::parking::PARK_BEYOND).then(|| super::at(view.now, wait));
     Transition {
         status,
         note: None,

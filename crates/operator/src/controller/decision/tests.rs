@@ -744,6 +744,37 @@ fn device_names_resolve_to_exactly_one_machine() {
 }
 
 #[test]
+fn a_long_budget_wait_says_when_it_ends_and_is_waited_out() {
+    let spec = by_id();
+    let waiting = waiting_for_budget(
+        &view(&spec, &status(Phase::Pending)),
+        Duration::from_secs(600),
+        MACHINE,
+    )
+    .status;
+    let at = now() + SignedDuration::from_secs(600);
+    assert_eq!(waiting.next_retry_at, Some(Time(at)));
+    assert_eq!(
+        plan(&view(&spec, &waiting), &settings()),
+        Plan::Idle {
+            requeue: Some(Duration::from_secs(600))
+        },
+        "nothing is tried before its time"
+    );
+    let due = View {
+        now: at,
+        ..view(&spec, &waiting)
+    };
+    assert_eq!(
+        plan(&due, &settings()),
+        Plan::Submit {
+            machine_id: MACHINE.into(),
+            check_machine: true,
+        }
+    );
+}
+
+#[test]
 fn unchanged_state_produces_an_identical_status() {
     let spec = by_id();
     let first = waiting_for_budget(
