@@ -344,12 +344,20 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             });
             // A little jitter for waiters of the same slot.
             let jitter = Duration::from_millis(rand::random_range(0..5));
-            let transition = decision::waiting_for_budget(
-                &view_of(ports, current, &status),
-                wait + jitter,
-                machine_id,
-            );
-            return apply(ports, current, transition).await;
+            let view = view_of(ports, current, &status);
+            let now = view.now;
+            let transition = decision::waiting_for_budget(&view, wait + jitter, machine_id);
+            let before = current.metadata.resource_version.clone();
+            let requeue = apply(ports, current, transition).await?;
+            // The version just written reaches the cache's feed and parks
+            // there until its time (or, if something changed it meanwhile,
+            // is reconciled again): a requeue would only hold the
+            // scheduler's memory for it.
+            let written = current.metadata.resource_version != before;
+            if written && super::parking::parked_until(current, now).is_some() {
+                return Ok(None);
+            }
+            return Ok(requeue);
         }
     };
     if check_machine && let Some(requeue) = check(ports, current, machine_id).await? {
