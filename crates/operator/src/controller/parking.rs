@@ -64,19 +64,29 @@ pub fn parked_until(obj: &DeviceOffboard, now: Timestamp) -> Option<Timestamp> {
     (quiet && at.duration_since(now) > beyond).then_some(at)
 }
 
-/// A parked resource's name.
+/// A parked resource's `namespace/name`, shared by the lot's two indexes (one
+/// allocation per resource: thousands may be parked).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key {
-    pub namespace: String,
-    pub name: String,
-}
+pub struct Key(Arc<str>);
 
 impl Key {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Key(format!("{namespace}/{name}").into())
+    }
+
     fn of(obj: &DeviceOffboard) -> Self {
-        Key {
-            namespace: obj.namespace().unwrap_or_default(),
-            name: obj.name_any(),
-        }
+        Key::new(&obj.namespace().unwrap_or_default(), &obj.name_any())
+    }
+
+    /// Neither part can hold a `/`: both are DNS names.
+    pub fn namespace(&self) -> &str {
+        self.0
+            .split_once('/')
+            .map_or("", |(namespace, _)| namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(_, name)| name)
     }
 }
 
@@ -236,8 +246,8 @@ pub async fn wake(
                 let client = client.clone();
                 async move {
                     let api: kube::Api<DeviceOffboard> =
-                        kube::Api::namespaced(client, &key.namespace);
-                    let read = api.get_opt(&key.name).await;
+                        kube::Api::namespaced(client, key.namespace());
+                    let read = api.get_opt(key.name()).await;
                     (key, read)
                 }
             })
@@ -253,9 +263,15 @@ pub async fn wake(
                 // Deleted while parked: nothing is left to do for it.
                 Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(namespace = %key.namespace, name = %key.name, error = %error, "could not read a waiting resource back; trying again shortly");
+                    tracing::warn!(namespace = key.namespace(), name = key.name(), error = %error, "could not read a waiting resource back; trying again shortly");
                     let again = SignedDuration::try_from(REREAD_AFTER).unwrap_or_default();
-                    lot.park(key, Timestamp::now().saturating_add(again).unwrap_or(Timestamp::MAX), None);
+                    lot.park(
+                        key,
+                        Timestamp::now()
+                            .saturating_add(again)
+                            .unwrap_or(Timestamp::MAX),
+                        None,
+                    );
                 }
             }
         }
@@ -310,9 +326,8 @@ mod tests {
         assert_eq!(parked_until(&sent, now), None, "the poller reads it");
 
         let mut cancel_asked = long.clone();
-        cancel_asked.metadata.annotations = Some(
-            [(crate::crd::CANCEL_ANNOTATION.to_string(), "no".to_string())].into(),
-        );
+        cancel_asked.metadata.annotations =
+            Some([(crate::crd::CANCEL_ANNOTATION.to_string(), "no".to_string())].into());
         assert_eq!(parked_until(&cancel_asked, now), None, "a cancel acts now");
 
         let mut cancelling = long.clone();
@@ -337,10 +352,8 @@ mod tests {
     fn the_lot_hands_out_due_resources_earliest_first_and_once() {
         let lot = ParkingLot::default();
         let now = Timestamp::now();
-        let key = |n: &str| Key {
-            namespace: "ns".into(),
-            name: n.into(),
-        };
+        let key = |n: &str| Key::new("ns", n);
+        assert_eq!((key("a").namespace(), key("a").name()), ("ns", "a"));
         let secs = |s: i64| now + SignedDuration::from_secs(s);
         lot.park(key("late"), secs(30), None);
         lot.park(key("early"), secs(10), Some(secs(-100)));

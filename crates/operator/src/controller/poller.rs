@@ -278,28 +278,36 @@ pub async fn run<M: MdeCalls>(
                 continue;
             }
         };
-        let mut by_id: HashMap<String, MachineAction> = actions
-            .into_iter()
-            .filter(|a| wanted.contains(a.id.as_str()))
-            .map(|a| (a.id.clone(), a))
-            .collect();
+        // Only the actions in flight are kept, and the index borrows them: a
+        // window answer can hold thousands.
+        let mut actions = actions;
+        actions.retain(|a| wanted.contains(a.id.as_str()));
+        let answered: std::collections::HashSet<&str> =
+            actions.iter().map(|a| a.id.as_str()).collect();
         // Absent from the window and old enough for that to mean something:
         // ask for them by id, then (below) one by one.
         let grace = jiff::SignedDuration::try_from(ctx.settings.lookup_delay).unwrap_or_default();
         let absent: Vec<String> = in_flight
             .iter()
-            .filter(|a| !by_id.contains_key(&a.id) && !by_ids.contains(&a.id))
+            .filter(|a| !answered.contains(a.id.as_str()) && !by_ids.contains(&a.id))
             .filter(|a| poll_plan::worth_reading_again(a, now, grace))
             .map(|a| a.id.clone())
             .collect();
+        drop(answered);
+        let mut found = Vec::new();
         if !absent.is_empty() {
             match mde.machine_actions_by_ids(&absent).await {
-                Ok(found) => by_id.extend(found.into_iter().map(|a| (a.id.clone(), a))),
+                Ok(read) => found = read,
                 Err(error) => {
                     tracing::warn!(error = %error, absent = absent.len(), "reading actions by id failed; next interval retries")
                 }
             }
         }
+        let by_id: HashMap<&str, &MachineAction> = actions
+            .iter()
+            .chain(&found)
+            .map(|a| (a.id.as_str(), a))
+            .collect();
         for action in by_id.values() {
             if let Some(created) = action
                 .creation_date_time_utc
