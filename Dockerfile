@@ -25,8 +25,9 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --no-default-features --bin defender-offboard \
-    && cp target/release/defender-offboard /defender-offboard \
+    cargo build --profile production --locked --no-default-features --features jemalloc \
+        --bin defender-offboard \
+    && cp target/production/defender-offboard /defender-offboard \
     && /defender-offboard --version
 
 # The test double: the same binary with the `dev` feature (`simulate`, `dev`).

@@ -645,7 +645,10 @@ async fn long_budget_waits_are_spent_outside_the_cache_and_each_resource_is_sent
     .await;
     let last = status_of(&env.client, "queued-39").await;
     assert_eq!(last.phase, Some(Phase::Pending), "{last:?}");
-    assert!(last.next_retry_at.is_some(), "a long wait says when: {last:?}");
+    assert!(
+        last.next_retry_at.is_some(),
+        "a long wait says when: {last:?}"
+    );
 
     annotate_cancel(&env.client, "queued-39", "not this one").await;
     let cancelled = wait_status(&env.client, "queued-39", |s| {
@@ -672,9 +675,17 @@ async fn long_budget_waits_are_spent_outside_the_cache_and_each_resource_is_sent
         stats.duplicate_offboards
     );
     assert_eq!(done.iter().filter(|(_, _, a)| a.is_some()).count(), 39);
-    assert_eq!(stats.count("offboard", "201"), 39, "one per resource but the cancelled one");
+    assert_eq!(
+        stats.count("offboard", "201"),
+        39,
+        "one per resource but the cancelled one"
+    );
     assert_eq!(stats.throttled, 0);
-    assert_eq!(max_posts_per_key(&stats), 1, "one POST per resource, counted at MDE");
+    assert_eq!(
+        max_posts_per_key(&stats),
+        1,
+        "one POST per resource, counted at MDE"
+    );
     let parked_after = with_timeout(5, async {
         loop {
             if env.metrics.parked.get() == 0 {
