@@ -219,6 +219,16 @@ fn park(lot: &ParkingLot, obj: &DeviceOffboard) -> bool {
     }
 }
 
+/// How long the waker sleeps: until the next wake time, not at all if that
+/// passed meanwhile (a negative wait is not "none": it is now), and a minute
+/// with nothing parked (a new park wakes it sooner).
+fn pause_until(next_wake: Option<Timestamp>, now: Timestamp) -> Duration {
+    match next_wake {
+        Some(at) => Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO),
+        None => Duration::from_secs(60),
+    }
+}
+
 /// Reads parked resources back when they are due and sends them into the
 /// cache's feed (`revived`), until the receiver is gone.
 pub async fn wake(
@@ -229,10 +239,7 @@ pub async fn wake(
     loop {
         let due = lot.take_due(Timestamp::now());
         if due.is_empty() {
-            let pause = lot
-                .next_wake()
-                .and_then(|at| Duration::try_from(at.duration_since(Timestamp::now())).ok())
-                .unwrap_or(Duration::from_secs(60));
+            let pause = pause_until(lot.next_wake(), Timestamp::now());
             // A resource parked meanwhile may be due earlier: the notify
             // cuts the sleep short.
             tokio::select! {
@@ -370,6 +377,15 @@ mod tests {
         assert_eq!(lot.take_due(secs(25)), Vec::<Key>::new(), "handed out once");
         assert_eq!(lot.take_due(secs(30)), vec![key("late")]);
         assert!(lot.is_empty());
+    }
+
+    #[test]
+    fn a_wake_time_that_passed_meanwhile_is_not_slept_over() {
+        let now = Timestamp::now();
+        let secs = |s: i64| now + SignedDuration::from_secs(s);
+        assert_eq!(pause_until(Some(secs(5)), now), Duration::from_secs(5));
+        assert_eq!(pause_until(Some(secs(-1)), now), Duration::ZERO);
+        assert_eq!(pause_until(None, now), Duration::from_secs(60));
     }
 
     #[tokio::test]
