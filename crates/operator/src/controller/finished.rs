@@ -46,9 +46,14 @@ pub fn is_final(obj: &DeviceOffboard) -> bool {
         .is_some_and(|p| p.is_terminal())
 }
 
+/// Labelled final: outside the controller's watch.
+pub fn is_labelled_final(obj: &DeviceOffboard) -> bool {
+    obj.labels().get(FINAL_LABEL).map(String::as_str) == Some("true")
+}
+
 /// Final in status but not yet labelled so.
 pub fn needs_label(obj: &DeviceOffboard) -> bool {
-    is_final(obj) && obj.labels().get(FINAL_LABEL).map(String::as_str) != Some("true")
+    is_final(obj) && !is_labelled_final(obj)
 }
 
 /// The merge patch that labels a resource final, with the resourceVersion

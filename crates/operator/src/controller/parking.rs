@@ -262,6 +262,10 @@ pub async fn wake(
         futures::pin_mut!(reads);
         while let Some((key, read)) = reads.next().await {
             match read {
+                // Labelled final meanwhile (another replica finished it while
+                // this one was not leading): outside the watch, so it must
+                // not enter the cache, where no watch event would remove it.
+                Ok(Some(obj)) if super::finished::is_labelled_final(&obj) => {}
                 Ok(Some(obj)) => {
                     if revived.send(obj).await.is_err() {
                         return;
