@@ -35,6 +35,15 @@ pub(crate) async fn start_with(
     sim_config: SimConfig,
     settings: defender_offboard::controller::decision::Settings,
 ) -> Env {
+    start_limited(sim_config, settings, FAST_LIMITS).await
+}
+
+/// The controller with the operator's own `--rate-limit` (`limits`).
+pub(crate) async fn start_limited(
+    sim_config: SimConfig,
+    settings: defender_offboard::controller::decision::Settings,
+    limits: &str,
+) -> Env {
     let sim = spawn_sim(sim_config).await;
     let api = spawn_api().await;
     let client = api.client().await.unwrap();
@@ -42,7 +51,7 @@ pub(crate) async fn start_with(
     let controller = observed_controller(
         client.clone(),
         &sim,
-        FAST_LIMITS.parse().unwrap(),
+        limits.parse().unwrap(),
         settings,
         Duration::from_millis(300),
         metrics.clone(),
@@ -604,31 +613,16 @@ async fn the_final_label_never_lands_on_a_resource_applied_again_under_the_same_
 /// of it still wait, not when its turn would have come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_budget_waits_are_spent_outside_the_cache_and_each_resource_is_sent_once() {
-    let sim = spawn_sim(SimConfig {
-        machines: 60,
-        ..fast_sim_config()
-    })
-    .await;
-    let api = spawn_api().await;
-    let client = api.client().await.unwrap();
-    let metrics = Arc::new(Metrics::default());
     // 10 offboards per 2 s: the last of 40 waits about 6 s, longer than a park.
-    let controller = observed_controller(
-        client.clone(),
-        &sim,
-        "10/2s".parse().unwrap(),
+    let env = start_limited(
+        SimConfig {
+            machines: 60,
+            ..fast_sim_config()
+        },
         fast_settings(),
-        Duration::from_millis(300),
-        metrics.clone(),
+        "10/2s",
     )
-    .unwrap();
-    let env = Env {
-        _api: api,
-        sim,
-        client,
-        controller: tokio::spawn(controller),
-        metrics,
-    };
+    .await;
     let machines = windows_machines(&mde_client(&env).await, 40).await;
     for (i, id) in machines.iter().enumerate() {
         create(&env.client, &format!("queued-{i:02}"), id).await;
