@@ -2,8 +2,8 @@
 //! before their time. At MDE's 1,500 offboards an hour, most of a burst of
 //! 10,000 waits hours for budget; holding each as a whole object (about 2 KB
 //! in kube's reflector, plus the scheduler's entry) made memory grow with the
-//! backlog. A waiting resource is parked instead: its key and wake time stay
-//! here (about 150 bytes), and shortly before `status.nextRetryAt` it is read
+//! backlog. A waiting resource is parked instead: its key, wake time and
+//! creation time stay here, and shortly before `status.nextRetryAt` it is read
 //! again from the API server and fed back into the cache as if the watch had
 //! just delivered it.
 //!
@@ -185,10 +185,11 @@ where
 {
     events.filter_map(move |event| {
         let out = match event {
-            Ok(watcher::Event::Apply(obj)) => Some(Ok(match park(&lot, &obj) {
-                true => watcher::Event::Delete(obj),
-                false => watcher::Event::Apply(obj),
-            })),
+            // `park` also takes a resource that may not wait out of the
+            // lot; such an Apply passes on unchanged (last arm).
+            Ok(watcher::Event::Apply(obj)) if park(&lot, &obj) => {
+                Some(Ok(watcher::Event::Delete(obj)))
+            }
             Ok(watcher::Event::InitApply(obj)) => {
                 (!park(&lot, &obj)).then_some(Ok(watcher::Event::InitApply(obj)))
             }
