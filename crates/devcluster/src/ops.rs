@@ -16,6 +16,7 @@ use super::status::{ApiError, Cause};
 use super::store::{Key, Store};
 use super::validation::{self, FieldValidation};
 use serde_json::{Value, json};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -335,23 +336,30 @@ impl Shared {
         let state = self.lock();
         let ns = if rt.namespaced { namespace } else { None };
         let rv = from.as_ref().map_or(state.store.current_rv(), |c| c.rv);
-        let objects = state
+        let filtered = !(labels.is_empty() && fields.is_empty());
+        let after = from.as_ref().map(Continue::key);
+        let (mut taken, mut following) = (Vec::new(), 0usize);
+        state
             .store
-            .list_at(&rt.storage, ns, rv)
+            .visit_at(&rt.storage, ns, rv, after.as_ref(), |key, object| {
+                if !(labels.matches(object) && fields.matches(object)) {
+                    return ControlFlow::Continue(());
+                }
+                if request.limit == 0 || taken.len() < request.limit {
+                    taken.push((key.clone(), object.clone()));
+                    return ControlFlow::Continue(());
+                }
+                following += 1;
+                // A filtered list only says whether more follow; an unfiltered one counts them.
+                if filtered {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
             .map_err(|_| paging::expired_token())?;
         drop(state);
-        let matching = objects
-            .into_iter()
-            .filter(|(_, o)| labels.matches(o) && fields.matches(o))
-            .collect();
-        let filtered = !(labels.is_empty() && fields.is_empty());
-        Ok(paging::page(
-            matching,
-            rv,
-            from.as_ref(),
-            request.limit,
-            filtered,
-        ))
+        Ok(paging::page(taken, following, rv, filtered))
     }
 
     pub fn create(

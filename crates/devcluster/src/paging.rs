@@ -41,8 +41,9 @@ impl Continue {
             .ok_or_else(|| ApiError::bad_request("continue key is not valid"))
     }
 
-    fn after(&self, key: &Key) -> bool {
-        (key.0.as_str(), key.1.as_str()) > (self.namespace.as_str(), self.name.as_str())
+    /// The key the next page starts after.
+    pub fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
     }
 }
 
@@ -56,31 +57,21 @@ pub struct Page {
     pub remaining: Option<usize>,
 }
 
-/// Cut `matching` (ordered by key, all read at `rv`) into the page after `from`.
-pub fn page(
-    matching: Vec<(Key, Value)>,
-    rv: u64,
-    from: Option<&Continue>,
-    limit: usize,
-    filtered: bool,
-) -> Page {
-    let mut rest: Vec<(Key, Value)> = matching
-        .into_iter()
-        .filter(|(key, _)| from.is_none_or(|c| c.after(key)))
-        .collect();
-    if limit == 0 || rest.len() <= limit {
+/// The page a list answers: `taken` (the first `limit` matching objects after
+/// the token, ordered by key, all read at `rv`) and how many matching ones
+/// follow them (for a filtered list, only whether any do).
+pub fn page(taken: Vec<(Key, Value)>, following: usize, rv: u64, filtered: bool) -> Page {
+    if following == 0 {
         return Page {
-            items: rest.into_iter().map(|(_, v)| v).collect(),
+            items: taken.into_iter().map(|(_, v)| v).collect(),
             rv,
             continue_token: None,
             remaining: None,
         };
     }
-    let remaining = rest.len() - limit;
-    rest.truncate(limit);
-    let last = rest.last().map(|(key, _)| key.clone()).unwrap_or_default();
+    let last = taken.last().map(|(key, _)| key.clone()).unwrap_or_default();
     Page {
-        items: rest.into_iter().map(|(_, v)| v).collect(),
+        items: taken.into_iter().map(|(_, v)| v).collect(),
         rv,
         continue_token: Some(
             Continue {
@@ -90,7 +81,7 @@ pub fn page(
             }
             .encode(),
         ),
-        remaining: (!filtered).then_some(remaining),
+        remaining: (!filtered).then_some(following),
     }
 }
 
@@ -116,19 +107,18 @@ mod tests {
     }
 
     #[test]
-    fn pages_follow_the_key_order_and_end_without_a_token() {
-        let all = items(&["a", "b", "c"]);
-        let first = page(all.clone(), 7, None, 2, false);
+    fn a_page_with_more_after_it_carries_where_it_ended() {
+        let first = page(items(&["a", "b"]), 1, 7, false);
         assert_eq!(first.items, vec![json!("a"), json!("b")]);
         assert_eq!(first.remaining, Some(1));
         let token =
             Continue::decode(first.continue_token.as_deref().expect("more")).expect("valid");
-        assert_eq!(token.rv, 7);
-        let second = page(all, 7, Some(&token), 2, false);
-        assert_eq!(
-            (second.items, second.continue_token),
-            (vec![json!("c")], None)
-        );
+        assert_eq!((token.rv, token.key()), (7, (String::new(), "b".into())));
+        let filtered = page(items(&["a"]), 1, 7, true);
+        assert!(filtered.continue_token.is_some());
+        assert_eq!(filtered.remaining, None);
+        let last = page(items(&["c"]), 0, 7, false);
+        assert_eq!((last.items, last.continue_token), (vec![json!("c")], None));
         assert!(Continue::decode("not a token").is_err());
     }
 }

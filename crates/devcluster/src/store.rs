@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,41 +146,68 @@ impl Store {
         }
     }
 
-    /// Objects of a storage as they were at `rv` (ordered like [`Store::list`]), rebuilt from
-    /// the history; `Err(oldest)` when changes after `rv` were already dropped.
-    pub fn list_at(
+    /// Walk the objects of a storage as they were at `rv`, in key order, starting
+    /// after `after`, until `visit` breaks; `Err(oldest)` when changes after `rv`
+    /// were already dropped.
+    ///
+    /// A page of a list costs the page and the changes since `rv`, not the whole
+    /// storage: the current objects are read in place, and only keys written
+    /// since `rv` are taken from the history (as they were before their first
+    /// later change). Cloning every object per page made paging through a large
+    /// storage quadratic and held the lock long enough to stall every write.
+    pub fn visit_at(
         &self,
         storage: &str,
         namespace: Option<&str>,
         rv: u64,
-    ) -> Result<Vec<(Key, Value)>, u64> {
-        let mut objects: BTreeMap<Key, Value> = self
-            .objects
-            .get(storage)
-            .map(|objects| {
-                objects
-                    .iter()
-                    .filter(|((ns, _), _)| namespace.is_none_or(|want| want == ns))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Undo the changes after `rv`, newest first, so each key ends as it was at `rv`.
-        for change in self.changes_since(storage, rv)?.into_iter().rev() {
-            if namespace.is_some_and(|want| want != change.namespace) {
-                continue;
-            }
+        after: Option<&Key>,
+        mut visit: impl FnMut(&Key, &Value) -> ControlFlow<()>,
+    ) -> Result<(), u64> {
+        // Each key changed after `rv` as it was at `rv` (`None`: absent then).
+        let mut then: BTreeMap<Key, Option<Arc<Value>>> = BTreeMap::new();
+        for change in self.changes_since(storage, rv)? {
             let name = change.object["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let key = (change.namespace.clone(), name);
-            match change.previous {
-                Some(previous) => objects.insert(key, Value::clone(&previous)),
-                None => objects.remove(&key),
-            };
+            then.entry((change.namespace, name))
+                .or_insert(change.previous);
         }
-        Ok(objects.into_iter().collect())
+        let lower = match (after, namespace) {
+            (Some(after), Some(ns)) if after.0.as_str() >= ns => Bound::Excluded(after.clone()),
+            (_, Some(ns)) => Bound::Included((ns.to_string(), String::new())),
+            (Some(after), None) => Bound::Excluded(after.clone()),
+            (None, None) => Bound::Unbounded,
+        };
+        let range = (lower, Bound::Unbounded);
+        let empty = BTreeMap::new();
+        let mut current = self
+            .objects
+            .get(storage)
+            .unwrap_or(&empty)
+            .range::<Key, _>(range.clone())
+            .filter(|(key, _)| !then.contains_key(*key))
+            .peekable();
+        let mut earlier = then
+            .range::<Key, _>(range)
+            .filter_map(|(key, value)| value.as_deref().map(|v| (key, v)))
+            .peekable();
+        loop {
+            let next = match (current.peek(), earlier.peek()) {
+                (Some((a, _)), Some((b, _))) if b < a => earlier.next(),
+                (Some(_), _) => current.next(),
+                (None, _) => earlier.next(),
+            };
+            let Some((key, object)) = next else {
+                return Ok(());
+            };
+            if namespace.is_some_and(|want| want != key.0) {
+                return Ok(());
+            }
+            if visit(key, object).is_break() {
+                return Ok(());
+            }
+        }
     }
 
     /// Drop every kept change, as etcd's compaction does: only the current version stays valid.
@@ -241,13 +269,65 @@ mod tests {
         store.remove("s", &key("b"), object("b", rv), rv);
         let rv = store.next_rv();
         store.put("s", key("c"), object("c", rv), rv);
-        let then: Vec<(String, Value)> = store
-            .list_at("s", None, at)
+        let then: Vec<(String, Value)> = at_version(&store, None, at, None)
             .expect("kept")
             .into_iter()
             .map(|((_, name), v)| (name, v["v"].clone()))
             .collect();
         assert_eq!(then, vec![("a".into(), json!(1)), ("b".into(), json!(2))]);
-        assert_eq!(store.list_at("s", None, 1).err(), Some(3));
+        assert_eq!(at_version(&store, None, 1, None).err(), Some(3));
+    }
+
+    fn at_version(
+        store: &Store,
+        namespace: Option<&str>,
+        rv: u64,
+        after: Option<&Key>,
+    ) -> Result<Vec<(Key, Value)>, u64> {
+        let mut seen = Vec::new();
+        store.visit_at("s", namespace, rv, after, |key, object| {
+            seen.push((key.clone(), object.clone()));
+            ControlFlow::Continue(())
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn a_page_at_an_old_version_keeps_namespace_order_and_starts_after_the_token() {
+        let mut store = Store::new(10);
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let object = |name: &str, v: u64| json!({"metadata": {"name": name}, "v": v});
+        for (ns, name) in [("a", "x"), ("b", "m"), ("b", "p"), ("c", "x")] {
+            let rv = store.next_rv();
+            store.put("s", key(ns, name), object(name, rv), rv);
+        }
+        let at = store.current_rv();
+        // After `at`: "b/m" deleted, "b/n" added, "b/p" changed twice.
+        let rv = store.next_rv();
+        store.remove("s", &key("b", "m"), object("m", rv), rv);
+        for name in ["n", "p", "p"] {
+            let rv = store.next_rv();
+            store.put("s", key("b", name), object(name, rv), rv);
+        }
+        let names = |found: Vec<(Key, Value)>| -> Vec<(String, u64)> {
+            found
+                .into_iter()
+                .map(|((ns, name), v)| (format!("{ns}/{name}"), v["v"].as_u64().unwrap_or(0)))
+                .collect()
+        };
+        let old = at_version(&store, Some("b"), at, None).expect("kept");
+        assert_eq!(names(old), vec![("b/m".into(), 2), ("b/p".into(), 3)]);
+        let rest = at_version(&store, Some("b"), at, Some(&key("b", "m"))).expect("kept");
+        assert_eq!(names(rest), vec![("b/p".into(), 3)]);
+        let now = at_version(&store, None, store.current_rv(), Some(&key("a", "x")));
+        assert_eq!(
+            names(now.expect("current")),
+            vec![("b/n".into(), 6), ("b/p".into(), 8), ("c/x".into(), 4)]
+        );
+        // A token from another namespace's range does not leak into this one.
+        let before = at_version(&store, Some("b"), at, Some(&key("a", "z"))).expect("kept");
+        assert_eq!(before.len(), 2);
+        let past = at_version(&store, Some("b"), at, Some(&key("c", "a"))).expect("kept");
+        assert!(past.is_empty());
     }
 }
