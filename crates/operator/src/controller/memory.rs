@@ -47,8 +47,11 @@ enum MachineEntry {
 
 /// The resources waiting for the offboard budget: each gets a place, and
 /// wakes when the slot of its place frees, instead of every waiter waking at
-/// every freed slot. A place whose resource did not come back within
-/// [`QUEUE_GRACE`] of its time (deleted, or served elsewhere) is given up.
+/// every freed slot. A waiter that did not come back within [`QUEUE_GRACE`]
+/// of its time (late, deleted, or served elsewhere) stops counting in the
+/// places behind it, but keeps its own: a waiter that is only late is not
+/// sent to the back, where its slot would stay unused until the windows after
+/// every other waiter's. A place unclaimed for [`QUEUE_FORGET`] is dropped.
 #[derive(Default)]
 struct BudgetQueue {
     next: u64,
@@ -56,8 +59,18 @@ struct BudgetQueue {
     order: std::collections::BTreeMap<u64, String>,
 }
 
-/// How late a waiter may come back before its place is given up.
+/// How late a waiter may come back before it stops counting in other places.
 pub const QUEUE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an unclaimed place is kept for a waiter that may still come back.
+const QUEUE_FORGET: Duration = Duration::from_secs(3600);
+
+impl BudgetQueue {
+    /// Missed its time by more than the grace at `now`.
+    fn stale(due: Option<Instant>, now: Instant, grace: Duration) -> bool {
+        due.is_some_and(|due| now.saturating_duration_since(due) > grace)
+    }
+}
 
 /// How often known actions older than [`FORGET_AFTER`] are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -360,8 +373,12 @@ impl ProcessMemory {
         let mut inner = self.lock();
         let queue = inner.budget_queues.entry(tenant.to_string()).or_default();
         let now = Instant::now();
-        let seq = match queue.places.get(key) {
-            Some((seq, _)) => *seq,
+        let seq = match queue.places.get_mut(key) {
+            Some((seq, due)) => {
+                // Back in time or not, it is waiting again and counts again.
+                *due = None;
+                *seq
+            }
             None => {
                 let seq = queue.next;
                 queue.next += 1;
@@ -370,22 +387,32 @@ impl ProcessMemory {
                 seq
             }
         };
-        let stale: Vec<u64> = queue
+        let forgotten: Vec<u64> = queue
             .order
             .range(..seq)
             .filter(|(_, other)| {
-                queue.places.get(*other).is_some_and(|(_, due)| {
-                    due.is_some_and(|due| now.saturating_duration_since(due) > QUEUE_GRACE)
-                })
+                queue
+                    .places
+                    .get(*other)
+                    .is_some_and(|(_, due)| BudgetQueue::stale(*due, now, QUEUE_FORGET))
             })
             .map(|(seq, _)| *seq)
             .collect();
-        for seq in stale {
+        for seq in forgotten {
             if let Some(other) = queue.order.remove(&seq) {
                 queue.places.remove(&other);
             }
         }
-        queue.order.range(..seq).count()
+        queue
+            .order
+            .range(..seq)
+            .filter(|(_, other)| {
+                queue
+                    .places
+                    .get(*other)
+                    .is_none_or(|(_, due)| !BudgetQueue::stale(*due, now, QUEUE_GRACE))
+            })
+            .count()
     }
 
     /// When `key` was told to come back for its slot.
@@ -400,18 +427,35 @@ impl ProcessMemory {
         }
     }
 
-    /// `key` has its slot: it leaves its tenant's queue.
-    pub fn budget_served(&self, tenant: &str, key: &str) {
+    /// `key` has its slot: it leaves its tenant's queue. Returns the place it
+    /// held, for [`ProcessMemory::budget_return`].
+    pub fn budget_served(&self, tenant: &str, key: &str) -> Option<u64> {
         let mut inner = self.lock();
-        let Some(queue) = inner.budget_queues.get_mut(tenant) else {
-            return;
-        };
-        if let Some((seq, _)) = queue.places.remove(key) {
+        let queue = inner.budget_queues.get_mut(tenant)?;
+        let place = queue.places.remove(key).map(|(seq, _)| seq);
+        if let Some(seq) = place {
             queue.order.remove(&seq);
         }
         if queue.places.is_empty() {
             inner.budget_queues.remove(tenant);
         }
+        place
+    }
+
+    /// `key` gave its slot back unsent: it takes back the place it was served
+    /// from (a waiter sent to the back would leave its slot unused).
+    pub fn budget_return(&self, tenant: &str, key: &str, place: Option<u64>) {
+        let Some(seq) = place else {
+            return;
+        };
+        let mut inner = self.lock();
+        let queue = inner.budget_queues.entry(tenant.to_string()).or_default();
+        if queue.places.contains_key(key) || queue.order.contains_key(&seq) {
+            return;
+        }
+        queue.next = queue.next.max(seq + 1);
+        queue.places.insert(key.to_string(), (seq, None));
+        queue.order.insert(seq, key.to_string());
     }
 
     /// Ask to send for `machine_id` under `key`.
@@ -555,7 +599,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn budget_waiters_keep_their_places_and_stale_ones_are_given_up() {
+    async fn budget_waiters_keep_their_places_and_late_ones_stop_counting_until_back() {
         let memory = ProcessMemory::default();
         assert_eq!(memory.budget_place("t", "a"), 0);
         assert_eq!(memory.budget_place("t", "b"), 1);
@@ -563,18 +607,34 @@ mod tests {
         assert_eq!(memory.budget_place("t", "b"), 1, "a place is kept");
         // Another tenant's waiters queue for another budget.
         assert_eq!(memory.budget_place("other/tenant", "x"), 0);
-        memory.budget_served("t", "a");
+        let served = memory.budget_served("t", "a");
         assert_eq!(memory.budget_place("t", "b"), 0);
         assert_eq!(memory.budget_place("t", "c"), 1);
-        // `b` was due now and never came back: after the grace, `c` moves up.
+        // `b` was due now and did not come back: after the grace, `c` moves up…
         memory.budget_due("t", "b", Instant::now());
         tokio::time::advance(QUEUE_GRACE + Duration::from_secs(1)).await;
         assert_eq!(memory.budget_place("t", "c"), 0);
+        // …and `b`, back late, still goes before `c`, who counts it again.
         assert_eq!(
             memory.budget_place("t", "b"),
-            1,
-            "a late waiter goes to the back"
+            0,
+            "a late waiter keeps its place"
         );
+        assert_eq!(memory.budget_place("t", "c"), 1);
+        // `a` gave its slot back unsent: it is first again, not last.
+        memory.budget_return("t", "a", served);
+        assert_eq!(memory.budget_place("t", "a"), 0);
+        assert_eq!(
+            memory.budget_place("t", "d"),
+            3,
+            "a new waiter goes to the back"
+        );
+        // A place nobody claims for an hour is dropped.
+        for key in ["a", "b", "c", "d"] {
+            memory.budget_due("t", key, Instant::now());
+        }
+        tokio::time::advance(QUEUE_FORGET + Duration::from_secs(1)).await;
+        assert_eq!(memory.budget_place("t", "d"), 0);
         assert_eq!(memory.budget_place("other/tenant", "x"), 0);
     }
 

@@ -174,7 +174,17 @@ async fn cancel<M: MdeCalls, S: StatusStore>(
     }
     let status = current.status.clone().unwrap_or_default();
     let intent = decision::cancel_intent(&view_of(ports, current, &status), reason);
-    let permit = match record_intent(ports, current, &intent, permit, &cancel_key(&key)).await? {
+    let cancel_unsent = |permit: Permit| permit.cancel();
+    let permit = match record_intent(
+        ports,
+        current,
+        &intent,
+        permit,
+        &cancel_unsent,
+        &cancel_key(&key),
+    )
+    .await?
+    {
         Ok(permit) => permit,
         Err(requeue) => return Ok(requeue),
     };
@@ -328,11 +338,8 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
     let tenant = ConnectionKey::of(current).to_string();
-    let permit = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
-        Ok(permit) => {
-            ports.memory.budget_served(&tenant, &key);
-            permit
-        }
+    let (permit, served) = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
+        Ok(permit) => (permit, ports.memory.budget_served(&tenant, &key)),
         Err(not_yet) => {
             // Each waiter comes back when the slot of its place in the queue
             // frees, so a freed slot wakes one waiter, not all of them.
@@ -340,7 +347,9 @@ async fn submit<M: MdeCalls, S: StatusStore>(
                 let place = ports.memory.budget_place(&tenant, &key);
                 let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
                 ports.memory.budget_due(&tenant, &key, at);
-                at.saturating_duration_since(tokio::time::Instant::now())
+                let wait = at.saturating_duration_since(tokio::time::Instant::now());
+                tracing::debug!(%key, place, wait_ms = wait.as_millis(), "waiting for the offboard budget");
+                wait
             });
             // A little jitter for waiters of the same slot.
             let jitter = Duration::from_millis(rand::random_range(0..5));
@@ -360,11 +369,29 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             return Ok(requeue);
         }
     };
-    if check_machine && let Some(requeue) = check(ports, current, machine_id).await? {
+    // A slot given back unsent takes its place in the queue back with it:
+    // from the back, its slot would stay unused until the next hour's.
+    let give_back = |permit: Permit| {
         permit.cancel();
-        return Ok(requeue);
+        ports.memory.budget_return(&tenant, &key, served);
+    };
+    if check_machine {
+        // Nothing is sent unless the check clears it: the slot goes back
+        // whatever else happens, an error included (a dropped permit would
+        // count as a call MDE never saw, for a whole hour).
+        match check(ports, current, machine_id).await {
+            Ok(None) => {}
+            Ok(Some(requeue)) => {
+                give_back(permit);
+                return Ok(requeue);
+            }
+            Err(error) => {
+                give_back(permit);
+                return Err(error);
+            }
+        }
     }
-    send(ports, current, machine_id, permit).await
+    send(ports, current, machine_id, permit, &give_back).await
 }
 
 /// The check before a first send: `Some` (the step's result) when the machine's
@@ -459,6 +486,7 @@ async fn send<M: MdeCalls, S: StatusStore>(
     current: &mut DeviceOffboard,
     machine_id: &str,
     permit: Permit,
+    give_back: &(dyn Fn(Permit) + Sync),
 ) -> Result<Requeue> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
@@ -466,7 +494,7 @@ async fn send<M: MdeCalls, S: StatusStore>(
     // The token first: a slow sign-in must not sit between the intent record
     // and the send, where it would eat into the lookup delay.
     if let Err(error) = ports.mde.sign_in().await {
-        permit.cancel();
+        give_back(permit);
         let transition = decision::on_error(
             &view_of(ports, current, &status),
             &error,
@@ -478,7 +506,7 @@ async fn send<M: MdeCalls, S: StatusStore>(
     // The intent record: only the writer holding the latest resourceVersion wins,
     // so two workers (or replicas) can never both send for one resource.
     let intent = decision::submitting(&view_of(ports, current, &status), machine_id);
-    let permit = match record_intent(ports, current, &intent, permit, &key).await? {
+    let permit = match record_intent(ports, current, &intent, permit, give_back, &key).await? {
         Ok(permit) => permit,
         Err(requeue) => return Ok(requeue),
     };
@@ -504,14 +532,15 @@ async fn record_intent<M: MdeCalls, S: StatusStore>(
     current: &mut DeviceOffboard,
     intent: &DeviceOffboardStatus,
     permit: Permit,
+    give_back: &(dyn Fn(Permit) + Sync),
     clock_key: &str,
 ) -> Result<std::result::Result<Permit, Requeue>> {
     if let Err(error) = write_status(ports.store, current, intent).await {
-        permit.cancel();
+        give_back(permit);
         return Err(error);
     }
     if !ports.memory.may_send() {
-        permit.cancel();
+        give_back(permit);
         return Ok(Err(Some(NOT_LEADER_RETRY)));
     }
     ports.memory.sending(clock_key);

@@ -558,3 +558,36 @@ async fn two_workers_cannot_both_cancel() {
     let action = obj.status.unwrap().machine_action_id.unwrap();
     assert_eq!(mde.cancels_for(&action), 1);
 }
+
+/// A slot taken and given back unsent (here the intent write lost a race)
+/// returns to the budget, and the resource keeps its place in the queue: sent
+/// to the back, its slot would stay unused until every waiter behind it had
+/// gone, which at MDE's hourly limit means the next hour.
+#[tokio::test]
+async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
+    let mde = FakeMde::default();
+    let store = MemoryStore::new(resource(None));
+    store.fail_write(1, FailWith::Conflict);
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let tenant = super::connections::ConnectionKey::of(&store.object()).to_string();
+    assert_eq!(memory.budget_place(&tenant, UID), 0);
+    assert_eq!(memory.budget_place(&tenant, "queued-after"), 1);
+    let full = mde.budget().remaining(ApiFamily::Offboard);
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let step_result = step(&store.object(), &ports).await;
+    assert!(step_result.is_err(), "the intent write fails");
+    assert_eq!(mde.posts_for(UID), 0, "nothing was sent");
+    assert_eq!(mde.budget().remaining(ApiFamily::Offboard), full);
+    assert_eq!(
+        memory.budget_place(&tenant, "queued-after"),
+        1,
+        "the resource is still ahead of the one queued after it"
+    );
+    assert_eq!(memory.budget_place(&tenant, UID), 0);
+}
