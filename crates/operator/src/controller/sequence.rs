@@ -608,17 +608,20 @@ fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> String {
     format!("{}/{machine_id}", ConnectionKey::of(obj))
 }
 
-/// Fold a polled action into the resource (the batch poller and `--wait`).
+/// Fold a polled action into the resource (the batch poller and `--wait`):
+/// the object as written, when something changed.
 pub async fn record_poll<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     obj: &DeviceOffboard,
     action: &MachineAction,
-) -> Result<()> {
+) -> Result<Option<DeviceOffboard>> {
     let status = obj.status.clone().unwrap_or_default();
-    if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {
-        apply(ports, &mut obj.clone(), transition).await?;
-    }
-    Ok(())
+    let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) else {
+        return Ok(None);
+    };
+    let mut written = obj.clone();
+    apply(ports, &mut written, transition).await?;
+    Ok(Some(written))
 }
 
 /// MDE says the recorded action does not exist: end the resource, say so.
