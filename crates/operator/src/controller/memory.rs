@@ -66,9 +66,16 @@ pub const QUEUE_GRACE: Duration = Duration::from_secs(5);
 const QUEUE_FORGET: Duration = Duration::from_secs(3600);
 
 impl BudgetQueue {
-    /// Missed its time by more than the grace at `now`.
-    fn stale(due: Option<Instant>, now: Instant, grace: Duration) -> bool {
-        due.is_some_and(|due| now.saturating_duration_since(due) > grace)
+    /// The places before `seq` whose waiter missed its time by more than `by`.
+    fn missed_before(&self, seq: u64, now: Instant, by: Duration) -> impl Iterator<Item = u64> {
+        self.order
+            .range(..seq)
+            .filter(move |(_, key)| {
+                self.places.get(*key).is_some_and(|(_, due)| {
+                    due.is_some_and(|due| now.saturating_duration_since(due) > by)
+                })
+            })
+            .map(|(seq, _)| *seq)
     }
 }
 
@@ -387,32 +394,14 @@ impl ProcessMemory {
                 seq
             }
         };
-        let forgotten: Vec<u64> = queue
-            .order
-            .range(..seq)
-            .filter(|(_, other)| {
-                queue
-                    .places
-                    .get(*other)
-                    .is_some_and(|(_, due)| BudgetQueue::stale(*due, now, QUEUE_FORGET))
-            })
-            .map(|(seq, _)| *seq)
-            .collect();
+        let forgotten: Vec<u64> = queue.missed_before(seq, now, QUEUE_FORGET).collect();
         for seq in forgotten {
             if let Some(other) = queue.order.remove(&seq) {
                 queue.places.remove(&other);
             }
         }
-        queue
-            .order
-            .range(..seq)
-            .filter(|(_, other)| {
-                queue
-                    .places
-                    .get(*other)
-                    .is_none_or(|(_, due)| !BudgetQueue::stale(*due, now, QUEUE_GRACE))
-            })
-            .count()
+        let ahead = queue.order.range(..seq).count();
+        ahead - queue.missed_before(seq, now, QUEUE_GRACE).count()
     }
 
     /// When `key` was told to come back for its slot.
