@@ -170,12 +170,14 @@ fn with_own_writes(
     fresh
 }
 
-/// Remember an object the poller wrote over `from` (as the cache showed it).
+/// Remember an object the poller wrote over `from` (as the cache showed it),
+/// trimmed as the cache trims it: the API's answer carries `managedFields`.
 fn remember_write(
     written: &mut HashMap<String, (String, Arc<DeviceOffboard>)>,
     from: &DeviceOffboard,
-    object: DeviceOffboard,
+    mut object: DeviceOffboard,
 ) {
+    super::finished::trim_for_cache(&mut object);
     let (Some(uid), Some(version)) = (&from.metadata.uid, &from.metadata.resource_version) else {
         return;
     };
