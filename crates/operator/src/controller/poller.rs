@@ -170,14 +170,12 @@ fn with_own_writes(
     fresh
 }
 
-/// Remember an object the poller wrote over `from` (as the cache showed it),
-/// trimmed as the cache trims it: the API's answer carries `managedFields`.
+/// Remember an object the poller wrote over `from` (as the cache showed it).
 fn remember_write(
     written: &mut HashMap<String, (String, Arc<DeviceOffboard>)>,
     from: &DeviceOffboard,
-    mut object: DeviceOffboard,
+    object: DeviceOffboard,
 ) {
-    super::finished::trim_for_cache(&mut object);
     let (Some(uid), Some(version)) = (&from.metadata.uid, &from.metadata.resource_version) else {
         return;
     };
