@@ -262,7 +262,6 @@ async fn poll(
     match ports.mde.get_machine_action(id).await {
         Ok(action) => sequence::record_poll(ports, obj, &action)
             .await
-            .map(|_| ())
             .map_err(|e| OffboardError::Stopped(e.to_string())),
         Err(error @ MdeError::Throttled { .. }) | Err(error @ MdeError::Unavailable { .. }) => {
             eprintln!("{error}; polling again");

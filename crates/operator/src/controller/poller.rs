@@ -133,58 +133,6 @@ struct PollState {
     created: HashMap<String, Timestamp>,
     /// How dense MDE's list of offboards was in the last window answer.
     density: Density,
-    /// Objects this poller wrote whose new version the cache has not shown
-    /// yet, by uid: the version the cache showed then, and the object written.
-    written: HashMap<String, (String, Arc<DeviceOffboard>)>,
-}
-
-/// The cache's resources, with what this poller wrote in their place where
-/// the cache still shows the version the write replaced: written from the
-/// stale version, the next result would only be refused (409) until the watch
-/// catches up, one wasted write per resource per interval. Entries the cache
-/// has caught up with (or moved past) are dropped.
-fn with_own_writes(
-    cached: Vec<Arc<DeviceOffboard>>,
-    written: &mut HashMap<String, (String, Arc<DeviceOffboard>)>,
-) -> Vec<Arc<DeviceOffboard>> {
-    let mut still_stale = HashMap::new();
-    let fresh = cached
-        .into_iter()
-        .map(|resource| {
-            let Some((uid, (seen, newer))) = resource
-                .metadata
-                .uid
-                .as_ref()
-                .and_then(|uid| written.remove_entry(uid))
-            else {
-                return resource;
-            };
-            if resource.metadata.resource_version.as_deref() != Some(seen.as_str()) {
-                return resource;
-            }
-            still_stale.insert(uid, (seen, newer.clone()));
-            newer
-        })
-        .collect();
-    *written = still_stale;
-    fresh
-}
-
-/// Remember an object the poller wrote over `from` (as the cache showed it).
-fn remember_write(
-    written: &mut HashMap<String, (String, Arc<DeviceOffboard>)>,
-    from: &DeviceOffboard,
-    object: DeviceOffboard,
-) {
-    let (Some(uid), Some(version)) = (&from.metadata.uid, &from.metadata.resource_version) else {
-        return;
-    };
-    // A write over an object already taken from here replaced what the
-    // cache still shows: keep that version as the one to recognise.
-    let seen = written
-        .get(uid)
-        .map_or_else(|| version.clone(), |(seen, _)| seen.clone());
-    written.insert(uid.clone(), (seen, Arc::new(object)));
 }
 
 /// One poller per tenant with actions in flight (the operator's own, each
@@ -281,12 +229,11 @@ pub async fn run<M: MdeCalls>(
                 continue;
             }
         };
-        let cached: Vec<Arc<DeviceOffboard>> = store
+        let resources: Vec<Arc<DeviceOffboard>> = store
             .state()
             .into_iter()
             .filter(|r| ConnectionKey::of(r) == key)
             .collect();
-        let resources = with_own_writes(cached, &mut state.written);
         let in_flight = in_flight_actions(&resources, &state.created);
         let wanted: std::collections::HashSet<&str> =
             in_flight.iter().map(|a| a.id.as_str()).collect();
@@ -371,14 +318,11 @@ pub async fn run<M: MdeCalls>(
             }
         }
         for resource in &resources {
-            let Some(action) = action_id(resource).and_then(|id| by_id.get(id)) else {
-                continue;
-            };
-            match record_poll(&ctx.ports(&mde), resource, action).await {
-                Ok(Some(object)) => remember_write(&mut state.written, resource, object),
-                Ok(None) => {}
-                // A conflict means someone else wrote it; the next tick sees the fresh object.
-                Err(error) => tracing::debug!(error = %error, "poll result not recorded this time"),
+            if let Some(action) = action_id(resource).and_then(|id| by_id.get(id))
+                && let Err(error) = record_poll(&ctx.ports(&mde), resource, action).await
+            {
+                // A conflict means the cache was stale; the next tick sees the fresh object.
+                tracing::debug!(error = %error, "poll result not recorded this time");
             }
         }
         let missing: Vec<&String> = plan
@@ -465,9 +409,7 @@ async fn read_missing<M: MdeCalls>(
             .filter(|r| action_id(r) == Some(id.as_str()))
         {
             let written = match &answer {
-                Ok(action) => record_poll(&ctx.ports(mde), resource, action)
-                    .await
-                    .map(|_| ()),
+                Ok(action) => record_poll(&ctx.ports(mde), resource, action).await,
                 Err(MdeError::NotFound { .. }) => record_gone(&ctx.ports(mde), resource, id).await,
                 Err(error) => {
                     tracing::warn!(error = %error, action = %id, "reading one action failed; next interval retries");
@@ -509,53 +451,6 @@ mod tests {
         assert_eq!(liveness.problem(), None, "green again once restarted");
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
         supervisor.abort();
-    }
-
-    fn at_version(uid: &str, version: &str, action_status: &str) -> DeviceOffboard {
-        let mut object: DeviceOffboard = serde_json::from_value(serde_json::json!({
-            "apiVersion": "defender.offboard.dev/v1alpha1",
-            "kind": "DeviceOffboard",
-            "metadata": {"name": uid, "namespace": "it", "uid": uid, "resourceVersion": version},
-            "spec": {"machineId": "m", "comment": "c"},
-        }))
-        .expect("a valid object");
-        object.status = Some(crate::crd::DeviceOffboardStatus {
-            action_status: Some(action_status.into()),
-            ..Default::default()
-        });
-        object
-    }
-
-    /// What the poller writes is what it reads next while the cache still
-    /// shows the version that write replaced, and only then.
-    #[test]
-    fn a_stale_cache_is_read_through_the_poller_s_own_writes() {
-        let mut written = HashMap::new();
-        let cached_a = at_version("a", "1", "Pending");
-        remember_write(&mut written, &cached_a, at_version("a", "2", "InProgress"));
-        let cached_b = at_version("b", "1", "Pending");
-        remember_write(&mut written, &cached_b, at_version("b", "2", "InProgress"));
-        // The watch has delivered b's write but not a's.
-        let cache = vec![
-            Arc::new(cached_a.clone()),
-            Arc::new(at_version("b", "2", "InProgress")),
-        ];
-        let seen = with_own_writes(cache, &mut written);
-        let versions: Vec<_> = seen
-            .iter()
-            .map(|r| r.metadata.resource_version.clone().unwrap_or_default())
-            .collect();
-        assert_eq!(versions, vec!["2", "2"]);
-        assert_eq!(written.len(), 1, "b is forgotten once the cache shows it");
-        // A second write over the substituted `a` still waits for the cache's "1" to move.
-        remember_write(&mut written, &seen[0], at_version("a", "3", "Succeeded"));
-        let seen = with_own_writes(vec![Arc::new(cached_a)], &mut written);
-        assert_eq!(seen[0].metadata.resource_version.as_deref(), Some("3"));
-        // Someone else's write (a version this poller did not replace) wins.
-        let theirs = at_version("a", "7", "Pending");
-        let seen = with_own_writes(vec![Arc::new(theirs)], &mut written);
-        assert_eq!(seen[0].metadata.resource_version.as_deref(), Some("7"));
-        assert!(written.is_empty());
     }
 
     #[test]

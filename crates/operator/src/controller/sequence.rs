@@ -608,20 +608,17 @@ fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> String {
     format!("{}/{machine_id}", ConnectionKey::of(obj))
 }
 
-/// Fold a polled action into the resource (the batch poller and `--wait`):
-/// the object as written, when something changed.
+/// Fold a polled action into the resource (the batch poller and `--wait`).
 pub async fn record_poll<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     obj: &DeviceOffboard,
     action: &MachineAction,
-) -> Result<Option<DeviceOffboard>> {
+) -> Result<()> {
     let status = obj.status.clone().unwrap_or_default();
-    let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) else {
-        return Ok(None);
-    };
-    let mut written = obj.clone();
-    apply(ports, &mut written, transition).await?;
-    Ok(Some(written))
+    if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {
+        apply(ports, &mut obj.clone(), transition).await?;
+    }
+    Ok(())
 }
 
 /// MDE says the recorded action does not exist: end the resource, say so.
