@@ -637,15 +637,29 @@ async fn long_budget_waits_are_spent_outside_the_cache_and_each_resource_is_sent
         }
     })
     .await;
-    let last = status_of(&env.client, "queued-39").await;
+    // The controller takes resources in no set order: the one to cancel is
+    // one that is parked now, whichever it is.
+    let (waiting, last) = with_timeout(20, async {
+        loop {
+            for i in (0..40).rev() {
+                let name = format!("queued-{i:02}");
+                let status = status_of(&env.client, &name).await;
+                if status.next_retry_at.is_some() {
+                    return (name, status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(last.phase, Some(Phase::Pending), "{last:?}");
     assert!(
         last.next_retry_at.is_some(),
         "a long wait says when: {last:?}"
     );
 
-    annotate_cancel(&env.client, "queued-39", "not this one").await;
-    let cancelled = wait_status(&env.client, "queued-39", |s| {
+    annotate_cancel(&env.client, &waiting, "not this one").await;
+    let cancelled = wait_status(&env.client, &waiting, |s| {
         s.phase.is_some_and(Phase::is_terminal)
     })
     .await;
