@@ -12,7 +12,7 @@ pub mod playground;
 
 pub use mde_client as mde;
 pub use offboard_operator as operator;
-pub use offboard_operator::{connection, controller, crd, metrics, telemetry};
+pub use offboard_operator::{crd, metrics, telemetry};
 
 #[cfg(feature = "dev")]
 pub use devcluster;

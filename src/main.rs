@@ -18,7 +18,8 @@ pub static malloc_conf: Option<&std::ffi::c_char> = Some(
     // jemalloc reads it (`Option<&T>` has a pointer's layout).
     unsafe { &*c"dirty_decay_ms:0,muzzy_decay_ms:0,narenas:2".as_ptr() },
 );
-use defender_offboard::{connection, controller, crd, offboard};
+use defender_offboard::operator::{runtime, tenants};
+use defender_offboard::{crd, offboard};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller (in-cluster config or KUBECONFIG).
-    Run(Box<controller::RunArgs>),
+    Run(Box<runtime::RunArgs>),
     /// Print a CustomResourceDefinition as YAML (default: DeviceOffboard).
     Crd {
         #[arg(value_enum, default_value = "device-offboard")]
@@ -58,13 +59,13 @@ enum CrdKind {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => controller::run(*args).await,
+        Command::Run(args) => runtime::run(*args).await,
         Command::Crd { kind } => {
             print!(
                 "{}",
                 match kind {
                     CrdKind::DeviceOffboard => crd::crd_yaml(),
-                    CrdKind::DefenderConnection => connection::connection_crd_yaml(),
+                    CrdKind::DefenderConnection => tenants::resource::connection_crd_yaml(),
                 }
             );
             Ok(())

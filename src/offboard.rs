@@ -1,7 +1,7 @@
 //! `defender-offboard offboard`: one device from the command line, through the
 //! controller's own exactly-once path. The command holds a `DeviceOffboard` in
 //! memory (its idempotency key plays the uid) and drives the same reconcile
-//! step ([`sequence::step`]) with the MDE client; only the ending differs: it
+//! step ([`step::step`]) with the MDE client; only the ending differs: it
 //! exits where the controller would wait for a person.
 
 use mde_client::limiter::Permit;
@@ -9,15 +9,16 @@ use mde_client::{
     ConnectionArgs, DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget,
     RateLimits,
 };
-use offboard_operator::controller::decision::{Note, Settings};
-use offboard_operator::controller::memory::ProcessMemory;
-use offboard_operator::controller::ports::{MdeCalls, MemoryStore};
-use offboard_operator::controller::sequence::{self, Ports};
-use offboard_operator::controller::status::{READY, Reason, condition};
 use offboard_operator::crd::{
     DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, MAX_COMMENT_LEN, Phase,
 };
 use offboard_operator::metrics::Metrics;
+use offboard_operator::offboard::decision::{Note, Settings};
+use offboard_operator::offboard::memory::ProcessMemory;
+use offboard_operator::offboard::ports::{MdeCalls, MemoryStore};
+use offboard_operator::offboard::status::{READY, Reason, condition};
+use offboard_operator::offboard::step::{self, Ports};
+use offboard_operator::tenants::TenantClient;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -240,7 +241,7 @@ async fn drive(
             if let Some(stop) = must_stop(&status, key) {
                 return Err(stop);
             }
-            let requeue = sequence::step(&obj, ports)
+            let requeue = step::step(&obj, ports)
                 .await
                 .map_err(|e| OffboardError::Stopped(e.to_string()))?;
             let after = ports.store.object().status.unwrap_or_default();
@@ -260,7 +261,7 @@ async fn poll(
     id: &str,
 ) -> Result<(), OffboardError> {
     match ports.mde.get_machine_action(id).await {
-        Ok(action) => sequence::record_poll(ports, obj, &action)
+        Ok(action) => step::record_poll(ports, obj, &action)
             .await
             .map_err(|e| OffboardError::Stopped(e.to_string())),
         Err(error @ MdeError::Throttled { .. }) | Err(error @ MdeError::Unavailable { .. }) => {
@@ -346,6 +347,12 @@ impl Remembering {
     }
 }
 
+impl TenantClient for Remembering {
+    fn budget(&self) -> &RateBudget {
+        self.client.budget()
+    }
+}
+
 impl MdeCalls for Remembering {
     async fn get_machine_action(&self, id: &str) -> Result<MachineAction, MdeError> {
         let result = self.client.get_machine_action(id).await;
@@ -362,10 +369,6 @@ impl MdeCalls for Remembering {
         let result = self.client.cancel_action(Some(slot), id, comment).await;
         self.remember(result.as_ref().ok());
         result
-    }
-
-    fn budget(&self) -> &RateBudget {
-        self.client.budget()
     }
 
     fn rate_limits(&self) -> &RateLimits {

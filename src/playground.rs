@@ -10,13 +10,14 @@ use mde_client::{
     BudgetWait, ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints, RateLimits,
 };
 use mde_simulator::{self as simulator, FaultConfig, LostResponseMode, SimConfig, SimHandle};
-use offboard_operator::connection::DefenderConnection;
-use offboard_operator::controller::connections::Connections;
-use offboard_operator::controller::decision::Settings;
-use offboard_operator::controller::{Context, RunArgs, run_with_connections};
 use offboard_operator::crd::{DeviceOffboard, Phase};
 use offboard_operator::metrics::Metrics;
+use offboard_operator::offboard::Context;
+use offboard_operator::offboard::decision::Settings;
+use offboard_operator::runtime::{RunArgs, run_with_connections};
 use offboard_operator::telemetry::{self, LogFormat};
+use offboard_operator::tenants::Connections;
+use offboard_operator::tenants::DefenderConnection;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -4,8 +4,6 @@
 //! figures come from what the API, the simulator and `/proc` show. No timing
 //! is asserted anywhere; `cargo test` runs it with tiny sizes so it cannot rot.
 
-use defender_offboard::controller::finished::FINAL_LABEL;
-use defender_offboard::controller::poll_plan::{self, Density, InFlight};
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use defender_offboard::devcluster::{self, ApiHandle, ApiServerConfig};
 use defender_offboard::mde::client::{CallObserver, MAX_TOP};
@@ -13,6 +11,8 @@ use defender_offboard::mde::limiter::{ApiFamily, RateLimit, RateLimits};
 use defender_offboard::mde::{
     BudgetWait, ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints,
 };
+use defender_offboard::operator::cache::final_label::FINAL_LABEL;
+use defender_offboard::operator::offboard::poll_plan::{self, Density, InFlight};
 use defender_offboard::simulator::{self, SimConfig, SimHandle};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams, PostParams};

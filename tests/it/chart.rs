@@ -1,7 +1,7 @@
 //! The Helm chart and the examples agree with the code.
 
-use defender_offboard::connection::connection_crd_yaml;
 use defender_offboard::crd::{DeviceOffboard, crd_yaml};
+use defender_offboard::operator::tenants::resource::connection_crd_yaml;
 
 #[test]
 fn chart_crd_is_the_generated_crd() {
@@ -53,7 +53,8 @@ use serde::Deserialize;
 #[test]
 fn chart_flags_are_flags_of_run() {
     use clap::Args;
-    let run = defender_offboard::controller::RunArgs::augment_args(clap::Command::new("run"));
+    let run =
+        defender_offboard::operator::runtime::RunArgs::augment_args(clap::Command::new("run"));
     let known: Vec<String> = run
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_string))

@@ -1,10 +1,10 @@
 //! Shared helpers of the integration tests: everything on 127.0.0.1, port 0.
 #![allow(dead_code)]
 
-use defender_offboard::controller::decision::Settings;
 use defender_offboard::crd::DeviceOffboard;
 use defender_offboard::mde::{ClientConfig, ClientIdentity, DefenderClient, RateLimits};
 use defender_offboard::metrics::Metrics;
+use defender_offboard::operator::offboard::decision::Settings;
 use defender_offboard::simulator::{self, SimConfig, SimHandle};
 use defender_offboard::{devcluster, playground};
 use kube::CustomResourceExt;
@@ -50,7 +50,7 @@ pub async fn spawn_api() -> devcluster::ApiHandle {
     let config = devcluster::ApiServerConfig {
         crds: vec![
             DeviceOffboard::crd(),
-            defender_offboard::connection::DefenderConnection::crd(),
+            defender_offboard::operator::tenants::resource::DefenderConnection::crd(),
         ],
         ..Default::default()
     };

@@ -33,7 +33,7 @@ pub(crate) async fn start(sim_config: SimConfig) -> Env {
 
 pub(crate) async fn start_with(
     sim_config: SimConfig,
-    settings: defender_offboard::controller::decision::Settings,
+    settings: defender_offboard::operator::offboard::decision::Settings,
 ) -> Env {
     start_limited(sim_config, settings, FAST_LIMITS).await
 }
@@ -41,7 +41,7 @@ pub(crate) async fn start_with(
 /// The controller with the operator's own `--rate-limit` (`limits`).
 pub(crate) async fn start_limited(
     sim_config: SimConfig,
-    settings: defender_offboard::controller::decision::Settings,
+    settings: defender_offboard::operator::offboard::decision::Settings,
     limits: &str,
 ) -> Env {
     let sim = spawn_sim(sim_config).await;
@@ -177,7 +177,7 @@ async fn a_burst_of_300_resources_is_offboarded_without_429s_or_duplicates() {
 /// machine this operator already offboarded (under another key) is adopted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_sends_are_checked_against_one_index_not_one_read_each() {
-    let settings = defender_offboard::controller::decision::Settings {
+    let settings = defender_offboard::operator::offboard::decision::Settings {
         lookup_delay: Duration::from_secs(5),
         ..fast_settings()
     };
@@ -397,7 +397,7 @@ fn max_posts_per_key(stats: &defender_offboard::simulator::SimStats) -> u64 {
 /// again (that used to panic, so the lease was never released).
 #[tokio::test]
 async fn leader_work_that_ends_releases_the_lease() {
-    use defender_offboard::controller::leader::{
+    use defender_offboard::operator::runtime::leader::{
         LEASE_NAME, LeaseClock, LeaseConfig, LeaseTiming, run_as_leader,
     };
     use defender_offboard::telemetry::Readiness;
@@ -566,7 +566,7 @@ async fn a_cancel_annotation_cancels_a_pending_offboard_once() {
 /// not land on the new object: that one would never be offboarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_final_label_never_lands_on_a_resource_applied_again_under_the_same_name() {
-    use defender_offboard::controller::finished::{FINAL_LABEL, label};
+    use defender_offboard::operator::cache::final_label::{FINAL_LABEL, label};
     let api_server = spawn_api().await;
     let client = api_server.client().await.unwrap();
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");

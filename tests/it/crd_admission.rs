@@ -81,7 +81,7 @@ async fn project_crd_rules_are_enforced() {
 /// at admission with the field named.
 #[tokio::test]
 async fn connection_crd_rules_are_enforced() {
-    use defender_offboard::connection::DefenderConnection;
+    use defender_offboard::operator::tenants::resource::DefenderConnection;
     bounded(async {
         let api = start(ApiServerConfig { crds: vec![DefenderConnection::crd()], ..Default::default() }).await;
         let client = api.client().await.unwrap();

@@ -92,7 +92,7 @@ fn sim_config(scenario: Scenario) -> SimConfig {
 
 async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
     // The lookup delay must exceed MDE's list lag (one second here).
-    let settings = defender_offboard::controller::decision::Settings {
+    let settings = defender_offboard::operator::offboard::decision::Settings {
         lookup_delay: Duration::from_millis(1500),
         ..fast_settings()
     };

@@ -2,11 +2,11 @@
 //! the in-memory API and the simulator.
 
 use crate::common::*;
-use defender_offboard::controller::nodes::{self, NODE_FINALIZER, NODE_UID_LABEL};
-use defender_offboard::controller::ports::KubeStore;
-use defender_offboard::controller::ttl;
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use defender_offboard::metrics::Metrics;
+use defender_offboard::operator::nodes::{self, NODE_FINALIZER, NODE_UID_LABEL};
+use defender_offboard::operator::offboard::ports::KubeStore;
+use defender_offboard::operator::ttl;
 use defender_offboard::playground::{create_node, embedded_controller_with};
 use defender_offboard::simulator::SimHandle;
 use k8s_openapi::api::core::v1::Node;

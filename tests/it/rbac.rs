@@ -4,14 +4,14 @@
 //! every request must be allowed by the chart's RBAC rules.
 
 use crate::common::*;
-use defender_offboard::connection::DefenderConnection;
-use defender_offboard::controller::check_crd_installed;
-use defender_offboard::controller::decision::Settings;
-use defender_offboard::controller::leader::{Elector, LeaseTiming};
 use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
+use defender_offboard::operator::offboard::decision::Settings;
+use defender_offboard::operator::runtime::check_crd_installed;
+use defender_offboard::operator::runtime::leader::{Elector, LeaseTiming};
+use defender_offboard::operator::tenants::resource::DefenderConnection;
 
-use defender_offboard::controller::nodes::{self, NODE_FINALIZER};
 use defender_offboard::metrics::Metrics;
+use defender_offboard::operator::nodes::{self, NODE_FINALIZER};
 use defender_offboard::playground::{
     create_connection, create_node, create_workload_identity_connection, embedded_controller_with,
     sim_host,
@@ -303,7 +303,7 @@ async fn the_chart_grants_every_call_the_controller_makes() {
     for expected in [
         ("defender.offboard.dev", "deviceoffboards", "watch"),
         ("defender.offboard.dev", "deviceoffboards/status", "patch"),
-        // The final label (see `controller::finished`).
+        // The final label (see `cache::final_label`).
         ("defender.offboard.dev", "deviceoffboards", "patch"),
         ("events.k8s.io", "events", "create"),
         ("coordination.k8s.io", "leases", "update"),

@@ -4,9 +4,9 @@
 //! namespace. Every count is read at the simulators.
 
 use crate::common::*;
-use defender_offboard::connection::DefenderConnection;
 use defender_offboard::crd::{ConnectionRef, DeviceOffboard, DeviceOffboardSpec, Phase};
 use defender_offboard::devcluster::ApiHandle;
+use defender_offboard::operator::tenants::resource::DefenderConnection;
 use defender_offboard::playground::{
     create_connection, create_workload_identity_connection, embedded_controller_with, sim_host,
 };
@@ -523,7 +523,9 @@ async fn a_certificate_connection_offboards() {
 /// at start with the command that installs it.
 #[tokio::test]
 async fn a_missing_connection_crd_is_named_at_start() {
-    use defender_offboard::controller::{check_connection_crd_installed, check_crd_installed};
+    use defender_offboard::operator::runtime::{
+        check_connection_crd_installed, check_crd_installed,
+    };
     use kube::CustomResourceExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = defender_offboard::devcluster::ApiServerConfig {

@@ -212,6 +212,9 @@ pub fn crd_yaml() -> String {
     serde_yaml_ng::to_string(&DeviceOffboard::crd()).expect("the CRD always serializes")
 }
 
+/// Field manager for every write the operator makes.
+pub const FIELD_MANAGER: &str = "defender-offboard";
+
 #[cfg(test)]
 mod tests {
     use super::*;

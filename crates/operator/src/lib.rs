@@ -1,10 +1,27 @@
-//! The `DeviceOffboard` operator: the resource, the reconcile (a pure decision
-//! behind two small ports), the batch poller, leader election, metrics and
-//! telemetry. It talks to MDE only through `mde-client`, and to Kubernetes only
-//! through kube-rs; it never depends on a test double.
+//! The `DeviceOffboard` operator, in rooms by concern (docs/architecture.md):
+//!
+//! - [`offboard`]: one resource from the watch to MDE and back (the pure
+//!   decision, the step, the ports, the poller);
+//! - [`tenants`]: which MDE tenant and client a resource goes through;
+//! - [`nodes`]: a deleted Node's `DeviceOffboard`; [`ttl`]: cleanup of
+//!   finished resources; [`cache`]: what leaves the controller's cache;
+//! - [`runtime`]: the composition root (`run`), leader election, gauges;
+//! - leaves every room may use: [`error`], [`crd`], [`metrics`],
+//!   [`telemetry`].
+//!
+//! It talks to MDE only through `mde-client`, to Kubernetes only through
+//! kube-rs, and never depends on a test double.
 
-pub mod connection;
-pub mod controller;
+pub mod cache;
 pub mod crd;
+pub mod error;
+pub mod lease_clock;
 pub mod metrics;
+pub mod nodes;
+pub mod offboard;
+pub(crate) mod pages;
+pub mod runtime;
+pub(crate) mod tasks;
 pub mod telemetry;
+pub mod tenants;
+pub mod ttl;

@@ -1,0 +1,171 @@
+//! Finished resources leave the controller's memory. A `DeviceOffboard` is a
+//! record that GitOps repos and pipelines keep for years; the controller must
+//! not hold one copy of each in its cache. When a resource turns `Succeeded`
+//! or `Failed`, the same status cycle labels it [`FINAL_LABEL`]`=true`, and the
+//! controller watches with [`WATCH_SELECTOR`], so the API server drops it from
+//! the watch (a `DELETED` event for the cache) while `kubectl get doff` still
+//! lists it.
+//!
+//! The status stays the truth: a resource whose label write was lost (a crash
+//! between the two writes) is still final to the decision, and the next
+//! reconcile of it only adds the label.
+
+use crate::crd::DeviceOffboard;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+/// The label of a finished resource.
+pub const FINAL_LABEL: &str = "defender.offboard.dev/final";
+
+/// What the controller watches: everything not yet labelled final.
+pub const WATCH_SELECTOR: &str = "defender.offboard.dev/final!=true";
+
+/// What `kubectl apply` keeps on every object: a copy of the whole manifest.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drop what the controller never reads before an object enters its cache:
+/// `managedFields` (one entry per writer) and `kubectl apply`'s copy of the
+/// manifest. The cancel annotation and everything the decision reads stay;
+/// status writes need only the resourceVersion, which stays too.
+pub fn trim_for_cache(obj: &mut DeviceOffboard) {
+    obj.metadata.managed_fields = None;
+    if let Some(annotations) = obj.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            obj.metadata.annotations = None;
+        }
+    }
+}
+
+/// Whether the status is final.
+pub fn is_final(obj: &DeviceOffboard) -> bool {
+    obj.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_terminal())
+}
+
+/// Labelled final: outside the controller's watch.
+pub fn is_labelled_final(obj: &DeviceOffboard) -> bool {
+    obj.labels().get(FINAL_LABEL).map(String::as_str) == Some("true")
+}
+
+/// Final in status but not yet labelled so.
+pub fn needs_label(obj: &DeviceOffboard) -> bool {
+    is_final(obj) && !is_labelled_final(obj)
+}
+
+/// The merge patch that labels a resource final, with the resourceVersion
+/// the status was read at as a precondition.
+pub fn label_patch(resource_version: Option<&str>) -> serde_json::Value {
+    json!({ "metadata": { "resourceVersion": resource_version, "labels": { FINAL_LABEL: "true" } } })
+}
+
+/// Label a final resource. The patch goes by name, so it carries the
+/// resourceVersion of the object whose status is final: without it, a
+/// resource deleted and applied again under the same name in between (a
+/// GitOps prune and re-apply) would get the label, leave the watch and never
+/// be offboarded. A 409 means the object changed; its next reconcile labels
+/// it if it is still final.
+pub async fn label(
+    client: &kube::Client,
+    obj: &DeviceOffboard,
+) -> Result<DeviceOffboard, kube::Error> {
+    let api: Api<DeviceOffboard> =
+        Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let params = PatchParams {
+        field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    let patch = label_patch(obj.resource_version().as_deref());
+    api.patch(&obj.name_any(), &params, &Patch::Merge(&patch))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+
+    #[test]
+    fn the_cache_keeps_what_the_controller_reads() {
+        let mut obj = with(None, None);
+        obj.metadata.resource_version = Some("7".into());
+        obj.metadata.managed_fields = Some(vec![Default::default(), Default::default()]);
+        obj.metadata.annotations = Some(
+            [
+                (
+                    LAST_APPLIED.to_string(),
+                    "{\"big\":\"manifest\"}".to_string(),
+                ),
+                (
+                    crate::crd::CANCEL_ANNOTATION.to_string(),
+                    "wrong device".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        let before = obj.clone();
+        trim_for_cache(&mut obj);
+        assert_eq!(obj.metadata.managed_fields, None);
+        let annotations = obj.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations[crate::crd::CANCEL_ANNOTATION], "wrong device");
+        assert_eq!(obj.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(
+            (obj.spec.clone(), obj.status.clone()),
+            (before.spec, before.status)
+        );
+    }
+
+    fn with(phase: Option<Phase>, label: Option<&str>) -> DeviceOffboard {
+        let mut obj = DeviceOffboard::new(
+            "r",
+            DeviceOffboardSpec {
+                machine_id: None,
+                device_name: Some("d".into()),
+                comment: "c".into(),
+                ttl_seconds_after_finished: None,
+                connection_ref: None,
+            },
+        );
+        obj.status = phase.map(|p| DeviceOffboardStatus {
+            phase: Some(p),
+            ..Default::default()
+        });
+        if let Some(value) = label {
+            obj.labels_mut().insert(FINAL_LABEL.into(), value.into());
+        }
+        obj
+    }
+
+    #[test]
+    fn only_final_unlabelled_resources_need_the_label() {
+        for (phase, label, needs) in [
+            (Some(Phase::Succeeded), None, true),
+            (Some(Phase::Failed), None, true),
+            (Some(Phase::Failed), Some("false"), true),
+            (Some(Phase::Succeeded), Some("true"), false),
+            (Some(Phase::InProgress), None, false),
+            (Some(Phase::Submitting), None, false),
+            (None, None, false),
+            // A hand-written label does not make a resource final: the status decides.
+            (Some(Phase::Pending), Some("true"), false),
+        ] {
+            assert_eq!(
+                needs_label(&with(phase, label)),
+                needs,
+                "{phase:?} {label:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_selector_leaves_out_exactly_the_label() {
+        assert_eq!(WATCH_SELECTOR, format!("{FINAL_LABEL}!=true"));
+        let patch = label_patch(Some("41"));
+        assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
+        assert_eq!(patch["metadata"]["resourceVersion"], "41");
+    }
+}

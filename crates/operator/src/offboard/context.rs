@@ -1,0 +1,89 @@
+//! What every reconcile of the offboard controller shares: the tenants'
+//! clients, the status store, this process's state, the tunables.
+
+use super::decision::Settings;
+use super::memory::ProcessMemory;
+use super::ports::{KubeStore, MdeCalls};
+use super::step::Ports;
+use crate::cache::parked::ParkingLot;
+use crate::metrics::Metrics;
+use crate::telemetry::Liveness;
+use crate::tenants::Connections;
+use kube::runtime::events::Reporter;
+use mde_client::DefenderClient;
+use std::sync::Arc;
+
+/// Shared by every reconcile: built once. `M` is the MDE port: the client in
+/// production, a fake in unit tests.
+pub struct Context<M = DefenderClient> {
+    pub client: kube::Client,
+    /// The MDE client of each tenant: the operator's own, and one per
+    /// `DefenderConnection` (`run --connections`).
+    pub connections: Arc<Connections<M>>,
+    pub store: KubeStore,
+    /// What this process remembers between reconciles (lookup clocks, machines).
+    pub memory: ProcessMemory,
+    /// Red while a background task (the poller) is down.
+    pub liveness: Liveness,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Resources waiting outside the cache until their `nextRetryAt`.
+    pub parked: Arc<ParkingLot>,
+}
+
+impl<M: MdeCalls> Context<M> {
+    /// One tenant, through `mde`; `instance` names this replica in the Events
+    /// it publishes.
+    pub fn new(
+        client: kube::Client,
+        mde: M,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
+        Self::with_connections(
+            client,
+            Connections::new(Some(mde), false),
+            metrics,
+            settings,
+            instance,
+        )
+    }
+
+    pub fn with_connections(
+        client: kube::Client,
+        connections: Connections<M>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "defender-offboard".into(),
+            instance,
+        };
+        Context {
+            store: KubeStore {
+                reporter,
+                client: client.clone(),
+            },
+            client,
+            connections: Arc::new(connections),
+            memory: ProcessMemory::default(),
+            liveness: Liveness::default(),
+            metrics,
+            settings,
+            parked: Arc::default(),
+        }
+    }
+
+    /// The ports one reconcile step runs against, with `mde` the tenant's client.
+    pub fn ports<'a>(&'a self, mde: &'a M) -> Ports<'a, M, KubeStore> {
+        Ports {
+            mde,
+            store: &self.store,
+            memory: &self.memory,
+            settings: &self.settings,
+            metrics: &self.metrics,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The transition after each call the reconcile makes: resolve, the intent
+//! record, send, lookup and poll.
+
+use super::errors::{Failure, failed, on_error};
+use super::{Conditions, Note, Settings, Submitted, Transition, View};
+use crate::crd::{DeviceOffboardStatus, Phase};
+use crate::offboard::status::{ConditionUpdate, Reason, STALLED, SUBMITTED, condition, last_error};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::{ActionStatus, Machine, MachineAction, MdeError};
+use std::time::Duration;
+
+/// After resolving `deviceName`: the machine id, or a transition to write.
+// The transition lives for one reconcile; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
+pub fn after_resolve(
+    view: &View,
+    device_name: &str,
+    result: Result<Vec<Machine>, MdeError>,
+    settings: &Settings,
+) -> Result<String, Transition> {
+    let machines = match result {
+        Ok(machines) => machines,
+        Err(error) => return Err(on_error(view, &error, Phase::Pending, settings)),
+    };
+    match machines.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(failed(
+            view,
+            Failure::new(
+                Reason::DeviceNotFound,
+                format!(
+                    "no MDE machine has computerDnsName {device_name:?}; check the name (as shown in the Defender portal) or use spec.machineId"
+                ),
+            ),
+        )),
+        several => {
+            let found: Vec<String> = several
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} (lastSeen {}, {})",
+                        m.id,
+                        m.last_seen.as_deref().unwrap_or("unknown"),
+                        m.os_platform.as_deref().unwrap_or("unknown platform")
+                    )
+                })
+                .collect();
+            let message = format!(
+                "{} MDE machines share computerDnsName {device_name:?} (a re-imaged device?): {}; create the DeviceOffboard with spec.machineId set to the one to offboard",
+                several.len(),
+                found.join(", ")
+            );
+            Err(failed(view, Failure::new(Reason::DeviceAmbiguous, message)))
+        }
+    }
+}
+
+/// A budget wait longer than this is written as `nextRetryAt`; a shorter
+/// one is not worth a status write each time it is waited again.
+pub const SHOW_RETRY_AT_BEYOND: Duration = Duration::from_secs(3);
+
+/// While the offboard budget is spent: stay `Pending`, say why, look again then.
+/// `nextRetryAt` is left alone so waiting costs no status writes per retry.
+pub fn waiting_for_budget(view: &View, wait: Duration, machine_id: &str) -> Transition {
+    let mut status = view.with(
+        Phase::Pending,
+        Conditions {
+            ready: (
+                Reason::WaitingForBudget,
+                "waiting for the operator's offboard rate budget".into(),
+            ),
+            submitted: Submitted::no(Reason::NotSubmitted, "not sent yet"),
+        },
+    );
+    // Keep a resolved deviceName, so waiting does not resolve it again.
+    status.machine_id = Some(machine_id.to_string());
+    // A long wait says when it ends (and the cache may park the resource
+    // until then); a short one writes nothing new when waited again.
+    status.next_retry_at = (wait > SHOW_RETRY_AT_BEYOND).then(|| super::at(view.now, wait));
+    Transition {
+        status,
+        note: None,
+        requeue: Some(wait),
+    }
+}
+
+/// The intent record, written with a resourceVersion precondition before sending.
+/// It always differs from the status it replaces (`attempts` grows), so the
+/// write always moves the resourceVersion and fences every other writer.
+pub fn submitting(view: &View, machine_id: &str) -> DeviceOffboardStatus {
+    let mut status = view.with(
+        Phase::Submitting,
+        Conditions {
+            ready: (
+                Reason::Submitting,
+                format!("sending the offboard request for machine {machine_id}"),
+            ),
+            submitted: Submitted::no(Reason::Submitting, "offboard request being sent"),
+        },
+    );
+    status.machine_id = Some(machine_id.to_string());
+    status.attempts = Some(view.status.attempts.unwrap_or(0) + 1);
+    status.submitted_at = Some(Time(view.now));
+    status.next_retry_at = None;
+    status
+}
+
+/// What to do after the send (`view.status` is the `Submitting` status).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum AfterSend {
+    Record(Transition),
+    /// MDE says an offboard is already pending: find it and adopt it.
+    AdoptPending,
+}
+
+pub fn after_send(
+    view: &View,
+    result: Result<MachineAction, MdeError>,
+    settings: &Settings,
+) -> AfterSend {
+    let error = match result {
+        Ok(action) => return AfterSend::Record(record_action(view, &action, Origin::Sent)),
+        Err(MdeError::AlreadyPending { .. }) => return AfterSend::AdoptPending,
+        Err(error) => error,
+    };
+    // Only an answer that may hide a created action keeps `Submitting` (and so
+    // forces a lookup); a definite refusal means nothing exists at MDE.
+    let phase = if error.may_have_created() {
+        Phase::Submitting
+    } else {
+        Phase::Pending
+    };
+    AfterSend::Record(on_error(view, &error, phase, settings))
+}
+
+/// How the resource came to its action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// This resource's send created it.
+    Sent,
+    /// Found by this resource's marker after an ambiguous outcome or a crash.
+    Recovered,
+    /// Created by another request for the same machine (`key`: its uid or CLI
+    /// key; empty when MDE said "already pending" for an action not ours).
+    Shared { key: String },
+}
+
+/// Record a MachineAction in status. `machineActionId` is only ever set when empty.
+pub fn record_action(view: &View, action: &MachineAction, origin: Origin) -> Transition {
+    if let Some(existing) = &view.status.machine_action_id
+        && existing != &action.id
+    {
+        // Never replace: keep ours, say what was seen.
+        return Transition {
+            status: view.status.clone(),
+            note: Some(Note {
+                reason: Reason::ConflictingAction,
+                message: format!(
+                    "MDE answered with offboard action {} ({}) but this resource records action {existing}; keeping {existing}",
+                    action.id, action.status
+                ),
+            }),
+            requeue: None,
+        };
+    }
+    let (submitted_reason, verb) = match &origin {
+        Origin::Sent => (Reason::Requested, "requested".to_string()),
+        Origin::Recovered => (Reason::Adopted, "adopted existing".to_string()),
+        Origin::Shared { key } if key.is_empty() => (
+            Reason::Adopted,
+            "adopted (already pending at MDE)".to_string(),
+        ),
+        Origin::Shared { key } => (
+            Reason::Adopted,
+            format!("adopted (created by request {key} for the same machine)"),
+        ),
+    };
+    let machine = action
+        .machine_id
+        .clone()
+        .or_else(|| view.machine_id())
+        .unwrap_or_default();
+    let mut transition = apply_action_status(view, action);
+    let status = &mut transition.status;
+    status.machine_action_id = Some(action.id.clone());
+    status.machine_id = Some(machine.clone());
+    status.next_retry_at = None;
+    if !status.phase.is_some_and(Phase::is_terminal) {
+        status.last_error = None;
+    }
+    if status.submitted_at.is_none() {
+        status.submitted_at = Some(Time(view.now));
+    }
+    view.set(
+        status,
+        ConditionUpdate {
+            type_: SUBMITTED,
+            holds: true,
+            reason: submitted_reason,
+            message: format!("offboard action {} {verb} for machine {machine}", action.id),
+        },
+    );
+    // The submit note wins over a poll note: a person wants to see the action id first.
+    transition.note = Some(Note {
+        reason: submitted_reason,
+        message: format!(
+            "offboard action {} {verb} for machine {machine} (MDE status {})",
+            action.id, action.status
+        ),
+    });
+    transition
+}
+
+/// MDE answered 404 for the action this resource records, asked for it alone
+/// (not from a list, where a missing entry proves nothing): final, with the
+/// action named, instead of polling for it forever.
+pub fn action_gone(view: &View, action_id: &str) -> Transition {
+    let message = format!(
+        "MDE has no offboard action {action_id} (GET /api/machineactions/{action_id} answered 404); check the device in the Defender portal, then create a new DeviceOffboard to offboard it again"
+    );
+    let mut transition = failed(view, Failure::new(Reason::ActionNotFound, message));
+    // It was sent: keep Submitted as it was.
+    if let Some(submitted) = condition(view.status, SUBMITTED) {
+        let keep = submitted.clone();
+        transition
+            .status
+            .conditions
+            .retain(|c| c.type_ != SUBMITTED);
+        transition.status.conditions.push(keep);
+    }
+    transition
+}
+
+/// Fold a polled action's status into the resource. `None` when nothing changed.
+pub fn after_poll(view: &View, action: &MachineAction) -> Option<Transition> {
+    if view.status.machine_action_id.as_deref() != Some(action.id.as_str())
+        || view.phase().is_terminal()
+    {
+        return None;
+    }
+    let transition = apply_action_status(view, action);
+    (transition.status != *view.status).then_some(transition)
+}
+
+/// The phase, `Ready` reason, message and Event that MDE's status word means.
+fn phase_of(action: &MachineAction) -> (Phase, Reason, String, Option<Reason>) {
+    let word = action.status.as_str();
+    match &action.status {
+        ActionStatus::Succeeded => (
+            Phase::Succeeded,
+            Reason::Succeeded,
+            format!("MDE offboard action {} succeeded", action.id),
+            Some(Reason::Succeeded),
+        ),
+        ActionStatus::Cancelled => (
+            Phase::Failed,
+            Reason::Cancelled,
+            format!(
+                "MDE offboard action {} was cancelled{}; create a new DeviceOffboard to offboard the device after all",
+                action.id,
+                action
+                    .cancellation_comment
+                    .as_deref()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default()
+            ),
+            Some(Reason::Cancelled),
+        ),
+        ActionStatus::Failed | ActionStatus::TimeOut => (
+            Phase::Failed,
+            Reason::Failed,
+            format!(
+                "MDE offboard action {} ended {word}; see the action in the Defender portal, then create a new DeviceOffboard to retry",
+                action.id
+            ),
+            Some(Reason::Failed),
+        ),
+        _ => (
+            Phase::InProgress,
+            Reason::InProgress,
+            format!("MDE offboard action {} is {word}", action.id),
+            None,
+        ),
+    }
+}
+
+pub(super) fn apply_action_status(view: &View, action: &MachineAction) -> Transition {
+    let word = action.status.as_str().to_string();
+    let (phase, reason, message, note) = phase_of(action);
+    let already_submitted = condition(view.status, SUBMITTED).is_some_and(|c| c.status == "True");
+    let mut status = if already_submitted {
+        // Keep the Submitted condition as it is (Requested or Adopted).
+        let mut status = view.status.clone();
+        status.phase = Some(phase);
+        status.observed_generation = view.generation;
+        view.set_ready(&mut status, phase, (reason, message.clone()));
+        status
+    } else {
+        view.with(
+            phase,
+            Conditions {
+                ready: (reason, message.clone()),
+                submitted: Submitted {
+                    holds: true,
+                    reason: Reason::Requested,
+                    message: format!("offboard action {}", action.id),
+                },
+            },
+        )
+    };
+    status.action_status = Some(word.clone());
+    if phase.is_terminal() {
+        status.completed_at = Some(Time(view.now));
+        if phase == Phase::Failed {
+            status.last_error = last_error(&word, message.clone());
+            view.set(
+                &mut status,
+                ConditionUpdate {
+                    type_: STALLED,
+                    holds: true,
+                    reason,
+                    message: message.clone(),
+                },
+            );
+        }
+    }
+    Transition {
+        status,
+        note: note.map(|reason| Note { reason, message }),
+        requeue: None,
+    }
+}

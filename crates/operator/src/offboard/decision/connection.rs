@@ -1,0 +1,60 @@
+//! A resource whose tenant cannot be reached through its connection: it
+//! waits with the reason and the fix named, and nothing is sent.
+
+use super::errors::{Retry, retrying};
+use super::{Settings, Transition, View};
+use crate::offboard::status::Reason;
+use crate::tenants::Unavailable;
+use std::time::Duration;
+
+/// The status reason of an unavailable connection.
+pub fn unavailable_reason(unavailable: &Unavailable) -> Reason {
+    match unavailable {
+        Unavailable::Disabled { .. } => Reason::ConnectionsDisabled,
+        Unavailable::NotFound { .. } => Reason::ConnectionNotFound,
+        Unavailable::NotReady { .. } | Unavailable::Checking { .. } => Reason::ConnectionNotReady,
+        Unavailable::NoDefault => Reason::NoDefaultConnection,
+    }
+}
+
+/// Wait in the current phase (`Pending`, or `Submitting` whose lookup needs
+/// the tenant) with the reason in status and an Event; the Event only when
+/// the reason is new, so a long wait does not repeat it every retry.
+pub fn connection_unavailable(
+    view: &View,
+    unavailable: &Unavailable,
+    settings: &Settings,
+) -> Transition {
+    let reason = unavailable_reason(unavailable);
+    let mut transition = retrying(
+        view,
+        Retry {
+            phase: view.phase(),
+            reason,
+            code: reason.as_str(),
+            message: unavailable.message(),
+            wait: unavailable_wait(unavailable, settings),
+        },
+    );
+    let repeated = view
+        .status
+        .last_error
+        .as_ref()
+        .is_some_and(|e| e.code == reason.as_str());
+    if repeated {
+        transition.note = None;
+    }
+    transition
+}
+
+/// How soon to look again: a missing or not-ready connection may appear
+/// any moment (GitOps applies in any order); the operator's own
+/// configuration changes only with a restart.
+fn unavailable_wait(unavailable: &Unavailable, settings: &Settings) -> Duration {
+    match unavailable {
+        Unavailable::NotFound { .. }
+        | Unavailable::NotReady { .. }
+        | Unavailable::Checking { .. } => settings.retry_backoff,
+        Unavailable::Disabled { .. } | Unavailable::NoDefault => settings.access_backoff,
+    }
+}

@@ -1,0 +1,251 @@
+//! The reconcile decision: state in, next step out. No I/O here, so every
+//! phase × outcome is a table row in the tests.
+//!
+//! The exactly-once recipe (DESIGN.md): record intent (`Submitting`) before
+//! sending; after any ambiguous outcome, or when found in `Submitting`, look
+//! the action up by its correlation marker and adopt it; only send again when
+//! the lookup proves nothing was created; `machineActionId` is never replaced.
+//!
+//! - [`plan`]: what to do next, from the resource alone;
+//! - [`after`]: the transition after each call (resolve, send, lookup, poll);
+//! - [`errors`]: how a failed call shows in status, and when to look again.
+//!
+//! The controller ([`crate::offboard::reconcile`]) and the `offboard` command both drive
+//! these functions through [`crate::offboard::step`].
+
+mod after;
+mod cancel;
+mod connection;
+mod errors;
+mod lookup;
+mod plan;
+#[cfg(test)]
+mod tests;
+mod timing;
+
+pub use after::{
+    AfterSend, Origin, action_gone, after_poll, after_resolve, after_send, record_action,
+    submitting, waiting_for_budget,
+};
+pub use cancel::{
+    AfterCancelRead, after_cancel, after_cancel_read, cancel_intent, cancelled_before_send,
+};
+pub use connection::{connection_unavailable, unavailable_reason};
+pub use errors::{list_failed, lookup_failed, on_error};
+pub use lookup::{AfterLookUp, Found, LookUp, after_lookup, found_in, pending_in};
+pub use plan::{invalid_spec, plan};
+pub use timing::SubmittingClock;
+
+use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::offboard::status::{ConditionUpdate, Observed, READY, Reason, SUBMITTED, set_condition};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::time::Duration;
+
+/// Tunables of the decision (all durations; tests compress them).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Pause after an ambiguous send (or a crash in `Submitting`) before the
+    /// lookup, so an action created just before is listable.
+    pub lookup_delay: Duration,
+    /// Retry after a transient failure.
+    pub retry_backoff: Duration,
+    /// Retry after a credentials or permission failure: a person must act.
+    pub access_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            // Above the default 30 s request timeout: a request that timed out
+            // may still be in MDE's hands, and must be listable before we look.
+            lookup_delay: Duration::from_secs(35),
+            retry_backoff: Duration::from_secs(10),
+            access_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the reconcile should do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Nothing now: final, waiting for the poller, or for `requeue`.
+    Idle { requeue: Option<Duration> },
+    /// Resolve `spec.deviceName` to a machine id.
+    Resolve { device_name: String },
+    /// Take budget, write `Submitting` (with a precondition), then send.
+    /// Before a resource's first send (`check_machine`), list the machine's
+    /// offboard actions: one another resource created is adopted instead.
+    Submit {
+        machine_id: String,
+        check_machine: bool,
+    },
+    /// Look the action up by marker before any resend. Only a lookup made
+    /// `lookup_delay` after this process first saw `Submitting` proves absence;
+    /// an earlier one may only adopt.
+    LookUp {
+        machine_id: String,
+        proves_absence: bool,
+    },
+    /// Write this transition, nothing else: a spec with no device (the schema
+    /// forbids it), a cancel before sending or one that comes too late.
+    Write(Box<Transition>),
+    /// Record the cancel's intent, then `POST .../cancel` for the action.
+    Cancel { action_id: String, reason: String },
+    /// A cancel was recorded but not confirmed: read the action before any
+    /// second request. Only a read `lookup_delay` after the send may resend.
+    ReadCancelled {
+        action_id: String,
+        proves_absence: bool,
+    },
+}
+
+/// A Kubernetes Event to publish with a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// The status to write (if it differs), an event, and when to look again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub status: DeviceOffboardStatus,
+    pub note: Option<Note>,
+    pub requeue: Option<Duration>,
+}
+
+/// The state a decision reads.
+#[derive(Debug, Clone)]
+pub struct View<'a> {
+    pub spec: &'a DeviceOffboardSpec,
+    pub status: &'a DeviceOffboardStatus,
+    pub generation: Option<i64>,
+    pub now: Timestamp,
+    /// While `Submitting`: how long this process has seen it so, on its own
+    /// monotonic clock (`None`: not seen yet, counts as just now).
+    pub submitting: Option<SubmittingClock>,
+    /// The wait before the next retry after a transient failure, grown by the
+    /// caller with the failures in a row (`None`: `Settings::retry_backoff`).
+    pub retry_wait: Option<Duration>,
+    /// The `defender.offboard.dev/cancel` annotation's value, if any.
+    pub cancel: Option<&'a str>,
+    /// While a cancel is `Requesting`: how long this process has seen it so.
+    pub cancel_clock: Option<SubmittingClock>,
+}
+
+/// What the `Ready` and `Submitted` conditions say about a new phase.
+#[derive(Debug, Clone)]
+pub(crate) struct Conditions {
+    /// The `Ready` reason and message (`Ready` holds only when `Succeeded`).
+    pub ready: (Reason, String),
+    pub submitted: Submitted,
+}
+
+/// The `Submitted` condition: whether MDE holds an action for this resource.
+#[derive(Debug, Clone)]
+pub(crate) struct Submitted {
+    pub holds: bool,
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Submitted {
+    pub fn no(reason: Reason, message: impl Into<String>) -> Self {
+        Submitted {
+            holds: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl View<'_> {
+    fn phase(&self) -> Phase {
+        self.status.phase.unwrap_or_default()
+    }
+
+    /// The cancel annotation's reason (a blank one still asks to cancel).
+    fn cancel_reason(&self) -> Option<&str> {
+        self.cancel.map(|reason| match reason.trim() {
+            "" => "cancel asked for with a blank defender.offboard.dev/cancel annotation",
+            reason => reason,
+        })
+    }
+
+    fn machine_id(&self) -> Option<String> {
+        self.status
+            .machine_id
+            .clone()
+            .or_else(|| self.spec.machine_id.clone())
+    }
+
+    fn until(&self, at: Option<&Time>) -> Option<Duration> {
+        let at = at?.0;
+        (at > self.now).then(|| to_std(at.duration_since(self.now)))
+    }
+
+    /// The wait before retrying a transient failure.
+    fn retry_wait(&self, settings: &Settings) -> Duration {
+        self.retry_wait.unwrap_or(settings.retry_backoff)
+    }
+
+    fn observed(&self) -> Observed {
+        Observed {
+            generation: self.generation,
+            now: self.now,
+        }
+    }
+
+    /// Set one condition on `status`, as of this view.
+    fn set(&self, status: &mut DeviceOffboardStatus, update: ConditionUpdate) {
+        set_condition(status, update, self.observed());
+    }
+
+    /// The current status in `phase`, with `Ready` and `Submitted` set.
+    fn with(&self, phase: Phase, conditions: Conditions) -> DeviceOffboardStatus {
+        let mut status = self.status.clone();
+        status.phase = Some(phase);
+        status.observed_generation = self.generation;
+        self.set(
+            &mut status,
+            ConditionUpdate {
+                type_: SUBMITTED,
+                holds: conditions.submitted.holds,
+                reason: conditions.submitted.reason,
+                message: conditions.submitted.message,
+            },
+        );
+        self.set_ready(&mut status, phase, conditions.ready);
+        status
+    }
+
+    /// `Ready` for `phase`: it holds only once the offboard `Succeeded`.
+    fn set_ready(
+        &self,
+        status: &mut DeviceOffboardStatus,
+        phase: Phase,
+        (reason, message): (Reason, String),
+    ) {
+        self.set(
+            status,
+            ConditionUpdate {
+                type_: READY,
+                holds: phase == Phase::Succeeded,
+                reason,
+                message,
+            },
+        );
+    }
+}
+
+fn to_std(d: SignedDuration) -> Duration {
+    Duration::try_from(d).unwrap_or_default()
+}
+
+/// `now + after`, saturating at the end of time rather than panicking on a
+/// duration that came from the network.
+fn at(now: Timestamp, after: Duration) -> Time {
+    let after = SignedDuration::try_from(after).unwrap_or(SignedDuration::MAX);
+    Time(now.checked_add(after).unwrap_or(Timestamp::MAX))
+}

@@ -1,0 +1,1031 @@
+//! Table tests of the decision: a new case is one row.
+use super::timing::SubmittingClock;
+use super::*;
+use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::offboard::status::{READY, Reason, STALLED, SUBMITTED, condition};
+use crate::tenants::Unavailable;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::{ActionStatus, ApiFamily, Machine, MachineAction, MdeError};
+use std::time::Duration;
+
+const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+const ACTION: &str = "5382f7ea-7557-4ab7-9782-d50480024a4e";
+
+fn now() -> Timestamp {
+    "2026-06-01T12:00:00Z".parse().unwrap()
+}
+
+fn by_id() -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        machine_id: Some(MACHINE.into()),
+        device_name: None,
+        comment: "retired".into(),
+        ttl_seconds_after_finished: None,
+        connection_ref: None,
+    }
+}
+
+fn by_name() -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        machine_id: None,
+        device_name: Some("pc-1.contoso.com".into()),
+        comment: "retired".into(),
+        ttl_seconds_after_finished: None,
+        connection_ref: None,
+    }
+}
+
+fn status(phase: Phase) -> DeviceOffboardStatus {
+    DeviceOffboardStatus {
+        phase: Some(phase),
+        machine_id: Some(MACHINE.into()),
+        ..Default::default()
+    }
+}
+
+fn submitting_since(seconds_ago: i64) -> DeviceOffboardStatus {
+    DeviceOffboardStatus {
+        submitted_at: Some(Time(now() - SignedDuration::from_secs(seconds_ago))),
+        attempts: Some(1),
+        ..status(Phase::Submitting)
+    }
+}
+
+/// A realistic status after the send was recorded and polled to `action_status`.
+fn with_action(phase: Phase, action_status: &str) -> DeviceOffboardStatus {
+    let spec = by_id();
+    let sent = submitting_since(0);
+    let word: ActionStatus = serde_json::from_value(serde_json::json!(action_status)).unwrap();
+    let recorded = record_action(&view(&spec, &sent), &action(word), Origin::Sent).status;
+    assert_eq!(recorded.phase, Some(phase), "fixture");
+    recorded
+}
+
+fn action(status: ActionStatus) -> MachineAction {
+    serde_json::from_value(serde_json::json!({
+        "id": ACTION, "type": "Offboard", "status": status.as_str(), "machineId": MACHINE,
+        "requestorComment": "retired [defender-offboard:uid]"
+    }))
+    .unwrap()
+}
+
+fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> View<'a> {
+    View {
+        spec,
+        status,
+        generation: Some(1),
+        now: now(),
+        submitting: None,
+        retry_wait: None,
+        cancel: None,
+        cancel_clock: None,
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        lookup_delay: Duration::from_secs(5),
+        retry_backoff: Duration::from_secs(10),
+        access_backoff: Duration::from_secs(300),
+    }
+}
+
+fn throttled() -> MdeError {
+    MdeError::Throttled {
+        family: ApiFamily::Offboard,
+        retry_at: now() + SignedDuration::from_secs(30),
+    }
+}
+
+fn ready(status: &DeviceOffboardStatus) -> (String, String) {
+    let c = condition(status, READY).expect("Ready condition");
+    (c.status.clone(), c.reason.clone())
+}
+
+/// Since when this process has seen a resource `Submitting`.
+fn clock(seconds: u64, looked_early: bool) -> Option<SubmittingClock> {
+    Some(SubmittingClock {
+        seen_for: Duration::from_secs(seconds),
+        looked_early,
+    })
+}
+
+#[test]
+fn plan_for_every_phase() {
+    let s = settings();
+    let none = DeviceOffboardStatus::default();
+    let later = DeviceOffboardStatus {
+        next_retry_at: Some(Time(now() + SignedDuration::from_secs(30))),
+        ..status(Phase::Pending)
+    };
+    let refused_once = DeviceOffboardStatus {
+        attempts: Some(1),
+        ..status(Phase::Pending)
+    };
+    let crashed_after_send = DeviceOffboardStatus {
+        machine_action_id: Some(ACTION.into()),
+        ..submitting_since(60)
+    };
+    let submit = |check_machine| Plan::Submit {
+        machine_id: MACHINE.into(),
+        check_machine,
+    };
+    let look_up = |proves_absence| Plan::LookUp {
+        machine_id: MACHINE.into(),
+        proves_absence,
+    };
+    type Row = (
+        &'static str,
+        DeviceOffboardSpec,
+        DeviceOffboardStatus,
+        Option<SubmittingClock>,
+        Plan,
+    );
+    let rows: Vec<Row> = vec![
+        (
+            "new, by id: check the machine first",
+            by_id(),
+            none.clone(),
+            None,
+            submit(true),
+        ),
+        (
+            "new, by name",
+            by_name(),
+            none.clone(),
+            None,
+            Plan::Resolve {
+                device_name: "pc-1.contoso.com".into(),
+            },
+        ),
+        (
+            "pending, resolved earlier",
+            by_name(),
+            status(Phase::Pending),
+            None,
+            submit(true),
+        ),
+        (
+            "pending after a refused send: no second machine check",
+            by_id(),
+            refused_once,
+            None,
+            submit(false),
+        ),
+        (
+            "pending, throttled",
+            by_id(),
+            later,
+            None,
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(30)),
+            },
+        ),
+        (
+            "found submitting (crash, new leader): an early lookup that may only adopt",
+            by_id(),
+            submitting_since(60),
+            None,
+            look_up(false),
+        ),
+        (
+            // A wall-clock submittedAt an hour old proves nothing: another
+            // process wrote it, and its send may have gone out much later.
+            "submitted an hour ago by the wall clock, first seen now",
+            by_id(),
+            submitting_since(3600),
+            None,
+            look_up(false),
+        ),
+        (
+            "early lookup made, delay not over",
+            by_id(),
+            submitting_since(60),
+            clock(2, true),
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(3)),
+            },
+        ),
+        (
+            "just sent by this process, ambiguous",
+            by_id(),
+            submitting_since(0),
+            clock(0, true),
+            Plan::Idle {
+                requeue: Some(Duration::from_secs(5)),
+            },
+        ),
+        (
+            "seen submitting for the whole delay: a lookup that proves",
+            by_id(),
+            submitting_since(0),
+            clock(5, true),
+            look_up(true),
+        ),
+        (
+            "crash after the action was recorded",
+            by_id(),
+            crashed_after_send,
+            None,
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "in progress",
+            by_id(),
+            with_action(Phase::InProgress, "Pending"),
+            None,
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "succeeded",
+            by_id(),
+            with_action(Phase::Succeeded, "Succeeded"),
+            None,
+            Plan::Idle { requeue: None },
+        ),
+        (
+            "failed",
+            by_id(),
+            status(Phase::Failed),
+            None,
+            Plan::Idle { requeue: None },
+        ),
+    ];
+    for (name, spec, status, clock, expected) in rows {
+        let v = View {
+            submitting: clock,
+            ..view(&spec, &status)
+        };
+        assert_eq!(plan(&v, &s), expected, "{name}");
+    }
+}
+
+#[test]
+fn intent_record_counts_attempts() {
+    let spec = by_id();
+    let first = submitting(&view(&spec, &DeviceOffboardStatus::default()), MACHINE);
+    assert_eq!(first.phase, Some(Phase::Submitting));
+    assert_eq!(first.attempts, Some(1));
+    assert_eq!(first.submitted_at, Some(Time(now())));
+    assert_eq!(first.machine_id.as_deref(), Some(MACHINE));
+    assert_eq!(condition(&first, SUBMITTED).unwrap().reason, "Submitting");
+    let second = submitting(&view(&spec, &first), MACHINE);
+    assert_eq!(second.attempts, Some(2));
+}
+
+/// Phase after each client outcome of the send, the event, and whether a lookup must follow.
+/// Outcome of the send, expected phase, Ready reason, event.
+type SendRow = (
+    &'static str,
+    Result<MachineAction, MdeError>,
+    Phase,
+    &'static str,
+    Option<Reason>,
+);
+
+#[test]
+fn after_send_for_every_outcome() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(0);
+    let v = view(&spec, &current);
+    let msg = || "m".to_string();
+    let rows: Vec<SendRow> = vec![
+        (
+            "created",
+            Ok(action(ActionStatus::Pending)),
+            Phase::InProgress,
+            "InProgress",
+            Some(Reason::Requested),
+        ),
+        (
+            "created, already done",
+            Ok(action(ActionStatus::Succeeded)),
+            Phase::Succeeded,
+            "Succeeded",
+            Some(Reason::Requested),
+        ),
+        (
+            "not sent",
+            Err(MdeError::NotSent { reason: msg() }),
+            Phase::Pending,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+        (
+            "throttled",
+            Err(throttled()),
+            Phase::Pending,
+            "Throttled",
+            Some(Reason::Throttled),
+        ),
+        (
+            "bad credentials",
+            Err(MdeError::Unauthorized { message: msg() }),
+            Phase::Pending,
+            "AuthenticationFailed",
+            Some(Reason::AuthenticationFailed),
+        ),
+        (
+            "sign-in",
+            Err(MdeError::SignIn { message: msg() }),
+            Phase::Pending,
+            "AuthenticationFailed",
+            Some(Reason::AuthenticationFailed),
+        ),
+        (
+            "no permission",
+            Err(MdeError::Forbidden {
+                code: "Forbidden".into(),
+                message: msg(),
+            }),
+            Phase::Pending,
+            "PermissionDenied",
+            Some(Reason::PermissionDenied),
+        ),
+        (
+            "unknown machine",
+            Err(MdeError::NotFound { message: msg() }),
+            Phase::Failed,
+            "DeviceNotFound",
+            Some(Reason::DeviceNotFound),
+        ),
+        (
+            "linux",
+            Err(MdeError::PlatformNotSupported { message: msg() }),
+            Phase::Failed,
+            "PlatformNotSupported",
+            Some(Reason::PlatformNotSupported),
+        ),
+        (
+            "bad request",
+            Err(MdeError::BadRequest {
+                status: 400,
+                code: "InvalidRequestBody".into(),
+                message: msg(),
+            }),
+            Phase::Failed,
+            "MdeError",
+            Some(Reason::Failed),
+        ),
+        (
+            "lost response",
+            Err(MdeError::OutcomeUnknown { reason: msg() }),
+            Phase::Submitting,
+            "OutcomeUnknown",
+            Some(Reason::OutcomeUnknown),
+        ),
+        (
+            "5xx",
+            Err(MdeError::Unavailable {
+                status: 503,
+                message: msg(),
+            }),
+            Phase::Submitting,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+        (
+            "garbled 2xx",
+            Err(MdeError::InvalidResponse { message: msg() }),
+            Phase::Submitting,
+            "MdeError",
+            Some(Reason::MdeError),
+        ),
+    ];
+    for (name, result, phase, reason, event) in rows {
+        let AfterSend::Record(t) = after_send(&v, result, &s) else {
+            panic!("{name}: expected a record")
+        };
+        assert_eq!(t.status.phase, Some(phase), "{name}");
+        assert_eq!(ready(&t.status).1, reason, "{name}");
+        assert_eq!(t.note.as_ref().map(|n| n.reason), event, "{name}");
+        match phase {
+            Phase::InProgress | Phase::Succeeded => {
+                assert_eq!(
+                    t.status.machine_action_id.as_deref(),
+                    Some(ACTION),
+                    "{name}"
+                );
+                assert_eq!(
+                    condition(&t.status, SUBMITTED).unwrap().status,
+                    "True",
+                    "{name}"
+                );
+                assert!(t.status.last_error.is_none(), "{name}");
+            }
+            Phase::Failed => {
+                assert!(t.status.completed_at.is_some(), "{name}");
+                assert!(t.status.last_error.is_some(), "{name}");
+                assert_eq!(
+                    condition(&t.status, STALLED).unwrap().status,
+                    "True",
+                    "{name}"
+                );
+                assert_eq!(t.requeue, None, "{name}: terminal, no retry");
+            }
+            _ => {
+                assert!(t.status.machine_action_id.is_none(), "{name}");
+                assert!(
+                    t.status.next_retry_at.is_some(),
+                    "{name}: a retry time is shown"
+                );
+                assert!(
+                    t.requeue.is_some(),
+                    "{name}: the worker is freed and comes back"
+                );
+                assert_eq!(ready(&t.status).0, "False", "{name}");
+            }
+        }
+    }
+    assert_eq!(
+        after_send(&v, Err(MdeError::AlreadyPending { message: msg() }), &s),
+        AfterSend::AdoptPending
+    );
+}
+
+#[test]
+fn throttle_waits_for_retry_after_and_access_errors_back_off_long() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(0);
+    let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(throttled()), &s) else {
+        panic!()
+    };
+    assert_eq!(t.requeue, Some(Duration::from_secs(30)));
+    assert_eq!(
+        t.status.next_retry_at,
+        Some(Time(now() + SignedDuration::from_secs(30)))
+    );
+    let forbidden = MdeError::Forbidden {
+        code: "Forbidden".into(),
+        message: "no Machine.Offboard".into(),
+    };
+    let AfterSend::Record(t) = after_send(&view(&spec, &current), Err(forbidden), &s) else {
+        panic!()
+    };
+    assert_eq!(t.requeue, Some(s.access_backoff));
+    assert!(
+        ready(&t.status).0 == "False" && t.status.phase == Some(Phase::Pending),
+        "not terminal"
+    );
+    assert!(
+        t.note.unwrap().message.contains("Machine.Offboard"),
+        "the fix is named"
+    );
+}
+
+#[test]
+fn lookup_adopts_sends_or_waits() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(60);
+    let v = view(&spec, &current);
+    let proving = LookUp {
+        key: "uid",
+        proves_absence: true,
+    };
+    let early = LookUp {
+        proves_absence: false,
+        ..proving
+    };
+    let AfterLookUp::Adopt(t) =
+        after_lookup(&v, Ok(vec![action(ActionStatus::InProgress)]), early, &s)
+    else {
+        panic!("found action must be adopted")
+    };
+    assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
+    assert_eq!(t.status.phase, Some(Phase::InProgress));
+    assert_eq!(condition(&t.status, SUBMITTED).unwrap().reason, "Adopted");
+    assert_eq!(t.note.unwrap().reason, Reason::Adopted);
+    assert_eq!(t.status.attempts, Some(1), "adoption sends nothing");
+
+    assert_eq!(after_lookup(&v, Ok(vec![]), proving, &s), AfterLookUp::Send);
+    // Absent on an early lookup: wait out the delay, write nothing.
+    let AfterLookUp::Wait(t) = after_lookup(&v, Ok(vec![]), early, &s) else {
+        panic!("an early lookup proves nothing")
+    };
+    assert_eq!(t.status, current);
+    assert_eq!((t.note, t.requeue), (None, Some(s.lookup_delay)));
+    // Another resource's action for the machine does not count as ours...
+    let mut others = action(ActionStatus::Failed);
+    others.requestor_comment = Some("[defender-offboard:uid-10] retired".into());
+    assert_eq!(
+        after_lookup(&v, Ok(vec![others.clone()]), proving, &s),
+        AfterLookUp::Send
+    );
+    // ... unless it is live or succeeded: then one offboard serves both.
+    others.status = ActionStatus::Pending;
+    let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(vec![others]), proving, &s) else {
+        panic!("a live action of another request for the machine is adopted")
+    };
+    assert!(t.note.unwrap().message.contains("uid-10"));
+
+    for error in [
+        throttled(),
+        MdeError::Unavailable {
+            status: 503,
+            message: "m".into(),
+        },
+    ] {
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), proving, &s) else {
+            panic!("a failed lookup never sends")
+        };
+        assert_eq!(
+            t.status.phase,
+            Some(Phase::Submitting),
+            "the lookup must come first next time too"
+        );
+        assert!(t.requeue.is_some());
+    }
+}
+
+/// Whatever the lookup answers, the resource neither fails nor resends:
+/// the action may exist.
+#[test]
+fn a_failed_lookup_never_fails_the_resource() {
+    let s = settings();
+    let spec = by_id();
+    let current = submitting_since(60);
+    let v = view(&spec, &current);
+    for error in [
+        MdeError::NotFound {
+            message: "m".into(),
+        },
+        MdeError::BadRequest {
+            status: 400,
+            code: "InvalidFilter".into(),
+            message: "m".into(),
+        },
+        MdeError::Forbidden {
+            code: "Forbidden".into(),
+            message: "m".into(),
+        },
+        MdeError::NotSent { reason: "m".into() },
+    ] {
+        let proving = LookUp {
+            key: "uid",
+            proves_absence: true,
+        };
+        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), proving, &s) else {
+            panic!("{error:?}")
+        };
+        assert_eq!(t.status.phase, Some(Phase::Submitting), "{error:?}");
+        assert!(
+            t.requeue.is_some() && t.status.completed_at.is_none(),
+            "{error:?}"
+        );
+    }
+}
+
+#[test]
+fn waiting_for_budget_keeps_the_resolved_machine() {
+    let spec = by_name();
+    let none = DeviceOffboardStatus::default();
+    let waiting = waiting_for_budget(&view(&spec, &none), Duration::from_secs(1), MACHINE).status;
+    assert_eq!(waiting.machine_id.as_deref(), Some(MACHINE));
+    assert_eq!(
+        plan(&view(&spec, &waiting), &settings()),
+        Plan::Submit {
+            machine_id: MACHINE.into(),
+            check_machine: true,
+        },
+        "no second resolve"
+    );
+}
+
+#[test]
+fn a_retry_after_in_the_past_still_waits_a_second() {
+    let spec = by_id();
+    let current = status(Phase::Pending);
+    let past = MdeError::Throttled {
+        family: ApiFamily::Offboard,
+        retry_at: now() - SignedDuration::from_secs(5),
+    };
+    let t = on_error(&view(&spec, &current), &past, Phase::Pending, &settings());
+    assert_eq!(t.requeue, Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn an_action_id_is_never_replaced() {
+    let spec = by_id();
+    let current = with_action(Phase::InProgress, "Pending");
+    let mut other = action(ActionStatus::Pending);
+    other.id = "00000000-0000-0000-0000-000000000000".into();
+    let t = record_action(&view(&spec, &current), &other, Origin::Recovered);
+    assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
+    assert_eq!(t.status, current, "nothing else changes either");
+    // ... and says what was seen: both ids, and which one is kept.
+    let note = t.note.expect("an Event names the other action");
+    assert_eq!(note.reason, Reason::ConflictingAction);
+    assert!(
+        note.message.contains(ACTION) && note.message.contains(&other.id),
+        "{}",
+        note.message
+    );
+    assert_eq!(after_poll(&view(&spec, &current), &other), None);
+}
+
+/// A spec naming no device (the schema forbids it; an old CRD may not) ends
+/// `Failed` with the fix named, instead of idling without a word.
+#[test]
+fn a_spec_without_a_device_fails_with_the_fix_named() {
+    let spec = DeviceOffboardSpec {
+        machine_id: None,
+        device_name: None,
+        comment: "retired".into(),
+        ttl_seconds_after_finished: None,
+        connection_ref: None,
+    };
+    let none = DeviceOffboardStatus::default();
+    let Plan::Write(t) = plan(&view(&spec, &none), &settings()) else {
+        panic!("a spec without a device must be refused")
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status), ("False".into(), "InvalidSpec".into()));
+    assert_eq!(condition(&t.status, STALLED).unwrap().status, "True");
+    let note = t.note.expect("an Event says why");
+    assert!(note.message.contains("spec.machineId") && note.message.contains("spec.deviceName"));
+    assert_eq!(t.requeue, None, "final: nothing to retry");
+}
+
+#[test]
+fn poll_results_move_to_final_phases() {
+    let spec = by_id();
+    let current = with_action(Phase::InProgress, "Pending");
+    let v = view(&spec, &current);
+    assert_eq!(
+        after_poll(&v, &action(ActionStatus::Pending)),
+        None,
+        "no change, no write"
+    );
+    let t = after_poll(&v, &action(ActionStatus::InProgress)).unwrap();
+    assert_eq!(
+        (t.status.phase, t.status.action_status.as_deref()),
+        (Some(Phase::InProgress), Some("InProgress"))
+    );
+    assert!(t.note.is_none());
+    for (status, phase, event) in [
+        (ActionStatus::Succeeded, Phase::Succeeded, Reason::Succeeded),
+        (ActionStatus::Failed, Phase::Failed, Reason::Failed),
+        (ActionStatus::TimeOut, Phase::Failed, Reason::Failed),
+        (ActionStatus::Cancelled, Phase::Failed, Reason::Cancelled),
+    ] {
+        let word = status.as_str().to_string();
+        let t = after_poll(&v, &action(status)).unwrap();
+        assert_eq!(t.status.phase, Some(phase), "{word}");
+        assert_eq!(t.status.action_status.as_deref(), Some(word.as_str()));
+        assert_eq!(t.status.completed_at, Some(Time(now())));
+        assert_eq!(t.note.unwrap().reason, event);
+        assert_eq!(
+            ready(&t.status).0,
+            if phase == Phase::Succeeded {
+                "True"
+            } else {
+                "False"
+            }
+        );
+        if phase == Phase::Failed {
+            assert_eq!(t.status.last_error.as_ref().unwrap().code, word);
+        }
+    }
+    let done = with_action(Phase::Succeeded, "Succeeded");
+    assert_eq!(
+        after_poll(&view(&spec, &done), &action(ActionStatus::Failed)),
+        None,
+        "terminal stays terminal"
+    );
+}
+
+#[test]
+fn device_names_resolve_to_exactly_one_machine() {
+    let s = settings();
+    let spec = by_name();
+    let current = DeviceOffboardStatus::default();
+    let v = view(&spec, &current);
+    let machine = |id: &str| Machine {
+        id: id.into(),
+        last_seen: Some("2026-05-01T00:00:00Z".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s),
+        Ok(MACHINE.to_string())
+    );
+
+    let t = after_resolve(&v, "pc-1.contoso.com", Ok(vec![]), &s).unwrap_err();
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "DeviceNotFound");
+    assert!(
+        t.status
+            .last_error
+            .unwrap()
+            .message
+            .contains("pc-1.contoso.com")
+    );
+
+    let t = after_resolve(
+        &v,
+        "pc-1.contoso.com",
+        Ok(vec![machine("a1"), machine("b2")]),
+        &s,
+    )
+    .unwrap_err();
+    assert_eq!(ready(&t.status).1, "DeviceAmbiguous");
+    let message = t.status.last_error.unwrap().message;
+    assert!(
+        message.contains("a1") && message.contains("b2") && message.contains("spec.machineId"),
+        "{message}"
+    );
+
+    let t = after_resolve(&v, "pc-1.contoso.com", Err(throttled()), &s).unwrap_err();
+    assert_eq!(t.status.phase, Some(Phase::Pending));
+    assert!(t.status.next_retry_at.is_some());
+}
+
+#[test]
+fn a_long_budget_wait_says_when_it_ends_and_is_waited_out() {
+    let spec = by_id();
+    let waiting = waiting_for_budget(
+        &view(&spec, &status(Phase::Pending)),
+        Duration::from_secs(600),
+        MACHINE,
+    )
+    .status;
+    let at = now() + SignedDuration::from_secs(600);
+    assert_eq!(waiting.next_retry_at, Some(Time(at)));
+    assert_eq!(
+        plan(&view(&spec, &waiting), &settings()),
+        Plan::Idle {
+            requeue: Some(Duration::from_secs(600))
+        },
+        "nothing is tried before its time"
+    );
+    let due = View {
+        now: at,
+        ..view(&spec, &waiting)
+    };
+    assert_eq!(
+        plan(&due, &settings()),
+        Plan::Submit {
+            machine_id: MACHINE.into(),
+            check_machine: true,
+        }
+    );
+}
+
+#[test]
+fn unchanged_state_produces_an_identical_status() {
+    let spec = by_id();
+    let first = waiting_for_budget(
+        &view(&spec, &status(Phase::Pending)),
+        Duration::from_secs(1),
+        MACHINE,
+    );
+    let later = View {
+        now: now() + SignedDuration::from_secs(60),
+        ..view(&spec, &first.status)
+    };
+    let second = waiting_for_budget(&later, Duration::from_secs(1), MACHINE);
+    assert_eq!(
+        first.status, second.status,
+        "waiting again must not cause a status write"
+    );
+}
+
+/// What the cancel annotation leads to, for every state a resource can be in.
+#[test]
+fn plan_for_a_cancel_annotation() {
+    let spec = by_id();
+    let s = settings();
+    let cancelling = |status: &DeviceOffboardStatus, clock| {
+        let v = View {
+            cancel: Some("wrong device"),
+            cancel_clock: clock,
+            ..view(&spec, status)
+        };
+        plan(&v, &s)
+    };
+    // Pending at MDE: send the cancel.
+    let pending = with_action(Phase::InProgress, "Pending");
+    assert_eq!(
+        cancelling(&pending, None),
+        Plan::Cancel {
+            action_id: ACTION.into(),
+            reason: "wrong device".into()
+        }
+    );
+    // InProgress at MDE: too late, said once, nothing sent.
+    let running = with_action(Phase::InProgress, "InProgress");
+    let Plan::Write(t) = cancelling(&running, None) else {
+        panic!("too late is a write")
+    };
+    assert_eq!(t.note.as_ref().unwrap().reason, Reason::CancelTooLate);
+    let cancel = t.status.cancel.clone().unwrap();
+    assert_eq!(cancel.state, crate::crd::CancelState::TooLate);
+    assert_eq!(
+        t.status.phase,
+        Some(Phase::InProgress),
+        "the offboard goes on"
+    );
+    assert_eq!(
+        cancelling(&t.status, None),
+        Plan::Idle { requeue: None },
+        "said once"
+    );
+    // Final: nothing at all.
+    let done = with_action(Phase::Succeeded, "Succeeded");
+    assert_eq!(cancelling(&done, None), Plan::Idle { requeue: None });
+    // Not sent yet: end cancelled, nothing sent.
+    let Plan::Write(t) = cancelling(&status(Phase::Pending), None) else {
+        panic!("a cancel before sending is a write")
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(t.status.machine_action_id, None);
+    // Submitting: the lookup comes first.
+    assert!(matches!(
+        cancelling(&submitting_since(0), None),
+        Plan::LookUp { .. }
+    ));
+    // A cancel recorded but unconfirmed: read the action; only a read after
+    // the delay may lead to a second request.
+    let mut requesting = pending.clone();
+    requesting.cancel = Some(crate::crd::CancelStatus {
+        reason: "wrong device".into(),
+        state: crate::crd::CancelState::Requesting,
+        requested_at: None,
+        attempts: 1,
+    });
+    assert_eq!(
+        cancelling(&requesting, clock(0, false)),
+        Plan::ReadCancelled {
+            action_id: ACTION.into(),
+            proves_absence: false
+        }
+    );
+    assert_eq!(
+        cancelling(&requesting, clock(1, true)),
+        Plan::Idle {
+            requeue: Some(Duration::from_secs(4))
+        }
+    );
+    assert_eq!(
+        cancelling(&requesting, clock(5, true)),
+        Plan::ReadCancelled {
+            action_id: ACTION.into(),
+            proves_absence: true
+        }
+    );
+    // Without the annotation, a recorded action is the poller's.
+    assert_eq!(
+        plan(&view(&spec, &pending), &s),
+        Plan::Idle { requeue: None }
+    );
+}
+
+/// After the cancel request: accepted ends `Failed`/`Cancelled`; refused is
+/// too late; an ambiguous answer keeps the intent and reads after the delay.
+#[test]
+fn after_a_cancel_request() {
+    let spec = by_id();
+    let s = settings();
+    let pending = with_action(Phase::InProgress, "Pending");
+    let intent = cancel_intent(&view(&spec, &pending), "wrong device");
+    assert_eq!(intent.cancel.as_ref().unwrap().attempts, 1);
+    assert_ne!(
+        intent, pending,
+        "the intent write always changes the object"
+    );
+    let v = view(&spec, &intent);
+
+    let mut cancelled_action = action(ActionStatus::Cancelled);
+    cancelled_action.cancellation_comment = Some("[defender-offboard:uid] wrong device".into());
+    let t = after_cancel(&v, Ok(cancelled_action.clone()), &s);
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(t.status.action_status.as_deref(), Some("Cancelled"));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::Sent
+    );
+    assert_eq!(t.note.as_ref().unwrap().reason, Reason::Cancelled);
+
+    let refused = MdeError::BadRequest {
+        status: 400,
+        code: "BadRequest".into(),
+        message: "Action is already Succeeded and can no longer be cancelled.".into(),
+    };
+    let t = after_cancel(&v, Err(refused), &s);
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::TooLate
+    );
+    assert_eq!(t.note.unwrap().reason, Reason::CancelTooLate);
+
+    let timeout = MdeError::OutcomeUnknown {
+        reason: "timed out".into(),
+    };
+    let t = after_cancel(&v, Err(timeout.clone()), &s);
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        crate::crd::CancelState::Requesting
+    );
+    assert_eq!(t.requeue, Some(s.lookup_delay));
+
+    // The read afterwards: cancelled is adopted whenever it is read; still
+    // Pending resends only after the delay; InProgress is too late.
+    assert!(matches!(
+        after_cancel_read(&v, Ok(cancelled_action), false, &s),
+        AfterCancelRead::Write(t) if t.status.phase == Some(Phase::Failed)
+    ));
+    assert_eq!(
+        after_cancel_read(&v, Ok(action(ActionStatus::Pending)), true, &s),
+        AfterCancelRead::Resend
+    );
+    assert!(matches!(
+        after_cancel_read(&v, Ok(action(ActionStatus::Pending)), false, &s),
+        AfterCancelRead::Write(t) if t.status == intent
+    ));
+    assert!(matches!(
+        after_cancel_read(&v, Ok(action(ActionStatus::InProgress)), true, &s),
+        AfterCancelRead::Write(t) if t.note.as_ref().unwrap().reason == Reason::CancelTooLate
+    ));
+    assert!(matches!(
+        after_cancel_read(&v, Err(timeout), true, &s),
+        AfterCancelRead::Write(t) if t.status.cancel.as_ref().unwrap().state == crate::crd::CancelState::Requesting
+    ));
+}
+
+/// An action cancelled elsewhere (the Defender portal) ends `Failed` with
+/// reason `Cancelled`, not a generic failure.
+#[test]
+fn an_action_cancelled_elsewhere_reads_cancelled() {
+    let spec = by_id();
+    let pending = with_action(Phase::InProgress, "Pending");
+    let t = after_poll(&view(&spec, &pending), &action(ActionStatus::Cancelled)).unwrap();
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "Cancelled");
+    assert_eq!(condition(&t.status, STALLED).unwrap().reason, "Cancelled");
+}
+
+/// A resource whose connection cannot be used waits in its phase with the
+/// reason and the fix; nothing final, and the Event only when the reason is new.
+#[test]
+fn an_unavailable_connection_waits_with_the_reason() {
+    let spec = by_id();
+    let settings = Settings::default();
+    let cases = [
+        (
+            Unavailable::NotFound {
+                namespace: "team-b".into(),
+                name: "contoso".into(),
+            },
+            Reason::ConnectionNotFound,
+            settings.retry_backoff,
+            "own namespace",
+        ),
+        (
+            Unavailable::NotReady {
+                name: "contoso".into(),
+                reason: "AuthenticationFailed".into(),
+                message: "invalid_client".into(),
+            },
+            Reason::ConnectionNotReady,
+            settings.retry_backoff,
+            "AuthenticationFailed",
+        ),
+        (
+            Unavailable::Disabled {
+                name: "contoso".into(),
+            },
+            Reason::ConnectionsDisabled,
+            settings.access_backoff,
+            "--connections",
+        ),
+        (
+            Unavailable::NoDefault,
+            Reason::NoDefaultConnection,
+            settings.access_backoff,
+            "spec.connectionRef",
+        ),
+    ];
+    for phase in [Phase::Pending, Phase::Submitting] {
+        for (unavailable, reason, wait, fix) in &cases {
+            let before = status(phase);
+            let t = connection_unavailable(&view(&spec, &before), unavailable, &settings);
+            assert_eq!(t.status.phase, Some(phase), "{unavailable:?}");
+            assert_eq!(t.requeue, Some(*wait), "{unavailable:?}");
+            let error = t.status.last_error.clone().unwrap();
+            assert_eq!(error.code, reason.as_str());
+            assert!(error.message.contains(fix), "{}", error.message);
+            assert_eq!(t.note.as_ref().map(|n| n.reason), Some(*reason));
+            assert_eq!(ready(&t.status), ("False".into(), reason.as_str().into()));
+            // The same reason again: the status holds it, no second Event.
+            let again = connection_unavailable(&view(&spec, &t.status), unavailable, &settings);
+            assert_eq!(again.note, None, "{unavailable:?}");
+            assert_eq!(again.status.last_error, t.status.last_error);
+        }
+    }
+}

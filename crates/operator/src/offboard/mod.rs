@@ -1,0 +1,27 @@
+//! The offboard room: one `DeviceOffboard` from the watch event to MDE and
+//! back. The pure [`decision`], the [`step`] that carries it out through two
+//! [`ports`], the controller's [`reconcile`], the batch [`poller`] and the
+//! process's own state. See docs/architecture.md.
+
+pub mod adopt_index;
+pub mod context;
+pub mod decision;
+pub mod memory;
+pub mod poll_plan;
+pub mod poller;
+pub mod ports;
+pub mod reconcile;
+pub mod status;
+pub mod step;
+
+pub use context::Context;
+pub use ports::{KubeStore, MdeCalls, MemoryStore, StatusStore};
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod property_tests;
+#[cfg(test)]
+mod step_tests;
+#[cfg(test)]
+mod verifier_tests;

@@ -1,0 +1,363 @@
+//! The two edges of the reconcile: the MDE calls it makes ([`MdeCalls`]) and
+//! the status writes and Events it makes ([`StatusStore`]). The controller
+//! plugs in the MDE client and the Kubernetes API; the `offboard` command plugs
+//! in the MDE client and a [`MemoryStore`]; unit tests plug in fakes, so the
+//! whole sequence (budget → intent write → send → record) runs in milliseconds.
+
+use super::decision::Note;
+use crate::cache::final_label;
+use crate::crd::{DeviceOffboard, DeviceOffboardStatus};
+use crate::error::{Error, Result};
+use crate::tenants::TenantClient;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+use mde_client::limiter::Permit;
+use mde_client::{DefenderClient, Machine, MachineAction, MdeError, RateLimits};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::sync::Mutex;
+
+pub use crate::crd::FIELD_MANAGER;
+
+/// The MDE calls of the reconcile and the poller.
+/// The tenant's rate budget ([`TenantClient::budget`]) comes with it: the
+/// offboard slot is reserved before the intent write.
+pub trait MdeCalls: TenantClient {
+    fn rate_limits(&self) -> &RateLimits;
+    fn find_machines_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<Machine>, MdeError>> + Send;
+    /// Make sure a token is at hand (cached, or fetched now), so the intent
+    /// record is never written before a slow sign-in.
+    fn sign_in(&self) -> impl Future<Output = Result<(), MdeError>> + Send;
+    /// Every offboard action of the machine, oldest first, from a complete
+    /// answer (every page read); any failure is an error, never "none".
+    fn offboard_actions(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+    /// `POST /api/machines/{id}/offboard` in a reserved budget slot.
+    fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+    /// `GET /api/machineactions/{id}`: one action, for an id a batch left out.
+    fn get_machine_action(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    /// `POST /api/machineactions/{id}/cancel` in a reserved budget slot.
+    fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send;
+    /// Every offboard action created since `since`, in pages of `top`: the
+    /// poll of all actions in flight in one call per `top` actions.
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+}
+
+impl MdeCalls for DefenderClient {
+    fn rate_limits(&self) -> &RateLimits {
+        DefenderClient::rate_limits(self)
+    }
+
+    fn find_machines_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<Machine>, MdeError>> + Send {
+        DefenderClient::find_machines_by_name(self, name)
+    }
+
+    fn sign_in(&self) -> impl Future<Output = Result<(), MdeError>> + Send {
+        self.check_sign_in()
+    }
+
+    fn offboard_actions(
+        &self,
+        machine_id: &str,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions(self, machine_id)
+    }
+
+    fn offboard(
+        &self,
+        slot: Permit,
+        machine_id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        self.offboard_reserved(Some(slot), machine_id, comment)
+    }
+
+    fn machine_actions_by_ids(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::machine_actions_by_ids(self, ids)
+    }
+
+    fn get_machine_action(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        DefenderClient::get_machine_action(self, id)
+    }
+
+    fn cancel_action(
+        &self,
+        slot: Permit,
+        id: &str,
+        comment: &str,
+    ) -> impl Future<Output = Result<MachineAction, MdeError>> + Send {
+        DefenderClient::cancel_action(self, Some(slot), id, comment)
+    }
+
+    fn offboard_actions_since(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        expected: &[String],
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions_since(self, since, top, expected)
+    }
+}
+
+/// Where the status lives, and where Events go.
+pub trait StatusStore: Send + Sync {
+    /// Write `status` with `current`'s resourceVersion as a precondition: a
+    /// stale writer gets [`Error::Conflict`]. Returns the object as stored.
+    fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> impl Future<Output = Result<DeviceOffboard>> + Send;
+    /// Label a final resource out of the controller's watch (see
+    /// [`final_label`]), with `current`'s resourceVersion as a precondition.
+    fn label_final(
+        &self,
+        current: &DeviceOffboard,
+    ) -> impl Future<Output = Result<DeviceOffboard>> + Send;
+    /// Tell a person (a Kubernetes Event; a line on stderr for the CLI).
+    /// Never fails the reconcile: the status already carries the outcome.
+    fn publish(&self, obj: &DeviceOffboard, note: &Note) -> impl Future<Output = ()> + Send;
+}
+
+/// The Kubernetes API: status merge patches with a resourceVersion
+/// precondition, Events through a recorder made for each one.
+pub struct KubeStore {
+    pub client: kube::Client,
+    pub reporter: Reporter,
+}
+
+impl StatusStore for KubeStore {
+    async fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> Result<DeviceOffboard> {
+        let api: Api<DeviceOffboard> = Api::namespaced(
+            self.client.clone(),
+            &current.namespace().unwrap_or_default(),
+        );
+        let old = current.status.clone().unwrap_or_default();
+        let patch = status_patch(current.resource_version().as_deref(), &old, status);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        match api
+            .patch_status(&current.name_any(), &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(updated) => Ok(updated),
+            Err(kube::Error::Api(status)) if status.is_conflict() => Err(Error::Conflict),
+            Err(error) => Err(Error::Kube(error)),
+        }
+    }
+
+    async fn label_final(&self, current: &DeviceOffboard) -> Result<DeviceOffboard> {
+        match final_label::label(&self.client, current).await {
+            Ok(labelled) => Ok(labelled),
+            Err(kube::Error::Api(status)) if status.is_conflict() => Err(Error::Conflict),
+            Err(error) => Err(Error::Kube(error)),
+        }
+    }
+
+    async fn publish(&self, obj: &DeviceOffboard, note: &Note) {
+        let event = Event {
+            type_: if note.reason.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.event_reason().to_string(),
+            note: Some(truncate(&note.message, 1000)),
+            action: "Offboard".to_string(),
+            secondary: None,
+        };
+        // A recorder per Event: kube's `Recorder` caches every Event it sent
+        // for six minutes and scans that cache on each publish, so one shared
+        // recorder grows with every resource handled (and its scan with it).
+        // The cost is that a repeated reason is a new Event, not a series.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(error) = recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %error, reason = note.reason.event_reason(), "could not publish event");
+        }
+    }
+}
+
+/// The status merge patch from `old` to `new`: removed fields become `null`
+/// (a merge patch leaves absent keys alone), and the object's resourceVersion
+/// makes it a precondition — a stale writer gets 409 Conflict.
+pub fn status_patch(
+    resource_version: Option<&str>,
+    old: &DeviceOffboardStatus,
+    new: &DeviceOffboardStatus,
+) -> Value {
+    let old = serde_json::to_value(old).unwrap_or(Value::Null);
+    let mut new = serde_json::to_value(new).unwrap_or_else(|_| json!({}));
+    if let (Value::Object(old), Value::Object(new)) = (&old, &mut new) {
+        for key in old.keys() {
+            new.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    json!({ "metadata": { "resourceVersion": resource_version }, "status": new })
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// One resource held in memory: the `offboard` command's store (its key plays
+/// the uid), and what the unit tests' store wraps. Writes check and bump the
+/// resourceVersion like an API server, so a stale writer gets a conflict.
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+    on_note: Box<dyn Fn(&Note) + Send + Sync>,
+}
+
+struct MemoryState {
+    object: DeviceOffboard,
+    notes: Vec<Note>,
+    writes: u64,
+}
+
+impl MemoryStore {
+    pub fn new(object: DeviceOffboard) -> Self {
+        Self::with_notes(object, |_| {})
+    }
+
+    /// A store that hands every note to `on_note` as it is published.
+    pub fn with_notes(
+        object: DeviceOffboard,
+        on_note: impl Fn(&Note) + Send + Sync + 'static,
+    ) -> Self {
+        let mut object = object;
+        object
+            .metadata
+            .resource_version
+            .get_or_insert_with(|| "1".into());
+        MemoryStore {
+            state: Mutex::new(MemoryState {
+                object,
+                notes: Vec::new(),
+                writes: 0,
+            }),
+            on_note: Box::new(on_note),
+        }
+    }
+
+    /// Write attempts so far (failed ones included).
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
+    }
+
+    /// The object as stored now.
+    pub fn object(&self) -> DeviceOffboard {
+        self.lock().object.clone()
+    }
+
+    pub fn notes(&self) -> Vec<Note> {
+        self.lock().notes.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        // A panic while holding the lock leaves plain data: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl MemoryState {
+    /// A stale writer gets a conflict, as from an API server.
+    fn check_version(&self, current: &DeviceOffboard) -> Result<()> {
+        if current.metadata.resource_version != self.object.metadata.resource_version {
+            return Err(Error::Conflict);
+        }
+        Ok(())
+    }
+
+    fn bump_version(&mut self) {
+        let version: u64 = self
+            .object
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.object.metadata.resource_version = Some((version + 1).to_string());
+    }
+}
+
+impl StatusStore for MemoryStore {
+    async fn write_status(
+        &self,
+        current: &DeviceOffboard,
+        status: &DeviceOffboardStatus,
+    ) -> Result<DeviceOffboard> {
+        let mut state = self.lock();
+        state.writes += 1;
+        state.check_version(current)?;
+        state.object.status = Some(status.clone());
+        state.bump_version();
+        Ok(state.object.clone())
+    }
+
+    /// The label lands like any metadata write (a new resourceVersion); it
+    /// is not counted among [`MemoryStore::writes`], which are status writes.
+    async fn label_final(&self, current: &DeviceOffboard) -> Result<DeviceOffboard> {
+        let mut state = self.lock();
+        state.check_version(current)?;
+        state
+            .object
+            .labels_mut()
+            .insert(final_label::FINAL_LABEL.into(), "true".into());
+        state.bump_version();
+        Ok(state.object.clone())
+    }
+
+    async fn publish(&self, _obj: &DeviceOffboard, note: &Note) {
+        (self.on_note)(note);
+        self.lock().notes.push(note.clone());
+    }
+}

@@ -1,0 +1,750 @@
+//! One reconcile step, the same for the controller and the `offboard`
+//! command: read the plan, do the I/O it asks for through the ports, write the
+//! result. The decisions are in [`super::decision`]; this is only the order.
+
+use super::adopt_index::MachineCheck;
+use super::decision::{
+    self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
+};
+use super::memory::{self, MachineClaim, ProcessMemory};
+use super::ports::{MdeCalls, StatusStore};
+use super::status::Reason;
+use crate::cache::final_label;
+use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::tenants::ConnectionKey;
+use crate::tenants::Unavailable;
+use kube::ResourceExt;
+use mde_client::client::MAX_TOP;
+use mde_client::limiter::Permit;
+use mde_client::{ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
+use std::time::Duration;
+
+/// What one step needs: the two ports, this process's memory, the tunables
+/// and the counters.
+pub struct Ports<'a, M, S> {
+    pub mde: &'a M,
+    pub store: &'a S,
+    pub memory: &'a ProcessMemory,
+    pub settings: &'a Settings,
+    pub metrics: &'a Metrics,
+}
+
+/// When to run the next step (`None`: only when the resource changes).
+pub type Requeue = Option<Duration>;
+
+/// How soon to look again when this process may not send (lease not held).
+const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
+
+/// How soon to look again while a connection is checked for the first time.
+const CONNECTION_CHECKING_RETRY: Duration = Duration::from_secs(1);
+
+/// How soon to look again when another resource is sending for the machine.
+const MACHINE_BUSY_RETRY: Duration = Duration::from_millis(500);
+
+/// One step for `obj`. Errors are only the store's (conflict, API error):
+/// every MDE outcome ends up in the status.
+pub async fn step<M: MdeCalls, S: StatusStore>(
+    obj: &DeviceOffboard,
+    ports: &Ports<'_, M, S>,
+) -> Result<Requeue> {
+    let mut current = obj.clone();
+    let key = uid(&current)?;
+    let status = current.status.clone().unwrap_or_default();
+    let submitting = status.phase == Some(Phase::Submitting);
+    let clock = ports.memory.observe(&key, submitting);
+    let requesting_cancel = status
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.state == CancelState::Requesting);
+    let view = View {
+        submitting: clock,
+        cancel_clock: ports.memory.observe(&cancel_key(&key), requesting_cancel),
+        ..view_of(ports, &current, &status)
+    };
+    match decision::plan(&view, ports.settings) {
+        Plan::Idle { requeue } => Ok(requeue),
+        Plan::Write(transition) => apply(ports, &mut current, *transition).await,
+        Plan::Cancel { action_id, reason } => {
+            cancel(ports, &mut current, &action_id, &reason).await
+        }
+        Plan::ReadCancelled {
+            action_id,
+            proves_absence,
+        } => read_cancelled(ports, &mut current, &action_id, proves_absence).await,
+        Plan::Resolve { device_name } => {
+            let found = match budgeted_read(
+                ports.mde,
+                ApiFamily::Machines,
+                ports.mde.find_machines_by_name(&device_name),
+            )
+            .await
+            {
+                Ok(found) => found,
+                Err(wait) => return Ok(Some(wait)),
+            };
+            match decision::after_resolve(&view, &device_name, found, ports.settings) {
+                // Never send from `Submitting` without the lookup first.
+                Ok(machine_id) if submitting => {
+                    look_up(ports, &mut current, &machine_id, false).await
+                }
+                Ok(machine_id) => submit(ports, &mut current, &machine_id, true).await,
+                Err(transition) => apply(ports, &mut current, transition).await,
+            }
+        }
+        Plan::Submit {
+            machine_id,
+            check_machine,
+        } => submit(ports, &mut current, &machine_id, check_machine).await,
+        Plan::LookUp {
+            machine_id,
+            proves_absence,
+        } => look_up(ports, &mut current, &machine_id, proves_absence).await,
+    }
+}
+
+/// A resource whose connection cannot be used now: nothing is sent. One
+/// waiting to send or to confirm a send says why in its status (and an
+/// Event); one already `InProgress` keeps its status and is looked at again
+/// (its poll waits for the connection too).
+pub async fn connection_unavailable<S: StatusStore>(
+    obj: &DeviceOffboard,
+    store: &S,
+    memory: &ProcessMemory,
+    settings: &Settings,
+    unavailable: &Unavailable,
+) -> Result<Requeue> {
+    if matches!(unavailable, Unavailable::Checking { .. }) {
+        return Ok(Some(CONNECTION_CHECKING_RETRY));
+    }
+    let mut current = obj.clone();
+    let status = current.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or_default();
+    if !matches!(phase, Phase::Pending | Phase::Submitting) {
+        return Ok((!phase.is_terminal()).then_some(settings.retry_backoff));
+    }
+    let view = View {
+        spec: &current.spec,
+        status: &status,
+        generation: current.metadata.generation,
+        now: memory.now(),
+        submitting: None,
+        retry_wait: None,
+        cancel: None,
+        cancel_clock: None,
+    };
+    let transition = decision::connection_unavailable(&view, unavailable, settings);
+    write_status(store, &mut current, &transition.status).await?;
+    if let Some(note) = &transition.note {
+        store.publish(&current, note).await;
+    }
+    Ok(transition.requeue)
+}
+
+/// The key of a resource's cancel in this process's lookup clocks.
+fn cancel_key(uid: &str) -> String {
+    format!("{uid}/cancel")
+}
+
+/// Take a cancel slot, sign in, record the intent, send, record the answer.
+async fn cancel<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    action_id: &str,
+    reason: &str,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    if !ports.memory.may_send() {
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    let permit = match ports.mde.budget().try_reserve(ApiFamily::Cancel) {
+        Ok(permit) => permit,
+        Err(not_yet) => {
+            return Ok(Some(
+                not_yet.retry_at.map_or(Duration::from_millis(100), |at| {
+                    at.saturating_duration_since(tokio::time::Instant::now())
+                }),
+            ));
+        }
+    };
+    if ports.mde.sign_in().await.is_err() {
+        // Nothing recorded, nothing sent: try again after the usual backoff.
+        permit.cancel();
+        ports.memory.failed(&key);
+        return Ok(Some(retry_wait(ports, &key)));
+    }
+    let status = current.status.clone().unwrap_or_default();
+    let intent = decision::cancel_intent(&view_of(ports, current, &status), reason);
+    let cancel_unsent = |permit: Permit| permit.cancel();
+    let permit = match record_intent(
+        ports,
+        current,
+        &intent,
+        permit,
+        &cancel_unsent,
+        &cancel_key(&key),
+    )
+    .await?
+    {
+        Ok(permit) => permit,
+        Err(requeue) => return Ok(requeue),
+    };
+    let comment = comment_with_marker(reason, &key);
+    let result = ports.mde.cancel_action(permit, action_id, &comment).await;
+    let transition =
+        decision::after_cancel(&view_of(ports, current, &intent), result, ports.settings);
+    apply(ports, current, transition).await
+}
+
+/// An unconfirmed cancel: read the action; adopt a cancel, resend only when
+/// the read proves the first did nothing.
+async fn read_cancelled<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    action_id: &str,
+    proves_absence: bool,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    let read = ports.mde.get_machine_action(action_id);
+    let found = match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await {
+        Ok(found) => found,
+        Err(wait) => return Ok(Some(wait)),
+    };
+    if !proves_absence {
+        ports.memory.looked_early(&cancel_key(&key));
+    }
+    let status = current.status.clone().unwrap_or_default();
+    let view = view_of(ports, current, &status);
+    match decision::after_cancel_read(&view, found, proves_absence, ports.settings) {
+        AfterCancelRead::Write(transition) => apply(ports, current, transition).await,
+        AfterCancelRead::Resend => {
+            let reason = status
+                .cancel
+                .as_ref()
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
+            cancel(ports, current, action_id, &reason).await
+        }
+    }
+}
+
+/// The lookup before any resend: adopt what it finds, send only when it
+/// proves absence, otherwise wait.
+async fn look_up<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+    proves_absence: bool,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    let read = ports.mde.offboard_actions(machine_id);
+    let found = match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await {
+        Ok(found) => found,
+        Err(wait) => return Ok(Some(wait)),
+    };
+    if !proves_absence {
+        ports.memory.looked_early(&key);
+    }
+    let view = View {
+        submitting: ports.memory.observe(&key, true),
+        ..view_of(ports, current, &status)
+    };
+    let lookup = LookUp {
+        key: &key,
+        proves_absence,
+    };
+    match decision::after_lookup(&view, found, lookup, ports.settings) {
+        AfterLookUp::Adopt(transition) => adopt(ports, current, transition).await,
+        // Asked to cancel while the first send was unconfirmed, and the
+        // lookup proved it created nothing: send nothing, end cancelled.
+        AfterLookUp::Send if current.annotations().contains_key(CANCEL_ANNOTATION) => {
+            let reason = current.annotations()[CANCEL_ANNOTATION].clone();
+            let transition = decision::cancelled_before_send(&view, &reason);
+            apply(ports, current, transition).await
+        }
+        AfterLookUp::Send => submit(ports, current, machine_id, false).await,
+        AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
+    }
+}
+
+/// When this process's own budget refused a read (nothing was sent): how
+/// long until a slot frees. The resource is requeued, nothing is written.
+fn spent<T>(result: &Result<T, MdeError>) -> Option<Duration> {
+    match result {
+        Err(MdeError::BudgetSpent { ready_in, .. }) => Some(
+            ready_in
+                .unwrap_or(Duration::from_millis(100))
+                .max(Duration::from_millis(10)),
+        ),
+        _ => None,
+    }
+}
+
+/// A read in `family`'s budget, or how long to requeue instead: when the
+/// family is parked (after a 429) for over a second, the read is not made;
+/// when this process's budget refuses it, nothing was sent.
+async fn budgeted_read<M: MdeCalls, T>(
+    mde: &M,
+    family: ApiFamily,
+    read: impl std::future::Future<Output = std::result::Result<T, MdeError>>,
+) -> std::result::Result<std::result::Result<T, MdeError>, Duration> {
+    if let Some(wait) = budget_wait(mde, family) {
+        return Err(wait);
+    }
+    let result = read.await;
+    match spent(&result) {
+        Some(wait) => Err(wait),
+        None => Ok(result),
+    }
+}
+
+/// How long a read of `family` would wait for budget, when that is long enough
+/// (over a second, e.g. parked after a 429) to free the worker instead.
+fn budget_wait<M: MdeCalls>(mde: &M, family: ApiFamily) -> Option<Duration> {
+    let ready = mde.budget().ready_at(family)?;
+    let wait = ready.saturating_duration_since(tokio::time::Instant::now());
+    (wait > Duration::from_secs(1)).then_some(wait)
+}
+
+/// Claim the machine, check it (before a first send), sign in, take the
+/// budget slot, record the intent, send, record the answer.
+async fn submit<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+    check_machine: bool,
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    // One offboard per machine: a resource of this process already sending
+    // for it, or already holding an action, is waited for or adopted.
+    let _claim = match ports
+        .memory
+        .claim_machine(&tenant_machine(current, machine_id), &key)
+    {
+        MachineClaim::Granted(claim) => claim,
+        MachineClaim::Busy { .. } => return Ok(Some(MACHINE_BUSY_RETRY)),
+        MachineClaim::Known { action, key } => {
+            let view = view_of(ports, current, &status);
+            let transition = decision::record_action(&view, &action, Origin::Shared { key });
+            return adopt(ports, current, transition).await;
+        }
+    };
+    // A leader whose lease is (nearly) over sends nothing: a standby may be
+    // taking over. Checked here and again just before the POST.
+    if !ports.memory.may_send() {
+        return Ok(Some(NOT_LEADER_RETRY));
+    }
+    // The offboard slot first, so no worker checks the machine or writes its
+    // intent and then waits (and a spent budget costs no read).
+    let tenant = ConnectionKey::of(current).to_string();
+    let (permit, served) = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
+        Ok(permit) => (permit, ports.memory.budget_served(&tenant, &key)),
+        Err(not_yet) => {
+            // Each waiter comes back when the slot of its place in the queue
+            // frees, so a freed slot wakes one waiter, not all of them.
+            let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |_| {
+                let place = ports.memory.budget_place(&tenant, &key);
+                let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
+                ports.memory.budget_due(&tenant, &key, at);
+                let wait = at.saturating_duration_since(tokio::time::Instant::now());
+                tracing::debug!(%key, place, wait_ms = wait.as_millis(), "waiting for the offboard budget");
+                wait
+            });
+            // A little jitter for waiters of the same slot.
+            let jitter = Duration::from_millis(rand::random_range(0..5));
+            let view = view_of(ports, current, &status);
+            let now = view.now;
+            let transition = decision::waiting_for_budget(&view, wait + jitter, machine_id);
+            let before = current.metadata.resource_version.clone();
+            let requeue = apply(ports, current, transition).await?;
+            // The version just written reaches the cache's feed and parks
+            // there until its time (or, if something changed it meanwhile,
+            // is reconciled again): a requeue would only hold the
+            // scheduler's memory for it.
+            let written = current.metadata.resource_version != before;
+            if written && crate::cache::parked::parked_until(current, now).is_some() {
+                return Ok(None);
+            }
+            return Ok(requeue);
+        }
+    };
+    // A slot given back unsent takes its place in the queue back with it:
+    // from the back, its slot would stay unused until the next hour's.
+    let give_back = |permit: Permit| {
+        permit.cancel();
+        ports.memory.budget_return(&tenant, &key, served);
+    };
+    if check_machine {
+        // Nothing is sent unless the check clears it: the slot goes back
+        // whatever else happens, an error included (a dropped permit would
+        // count as a call MDE never saw, for a whole hour).
+        match check(ports, current, machine_id).await {
+            Ok(None) => {}
+            Ok(Some(requeue)) => {
+                give_back(permit);
+                return Ok(requeue);
+            }
+            Err(error) => {
+                give_back(permit);
+                return Err(error);
+            }
+        }
+    }
+    send(ports, current, machine_id, permit, &give_back).await
+}
+
+/// The check before a first send: `Some` (the step's result) when the machine's
+/// list shows an action to adopt, or could not be read; `None` to send.
+async fn check<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+) -> Result<Option<Requeue>> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    // The common case, nothing to adopt, proven by the tenant's index
+    // without a read.
+    let max_age = ports.settings.lookup_delay;
+    let tenant = ConnectionKey::of(current).to_string();
+    let decided = match ports.memory.machine_check(&tenant, machine_id, max_age) {
+        Some(MachineCheck::Refresh) => {
+            match refresh_adopt_index(ports, &tenant, machine_id).await {
+                Ok(decided) => decided,
+                Err(wait) => return Ok(Some(Some(wait))),
+            }
+        }
+        Some(decided) => decided,
+        None => MachineCheck::ExactRead,
+    };
+    if decided == MachineCheck::Send {
+        return Ok(None);
+    }
+    let found = ports.mde.offboard_actions(machine_id).await;
+    if let Some(wait) = spent(&found) {
+        return Ok(Some(Some(wait)));
+    }
+    let lookup = LookUp {
+        key: &key,
+        proves_absence: true,
+    };
+    let view = view_of(ports, current, &status);
+    Ok(
+        match decision::after_lookup(&view, found, lookup, ports.settings) {
+            AfterLookUp::Send => None,
+            AfterLookUp::Adopt(transition) => Some(adopt(ports, current, transition).await?),
+            AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
+        },
+    )
+}
+
+/// Bring the adopt index up to date with one window read (one worker at a
+/// time: the others wait for its answer), then decide for `machine_id`:
+/// [`MachineCheck::ExactRead`] whenever the read fails or proves nothing;
+/// `Err` (nothing read) when the read budget says to wait.
+async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    tenant: &str,
+    machine_id: &str,
+) -> std::result::Result<MachineCheck, Duration> {
+    let max_age = ports.settings.lookup_delay;
+    let decided = |memory: &ProcessMemory| match memory.machine_check(tenant, machine_id, max_age) {
+        Some(MachineCheck::Send) => MachineCheck::Send,
+        _ => MachineCheck::ExactRead,
+    };
+    let _refreshing = ports.memory.adopt_refreshing(tenant).await;
+    // Another worker may have refreshed it while this one waited.
+    if ports.memory.machine_check(tenant, machine_id, max_age) != Some(MachineCheck::Refresh) {
+        return Ok(decided(ports.memory));
+    }
+    let Some(since) = ports
+        .memory
+        .adopt_next_since(tenant, ports.settings.lookup_delay)
+    else {
+        return Ok(MachineCheck::ExactRead);
+    };
+    let began = tokio::time::Instant::now();
+    // No ids expected: every page is read, so the answer is complete.
+    let read = ports.mde.offboard_actions_since(since, MAX_TOP, &[]);
+    match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await? {
+        Ok(actions) => {
+            ports
+                .memory
+                .adopt_fold(tenant, &actions, since, began, true, since);
+            Ok(decided(ports.memory))
+        }
+        Err(error) => {
+            tracing::debug!(error = %error, "refreshing the adopt index failed; reading the machine's actions instead");
+            Ok(MachineCheck::ExactRead)
+        }
+    }
+}
+
+/// Sign in, write the intent, send in the reserved slot, record.
+async fn send<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    machine_id: &str,
+    permit: Permit,
+    give_back: &(dyn Fn(Permit) + Sync),
+) -> Result<Requeue> {
+    let key = uid(current)?;
+    let status = current.status.clone().unwrap_or_default();
+    let comment = comment_with_marker(&current.spec.comment, &key);
+    // The token first: a slow sign-in must not sit between the intent record
+    // and the send, where it would eat into the lookup delay.
+    if let Err(error) = ports.mde.sign_in().await {
+        give_back(permit);
+        let transition = decision::on_error(
+            &view_of(ports, current, &status),
+            &error,
+            status.phase.unwrap_or_default(),
+            ports.settings,
+        );
+        return apply(ports, current, transition).await;
+    }
+    // The intent record: only the writer holding the latest resourceVersion wins,
+    // so two workers (or replicas) can never both send for one resource.
+    let intent = decision::submitting(&view_of(ports, current, &status), machine_id);
+    let permit = match record_intent(ports, current, &intent, permit, give_back, &key).await? {
+        Ok(permit) => permit,
+        Err(requeue) => return Ok(requeue),
+    };
+    let result = ports.mde.offboard(permit, machine_id, &comment).await;
+    if result.is_ok() {
+        count(ports.metrics, Reason::Requested);
+    }
+    let view = view_of(ports, current, &intent);
+    let transition = match decision::after_send(&view, result, ports.settings) {
+        AfterSend::Record(transition) => transition,
+        AfterSend::AdoptPending => adopt_pending(ports, &view, machine_id).await,
+    };
+    apply(ports, current, transition).await
+}
+
+/// Write an intent record with the resourceVersion precondition, then check
+/// the lease once more just before the send: `Ok(permit)` to send now (the
+/// lookup clock under `clock_key` starts), `Err(requeue)` when this process
+/// may no longer send. Recorded but not sent is safe: whoever holds the lease
+/// next reads before sending.
+async fn record_intent<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    intent: &DeviceOffboardStatus,
+    permit: Permit,
+    give_back: &(dyn Fn(Permit) + Sync),
+    clock_key: &str,
+) -> Result<std::result::Result<Permit, Requeue>> {
+    if let Err(error) = write_status(ports.store, current, intent).await {
+        give_back(permit);
+        return Err(error);
+    }
+    if !ports.memory.may_send() {
+        give_back(permit);
+        return Ok(Err(Some(NOT_LEADER_RETRY)));
+    }
+    ports.memory.sending(clock_key);
+    Ok(Ok(permit))
+}
+
+/// MDE said an offboard is already pending for the machine: adopt that one.
+async fn adopt_pending<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    view: &View<'_>,
+    machine_id: &str,
+) -> Transition {
+    match ports.mde.offboard_actions(machine_id).await {
+        Ok(actions) => match decision::pending_in(&actions) {
+            Some(action) => {
+                count(ports.metrics, Reason::Adopted);
+                let key = action
+                    .requestor_comment
+                    .as_deref()
+                    .and_then(mde_client::marker_key)
+                    .unwrap_or_default()
+                    .to_string();
+                decision::record_action(view, action, Origin::Shared { key })
+            }
+            // Gone final between the two calls: confirm by marker later.
+            None => decision::on_error(
+                view,
+                &MdeError::OutcomeUnknown {
+                    reason: "MDE reported a pending offboard that could not be listed".into(),
+                },
+                Phase::Submitting,
+                ports.settings,
+            ),
+        },
+        Err(error) => decision::lookup_failed(view, &error, ports.settings),
+    }
+}
+
+/// Record an adopted action, remember it for the machine, count it.
+async fn adopt<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    transition: Transition,
+) -> Result<Requeue> {
+    count(ports.metrics, Reason::Adopted);
+    apply(ports, current, transition).await
+}
+
+/// Once a resource records an action, other resources for its machine adopt it.
+fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
+    let Some(status) = &obj.status else { return };
+    let (Some(id), Some(machine_id), Some(key)) =
+        (&status.machine_action_id, &status.machine_id, obj.uid())
+    else {
+        return;
+    };
+    let word = status.action_status.as_deref().unwrap_or("Pending");
+    let action = MachineAction::recorded_offboard(id, machine_id, ActionStatus::from_word(word));
+    memory.known(&tenant_machine(obj, machine_id), &action, &key);
+}
+
+/// A machine as this process's memory knows it: machine ids are unique only
+/// within a tenant, so two tenants' machines never stand for each other.
+fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> String {
+    format!("{}/{machine_id}", ConnectionKey::of(obj))
+}
+
+/// Fold a polled action into the resource (the batch poller and `--wait`).
+pub async fn record_poll<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    obj: &DeviceOffboard,
+    action: &MachineAction,
+) -> Result<()> {
+    let status = obj.status.clone().unwrap_or_default();
+    if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {
+        apply(ports, &mut obj.clone(), transition).await?;
+    }
+    Ok(())
+}
+
+/// MDE says the recorded action does not exist: end the resource, say so.
+pub async fn record_gone<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    obj: &DeviceOffboard,
+    action_id: &str,
+) -> Result<()> {
+    let status = obj.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(Phase::is_terminal)
+        || status.machine_action_id.as_deref() != Some(action_id)
+    {
+        return Ok(());
+    }
+    let transition = decision::action_gone(&view_of(ports, obj, &status), action_id);
+    apply(ports, &mut obj.clone(), transition).await?;
+    Ok(())
+}
+
+fn view_of<'a, M, S>(
+    ports: &Ports<'_, M, S>,
+    obj: &'a DeviceOffboard,
+    status: &'a DeviceOffboardStatus,
+) -> View<'a> {
+    View {
+        spec: &obj.spec,
+        status,
+        generation: obj.metadata.generation,
+        cancel: obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CANCEL_ANNOTATION))
+            .map(String::as_str),
+        cancel_clock: None,
+        now: ports.memory.now(),
+        submitting: None,
+        retry_wait: obj.uid().map(|uid| retry_wait(ports, &uid)),
+    }
+}
+
+/// The longest wait between retries of a transient failure, in multiples of
+/// `--retry-backoff` (the default 10 s grows to at most 5 minutes).
+pub const RETRY_BACKOFF_CAP: u32 = 30;
+
+/// The retry wait after `uid`'s failures in a row: exponential, jittered.
+fn retry_wait<M, S>(ports: &Ports<'_, M, S>, uid: &str) -> Duration {
+    let base = ports.settings.retry_backoff;
+    memory::backoff(
+        base,
+        base.saturating_mul(RETRY_BACKOFF_CAP),
+        ports.memory.failures(uid),
+    )
+}
+
+fn uid(obj: &DeviceOffboard) -> Result<String> {
+    obj.uid().ok_or(Error::MissingUid)
+}
+
+fn count(metrics: &Metrics, outcome: Reason) {
+    metrics
+        .offboards
+        .get_or_create(&OutcomeLabels {
+            outcome: outcome.metric_label().to_string(),
+        })
+        .inc();
+}
+
+/// Write the transition's status (if it changed), publish its event, requeue.
+async fn apply<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    transition: Transition,
+) -> Result<Requeue> {
+    write_status(ports.store, current, &transition.status).await?;
+    remember_action(ports.memory, current);
+    if let Some(uid) = current.uid() {
+        let retrying = transition.requeue.is_some()
+            && transition.status.last_error.is_some()
+            && transition.status.machine_action_id.is_none();
+        if retrying {
+            ports.memory.failed(&uid);
+        } else {
+            ports.memory.succeeded(&uid);
+        }
+    }
+    if let Some(note) = &transition.note {
+        ports.store.publish(current, note).await;
+    }
+    Ok(transition.requeue)
+}
+
+/// Write `status` if it differs from what `current` holds; `current` becomes
+/// the stored object, so later writes carry the new resourceVersion.
+async fn write_status<S: StatusStore>(
+    store: &S,
+    current: &mut DeviceOffboard,
+    status: &DeviceOffboardStatus,
+) -> Result<()> {
+    if current
+        .status
+        .as_ref()
+        .unwrap_or(&DeviceOffboardStatus::default())
+        == status
+    {
+        return Ok(());
+    }
+    *current = store.write_status(current, status).await?;
+    if final_label::needs_label(current) {
+        label_final(store, current).await;
+    }
+    Ok(())
+}
+
+/// A final status and its label in one cycle: the label takes the resource
+/// out of the controller's watch. A failed label is not the step's failure:
+/// the status is written, and the next reconcile labels a resource that is
+/// still final (a conflict means it changed, or was replaced under its name).
+async fn label_final<S: StatusStore>(store: &S, current: &mut DeviceOffboard) {
+    match store.label_final(current).await {
+        Ok(labelled) => *current = labelled,
+        Err(Error::Conflict) => {}
+        Err(error) => {
+            tracing::warn!(error = %error, "could not label a finished resource; its next reconcile does");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The reconcile sequence (budget → intent write → send → record) against an
+//! in-memory MDE and an in-memory store, one row per fault class. POSTs are
+//! counted at the fake MDE per correlation key, whatever it answered.
+
+use super::decision::Settings;
+use super::fakes::{FailWith, ScriptedStore};
+use super::fakes::{FakeMde, Lookup, Send};
+use super::memory::ProcessMemory;
+use super::ports::MdeCalls;
+use super::status::{SUBMITTED, condition};
+use super::step::{Ports, step};
+use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::tenants::TenantClient;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mde_client::{ApiFamily, MdeError};
+use std::time::Duration;
+
+const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+const UID: &str = "6f1c1a52-1111-4a4a-9c9c-000000000001";
+
+fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
+    let mut obj = DeviceOffboard::new(
+        "laptop",
+        DeviceOffboardSpec {
+            machine_id: Some(MACHINE.into()),
+            device_name: None,
+            comment: "returned".into(),
+            ttl_seconds_after_finished: None,
+            connection_ref: None,
+        },
+    );
+    obj.metadata.namespace = Some("it".into());
+    obj.metadata.uid = Some(UID.into());
+    obj.metadata.generation = Some(1);
+    obj.status = status;
+    obj
+}
+
+/// No waiting: a lookup is due as soon as the intent is recorded.
+fn settings() -> Settings {
+    Settings {
+        lookup_delay: Duration::ZERO,
+        retry_backoff: Duration::ZERO,
+        access_backoff: Duration::ZERO,
+    }
+}
+
+/// Step the stored resource until MDE's action is recorded (or it is final),
+/// restarting after every failed step as a new process would.
+async fn drive(mde: &FakeMde, store: &ScriptedStore) -> (DeviceOffboardStatus, Vec<Error>) {
+    drive_until(mde, store, |status| {
+        status.machine_action_id.is_some() || status.phase.is_some_and(Phase::is_terminal)
+    })
+    .await
+}
+
+/// Step the stored resource until `done` holds for its status, restarting
+/// after every failed step as a new process would (from what the store holds).
+async fn drive_until(
+    mde: &FakeMde,
+    store: &ScriptedStore,
+    done: impl Fn(&DeviceOffboardStatus) -> bool,
+) -> (DeviceOffboardStatus, Vec<Error>) {
+    let (settings, metrics) = (settings(), Metrics::default());
+    let mut memory = ProcessMemory::default();
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        let status = store.object().status.unwrap_or_default();
+        if done(&status) {
+            return (status, errors);
+        }
+        let ports = Ports {
+            mde,
+            store,
+            memory: &memory,
+            settings: &settings,
+            metrics: &metrics,
+        };
+        if let Err(error) = step(&store.object(), &ports).await {
+            errors.push(error);
+            // The next step is a new process: it remembers nothing.
+            memory = ProcessMemory::default();
+        }
+    }
+    panic!("not done after 20 steps: {:?}", store.object().status);
+}
+
+fn unknown(reason: &str) -> MdeError {
+    MdeError::OutcomeUnknown {
+        reason: reason.into(),
+    }
+}
+
+fn submitted_reason(status: &DeviceOffboardStatus) -> String {
+    condition(status, SUBMITTED).map_or_else(String::new, |c| c.reason.clone())
+}
+
+/// Name, scripted sends, scripted lookups, POSTs for the key, Submitted reason.
+type SendRow = (&'static str, Vec<Send>, Vec<Lookup>, u32, &'static str);
+
+/// Each fault on the send: POSTs for the key, actions at MDE, and how the
+/// action came to be recorded. A second POST is only ever sent after a
+/// complete lookup proved that the first created nothing.
+#[tokio::test]
+async fn every_send_fault_ends_with_one_action() {
+    let throttled = MdeError::Throttled {
+        family: ApiFamily::Offboard,
+        retry_at: Timestamp::now(),
+    };
+    let rows: Vec<SendRow> = vec![
+        ("accepted", vec![], vec![], 1, "Requested"),
+        (
+            "timeout after MDE acted",
+            vec![Send::CreateThenFail(unknown("operation timed out"))],
+            vec![],
+            1,
+            "Adopted",
+        ),
+        (
+            "timeout before MDE acted: resent after a lookup proved absence",
+            vec![Send::Fail(unknown("operation timed out"))],
+            vec![],
+            2,
+            "Requested",
+        ),
+        (
+            "connection reset after MDE acted",
+            vec![Send::CreateThenFail(unknown("connection reset by peer"))],
+            vec![],
+            1,
+            "Adopted",
+        ),
+        (
+            "503 after MDE acted",
+            vec![Send::CreateThenFail(unknown("MDE answered 503"))],
+            vec![],
+            1,
+            "Adopted",
+        ),
+        (
+            "503 before MDE acted: resent after a lookup proved absence",
+            vec![Send::Fail(unknown("MDE answered 503"))],
+            vec![],
+            2,
+            "Requested",
+        ),
+        (
+            "lost response, lookup fails twice first",
+            vec![Send::CreateThenFail(unknown("answer lost"))],
+            vec![
+                Lookup::Fail(MdeError::Unavailable {
+                    status: 503,
+                    message: "busy".into(),
+                }),
+                Lookup::Fail(MdeError::NotFound {
+                    message: "wrong regional host".into(),
+                }),
+            ],
+            1,
+            "Adopted",
+        ),
+        (
+            "2xx whose body does not parse",
+            vec![Send::CreateThenFail(MdeError::InvalidResponse {
+                message: "garbled".into(),
+            })],
+            vec![],
+            1,
+            "Adopted",
+        ),
+        (
+            "429 (a refusal, not counted as a POST that could create), then sent",
+            vec![Send::Fail(throttled)],
+            vec![],
+            1,
+            "Requested",
+        ),
+    ];
+    for (name, sends, lookups, posts, reason) in rows {
+        let mde = FakeMde::default().sends(sends).lookups(lookups);
+        let store = ScriptedStore::new(resource(None));
+        let (status, errors) = drive(&mde, &store).await;
+        assert!(errors.is_empty(), "{name}: {errors:?}");
+        assert_eq!(mde.posts_for(UID), posts, "{name}: POSTs for the key");
+        assert_eq!(mde.actions_for(MACHINE), 1, "{name}: actions at MDE");
+        assert_eq!(status.phase, Some(Phase::InProgress), "{name}");
+        assert_eq!(submitted_reason(&status), reason, "{name}");
+    }
+}
+
+/// A status write that fails (another writer, or the process dying) at each
+/// point of the sequence: the restarted step never sends a second time.
+#[tokio::test]
+async fn a_failed_write_at_any_point_sends_once() {
+    // name, failing write (1 = the intent, 2 = the record), how, POSTs, reason
+    let rows = [
+        (
+            "conflict on the intent write",
+            1,
+            FailWith::Conflict,
+            "Requested",
+        ),
+        (
+            "crash before the intent lands",
+            1,
+            FailWith::Crash,
+            "Requested",
+        ),
+        ("conflict on the record", 2, FailWith::Conflict, "Adopted"),
+        (
+            "crash between send and record",
+            2,
+            FailWith::Crash,
+            "Adopted",
+        ),
+    ];
+    for (name, write, with, reason) in rows {
+        let mde = FakeMde::default();
+        let store = ScriptedStore::new(resource(None));
+        store.fail_write(write, with);
+        let (status, errors) = drive(&mde, &store).await;
+        assert_eq!(errors.len(), 1, "{name}: {errors:?}");
+        assert_eq!(mde.posts_for(UID), 1, "{name}: POSTs for the key");
+        assert_eq!(status.phase, Some(Phase::InProgress), "{name}");
+        assert_eq!(submitted_reason(&status), reason, "{name}");
+    }
+}
+
+/// The process died after the intent write and before the send: the next
+/// one finds `Submitting`, looks up, proves absence, and sends once.
+#[tokio::test]
+async fn a_crash_between_intent_and_send_sends_once_after_the_lookup() {
+    let crashed = DeviceOffboardStatus {
+        phase: Some(Phase::Submitting),
+        machine_id: Some(MACHINE.into()),
+        attempts: Some(1),
+        submitted_at: Some(Time(Timestamp::now())),
+        ..Default::default()
+    };
+    let mde = FakeMde::default();
+    let store = ScriptedStore::new(resource(Some(crashed)));
+    let (status, _) = drive(&mde, &store).await;
+    assert_eq!(mde.posts_for(UID), 1);
+    assert_eq!(status.attempts, Some(2), "the intent is recorded again");
+    // And when the earlier process had sent: adopted, nothing sent.
+    let mde = FakeMde::default();
+    let marker = format!("[defender-offboard:{UID}] returned");
+    let created = mde.insert(MACHINE, &marker);
+    let crashed = store.object().status.map(|s| DeviceOffboardStatus {
+        machine_action_id: None,
+        phase: Some(Phase::Submitting),
+        ..s
+    });
+    let store = ScriptedStore::new(resource(crashed));
+    let (status, _) = drive(&mde, &store).await;
+    assert_eq!(mde.posts_for(UID), 0);
+    assert_eq!(status.machine_action_id, Some(created.id));
+}
+
+/// Two workers (or replicas) holding the same resourceVersion: only the one
+/// whose intent write lands may send.
+#[tokio::test]
+async fn two_workers_on_one_version_send_once() {
+    let mde = FakeMde::default();
+    let store = ScriptedStore::new(resource(None));
+    let snapshot = store.object();
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let (first, second) = tokio::join!(step(&snapshot, &ports), step(&snapshot, &ports));
+    let conflicts = [&first, &second]
+        .iter()
+        .filter(|r| matches!(r, Err(Error::Conflict)))
+        .count();
+    assert_eq!(conflicts, 1, "{first:?} {second:?}");
+    assert_eq!(mde.posts_for(UID), 1);
+}
+
+/// Terminal or recorded resources cost no MDE call.
+#[tokio::test]
+async fn final_resources_make_no_call() {
+    let mde = FakeMde::default();
+    for phase in [Phase::Succeeded, Phase::Failed] {
+        let store = ScriptedStore::new(resource(Some(DeviceOffboardStatus {
+            phase: Some(phase),
+            ..Default::default()
+        })));
+        drive(&mde, &store).await;
+    }
+    assert_eq!(mde.calls(), 0);
+}
+
+fn on_machine(uid: &str) -> DeviceOffboard {
+    let mut obj = resource(None);
+    obj.metadata.uid = Some(uid.into());
+    obj
+}
+
+/// MDE's list lags: a previous process sent, died before recording, and its
+/// action is not listed yet. The new process's lookup counts the delay from
+/// when *it* first saw `Submitting` (not from the old wall-clock
+/// `submittedAt`), so it finds and adopts the action instead of resending.
+#[tokio::test(start_paused = true)]
+async fn a_lagging_list_is_waited_out_on_this_process_clock() {
+    // Listed 30 s after its creation: within the 35 s lookup delay.
+    let mde = FakeMde::default().list_lag(Duration::from_secs(30));
+    mde.insert(MACHINE, &format!("[defender-offboard:{UID}] returned"));
+    let an_hour_ago = Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    let crashed = DeviceOffboardStatus {
+        phase: Some(Phase::Submitting),
+        machine_id: Some(MACHINE.into()),
+        attempts: Some(1),
+        submitted_at: Some(Time(an_hour_ago)),
+        ..Default::default()
+    };
+    let store = ScriptedStore::new(resource(Some(crashed)));
+    let settings = Settings {
+        lookup_delay: Duration::from_secs(35),
+        ..settings()
+    };
+    let (metrics, memory) = (Metrics::default(), ProcessMemory::default());
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    // The early lookup sees nothing and proves nothing: wait the whole delay.
+    let requeue = step(&store.object(), &ports).await.unwrap();
+    assert_eq!(requeue, Some(Duration::from_secs(35)));
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert_eq!(
+        step(&store.object(), &ports).await.unwrap(),
+        Some(Duration::from_secs(15))
+    );
+    tokio::time::advance(Duration::from_secs(15)).await;
+    step(&store.object(), &ports).await.unwrap();
+    let status = store.object().status.unwrap();
+    assert_eq!(mde.posts_for(UID), 0, "nothing resent");
+    assert!(status.machine_action_id.is_some());
+    assert_eq!(submitted_reason(&status), "Adopted");
+}
+
+/// Two resources naming one machine, reconciled at once, while MDE's list
+/// does not show new actions yet: one POST, and the second adopts it.
+#[tokio::test]
+async fn two_resources_for_one_machine_send_once() {
+    // MDE lists nothing new during the test.
+    let mde = FakeMde::default().list_lag(Duration::from_secs(3600));
+    let (first, second) = (
+        ScriptedStore::new(on_machine("uid-a")),
+        ScriptedStore::new(on_machine("uid-b")),
+    );
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let ports = |store| Ports {
+        mde: &mde,
+        store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    for _ in 0..10 {
+        let (a, b) = (ports(&first), ports(&second));
+        let (oa, ob) = (first.object(), second.object());
+        let (ra, rb) = tokio::join!(step(&oa, &a), step(&ob, &b));
+        ra.unwrap();
+        rb.unwrap();
+    }
+    assert_eq!(mde.posts_for("uid-a") + mde.posts_for("uid-b"), 1);
+    assert_eq!(mde.actions_for(MACHINE), 1);
+    let (a, b) = (
+        first.object().status.unwrap(),
+        second.object().status.unwrap(),
+    );
+    assert_eq!(a.machine_action_id, b.machine_action_id);
+    let adopter = if submitted_reason(&a) == "Adopted" {
+        &first
+    } else {
+        &second
+    };
+    let note = adopter.notes().into_iter().last().unwrap();
+    assert!(
+        note.message.contains("for the same machine"),
+        "{}",
+        note.message
+    );
+}
+
+/// A new resource for a machine another resource already offboards (a GitOps
+/// prune and re-apply, a restore, a new leader): adopted, nothing sent.
+#[tokio::test]
+async fn a_new_resource_adopts_the_live_action_of_another() {
+    let mde = FakeMde::default();
+    let earlier = mde.insert(MACHINE, "[defender-offboard:old-uid] returned");
+    let store = ScriptedStore::new(resource(None));
+    let (status, _) = drive(&mde, &store).await;
+    assert_eq!(mde.posts_for(UID), 0);
+    assert_eq!(status.machine_action_id, Some(earlier.id));
+    assert_eq!(submitted_reason(&status), "Adopted");
+}
+
+/// An action MDE says does not exist (asked for alone) ends the resource with
+/// the reason, instead of leaving it `InProgress` for good.
+#[tokio::test]
+async fn an_action_mde_does_not_have_fails_the_resource() {
+    let mde = FakeMde::default();
+    let store = ScriptedStore::new(resource(None));
+    let (status, _) = drive(&mde, &store).await;
+    let recorded = status.machine_action_id.clone().unwrap();
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let gone = match mde
+        .get_machine_action("00000000-dead-4000-8000-000000000000")
+        .await
+    {
+        Err(error @ MdeError::NotFound { .. }) => error,
+        other => panic!("{other:?}"),
+    };
+    assert!(gone.to_string().contains("not found"));
+    super::step::record_gone(&ports, &store.object(), &recorded)
+        .await
+        .unwrap();
+    let status = store.object().status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.last_error.as_ref().unwrap().code, "ActionNotFound");
+    assert_eq!(
+        submitted_reason(&status),
+        "Requested",
+        "it was sent: Submitted stays"
+    );
+    assert_eq!(status.machine_action_id, Some(recorded));
+}
+
+/// A resource whose offboard MDE holds `Pending`, annotated to cancel.
+async fn pending_and_annotated(mde: &FakeMde) -> ScriptedStore {
+    let store = ScriptedStore::new(resource(None));
+    let (status, _) = drive(mde, &store).await;
+    assert_eq!(status.action_status.as_deref(), Some("Pending"));
+    let mut obj = store.object();
+    obj.metadata.annotations = Some(
+        [(
+            crate::crd::CANCEL_ANNOTATION.to_string(),
+            "wrong device".to_string(),
+        )]
+        .into(),
+    );
+    ScriptedStore::new(obj)
+}
+
+/// Step until final, or until the cancel is found too late.
+async fn drive_to_final(mde: &FakeMde, store: &ScriptedStore) -> DeviceOffboardStatus {
+    drive_until(mde, store, |status| {
+        status.phase.is_some_and(Phase::is_terminal)
+            || status
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.state == crate::crd::CancelState::TooLate)
+    })
+    .await
+    .0
+}
+
+/// Each fault on the cancel: cancel POSTs for the action. A second one only
+/// after a read proved the first cancelled nothing.
+#[tokio::test]
+async fn a_cancel_is_sent_once_whatever_the_answer() {
+    let rows = [
+        ("accepted", vec![], 1),
+        (
+            "timeout after MDE cancelled: read, adopted",
+            vec![Send::CreateThenFail(unknown("operation timed out"))],
+            1,
+        ),
+        (
+            "refused before MDE acted: read, then resent",
+            vec![Send::Fail(MdeError::Unavailable {
+                status: 503,
+                message: "try later".into(),
+            })],
+            2,
+        ),
+    ];
+    for (name, script, cancels) in rows {
+        let mde = FakeMde::default().cancels(script);
+        let store = pending_and_annotated(&mde).await;
+        let status = drive_to_final(&mde, &store).await;
+        let action = status.machine_action_id.clone().unwrap();
+        assert_eq!(mde.cancels_for(&action), cancels, "{name}");
+        assert_eq!(status.phase, Some(Phase::Failed), "{name}");
+        assert_eq!(status.action_status.as_deref(), Some("Cancelled"), "{name}");
+        let ready = condition(&status, super::status::READY).unwrap();
+        assert_eq!(ready.reason, "Cancelled", "{name}");
+        assert_eq!(mde.posts_for(UID), 1, "{name}: one offboard");
+    }
+    // A crash on the intent write: nothing sent; the next process sends once.
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    store.fail_write(1, FailWith::Crash);
+    let status = drive_to_final(&mde, &store).await;
+    assert_eq!(
+        mde.cancels_for(status.machine_action_id.as_deref().unwrap()),
+        1
+    );
+}
+
+/// Too late: MDE already runs the offboard. Nothing is sent, an Event says
+/// so once, and the resource goes on to its real end.
+#[tokio::test]
+async fn a_cancel_after_in_progress_sends_nothing() {
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    let action = store.object().status.unwrap().machine_action_id.unwrap();
+    mde.set_status(&action, mde_client::ActionStatus::InProgress);
+    // The poller saw it InProgress.
+    let mut obj = store.object();
+    obj.status.as_mut().unwrap().action_status = Some("InProgress".into());
+    let store = ScriptedStore::new(obj);
+    let status = drive_to_final(&mde, &store).await;
+    assert_eq!(mde.cancels_for(&action), 0);
+    assert_eq!(status.phase, Some(Phase::InProgress));
+    let notes = store.notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].reason, super::status::Reason::CancelTooLate);
+}
+
+/// Two workers holding one resourceVersion: only one cancel leaves.
+#[tokio::test]
+async fn two_workers_cannot_both_cancel() {
+    let mde = FakeMde::default();
+    let store = pending_and_annotated(&mde).await;
+    let obj = store.object();
+    let (settings, metrics) = (settings(), Metrics::default());
+    let (a, b) = (ProcessMemory::default(), ProcessMemory::default());
+    let ports = |memory| Ports {
+        mde: &mde,
+        store: &store,
+        memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let first = step(&obj, &ports(&a)).await;
+    let second = step(&obj, &ports(&b)).await;
+    assert!(first.is_ok());
+    assert!(matches!(second, Err(Error::Conflict)), "{second:?}");
+    let action = obj.status.unwrap().machine_action_id.unwrap();
+    assert_eq!(mde.cancels_for(&action), 1);
+}
+
+/// A slot taken and given back unsent (here the intent write lost a race)
+/// returns to the budget, and the resource keeps its place in the queue: sent
+/// to the back, its slot would stay unused until every waiter behind it had
+/// gone, which at MDE's hourly limit means the next hour.
+#[tokio::test]
+async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
+    let mde = FakeMde::default();
+    let store = ScriptedStore::new(resource(None));
+    store.fail_write(1, FailWith::Conflict);
+    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let tenant = crate::tenants::ConnectionKey::of(&store.object()).to_string();
+    assert_eq!(memory.budget_place(&tenant, UID), 0);
+    assert_eq!(memory.budget_place(&tenant, "queued-after"), 1);
+    let full = mde.budget().remaining(ApiFamily::Offboard);
+    let ports = Ports {
+        mde: &mde,
+        store: &store,
+        memory: &memory,
+        settings: &settings,
+        metrics: &metrics,
+    };
+    let step_result = step(&store.object(), &ports).await;
+    assert!(step_result.is_err(), "the intent write fails");
+    assert_eq!(mde.posts_for(UID), 0, "nothing was sent");
+    assert_eq!(mde.budget().remaining(ApiFamily::Offboard), full);
+    assert_eq!(
+        memory.budget_place(&tenant, "queued-after"),
+        1,
+        "the resource is still ahead of the one queued after it"
+    );
+    assert_eq!(memory.budget_place(&tenant, UID), 0);
+}

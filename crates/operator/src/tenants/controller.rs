@@ -1,0 +1,723 @@
+//! Keeps one MDE client per `DefenderConnection` (`run --connections`): each
+//! connection gets its own task that builds the client from the spec, signs
+//! in, and writes whether that works (`Ready`) and the budget left into the
+//! connection's status. A slow or refused tenant only ever holds its own task.
+
+use super::registry::Connections;
+use crate::metrics::{ConnectionObserver, Metrics};
+use crate::tenants::resource::{
+    ConnectionBudget, DefenderConnection, DefenderConnectionSpec, DefenderConnectionStatus, reason,
+};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret as KubeSecret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use mde_client::{
+    ApiFamily, BudgetWait, ClientConfig, ClientIdentity, Credential, CredentialSource,
+    DefenderClient, Endpoints, FetchedCredential, MdeError, RateBudget, RateLimits, Secret,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The audience Microsoft Entra expects of a federated (workload identity) token.
+pub const WORKLOAD_IDENTITY_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// The permission an app needs to offboard (the roles claim of its token).
+const OFFBOARD_ROLE: &str = "Machine.Offboard";
+
+/// DefenderConnections read per page when the watch (re)lists.
+const CONNECTION_PAGE: u32 = 500;
+
+/// How often a connection that works is checked again and its budget written.
+pub const RECHECK_READY: Duration = Duration::from_secs(60);
+/// How soon a connection that does not work is tried again.
+pub const RECHECK_NOT_READY: Duration = Duration::from_secs(30);
+
+/// What every connection's client shares with the operator's own.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub rate_limits: RateLimits,
+    pub request_timeout: Duration,
+    /// `--allow-insecure-http`: the same host rules as the operator's own.
+    pub allow_insecure_http: bool,
+    /// `host[:port]`s besides Microsoft's that a connection may point at
+    /// (`--connection-allowed-hosts`, and the operator's own `--api-url` and
+    /// `--authority-host`).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// The outcome of one check, as the connection's `Ready` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Readiness {
+    fn not(reason: &'static str, message: impl Into<String>) -> Self {
+        Readiness {
+            ready: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a sign-in (with the roles its token grants) says about a connection.
+pub fn readiness(signed_in: Result<Option<Vec<String>>, &MdeError>) -> Readiness {
+    match signed_in {
+        Ok(Some(roles)) if !roles.iter().any(|r| r == OFFBOARD_ROLE) => Readiness::not(
+            reason::PERMISSION_DENIED,
+            format!(
+                "signed in, but the app lacks the {OFFBOARD_ROLE} application permission (its token grants: {}); grant it with admin consent in Microsoft Entra",
+                if roles.is_empty() {
+                    "none".to_string()
+                } else {
+                    roles.join(", ")
+                }
+            ),
+        ),
+        Ok(_) => Readiness {
+            ready: true,
+            reason: reason::SIGNED_IN,
+            message: "signed in to Microsoft Defender for Endpoint".into(),
+        },
+        Err(MdeError::Credentials { message }) => {
+            Readiness::not(reason::CREDENTIAL_NOT_FOUND, message.clone())
+        }
+        Err(error @ MdeError::SignIn { .. }) => {
+            Readiness::not(reason::AUTHENTICATION_FAILED, error.to_string())
+        }
+        Err(error) => Readiness::not(reason::LOGIN_UNAVAILABLE, error.to_string()),
+    }
+}
+
+/// Where a connection's tokens and requests go: its cloud's hosts, or its
+/// overrides under the operator's own host rules, and only to Microsoft's
+/// login and MDE API hosts or hosts the operator's administrator allowed:
+/// a connection must not be able to send the Secret it names (which its
+/// author may not be able to read) anywhere else.
+pub fn endpoints(
+    spec: &DefenderConnectionSpec,
+    settings: &ClientSettings,
+) -> Result<Endpoints, String> {
+    let cloud = spec.cloud.map(Into::into).unwrap_or_default();
+    let endpoints = Endpoints::named(
+        cloud,
+        (spec.api_url.as_deref(), spec.login_url.as_deref()),
+        settings.allow_insecure_http,
+        ("spec.apiUrl", "spec.loginUrl"),
+    )?;
+    for (field, url) in [
+        ("spec.apiUrl", &endpoints.api),
+        ("spec.loginUrl", &endpoints.authority),
+    ] {
+        if !host_allowed(url, &settings.allowed_hosts) {
+            return Err(format!(
+                "{field} {url} is not a Microsoft login or MDE API host: the operator sends a connection's credential only to those, and to hosts its administrator allows with --connection-allowed-hosts"
+            ));
+        }
+    }
+    Ok(endpoints)
+}
+
+/// Microsoft's login hosts and MDE API hosts (every cloud, regional ones
+/// included), or `host[:port]` listed in `allowed`.
+pub fn host_allowed(url: &url::Url, allowed: &[String]) -> bool {
+    let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    let microsoft = matches!(
+        host.as_str(),
+        "login.microsoftonline.com"
+            | "login.microsoftonline.us"
+            | "api.security.microsoft.com"
+            | "api.securitycenter.microsoft.com"
+            | "api-gcc.securitycenter.microsoft.us"
+            | "api-gov.securitycenter.microsoft.us"
+    ) || host.ends_with(".api.security.microsoft.com")
+        || (host.starts_with("api-") && host.ends_with(".securitycenter.microsoft.com"));
+    if microsoft && url.scheme() == "https" {
+        return true;
+    }
+    let with_port = match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.clone(),
+    };
+    allowed
+        .iter()
+        .map(|a| a.trim().to_ascii_lowercase())
+        .any(|a| a == host || a == with_port)
+}
+
+/// A client secret read from a key of a Secret in the connection's namespace
+/// at every sign-in (get only: the operator never lists or watches Secrets).
+#[derive(Clone)]
+struct SecretKeySource {
+    api: Api<KubeSecret>,
+    namespace: String,
+    name: String,
+    key: String,
+    /// PEM certificate and key rather than a client secret.
+    certificate: bool,
+}
+
+impl std::fmt::Debug for SecretKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secret {}/{} key {}",
+            self.namespace, self.name, self.key
+        )
+    }
+}
+
+impl CredentialSource for SecretKeySource {
+    fn fetch(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchedCredential, String>> + Send + '_>> {
+        async move {
+            let what = format!("Secret {:?} in namespace {:?}", self.name, self.namespace);
+            let field = if self.certificate {
+                "spec.credential.certificate"
+            } else {
+                "spec.credential.clientSecret"
+            };
+            let secret = self.api.get(&self.name).await.map_err(|e| match e {
+                kube::Error::Api(s) if s.is_not_found() => {
+                    format!("{what} does not exist: create it, or fix {field}.name")
+                }
+                kube::Error::Api(s) if s.code == 403 => format!(
+                    "the operator may not read {what} ({}): list the namespace in the chart's connections.namespaces",
+                    s.message
+                ),
+                other => format!("cannot read {what}: {other}"),
+            })?;
+            let value = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&self.key))
+                .map(|bytes| String::from_utf8_lossy(&bytes.0).trim().to_string())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "{what} has no key {:?} (or it is empty): fix {field}.key",
+                        self.key
+                    )
+                })?;
+            Ok(if self.certificate {
+                FetchedCredential::Certificate(Secret::new(value))
+            } else {
+                FetchedCredential::ClientSecret(Secret::new(value))
+            })
+        }
+        .boxed()
+    }
+}
+
+/// A federated token of a ServiceAccount in the connection's namespace,
+/// requested at every sign-in (TokenRequest, the Workload ID audience).
+#[derive(Clone)]
+struct ServiceAccountTokenSource {
+    api: Api<ServiceAccount>,
+    namespace: String,
+    name: String,
+}
+
+impl std::fmt::Debug for ServiceAccountTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceAccount {}/{}", self.namespace, self.name)
+    }
+}
+
+impl CredentialSource for ServiceAccountTokenSource {
+    fn fetch(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchedCredential, String>> + Send + '_>> {
+        async move {
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: Some(vec![WORKLOAD_IDENTITY_AUDIENCE.into()]),
+                    // The shortest Kubernetes allows: it is exchanged at once.
+                    expiration_seconds: Some(600),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let what = format!("ServiceAccount {:?} in namespace {:?}", self.name, self.namespace);
+            let answer = self
+                .api
+                .create_token_request(&self.name, &PostParams::default(), &request)
+                .await
+                .map_err(|e| match e {
+                    kube::Error::Api(s) if s.is_not_found() => format!(
+                        "{what} does not exist: create it, or fix spec.credential.workloadIdentity.serviceAccountName"
+                    ),
+                    kube::Error::Api(s) if s.code == 403 => format!(
+                        "the operator may not request a token for {what} ({}): list the namespace in the chart's connections.namespaces",
+                        s.message
+                    ),
+                    other => format!("cannot request a token for {what}: {other}"),
+                })?;
+            let token = answer
+                .status
+                .and_then(|s| s.token)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| format!("the token request for {what} came back without a token"))?;
+            Ok(FetchedCredential::ClientAssertion(Secret::new(token)))
+        }
+        .boxed()
+    }
+}
+
+/// The credential a connection's spec names, in its own namespace.
+fn credential(
+    client: &kube::Client,
+    namespace: &str,
+    spec: &DefenderConnectionSpec,
+) -> Result<Credential, String> {
+    let credential = &spec.credential;
+    let secret_key = |reference: &crate::tenants::resource::SecretKeyRef, certificate| {
+        Arc::new(SecretKeySource {
+            api: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.into(),
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+            certificate,
+        })
+    };
+    let source: Arc<dyn CredentialSource> = match (
+        &credential.client_secret,
+        &credential.certificate,
+        &credential.workload_identity,
+    ) {
+        (Some(secret), None, None) => secret_key(secret, false),
+        (None, Some(certificate), None) => secret_key(certificate, true),
+        (None, None, Some(identity)) => Arc::new(ServiceAccountTokenSource {
+            api: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.into(),
+            name: identity.service_account_name.clone(),
+        }),
+        _ => {
+            return Err(
+                "spec.credential needs exactly one of clientSecret, certificate or workloadIdentity"
+                    .into(),
+            );
+        }
+    };
+    Ok(Credential::Fetched(source))
+}
+
+/// Rate budgets by tenant, app and API host: MDE counts its limits per tenant
+/// and app, so two connections of the same app share one budget.
+#[derive(Default, Clone)]
+pub struct Budgets(Arc<Mutex<HashMap<AppKey, RateBudget>>>);
+
+/// Tenant, app (client id) and API host.
+type AppKey = (String, String, String);
+
+impl Budgets {
+    pub fn for_app(
+        &self,
+        tenant: &str,
+        client: &str,
+        api: &str,
+        limits: &RateLimits,
+    ) -> RateBudget {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((
+                tenant.to_lowercase(),
+                client.to_lowercase(),
+                api.to_string(),
+            ))
+            .or_insert_with(|| RateBudget::new(limits))
+            .clone()
+    }
+}
+
+/// Everything a connection's task needs.
+#[derive(Clone)]
+pub struct Shared {
+    pub client: kube::Client,
+    pub connections: Arc<Connections<DefenderClient>>,
+    pub metrics: Arc<Metrics>,
+    pub settings: ClientSettings,
+    pub budgets: Budgets,
+    pub reporter: Reporter,
+}
+
+/// The client a connection's spec describes, or why there is none.
+fn build_client(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    spec: &DefenderConnectionSpec,
+) -> Result<DefenderClient, Readiness> {
+    let invalid = |message: String| Readiness::not(reason::INVALID_SPEC, message);
+    let endpoints = endpoints(spec, &shared.settings).map_err(invalid)?;
+    let credential = credential(&shared.client, namespace, spec).map_err(invalid)?;
+    let identity = ClientIdentity {
+        tenant_id: spec.tenant_id.clone(),
+        client_id: spec.client_id.clone(),
+        credential,
+    };
+    let budget = shared.budgets.for_app(
+        &spec.tenant_id,
+        &spec.client_id,
+        endpoints.api.as_str(),
+        &shared.settings.rate_limits,
+    );
+    let config = ClientConfig {
+        endpoints,
+        identity,
+        rate_limits: shared.settings.rate_limits.clone(),
+        request_timeout: shared.settings.request_timeout,
+        // A worker never waits for budget: the resource is requeued instead.
+        budget_wait: BudgetWait::Refuse,
+    };
+    let observer = Arc::new(ConnectionObserver {
+        metrics: shared.metrics.clone(),
+        connection: format!("{namespace}/{name}"),
+    });
+    DefenderClient::with_budget(config, observer, budget)
+        .map_err(|e| Readiness::not(reason::INVALID_SPEC, e.to_string()))
+}
+
+/// One connection, until its task is aborted (spec changed, deleted, or the
+/// controller stopped): check, write the status, wait, again.
+async fn keep(shared: Shared, connection: DefenderConnection) {
+    let namespace = connection.namespace().unwrap_or_default();
+    let name = connection.name_any();
+    let client = build_client(&shared, &namespace, &name, &connection.spec);
+    let mut last: Option<Readiness> = None;
+    loop {
+        let readiness = match &client {
+            Err(refused) => refused.clone(),
+            Ok(client) => match client.granted_roles().await {
+                Ok(roles) => readiness(Ok(roles)),
+                Err(error) => readiness(Err(&error)),
+            },
+        };
+        match (&client, readiness.ready) {
+            (Ok(client), true) => {
+                shared
+                    .connections
+                    .set_ready(&namespace, &name, Arc::new(client.clone()))
+            }
+            // The login host briefly down: a connection that worked keeps
+            // its client (its sends retry on their own); others wait.
+            _ if readiness.reason == reason::LOGIN_UNAVAILABLE
+                && last.as_ref().is_some_and(|l| l.ready) => {}
+            _ => shared.connections.set_not_ready(
+                &namespace,
+                &name,
+                readiness.reason,
+                &readiness.message,
+            ),
+        }
+        let budget = client.as_ref().ok().map(|c| budget_left(c.budget()));
+        if let Err(error) = write_status(&shared, &connection, &readiness, budget).await {
+            tracing::warn!(connection = %format!("{namespace}/{name}"), error = %error, "could not write the DefenderConnection's status");
+        }
+        if last.as_ref().map(|l| (l.ready, l.reason)) != Some((readiness.ready, readiness.reason)) {
+            publish(&shared, &connection, &readiness).await;
+            tracing::info!(connection = %format!("{namespace}/{name}"), reason = readiness.reason, ready = readiness.ready, "connection checked");
+        }
+        let wait = if readiness.ready {
+            RECHECK_READY
+        } else {
+            RECHECK_NOT_READY
+        };
+        last = Some(readiness);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Calls left now in the tightest window, per family.
+fn budget_left(budget: &RateBudget) -> ConnectionBudget {
+    ConnectionBudget {
+        offboards_left: budget.remaining(ApiFamily::Offboard),
+        reads_left: budget.remaining(ApiFamily::MachineActions),
+        cancels_left: budget.remaining(ApiFamily::Cancel),
+    }
+}
+
+async fn write_status(
+    shared: &Shared,
+    connection: &DefenderConnection,
+    readiness: &Readiness,
+    budget: Option<ConnectionBudget>,
+) -> Result<(), kube::Error> {
+    let api: Api<DefenderConnection> = Api::namespaced(
+        shared.client.clone(),
+        &connection.namespace().unwrap_or_default(),
+    );
+    let now = Time(jiff::Timestamp::now());
+    let previous = connection
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let value = if readiness.ready { "True" } else { "False" };
+    let transition = previous
+        .filter(|c| c.status == value)
+        .map_or(now.clone(), |c| c.last_transition_time.clone());
+    let status = DefenderConnectionStatus {
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: value.into(),
+            reason: readiness.reason.into(),
+            message: readiness.message.clone(),
+            last_transition_time: transition,
+            observed_generation: connection.metadata.generation,
+        }],
+        observed_generation: connection.metadata.generation,
+        budget,
+        checked_at: Some(now),
+    };
+    api.patch_status(
+        &connection.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// An Event on the connection when its readiness changes.
+async fn publish(shared: &Shared, connection: &DefenderConnection, readiness: &Readiness) {
+    let recorder = Recorder::new(shared.client.clone(), shared.reporter.clone());
+    let event = Event {
+        type_: if readiness.ready {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: readiness.reason.into(),
+        note: Some(readiness.message.chars().take(1024).collect()),
+        action: "SignIn".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &connection.object_ref(&())).await {
+        tracing::debug!(error = %error, "could not publish the connection's Event");
+    }
+}
+
+/// A running connection task, aborted when dropped.
+struct Task {
+    generation: Option<i64>,
+    spec: DefenderConnectionSpec,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Watch `DefenderConnection`s (all namespaces, or `namespace`) and keep one
+/// task per connection; a changed spec restarts its task, a deleted one
+/// ends it and takes its client away.
+pub async fn run(shared: Shared, namespace: Option<String>) {
+    let api: Api<DefenderConnection> = match &namespace {
+        Some(ns) => Api::namespaced(shared.client.clone(), ns),
+        None => Api::all(shared.client.clone()),
+    };
+    let mut tasks: HashMap<(String, String), Task> = HashMap::new();
+    let mut relisted: Option<std::collections::HashSet<(String, String)>> = None;
+    let config = watcher::Config::default().page_size(CONNECTION_PAGE);
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(error = %error, "watching DefenderConnections failed; retrying");
+                continue;
+            }
+        };
+        match event {
+            watcher::Event::Init => relisted = Some(Default::default()),
+            watcher::Event::InitApply(connection) | watcher::Event::Apply(connection) => {
+                let key = (
+                    connection.namespace().unwrap_or_default(),
+                    connection.name_any(),
+                );
+                if let Some(seen) = relisted.as_mut() {
+                    seen.insert(key.clone());
+                }
+                let unchanged = tasks.get(&key).is_some_and(|t| {
+                    t.generation == connection.metadata.generation && t.spec == connection.spec
+                });
+                if !unchanged {
+                    shared.connections.set_checking(&key.0, &key.1);
+                    let task = Task {
+                        generation: connection.metadata.generation,
+                        spec: connection.spec.clone(),
+                        handle: tokio::spawn(keep(shared.clone(), connection)),
+                    };
+                    tasks.insert(key, task);
+                }
+            }
+            watcher::Event::Delete(connection) => {
+                let (namespace, name) = (
+                    connection.namespace().unwrap_or_default(),
+                    connection.name_any(),
+                );
+                tasks.remove(&(namespace.clone(), name.clone()));
+                shared.connections.remove(&namespace, &name);
+            }
+            watcher::Event::InitDone => {
+                shared.connections.mark_synced();
+                if let Some(seen) = relisted.take() {
+                    let gone: Vec<_> = tasks
+                        .keys()
+                        .filter(|k| !seen.contains(*k))
+                        .cloned()
+                        .collect();
+                    for (namespace, name) in gone {
+                        tasks.remove(&(namespace.clone(), name.clone()));
+                        shared.connections.remove(&namespace, &name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenants::resource::{ConnectionCredential, SecretKeyRef};
+
+    fn spec(api_url: Option<&str>) -> DefenderConnectionSpec {
+        DefenderConnectionSpec {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            cloud: None,
+            api_url: api_url.map(Into::into),
+            login_url: None,
+            credential: ConnectionCredential {
+                client_secret: Some(SecretKeyRef {
+                    name: "s".into(),
+                    key: "k".into(),
+                }),
+                certificate: None,
+                workload_identity: None,
+            },
+        }
+    }
+
+    #[test]
+    fn readiness_names_the_reason_a_person_acts_on() {
+        let ok = readiness(Ok(Some(vec!["Machine.Offboard".into()])));
+        assert!(ok.ready);
+        assert_eq!(ok.reason, reason::SIGNED_IN);
+        assert!(
+            readiness(Ok(None)).ready,
+            "a token that does not say is trusted"
+        );
+        let denied = readiness(Ok(Some(vec!["Machine.Read.All".into()])));
+        assert!(!denied.ready);
+        assert_eq!(denied.reason, reason::PERMISSION_DENIED);
+        assert!(
+            denied.message.contains("Machine.Offboard")
+                && denied.message.contains("Machine.Read.All")
+        );
+        let refused = MdeError::SignIn {
+            message: "invalid_client".into(),
+        };
+        assert_eq!(
+            readiness(Err(&refused)).reason,
+            reason::AUTHENTICATION_FAILED
+        );
+        let missing = MdeError::Credentials {
+            message: "Secret \"s\" does not exist".into(),
+        };
+        assert_eq!(
+            readiness(Err(&missing)).reason,
+            reason::CREDENTIAL_NOT_FOUND
+        );
+        let down = MdeError::NotSent {
+            reason: "login host down".into(),
+        };
+        assert_eq!(readiness(Err(&down)).reason, reason::LOGIN_UNAVAILABLE);
+    }
+
+    fn settings(allow_insecure_http: bool, allowed_hosts: &[&str]) -> ClientSettings {
+        ClientSettings {
+            rate_limits: RateLimits::default(),
+            request_timeout: Duration::from_secs(30),
+            allow_insecure_http,
+            allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    /// A connection's credential goes to Microsoft's hosts, or to hosts the
+    /// administrator allowed, under the operator's http rules; never to a
+    /// host the connection's author picked.
+    #[test]
+    fn a_connection_sends_its_credential_only_to_allowed_hosts() {
+        let none = settings(false, &[]);
+        assert!(endpoints(&spec(None), &none).is_ok());
+        assert!(endpoints(&spec(Some("https://eu.api.security.microsoft.com")), &none).is_ok());
+        assert!(
+            endpoints(
+                &spec(Some("https://api-us.securitycenter.microsoft.com")),
+                &none
+            )
+            .is_ok()
+        );
+        let error = endpoints(&spec(Some("https://evil.example")), &none).unwrap_err();
+        assert!(
+            error.contains("spec.apiUrl") && error.contains("--connection-allowed-hosts"),
+            "{error}"
+        );
+        let error = endpoints(
+            &spec(Some("https://api.security.microsoft.com.evil.example")),
+            &none,
+        )
+        .unwrap_err();
+        assert!(error.contains("spec.apiUrl"), "{error}");
+        let error = endpoints(&spec(Some("http://evil.example")), &none).unwrap_err();
+        assert!(
+            error.contains("spec.apiUrl") && error.contains("plain http"),
+            "{error}"
+        );
+        // Loopback plain http is allowed by the http rules, but not as a host.
+        assert!(endpoints(&spec(Some("http://127.0.0.1:9")), &none).is_err());
+        let simulator = settings(false, &["127.0.0.1:9"]);
+        let mut both = spec(Some("http://127.0.0.1:9"));
+        both.login_url = Some("http://127.0.0.1:9".into());
+        assert!(endpoints(&both, &simulator).is_ok());
+        assert!(endpoints(&spec(Some("http://127.0.0.1:10")), &simulator).is_err());
+        let test_cluster = settings(true, &["sim.test:8090"]);
+        let mut in_cluster = spec(Some("http://sim.test:8090"));
+        in_cluster.login_url = Some("http://sim.test:8090".into());
+        assert!(endpoints(&in_cluster, &test_cluster).is_ok());
+    }
+
+    #[test]
+    fn one_budget_per_tenant_and_app() {
+        let budgets = Budgets::default();
+        let limits = RateLimits::default();
+        let a = budgets.for_app("T", "c", "https://api", &limits);
+        let b = budgets.for_app("t", "C", "https://api", &limits);
+        let other = budgets.for_app("t2", "c", "https://api", &limits);
+        a.try_reserve(ApiFamily::Offboard).unwrap().complete();
+        assert_eq!(
+            b.remaining(ApiFamily::Offboard),
+            a.remaining(ApiFamily::Offboard)
+        );
+        assert!(other.remaining(ApiFamily::Offboard) > a.remaining(ApiFamily::Offboard));
+    }
+}

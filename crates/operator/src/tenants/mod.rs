@@ -1,0 +1,11 @@
+//! The tenants room: which MDE tenant a resource is offboarded through. The
+//! `DefenderConnection` resource, the registry of each tenant's client, and
+//! the controller that signs each connection in. It never reaches into the
+//! offboard room. See docs/architecture.md.
+
+pub mod controller;
+pub mod registry;
+pub mod resource;
+
+pub use registry::{ConnectionKey, Connections, TenantClient, Unavailable};
+pub use resource::DefenderConnection;

@@ -1,0 +1,379 @@
+//! Which MDE tenant a resource is offboarded through: the operator's own
+//! credentials, or a `DefenderConnection` of the resource's namespace. Each
+//! has its own client (token cache, rate budget, metrics label), so one
+//! tenant's 429s or revoked secret never slow another's resources.
+
+use crate::crd::DeviceOffboard;
+use crate::metrics::DEFAULT_CONNECTION;
+use kube::ResourceExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use tokio::time::Instant;
+
+/// What the registry needs of a tenant's client: its rate budget (offboards
+/// a predecessor sent are counted against it).
+pub trait TenantClient: Send + Sync + 'static {
+    fn budget(&self) -> &mde_client::RateBudget;
+}
+
+impl TenantClient for mde_client::DefenderClient {
+    fn budget(&self) -> &mde_client::RateBudget {
+        mde_client::DefenderClient::budget(self)
+    }
+}
+
+/// The operator's own credentials, or one `DefenderConnection`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectionKey {
+    Default,
+    Named { namespace: String, name: String },
+}
+
+impl ConnectionKey {
+    /// The connection a resource asks for (its namespace, never another).
+    pub fn of(resource: &DeviceOffboard) -> Self {
+        match &resource.spec.connection_ref {
+            None => ConnectionKey::Default,
+            Some(reference) => ConnectionKey::Named {
+                namespace: resource.namespace().unwrap_or_default(),
+                name: reference.name.clone(),
+            },
+        }
+    }
+}
+
+/// `default`, or `namespace/name`: the `connection` metrics label.
+impl fmt::Display for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionKey::Default => f.write_str(DEFAULT_CONNECTION),
+            ConnectionKey::Named { namespace, name } => write!(f, "{namespace}/{name}"),
+        }
+    }
+}
+
+/// A connection's state as its controller last saw it.
+enum Entry<M> {
+    /// Seen, not signed in with yet.
+    Checking,
+    Ready(Arc<M>),
+    /// Cannot be used: the `Ready` reason and message.
+    NotReady {
+        reason: String,
+        message: String,
+    },
+}
+
+/// Every tenant this process can reach, by key.
+pub struct Connections<M> {
+    default: Option<Arc<M>>,
+    /// Whether `DefenderConnection`s are used at all (`run --connections`).
+    enabled: bool,
+    named: RwLock<HashMap<(String, String), Entry<M>>>,
+    /// Whether the first list of DefenderConnections is in: before it, a
+    /// connection not known yet may well exist.
+    synced: std::sync::atomic::AtomicBool,
+    /// Offboards sent in the budget windows, read at start, for connections
+    /// whose client does not exist yet: applied when it is created.
+    seeds: std::sync::Mutex<HashMap<ConnectionKey, Vec<Instant>>>,
+}
+
+impl<M: TenantClient> Connections<M> {
+    /// `default`: the operator's own client, if it has credentials.
+    pub fn new(default: Option<M>, enabled: bool) -> Self {
+        Connections {
+            default: default.map(Arc::new),
+            enabled,
+            named: RwLock::default(),
+            synced: Default::default(),
+            seeds: Default::default(),
+        }
+    }
+
+    pub fn default_client(&self) -> Option<Arc<M>> {
+        self.default.clone()
+    }
+
+    /// The client for `key`, when it is usable now.
+    pub fn get(&self, key: &ConnectionKey) -> Result<Arc<M>, Unavailable> {
+        match key {
+            ConnectionKey::Default => self.default.clone().ok_or(Unavailable::NoDefault),
+            ConnectionKey::Named { name, .. } if !self.enabled => {
+                Err(Unavailable::Disabled { name: name.clone() })
+            }
+            ConnectionKey::Named { namespace, name } => {
+                let named = self.named.read().unwrap_or_else(|e| e.into_inner());
+                match named.get(&(namespace.clone(), name.clone())) {
+                    Some(Entry::Ready(client)) => Ok(client.clone()),
+                    Some(Entry::Checking) => Err(Unavailable::Checking { name: name.clone() }),
+                    None if !self.synced.load(std::sync::atomic::Ordering::Acquire) => {
+                        Err(Unavailable::Checking { name: name.clone() })
+                    }
+                    Some(Entry::NotReady { reason, message }) => Err(Unavailable::NotReady {
+                        name: name.clone(),
+                        reason: reason.clone(),
+                        message: message.clone(),
+                    }),
+                    None => Err(Unavailable::NotFound {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The client a resource uses, with its key.
+    pub fn for_resource(
+        &self,
+        resource: &DeviceOffboard,
+    ) -> (ConnectionKey, Result<Arc<M>, Unavailable>) {
+        let key = ConnectionKey::of(resource);
+        let client = self.get(&key);
+        (key, client)
+    }
+
+    /// A connection that signed in: its client (kept while its spec is unchanged).
+    pub fn set_ready(&self, namespace: &str, name: &str, client: Arc<M>) {
+        let key = ConnectionKey::Named {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if let Some(past) = self.take_seed(&key) {
+            client
+                .budget()
+                .record_past(mde_client::ApiFamily::Offboard, &past);
+        }
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.into(), name.into()), Entry::Ready(client));
+    }
+
+    /// A connection just seen (created, changed, or listed at start), before
+    /// its first sign-in.
+    pub fn set_checking(&self, namespace: &str, name: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.into(), name.into()), Entry::Checking);
+    }
+
+    /// The first complete list of DefenderConnections is in.
+    pub fn mark_synced(&self) {
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A connection that cannot be used now, and why.
+    pub fn set_not_ready(&self, namespace: &str, name: &str, reason: &str, message: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (namespace.into(), name.into()),
+                Entry::NotReady {
+                    reason: reason.into(),
+                    message: message.into(),
+                },
+            );
+    }
+
+    /// The connection was deleted.
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.named
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Count offboards sent in the budget windows (read from the resources'
+    /// `submittedAt` at start) against the connection's budget, now or when
+    /// its client is created.
+    pub fn seed(&self, key: ConnectionKey, past: Vec<Instant>) {
+        match self.get(&key) {
+            Ok(client) => client
+                .budget()
+                .record_past(mde_client::ApiFamily::Offboard, &past),
+            Err(_) => {
+                self.seeds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default()
+                    .extend(past);
+            }
+        }
+    }
+
+    fn take_seed(&self, key: &ConnectionKey) -> Option<Vec<Instant>> {
+        self.seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
+    /// Every usable client with its key (the gauges publish each one's budget).
+    pub fn ready(&self) -> Vec<(ConnectionKey, Arc<M>)> {
+        let named = self.named.read().unwrap_or_else(|e| e.into_inner());
+        self.default
+            .iter()
+            .map(|c| (ConnectionKey::Default, c.clone()))
+            .chain(
+                named
+                    .iter()
+                    .filter_map(|((namespace, name), entry)| match entry {
+                        Entry::Ready(client) => Some((
+                            ConnectionKey::Named {
+                                namespace: namespace.clone(),
+                                name: name.clone(),
+                            },
+                            client.clone(),
+                        )),
+                        Entry::NotReady { .. } | Entry::Checking => None,
+                    }),
+            )
+            .collect()
+    }
+}
+
+/// Why a resource's connection cannot be used now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// `spec.connectionRef` is set but the operator runs without `--connections`.
+    Disabled { name: String },
+    /// No `DefenderConnection` of that name in the resource's own namespace.
+    NotFound { namespace: String, name: String },
+    /// The connection exists but cannot sign in (yet): its `Ready` reason.
+    NotReady {
+        name: String,
+        reason: String,
+        message: String,
+    },
+    /// No `spec.connectionRef`, and the operator has no credentials of its own.
+    NoDefault,
+    /// The connection is being read or signed in for the first time (just
+    /// created, or this process just started): wait briefly, write nothing.
+    Checking { name: String },
+}
+
+impl Unavailable {
+    /// What happened and what to do about it.
+    pub fn message(&self) -> String {
+        match self {
+            Unavailable::Disabled { name } => format!(
+                "spec.connectionRef names DefenderConnection {name:?}, but the operator runs without --connections (chart: connections.enabled); nothing was sent"
+            ),
+            Unavailable::NotFound { namespace, name } => format!(
+                "no DefenderConnection {name:?} in namespace {namespace:?}: a DeviceOffboard uses only a connection of its own namespace; create it there (nothing was sent)"
+            ),
+            Unavailable::NotReady {
+                name,
+                reason,
+                message,
+            } => format!(
+                "DefenderConnection {name:?} is not ready ({reason}: {message}); nothing was sent, retrying"
+            ),
+            Unavailable::Checking { name } => format!(
+                "DefenderConnection {name:?} is being checked; nothing was sent yet"
+            ),
+            Unavailable::NoDefault => "the operator runs without credentials of its own: set spec.connectionRef to a DefenderConnection of this namespace (recreate the resource: the spec is immutable), or give the operator AZURE_TENANT_ID, AZURE_CLIENT_ID and a credential; nothing was sent".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant's client as far as the registry sees it: its budget.
+    struct FakeMde(mde_client::RateBudget);
+
+    impl Default for FakeMde {
+        fn default() -> Self {
+            FakeMde(mde_client::RateBudget::new(&Default::default()))
+        }
+    }
+
+    impl TenantClient for FakeMde {
+        fn budget(&self) -> &mde_client::RateBudget {
+            &self.0
+        }
+    }
+
+    use crate::crd::{ConnectionRef, DeviceOffboardSpec};
+
+    fn resource(namespace: &str, connection: Option<&str>) -> DeviceOffboard {
+        let mut r = DeviceOffboard::new(
+            "r",
+            DeviceOffboardSpec {
+                machine_id: None,
+                device_name: Some("pc".into()),
+                comment: "c".into(),
+                ttl_seconds_after_finished: None,
+                connection_ref: connection.map(|name| ConnectionRef { name: name.into() }),
+            },
+        );
+        r.metadata.namespace = Some(namespace.into());
+        r
+    }
+
+    fn unavailable(connections: &Connections<FakeMde>, r: &DeviceOffboard) -> Unavailable {
+        match connections.for_resource(r).1 {
+            Err(unavailable) => unavailable,
+            Ok(_) => panic!("expected the connection to be unavailable"),
+        }
+    }
+
+    /// A name is looked up in the resource's own namespace only; before the
+    /// first list, and before a connection's first sign-in, it is `Checking`
+    /// (wait quietly), then found, not ready, or not found.
+    #[test]
+    fn a_resource_reaches_only_its_own_namespaces_connection() {
+        let connections = Connections::new(Some(FakeMde::default()), true);
+        assert!(connections.for_resource(&resource("a", None)).1.is_ok());
+        let borrower = resource("b", Some("shared"));
+        assert!(matches!(
+            unavailable(&connections, &borrower),
+            Unavailable::Checking { .. }
+        ));
+        connections.mark_synced();
+        connections.set_checking("a", "shared");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::Checking { .. }
+        ));
+        connections.set_ready("a", "shared", Arc::new(FakeMde::default()));
+        let (key, found) = connections.for_resource(&resource("a", Some("shared")));
+        assert!(found.is_ok());
+        assert_eq!(key.to_string(), "a/shared");
+        assert_eq!(
+            unavailable(&connections, &borrower),
+            Unavailable::NotFound {
+                namespace: "b".into(),
+                name: "shared".into()
+            }
+        );
+        connections.set_not_ready("a", "shared", "AuthenticationFailed", "invalid_client");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::NotReady { reason, .. } if reason == "AuthenticationFailed"
+        ));
+        connections.remove("a", "shared");
+        assert!(matches!(
+            unavailable(&connections, &resource("a", Some("shared"))),
+            Unavailable::NotFound { .. }
+        ));
+        let disabled = Connections::new(Some(FakeMde::default()), false);
+        assert!(matches!(
+            unavailable(&disabled, &resource("a", Some("x"))),
+            Unavailable::Disabled { .. }
+        ));
+        let no_default: Connections<FakeMde> = Connections::new(None, true);
+        assert_eq!(
+            unavailable(&no_default, &resource("a", None)),
+            Unavailable::NoDefault
+        );
+    }
+}
