@@ -14,8 +14,8 @@ use offboard_operator::crd::{
 };
 use offboard_operator::metrics::Metrics;
 use offboard_operator::offboard::decision::{Note, Settings};
-use offboard_operator::offboard::memory::ProcessMemory;
 use offboard_operator::offboard::ports::{MdeCalls, MemoryStore};
+use offboard_operator::offboard::state::OffboardState;
 use offboard_operator::offboard::status::{READY, Reason, condition};
 use offboard_operator::offboard::step::{self, Ports};
 use offboard_operator::tenants::TenantClient;
@@ -151,11 +151,11 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         access_backoff: Duration::from_secs(2),
     };
     let metrics = Metrics::default();
-    let memory = ProcessMemory::default();
+    let state = OffboardState::default();
     let ports = Ports {
         mde: &mde,
         store: &store,
-        memory: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };

@@ -2,8 +2,8 @@
 //! clients, the status store, this process's state, the tunables.
 
 use super::decision::Settings;
-use super::memory::ProcessMemory;
 use super::ports::{KubeStore, MdeCalls};
+use super::state::OffboardState;
 use super::step::Ports;
 use crate::cache::parked::ParkingLot;
 use crate::metrics::Metrics;
@@ -22,7 +22,7 @@ pub struct Context<M = DefenderClient> {
     pub connections: Arc<Connections<M>>,
     pub store: KubeStore,
     /// What this process remembers between reconciles (lookup clocks, machines).
-    pub memory: ProcessMemory,
+    pub state: OffboardState,
     /// Red while a background task (the poller) is down.
     pub liveness: Liveness,
     pub metrics: Arc<Metrics>,
@@ -68,7 +68,7 @@ impl<M: MdeCalls> Context<M> {
             },
             client,
             connections: Arc::new(connections),
-            memory: ProcessMemory::default(),
+            state: OffboardState::default(),
             liveness: Liveness::default(),
             metrics,
             settings,
@@ -81,7 +81,7 @@ impl<M: MdeCalls> Context<M> {
         Ports {
             mde,
             store: &self.store,
-            memory: &self.memory,
+            state: &self.state,
             settings: &self.settings,
             metrics: &self.metrics,
         }

@@ -429,3 +429,28 @@ impl StatusStore for ScriptedStore {
         self.store.publish(obj, note).await
     }
 }
+
+/// A process's state whose wall clock moves with tokio's (paused) clock.
+pub fn on_tokio_time() -> super::state::OffboardState {
+    let (start, at) = (jiff::Timestamp::now(), tokio::time::Instant::now());
+    super::state::OffboardState {
+        wall: super::state::WallClock::from_fn(move || {
+            let elapsed = jiff::SignedDuration::try_from(at.elapsed()).unwrap_or_default();
+            start.checked_add(elapsed).unwrap_or(start)
+        }),
+        ..Default::default()
+    }
+}
+
+/// A new process's state (it remembers nothing) on the same wall clock,
+/// with the adopt index used as before.
+pub fn restarted(state: &super::state::OffboardState) -> super::state::OffboardState {
+    let fresh = super::state::OffboardState {
+        wall: state.wall.clone(),
+        ..Default::default()
+    };
+    if let Some(window) = state.adopt.window() {
+        fresh.adopt.use_window(window);
+    }
+    fresh
+}

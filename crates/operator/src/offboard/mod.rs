@@ -6,11 +6,11 @@
 pub mod adopt_index;
 pub mod context;
 pub mod decision;
-pub mod memory;
 pub mod poll_plan;
 pub mod poller;
 pub mod ports;
 pub mod reconcile;
+pub mod state;
 pub mod status;
 pub mod step;
 

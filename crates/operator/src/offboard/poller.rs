@@ -206,7 +206,6 @@ pub async fn run<M: MdeCalls>(
     key: ConnectionKey,
 ) {
     let skew = jiff::SignedDuration::try_from(clock_skew).unwrap_or(poll_plan::CLOCK_SKEW);
-    let tenant = key.to_string();
     let mut pause = Duration::ZERO;
     let mut state = PollState::default();
     loop {
@@ -239,7 +238,7 @@ pub async fn run<M: MdeCalls>(
         if in_flight.is_empty() {
             continue;
         }
-        let now = ctx.memory.now();
+        let now = ctx.state.now();
         let plan = poll_plan::plan_with_skew(&in_flight, now, state.density, skew);
         pause = poll_pause(
             interval,
@@ -255,7 +254,7 @@ pub async fn run<M: MdeCalls>(
         let read = Read {
             ctx: &ctx,
             mde: &mde,
-            tenant: &tenant,
+            tenant: &key,
         };
         let actions = match read_plan(read, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
@@ -329,13 +328,13 @@ pub async fn run<M: MdeCalls>(
 
 /// The calls of one plan: the window (learning MDE's density from it), then
 /// the id batches.
-/// Who reads: the tenant's client, and the memory whose adopt index of that
+/// Who reads: the tenant's client, and the state whose adopt index of that
 /// tenant the window answers keep current.
 #[derive(Clone, Copy)]
 struct Read<'a, M> {
     ctx: &'a Context<M>,
     mde: &'a M,
-    tenant: &'a str,
+    tenant: &'a ConnectionKey,
 }
 
 async fn read_plan<M: MdeCalls>(
@@ -348,10 +347,12 @@ async fn read_plan<M: MdeCalls>(
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
         let began = tokio::time::Instant::now();
-        let next = read
-            .ctx
-            .memory
-            .adopt_next_since(read.tenant, read.ctx.settings.lookup_delay);
+        let offboard_state = &read.ctx.state;
+        let next = offboard_state.adopt.next_since(
+            read.tenant,
+            offboard_state.now(),
+            read.ctx.settings.lookup_delay,
+        );
         actions = read
             .mde
             .offboard_actions_since(since, MAX_TOP, expected)
@@ -360,9 +361,10 @@ async fn read_plan<M: MdeCalls>(
         // The same answer keeps the machine checks' index current.
         if let Some(next) = next {
             let complete = adopt_index::complete_answer(&actions, MAX_TOP);
-            read.ctx
-                .memory
-                .adopt_fold(read.tenant, &actions, since, began, complete, next);
+            let now = offboard_state.now();
+            offboard_state
+                .adopt
+                .fold(read.tenant, &actions, since, began, complete, next, now);
         }
     }
     if !plan.by_ids.is_empty() {

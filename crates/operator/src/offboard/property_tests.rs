@@ -11,7 +11,8 @@
 use super::decision::Settings;
 use super::fakes::{FailWith, ScriptedStore};
 use super::fakes::{FakeMde, Lookup, Send};
-use super::memory::ProcessMemory;
+use super::fakes::{on_tokio_time, restarted};
+use super::state::OffboardState;
 use super::step::{Ports, step};
 use crate::crd::{DeviceOffboard, DeviceOffboardSpec};
 use crate::error::Error;
@@ -110,16 +111,16 @@ async fn run(events: Vec<Event>, list_lag: Duration) -> Result<(), TestCaseError
         access_backoff: Duration::from_secs(60),
     };
     let metrics = Metrics::default();
-    let mut memory = ProcessMemory::on_tokio_time();
+    let mut memory = on_tokio_time();
     let origin = memory.clone();
-    let step_once = |memory: ProcessMemory| {
+    let step_once = |memory: OffboardState| {
         let ports = (&mde, &store, &settings, &metrics);
         async move {
             let (mde, store, settings, metrics) = ports;
             let ports = Ports {
                 mde,
                 store,
-                memory: &memory,
+                state: &memory,
                 settings,
                 metrics,
             };
@@ -147,12 +148,12 @@ async fn run(events: Vec<Event>, list_lag: Duration) -> Result<(), TestCaseError
                 };
                 store.fail_write(store.writes() + 1 + u64::from(later), with);
             }
-            Event::Restart => memory = origin.restarted(),
+            Event::Restart => memory = restarted(&origin),
             Event::Wait(seconds) => tokio::time::advance(Duration::from_secs(seconds)).await,
         }
         if let Err(Error::Kube(_)) = step_once(memory.clone()).await {
             // The process died mid-step: the next one remembers nothing.
-            memory = origin.restarted();
+            memory = restarted(&origin);
         }
         tokio::time::advance(Duration::from_millis(200)).await;
     }

@@ -37,7 +37,7 @@ pub async fn reconcile<M: MdeCalls>(
         (_, Ok(mde)) => step::step(&obj, &ctx.ports(&mde)).await,
         (key, Err(unavailable)) => {
             tracing::debug!(connection = %key, reason = super::decision::unavailable_reason(&unavailable).as_str(), "connection unavailable");
-            step::connection_unavailable(&obj, &ctx.store, &ctx.memory, &ctx.settings, &unavailable)
+            step::connection_unavailable(&obj, &ctx.store, &ctx.state, &ctx.settings, &unavailable)
                 .await
         }
     };
@@ -46,7 +46,7 @@ pub async fn reconcile<M: MdeCalls>(
         .observe(started.elapsed().as_secs_f64());
     let requeue = result?;
     if let Some(uid) = obj.metadata.uid.as_deref() {
-        ctx.memory.reconcile_ok(uid);
+        ctx.state.reconcile_errors.reset(uid);
     }
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
@@ -68,7 +68,7 @@ pub fn error_policy<M>(obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context
         .metadata
         .uid
         .as_deref()
-        .map_or(1, |uid| ctx.memory.reconcile_errored(uid));
+        .map_or(1, |uid| ctx.state.reconcile_errors.failed(uid));
     if !matches!(error, Error::Conflict) {
         tracing::warn!(error = %error, in_a_row, "reconcile failed; retrying");
     }
@@ -81,8 +81,8 @@ pub fn error_policy<M>(obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context
 pub fn error_wait(error: &Error, settings: &Settings, in_a_row: u32) -> Duration {
     let previous = in_a_row.saturating_sub(1);
     match error {
-        Error::Conflict => super::memory::backoff(CONFLICT_BACKOFF, CONFLICT_BACKOFF_CAP, previous),
-        _ => super::memory::backoff(
+        Error::Conflict => super::state::backoff(CONFLICT_BACKOFF, CONFLICT_BACKOFF_CAP, previous),
+        _ => super::state::backoff(
             settings.retry_backoff,
             settings
                 .retry_backoff
@@ -120,12 +120,12 @@ mod error_policy_tests {
     /// not fail.
     #[test]
     fn the_error_count_is_per_resource_and_resets() {
-        let memory = super::super::memory::ProcessMemory::default();
-        assert_eq!(memory.reconcile_errored("a"), 1);
-        assert_eq!(memory.reconcile_errored("a"), 2);
-        assert_eq!(memory.reconcile_errored("b"), 1);
-        memory.reconcile_ok("a");
-        assert_eq!(memory.reconcile_errored("a"), 1);
-        assert_eq!(memory.reconcile_errored("b"), 2);
+        let errors = super::super::state::OffboardState::default().reconcile_errors;
+        assert_eq!(errors.failed("a"), 1);
+        assert_eq!(errors.failed("a"), 2);
+        assert_eq!(errors.failed("b"), 1);
+        errors.reset("a");
+        assert_eq!(errors.failed("a"), 1);
+        assert_eq!(errors.failed("b"), 2);
     }
 }

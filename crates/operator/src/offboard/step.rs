@@ -6,8 +6,8 @@ use super::adopt_index::MachineCheck;
 use super::decision::{
     self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
 };
-use super::memory::{self, MachineClaim, ProcessMemory};
 use super::ports::{MdeCalls, StatusStore};
+use super::state::{self, LookupKey, MachineClaim, OffboardState, TenantMachine};
 use super::status::Reason;
 use crate::cache::final_label;
 use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
@@ -20,13 +20,14 @@ use mde_client::client::MAX_TOP;
 use mde_client::limiter::Permit;
 use mde_client::{ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
 use std::time::Duration;
+use tokio::time::Instant;
 
-/// What one step needs: the two ports, this process's memory, the tunables
+/// What one step needs: the two ports, this process's state, the tunables
 /// and the counters.
 pub struct Ports<'a, M, S> {
     pub mde: &'a M,
     pub store: &'a S,
-    pub memory: &'a ProcessMemory,
+    pub state: &'a OffboardState,
     pub settings: &'a Settings,
     pub metrics: &'a Metrics,
 }
@@ -53,14 +54,21 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
     let key = uid(&current)?;
     let status = current.status.clone().unwrap_or_default();
     let submitting = status.phase == Some(Phase::Submitting);
-    let clock = ports.memory.observe(&key, submitting);
+    let clock = ports
+        .state
+        .lookups
+        .observe(&LookupKey::offboard(&key), submitting, Instant::now());
     let requesting_cancel = status
         .cancel
         .as_ref()
         .is_some_and(|c| c.state == CancelState::Requesting);
     let view = View {
         submitting: clock,
-        cancel_clock: ports.memory.observe(&cancel_key(&key), requesting_cancel),
+        cancel_clock: ports.state.lookups.observe(
+            &LookupKey::cancel(&key),
+            requesting_cancel,
+            Instant::now(),
+        ),
         ..view_of(ports, &current, &status)
     };
     match decision::plan(&view, ports.settings) {
@@ -111,7 +119,7 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
 pub async fn connection_unavailable<S: StatusStore>(
     obj: &DeviceOffboard,
     store: &S,
-    memory: &ProcessMemory,
+    state: &OffboardState,
     settings: &Settings,
     unavailable: &Unavailable,
 ) -> Result<Requeue> {
@@ -128,7 +136,7 @@ pub async fn connection_unavailable<S: StatusStore>(
         spec: &current.spec,
         status: &status,
         generation: current.metadata.generation,
-        now: memory.now(),
+        now: state.now(),
         submitting: None,
         retry_wait: None,
         cancel: None,
@@ -142,11 +150,6 @@ pub async fn connection_unavailable<S: StatusStore>(
     Ok(transition.requeue)
 }
 
-/// The key of a resource's cancel in this process's lookup clocks.
-fn cancel_key(uid: &str) -> String {
-    format!("{uid}/cancel")
-}
-
 /// Take a cancel slot, sign in, record the intent, send, record the answer.
 async fn cancel<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
@@ -155,7 +158,7 @@ async fn cancel<M: MdeCalls, S: StatusStore>(
     reason: &str,
 ) -> Result<Requeue> {
     let key = uid(current)?;
-    if !ports.memory.may_send() {
+    if !ports.state.may_send() {
         return Ok(Some(NOT_LEADER_RETRY));
     }
     let permit = match ports.mde.budget().try_reserve(ApiFamily::Cancel) {
@@ -171,7 +174,7 @@ async fn cancel<M: MdeCalls, S: StatusStore>(
     if ports.mde.sign_in().await.is_err() {
         // Nothing recorded, nothing sent: try again after the usual backoff.
         permit.cancel();
-        ports.memory.failed(&key);
+        ports.state.step_failures.failed(&key);
         return Ok(Some(retry_wait(ports, &key)));
     }
     let status = current.status.clone().unwrap_or_default();
@@ -183,7 +186,7 @@ async fn cancel<M: MdeCalls, S: StatusStore>(
         &intent,
         permit,
         &cancel_unsent,
-        &cancel_key(&key),
+        &LookupKey::cancel(&key),
     )
     .await?
     {
@@ -212,7 +215,7 @@ async fn read_cancelled<M: MdeCalls, S: StatusStore>(
         Err(wait) => return Ok(Some(wait)),
     };
     if !proves_absence {
-        ports.memory.looked_early(&cancel_key(&key));
+        ports.state.lookups.looked_early(&LookupKey::cancel(&key));
     }
     let status = current.status.clone().unwrap_or_default();
     let view = view_of(ports, current, &status);
@@ -245,10 +248,13 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
         Err(wait) => return Ok(Some(wait)),
     };
     if !proves_absence {
-        ports.memory.looked_early(&key);
+        ports.state.lookups.looked_early(&LookupKey::offboard(&key));
     }
     let view = View {
-        submitting: ports.memory.observe(&key, true),
+        submitting: ports
+            .state
+            .lookups
+            .observe(&LookupKey::offboard(&key), true, Instant::now()),
         ..view_of(ports, current, &status)
     };
     let lookup = LookUp {
@@ -320,10 +326,12 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     let status = current.status.clone().unwrap_or_default();
     // One offboard per machine: a resource of this process already sending
     // for it, or already holding an action, is waited for or adopted.
-    let _claim = match ports
-        .memory
-        .claim_machine(&tenant_machine(current, machine_id), &key)
-    {
+    let claim =
+        ports
+            .state
+            .machines
+            .claim(&tenant_machine(current, machine_id), &key, Instant::now());
+    let _claim = match claim {
         MachineClaim::Granted(claim) => claim,
         MachineClaim::Busy { .. } => return Ok(Some(MACHINE_BUSY_RETRY)),
         MachineClaim::Known { action, key } => {
@@ -334,21 +342,24 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     };
     // A leader whose lease is (nearly) over sends nothing: a standby may be
     // taking over. Checked here and again just before the POST.
-    if !ports.memory.may_send() {
+    if !ports.state.may_send() {
         return Ok(Some(NOT_LEADER_RETRY));
     }
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
-    let tenant = ConnectionKey::of(current).to_string();
+    let tenant = ConnectionKey::of(current);
     let (permit, served) = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
-        Ok(permit) => (permit, ports.memory.budget_served(&tenant, &key)),
+        Ok(permit) => (permit, ports.state.budget_queues.served(&tenant, &key)),
         Err(not_yet) => {
             // Each waiter comes back when the slot of its place in the queue
             // frees, so a freed slot wakes one waiter, not all of them.
             let wait = not_yet.retry_at.map_or(Duration::from_millis(100), |_| {
-                let place = ports.memory.budget_place(&tenant, &key);
+                let place = ports
+                    .state
+                    .budget_queues
+                    .place(&tenant, &key, Instant::now());
                 let at = ports.mde.budget().nth_ready_at(ApiFamily::Offboard, place);
-                ports.memory.budget_due(&tenant, &key, at);
+                ports.state.budget_queues.due(&tenant, &key, at);
                 let wait = at.saturating_duration_since(tokio::time::Instant::now());
                 tracing::debug!(%key, place, wait_ms = wait.as_millis(), "waiting for the offboard budget");
                 wait
@@ -375,7 +386,7 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     // from the back, its slot would stay unused until the next hour's.
     let give_back = |permit: Permit| {
         permit.cancel();
-        ports.memory.budget_return(&tenant, &key, served);
+        ports.state.budget_queues.give_back(&tenant, &key, served);
     };
     if check_machine {
         // Nothing is sent unless the check clears it: the slot goes back
@@ -408,8 +419,8 @@ async fn check<M: MdeCalls, S: StatusStore>(
     // The common case, nothing to adopt, proven by the tenant's index
     // without a read.
     let max_age = ports.settings.lookup_delay;
-    let tenant = ConnectionKey::of(current).to_string();
-    let decided = match ports.memory.machine_check(&tenant, machine_id, max_age) {
+    let tenant = ConnectionKey::of(current);
+    let decided = match machine_check(ports.state, &tenant, machine_id, max_age) {
         Some(MachineCheck::Refresh) => {
             match refresh_adopt_index(ports, &tenant, machine_id).await {
                 Ok(decided) => decided,
@@ -446,22 +457,24 @@ async fn check<M: MdeCalls, S: StatusStore>(
 /// `Err` (nothing read) when the read budget says to wait.
 async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
-    tenant: &str,
+    tenant: &ConnectionKey,
     machine_id: &str,
 ) -> std::result::Result<MachineCheck, Duration> {
     let max_age = ports.settings.lookup_delay;
-    let decided = |memory: &ProcessMemory| match memory.machine_check(tenant, machine_id, max_age) {
+    let decided = |state: &OffboardState| match machine_check(state, tenant, machine_id, max_age) {
         Some(MachineCheck::Send) => MachineCheck::Send,
         _ => MachineCheck::ExactRead,
     };
-    let _refreshing = ports.memory.adopt_refreshing(tenant).await;
+    let _refreshing = ports.state.adopt.refreshing(tenant).await;
     // Another worker may have refreshed it while this one waited.
-    if ports.memory.machine_check(tenant, machine_id, max_age) != Some(MachineCheck::Refresh) {
-        return Ok(decided(ports.memory));
+    if machine_check(ports.state, tenant, machine_id, max_age) != Some(MachineCheck::Refresh) {
+        return Ok(decided(ports.state));
     }
-    let Some(since) = ports
-        .memory
-        .adopt_next_since(tenant, ports.settings.lookup_delay)
+    let Some(since) =
+        ports
+            .state
+            .adopt
+            .next_since(tenant, ports.state.now(), ports.settings.lookup_delay)
     else {
         return Ok(MachineCheck::ExactRead);
     };
@@ -470,10 +483,12 @@ async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
     let read = ports.mde.offboard_actions_since(since, MAX_TOP, &[]);
     match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await? {
         Ok(actions) => {
+            let now = ports.state.now();
             ports
-                .memory
-                .adopt_fold(tenant, &actions, since, began, true, since);
-            Ok(decided(ports.memory))
+                .state
+                .adopt
+                .fold(tenant, &actions, since, began, true, since, now);
+            Ok(decided(ports.state))
         }
         Err(error) => {
             tracing::debug!(error = %error, "refreshing the adopt index failed; reading the machine's actions instead");
@@ -508,7 +523,9 @@ async fn send<M: MdeCalls, S: StatusStore>(
     // The intent record: only the writer holding the latest resourceVersion wins,
     // so two workers (or replicas) can never both send for one resource.
     let intent = decision::submitting(&view_of(ports, current, &status), machine_id);
-    let permit = match record_intent(ports, current, &intent, permit, give_back, &key).await? {
+    let clock_key = LookupKey::offboard(&key);
+    let permit = match record_intent(ports, current, &intent, permit, give_back, &clock_key).await?
+    {
         Ok(permit) => permit,
         Err(requeue) => return Ok(requeue),
     };
@@ -535,17 +552,17 @@ async fn record_intent<M: MdeCalls, S: StatusStore>(
     intent: &DeviceOffboardStatus,
     permit: Permit,
     give_back: &(dyn Fn(Permit) + Sync),
-    clock_key: &str,
+    clock_key: &LookupKey,
 ) -> Result<std::result::Result<Permit, Requeue>> {
     if let Err(error) = write_status(ports.store, current, intent).await {
         give_back(permit);
         return Err(error);
     }
-    if !ports.memory.may_send() {
+    if !ports.state.may_send() {
         give_back(permit);
         return Ok(Err(Some(NOT_LEADER_RETRY)));
     }
-    ports.memory.sending(clock_key);
+    ports.state.lookups.sending(clock_key, Instant::now());
     Ok(Ok(permit))
 }
 
@@ -592,7 +609,7 @@ async fn adopt<M: MdeCalls, S: StatusStore>(
 }
 
 /// Once a resource records an action, other resources for its machine adopt it.
-fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
+fn remember_action(state: &OffboardState, obj: &DeviceOffboard) {
     let Some(status) = &obj.status else { return };
     let (Some(id), Some(machine_id), Some(key)) =
         (&status.machine_action_id, &status.machine_id, obj.uid())
@@ -601,13 +618,32 @@ fn remember_action(memory: &ProcessMemory, obj: &DeviceOffboard) {
     };
     let word = status.action_status.as_deref().unwrap_or("Pending");
     let action = MachineAction::recorded_offboard(id, machine_id, ActionStatus::from_word(word));
-    memory.known(&tenant_machine(obj, machine_id), &action, &key);
+    state.machines.known(
+        tenant_machine(obj, machine_id),
+        &action,
+        &key,
+        Instant::now(),
+    );
 }
 
-/// A machine as this process's memory knows it: machine ids are unique only
-/// within a tenant, so two tenants' machines never stand for each other.
-fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> String {
-    format!("{}/{machine_id}", ConnectionKey::of(obj))
+/// The resource's machine in its own tenant.
+fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> TenantMachine {
+    TenantMachine {
+        tenant: ConnectionKey::of(obj),
+        machine_id: machine_id.to_string(),
+    }
+}
+
+/// What `tenant`'s adopt index says for a first send to `machine_id`.
+fn machine_check(
+    state: &OffboardState,
+    tenant: &ConnectionKey,
+    machine_id: &str,
+    max_age: Duration,
+) -> Option<MachineCheck> {
+    state
+        .adopt
+        .machine_check(tenant, machine_id, max_age, &state.lease, Instant::now())
 }
 
 /// Fold a polled action into the resource (the batch poller and `--wait`).
@@ -656,7 +692,7 @@ fn view_of<'a, M, S>(
             .and_then(|a| a.get(CANCEL_ANNOTATION))
             .map(String::as_str),
         cancel_clock: None,
-        now: ports.memory.now(),
+        now: ports.state.now(),
         submitting: None,
         retry_wait: obj.uid().map(|uid| retry_wait(ports, &uid)),
     }
@@ -669,10 +705,10 @@ pub const RETRY_BACKOFF_CAP: u32 = 30;
 /// The retry wait after `uid`'s failures in a row: exponential, jittered.
 fn retry_wait<M, S>(ports: &Ports<'_, M, S>, uid: &str) -> Duration {
     let base = ports.settings.retry_backoff;
-    memory::backoff(
+    state::backoff(
         base,
         base.saturating_mul(RETRY_BACKOFF_CAP),
-        ports.memory.failures(uid),
+        ports.state.step_failures.in_a_row(uid),
     )
 }
 
@@ -696,15 +732,15 @@ async fn apply<M: MdeCalls, S: StatusStore>(
     transition: Transition,
 ) -> Result<Requeue> {
     write_status(ports.store, current, &transition.status).await?;
-    remember_action(ports.memory, current);
+    remember_action(ports.state, current);
     if let Some(uid) = current.uid() {
         let retrying = transition.requeue.is_some()
             && transition.status.last_error.is_some()
             && transition.status.machine_action_id.is_none();
         if retrying {
-            ports.memory.failed(&uid);
+            ports.state.step_failures.failed(&uid);
         } else {
-            ports.memory.succeeded(&uid);
+            ports.state.step_failures.reset(&uid);
         }
     }
     if let Some(note) = &transition.note {

@@ -5,8 +5,8 @@
 use super::decision::Settings;
 use super::fakes::{FailWith, ScriptedStore};
 use super::fakes::{FakeMde, Lookup, Send};
-use super::memory::ProcessMemory;
 use super::ports::MdeCalls;
+use super::state::OffboardState;
 use super::status::{SUBMITTED, condition};
 use super::step::{Ports, step};
 use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -65,7 +65,7 @@ async fn drive_until(
     done: impl Fn(&DeviceOffboardStatus) -> bool,
 ) -> (DeviceOffboardStatus, Vec<Error>) {
     let (settings, metrics) = (settings(), Metrics::default());
-    let mut memory = ProcessMemory::default();
+    let mut memory = OffboardState::default();
     let mut errors = Vec::new();
     for _ in 0..20 {
         let status = store.object().status.unwrap_or_default();
@@ -75,14 +75,14 @@ async fn drive_until(
         let ports = Ports {
             mde,
             store,
-            memory: &memory,
+            state: &memory,
             settings: &settings,
             metrics: &metrics,
         };
         if let Err(error) = step(&store.object(), &ports).await {
             errors.push(error);
             // The next step is a new process: it remembers nothing.
-            memory = ProcessMemory::default();
+            memory = OffboardState::default();
         }
     }
     panic!("not done after 20 steps: {:?}", store.object().status);
@@ -267,11 +267,11 @@ async fn two_workers_on_one_version_send_once() {
     let mde = FakeMde::default();
     let store = ScriptedStore::new(resource(None));
     let snapshot = store.object();
-    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        memory: &memory,
+        state: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -326,11 +326,11 @@ async fn a_lagging_list_is_waited_out_on_this_process_clock() {
         lookup_delay: Duration::from_secs(35),
         ..settings()
     };
-    let (metrics, memory) = (Metrics::default(), ProcessMemory::default());
+    let (metrics, memory) = (Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        memory: &memory,
+        state: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -360,11 +360,11 @@ async fn two_resources_for_one_machine_send_once() {
         ScriptedStore::new(on_machine("uid-a")),
         ScriptedStore::new(on_machine("uid-b")),
     );
-    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
     let ports = |store| Ports {
         mde: &mde,
         store,
-        memory: &memory,
+        state: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -416,11 +416,11 @@ async fn an_action_mde_does_not_have_fails_the_resource() {
     let store = ScriptedStore::new(resource(None));
     let (status, _) = drive(&mde, &store).await;
     let recorded = status.machine_action_id.clone().unwrap();
-    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
+    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        memory: &memory,
+        state: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -545,11 +545,11 @@ async fn two_workers_cannot_both_cancel() {
     let store = pending_and_annotated(&mde).await;
     let obj = store.object();
     let (settings, metrics) = (settings(), Metrics::default());
-    let (a, b) = (ProcessMemory::default(), ProcessMemory::default());
-    let ports = |memory| Ports {
+    let (a, b) = (OffboardState::default(), OffboardState::default());
+    let ports = |state| Ports {
         mde: &mde,
         store: &store,
-        memory,
+        state,
         settings: &settings,
         metrics: &metrics,
     };
@@ -570,15 +570,20 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
     let mde = FakeMde::default();
     let store = ScriptedStore::new(resource(None));
     store.fail_write(1, FailWith::Conflict);
-    let (settings, metrics, memory) = (settings(), Metrics::default(), ProcessMemory::default());
-    let tenant = crate::tenants::ConnectionKey::of(&store.object()).to_string();
-    assert_eq!(memory.budget_place(&tenant, UID), 0);
-    assert_eq!(memory.budget_place(&tenant, "queued-after"), 1);
+    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
+    let tenant = crate::tenants::ConnectionKey::of(&store.object());
+    let place = |key| {
+        memory
+            .budget_queues
+            .place(&tenant, key, tokio::time::Instant::now())
+    };
+    assert_eq!(place(UID), 0);
+    assert_eq!(place("queued-after"), 1);
     let full = mde.budget().remaining(ApiFamily::Offboard);
     let ports = Ports {
         mde: &mde,
         store: &store,
-        memory: &memory,
+        state: &memory,
         settings: &settings,
         metrics: &metrics,
     };
@@ -587,9 +592,9 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
     assert_eq!(mde.posts_for(UID), 0, "nothing was sent");
     assert_eq!(mde.budget().remaining(ApiFamily::Offboard), full);
     assert_eq!(
-        memory.budget_place(&tenant, "queued-after"),
+        place("queued-after"),
         1,
         "the resource is still ahead of the one queued after it"
     );
-    assert_eq!(memory.budget_place(&tenant, UID), 0);
+    assert_eq!(place(UID), 0);
 }

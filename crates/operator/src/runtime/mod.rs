@@ -171,7 +171,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         LeaseClock::not_elected()
     };
     let ctx = Arc::new(Context {
-        memory: crate::offboard::memory::ProcessMemory::with_lease(lease_clock.clone()),
+        state: crate::offboard::state::OffboardState::with_lease(lease_clock.clone()),
         ..Context::with_connections(
             client.clone(),
             Connections::new(mde, args.connections),
@@ -336,7 +336,7 @@ pub async fn run_controller<M: MdeCalls>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    ctx.memory.use_adopt_index(args.adopt_window);
+    ctx.state.adopt.use_window(args.adopt_window);
     budget_seed::seed_budget_from_history(&api, &ctx, args.connection.request_timeout).await;
     // Finished resources are left out of the watch (and so of memory), and
     // what the controller never reads is dropped before an object is cached.

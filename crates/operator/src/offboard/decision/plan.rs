@@ -5,7 +5,6 @@ use super::{Conditions, Note, Plan, Settings, Submitted, Transition, View};
 use crate::crd::Phase;
 use crate::offboard::status::{ConditionUpdate, Reason, STALLED, last_error};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use std::time::Duration;
 
 /// The next step for a resource, from its spec and status alone.
 pub fn plan(view: &View, settings: &Settings) -> Plan {
