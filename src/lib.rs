@@ -6,6 +6,7 @@
 //! - with the default `dev` feature, [`simulator`] (`crates/mde-simulator`) and
 //!   [`devcluster`] (`crates/devcluster`): the test doubles, and [`playground`].
 
+pub mod cli;
 pub mod offboard;
 #[cfg(feature = "dev")]
 pub mod playground;

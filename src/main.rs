@@ -18,6 +18,7 @@ pub static malloc_conf: Option<&std::ffi::c_char> = Some(
     // jemalloc reads it (`Option<&T>` has a pointer's layout).
     unsafe { &*c"dirty_decay_ms:0,muzzy_decay_ms:0,narenas:2".as_ptr() },
 );
+use defender_offboard::cli;
 use defender_offboard::operator::{runtime, tenants};
 use defender_offboard::{crd, offboard};
 
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller (in-cluster config or KUBECONFIG).
-    Run(Box<runtime::RunArgs>),
+    Run(Box<cli::RunArgs>),
     /// Print a CustomResourceDefinition as YAML (default: DeviceOffboard).
     Crd {
         #[arg(value_enum, default_value = "device-offboard")]
@@ -59,7 +60,7 @@ enum CrdKind {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => runtime::run(*args).await,
+        Command::Run(args) => runtime::run(args.config()).await,
         Command::Crd { kind } => {
             print!(
                 "{}",

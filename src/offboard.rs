@@ -4,10 +4,10 @@
 //! step ([`step::step`]) with the MDE client; only the ending differs: it
 //! exits where the controller would wait for a person.
 
+use crate::cli::ConnectionArgs;
 use mde_client::limiter::Permit;
 use mde_client::{
-    ConnectionArgs, DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget,
-    RateLimits,
+    DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget, RateLimits,
 };
 use offboard_operator::crd::{
     DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, MAX_COMMENT_LEN, Phase,

@@ -2,6 +2,7 @@
 //! Kubernetes API, the MDE simulator and the controller — for a first look,
 //! for demos and for the end-to-end tests.
 
+use crate::cli::RunArgs;
 use devcluster::{ApiHandle, ApiServerConfig};
 use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
 use kube::CustomResourceExt;
@@ -14,7 +15,7 @@ use offboard_operator::crd::{DeviceOffboard, Phase};
 use offboard_operator::metrics::Metrics;
 use offboard_operator::offboard::Context;
 use offboard_operator::offboard::decision::Settings;
-use offboard_operator::runtime::{RunArgs, run_with_connections};
+use offboard_operator::runtime::run_with_connections;
 use offboard_operator::telemetry::{self, LogFormat};
 use offboard_operator::tenants::Connections;
 use offboard_operator::tenants::DefenderConnection;
@@ -570,7 +571,8 @@ fn build_controller(
         settings,
         Some("dev".into()),
     ));
-    Ok(async move { run_with_connections(&run_args, ctx, std::future::pending()).await })
+    let config = run_args.config();
+    Ok(async move { run_with_connections(&config, ctx, std::future::pending()).await })
 }
 
 /// `run`'s defaults, as clap parses them.

@@ -53,8 +53,7 @@ use serde::Deserialize;
 #[test]
 fn chart_flags_are_flags_of_run() {
     use clap::Args;
-    let run =
-        defender_offboard::operator::runtime::RunArgs::augment_args(clap::Command::new("run"));
+    let run = defender_offboard::cli::RunArgs::augment_args(clap::Command::new("run"));
     let known: Vec<String> = run
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_string))

@@ -43,7 +43,7 @@ fn node_options() -> nodes::NodeOptions {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        nodes: nodes::NodeArgs,
+        nodes: defender_offboard::cli::NodeArgs,
     }
     Cli::parse_from(["run"]).nodes.options("default")
 }

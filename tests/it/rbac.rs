@@ -267,7 +267,7 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
-            nodes: nodes::NodeArgs,
+            nodes: defender_offboard::cli::NodeArgs,
         }
         Cli::parse_from(["run"]).nodes.options("default")
     };

@@ -2,7 +2,7 @@
 
 use url::Url;
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Cloud {
     #[default]
     Commercial,
@@ -12,6 +12,22 @@ pub enum Cloud {
 }
 
 impl Cloud {
+    /// Every cloud by its command-line name.
+    pub const NAMES: [(&'static str, Cloud); 4] = [
+        ("commercial", Cloud::Commercial),
+        ("gcc", Cloud::Gcc),
+        ("gcc-high", Cloud::GccHigh),
+        ("dod", Cloud::Dod),
+    ];
+
+    /// The cloud named `name` (`commercial`, `gcc`, `gcc-high`, `dod`).
+    pub fn from_name(name: &str) -> Option<Cloud> {
+        Cloud::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, cloud)| *cloud)
+    }
+
     pub fn authority_host(self) -> &'static str {
         match self {
             Cloud::Commercial | Cloud::Gcc => "https://login.microsoftonline.com",

@@ -24,4 +24,6 @@ pub mod runtime;
 pub(crate) mod tasks;
 pub mod telemetry;
 pub mod tenants;
+#[cfg(test)]
+pub(crate) mod test_kit;
 pub mod ttl;

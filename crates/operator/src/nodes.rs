@@ -43,37 +43,6 @@ pub const NODE_NAME_ANNOTATION: &str = "defender.offboard.dev/node";
 /// The placeholder of `--node-device-name`.
 pub const NAME_PLACEHOLDER: &str = "{name}";
 
-/// Flags of node offboarding (part of `run`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct NodeArgs {
-    /// When a Node matching --node-selector is deleted, create a DeviceOffboard for its device.
-    #[arg(long, env = "OFFBOARD_DELETED_NODES")]
-    pub offboard_deleted_nodes: bool,
-    /// Which Nodes are offboarded: equality-based label selector (`k=v`, `k!=v`, `k`, `!k`, comma-separated).
-    #[arg(long, default_value = "kubernetes.io/os=windows", value_parser = NodeSelector::parse)]
-    pub node_selector: NodeSelector,
-    /// Namespace of the DeviceOffboards made for deleted Nodes (default: --namespace, else the pod's namespace).
-    #[arg(long)]
-    pub node_offboard_namespace: Option<String>,
-    /// The device's computerDnsName in MDE: `{name}` is the Node's name, e.g. `{name}.corp.contoso.com`.
-    #[arg(long, default_value = NAME_PLACEHOLDER, value_parser = DeviceNameTemplate::parse)]
-    pub node_device_name: DeviceNameTemplate,
-    /// spec.ttlSecondsAfterFinished of the DeviceOffboards made for deleted Nodes (default: kept).
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=315_360_000))]
-    pub node_offboard_ttl_seconds: Option<i64>,
-    /// The longest a Node deletion waits for its DeviceOffboard while the operator runs.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub node_finalizer_max_age: Duration,
-    /// Record the offboards of Nodes already being deleted, remove the operator's
-    /// finalizer from every Node, and exit (the chart's uninstall hook).
-    #[arg(long)]
-    pub remove_node_finalizers: bool,
-    /// With --remove-node-finalizers: first scale this Deployment (in the pod's
-    /// namespace) to zero and wait for it, so no replica adds a finalizer again.
-    #[arg(long, requires = "remove_node_finalizers")]
-    pub stop_deployment: Option<String>,
-}
-
 /// One requirement of an equality-based label selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
@@ -178,21 +147,6 @@ pub struct NodeOptions {
     pub device_name: DeviceNameTemplate,
     pub ttl_seconds: Option<i64>,
     pub max_age: Duration,
-}
-
-impl NodeArgs {
-    pub fn options(&self, default_namespace: &str) -> NodeOptions {
-        NodeOptions {
-            selector: self.node_selector.clone(),
-            namespace: self
-                .node_offboard_namespace
-                .clone()
-                .unwrap_or_else(|| default_namespace.to_string()),
-            device_name: self.node_device_name.clone(),
-            ttl_seconds: self.node_offboard_ttl_seconds,
-            max_age: self.node_finalizer_max_age,
-        }
-    }
 }
 
 /// What to do with one Node now.

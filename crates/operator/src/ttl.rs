@@ -163,7 +163,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+    use crate::crd::{DeviceOffboardStatus, Phase};
+    use crate::test_kit;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     fn now() -> Timestamp {
@@ -175,22 +176,17 @@ mod tests {
         phase: Option<Phase>,
         completed_secs_ago: Option<i64>,
     ) -> DeviceOffboard {
-        let mut r = DeviceOffboard::new(
-            "r",
-            DeviceOffboardSpec {
-                machine_id: None,
-                device_name: Some("pc".into()),
-                comment: "c".into(),
-                ttl_seconds_after_finished: ttl,
-                connection_ref: None,
-            },
-        );
-        r.status = Some(DeviceOffboardStatus {
-            phase,
-            completed_at: completed_secs_ago.map(|s| Time(now() - SignedDuration::from_secs(s))),
-            ..Default::default()
-        });
-        r
+        test_kit::offboard("r")
+            .device_name("pc")
+            .comment("c")
+            .ttl(ttl)
+            .status(DeviceOffboardStatus {
+                phase,
+                completed_at: completed_secs_ago
+                    .map(|s| Time(now() - SignedDuration::from_secs(s))),
+                ..Default::default()
+            })
+            .build()
     }
 
     #[test]
@@ -293,5 +289,22 @@ mod tests {
             last_transition_time: Time(now() - SignedDuration::from_secs(11)),
         });
         assert_eq!(expiry(&r, now()), Expiry::Now);
+    }
+
+    #[test]
+    fn zz_kit_dump() {
+        let out = format!(
+            "{:#?}",
+            (
+                resource(None, Some(Phase::Succeeded), Some(3600)),
+                resource(Some(0), None, None),
+                resource(Some(60), Some(Phase::Pending), None)
+            )
+        );
+        std::fs::write(
+            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+            out,
+        )
+        .unwrap();
     }
 }

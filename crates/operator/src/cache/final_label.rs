@@ -86,7 +86,8 @@ pub async fn label(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+    use crate::crd::Phase;
+    use crate::test_kit;
 
     #[test]
     fn the_cache_keeps_what_the_controller_reads() {
@@ -120,24 +121,14 @@ mod tests {
     }
 
     fn with(phase: Option<Phase>, label: Option<&str>) -> DeviceOffboard {
-        let mut obj = DeviceOffboard::new(
-            "r",
-            DeviceOffboardSpec {
-                machine_id: None,
-                device_name: Some("d".into()),
-                comment: "c".into(),
-                ttl_seconds_after_finished: None,
-                connection_ref: None,
-            },
-        );
-        obj.status = phase.map(|p| DeviceOffboardStatus {
-            phase: Some(p),
-            ..Default::default()
-        });
-        if let Some(value) = label {
-            obj.labels_mut().insert(FINAL_LABEL.into(), value.into());
+        let mut obj = test_kit::offboard("r").device_name("d").comment("c");
+        if let Some(phase) = phase {
+            obj = obj.phase(phase);
         }
-        obj
+        if let Some(value) = label {
+            obj = obj.label(FINAL_LABEL, value);
+        }
+        obj.build()
     }
 
     #[test]
@@ -167,5 +158,22 @@ mod tests {
         let patch = label_patch(Some("41"));
         assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
         assert_eq!(patch["metadata"]["resourceVersion"], "41");
+    }
+
+    #[test]
+    fn zz_kit_dump() {
+        let out = format!(
+            "{:#?}",
+            (
+                with(None, None),
+                with(Some(Phase::Failed), Some("false")),
+                with(Some(Phase::Succeeded), None)
+            )
+        );
+        std::fs::write(
+            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+            out,
+        )
+        .unwrap();
     }
 }

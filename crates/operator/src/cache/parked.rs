@@ -293,25 +293,21 @@ pub async fn wake(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{CancelState, CancelStatus, DeviceOffboardSpec, DeviceOffboardStatus};
+    use crate::crd::{CancelState, CancelStatus, DeviceOffboardStatus};
+    use crate::test_kit;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn waiting(name: &str, retry_in_secs: i64, now: Timestamp) -> DeviceOffboard {
-        let spec = DeviceOffboardSpec {
-            machine_id: Some("a".repeat(40)),
-            device_name: None,
-            comment: "c".into(),
-            ttl_seconds_after_finished: None,
-            connection_ref: None,
-        };
-        let mut obj = DeviceOffboard::new(name, spec);
-        obj.metadata.namespace = Some("ns".into());
-        obj.status = Some(DeviceOffboardStatus {
-            phase: Some(Phase::Pending),
-            next_retry_at: Some(Time(now + SignedDuration::from_secs(retry_in_secs))),
-            ..Default::default()
-        });
-        obj
+        test_kit::offboard(name)
+            .machine_id("a".repeat(40))
+            .comment("c")
+            .namespace("ns")
+            .status(DeviceOffboardStatus {
+                phase: Some(Phase::Pending),
+                next_retry_at: Some(Time(now + SignedDuration::from_secs(retry_in_secs))),
+                ..Default::default()
+            })
+            .build()
     }
 
     #[test]
@@ -430,5 +426,21 @@ mod tests {
             ]
         );
         assert!(lot.is_empty(), "read back or deleted: nothing stays parked");
+    }
+
+    #[test]
+    fn zz_kit_dump() {
+        let out = format!(
+            "{:#?}",
+            (
+                waiting("a", 600, "2026-01-01T12:00:00Z".parse().unwrap()),
+                waiting("listed", -5, "2026-01-01T12:00:00Z".parse().unwrap())
+            )
+        );
+        std::fs::write(
+            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+            out,
+        )
+        .unwrap();
     }
 }

@@ -14,9 +14,10 @@ use super::fakes::{FakeMde, Lookup, Send};
 use super::fakes::{on_tokio_time, restarted};
 use super::state::OffboardState;
 use super::step::{Ports, step};
-use crate::crd::{DeviceOffboard, DeviceOffboardSpec};
+use crate::crd::DeviceOffboard;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::test_kit;
 use jiff::Timestamp;
 use mde_client::{ApiFamily, MdeError};
 use proptest::prelude::*;
@@ -86,19 +87,12 @@ fn post(outcome: PostOutcome) -> Send {
 }
 
 fn resource() -> DeviceOffboard {
-    let mut obj = DeviceOffboard::new(
-        "laptop",
-        DeviceOffboardSpec {
-            machine_id: Some(MACHINE.into()),
-            device_name: None,
-            comment: "returned".into(),
-            ttl_seconds_after_finished: None,
-            connection_ref: None,
-        },
-    );
-    obj.metadata.uid = Some(UID.into());
-    obj.metadata.generation = Some(1);
-    obj
+    test_kit::offboard("laptop")
+        .machine_id(MACHINE)
+        .comment("returned")
+        .uid(UID)
+        .generation(1)
+        .build()
 }
 
 /// Run the events, a step after each, then steps until the action is recorded.
@@ -204,4 +198,14 @@ proptest! {
             .expect("a runtime");
         runtime.block_on(run(events, Duration::from_secs(lag)))?;
     }
+}
+
+#[test]
+fn zz_kit_dump() {
+    let out = format!("{:#?}", (resource()));
+    std::fs::write(
+        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+        out,
+    )
+    .unwrap();
 }

@@ -9,10 +9,11 @@ use super::ports::MdeCalls;
 use super::state::OffboardState;
 use super::status::{SUBMITTED, condition};
 use super::step::{Ports, step};
-use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::tenants::TenantClient;
+use crate::test_kit;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::{ApiFamily, MdeError};
@@ -21,22 +22,17 @@ use std::time::Duration;
 const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
 const UID: &str = "6f1c1a52-1111-4a4a-9c9c-000000000001";
 
+fn laptop() -> test_kit::OffboardBuilder {
+    test_kit::offboard("laptop")
+        .machine_id(MACHINE)
+        .comment("returned")
+        .namespace("it")
+        .uid(UID)
+        .generation(1)
+}
+
 fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
-    let mut obj = DeviceOffboard::new(
-        "laptop",
-        DeviceOffboardSpec {
-            machine_id: Some(MACHINE.into()),
-            device_name: None,
-            comment: "returned".into(),
-            ttl_seconds_after_finished: None,
-            connection_ref: None,
-        },
-    );
-    obj.metadata.namespace = Some("it".into());
-    obj.metadata.uid = Some(UID.into());
-    obj.metadata.generation = Some(1);
-    obj.status = status;
-    obj
+    laptop().status(status).build()
 }
 
 /// No waiting: a lookup is due as soon as the intent is recorded.
@@ -299,9 +295,7 @@ async fn final_resources_make_no_call() {
 }
 
 fn on_machine(uid: &str) -> DeviceOffboard {
-    let mut obj = resource(None);
-    obj.metadata.uid = Some(uid.into());
-    obj
+    laptop().uid(uid).build()
 }
 
 /// MDE's list lags: a previous process sent, died before recording, and its
@@ -597,4 +591,24 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
         "the resource is still ahead of the one queued after it"
     );
     assert_eq!(place(UID), 0);
+}
+
+#[test]
+fn zz_kit_dump() {
+    let out = format!(
+        "{:#?}",
+        (
+            resource(None),
+            resource(Some(DeviceOffboardStatus {
+                phase: Some(Phase::Failed),
+                ..Default::default()
+            })),
+            on_machine("uid-a")
+        )
+    );
+    std::fs::write(
+        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+        out,
+    )
+    .unwrap();
 }

@@ -6,9 +6,10 @@ use super::decision::Settings;
 use super::fakes::FakeMde;
 use super::reconcile::reconcile;
 use crate::cache::final_label::FINAL_LABEL;
-use crate::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::test_kit;
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -36,22 +37,15 @@ async fn setup() -> (Arc<Context<FakeMde>>, Handle) {
 }
 
 fn resource(status: Option<DeviceOffboardStatus>) -> DeviceOffboard {
-    let mut obj = DeviceOffboard::new(
-        "laptop",
-        DeviceOffboardSpec {
-            machine_id: Some(MACHINE.into()),
-            device_name: None,
-            comment: "returned".into(),
-            ttl_seconds_after_finished: None,
-            connection_ref: None,
-        },
-    );
-    obj.metadata.namespace = Some("it".into());
-    obj.metadata.uid = Some(UID.into());
-    obj.metadata.resource_version = Some("10".into());
-    obj.metadata.generation = Some(1);
-    obj.status = status;
-    obj
+    test_kit::offboard("laptop")
+        .machine_id(MACHINE)
+        .comment("returned")
+        .namespace("it")
+        .uid(UID)
+        .resource_version("10")
+        .generation(1)
+        .status(status)
+        .build()
 }
 
 /// Expect one request; answer it with `answer(body)`; return the body.
@@ -326,4 +320,23 @@ async fn the_final_status_write_is_followed_by_the_label() {
     // Then the Event of the transition.
     expect_event(&mut handle).await;
     recording.await.unwrap().unwrap();
+}
+
+#[test]
+fn zz_kit_dump() {
+    let out = format!(
+        "{:#?}",
+        (
+            resource(None),
+            resource(Some(DeviceOffboardStatus {
+                phase: Some(Phase::Failed),
+                ..Default::default()
+            }))
+        )
+    );
+    std::fs::write(
+        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+        out,
+    )
+    .unwrap();
 }

@@ -85,31 +85,23 @@ pub async fn run<M: MdeCalls>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use crate::crd::{DeviceOffboardStatus, Phase};
+    use crate::test_kit;
 
     fn resource(
         created_secs_ago: i64,
         phase: Option<Phase>,
         now: jiff::Timestamp,
     ) -> Arc<DeviceOffboard> {
-        let mut r = DeviceOffboard::new(
-            "r",
-            DeviceOffboardSpec {
-                machine_id: None,
-                device_name: Some("pc".into()),
-                comment: "c".into(),
-                ttl_seconds_after_finished: None,
-                connection_ref: None,
-            },
-        );
-        r.metadata.creation_timestamp = Some(Time(
-            now - jiff::SignedDuration::from_secs(created_secs_ago),
-        ));
-        r.status = Some(DeviceOffboardStatus {
-            phase,
-            ..Default::default()
-        });
+        let r = test_kit::offboard("r")
+            .device_name("pc")
+            .comment("c")
+            .created(now - jiff::SignedDuration::from_secs(created_secs_ago))
+            .status(DeviceOffboardStatus {
+                phase,
+                ..Default::default()
+            })
+            .build();
         Arc::new(r)
     }
 
@@ -147,5 +139,25 @@ mod tests {
             text.contains("defender_offboard_in_flight_oldest_seconds 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn zz_kit_dump() {
+        let out = format!(
+            "{:#?}",
+            (
+                resource(
+                    900,
+                    Some(Phase::Succeeded),
+                    "2026-01-01T12:00:00Z".parse().unwrap()
+                ),
+                resource(-50, None, "2026-01-01T12:00:00Z".parse().unwrap())
+            )
+        );
+        std::fs::write(
+            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+            out,
+        )
+        .unwrap();
     }
 }

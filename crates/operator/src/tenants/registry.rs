@@ -302,21 +302,15 @@ mod tests {
         }
     }
 
-    use crate::crd::{ConnectionRef, DeviceOffboardSpec};
+    use crate::test_kit;
 
     fn resource(namespace: &str, connection: Option<&str>) -> DeviceOffboard {
-        let mut r = DeviceOffboard::new(
-            "r",
-            DeviceOffboardSpec {
-                machine_id: None,
-                device_name: Some("pc".into()),
-                comment: "c".into(),
-                ttl_seconds_after_finished: None,
-                connection_ref: connection.map(|name| ConnectionRef { name: name.into() }),
-            },
-        );
-        r.metadata.namespace = Some(namespace.into());
-        r
+        test_kit::offboard("r")
+            .device_name("pc")
+            .comment("c")
+            .connection(connection)
+            .namespace(namespace)
+            .build()
     }
 
     fn unavailable(connections: &Connections<FakeMde>, r: &DeviceOffboard) -> Unavailable {
@@ -375,5 +369,18 @@ mod tests {
             unavailable(&no_default, &resource("a", None)),
             Unavailable::NoDefault
         );
+    }
+
+    #[test]
+    fn zz_kit_dump() {
+        let out = format!(
+            "{:#?}",
+            (resource("a", None), resource("b", Some("shared")))
+        );
+        std::fs::write(
+            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+            out,
+        )
+        .unwrap();
     }
 }

@@ -4,6 +4,7 @@ use super::*;
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use crate::offboard::status::{READY, Reason, STALLED, SUBMITTED, condition};
 use crate::tenants::Unavailable;
+use crate::test_kit;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::{ActionStatus, ApiFamily, Machine, MachineAction, MdeError};
@@ -17,23 +18,17 @@ fn now() -> Timestamp {
 }
 
 fn by_id() -> DeviceOffboardSpec {
-    DeviceOffboardSpec {
-        machine_id: Some(MACHINE.into()),
-        device_name: None,
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-    }
+    test_kit::offboard("by-id")
+        .machine_id(MACHINE)
+        .comment("retired")
+        .spec()
 }
 
 fn by_name() -> DeviceOffboardSpec {
-    DeviceOffboardSpec {
-        machine_id: None,
-        device_name: Some("pc-1.contoso.com".into()),
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-    }
+    test_kit::offboard("by-name")
+        .device_name("pc-1.contoso.com")
+        .comment("retired")
+        .spec()
 }
 
 fn status(phase: Phase) -> DeviceOffboardStatus {
@@ -631,13 +626,7 @@ fn an_action_id_is_never_replaced() {
 /// `Failed` with the fix named, instead of idling without a word.
 #[test]
 fn a_spec_without_a_device_fails_with_the_fix_named() {
-    let spec = DeviceOffboardSpec {
-        machine_id: None,
-        device_name: None,
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-    };
+    let spec = test_kit::offboard("no-device").comment("retired").spec();
     let none = DeviceOffboardStatus::default();
     let Plan::Write(t) = plan(&view(&spec, &none), &settings()) else {
         panic!("a spec without a device must be refused")
@@ -1028,4 +1017,14 @@ fn an_unavailable_connection_waits_with_the_reason() {
             assert_eq!(again.status.last_error, t.status.last_error);
         }
     }
+}
+
+#[test]
+fn zz_kit_dump() {
+    let out = format!("{:#?}", (by_id(), by_name()));
+    std::fs::write(
+        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
+        out,
+    )
+    .unwrap();
 }

@@ -1,0 +1,365 @@
+//! The command line of `run` and `offboard`: clap lives here, in the binary's
+//! package, and nowhere else. Each flag struct turns into the plain
+//! configuration the library crates take (`runtime::Config`, `NodeOptions`,
+//! `mde_client::ClientConfig`).
+
+use mde_client::auth::{ClientIdentity, Secret};
+use mde_client::{BudgetWait, ClientConfig, Cloud, Endpoints, RateLimits};
+use offboard_operator::nodes::{DeviceNameTemplate, NAME_PLACEHOLDER, NodeOptions, NodeSelector};
+use offboard_operator::offboard::decision::Settings;
+use offboard_operator::runtime::{self, leader::LeaseTiming};
+use offboard_operator::telemetry::LogFormat;
+use offboard_operator::tenants::controller::ClientSettings;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Connection flags shared by `run` and `offboard`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionArgs {
+    /// Microsoft cloud: sets the login and API hosts.
+    #[arg(long, default_value = "commercial", env = "DEFENDER_CLOUD", value_parser = cloud_parser())]
+    pub cloud: Cloud,
+    /// MDE API base URL (overrides the cloud preset).
+    #[arg(long, env = "DEFENDER_API_URL")]
+    pub api_url: Option<String>,
+    /// Entra ID login host (overrides the cloud preset).
+    #[arg(long, env = "AZURE_AUTHORITY_HOST")]
+    pub authority_host: Option<String>,
+    /// Allow plain-http --api-url/--authority-host off loopback (a simulator in a
+    /// test cluster). Never use it with a real tenant.
+    #[arg(long, env = "DEFENDER_ALLOW_INSECURE_HTTP")]
+    pub allow_insecure_http: bool,
+    /// Own rate budget per API family: never more than CALLS in any WINDOW.
+    #[arg(
+        long,
+        default_value = "100/60s,1500/3600s",
+        env = "DEFENDER_RATE_LIMIT"
+    )]
+    pub rate_limit: RateLimits,
+    /// Timeout of one MDE request.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "DEFENDER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+    #[arg(long, env = "AZURE_TENANT_ID", hide_env_values = true)]
+    pub tenant_id: Option<String>,
+    #[arg(long, env = "AZURE_CLIENT_ID", hide_env_values = true)]
+    pub client_id: Option<String>,
+    /// From the environment only (`AZURE_CLIENT_SECRET`), never a flag: a
+    /// command line is visible to every local user in `ps`. Prefer the file.
+    #[arg(skip = secret_from_env())]
+    pub client_secret: Option<Secret>,
+    /// A file holding the client secret (re-read at every sign-in).
+    #[arg(long, env = "AZURE_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
+    pub federated_token_file: Option<PathBuf>,
+}
+
+/// `--cloud`: one of [`Cloud::NAMES`], listed in `--help`.
+fn cloud_parser() -> impl clap::builder::TypedValueParser<Value = Cloud> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Cloud::NAMES.map(|(name, _)| name))
+        .try_map(|name| Cloud::from_name(&name).ok_or(format!("unknown cloud {name:?}")))
+}
+
+impl ConnectionArgs {
+    pub fn client_config(&self) -> Result<ClientConfig, String> {
+        let endpoints = Endpoints::with_http_policy(
+            self.cloud,
+            self.api_url.as_deref(),
+            self.authority_host.as_deref(),
+            self.allow_insecure_http,
+        )?;
+        let identity = ClientIdentity::from_parts(
+            self.tenant_id.clone(),
+            self.client_id.clone(),
+            self.client_secret.as_ref().map(|s| s.expose().to_string()),
+            self.client_secret_file.clone(),
+            self.federated_token_file.clone(),
+        )?;
+        Ok(ClientConfig {
+            endpoints,
+            identity,
+            rate_limits: self.rate_limit.clone(),
+            request_timeout: self.request_timeout,
+            budget_wait: BudgetWait::Wait,
+        })
+    }
+}
+
+/// `AZURE_CLIENT_SECRET`, if set and not empty.
+fn secret_from_env() -> Option<Secret> {
+    std::env::var("AZURE_CLIENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
+}
+
+/// Flags of `defender-offboard run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Resources reconciled at the same time.
+    #[arg(long, default_value_t = 8, env = "DEFENDER_CONCURRENCY")]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Take a Lease before reconciling, so only one replica acts.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name or host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Leader lease duration; a standby takes over after this long without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// The leader stops all work if it cannot renew within this (must be < lease duration).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+    /// How often the lease is renewed or checked.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+    #[arg(long, default_value = "text", env = "LOG_FORMAT", value_parser = log_format_parser())]
+    pub log_format: LogFormat,
+    /// How often in-flight actions are polled (one batched call for all of them).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Pause before looking an action up after an ambiguous send. Keep it above
+    /// --request-timeout: a request that timed out may still be processed by MDE.
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    pub lookup_delay: Duration,
+    /// How far MDE's clock may be from ours: a poll's window of offboard
+    /// actions starts this much before the earliest time one may have been created.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub clock_skew: Duration,
+    /// How far back the index of this operator's offboards reaches: a first
+    /// send for a machine without one in the index needs no read of the
+    /// machine's actions (0 turns the index off: one read per first send).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub adopt_window: Duration,
+    /// Retry delay after a transient failure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Retry delay after a credentials or permission failure.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub access_backoff: Duration,
+    /// How often finished resources are checked against spec.ttlSecondsAfterFinished
+    /// (a resource falling due sooner is deleted on time).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ttl_sweep_interval: Duration,
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+    /// Use DefenderConnections: a DeviceOffboard with spec.connectionRef is
+    /// offboarded through that tenant and app (docs/tenants.md). The
+    /// operator's own credentials become optional.
+    #[arg(long, env = "DEFENDER_CONNECTIONS")]
+    pub connections: bool,
+    /// Hosts (`host` or `host:port`) besides Microsoft's login and MDE API
+    /// hosts that a DefenderConnection's apiUrl/loginUrl may name, e.g. a
+    /// simulator. The operator's own --api-url and --authority-host are allowed.
+    #[arg(long, value_delimiter = ',', env = "DEFENDER_CONNECTION_ALLOWED_HOSTS")]
+    pub connection_allowed_hosts: Vec<String>,
+}
+
+impl RunArgs {
+    /// Node offboarding's options; its namespace defaults to the watched
+    /// namespace, else the pod's.
+    pub fn node_options(&self) -> NodeOptions {
+        self.nodes
+            .options(self.namespace.as_deref().unwrap_or(&self.lease_namespace))
+    }
+
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        }
+    }
+
+    /// The runtime's configuration from these flags.
+    pub fn config(&self) -> runtime::Config {
+        runtime::Config {
+            namespace: self.namespace.clone(),
+            own_client: self.own_client_config(),
+            clients: ClientSettings {
+                rate_limits: self.connection.rate_limit.clone(),
+                request_timeout: self.connection.request_timeout,
+                allow_insecure_http: self.connection.allow_insecure_http,
+                allowed_hosts: self.allowed_hosts(),
+            },
+            concurrency: self.concurrency,
+            metrics_addr: self.metrics_addr,
+            leader_elect: self.leader_elect,
+            lease_namespace: self.lease_namespace.clone(),
+            identity: self.identity.clone(),
+            lease_timing: self.lease_timing(),
+            log_format: self.log_format,
+            poll_interval: self.poll_interval,
+            lookup_delay: self.lookup_delay,
+            clock_skew: self.clock_skew,
+            adopt_window: self.adopt_window,
+            settings: Settings {
+                lookup_delay: self.lookup_delay,
+                retry_backoff: self.retry_backoff,
+                access_backoff: self.access_backoff,
+            },
+            ttl_sweep_interval: self.ttl_sweep_interval,
+            nodes: self.node_options(),
+            offboard_deleted_nodes: self.nodes.offboard_deleted_nodes,
+            remove_node_finalizers: self.nodes.remove_node_finalizers,
+            stop_deployment: self.nodes.stop_deployment.clone(),
+            connections: self.connections,
+        }
+    }
+
+    /// The operator's own client settings; `None` when it runs with
+    /// `--connections` and no credentials of its own (no AZURE_TENANT_ID nor
+    /// AZURE_CLIENT_ID). Half-given credentials are an error either way.
+    fn own_client_config(&self) -> Result<Option<mde_client::ClientConfig>, String> {
+        let own = &self.connection;
+        let none_given = own.tenant_id.as_deref().is_none_or(str::is_empty)
+            && own.client_id.as_deref().is_none_or(str::is_empty);
+        if self.connections && none_given {
+            return Ok(None);
+        }
+        Ok(Some(mde_client::ClientConfig {
+            // A worker never waits for budget: the resource is requeued instead.
+            budget_wait: mde_client::BudgetWait::Refuse,
+            ..own.client_config()?
+        }))
+    }
+
+    /// `--connection-allowed-hosts`, and the hosts of the operator's own
+    /// `--api-url` and `--authority-host`.
+    fn allowed_hosts(&self) -> Vec<String> {
+        let own = [&self.connection.api_url, &self.connection.authority_host]
+            .into_iter()
+            .flatten()
+            .filter_map(|u| url::Url::parse(u).ok())
+            .filter_map(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+        self.connection_allowed_hosts
+            .iter()
+            .filter(|h| !h.trim().is_empty())
+            .cloned()
+            .chain(own)
+            .collect()
+    }
+}
+
+/// `--log-format`: `json` or `text`.
+fn log_format_parser() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["json", "text"]).map(|name| match name.as_str() {
+        "json" => LogFormat::Json,
+        _ => LogFormat::Text,
+    })
+}
+
+/// Flags of node offboarding (part of `run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// When a Node matching --node-selector is deleted, create a DeviceOffboard for its device.
+    #[arg(long, env = "OFFBOARD_DELETED_NODES")]
+    pub offboard_deleted_nodes: bool,
+    /// Which Nodes are offboarded: equality-based label selector (`k=v`, `k!=v`, `k`, `!k`, comma-separated).
+    #[arg(long, default_value = "kubernetes.io/os=windows", value_parser = NodeSelector::parse)]
+    pub node_selector: NodeSelector,
+    /// Namespace of the DeviceOffboards made for deleted Nodes (default: --namespace, else the pod's namespace).
+    #[arg(long)]
+    pub node_offboard_namespace: Option<String>,
+    /// The device's computerDnsName in MDE: `{name}` is the Node's name, e.g. `{name}.corp.contoso.com`.
+    #[arg(long, default_value = NAME_PLACEHOLDER, value_parser = DeviceNameTemplate::parse)]
+    pub node_device_name: DeviceNameTemplate,
+    /// spec.ttlSecondsAfterFinished of the DeviceOffboards made for deleted Nodes (default: kept).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=315_360_000))]
+    pub node_offboard_ttl_seconds: Option<i64>,
+    /// The longest a Node deletion waits for its DeviceOffboard while the operator runs.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub node_finalizer_max_age: Duration,
+    /// Record the offboards of Nodes already being deleted, remove the operator's
+    /// finalizer from every Node, and exit (the chart's uninstall hook).
+    #[arg(long)]
+    pub remove_node_finalizers: bool,
+    /// With --remove-node-finalizers: first scale this Deployment (in the pod's
+    /// namespace) to zero and wait for it, so no replica adds a finalizer again.
+    #[arg(long, requires = "remove_node_finalizers")]
+    pub stop_deployment: Option<String>,
+}
+
+impl NodeArgs {
+    pub fn options(&self, default_namespace: &str) -> NodeOptions {
+        NodeOptions {
+            selector: self.node_selector.clone(),
+            namespace: self
+                .node_offboard_namespace
+                .clone()
+                .unwrap_or_else(|| default_namespace.to_string()),
+            device_name: self.node_device_name.clone(),
+            ttl_seconds: self.node_offboard_ttl_seconds,
+            max_age: self.node_finalizer_max_age,
+        }
+    }
+}
+
+#[cfg(test)]
+mod connection_args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<ClientConfig, String> {
+        let mut argv = vec![
+            "x",
+            "--tenant-id",
+            "t",
+            "--client-id",
+            "c",
+            "--client-secret-file",
+            "/run/secrets/client-secret",
+        ];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .unwrap()
+            .connection
+            .client_config()
+    }
+
+    #[test]
+    fn a_secret_is_never_taken_from_the_command_line() {
+        let error = Cli::try_parse_from(["x", "--client-secret", "s3cr3t"])
+            .err()
+            .expect("no --client-secret flag");
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_the_explicit_flag() {
+        let sim = [
+            "--api-url",
+            "http://mde-simulator.test:8090",
+            "--authority-host",
+            "http://mde-simulator.test:8090",
+        ];
+        assert!(config(&sim).unwrap_err().contains("--allow-insecure-http"));
+        let mut allowed = sim.to_vec();
+        allowed.push("--allow-insecure-http");
+        assert_eq!(
+            config(&allowed).unwrap().endpoints.api.host_str(),
+            Some("mde-simulator.test")
+        );
+    }
+}
