@@ -20,6 +20,8 @@ const RESOURCES: usize = 40;
 
 struct Row {
     name: &'static str,
+    /// What the row disturbs: its "must have disturbed" check keys on it.
+    scenario: Scenario,
     resources: usize,
     seconds: f64,
     stats: SimStats,
@@ -202,6 +204,7 @@ async fn run_row(name: &'static str, slug: &str, scenario: Scenario) -> Row {
     let watches_expired = watches_expired(&env._api.url()).await;
     Row {
         name,
+        scenario,
         resources: targets.len(),
         seconds: started.elapsed().as_secs_f64(),
         stats,
@@ -368,7 +371,8 @@ async fn fault_matrix() {
         ),
     ];
     // `FAULT_MATRIX_ROWS=re-create` runs only the rows whose name holds it
-    // (to chase one row in a loop); the full matrix runs otherwise.
+    // (to chase one row in a loop); the full matrix runs otherwise. A filter
+    // that holds no row's name fails the test, naming the rows.
     let only = std::env::var("FAULT_MATRIX_ROWS").unwrap_or_default();
     // `FAULT_MATRIX_LOG=offboard_operator=debug` prints the controller's log.
     if let Ok(filter) = std::env::var("FAULT_MATRIX_LOG") {
@@ -377,11 +381,24 @@ async fn fault_matrix() {
             .with_test_writer()
             .try_init();
     }
+    // Numbered before filtering: a row keeps its slug whatever else runs.
+    let selected: Vec<_> = scenarios
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _))| name.contains(only.as_str()))
+        .collect();
+    // A mistyped filter must not pass by running nothing.
+    assert!(
+        !selected.is_empty(),
+        "FAULT_MATRIX_ROWS={only:?} selects no row (a row runs when its name contains the filter); the rows are:\n{}",
+        scenarios
+            .iter()
+            .map(|(name, _)| format!("  {name}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let mut rows = Vec::new();
-    for (row, (name, scenario)) in scenarios.into_iter().enumerate() {
-        if !name.contains(only.as_str()) {
-            continue;
-        }
+    for (row, &(name, scenario)) in selected {
         rows.push(run_row(name, &format!("row{row}"), scenario).await);
     }
     println!(
@@ -439,17 +456,25 @@ async fn fault_matrix() {
     }
     // The disturbing rows must have disturbed: otherwise they prove nothing.
     for row in &rows {
-        if row.name.starts_with("login host down") {
-            assert!(
+        match row.scenario {
+            Scenario::LoginOutage => assert!(
                 row.stats.count("token", "503") > 0,
                 "no sign-in was refused"
-            );
-        }
-        if row.name.starts_with("status-write conflicts") {
-            assert!(row.conflicts > 0, "no status write met a conflict");
-        }
-        if row.name.starts_with("watch 410") {
-            assert!(row.watches_expired > 0, "no watch expired");
+            ),
+            Scenario::StatusConflicts => {
+                assert!(row.conflicts > 0, "no status write met a conflict")
+            }
+            Scenario::WatchExpiry => assert!(row.watches_expired > 0, "no watch expired"),
+            // No disturbance of their own is counted for these (the
+            // assertions above cover them); a new scenario must pick an arm.
+            Scenario::Calm
+            | Scenario::ServerErrors
+            | Scenario::LostAnswers(_)
+            | Scenario::ListLag
+            | Scenario::SecondClient
+            | Scenario::Quirks
+            | Scenario::TwoPerMachine
+            | Scenario::RecreatedMidFlight => {}
         }
     }
 }

@@ -15,7 +15,7 @@
 pub mod cache;
 pub mod crd;
 pub mod error;
-pub mod lease_clock;
+pub(crate) mod lease_clock;
 pub mod metrics;
 pub mod nodes;
 pub mod offboard;

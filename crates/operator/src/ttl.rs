@@ -192,83 +192,108 @@ mod tests {
     #[test]
     fn the_table() {
         use Expiry::*;
-        // name, ttl, phase, completed seconds ago, expected
-        type Row = (
-            &'static str,
-            Option<i64>,
-            Option<Phase>,
-            Option<i64>,
-            Expiry,
-        );
+        struct Row {
+            name: &'static str,
+            ttl: Option<i64>,
+            phase: Option<Phase>,
+            /// Completed this many seconds ago.
+            ago: Option<i64>,
+            expected: Expiry,
+        }
         let rows: &[Row] = &[
-            ("no ttl", None, Some(Phase::Succeeded), Some(3600), Keep),
-            (
-                "succeeded, due",
-                Some(60),
-                Some(Phase::Succeeded),
-                Some(61),
-                Now,
-            ),
-            (
-                "failed, due exactly",
-                Some(60),
-                Some(Phase::Failed),
-                Some(60),
-                Now,
-            ),
-            (
-                "ttl 0 deletes at once",
-                Some(0),
-                Some(Phase::Failed),
-                Some(0),
-                Now,
-            ),
-            (
-                "not yet",
-                Some(60),
-                Some(Phase::Succeeded),
-                Some(20),
-                After(Duration::from_secs(40)),
-            ),
-            (
-                "in progress, never",
-                Some(0),
-                Some(Phase::InProgress),
-                Some(3600),
-                Keep,
-            ),
-            ("pending, never", Some(0), Some(Phase::Pending), None, Keep),
-            (
-                "submitting, never",
-                Some(0),
-                Some(Phase::Submitting),
-                Some(3600),
-                Keep,
-            ),
-            ("no status, never", Some(0), None, None, Keep),
-            (
-                "final without a time",
-                Some(0),
-                Some(Phase::Succeeded),
-                None,
-                Keep,
-            ),
-            (
-                "negative ttl",
-                Some(-5),
-                Some(Phase::Succeeded),
-                Some(3600),
-                Keep,
-            ),
-            (
-                "huge ttl",
-                Some(i64::MAX),
-                Some(Phase::Succeeded),
-                Some(3600),
-                Keep,
-            ),
+            Row {
+                name: "no ttl",
+                ttl: None,
+                phase: Some(Phase::Succeeded),
+                ago: Some(3600),
+                expected: Keep,
+            },
+            Row {
+                name: "succeeded, due",
+                ttl: Some(60),
+                phase: Some(Phase::Succeeded),
+                ago: Some(61),
+                expected: Now,
+            },
+            Row {
+                name: "failed, due exactly",
+                ttl: Some(60),
+                phase: Some(Phase::Failed),
+                ago: Some(60),
+                expected: Now,
+            },
+            Row {
+                name: "ttl 0 deletes at once",
+                ttl: Some(0),
+                phase: Some(Phase::Failed),
+                ago: Some(0),
+                expected: Now,
+            },
+            Row {
+                name: "not yet",
+                ttl: Some(60),
+                phase: Some(Phase::Succeeded),
+                ago: Some(20),
+                expected: After(Duration::from_secs(40)),
+            },
+            Row {
+                name: "in progress, never",
+                ttl: Some(0),
+                phase: Some(Phase::InProgress),
+                ago: Some(3600),
+                expected: Keep,
+            },
+            Row {
+                name: "pending, never",
+                ttl: Some(0),
+                phase: Some(Phase::Pending),
+                ago: None,
+                expected: Keep,
+            },
+            Row {
+                name: "submitting, never",
+                ttl: Some(0),
+                phase: Some(Phase::Submitting),
+                ago: Some(3600),
+                expected: Keep,
+            },
+            Row {
+                name: "no status, never",
+                ttl: Some(0),
+                phase: None,
+                ago: None,
+                expected: Keep,
+            },
+            Row {
+                name: "final without a time",
+                ttl: Some(0),
+                phase: Some(Phase::Succeeded),
+                ago: None,
+                expected: Keep,
+            },
+            Row {
+                name: "negative ttl",
+                ttl: Some(-5),
+                phase: Some(Phase::Succeeded),
+                ago: Some(3600),
+                expected: Keep,
+            },
+            Row {
+                name: "huge ttl",
+                ttl: Some(i64::MAX),
+                phase: Some(Phase::Succeeded),
+                ago: Some(3600),
+                expected: Keep,
+            },
         ];
-        for (name, ttl, phase, ago, expected) in rows {
+        for Row {
+            name,
+            ttl,
+            phase,
+            ago,
+            expected,
+        } in rows
+        {
             assert_eq!(
                 expiry(&resource(*ttl, *phase, *ago), now()),
                 *expected,
@@ -289,22 +314,5 @@ mod tests {
             last_transition_time: Time(now() - SignedDuration::from_secs(11)),
         });
         assert_eq!(expiry(&r, now()), Expiry::Now);
-    }
-
-    #[test]
-    fn zz_kit_dump() {
-        let out = format!(
-            "{:#?}",
-            (
-                resource(None, Some(Phase::Succeeded), Some(3600)),
-                resource(Some(0), None, None),
-                resource(Some(60), Some(Phase::Pending), None)
-            )
-        );
-        std::fs::write(
-            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-            out,
-        )
-        .unwrap();
     }
 }

@@ -159,21 +159,4 @@ mod tests {
         assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
         assert_eq!(patch["metadata"]["resourceVersion"], "41");
     }
-
-    #[test]
-    fn zz_kit_dump() {
-        let out = format!(
-            "{:#?}",
-            (
-                with(None, None),
-                with(Some(Phase::Failed), Some("false")),
-                with(Some(Phase::Succeeded), None)
-            )
-        );
-        std::fs::write(
-            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-            out,
-        )
-        .unwrap();
-    }
 }

@@ -4,4 +4,4 @@
 //! shortly before their time ([`parked`]). See docs/architecture.md.
 
 pub mod final_label;
-pub mod parked;
+pub(crate) mod parked;

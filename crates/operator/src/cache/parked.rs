@@ -32,11 +32,11 @@ use tokio::sync::{Notify, mpsc};
 
 /// Only waits longer than this are parked: a shorter one costs less in the
 /// cache than the read that brings it back.
-pub const PARK_BEYOND: Duration = Duration::from_secs(3);
+pub(crate) const PARK_BEYOND: Duration = Duration::from_secs(3);
 
 /// A parked resource is read back this long before its `nextRetryAt`, so it
 /// is in the cache again when the reconcile's own requeue fires.
-pub const WAKE_EARLY: Duration = Duration::from_secs(1);
+pub(crate) const WAKE_EARLY: Duration = Duration::from_secs(1);
 
 /// A read that failed (API server away) is tried again after this long.
 const REREAD_AFTER: Duration = Duration::from_secs(5);
@@ -49,7 +49,7 @@ const READS_AT_ONCE: usize = 8;
 /// [`PARK_BEYOND`] away. For such a resource the decision is "wait until
 /// `nextRetryAt`" whatever the process remembers; `Submitting` is never
 /// parked, since its lookup clock starts when this process observes it.
-pub fn parked_until(obj: &DeviceOffboard, now: Timestamp) -> Option<Timestamp> {
+pub(crate) fn parked_until(obj: &DeviceOffboard, now: Timestamp) -> Option<Timestamp> {
     let status = obj.status.as_ref()?;
     let cancel_asked = obj
         .annotations()
@@ -67,10 +67,10 @@ pub fn parked_until(obj: &DeviceOffboard, now: Timestamp) -> Option<Timestamp> {
 /// A parked resource's `namespace/name`, shared by the lot's two indexes (one
 /// allocation per resource: thousands may be parked).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key(Arc<str>);
+pub(crate) struct Key(Arc<str>);
 
 impl Key {
-    pub fn new(namespace: &str, name: &str) -> Self {
+    pub(crate) fn new(namespace: &str, name: &str) -> Self {
         Key(format!("{namespace}/{name}").into())
     }
 
@@ -79,13 +79,13 @@ impl Key {
     }
 
     /// Neither part can hold a `/`: both are DNS names.
-    pub fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         self.0
             .split_once('/')
             .map_or("", |(namespace, _)| namespace)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.0.split_once('/').map_or(&self.0, |(_, name)| name)
     }
 }
@@ -100,7 +100,7 @@ struct Lot {
 
 /// The parked resources of this process.
 #[derive(Default)]
-pub struct ParkingLot {
+pub(crate) struct ParkingLot {
     lot: Mutex<Lot>,
     /// Woken when a resource is parked, so the waker sees an earlier time.
     parked_one: Notify,
@@ -113,7 +113,7 @@ impl ParkingLot {
     }
 
     /// Park `key` until `wake` (replacing an earlier time).
-    pub fn park(&self, key: Key, wake: Timestamp, created: Option<Timestamp>) {
+    pub(crate) fn park(&self, key: Key, wake: Timestamp, created: Option<Timestamp>) {
         let mut lot = self.lock();
         if let Some((old, _)) = lot.parked.insert(key.clone(), (wake, created)) {
             lot.due.remove(&(old, key.clone()));
@@ -124,7 +124,7 @@ impl ParkingLot {
     }
 
     /// `key` is in the cache again, or gone.
-    pub fn unpark(&self, key: &Key) {
+    pub(crate) fn unpark(&self, key: &Key) {
         let mut lot = self.lock();
         if let Some((wake, _)) = lot.parked.remove(key) {
             lot.due.remove(&(wake, key.clone()));
@@ -132,7 +132,7 @@ impl ParkingLot {
     }
 
     /// Take every resource due by `by`, earliest first.
-    pub fn take_due(&self, by: Timestamp) -> Vec<Key> {
+    pub(crate) fn take_due(&self, by: Timestamp) -> Vec<Key> {
         let mut lot = self.lock();
         let mut taken = Vec::new();
         while let Some((wake, _)) = lot.due.first()
@@ -148,21 +148,22 @@ impl ParkingLot {
     }
 
     /// The earliest wake time.
-    pub fn next_wake(&self) -> Option<Timestamp> {
+    pub(crate) fn next_wake(&self) -> Option<Timestamp> {
         self.lock().due.first().map(|(wake, _)| *wake)
     }
 
     /// How many resources are parked.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().parked.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The creation time of the oldest parked resource.
-    pub fn oldest_created(&self) -> Option<Timestamp> {
+    pub(crate) fn oldest_created(&self) -> Option<Timestamp> {
         self.lock()
             .parked
             .values()
@@ -176,7 +177,7 @@ impl ParkingLot {
 /// one the watch lists again on a restart is left out of the new cache. The
 /// controller reconciles only what the cache holds, so a parked resource is
 /// not reconciled until it is read back.
-pub fn park_events<S>(
+pub(crate) fn park_events<S>(
     events: S,
     lot: Arc<ParkingLot>,
 ) -> impl Stream<Item = Result<watcher::Event<DeviceOffboard>, watcher::Error>>
@@ -232,7 +233,7 @@ fn pause_until(next_wake: Option<Timestamp>, now: Timestamp) -> Duration {
 
 /// Reads parked resources back when they are due and sends them into the
 /// cache's feed (`revived`), until the receiver is gone.
-pub async fn wake(
+pub(crate) async fn wake(
     lot: Arc<ParkingLot>,
     client: kube::Client,
     revived: mpsc::Sender<DeviceOffboard>,
@@ -426,21 +427,5 @@ mod tests {
             ]
         );
         assert!(lot.is_empty(), "read back or deleted: nothing stays parked");
-    }
-
-    #[test]
-    fn zz_kit_dump() {
-        let out = format!(
-            "{:#?}",
-            (
-                waiting("a", 600, "2026-01-01T12:00:00Z".parse().unwrap()),
-                waiting("listed", -5, "2026-01-01T12:00:00Z".parse().unwrap())
-            )
-        );
-        std::fs::write(
-            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-            out,
-        )
-        .unwrap();
     }
 }

@@ -40,12 +40,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The default `--adopt-window`: how far back the index reaches.
-pub const DEFAULT_ADOPT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// What the machine check does for one machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MachineCheck {
+pub(crate) enum MachineCheck {
     /// The index proves there is nothing to adopt: send without a read.
     Send,
     /// The index holds an action of this operator for the machine (or may):
@@ -58,7 +55,7 @@ pub enum MachineCheck {
 
 /// How fresh the index must be to prove absence.
 #[derive(Debug, Clone, Copy)]
-pub struct Freshness {
+pub(crate) struct Freshness {
     /// Since when this process may send (the lease's start; `None`: it may not).
     pub sending_since: Option<Instant>,
     /// The oldest a last read may be.
@@ -75,7 +72,7 @@ struct Read {
 
 /// Machines with an offboard action of this operator in the window.
 #[derive(Debug, Default)]
-pub struct AdoptIndex {
+pub(crate) struct AdoptIndex {
     /// Hash of the machine id → newest creation time (Unix seconds) of an
     /// offboard action carrying the marker.
     machines: HashMap<u64, i64>,
@@ -96,7 +93,11 @@ fn machine_hash(machine_id: &str) -> u64 {
 }
 
 /// Whether to send, read exactly or refresh first, decided without I/O.
-pub fn machine_check(index: &AdoptIndex, machine_id: &str, fresh: Freshness) -> MachineCheck {
+pub(crate) fn machine_check(
+    index: &AdoptIndex,
+    machine_id: &str,
+    fresh: Freshness,
+) -> MachineCheck {
     let Some(sending_since) = fresh.sending_since else {
         // Not able to send: nothing is sent anyway; the exact read is the safe answer.
         return MachineCheck::ExactRead;
@@ -119,11 +120,13 @@ pub fn machine_check(index: &AdoptIndex, machine_id: &str, fresh: Freshness) -> 
 
 impl AdoptIndex {
     /// Machines the index holds.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.machines.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.machines.is_empty()
     }
 
@@ -131,7 +134,7 @@ impl AdoptIndex {
     /// first fill (or when the last read is older than the window), else the
     /// newest creation time seen less `lag` (MDE's list may show an action
     /// this long after its creation time), never before the window.
-    pub fn next_since(&self, now: Timestamp, window: Duration, lag: Duration) -> Timestamp {
+    pub(crate) fn next_since(&self, now: Timestamp, window: Duration, lag: Duration) -> Timestamp {
         let start = window_start(now, window);
         match (self.read, self.newest.or(self.filled_from)) {
             (Some(_), Some(from)) => {
@@ -146,7 +149,7 @@ impl AdoptIndex {
     /// (more entries only mean more exact reads); only a complete answer
     /// read from no later than [`Self::next_since`] makes the index current
     /// as of `began`.
-    pub fn fold(
+    pub(crate) fn fold(
         &mut self,
         actions: &[MachineAction],
         since: Timestamp,
@@ -190,7 +193,7 @@ impl AdoptIndex {
     }
 
     /// Forget machines whose newest marked action left the window.
-    pub fn prune(&mut self, now: Timestamp, window: Duration) {
+    pub(crate) fn prune(&mut self, now: Timestamp, window: Duration) {
         let start = window_start(now, window).as_second();
         self.machines.retain(|_, at| *at >= start);
         if self.machines.capacity() > 2 * self.machines.len() + 64 {
@@ -208,7 +211,7 @@ fn window_start(now: Timestamp, window: Duration) -> Timestamp {
 
 /// Whether a window read answered everything it was asked: a short last
 /// page (an answer the poller stopped early, at a full page, may not be).
-pub fn complete_answer(actions: &[MachineAction], top: usize) -> bool {
+pub(crate) fn complete_answer(actions: &[MachineAction], top: usize) -> bool {
     top == 0 || !actions.len().is_multiple_of(top) || actions.is_empty()
 }
 

@@ -16,19 +16,19 @@ use std::sync::Arc;
 /// Shared by every reconcile: built once. `M` is the MDE port: the client in
 /// production, a fake in unit tests.
 pub struct Context<M = DefenderClient> {
-    pub client: kube::Client,
+    pub(crate) client: kube::Client,
     /// The MDE client of each tenant: the operator's own, and one per
     /// `DefenderConnection` (`run --connections`).
-    pub connections: Arc<Connections<M>>,
-    pub store: KubeStore,
+    pub(crate) connections: Arc<Connections<M>>,
+    pub(crate) store: KubeStore,
     /// What this process remembers between reconciles (lookup clocks, machines).
-    pub state: OffboardState,
+    pub(crate) state: OffboardState,
     /// Red while a background task (the poller) is down.
-    pub liveness: Liveness,
-    pub metrics: Arc<Metrics>,
-    pub settings: Settings,
+    pub(crate) liveness: Liveness,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: Settings,
     /// Resources waiting outside the cache until their `nextRetryAt`.
-    pub parked: Arc<ParkingLot>,
+    pub(crate) parked: Arc<ParkingLot>,
 }
 
 impl<M: MdeCalls> Context<M> {

@@ -3,13 +3,13 @@
 //! [`ports`], the controller's [`reconcile`], the batch [`poller`] and the
 //! process's own state. See docs/architecture.md.
 
-pub mod adopt_index;
-pub mod context;
+pub(crate) mod adopt_index;
+pub(crate) mod context;
 pub mod decision;
 pub mod poll_plan;
-pub mod poller;
+pub(crate) mod poller;
 pub mod ports;
-pub mod reconcile;
+pub(crate) mod reconcile;
 pub mod state;
 pub mod status;
 pub mod step;

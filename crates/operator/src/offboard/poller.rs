@@ -24,21 +24,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The action ids worth polling: those of resources not yet final.
-pub fn in_flight(resources: &[Arc<DeviceOffboard>]) -> Vec<String> {
-    let mut ids: Vec<String> = resources
-        .iter()
-        .filter_map(|r| r.status.as_ref())
-        .filter(|s| !s.phase.unwrap_or_default().is_terminal())
-        .filter_map(|s| s.machine_action_id.clone())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids
-}
-
 /// Count resources by phase for the `resources` gauge.
-pub fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> {
+pub(crate) fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> {
     let mut counts: HashMap<Phase, i64> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
     for resource in resources {
         let phase = resource
@@ -54,7 +41,7 @@ pub fn count_by_phase(resources: &[Arc<DeviceOffboard>]) -> HashMap<Phase, i64> 
 /// The pause before the next poll: the configured interval, stretched when
 /// `calls` per poll would spend more than half of any machine-action budget
 /// window, so lookups (which exactly-once depends on) always find room.
-pub fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Duration {
+pub(crate) fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Duration {
     limits.0.iter().fold(interval, |pause, limit| {
         let share = (limit.calls / 2).max(1) as f64;
         pause.max(limit.window.mul_f64(calls as f64 / share))
@@ -64,7 +51,7 @@ pub fn poll_pause(interval: Duration, calls: usize, limits: &RateLimits) -> Dura
 /// Run the poller, and again whenever it stops or panics: without it every
 /// in-flight resource would stay `InProgress` for good. While it is down,
 /// `/healthz` says so (a liveness probe restarts a pod whose poller keeps dying).
-pub async fn supervise<F, Fut>(start: F, liveness: Liveness, restart_delay: Duration)
+pub(crate) async fn supervise<F, Fut>(start: F, liveness: Liveness, restart_delay: Duration)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -106,7 +93,7 @@ fn publish_phase_counts(
 /// The actions in flight, with the earliest time each may have been created:
 /// the creation time an earlier answer showed, else `submittedAt` (written
 /// before the send), else unknown.
-pub fn in_flight_actions(
+pub(crate) fn in_flight_actions(
     resources: &[Arc<DeviceOffboard>],
     created: &HashMap<String, Timestamp>,
 ) -> Vec<InFlight> {
@@ -140,7 +127,7 @@ struct PollState {
 /// `DefenderConnection`): each spends only its own tenant's budget, and a
 /// tenant that is slow or refuses holds only its own poller. The `resources`
 /// gauge is published here, for all of them.
-pub async fn run_per_connection<M: MdeCalls>(
+pub(crate) async fn run_per_connection<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
@@ -198,7 +185,7 @@ const POLLER_RESTART_DELAY: Duration = Duration::from_secs(5);
 /// The poller of one tenant's actions (the resources whose connection is
 /// `key`): every `interval`, one plan over its actions in flight, its windows
 /// starting `clock_skew` before the earliest time each may have been created.
-pub async fn run<M: MdeCalls>(
+pub(crate) async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,

@@ -199,13 +199,3 @@ proptest! {
         runtime.block_on(run(events, Duration::from_secs(lag)))?;
     }
 }
-
-#[test]
-fn zz_kit_dump() {
-    let out = format!("{:#?}", (resource()));
-    std::fs::write(
-        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-        out,
-    )
-    .unwrap();
-}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[tracing::instrument(skip(obj, ctx), fields(name = %obj.name_any(), namespace = obj.namespace().unwrap_or_default()))]
-pub async fn reconcile<M: MdeCalls>(
+pub(crate) async fn reconcile<M: MdeCalls>(
     obj: Arc<DeviceOffboard>,
     ctx: Arc<Context<M>>,
 ) -> Result<Action> {
@@ -54,10 +54,14 @@ pub async fn reconcile<M: MdeCalls>(
 /// First wait after a status write conflict: someone wrote in between, so
 /// re-read and decide again soon; repeated conflicts back off to
 /// [`CONFLICT_BACKOFF_CAP`] so writers fighting over one object spread out.
-pub const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
-pub const CONFLICT_BACKOFF_CAP: Duration = Duration::from_secs(10);
+pub(crate) const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const CONFLICT_BACKOFF_CAP: Duration = Duration::from_secs(10);
 
-pub fn error_policy<M>(obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context<M>>) -> Action {
+pub(crate) fn error_policy<M>(
+    obj: Arc<DeviceOffboard>,
+    error: &Error,
+    ctx: Arc<Context<M>>,
+) -> Action {
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ErrorLabels {
@@ -78,7 +82,7 @@ pub fn error_policy<M>(obj: Arc<DeviceOffboard>, error: &Error, ctx: Arc<Context
 /// How long to wait after the `in_a_row`-th failed reconcile of one resource:
 /// exponential with jitter, from a short wait for conflicts and from
 /// `--retry-backoff` for other errors, each up to a cap.
-pub fn error_wait(error: &Error, settings: &Settings, in_a_row: u32) -> Duration {
+pub(crate) fn error_wait(error: &Error, settings: &Settings, in_a_row: u32) -> Duration {
     let previous = in_a_row.saturating_sub(1);
     match error {
         Error::Conflict => super::state::backoff(CONFLICT_BACKOFF, CONFLICT_BACKOFF_CAP, previous),

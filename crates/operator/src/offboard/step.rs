@@ -263,14 +263,10 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
     };
     match decision::after_lookup(&view, found, lookup, ports.settings) {
         AfterLookUp::Adopt(transition) => adopt(ports, current, transition).await,
-        // Asked to cancel while the first send was unconfirmed, and the
-        // lookup proved it created nothing: send nothing, end cancelled.
-        AfterLookUp::Send if current.annotations().contains_key(CANCEL_ANNOTATION) => {
-            let reason = current.annotations()[CANCEL_ANNOTATION].clone();
-            let transition = decision::cancelled_before_send(&view, &reason);
-            apply(ports, current, transition).await
-        }
-        AfterLookUp::Send => submit(ports, current, machine_id, false).await,
+        AfterLookUp::Send => match decision::cancel_instead_of_resend(&view) {
+            Some(transition) => apply(ports, current, transition).await,
+            None => submit(ports, current, machine_id, false).await,
+        },
         AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
     }
 }
@@ -333,7 +329,10 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             .claim(&tenant_machine(current, machine_id), &key, Instant::now());
     let _claim = match claim {
         MachineClaim::Granted(claim) => claim,
-        MachineClaim::Busy { .. } => return Ok(Some(MACHINE_BUSY_RETRY)),
+        MachineClaim::Busy { key: other } => {
+            tracing::debug!(%key, %other, "another resource is sending for the machine");
+            return Ok(Some(MACHINE_BUSY_RETRY));
+        }
         MachineClaim::Known { action, key } => {
             let view = view_of(ports, current, &status);
             let transition = decision::record_action(&view, &action, Origin::Shared { key });
@@ -734,10 +733,7 @@ async fn apply<M: MdeCalls, S: StatusStore>(
     write_status(ports.store, current, &transition.status).await?;
     remember_action(ports.state, current);
     if let Some(uid) = current.uid() {
-        let retrying = transition.requeue.is_some()
-            && transition.status.last_error.is_some()
-            && transition.status.machine_action_id.is_none();
-        if retrying {
+        if decision::is_failed_retry(&transition) {
             ports.state.step_failures.failed(&uid);
         } else {
             ports.state.step_failures.reset(&uid);

@@ -94,59 +94,73 @@ fn submitted_reason(status: &DeviceOffboardStatus) -> String {
     condition(status, SUBMITTED).map_or_else(String::new, |c| c.reason.clone())
 }
 
-/// Name, scripted sends, scripted lookups, POSTs for the key, Submitted reason.
-type SendRow = (&'static str, Vec<Send>, Vec<Lookup>, u32, &'static str);
-
 /// Each fault on the send: POSTs for the key, actions at MDE, and how the
 /// action came to be recorded. A second POST is only ever sent after a
 /// complete lookup proved that the first created nothing.
 #[tokio::test]
 async fn every_send_fault_ends_with_one_action() {
+    struct Row {
+        name: &'static str,
+        /// What the fake MDE answers the POSTs, in order.
+        sends: Vec<Send>,
+        /// What it answers the lookups, in order.
+        lookups: Vec<Lookup>,
+        /// POSTs for the key.
+        posts: u32,
+        /// The Submitted reason.
+        reason: &'static str,
+    }
     let throttled = MdeError::Throttled {
         family: ApiFamily::Offboard,
         retry_at: Timestamp::now(),
     };
-    let rows: Vec<SendRow> = vec![
-        ("accepted", vec![], vec![], 1, "Requested"),
-        (
-            "timeout after MDE acted",
-            vec![Send::CreateThenFail(unknown("operation timed out"))],
-            vec![],
-            1,
-            "Adopted",
-        ),
-        (
-            "timeout before MDE acted: resent after a lookup proved absence",
-            vec![Send::Fail(unknown("operation timed out"))],
-            vec![],
-            2,
-            "Requested",
-        ),
-        (
-            "connection reset after MDE acted",
-            vec![Send::CreateThenFail(unknown("connection reset by peer"))],
-            vec![],
-            1,
-            "Adopted",
-        ),
-        (
-            "503 after MDE acted",
-            vec![Send::CreateThenFail(unknown("MDE answered 503"))],
-            vec![],
-            1,
-            "Adopted",
-        ),
-        (
-            "503 before MDE acted: resent after a lookup proved absence",
-            vec![Send::Fail(unknown("MDE answered 503"))],
-            vec![],
-            2,
-            "Requested",
-        ),
-        (
-            "lost response, lookup fails twice first",
-            vec![Send::CreateThenFail(unknown("answer lost"))],
-            vec![
+    let rows: Vec<Row> = vec![
+        Row {
+            name: "accepted",
+            sends: vec![],
+            lookups: vec![],
+            posts: 1,
+            reason: "Requested",
+        },
+        Row {
+            name: "timeout after MDE acted",
+            sends: vec![Send::CreateThenFail(unknown("operation timed out"))],
+            lookups: vec![],
+            posts: 1,
+            reason: "Adopted",
+        },
+        Row {
+            name: "timeout before MDE acted: resent after a lookup proved absence",
+            sends: vec![Send::Fail(unknown("operation timed out"))],
+            lookups: vec![],
+            posts: 2,
+            reason: "Requested",
+        },
+        Row {
+            name: "connection reset after MDE acted",
+            sends: vec![Send::CreateThenFail(unknown("connection reset by peer"))],
+            lookups: vec![],
+            posts: 1,
+            reason: "Adopted",
+        },
+        Row {
+            name: "503 after MDE acted",
+            sends: vec![Send::CreateThenFail(unknown("MDE answered 503"))],
+            lookups: vec![],
+            posts: 1,
+            reason: "Adopted",
+        },
+        Row {
+            name: "503 before MDE acted: resent after a lookup proved absence",
+            sends: vec![Send::Fail(unknown("MDE answered 503"))],
+            lookups: vec![],
+            posts: 2,
+            reason: "Requested",
+        },
+        Row {
+            name: "lost response, lookup fails twice first",
+            sends: vec![Send::CreateThenFail(unknown("answer lost"))],
+            lookups: vec![
                 Lookup::Fail(MdeError::Unavailable {
                     status: 503,
                     message: "busy".into(),
@@ -155,27 +169,34 @@ async fn every_send_fault_ends_with_one_action() {
                     message: "wrong regional host".into(),
                 }),
             ],
-            1,
-            "Adopted",
-        ),
-        (
-            "2xx whose body does not parse",
-            vec![Send::CreateThenFail(MdeError::InvalidResponse {
+            posts: 1,
+            reason: "Adopted",
+        },
+        Row {
+            name: "2xx whose body does not parse",
+            sends: vec![Send::CreateThenFail(MdeError::InvalidResponse {
                 message: "garbled".into(),
             })],
-            vec![],
-            1,
-            "Adopted",
-        ),
-        (
-            "429 (a refusal, not counted as a POST that could create), then sent",
-            vec![Send::Fail(throttled)],
-            vec![],
-            1,
-            "Requested",
-        ),
+            lookups: vec![],
+            posts: 1,
+            reason: "Adopted",
+        },
+        Row {
+            name: "429 (a refusal, not counted as a POST that could create), then sent",
+            sends: vec![Send::Fail(throttled)],
+            lookups: vec![],
+            posts: 1,
+            reason: "Requested",
+        },
     ];
-    for (name, sends, lookups, posts, reason) in rows {
+    for Row {
+        name,
+        sends,
+        lookups,
+        posts,
+        reason,
+    } in rows
+    {
         let mde = FakeMde::default().sends(sends).lookups(lookups);
         let store = ScriptedStore::new(resource(None));
         let (status, errors) = drive(&mde, &store).await;
@@ -191,29 +212,48 @@ async fn every_send_fault_ends_with_one_action() {
 /// point of the sequence: the restarted step never sends a second time.
 #[tokio::test]
 async fn a_failed_write_at_any_point_sends_once() {
-    // name, failing write (1 = the intent, 2 = the record), how, POSTs, reason
+    struct Row {
+        name: &'static str,
+        /// The failing write: 1 = the intent, 2 = the record.
+        write: u64,
+        /// How it fails.
+        with: FailWith,
+        /// The Submitted reason (one POST in every row).
+        reason: &'static str,
+    }
     let rows = [
-        (
-            "conflict on the intent write",
-            1,
-            FailWith::Conflict,
-            "Requested",
-        ),
-        (
-            "crash before the intent lands",
-            1,
-            FailWith::Crash,
-            "Requested",
-        ),
-        ("conflict on the record", 2, FailWith::Conflict, "Adopted"),
-        (
-            "crash between send and record",
-            2,
-            FailWith::Crash,
-            "Adopted",
-        ),
+        Row {
+            name: "conflict on the intent write",
+            write: 1,
+            with: FailWith::Conflict,
+            reason: "Requested",
+        },
+        Row {
+            name: "crash before the intent lands",
+            write: 1,
+            with: FailWith::Crash,
+            reason: "Requested",
+        },
+        Row {
+            name: "conflict on the record",
+            write: 2,
+            with: FailWith::Conflict,
+            reason: "Adopted",
+        },
+        Row {
+            name: "crash between send and record",
+            write: 2,
+            with: FailWith::Crash,
+            reason: "Adopted",
+        },
     ];
-    for (name, write, with, reason) in rows {
+    for Row {
+        name,
+        write,
+        with,
+        reason,
+    } in rows
+    {
         let mde = FakeMde::default();
         let store = ScriptedStore::new(resource(None));
         store.fail_write(write, with);
@@ -591,24 +631,4 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
         "the resource is still ahead of the one queued after it"
     );
     assert_eq!(place(UID), 0);
-}
-
-#[test]
-fn zz_kit_dump() {
-    let out = format!(
-        "{:#?}",
-        (
-            resource(None),
-            resource(Some(DeviceOffboardStatus {
-                phase: Some(Phase::Failed),
-                ..Default::default()
-            })),
-            on_machine("uid-a")
-        )
-    );
-    std::fs::write(
-        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-        out,
-    )
-    .unwrap();
 }

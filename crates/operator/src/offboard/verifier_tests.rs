@@ -321,22 +321,3 @@ async fn the_final_status_write_is_followed_by_the_label() {
     expect_event(&mut handle).await;
     recording.await.unwrap().unwrap();
 }
-
-#[test]
-fn zz_kit_dump() {
-    let out = format!(
-        "{:#?}",
-        (
-            resource(None),
-            resource(Some(DeviceOffboardStatus {
-                phase: Some(Phase::Failed),
-                ..Default::default()
-            }))
-        )
-    );
-    std::fs::write(
-        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-        out,
-    )
-    .unwrap();
-}

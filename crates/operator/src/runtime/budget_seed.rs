@@ -70,7 +70,7 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
 /// The ages of the submissions within the longest budget window.
 /// `submittedAt` is written before the send and kept to the second: the
 /// answer came at the latest a request timeout (and a second) later.
-pub fn recent_submissions<'a>(
+pub(crate) fn recent_submissions<'a>(
     submitted: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     now: jiff::Timestamp,
     request_timeout: Duration,

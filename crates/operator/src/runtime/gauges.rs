@@ -13,7 +13,10 @@ use std::time::Duration;
 
 /// Age of the oldest resource not yet final, from its creation; zero when
 /// every resource is final. A resource without a creation time is skipped.
-pub fn oldest_in_flight(resources: &[Arc<DeviceOffboard>], now: jiff::Timestamp) -> Duration {
+pub(crate) fn oldest_in_flight(
+    resources: &[Arc<DeviceOffboard>],
+    now: jiff::Timestamp,
+) -> Duration {
     resources
         .iter()
         .filter(|r| {
@@ -32,7 +35,7 @@ pub fn oldest_in_flight(resources: &[Arc<DeviceOffboard>], now: jiff::Timestamp)
 /// Set both gauges once; the budget left is per connection (tenant and app).
 /// `parked_since` is the creation time of the oldest resource waiting
 /// outside the cache.
-pub fn publish(
+pub(crate) fn publish(
     metrics: &Metrics,
     budgets: &[(String, RateBudget)],
     resources: &[Arc<DeviceOffboard>],
@@ -60,7 +63,7 @@ pub fn publish(
 }
 
 /// Publish every `interval` until dropped.
-pub async fn run<M: MdeCalls>(
+pub(crate) async fn run<M: MdeCalls>(
     store: Store<DeviceOffboard>,
     ctx: Arc<Context<M>>,
     interval: Duration,
@@ -139,25 +142,5 @@ mod tests {
             text.contains("defender_offboard_in_flight_oldest_seconds 0"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn zz_kit_dump() {
-        let out = format!(
-            "{:#?}",
-            (
-                resource(
-                    900,
-                    Some(Phase::Succeeded),
-                    "2026-01-01T12:00:00Z".parse().unwrap()
-                ),
-                resource(-50, None, "2026-01-01T12:00:00Z".parse().unwrap())
-            )
-        );
-        std::fs::write(
-            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-            out,
-        )
-        .unwrap();
     }
 }

@@ -3,9 +3,9 @@
 //! the leader's lease, seeds the budgets and supervises the background tasks.
 //! Nothing else in the crate imports it. See docs/architecture.md.
 
-pub mod budget_seed;
-pub mod crd_check;
-pub mod gauges;
+pub(crate) mod budget_seed;
+pub(crate) mod crd_check;
+pub(crate) mod gauges;
 pub mod leader;
 
 pub use crd_check::{check_connection_crd_installed, check_crd_installed};

@@ -4,7 +4,7 @@
 //! offboard room. See docs/architecture.md.
 
 pub mod controller;
-pub mod registry;
+pub(crate) mod registry;
 pub mod resource;
 
 pub use registry::{ConnectionKey, Connections, TenantClient, Unavailable};

@@ -370,17 +370,4 @@ mod tests {
             Unavailable::NoDefault
         );
     }
-
-    #[test]
-    fn zz_kit_dump() {
-        let out = format!(
-            "{:#?}",
-            (resource("a", None), resource("b", Some("shared")))
-        );
-        std::fs::write(
-            concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-            out,
-        )
-        .unwrap();
-    }
 }

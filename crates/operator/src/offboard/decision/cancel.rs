@@ -212,3 +212,11 @@ fn still_requesting(view: &View, error: &MdeError, wait: std::time::Duration) ->
         requeue: Some(wait),
     }
 }
+
+/// After a lookup that proved the first send created nothing: a cancel asked
+/// for meanwhile ends the resource cancelled, with nothing sent (`None`:
+/// send again).
+pub fn cancel_instead_of_resend(view: &View) -> Option<Transition> {
+    view.cancel
+        .map(|reason| cancelled_before_send(view, reason))
+}

@@ -28,7 +28,8 @@ pub use after::{
     submitting, waiting_for_budget,
 };
 pub use cancel::{
-    AfterCancelRead, after_cancel, after_cancel_read, cancel_intent, cancelled_before_send,
+    AfterCancelRead, after_cancel, after_cancel_read, cancel_instead_of_resend, cancel_intent,
+    cancelled_before_send,
 };
 pub use connection::{connection_unavailable, unavailable_reason};
 pub use errors::{list_failed, lookup_failed, on_error};
@@ -113,6 +114,16 @@ pub struct Transition {
     pub status: DeviceOffboardStatus,
     pub note: Option<Note>,
     pub requeue: Option<Duration>,
+}
+
+/// Whether a transition is a failed step to retry (its requeue grows with
+/// the failures in a row): it retries with an error and no action recorded.
+/// Anything else (progress, an adopted or recorded action, a final status)
+/// starts the backoff over.
+pub fn is_failed_retry(transition: &Transition) -> bool {
+    transition.requeue.is_some()
+        && transition.status.last_error.is_some()
+        && transition.status.machine_action_id.is_none()
 }
 
 /// The state a decision reads.

@@ -130,124 +130,132 @@ fn plan_for_every_phase() {
         machine_id: MACHINE.into(),
         proves_absence,
     };
-    type Row = (
-        &'static str,
-        DeviceOffboardSpec,
-        DeviceOffboardStatus,
-        Option<SubmittingClock>,
-        Plan,
-    );
+    struct Row {
+        name: &'static str,
+        spec: DeviceOffboardSpec,
+        status: DeviceOffboardStatus,
+        /// Since when this process has seen the resource `Submitting`.
+        clock: Option<SubmittingClock>,
+        expected: Plan,
+    }
     let rows: Vec<Row> = vec![
-        (
-            "new, by id: check the machine first",
-            by_id(),
-            none.clone(),
-            None,
-            submit(true),
-        ),
-        (
-            "new, by name",
-            by_name(),
-            none.clone(),
-            None,
-            Plan::Resolve {
+        Row {
+            name: "new, by id: check the machine first",
+            spec: by_id(),
+            status: none.clone(),
+            clock: None,
+            expected: submit(true),
+        },
+        Row {
+            name: "new, by name",
+            spec: by_name(),
+            status: none.clone(),
+            clock: None,
+            expected: Plan::Resolve {
                 device_name: "pc-1.contoso.com".into(),
             },
-        ),
-        (
-            "pending, resolved earlier",
-            by_name(),
-            status(Phase::Pending),
-            None,
-            submit(true),
-        ),
-        (
-            "pending after a refused send: no second machine check",
-            by_id(),
-            refused_once,
-            None,
-            submit(false),
-        ),
-        (
-            "pending, throttled",
-            by_id(),
-            later,
-            None,
-            Plan::Idle {
+        },
+        Row {
+            name: "pending, resolved earlier",
+            spec: by_name(),
+            status: status(Phase::Pending),
+            clock: None,
+            expected: submit(true),
+        },
+        Row {
+            name: "pending after a refused send: no second machine check",
+            spec: by_id(),
+            status: refused_once,
+            clock: None,
+            expected: submit(false),
+        },
+        Row {
+            name: "pending, throttled",
+            spec: by_id(),
+            status: later,
+            clock: None,
+            expected: Plan::Idle {
                 requeue: Some(Duration::from_secs(30)),
             },
-        ),
-        (
-            "found submitting (crash, new leader): an early lookup that may only adopt",
-            by_id(),
-            submitting_since(60),
-            None,
-            look_up(false),
-        ),
-        (
+        },
+        Row {
+            name: "found submitting (crash, new leader): an early lookup that may only adopt",
+            spec: by_id(),
+            status: submitting_since(60),
+            clock: None,
+            expected: look_up(false),
+        },
+        Row {
             // A wall-clock submittedAt an hour old proves nothing: another
             // process wrote it, and its send may have gone out much later.
-            "submitted an hour ago by the wall clock, first seen now",
-            by_id(),
-            submitting_since(3600),
-            None,
-            look_up(false),
-        ),
-        (
-            "early lookup made, delay not over",
-            by_id(),
-            submitting_since(60),
-            clock(2, true),
-            Plan::Idle {
+            name: "submitted an hour ago by the wall clock, first seen now",
+            spec: by_id(),
+            status: submitting_since(3600),
+            clock: None,
+            expected: look_up(false),
+        },
+        Row {
+            name: "early lookup made, delay not over",
+            spec: by_id(),
+            status: submitting_since(60),
+            clock: clock(2, true),
+            expected: Plan::Idle {
                 requeue: Some(Duration::from_secs(3)),
             },
-        ),
-        (
-            "just sent by this process, ambiguous",
-            by_id(),
-            submitting_since(0),
-            clock(0, true),
-            Plan::Idle {
+        },
+        Row {
+            name: "just sent by this process, ambiguous",
+            spec: by_id(),
+            status: submitting_since(0),
+            clock: clock(0, true),
+            expected: Plan::Idle {
                 requeue: Some(Duration::from_secs(5)),
             },
-        ),
-        (
-            "seen submitting for the whole delay: a lookup that proves",
-            by_id(),
-            submitting_since(0),
-            clock(5, true),
-            look_up(true),
-        ),
-        (
-            "crash after the action was recorded",
-            by_id(),
-            crashed_after_send,
-            None,
-            Plan::Idle { requeue: None },
-        ),
-        (
-            "in progress",
-            by_id(),
-            with_action(Phase::InProgress, "Pending"),
-            None,
-            Plan::Idle { requeue: None },
-        ),
-        (
-            "succeeded",
-            by_id(),
-            with_action(Phase::Succeeded, "Succeeded"),
-            None,
-            Plan::Idle { requeue: None },
-        ),
-        (
-            "failed",
-            by_id(),
-            status(Phase::Failed),
-            None,
-            Plan::Idle { requeue: None },
-        ),
+        },
+        Row {
+            name: "seen submitting for the whole delay: a lookup that proves",
+            spec: by_id(),
+            status: submitting_since(0),
+            clock: clock(5, true),
+            expected: look_up(true),
+        },
+        Row {
+            name: "crash after the action was recorded",
+            spec: by_id(),
+            status: crashed_after_send,
+            clock: None,
+            expected: Plan::Idle { requeue: None },
+        },
+        Row {
+            name: "in progress",
+            spec: by_id(),
+            status: with_action(Phase::InProgress, "Pending"),
+            clock: None,
+            expected: Plan::Idle { requeue: None },
+        },
+        Row {
+            name: "succeeded",
+            spec: by_id(),
+            status: with_action(Phase::Succeeded, "Succeeded"),
+            clock: None,
+            expected: Plan::Idle { requeue: None },
+        },
+        Row {
+            name: "failed",
+            spec: by_id(),
+            status: status(Phase::Failed),
+            clock: None,
+            expected: Plan::Idle { requeue: None },
+        },
     ];
-    for (name, spec, status, clock, expected) in rows {
+    for Row {
+        name,
+        spec,
+        status,
+        clock,
+        expected,
+    } in rows
+    {
         let v = View {
             submitting: clock,
             ..view(&spec, &status)
@@ -270,126 +278,135 @@ fn intent_record_counts_attempts() {
 }
 
 /// Phase after each client outcome of the send, the event, and whether a lookup must follow.
-/// Outcome of the send, expected phase, Ready reason, event.
-type SendRow = (
-    &'static str,
-    Result<MachineAction, MdeError>,
-    Phase,
-    &'static str,
-    Option<Reason>,
-);
-
 #[test]
 fn after_send_for_every_outcome() {
+    struct Row {
+        name: &'static str,
+        /// Outcome of the send.
+        result: Result<MachineAction, MdeError>,
+        /// Expected phase.
+        phase: Phase,
+        /// Expected Ready reason.
+        reason: &'static str,
+        /// Expected event.
+        event: Option<Reason>,
+    }
     let s = settings();
     let spec = by_id();
     let current = submitting_since(0);
     let v = view(&spec, &current);
     let msg = || "m".to_string();
-    let rows: Vec<SendRow> = vec![
-        (
-            "created",
-            Ok(action(ActionStatus::Pending)),
-            Phase::InProgress,
-            "InProgress",
-            Some(Reason::Requested),
-        ),
-        (
-            "created, already done",
-            Ok(action(ActionStatus::Succeeded)),
-            Phase::Succeeded,
-            "Succeeded",
-            Some(Reason::Requested),
-        ),
-        (
-            "not sent",
-            Err(MdeError::NotSent { reason: msg() }),
-            Phase::Pending,
-            "MdeError",
-            Some(Reason::MdeError),
-        ),
-        (
-            "throttled",
-            Err(throttled()),
-            Phase::Pending,
-            "Throttled",
-            Some(Reason::Throttled),
-        ),
-        (
-            "bad credentials",
-            Err(MdeError::Unauthorized { message: msg() }),
-            Phase::Pending,
-            "AuthenticationFailed",
-            Some(Reason::AuthenticationFailed),
-        ),
-        (
-            "sign-in",
-            Err(MdeError::SignIn { message: msg() }),
-            Phase::Pending,
-            "AuthenticationFailed",
-            Some(Reason::AuthenticationFailed),
-        ),
-        (
-            "no permission",
-            Err(MdeError::Forbidden {
+    let rows: Vec<Row> = vec![
+        Row {
+            name: "created",
+            result: Ok(action(ActionStatus::Pending)),
+            phase: Phase::InProgress,
+            reason: "InProgress",
+            event: Some(Reason::Requested),
+        },
+        Row {
+            name: "created, already done",
+            result: Ok(action(ActionStatus::Succeeded)),
+            phase: Phase::Succeeded,
+            reason: "Succeeded",
+            event: Some(Reason::Requested),
+        },
+        Row {
+            name: "not sent",
+            result: Err(MdeError::NotSent { reason: msg() }),
+            phase: Phase::Pending,
+            reason: "MdeError",
+            event: Some(Reason::MdeError),
+        },
+        Row {
+            name: "throttled",
+            result: Err(throttled()),
+            phase: Phase::Pending,
+            reason: "Throttled",
+            event: Some(Reason::Throttled),
+        },
+        Row {
+            name: "bad credentials",
+            result: Err(MdeError::Unauthorized { message: msg() }),
+            phase: Phase::Pending,
+            reason: "AuthenticationFailed",
+            event: Some(Reason::AuthenticationFailed),
+        },
+        Row {
+            name: "sign-in",
+            result: Err(MdeError::SignIn { message: msg() }),
+            phase: Phase::Pending,
+            reason: "AuthenticationFailed",
+            event: Some(Reason::AuthenticationFailed),
+        },
+        Row {
+            name: "no permission",
+            result: Err(MdeError::Forbidden {
                 code: "Forbidden".into(),
                 message: msg(),
             }),
-            Phase::Pending,
-            "PermissionDenied",
-            Some(Reason::PermissionDenied),
-        ),
-        (
-            "unknown machine",
-            Err(MdeError::NotFound { message: msg() }),
-            Phase::Failed,
-            "DeviceNotFound",
-            Some(Reason::DeviceNotFound),
-        ),
-        (
-            "linux",
-            Err(MdeError::PlatformNotSupported { message: msg() }),
-            Phase::Failed,
-            "PlatformNotSupported",
-            Some(Reason::PlatformNotSupported),
-        ),
-        (
-            "bad request",
-            Err(MdeError::BadRequest {
+            phase: Phase::Pending,
+            reason: "PermissionDenied",
+            event: Some(Reason::PermissionDenied),
+        },
+        Row {
+            name: "unknown machine",
+            result: Err(MdeError::NotFound { message: msg() }),
+            phase: Phase::Failed,
+            reason: "DeviceNotFound",
+            event: Some(Reason::DeviceNotFound),
+        },
+        Row {
+            name: "linux",
+            result: Err(MdeError::PlatformNotSupported { message: msg() }),
+            phase: Phase::Failed,
+            reason: "PlatformNotSupported",
+            event: Some(Reason::PlatformNotSupported),
+        },
+        Row {
+            name: "bad request",
+            result: Err(MdeError::BadRequest {
                 status: 400,
                 code: "InvalidRequestBody".into(),
                 message: msg(),
             }),
-            Phase::Failed,
-            "MdeError",
-            Some(Reason::Failed),
-        ),
-        (
-            "lost response",
-            Err(MdeError::OutcomeUnknown { reason: msg() }),
-            Phase::Submitting,
-            "OutcomeUnknown",
-            Some(Reason::OutcomeUnknown),
-        ),
-        (
-            "5xx",
-            Err(MdeError::Unavailable {
+            phase: Phase::Failed,
+            reason: "MdeError",
+            event: Some(Reason::Failed),
+        },
+        Row {
+            name: "lost response",
+            result: Err(MdeError::OutcomeUnknown { reason: msg() }),
+            phase: Phase::Submitting,
+            reason: "OutcomeUnknown",
+            event: Some(Reason::OutcomeUnknown),
+        },
+        Row {
+            name: "5xx",
+            result: Err(MdeError::Unavailable {
                 status: 503,
                 message: msg(),
             }),
-            Phase::Submitting,
-            "MdeError",
-            Some(Reason::MdeError),
-        ),
-        (
-            "garbled 2xx",
-            Err(MdeError::InvalidResponse { message: msg() }),
-            Phase::Submitting,
-            "MdeError",
-            Some(Reason::MdeError),
-        ),
+            phase: Phase::Submitting,
+            reason: "MdeError",
+            event: Some(Reason::MdeError),
+        },
+        Row {
+            name: "garbled 2xx",
+            result: Err(MdeError::InvalidResponse { message: msg() }),
+            phase: Phase::Submitting,
+            reason: "MdeError",
+            event: Some(Reason::MdeError),
+        },
     ];
-    for (name, result, phase, reason, event) in rows {
+    for Row {
+        name,
+        result,
+        phase,
+        reason,
+        event,
+    } in rows
+    {
         let AfterSend::Record(t) = after_send(&v, result, &s) else {
             panic!("{name}: expected a record")
         };
@@ -1017,14 +1034,4 @@ fn an_unavailable_connection_waits_with_the_reason() {
             assert_eq!(again.status.last_error, t.status.last_error);
         }
     }
-}
-
-#[test]
-fn zz_kit_dump() {
-    let out = format!("{:#?}", (by_id(), by_name()));
-    std::fs::write(
-        concat!("/tmp/kitdump/", module_path!(), ".txt").replace("::", "_"),
-        out,
-    )
-    .unwrap();
 }

@@ -31,19 +31,19 @@ struct Indexes {
 }
 
 #[derive(Clone, Default)]
-pub struct AdoptIndexes(Arc<Indexes>);
+pub(crate) struct AdoptIndexes(Arc<Indexes>);
 
 impl AdoptIndexes {
     /// Check machines before a first send against an index of this
     /// operator's offboards created within `window`; a zero window turns the
     /// index off.
-    pub fn use_window(&self, window: Duration) {
+    pub(crate) fn use_window(&self, window: Duration) {
         *self.0.window.lock().unwrap_or_else(|e| e.into_inner()) =
             (!window.is_zero()).then_some(window);
     }
 
     /// The window (`None`: the index is off).
-    pub fn window(&self) -> Option<Duration> {
+    pub(crate) fn window(&self) -> Option<Duration> {
         *self.0.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -60,7 +60,7 @@ impl AdoptIndexes {
     /// What `tenant`'s index says for a first send to `machine_id`, when it
     /// is used; it must have been read at most `max_age` before `now`, and
     /// while `lease` was held.
-    pub fn machine_check(
+    pub(crate) fn machine_check(
         &self,
         tenant: &ConnectionKey,
         machine_id: &str,
@@ -82,7 +82,7 @@ impl AdoptIndexes {
     }
 
     /// Where `tenant`'s next read starts (`None`: no index), as of `now`.
-    pub fn next_since(
+    pub(crate) fn next_since(
         &self,
         tenant: &ConnectionKey,
         now: jiff::Timestamp,
@@ -95,7 +95,7 @@ impl AdoptIndexes {
     /// Fold a window read of `tenant` (from `since`, begun at `began`) into
     /// its index, pruned to the window as of `now`.
     #[allow(clippy::too_many_arguments)]
-    pub fn fold(
+    pub(crate) fn fold(
         &self,
         tenant: &ConnectionKey,
         actions: &[MachineAction],
@@ -115,7 +115,10 @@ impl AdoptIndexes {
     }
 
     /// Held by the one worker refreshing `tenant`'s index.
-    pub async fn refreshing(&self, tenant: &ConnectionKey) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn refreshing(
+        &self,
+        tenant: &ConnectionKey,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self.tenant(tenant).refreshing.clone();
         lock.lock_owned().await
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How late a waiter may come back before it stops counting in other places.
-pub const QUEUE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const QUEUE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long an unclaimed place is kept for a waiter that may still come back.
 const QUEUE_FORGET: Duration = Duration::from_secs(3600);
@@ -44,10 +44,10 @@ impl Queue {
 
 /// A place served to a waiter, to take back if its slot is given back unsent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Served(Option<u64>);
+pub(crate) struct Served(Option<u64>);
 
 #[derive(Clone, Default)]
-pub struct BudgetQueues(Arc<Mutex<HashMap<ConnectionKey, Queue>>>);
+pub(crate) struct BudgetQueues(Arc<Mutex<HashMap<ConnectionKey, Queue>>>);
 
 impl BudgetQueues {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Queue>> {
@@ -57,7 +57,7 @@ impl BudgetQueues {
 
     /// `key`'s place among `tenant`'s waiters (0: next), taking one at the
     /// back if it has none.
-    pub fn place(&self, tenant: &ConnectionKey, key: &str, now: Instant) -> usize {
+    pub(crate) fn place(&self, tenant: &ConnectionKey, key: &str, now: Instant) -> usize {
         let mut queues = self.lock();
         let queue = queues.entry(tenant.clone()).or_default();
         let seq = match queue.places.get_mut(key) {
@@ -85,7 +85,7 @@ impl BudgetQueues {
     }
 
     /// When `key` was told to come back for its slot.
-    pub fn due(&self, tenant: &ConnectionKey, key: &str, due: Instant) {
+    pub(crate) fn due(&self, tenant: &ConnectionKey, key: &str, due: Instant) {
         if let Some(place) = self
             .lock()
             .get_mut(tenant)
@@ -97,7 +97,7 @@ impl BudgetQueues {
 
     /// `key` has its slot: it leaves its tenant's queue, and gets back the
     /// place it held for [`BudgetQueues::give_back`].
-    pub fn served(&self, tenant: &ConnectionKey, key: &str) -> Served {
+    pub(crate) fn served(&self, tenant: &ConnectionKey, key: &str) -> Served {
         let mut queues = self.lock();
         let Some(queue) = queues.get_mut(tenant) else {
             return Served(None);
@@ -114,7 +114,7 @@ impl BudgetQueues {
 
     /// `key` gave its slot back unsent: it takes back the place it was served
     /// from (a waiter sent to the back would leave its slot unused).
-    pub fn give_back(&self, tenant: &ConnectionKey, key: &str, served: Served) {
+    pub(crate) fn give_back(&self, tenant: &ConnectionKey, key: &str, served: Served) {
         let Served(Some(seq)) = served else {
             return;
         };

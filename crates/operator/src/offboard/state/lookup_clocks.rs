@@ -9,17 +9,17 @@ use tokio::time::Instant;
 
 /// Whose clock: a resource's offboard, or its cancel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LookupKey {
+pub(crate) enum LookupKey {
     Offboard { uid: String },
     Cancel { uid: String },
 }
 
 impl LookupKey {
-    pub fn offboard(uid: &str) -> Self {
+    pub(crate) fn offboard(uid: &str) -> Self {
         LookupKey::Offboard { uid: uid.into() }
     }
 
-    pub fn cancel(uid: &str) -> Self {
+    pub(crate) fn cancel(uid: &str) -> Self {
         LookupKey::Cancel { uid: uid.into() }
     }
 }
@@ -30,7 +30,7 @@ struct Seen {
 }
 
 #[derive(Clone, Default)]
-pub struct LookupClocks(Arc<Mutex<HashMap<LookupKey, Seen>>>);
+pub(crate) struct LookupClocks(Arc<Mutex<HashMap<LookupKey, Seen>>>);
 
 impl LookupClocks {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LookupKey, Seen>> {
@@ -40,7 +40,7 @@ impl LookupClocks {
 
     /// The clock of `key` if it is in the state that needs one (started at
     /// `now` if this process has not seen it so before); forgets it otherwise.
-    pub fn observe(
+    pub(crate) fn observe(
         &self,
         key: &LookupKey,
         in_state: bool,
@@ -62,7 +62,7 @@ impl LookupClocks {
     }
 
     /// The early lookup was made: the next one waits for the delay.
-    pub fn looked_early(&self, key: &LookupKey) {
+    pub(crate) fn looked_early(&self, key: &LookupKey) {
         if let Some(seen) = self.lock().get_mut(key) {
             seen.looked_early = true;
         }
@@ -70,7 +70,7 @@ impl LookupClocks {
 
     /// This process is about to send: the delay counts from `now`, and no
     /// early lookup is needed (we know what we sent and when).
-    pub fn sending(&self, key: &LookupKey, now: Instant) {
+    pub(crate) fn sending(&self, key: &LookupKey, now: Instant) {
         self.lock().insert(
             key.clone(),
             Seen {

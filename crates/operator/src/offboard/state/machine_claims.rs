@@ -13,14 +13,14 @@ use tokio::time::Instant;
 /// A machine of one tenant: machine ids are unique only within a tenant, so
 /// two tenants' machines never stand for each other.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TenantMachine {
+pub(crate) struct TenantMachine {
     pub tenant: ConnectionKey,
     pub machine_id: String,
 }
 
 /// After this long, a known action is forgotten: MDE's list shows it by then,
 /// and memory stays bounded by recent work rather than history.
-pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// How often known actions older than [`FORGET_AFTER`] are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -43,7 +43,7 @@ enum Entry {
 
 /// What [`MachineClaims::claim`] answers.
 #[derive(Debug)]
-pub enum MachineClaim {
+pub(crate) enum MachineClaim {
     /// This key may send for the machine; the claim ends when dropped.
     Granted(ClaimGuard),
     /// Another key is sending for it right now: look again shortly.
@@ -63,7 +63,7 @@ struct Claims {
 }
 
 #[derive(Clone, Default)]
-pub struct MachineClaims(Arc<Mutex<Claims>>);
+pub(crate) struct MachineClaims(Arc<Mutex<Claims>>);
 
 impl MachineClaims {
     fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
@@ -72,7 +72,7 @@ impl MachineClaims {
     }
 
     /// Ask to send for `machine` under `key`.
-    pub fn claim(&self, machine: &TenantMachine, key: &str, now: Instant) -> MachineClaim {
+    pub(crate) fn claim(&self, machine: &TenantMachine, key: &str, now: Instant) -> MachineClaim {
         let mut claims = self.lock();
         if claims
             .swept
@@ -125,7 +125,13 @@ impl MachineClaims {
     }
 
     /// An action exists for `machine` (sent or adopted by `key`).
-    pub fn known(&self, machine: TenantMachine, action: &MachineAction, key: &str, now: Instant) {
+    pub(crate) fn known(
+        &self,
+        machine: TenantMachine,
+        action: &MachineAction,
+        key: &str,
+        now: Instant,
+    ) {
         let entry = Entry::Known {
             action_id: action.id.as_str().into(),
             status: action.status.clone(),
@@ -138,7 +144,7 @@ impl MachineClaims {
 
 /// Holds a machine for one key while it sends; released when dropped unless
 /// the machine became known meanwhile.
-pub struct ClaimGuard {
+pub(crate) struct ClaimGuard {
     claims: MachineClaims,
     machine: TenantMachine,
     key: String,

@@ -10,11 +10,11 @@ mod machine_claims;
 mod retries;
 mod wall_clock;
 
-pub use adopt_indexes::AdoptIndexes;
-pub use budget_queue::{BudgetQueues, QUEUE_GRACE};
-pub use lookup_clocks::{LookupClocks, LookupKey};
-pub use machine_claims::{ClaimGuard, FORGET_AFTER, MachineClaim, MachineClaims, TenantMachine};
-pub use retries::{RetryCounter, backoff};
+pub(crate) use adopt_indexes::AdoptIndexes;
+pub(crate) use budget_queue::BudgetQueues;
+pub(crate) use lookup_clocks::{LookupClocks, LookupKey};
+pub(crate) use machine_claims::{MachineClaim, MachineClaims, TenantMachine};
+pub(crate) use retries::{RetryCounter, backoff};
 pub use wall_clock::WallClock;
 
 use crate::lease_clock::LeaseClock;
@@ -28,17 +28,17 @@ pub const LEASE_SEND_MARGIN: Duration = Duration::from_secs(1);
 pub struct OffboardState {
     /// Since when each resource was seen `Submitting` (or its cancel
     /// `Requesting`): the lookup delay counts from there.
-    pub lookups: LookupClocks,
+    pub(crate) lookups: LookupClocks,
     /// One send per tenant's machine at a time; the actions known for them.
-    pub machines: MachineClaims,
+    pub(crate) machines: MachineClaims,
     /// The waiters for each tenant's offboard budget, in order.
-    pub budget_queues: BudgetQueues,
+    pub(crate) budget_queues: BudgetQueues,
     /// Steps in a row that failed transiently, per resource.
-    pub step_failures: RetryCounter,
+    pub(crate) step_failures: RetryCounter,
     /// Reconciles in a row that ended in an error, per resource.
-    pub reconcile_errors: RetryCounter,
+    pub(crate) reconcile_errors: RetryCounter,
     /// Each tenant's index of this operator's recent offboards.
-    pub adopt: AdoptIndexes,
+    pub(crate) adopt: AdoptIndexes,
     /// Until when this process may send (leader election).
     pub lease: LeaseClock,
     /// Where "now" written into status comes from.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// How many times in a row something failed for each resource (by uid).
 #[derive(Clone, Default)]
-pub struct RetryCounter(Arc<Mutex<HashMap<String, u32>>>);
+pub(crate) struct RetryCounter(Arc<Mutex<HashMap<String, u32>>>);
 
 impl RetryCounter {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -16,12 +16,12 @@ impl RetryCounter {
     }
 
     /// Failures of `uid` in a row so far.
-    pub fn in_a_row(&self, uid: &str) -> u32 {
+    pub(crate) fn in_a_row(&self, uid: &str) -> u32 {
         self.lock().get(uid).copied().unwrap_or(0)
     }
 
     /// One more failure in a row; returns how many now.
-    pub fn failed(&self, uid: &str) -> u32 {
+    pub(crate) fn failed(&self, uid: &str) -> u32 {
         let mut counts = self.lock();
         let count = counts.entry(uid.to_string()).or_default();
         *count = count.saturating_add(1);
@@ -29,7 +29,7 @@ impl RetryCounter {
     }
 
     /// Something that did not fail: the count (and backoff) starts over.
-    pub fn reset(&self, uid: &str) {
+    pub(crate) fn reset(&self, uid: &str) {
         let mut counts = self.lock();
         if !counts.is_empty() {
             counts.remove(uid);
@@ -40,7 +40,7 @@ impl RetryCounter {
 /// The wait before retry number `failures + 1`: doubling from `base` up to
 /// `cap`, with jitter so resources that failed together do not retry together.
 /// (backon computes the series; the decision only receives the result.)
-pub fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
+pub(crate) fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
     let mut series = backon::ExponentialBuilder::default()
         .with_min_delay(base)
         .with_max_delay(cap.max(base))
