@@ -189,7 +189,6 @@ impl RunArgs {
     pub fn config(&self) -> runtime::Config {
         runtime::Config {
             namespace: self.namespace.clone(),
-            own_client: self.own_client_config(),
             clients: ClientSettings {
                 rate_limits: self.connection.rate_limit.clone(),
                 request_timeout: self.connection.request_timeout,
@@ -204,7 +203,6 @@ impl RunArgs {
             lease_timing: self.lease_timing(),
             log_format: self.log_format,
             poll_interval: self.poll_interval,
-            lookup_delay: self.lookup_delay,
             clock_skew: self.clock_skew,
             adopt_window: self.adopt_window,
             settings: Settings {
@@ -223,8 +221,12 @@ impl RunArgs {
 
     /// The operator's own client settings; `None` when it runs with
     /// `--connections` and no credentials of its own (no AZURE_TENANT_ID nor
-    /// AZURE_CLIENT_ID). Half-given credentials are an error either way.
-    fn own_client_config(&self) -> Result<Option<mde_client::ClientConfig>, String> {
+    /// AZURE_CLIENT_ID), and for `--remove-node-finalizers`, which needs only
+    /// the Kubernetes API. Half-given credentials are an error otherwise.
+    pub fn own_client(&self) -> Result<Option<mde_client::ClientConfig>, String> {
+        if self.nodes.remove_node_finalizers {
+            return Ok(None);
+        }
         let own = &self.connection;
         let none_given = own.tenant_id.as_deref().is_none_or(str::is_empty)
             && own.client_id.as_deref().is_none_or(str::is_empty);
@@ -258,9 +260,10 @@ impl RunArgs {
 /// `--log-format`: `json` or `text`.
 fn log_format_parser() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
     use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(["json", "text"]).map(|name| match name.as_str() {
-        "json" => LogFormat::Json,
-        _ => LogFormat::Text,
+    clap::builder::PossibleValuesParser::new(["json", "text"]).try_map(|name| match name.as_str() {
+        "json" => Ok(LogFormat::Json),
+        "text" => Ok(LogFormat::Text),
+        other => Err(format!("unknown log format {other:?}")),
     })
 }
 

@@ -60,7 +60,10 @@ enum CrdKind {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => runtime::run(args.config()).await,
+        Command::Run(args) => match args.own_client() {
+            Ok(own_client) => runtime::run(args.config(), own_client).await,
+            Err(error) => Err(error.into()),
+        },
         Command::Crd { kind } => {
             print!(
                 "{}",

@@ -1,4 +1,6 @@
-//! The `DeviceOffboard` custom resource (contract: see DESIGN.md).
+//! The `DeviceOffboard` custom resource. Its names (kind, spec and status
+//! fields, printer columns) are a contract other people's scripts and
+//! manifests depend on: change them only together with the docs.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};

@@ -4,10 +4,10 @@
 //!   decision, the step, the ports, the poller);
 //! - [`tenants`]: which MDE tenant and client a resource goes through;
 //! - [`nodes`]: a deleted Node's `DeviceOffboard`; [`ttl`]: cleanup of
-//!   finished resources; [`cache`]: what leaves the controller's cache;
+//!   final resources; [`cache`]: what leaves the controller's cache;
 //! - [`runtime`]: the composition root (`run`), leader election, gauges;
 //! - leaves every room may use: [`error`], [`crd`], [`metrics`],
-//!   [`telemetry`].
+//!   [`telemetry`], and within the crate `lease_clock`, `tasks`, `pages`.
 //!
 //! It talks to MDE only through `mde-client`, to Kubernetes only through
 //! kube-rs, and never depends on a test double.

@@ -1,7 +1,7 @@
 //! The machine check before a first send, served from one index instead of
 //! one MDE read per machine.
 //!
-//! Before a resource's first offboard, the sequence lists the machine's
+//! Before a resource's first offboard, the step lists the machine's
 //! offboard actions to adopt one that another request of this operator
 //! already made ([`super::decision::lookup::found_in`]). Only actions carrying
 //! this operator's marker can be adopted, and almost always there is none: the
@@ -23,8 +23,8 @@
 //! and holds nothing for the machine. A machine it holds anything for (a hash
 //! collision included) gets today's exact per-machine read, and so does every
 //! machine when the index cannot be refreshed. Actions this process sends
-//! after the last read are in [`super::memory::ProcessMemory`]'s machine
-//! claims, which the sequence consults first.
+//! after the last read are in the machine claims of [`super::state`]
+//! (`MachineClaims`), which the step consults first.
 //!
 //! What the index does not see: a marked action created before the window
 //! (a first send for that machine is then made; MDE refuses it with

@@ -1,4 +1,4 @@
-//! An in-memory MDE for unit tests of the reconcile sequence: scripted send
+//! An in-memory MDE for unit tests of the reconcile step: scripted send
 //! outcomes, a list that can lag or fail, and offboard POSTs counted per
 //! correlation key, whatever the answer. It parses the marker itself rather
 //! than calling the client's helpers, so it cannot share their mistakes.

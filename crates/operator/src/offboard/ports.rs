@@ -2,7 +2,7 @@
 //! the status writes and Events it makes ([`StatusStore`]). The controller
 //! plugs in the MDE client and the Kubernetes API; the `offboard` command plugs
 //! in the MDE client and a [`MemoryStore`]; unit tests plug in fakes, so the
-//! whole sequence (budget → intent write → send → record) runs in milliseconds.
+//! whole step (budget → intent write → send → record) runs in milliseconds.
 
 use super::decision::Note;
 use crate::cache::final_label;
@@ -260,7 +260,6 @@ pub struct MemoryStore {
 struct MemoryState {
     object: DeviceOffboard,
     notes: Vec<Note>,
-    writes: u64,
 }
 
 impl MemoryStore {
@@ -282,15 +281,9 @@ impl MemoryStore {
             state: Mutex::new(MemoryState {
                 object,
                 notes: Vec::new(),
-                writes: 0,
             }),
             on_note: Box::new(on_note),
         }
-    }
-
-    /// Write attempts so far (failed ones included).
-    pub fn writes(&self) -> u64 {
-        self.lock().writes
     }
 
     /// The object as stored now.
@@ -336,15 +329,13 @@ impl StatusStore for MemoryStore {
         status: &DeviceOffboardStatus,
     ) -> Result<DeviceOffboard> {
         let mut state = self.lock();
-        state.writes += 1;
         state.check_version(current)?;
         state.object.status = Some(status.clone());
         state.bump_version();
         Ok(state.object.clone())
     }
 
-    /// The label lands like any metadata write (a new resourceVersion); it
-    /// is not counted among [`MemoryStore::writes`], which are status writes.
+    /// The label lands like any metadata write: a new resourceVersion.
     async fn label_final(&self, current: &DeviceOffboard) -> Result<DeviceOffboard> {
         let mut state = self.lock();
         state.check_version(current)?;

@@ -105,16 +105,16 @@ async fn run(events: Vec<Event>, list_lag: Duration) -> Result<(), TestCaseError
         access_backoff: Duration::from_secs(60),
     };
     let metrics = Metrics::default();
-    let mut memory = on_tokio_time();
-    let origin = memory.clone();
-    let step_once = |memory: OffboardState| {
+    let mut state = on_tokio_time();
+    let origin = state.clone();
+    let step_once = |state: OffboardState| {
         let ports = (&mde, &store, &settings, &metrics);
         async move {
             let (mde, store, settings, metrics) = ports;
             let ports = Ports {
                 mde,
                 store,
-                state: &memory,
+                state: &state,
                 settings,
                 metrics,
             };
@@ -142,12 +142,12 @@ async fn run(events: Vec<Event>, list_lag: Duration) -> Result<(), TestCaseError
                 };
                 store.fail_write(store.writes() + 1 + u64::from(later), with);
             }
-            Event::Restart => memory = restarted(&origin),
+            Event::Restart => state = restarted(&origin),
             Event::Wait(seconds) => tokio::time::advance(Duration::from_secs(seconds)).await,
         }
-        if let Err(Error::Kube(_)) = step_once(memory.clone()).await {
+        if let Err(Error::Kube(_)) = step_once(state.clone()).await {
             // The process died mid-step: the next one remembers nothing.
-            memory = restarted(&origin);
+            state = restarted(&origin);
         }
         tokio::time::advance(Duration::from_millis(200)).await;
     }
@@ -161,7 +161,7 @@ async fn run(events: Vec<Event>, list_lag: Duration) -> Result<(), TestCaseError
         {
             break;
         }
-        let wait = step_once(memory.clone()).await.ok().flatten();
+        let wait = step_once(state.clone()).await.ok().flatten();
         tokio::time::advance(
             wait.unwrap_or(Duration::from_secs(1))
                 .max(Duration::from_millis(10)),

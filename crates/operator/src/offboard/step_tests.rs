@@ -1,4 +1,4 @@
-//! The reconcile sequence (budget → intent write → send → record) against an
+//! The reconcile step (budget → intent write → send → record) against an
 //! in-memory MDE and an in-memory store, one row per fault class. POSTs are
 //! counted at the fake MDE per correlation key, whatever it answered.
 
@@ -61,7 +61,7 @@ async fn drive_until(
     done: impl Fn(&DeviceOffboardStatus) -> bool,
 ) -> (DeviceOffboardStatus, Vec<Error>) {
     let (settings, metrics) = (settings(), Metrics::default());
-    let mut memory = OffboardState::default();
+    let mut state = OffboardState::default();
     let mut errors = Vec::new();
     for _ in 0..20 {
         let status = store.object().status.unwrap_or_default();
@@ -71,14 +71,14 @@ async fn drive_until(
         let ports = Ports {
             mde,
             store,
-            state: &memory,
+            state: &state,
             settings: &settings,
             metrics: &metrics,
         };
         if let Err(error) = step(&store.object(), &ports).await {
             errors.push(error);
             // The next step is a new process: it remembers nothing.
-            memory = OffboardState::default();
+            state = OffboardState::default();
         }
     }
     panic!("not done after 20 steps: {:?}", store.object().status);
@@ -209,7 +209,7 @@ async fn every_send_fault_ends_with_one_action() {
 }
 
 /// A status write that fails (another writer, or the process dying) at each
-/// point of the sequence: the restarted step never sends a second time.
+/// point of the step: the restarted step never sends a second time.
 #[tokio::test]
 async fn a_failed_write_at_any_point_sends_once() {
     struct Row {
@@ -303,11 +303,11 @@ async fn two_workers_on_one_version_send_once() {
     let mde = FakeMde::default();
     let store = ScriptedStore::new(resource(None));
     let snapshot = store.object();
-    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
+    let (settings, metrics, state) = (settings(), Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        state: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };
@@ -360,11 +360,11 @@ async fn a_lagging_list_is_waited_out_on_this_process_clock() {
         lookup_delay: Duration::from_secs(35),
         ..settings()
     };
-    let (metrics, memory) = (Metrics::default(), OffboardState::default());
+    let (metrics, state) = (Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        state: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };
@@ -394,11 +394,11 @@ async fn two_resources_for_one_machine_send_once() {
         ScriptedStore::new(on_machine("uid-a")),
         ScriptedStore::new(on_machine("uid-b")),
     );
-    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
+    let (settings, metrics, state) = (settings(), Metrics::default(), OffboardState::default());
     let ports = |store| Ports {
         mde: &mde,
         store,
-        state: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };
@@ -450,11 +450,11 @@ async fn an_action_mde_does_not_have_fails_the_resource() {
     let store = ScriptedStore::new(resource(None));
     let (status, _) = drive(&mde, &store).await;
     let recorded = status.machine_action_id.clone().unwrap();
-    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
+    let (settings, metrics, state) = (settings(), Metrics::default(), OffboardState::default());
     let ports = Ports {
         mde: &mde,
         store: &store,
-        state: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };
@@ -604,10 +604,10 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
     let mde = FakeMde::default();
     let store = ScriptedStore::new(resource(None));
     store.fail_write(1, FailWith::Conflict);
-    let (settings, metrics, memory) = (settings(), Metrics::default(), OffboardState::default());
+    let (settings, metrics, state) = (settings(), Metrics::default(), OffboardState::default());
     let tenant = crate::tenants::ConnectionKey::of(&store.object());
     let place = |key| {
-        memory
+        state
             .budget_queues
             .place(&tenant, key, tokio::time::Instant::now())
     };
@@ -617,7 +617,7 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
     let ports = Ports {
         mde: &mde,
         store: &store,
-        state: &memory,
+        state: &state,
         settings: &settings,
         metrics: &metrics,
     };

@@ -39,9 +39,6 @@ use std::time::Duration;
 pub struct Config {
     /// Watch one namespace only (`None`: all).
     pub namespace: Option<String>,
-    /// The operator's own client: `Ok(None)` without credentials of its
-    /// own (with `--connections`), `Err` for credentials given in part.
-    pub own_client: Result<Option<ClientConfig>, String>,
     /// What every tenant's client shares.
     pub clients: ClientSettings,
     pub concurrency: u16,
@@ -52,7 +49,6 @@ pub struct Config {
     pub lease_timing: LeaseTiming,
     pub log_format: LogFormat,
     pub poll_interval: Duration,
-    pub lookup_delay: Duration,
     pub clock_skew: Duration,
     pub adopt_window: Duration,
     pub settings: Settings,
@@ -64,8 +60,12 @@ pub struct Config {
     pub connections: bool,
 }
 
-/// `defender-offboard run`.
-pub async fn run(args: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// `defender-offboard run`, with the operator's own MDE client (`None`:
+/// without credentials of its own, only connections serve resources).
+pub async fn run(
+    args: Config,
+    own_client: Option<ClientConfig>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     crate::telemetry::init(args.log_format);
     if args.remove_node_finalizers {
         return remove_node_finalizers(&args).await;
@@ -74,7 +74,7 @@ pub async fn run(args: Config) -> Result<(), Box<dyn std::error::Error + Send + 
         args.lease_timing.validate()?;
     }
     let metrics = Arc::new(Metrics::default());
-    let mde = match args.own_client.clone()? {
+    let mde = match own_client {
         Some(config) => Some(DefenderClient::new(config, metrics.clone())?),
         None => {
             tracing::info!(
@@ -192,9 +192,9 @@ async fn check_sign_in(mde: &DefenderClient) -> Result<(), String> {
 }
 
 fn warn_about_timings(args: &Config) {
-    if args.lookup_delay < args.clients.request_timeout {
+    if args.settings.lookup_delay < args.clients.request_timeout {
         tracing::warn!(
-            lookup_delay = ?args.lookup_delay,
+            lookup_delay = ?args.settings.lookup_delay,
             request_timeout = ?args.clients.request_timeout,
             "--lookup-delay is shorter than --request-timeout: a timed-out request may still be processed by MDE after the lookup"
         );

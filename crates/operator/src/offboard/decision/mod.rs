@@ -1,7 +1,7 @@
 //! The reconcile decision: state in, next step out. No I/O here, so every
 //! phase × outcome is a table row in the tests.
 //!
-//! The exactly-once recipe (DESIGN.md): record intent (`Submitting`) before
+//! The exactly-once recipe (docs/architecture.md): record intent (`Submitting`) before
 //! sending; after any ambiguous outcome, or when found in `Submitting`, look
 //! the action up by its correlation marker and adopt it; only send again when
 //! the lookup proves nothing was created; `machineActionId` is never replaced.

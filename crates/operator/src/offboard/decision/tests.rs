@@ -1035,3 +1035,92 @@ fn an_unavailable_connection_waits_with_the_reason() {
         }
     }
 }
+
+/// What counts as a failed step (its retry wait grows with the failures in a
+/// row): a retry with an error and no action recorded; nothing else.
+#[test]
+fn only_a_retry_with_an_error_and_no_action_is_a_failed_step() {
+    let error = || {
+        Some(crate::crd::LastError {
+            code: "ServerError".into(),
+            message: "503".into(),
+        })
+    };
+    struct Row {
+        name: &'static str,
+        requeue: Option<Duration>,
+        last_error: Option<crate::crd::LastError>,
+        action: Option<&'static str>,
+        failed: bool,
+    }
+    let rows = [
+        Row {
+            name: "retry after an error, nothing sent",
+            requeue: Some(Duration::from_secs(10)),
+            last_error: error(),
+            action: None,
+            failed: true,
+        },
+        Row {
+            name: "an error that ends the resource (no retry)",
+            requeue: None,
+            last_error: error(),
+            action: None,
+            failed: false,
+        },
+        Row {
+            name: "a wait without an error (budget, poll)",
+            requeue: Some(Duration::from_secs(10)),
+            last_error: None,
+            action: None,
+            failed: false,
+        },
+        Row {
+            name: "an error kept once an action is recorded",
+            requeue: Some(Duration::from_secs(10)),
+            last_error: error(),
+            action: Some(ACTION),
+            failed: false,
+        },
+    ];
+    for row in rows {
+        let transition = Transition {
+            status: DeviceOffboardStatus {
+                last_error: row.last_error,
+                machine_action_id: row.action.map(Into::into),
+                ..status(Phase::Pending)
+            },
+            note: None,
+            requeue: row.requeue,
+        };
+        assert_eq!(is_failed_retry(&transition), row.failed, "{}", row.name);
+    }
+}
+
+/// A lookup proved the first send created nothing: with a cancel asked for
+/// meanwhile the resource ends `Cancelled` with nothing sent, the reason
+/// kept; without one, it is sent again.
+#[test]
+fn a_cancel_asked_before_a_resend_ends_the_resource_instead() {
+    let spec = by_id();
+    let submitting = submitting_since(60);
+    let plain = view(&spec, &submitting);
+    assert_eq!(cancel_instead_of_resend(&plain), None, "no cancel: resend");
+    let asked = View {
+        cancel: Some("wrong device"),
+        ..view(&spec, &submitting)
+    };
+    let transition = cancel_instead_of_resend(&asked).expect("cancelled instead of resent");
+    assert_eq!(transition.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        transition.status.machine_action_id, None,
+        "nothing was sent"
+    );
+    let (holds, reason) = ready(&transition.status);
+    assert_eq!(
+        (holds.as_str(), reason.as_str()),
+        ("False", Reason::Cancelled.as_str())
+    );
+    let message = &condition(&transition.status, READY).unwrap().message;
+    assert!(message.contains("wrong device"), "{message}");
+}
