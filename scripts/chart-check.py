@@ -6,7 +6,8 @@ Every `ci/*-values.yaml` must pass `helm lint --strict` and render; the
 connections RBAC must be least privilege (only `secrets: get` and
 `serviceaccounts/token: create`, a Role per listed namespace, a ClusterRole
 only when asked); a values file that would leave the operator without what
-it needs must fail to render with a message naming the value.
+it needs must fail to render with a message naming the value; without
+leader election an upgrade stops the old pod before it starts the new one.
 Run by `.ci/run`; exits non-zero on the first problem.
 """
 
@@ -107,6 +108,28 @@ def check_refusals():
     print("chart-check: incomplete values are refused with the value named")
 
 
+def check_rollout():
+    """Without leader election nothing stops two pods from reconciling at once,
+    so an upgrade must stop the old pod before the new one starts; with it, the
+    new pod waits for the Lease and may start first."""
+    for replicas in (0, 1):
+        unelected = render({**SECRET, "replicas": replicas, "leaderElection": {"enabled": False}})
+        strategy = next(o for o in unelected if o["kind"] == "Deployment")["spec"].get("strategy", {})
+        if strategy.get("type") != "Recreate":
+            fail(f"replicas={replicas} without leader election rolls with {strategy}: two controllers at once")
+    for replicas in (1, 2):
+        elected = render({**SECRET, "replicas": replicas})
+        deployment = next(o for o in elected if o["kind"] == "Deployment")
+        strategy = deployment["spec"].get("strategy", {})
+        rolling = strategy.get("rollingUpdate", {})
+        if "--leader-elect" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]:
+            fail("leader election is on by default but --leader-elect is not passed")
+        if strategy.get("type") != "RollingUpdate" or rolling.get("maxUnavailable") != 0:
+            fail(f"replicas={replicas} with leader election should roll with no pod unavailable: {strategy}")
+    print("chart-check: without leader election an upgrade never runs two controllers")
+
+
 lint_every_ci_values_file()
 check_connections_rbac()
 check_refusals()
+check_rollout()

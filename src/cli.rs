@@ -132,9 +132,10 @@ pub struct RunArgs {
     /// How often in-flight actions are polled (one batched call for all of them).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
-    /// Pause before looking an action up after an ambiguous send. Keep it above
-    /// --request-timeout: a request that timed out may still be processed by MDE.
-    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    /// Pause before looking an action up after an ambiguous send. Keep it at
+    /// least a minute above --request-timeout: a request that timed out may
+    /// still be processed by MDE, and its action listed only later.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
     /// How far MDE's clock may be from ours: a poll's window of offboard
     /// actions starts this much before the earliest time one may have been created.
@@ -209,6 +210,7 @@ impl RunArgs {
                 lookup_delay: self.lookup_delay,
                 retry_backoff: self.retry_backoff,
                 access_backoff: self.access_backoff,
+                adopt_window: self.adopt_window,
             },
             ttl_sweep_interval: self.ttl_sweep_interval,
             nodes: self.node_options(),

@@ -46,8 +46,9 @@ pub struct OffboardArgs {
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Pause before looking the action up after an ambiguous answer (keep it
-    /// above --request-timeout: MDE may still be processing a timed-out request).
-    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    /// a minute above --request-timeout: MDE may still be processing a
+    /// timed-out request, and list its action only later).
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     pub lookup_delay: Duration,
     /// How often `--wait` polls.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -149,6 +150,7 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         lookup_delay: args.lookup_delay,
         retry_backoff: Duration::from_secs(2),
         access_backoff: Duration::from_secs(2),
+        ..Settings::default()
     };
     let metrics = Metrics::default();
     let state = OffboardState::default();
@@ -351,6 +353,10 @@ impl TenantClient for Remembering {
     fn budget(&self) -> &RateBudget {
         self.client.budget()
     }
+
+    fn account(&self) -> &mde_client::Account {
+        self.client.account()
+    }
 }
 
 impl MdeCalls for Remembering {
@@ -416,6 +422,19 @@ impl MdeCalls for Remembering {
         self.client
             .offboard_actions_since(since, top, expected)
             .await
+    }
+
+    async fn offboard_actions_page(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        skip: usize,
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        self.client.offboard_actions_page(since, top, skip).await
+    }
+
+    async fn get_machine(&self, id: &str) -> Result<Machine, MdeError> {
+        self.client.get_machine(id).await
     }
 }
 

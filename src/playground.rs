@@ -3,7 +3,7 @@
 //! for demos and for the end-to-end tests.
 
 use crate::cli::RunArgs;
-use devcluster::{ApiHandle, ApiServerConfig};
+use devcluster::{ApiHandle, ApiServerConfig, WatchHistory};
 use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
@@ -92,11 +92,14 @@ pub struct DevArgs {
     /// The controller's own rate budget (`run --rate-limit`).
     #[arg(long, default_value = "100/60s,1500/3600s")]
     pub rate_limit: RateLimits,
-    /// Changes the in-memory API keeps per resource for watches that resume; a watch
-    /// from an older version gets `410 Expired` and its client lists again (small
-    /// values make relists happen, as etcd compaction does on a cluster).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub watch_history: u64,
+    /// Keep exactly N changes per resource for watches that resume, however recent;
+    /// a watch from an older version gets `410 Expired` and its client lists again
+    /// (small values make relists happen, as etcd compaction does on a cluster).
+    /// Without it the API keeps what kube-apiserver's watch cache keeps: the last
+    /// 100 changes per resource however old, and every change of the last 75 s, up
+    /// to 102,400.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch_history: Option<u64>,
     /// How often the controller polls in-flight actions.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
@@ -123,6 +126,12 @@ pub struct Playground {
 }
 
 impl DevArgs {
+    fn watch_history(&self) -> WatchHistory {
+        self.watch_history.map_or_else(WatchHistory::default, |n| {
+            WatchHistory::changes(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
     fn sim_config(&self) -> SimConfig {
         SimConfig {
             machines: self.sim_machines,
@@ -168,7 +177,7 @@ pub async fn start(args: &DevArgs) -> std::io::Result<Playground> {
     .await?;
     let config = ApiServerConfig {
         crds: vec![DeviceOffboard::crd(), DefenderConnection::crd()],
-        watch_history: usize::try_from(args.watch_history).unwrap_or(usize::MAX),
+        watch_history: args.watch_history(),
         ..ApiServerConfig::default()
     };
     let api = devcluster::spawn_api(
@@ -720,6 +729,18 @@ mod tests {
         );
         let bad = Cli::try_parse_from(["dev", "--sim-rate-limit", "many"]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn dev_keeps_the_watch_history_of_kubes_watch_cache_unless_told_a_count() {
+        let default = Cli::try_parse_from(["dev"]).unwrap().dev.watch_history();
+        assert_eq!(
+            (default.min_changes, default.fresh_for, default.max_changes),
+            (100, Duration::from_secs(75), 102_400)
+        );
+        let short = Cli::try_parse_from(["dev", "--watch-history", "32"]).unwrap();
+        assert_eq!(short.dev.watch_history(), WatchHistory::changes(32));
+        assert!(Cli::try_parse_from(["dev", "--watch-history", "0"]).is_err());
     }
 
     #[tokio::test]

@@ -554,3 +554,126 @@ async fn ids_that_are_not_ids_are_refused_before_sending() {
     assert_eq!(stats.offboard_requests_by_key.len(), 0, "{stats:?}");
     assert_eq!(stats.actions_created, 0);
 }
+
+/// A client whose MDE API is a loopback server answering every request with
+/// `page` (sign-in still goes to the simulator).
+async fn client_of_one_page(
+    sim: &defender_offboard::simulator::SimHandle,
+    page: serde_json::Value,
+) -> DefenderClient {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = page.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                // The client sends only GETs here: the head is the whole request.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let mut config = client_config(sim, "sim-secret", FAST_LIMITS);
+    config.endpoints.api = format!("http://{addr}/").parse().unwrap();
+    DefenderClient::new(config, Arc::new(Metrics::default())).unwrap()
+}
+
+fn listed_action(id: &str, status: serde_json::Value, comment: &str) -> serde_json::Value {
+    json!({
+        "id": id, "type": "Offboard", "status": status, "machineId": FINANCE_LAPTOP,
+        "requestorComment": comment, "creationDateTimeUtc": "2026-01-05T10:00:00Z"
+    })
+}
+
+#[tokio::test]
+async fn a_page_with_a_null_status_among_good_ones_is_read_whole() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let page = json!({"value": [
+        listed_action("a1", json!("Pending"), "one"),
+        listed_action("a2", json!(null), "two"),
+        listed_action("a3", json!("Succeeded"), "three"),
+    ]});
+    let client = client_of_one_page(&sim, page).await;
+    with_timeout(20, async {
+        let since = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+        let window = client.offboard_actions_since(since, 10, &[]).await.unwrap();
+        let statuses: Vec<(&str, bool)> = window
+            .iter()
+            .map(|a| (a.status.as_str(), a.status.is_final()))
+            .collect();
+        // The null status is an unknown one: not final, so the action is polled on.
+        assert_eq!(
+            statuses,
+            [("Pending", false), ("null", false), ("Succeeded", true)]
+        );
+        assert_eq!(
+            client.offboard_actions(FINANCE_LAPTOP).await.unwrap().len(),
+            3
+        );
+        let ids = ["a1", "a2", "a3"].map(String::from);
+        assert_eq!(client.machine_actions_by_ids(&ids).await.unwrap().len(), 3);
+        let pending = client.find_pending_offboard(FINANCE_LAPTOP).await.unwrap();
+        assert_eq!(pending.map(|a| a.id), Some("a2".to_string()));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreadable_action_is_skipped_but_never_proves_absence() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let marker = correlation_marker("k1");
+    let page = json!({"value": [
+        listed_action("a1", json!("Pending"), &format!("{marker} retired")),
+        // No id: nothing can be done with it, but it may be anyone's action.
+        {"type": "Offboard", "status": "Pending", "machineId": FINANCE_LAPTOP},
+        listed_action("a3", json!("Failed"), "three"),
+    ]});
+    let client = client_of_one_page(&sim, page).await;
+    with_timeout(20, async {
+        // Where silence proves nothing, the rest of the page is read.
+        let ids = ["a1", "a3"].map(String::from);
+        let by_ids = client.machine_actions_by_ids(&ids).await.unwrap();
+        assert_eq!(
+            by_ids.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["a1", "a3"]
+        );
+        // An action found is found...
+        let found = client
+            .find_offboard_action(FINANCE_LAPTOP, &marker)
+            .await
+            .unwrap();
+        assert_eq!(found.map(|a| a.id), Some("a1".to_string()));
+        // ...but no answer that could show one absent may stand.
+        let other = correlation_marker("k2");
+        let unproven = client.find_offboard_action(FINANCE_LAPTOP, &other).await;
+        assert!(
+            matches!(unproven, Err(MdeError::InvalidResponse { .. })),
+            "{unproven:?}"
+        );
+        assert!(client.offboard_actions(FINANCE_LAPTOP).await.is_err());
+        let since = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+        assert!(client.offboard_actions_since(since, 10, &[]).await.is_err());
+        assert!(client.offboard_actions_page(since, 10, 0).await.is_err());
+        assert!(
+            client
+                .list_machine_actions("type eq 'Offboard'")
+                .await
+                .is_err()
+        );
+    })
+    .await;
+}

@@ -63,6 +63,7 @@ pub fn fast_settings() -> Settings {
         lookup_delay: Duration::from_millis(300),
         retry_backoff: Duration::from_millis(300),
         access_backoff: Duration::from_secs(5),
+        ..Settings::default()
     }
 }
 

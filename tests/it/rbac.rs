@@ -140,6 +140,7 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         lookup_delay: Duration::from_millis(200),
         retry_backoff: Duration::from_millis(200),
         access_backoff: Duration::from_secs(5),
+        ..Settings::default()
     };
     // With node offboarding and a fast TTL sweep, so their calls are recorded too.
     let admin = api.client().await.unwrap();

@@ -25,8 +25,11 @@
 //!   `Terminating` and is emptied half a second later;
 //! - CRD versions share one store without conversion; validation covers the
 //!   structural-schema keywords and CEL rules the project's CRD uses;
-//! - the watch history is a count of changes per resource (`--watch-history`),
-//!   not a time window, and `POST /_dev/compact` forgets it on demand;
+//! - the watch history per resource is kube-apiserver's watch cache window by
+//!   default ([`WatchHistory::KUBE_WATCH_CACHE`]: the newest 100 changes, and
+//!   every change of the last 75 s up to 102,400), without its power-of-two
+//!   resizing; `--watch-history N` keeps exactly N instead, and
+//!   `POST /_dev/compact` forgets it on demand;
 //! - a watch from a resourceVersion newer than the server's answers `410`
 //!   (kube-apiserver times out and clients relist; kube-rs relists on 410);
 //! - `resourceVersionMatch` and `resourceVersion` on lists are ignored (every
@@ -53,6 +56,8 @@ mod token;
 mod validation;
 mod watch;
 
+pub use store::WatchHistory;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -68,7 +73,8 @@ pub struct ApiServerConfig {
     /// CRDs served from the start (more can be created through the API).
     pub crds: Vec<CustomResourceDefinition>,
     /// Changes kept per resource for watches that resume from a resourceVersion; older → `410 Gone`.
-    pub watch_history: usize,
+    /// Kube-apiserver's watch cache window by default.
+    pub watch_history: WatchHistory,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
     /// Namespaces created at start besides `default` and `kube-system`.
@@ -79,7 +85,7 @@ impl Default for ApiServerConfig {
     fn default() -> Self {
         Self {
             crds: Vec::new(),
-            watch_history: 10_000,
+            watch_history: WatchHistory::default(),
             bookmark_interval: Duration::from_secs(60),
             namespaces: Vec::new(),
         }
@@ -145,9 +151,10 @@ pub async fn spawn_api(
     let addr = listener.local_addr()?;
     let shared = Arc::new(ops::Shared::new(
         registry::Registry::with_builtins(),
-        config.watch_history,
+        config.watch_history.max_changes,
         config.bookmark_interval,
     ));
+    shared.lock().store.set_history(config.watch_history);
     let registry = shared.registry();
     let namespaces = registry
         .find("", "v1", "namespaces")

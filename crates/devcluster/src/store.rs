@@ -4,6 +4,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeType {
@@ -22,6 +23,52 @@ impl ChangeType {
     }
 }
 
+/// How many changes per resource the API keeps for watches (and continued
+/// lists) that resume from a resourceVersion; a version older than the kept
+/// ones is answered `410 Expired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchHistory {
+    /// The newest changes kept however old they are.
+    pub min_changes: usize,
+    /// Changes younger than this are kept beyond `min_changes`.
+    pub fresh_for: Duration,
+    /// Never more than this many, however young.
+    pub max_changes: usize,
+}
+
+impl WatchHistory {
+    /// What kube-apiserver's watch cache keeps per resource type: the newest
+    /// 100 changes however old, and every change of the last 75 s (a minute of
+    /// bookmarks plus slack, so a watcher resuming from its last bookmark is
+    /// still covered), up to 102,400. Its ring starts at 100, doubles while
+    /// its oldest change is younger than 75 s and halves once a quarter of it
+    /// is older; this keeps the same changes without the power-of-two steps.
+    /// (etcd's own history, compacted every 5 minutes, is longer, but watches
+    /// and continued lists are answered from the cache.)
+    pub const KUBE_WATCH_CACHE: Self = Self {
+        min_changes: 100,
+        fresh_for: Duration::from_secs(75),
+        max_changes: 100 * 1024,
+    };
+
+    /// Exactly `n` changes per resource, however recent: small values make
+    /// watches expire and clients relist often.
+    pub fn changes(n: usize) -> Self {
+        let n = n.max(1);
+        Self {
+            min_changes: n,
+            fresh_for: Duration::ZERO,
+            max_changes: n,
+        }
+    }
+}
+
+impl Default for WatchHistory {
+    fn default() -> Self {
+        Self::KUBE_WATCH_CACHE
+    }
+}
+
 /// One committed write, kept for watches that resume from a resourceVersion.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -35,7 +82,8 @@ pub struct Change {
 
 #[derive(Debug, Default)]
 struct History {
-    changes: VecDeque<Change>,
+    /// Each change with the moment it was recorded, oldest first.
+    changes: VecDeque<(Change, Instant)>,
     /// The resourceVersion of the newest change dropped from the history.
     compacted: u64,
 }
@@ -48,7 +96,7 @@ pub struct Store {
     rv: u64,
     objects: HashMap<String, BTreeMap<Key, Value>>,
     histories: HashMap<String, History>,
-    history_limit: usize,
+    history: WatchHistory,
     /// Versions up to this one were compacted away in every storage.
     floor: u64,
 }
@@ -59,9 +107,18 @@ impl Store {
             rv: 0,
             objects: HashMap::new(),
             histories: HashMap::new(),
-            history_limit: history_limit.max(1),
+            history: WatchHistory::changes(history_limit),
             floor: 0,
         }
+    }
+
+    /// Set how much history each resource keeps from the next write on.
+    pub fn set_history(&mut self, history: WatchHistory) {
+        self.history = WatchHistory {
+            min_changes: history.min_changes.max(1),
+            fresh_for: history.fresh_for,
+            max_changes: history.max_changes.max(history.min_changes).max(1),
+        };
     }
 
     pub fn current_rv(&self) -> u64 {
@@ -96,6 +153,11 @@ impl Store {
 
     /// Store `object` (whose resourceVersion is `rv`) and record the change.
     pub fn put(&mut self, storage: &str, key: Key, object: Value, rv: u64) {
+        self.put_at(storage, key, object, rv, Instant::now());
+    }
+
+    /// [`Store::put`] as recorded at `at`.
+    pub fn put_at(&mut self, storage: &str, key: Key, object: Value, rv: u64, at: Instant) {
         let previous = self
             .objects
             .entry(storage.to_string())
@@ -106,43 +168,44 @@ impl Store {
         } else {
             ChangeType::Added
         };
-        self.record(storage, kind, key.0, object, previous, rv);
+        let change = Change {
+            rv,
+            kind,
+            namespace: key.0,
+            object: Arc::new(object),
+            previous: previous.map(Arc::new),
+        };
+        self.record(storage, change, at);
     }
 
     /// Remove an object; `last` is its final state carrying the deletion's resourceVersion.
     pub fn remove(&mut self, storage: &str, key: &Key, last: Value, rv: u64) {
         let previous = self.objects.get_mut(storage).and_then(|o| o.remove(key));
-        self.record(
-            storage,
-            ChangeType::Deleted,
-            key.0.clone(),
-            last,
-            previous,
+        let change = Change {
             rv,
-        );
+            kind: ChangeType::Deleted,
+            namespace: key.0.clone(),
+            object: Arc::new(last),
+            previous: previous.map(Arc::new),
+        };
+        self.record(storage, change, Instant::now());
     }
 
-    fn record(
-        &mut self,
-        storage: &str,
-        kind: ChangeType,
-        namespace: String,
-        object: Value,
-        previous: Option<Value>,
-        rv: u64,
-    ) {
+    /// Keep `change` (made at `at`) and drop what the history no longer holds.
+    fn record(&mut self, storage: &str, change: Change, at: Instant) {
         let history = self.histories.entry(storage.to_string()).or_default();
-        history.changes.push_back(Change {
-            rv,
-            kind,
-            namespace,
-            object: Arc::new(object),
-            previous: previous.map(Arc::new),
-        });
-        while history.changes.len() > self.history_limit {
-            if let Some(dropped) = history.changes.pop_front() {
-                history.compacted = dropped.rv;
+        history.changes.push_back((change, at));
+        // Changes leave only when a write comes, as from kube's ring: a quiet
+        // resource keeps its history however old.
+        let limit = self.history;
+        while let Some((oldest, recorded)) = history.changes.front() {
+            let len = history.changes.len();
+            let stale = at.saturating_duration_since(*recorded) > limit.fresh_for;
+            if len <= limit.min_changes || (len <= limit.max_changes && !stale) {
+                break;
             }
+            history.compacted = oldest.rv;
+            history.changes.pop_front();
         }
     }
 
@@ -230,8 +293,12 @@ impl Store {
             return Ok(Vec::new());
         };
         // Changes are in resourceVersion order: find the first newer one without scanning.
-        let start = history.changes.partition_point(|c| c.rv <= rv);
-        Ok(history.changes.range(start..).cloned().collect())
+        let start = history.changes.partition_point(|(c, _)| c.rv <= rv);
+        Ok(history
+            .changes
+            .range(start..)
+            .map(|(c, _)| c.clone())
+            .collect())
     }
 }
 
@@ -251,6 +318,38 @@ mod tests {
         let kept = store.changes_since("s", 2).expect("rv 2 is still covered");
         assert_eq!(kept.iter().map(|c| c.rv).collect::<Vec<_>>(), vec![3, 4]);
         assert!(store.changes_since("s", 4).expect("current").is_empty());
+    }
+
+    /// Puts `n` objects into storage "s" recorded at `at`.
+    fn writes(store: &mut Store, n: usize, at: Instant) {
+        for _ in 0..n {
+            let rv = store.next_rv();
+            store.put_at("s", (String::new(), format!("o{rv}")), json!({}), rv, at);
+        }
+    }
+
+    #[test]
+    fn the_default_history_forgets_what_kubes_watch_cache_forgets() {
+        let mut store = Store::new(1);
+        store.set_history(WatchHistory::default());
+        let start = Instant::now();
+        writes(&mut store, 150, start);
+        // A burst younger than 75 s is kept whole, beyond the newest 100.
+        assert!(store.changes_since("s", 0).is_ok());
+        // 76 s later the burst is stale: one write keeps the newest 100 only.
+        writes(&mut store, 1, start + Duration::from_secs(76));
+        assert_eq!(store.changes_since("s", 50).err(), Some(52));
+        let kept = store.changes_since("s", 51).expect("the newest 100 stay");
+        assert_eq!(kept.len(), 100);
+    }
+
+    #[test]
+    fn the_default_history_holds_at_most_102_400_changes_however_young() {
+        let mut store = Store::new(1);
+        store.set_history(WatchHistory::default());
+        writes(&mut store, 102_401, Instant::now());
+        assert_eq!(store.changes_since("s", 0).err(), Some(2));
+        assert_eq!(store.changes_since("s", 1).map(|c| c.len()), Ok(102_400));
     }
 
     #[test]

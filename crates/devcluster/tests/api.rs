@@ -1,6 +1,6 @@
 //! End-to-end tests of the in-memory Kubernetes API through kube-rs and the real kubectl.
 
-use devcluster::{ApiHandle, ApiServerConfig, spawn_api};
+use devcluster::{ApiHandle, ApiServerConfig, WatchHistory, spawn_api};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -574,7 +574,7 @@ async fn watch_resumes_from_a_version_with_bookmarks_and_expires() {
     bounded(async {
         let api = start(ApiServerConfig {
             crds: vec![doff_crd()],
-            watch_history: 5,
+            watch_history: WatchHistory::changes(5),
             bookmark_interval: Duration::from_millis(200),
             ..Default::default()
         })
@@ -682,6 +682,67 @@ async fn watch_resumes_from_a_version_with_bookmarks_and_expires() {
             Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
             other => panic!("expected 410 Gone, got {other:?}"),
         }
+        api.shutdown().await;
+    })
+    .await;
+}
+
+/// The first event of a watch from `from`, as a short summary.
+async fn first_watch_event(doffs: &Api<DynamicObject>, from: &str) -> String {
+    let mut events = doffs
+        .watch(&WatchParams::default().timeout(1), from)
+        .await
+        .unwrap()
+        .boxed();
+    match events.next().await {
+        Some(Ok(WatchEvent::Added(o))) => format!("ADDED {}", o.name_any()),
+        Some(Ok(WatchEvent::Error(e))) => format!("ERROR {} {}", e.code, e.reason),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_watch_from_before_the_fresh_window_and_the_newest_changes_expires() {
+    bounded(async {
+        let api = start(ApiServerConfig {
+            crds: vec![doff_crd()],
+            watch_history: WatchHistory {
+                min_changes: 2,
+                fresh_for: Duration::from_millis(300),
+                ..WatchHistory::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let client = api.client().await.unwrap();
+        let doffs = doffs(&client);
+        let mut versions = Vec::new();
+        for name in ["t1", "t2", "t3", "t4"] {
+            let spec = json!({"deviceName": name, "comment": "c"});
+            let created = doffs
+                .create(&PostParams::default(), &doff(name, spec))
+                .await
+                .unwrap();
+            versions.push(created.resource_version().unwrap());
+        }
+        // Young changes are kept beyond the newest two.
+        assert_eq!(first_watch_event(&doffs, &versions[0]).await, "ADDED t2");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let spec = json!({"deviceName": "t5", "comment": "c"});
+        doffs
+            .create(&PostParams::default(), &doff("t5", spec))
+            .await
+            .unwrap();
+        // Once stale, only the newest two changes (t4, t5) stay.
+        assert_eq!(
+            first_watch_event(&doffs, &versions[0]).await,
+            "ERROR 410 Expired"
+        );
+        assert_eq!(
+            first_watch_event(&doffs, &versions[2]).await,
+            "ADDED t4",
+            "the newest changes stay however old"
+        );
         api.shutdown().await;
     })
     .await;

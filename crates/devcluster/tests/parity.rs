@@ -2,7 +2,7 @@
 //! bug a real cluster exposes also shows here (issue 10's list), each checked
 //! through a real client.
 
-use devcluster::{ApiHandle, ApiServerConfig, spawn_api};
+use devcluster::{ApiHandle, ApiServerConfig, WatchHistory, spawn_api};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -328,7 +328,7 @@ async fn lists_are_paged_at_one_version_and_stale_tokens_expire() {
     bounded(async {
         let (api, client) = start(ApiServerConfig {
             crds: vec![thing_crd()],
-            watch_history: 4,
+            watch_history: WatchHistory::changes(4),
             ..Default::default()
         })
         .await;
@@ -424,7 +424,7 @@ async fn an_expired_watch_gets_an_in_stream_410_and_the_watcher_relists() {
     bounded(async {
         let (api, client) = start(ApiServerConfig {
             crds: vec![thing_crd()],
-            watch_history: 2,
+            watch_history: WatchHistory::changes(2),
             ..Default::default()
         })
         .await;

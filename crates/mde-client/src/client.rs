@@ -4,7 +4,7 @@ use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
 use super::error::{CallKind, MdeError, error_chain, parse_retry_after};
 use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
-use super::types::{ErrorBody, Machine, MachineAction, ODataPage, WindowAction};
+use super::types::{CountedPage, ErrorBody, Machine, MachineAction, WindowAction};
 use jiff::Timestamp;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -57,8 +57,30 @@ pub struct DefenderClient {
     inner: Arc<Inner>,
 }
 
+/// The tenant, app (client id) and API host a client speaks for, lower-case.
+/// Machine ids are unique within a tenant of one API host, and MDE counts
+/// its rate limits per tenant and app: two connections (or the operator's own
+/// credentials and a connection) to one tenant reach the same machines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Account {
+    pub tenant: String,
+    pub app: String,
+    pub api: String,
+}
+
+impl Account {
+    /// The tenant alone (any app): whose machines these are.
+    pub fn tenant_only(&self) -> Account {
+        Account {
+            app: String::new(),
+            ..self.clone()
+        }
+    }
+}
+
 struct Inner {
     http: reqwest::Client,
+    account: Account,
     api: Url,
     tokens: TokenSource,
     budget: RateBudget,
@@ -127,6 +149,40 @@ pub fn all_found(actions: &[MachineAction], expected: &[String]) -> bool {
     expected.iter().all(|id| read.contains(id.as_str()))
 }
 
+/// What a list read: the entries that read, and how many did not (see
+/// `CountedPage`). Presence may be read from any list; absence ("no action
+/// with this marker", "nothing pending", a short last page) only from one
+/// that left nothing out.
+struct Listed<T> {
+    items: Vec<T>,
+    unreadable: usize,
+}
+
+impl<T> Listed<T> {
+    /// The entries, if every one read; otherwise an error naming the count,
+    /// for answers that could show something absent.
+    fn complete(self, path: &str) -> Result<Vec<T>, MdeError> {
+        if self.unreadable == 0 {
+            return Ok(self.items);
+        }
+        Err(MdeError::InvalidResponse {
+            message: format!(
+                "{} of the entries MDE answered for {path} do not read (no id, or a field of the wrong type); without them the answer cannot show that anything is absent",
+                self.unreadable
+            ),
+        })
+    }
+}
+
+impl<T> From<CountedPage<T>> for Listed<T> {
+    fn from(page: CountedPage<T>) -> Self {
+        Listed {
+            items: page.items,
+            unreadable: page.unreadable,
+        }
+    }
+}
+
 /// An OData string literal: single quotes doubled.
 pub fn odata_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -155,6 +211,11 @@ impl DefenderClient {
             .map_err(|e| MdeError::Credentials {
                 message: format!("cannot build the HTTP client: {e}"),
             })?;
+        let account = Account {
+            tenant: config.identity.tenant_id.to_ascii_lowercase(),
+            app: config.identity.client_id.to_ascii_lowercase(),
+            api: config.endpoints.api.as_str().to_ascii_lowercase(),
+        };
         let tokens = TokenSource::new(
             http.clone(),
             &config.endpoints.authority,
@@ -164,6 +225,7 @@ impl DefenderClient {
         Ok(DefenderClient {
             inner: Arc::new(Inner {
                 http,
+                account,
                 api: config.endpoints.api,
                 tokens,
                 budget,
@@ -176,6 +238,11 @@ impl DefenderClient {
 
     pub fn budget(&self) -> &RateBudget {
         &self.inner.budget
+    }
+
+    /// Whose machines and whose rate limits this client reaches.
+    pub fn account(&self) -> &Account {
+        &self.inner.account
     }
 
     pub fn rate_limits(&self) -> &RateLimits {
@@ -260,7 +327,7 @@ impl DefenderClient {
             odata_quote(&name.to_ascii_lowercase())
         );
         match self
-            .list(ApiFamily::Machines, "api/machines", &filter)
+            .list_all(ApiFamily::Machines, "api/machines", &filter)
             .await
         {
             // The list answers 404 when it has no recent machines at all.
@@ -271,7 +338,8 @@ impl DefenderClient {
 
     /// `GET /api/machines?$filter=...`, following `@odata.nextLink`.
     pub async fn list_machines(&self, filter: &str) -> Result<Vec<Machine>, MdeError> {
-        self.list(ApiFamily::Machines, "api/machines", filter).await
+        self.list_all(ApiFamily::Machines, "api/machines", filter)
+            .await
     }
 
     /// `GET /api/machineactions/{id}`.
@@ -284,23 +352,36 @@ impl DefenderClient {
 
     /// `GET /api/machineactions?$filter=...`, following `@odata.nextLink`.
     /// A 404 is an error, never "none": a wrong path, host or gateway answers
-    /// 404 too, and only a complete answer may prove that an action is absent.
+    /// 404 too, and only a complete answer may prove that an action is absent
+    /// (so an entry that does not read fails it too).
     pub async fn list_machine_actions(&self, filter: &str) -> Result<Vec<MachineAction>, MdeError> {
-        self.list(ApiFamily::MachineActions, "api/machineactions", filter)
+        self.list_all(ApiFamily::MachineActions, "api/machineactions", filter)
             .await
     }
 
-    /// Many actions by id, one call per [`IDS_PER_QUERY`] ids.
+    /// Many actions by id, one call per [`IDS_PER_QUERY`] ids. An id left out
+    /// of the answer proves nothing (callers read it alone), so an entry that
+    /// does not read is skipped, counted in the log, and the rest is answered.
     pub async fn machine_actions_by_ids(
         &self,
         ids: &[String],
     ) -> Result<Vec<MachineAction>, MdeError> {
         let mut actions = Vec::with_capacity(ids.len());
+        let mut unreadable = 0;
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let quoted: Vec<String> = chunk.iter().map(|id| odata_quote(id)).collect();
-            actions.extend(
-                self.list_machine_actions(&format!("id in ({})", quoted.join(",")))
-                    .await?,
+            let filter = format!("id in ({})", quoted.join(","));
+            let listed = self
+                .list(ApiFamily::MachineActions, "api/machineactions", &filter)
+                .await?;
+            unreadable += listed.unreadable;
+            actions.extend(listed.items);
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                unreadable,
+                read = actions.len(),
+                "machine actions by id: skipped entries of MDE's answer that do not read"
             );
         }
         Ok(actions)
@@ -322,26 +403,11 @@ impl DefenderClient {
         expected: &[String],
     ) -> Result<Vec<MachineAction>, MdeError> {
         let top = top.clamp(1, MAX_TOP);
-        let filter = format!(
-            "type eq 'Offboard' and creationDateTimeUtc ge {}",
-            since.strftime("%Y-%m-%dT%H:%M:%SZ")
-        );
         let mut actions = Vec::new();
         for page in 0..MAX_PAGES {
-            let (top_text, skip_text) = (top.to_string(), (page * top).to_string());
-            let url = self.api_url(
-                "api/machineactions",
-                &[
-                    ("$filter", &filter),
-                    ("$top", &top_text),
-                    ("$skip", &skip_text),
-                ],
-            )?;
-            let answer: ODataPage<WindowAction> = self
-                .call(Call::read(ApiFamily::MachineActions, url), None)
-                .await?;
-            let short = answer.value.len() < top;
-            actions.extend(answer.value.into_iter().map(MachineAction::from));
+            let answer = self.offboard_actions_page(since, top, page * top).await?;
+            let short = answer.len() < top;
+            actions.extend(answer);
             if short || (!expected.is_empty() && all_found(&actions, expected)) {
                 return Ok(actions);
             }
@@ -353,6 +419,38 @@ impl DefenderClient {
         })
     }
 
+    /// One page of [`Self::offboard_actions_since`]: up to `top` offboard
+    /// actions created at or after `since`, skipping the first `skip`. A page
+    /// shorter than `top` is the last. The adopt index's fill reads page by
+    /// page, so a read budget that runs out part way keeps what was read.
+    pub async fn offboard_actions_page(
+        &self,
+        since: Timestamp,
+        top: usize,
+        skip: usize,
+    ) -> Result<Vec<MachineAction>, MdeError> {
+        let filter = format!(
+            "type eq 'Offboard' and creationDateTimeUtc ge {}",
+            since.strftime("%Y-%m-%dT%H:%M:%SZ")
+        );
+        let (top_text, skip_text) = (top.clamp(1, MAX_TOP).to_string(), skip.to_string());
+        let url = self.api_url(
+            "api/machineactions",
+            &[
+                ("$filter", &filter),
+                ("$top", &top_text),
+                ("$skip", &skip_text),
+            ],
+        )?;
+        let answer: CountedPage<WindowAction> = self
+            .call(Call::read(ApiFamily::MachineActions, url), None)
+            .await?;
+        // A page that left an entry out looks shorter than `top`, and a short
+        // page ends the window as complete: it must not be answered as one.
+        let kept = Listed::from(answer).complete("api/machineactions")?;
+        Ok(kept.into_iter().map(MachineAction::from).collect())
+    }
+
     /// The offboard action created with `marker` in its comment, if any: the
     /// lookup that must precede any resend after an ambiguous outcome.
     pub async fn find_offboard_action(
@@ -360,12 +458,17 @@ impl DefenderClient {
         machine_id: &str,
         marker: &str,
     ) -> Result<Option<MachineAction>, MdeError> {
-        let actions = self.offboard_actions(machine_id).await?;
-        Ok(actions.into_iter().find(|a| {
+        let mut listed = self.offboard_actions_listed(machine_id).await?;
+        let found = listed.items.iter().position(|a| {
             a.requestor_comment
                 .as_deref()
                 .is_some_and(|c| has_marker(c, marker))
-        }))
+        });
+        match found {
+            Some(at) => Ok(Some(listed.items.swap_remove(at))),
+            // "None" would prove it absent: only from a list that read whole.
+            None => listed.complete("api/machineactions").map(|_| None),
+        }
     }
 
     /// The newest offboard action for this machine that is not final yet, if
@@ -374,17 +477,35 @@ impl DefenderClient {
         &self,
         machine_id: &str,
     ) -> Result<Option<MachineAction>, MdeError> {
-        let actions = self.offboard_actions(machine_id).await?;
-        Ok(actions.into_iter().rev().find(|a| !a.status.is_final()))
+        let mut listed = self.offboard_actions_listed(machine_id).await?;
+        let pending = listed.items.iter().rposition(|a| !a.status.is_final());
+        match pending {
+            Some(at) => Ok(Some(listed.items.swap_remove(at))),
+            None => listed.complete("api/machineactions").map(|_| None),
+        }
     }
 
     /// Every offboard action of a machine, oldest first, from a complete answer
     /// (every page read): only such a list may prove that an action is absent.
     pub async fn offboard_actions(&self, machine_id: &str) -> Result<Vec<MachineAction>, MdeError> {
+        self.offboard_actions_listed(machine_id)
+            .await?
+            .complete("api/machineactions")
+    }
+
+    /// [`Self::offboard_actions`] with the count of entries that did not read
+    /// (an unreadable entry may be an offboard: its type is unknown too).
+    async fn offboard_actions_listed(
+        &self,
+        machine_id: &str,
+    ) -> Result<Listed<MachineAction>, MdeError> {
         // Only `machineId` in the filter: no Microsoft example combines it with
         // `type`, so the type is checked here instead.
         let filter = format!("machineId eq {}", odata_quote(machine_id));
-        let mut actions = self.list_machine_actions(&filter).await?;
+        let mut listed: Listed<MachineAction> = self
+            .list(ApiFamily::MachineActions, "api/machineactions", &filter)
+            .await?;
+        let actions = &mut listed.items;
         actions.retain(|a| a.action_type == "Offboard");
         // By time, not by text: MDE's timestamps vary in their fractions of a
         // second. An unreadable time sorts first (oldest).
@@ -393,17 +514,30 @@ impl DefenderClient {
                 .as_deref()
                 .and_then(|t| t.parse::<Timestamp>().ok())
         });
-        Ok(actions)
+        Ok(listed)
     }
 
-    async fn list<T: DeserializeOwned>(
+    /// [`Self::list`], failing if any entry did not read.
+    async fn list_all<T: DeserializeOwned>(
         &self,
         family: ApiFamily,
         path: &str,
         filter: &str,
     ) -> Result<Vec<T>, MdeError> {
+        self.list(family, path, filter).await?.complete(path)
+    }
+
+    /// Every page of `path` for `filter`; entries that do not read as `T`
+    /// are left out and counted.
+    async fn list<T: DeserializeOwned>(
+        &self,
+        family: ApiFamily,
+        path: &str,
+        filter: &str,
+    ) -> Result<Listed<T>, MdeError> {
         let mut url = self.api_url(path, &[("$filter", filter)])?;
         let mut items = Vec::new();
+        let mut unreadable = 0;
         let mut seen = std::collections::HashSet::new();
         loop {
             // MDE has answered links that repeat or mangle their parameters
@@ -416,10 +550,11 @@ impl DefenderClient {
                     ),
                 });
             }
-            let page: ODataPage<T> = self.call(Call::read(family, url), None).await?;
-            items.extend(page.value);
+            let page: CountedPage<T> = self.call(Call::read(family, url), None).await?;
+            items.extend(page.items);
+            unreadable += page.unreadable;
             let Some(next) = page.next_link else {
-                return Ok(items);
+                return Ok(Listed { items, unreadable });
             };
             let next = Url::parse(&next)
                 .or_else(|_| self.inner.api.join(&next))

@@ -12,7 +12,7 @@ pub use auth::{
     ClientIdentity, Credential, CredentialSource, FetchedCredential, Secret, token_roles,
 };
 pub use client::{
-    BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker,
+    Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker,
     correlation_marker, has_marker, marker_key,
 };
 pub use cloud::{Cloud, Endpoints};

@@ -338,25 +338,26 @@ impl RateBudget {
     /// Count calls made before this process started (e.g. by a previous
     /// leader, known from the resources' `submittedAt`), so a restart does not
     /// spend the same window twice. `answered` are the instants of those calls.
+    ///
+    /// May be called more than once for one budget (two connections to one
+    /// tenant each seed it), and after calls of this process: the seeded
+    /// calls are merged into the log by time, calls in flight last, and only
+    /// the latest N kept. A window judges by its oldest logged call, so a log
+    /// out of time order would let more than N through.
     pub fn record_past(&self, family: ApiFamily, answered: &[Instant]) {
-        let mut sorted = answered.to_vec();
-        sorted.sort();
         let mut state = self.inner.lock().expect("budget lock poisoned");
         let first_id = state.next_id;
-        state.next_id += sorted.len() as u64;
+        state.next_id += answered.len() as u64;
         for window in &mut state.family_mut(family).windows {
-            let mut past: VecDeque<Slot> = sorted
-                .iter()
-                .enumerate()
-                .map(|(i, at)| Slot {
-                    id: first_id + i as u64,
-                    done: Some(*at),
-                })
-                .collect();
-            past.extend(window.slots.drain(..));
-            let excess = past.len().saturating_sub(window.limit.calls as usize);
-            past.drain(..excess);
-            window.slots = past;
+            let mut log: Vec<Slot> = window.slots.drain(..).collect();
+            log.extend(answered.iter().enumerate().map(|(i, at)| Slot {
+                id: first_id + i as u64,
+                done: Some(*at),
+            }));
+            // Stable: calls in flight keep their order, after every answered one.
+            log.sort_by_key(|slot| (slot.done.is_none(), slot.done));
+            let excess = log.len().saturating_sub(window.limit.calls as usize);
+            window.slots = log.into_iter().skip(excess).collect();
         }
     }
 
@@ -552,6 +553,37 @@ mod tests {
             budget.try_reserve(ApiFamily::Machines).is_ok(),
             "other families are untouched"
         );
+    }
+
+    /// Two connections sharing one tenant's budget each seed it with their
+    /// own past sends: the log must hold them in time order, or the window
+    /// judges by the wrong "oldest" send and lets more than N through.
+    #[tokio::test(start_paused = true)]
+    async fn seeds_from_two_connections_keep_the_log_in_time_order() {
+        let budget = RateBudget::new(&limits("2/10s"));
+        let start = Instant::now();
+        let ago = |s: u64| start - Duration::from_secs(s);
+        budget.record_past(ApiFamily::Offboard, &[ago(12), ago(1)]);
+        budget.record_past(ApiFamily::Offboard, &[ago(6)]);
+        // The last two sends were 6 s and 1 s ago: the next may go when the
+        // one 6 s ago leaves the window, not at once.
+        assert_eq!(
+            budget.ready_at(ApiFamily::Offboard),
+            Some(start + Duration::from_secs(4))
+        );
+        let mut sent = vec![ago(12), ago(6), ago(1)];
+        while sent.len() < 7 {
+            let permit = budget.acquire(ApiFamily::Offboard).await;
+            sent.push(Instant::now());
+            permit.complete();
+        }
+        for (i, t) in sent.iter().enumerate() {
+            let in_window = sent[i..]
+                .iter()
+                .take_while(|u| **u < *t + Duration::from_secs(10))
+                .count();
+            assert!(in_window <= 2, "{in_window} sends within 10 s of {t:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

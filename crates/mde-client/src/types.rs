@@ -12,6 +12,25 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// An action's `status` as MDE sent it. A status that is `null`, missing or
+/// not a string is read as an unknown status ([`ActionStatus::Other`] holding
+/// the JSON text, `"null"` when missing) rather than failing the whole page
+/// around it: unknown is never final, so the action is polled on and proves
+/// nothing (not ended, not failed, not succeeded) until MDE names a status.
+fn status_or_unknown<'de, D>(deserializer: D) -> Result<ActionStatus, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(word) => ActionStatus::from_word(&word),
+        other => ActionStatus::Other(other.to_string()),
+    })
+}
+
+fn missing_status() -> ActionStatus {
+    ActionStatus::Other(serde_json::Value::Null.to_string())
+}
+
 /// A device in MDE (`GET /api/machines`).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -108,6 +127,7 @@ pub struct MachineAction {
     pub id: String,
     #[serde(rename = "type")]
     pub action_type: String,
+    #[serde(default = "missing_status", deserialize_with = "status_or_unknown")]
     pub status: ActionStatus,
     pub machine_id: Option<String>,
     #[serde(default)]
@@ -185,6 +205,7 @@ pub(crate) struct WindowAction {
     id: String,
     #[serde(rename = "type")]
     action_type: String,
+    #[serde(default = "missing_status", deserialize_with = "status_or_unknown")]
     status: ActionStatus,
     machine_id: Option<String>,
     #[serde(default)]
@@ -213,6 +234,51 @@ pub struct ODataPage<T> {
     pub value: Vec<T>,
     #[serde(rename = "@odata.nextLink", default)]
     pub next_link: Option<String>,
+}
+
+/// One page of an OData collection read entry by entry: an entry that does
+/// not read as `T` at all (no `id`, a field of the wrong type, not an object)
+/// is left out and counted instead of failing the page. Whoever reads the
+/// page decides what the count means: a list that left an entry out is not
+/// complete, so it may show that something is present, never that it is absent.
+#[derive(Debug)]
+pub(crate) struct CountedPage<T> {
+    pub items: Vec<T>,
+    /// Entries left out because they did not read.
+    pub unreadable: usize,
+    pub next_link: Option<String>,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for CountedPage<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// Either `T`, or anything else (kept as nothing).
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Entry<T> {
+            Read(T),
+            Unreadable(serde::de::IgnoredAny),
+        }
+        #[derive(Deserialize)]
+        struct Page<T> {
+            value: Vec<Entry<T>>,
+            #[serde(rename = "@odata.nextLink", default)]
+            next_link: Option<String>,
+        }
+        let page = Page::<T>::deserialize(deserializer)?;
+        let mut items = Vec::with_capacity(page.value.len());
+        let mut unreadable = 0;
+        for entry in page.value {
+            match entry {
+                Entry::Read(item) => items.push(item),
+                Entry::Unreadable(_) => unreadable += 1,
+            }
+        }
+        Ok(CountedPage {
+            items,
+            unreadable,
+            next_link: page.next_link,
+        })
+    }
 }
 
 /// MDE's error body: `{"error": {"code", "message", "target"}}`.
@@ -277,6 +343,63 @@ mod tests {
             (error.error.code.as_str(), error.error.message.as_str()),
             ("", "m")
         );
+    }
+
+    #[test]
+    fn a_page_with_a_null_status_among_good_ones_reads_whole() {
+        let page = serde_json::json!({"value": [
+            {"id": "a1", "type": "Offboard", "status": "Pending", "machineId": "m"},
+            {"id": "a2", "type": "Offboard", "status": null, "machineId": "m"},
+            {"id": "a3", "type": "Offboard", "machineId": "m"},
+            {"id": "a4", "type": "Offboard", "status": 3, "machineId": "m"},
+            {"id": "a5", "type": "Offboard", "status": "Succeeded", "machineId": "m"},
+        ]});
+        let full: ODataPage<MachineAction> = serde_json::from_value(page.clone()).unwrap();
+        let window: ODataPage<WindowAction> = serde_json::from_value(page).unwrap();
+        let window: Vec<MachineAction> = window.value.into_iter().map(Into::into).collect();
+        for actions in [full.value, window] {
+            let statuses: Vec<(&str, bool)> = actions
+                .iter()
+                .map(|a| (a.status.as_str(), a.status.is_final()))
+                .collect();
+            assert_eq!(
+                statuses,
+                [
+                    ("Pending", false),
+                    ("null", false),
+                    ("null", false),
+                    ("3", false),
+                    ("Succeeded", true)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_that_does_not_read_is_counted_not_fatal() {
+        let page: CountedPage<WindowAction> = serde_json::from_value(serde_json::json!({
+            "value": [
+                {"id": "a1", "type": "Offboard", "status": "Pending", "machineId": "m"},
+                {"type": "Offboard", "status": "Pending", "machineId": "m"},
+                {"id": 7, "type": "Offboard", "status": "Pending"},
+                {"id": "a4", "type": "Offboard", "requestorComment": ["not", "text"]},
+                "not an action",
+                {"id": "a6", "type": "Offboard", "status": null, "machineId": null},
+            ],
+            "@odata.nextLink": "https://api.security.microsoft.com/api/machineactions?$skip=6"
+        }))
+        .unwrap();
+        let ids: Vec<String> = page
+            .items
+            .into_iter()
+            .map(|a| MachineAction::from(a).id)
+            .collect();
+        assert_eq!(ids, ["a1", "a6"]);
+        assert_eq!(page.unreadable, 4);
+        assert!(page.next_link.is_some());
+        let broken =
+            serde_json::from_value::<CountedPage<WindowAction>>(serde_json::json!({"value": 3}));
+        assert!(broken.is_err(), "a page that is not a page still fails");
     }
 
     #[test]

@@ -151,9 +151,18 @@ pub struct DeviceOffboardStatus {
     /// The MDE machine id (resolved from `deviceName` when that was given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
-    /// The offboard MachineAction's id; once set it never changes.
+    /// The offboard MachineAction's id. Once set it never changes, but for
+    /// an adopted action its owner cancelled: then it is cleared and this
+    /// resource sends its own offboard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_action_id: Option<String>,
+    /// Set when the action was created by another request for the same
+    /// machine and adopted: that request's key (a DeviceOffboard's uid, or
+    /// the `offboard` command's key; empty when MDE reported a pending
+    /// offboard that carries no marker). Only the request whose marker
+    /// created an action may cancel it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<String>,
     /// MDE's own status of the action: Pending, InProgress, Succeeded, Failed, TimeOut, Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_status: Option<String>,
@@ -206,6 +215,9 @@ pub enum CancelState {
     Sent,
     /// The action was already `InProgress` or final: nothing was sent.
     TooLate,
+    /// The action was created by another request and adopted: only that
+    /// request may cancel it, so nothing was sent.
+    NotOwner,
 }
 
 /// The CRD as YAML, exactly as `defender-offboard crd` prints it and as

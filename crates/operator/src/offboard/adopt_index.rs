@@ -83,7 +83,18 @@ pub(crate) struct AdoptIndex {
     newest: Option<Timestamp>,
     /// Where the first fill started (MDE's clock, the start of the window).
     filled_from: Option<Timestamp>,
+    /// When the last complete read of the whole window began: after
+    /// [`REFILL_EVERY`], the next read covers the whole window again.
+    full_read: Option<Instant>,
+    /// Pages a read of the whole window was seen to need (0: not known).
+    pages_needed: usize,
 }
+
+/// How often the whole window is read again. Incremental reads start at the
+/// newest creation time seen less the list's lag; an action MDE listed later
+/// than that (a spike of list lag) would be a gap for good: a full read heals
+/// it within this long.
+pub(crate) const REFILL_EVERY: Duration = Duration::from_secs(3600);
 
 fn machine_hash(machine_id: &str) -> u64 {
     // Case-insensitive: MDE's machine ids are hex, and a filter matches either case.
@@ -134,9 +145,19 @@ impl AdoptIndex {
     /// first fill (or when the last read is older than the window), else the
     /// newest creation time seen less `lag` (MDE's list may show an action
     /// this long after its creation time), never before the window.
-    pub(crate) fn next_since(&self, now: Timestamp, window: Duration, lag: Duration) -> Timestamp {
+    pub(crate) fn next_since(
+        &self,
+        now: Timestamp,
+        window: Duration,
+        lag: Duration,
+        at: Instant,
+    ) -> Timestamp {
         let start = window_start(now, window);
+        let refill_due = self
+            .full_read
+            .is_none_or(|full| at.saturating_duration_since(full) >= REFILL_EVERY);
         match (self.read, self.newest.or(self.filled_from)) {
+            (Some(_), Some(_)) if refill_due => start,
             (Some(_), Some(from)) => {
                 let lag = SignedDuration::try_from(lag).unwrap_or(SignedDuration::MAX);
                 from.checked_sub(lag).unwrap_or(from).max(start)
@@ -192,6 +213,23 @@ impl AdoptIndex {
         }
     }
 
+    /// A complete read of the whole window began at `began`, in `pages`.
+    pub(crate) fn read_whole_window(&mut self, began: Instant, pages: usize) {
+        self.full_read = self.full_read.max(Some(began));
+        self.pages_needed = pages;
+    }
+
+    /// A read of the whole window stopped after `pages_read` pages (the read
+    /// budget ran out, or a page failed): it needs at least one more.
+    pub(crate) fn stopped_after(&mut self, pages_read: usize) {
+        self.pages_needed = self.pages_needed.max(pages_read + 1);
+    }
+
+    /// Read slots a read of the whole window needs, as far as is known.
+    pub(crate) fn pages_needed(&self) -> usize {
+        self.pages_needed.max(1)
+    }
+
     /// Forget machines whose newest marked action left the window.
     pub(crate) fn prune(&mut self, now: Timestamp, window: Duration) {
         let start = window_start(now, window).as_second();
@@ -202,7 +240,7 @@ impl AdoptIndex {
     }
 }
 
-fn window_start(now: Timestamp, window: Duration) -> Timestamp {
+pub(crate) fn window_start(now: Timestamp, window: Duration) -> Timestamp {
     SignedDuration::try_from(window)
         .ok()
         .and_then(|w| now.checked_sub(w).ok())
@@ -245,9 +283,10 @@ mod tests {
     /// An index filled by one complete read that began at `began`.
     fn filled(actions: &[MachineAction], began: Instant) -> AdoptIndex {
         let mut index = AdoptIndex::default();
-        let since = index.next_since(at(0), WINDOW, LAG);
+        let since = index.next_since(at(0), WINDOW, LAG, Instant::now());
         assert_eq!(since, at(-86_400), "the first fill reads the whole window");
         index.fold(actions, since, began, true, since);
+        index.read_whole_window(began, 1);
         index
     }
 
@@ -321,7 +360,7 @@ mod tests {
     async fn only_complete_contiguous_reads_make_it_current() {
         let t0 = Instant::now();
         let mut index = AdoptIndex::default();
-        let since = index.next_since(at(0), WINDOW, LAG);
+        let since = index.next_since(at(0), WINDOW, LAG, Instant::now());
         // An incomplete first read adds entries but proves nothing.
         index.fold(
             &[action("m1", &comment_with_marker("x", "k1"), at(-5))],
@@ -336,7 +375,7 @@ mod tests {
         };
         assert_eq!(machine_check(&index, "m2", f), MachineCheck::Refresh);
         assert_eq!(
-            index.next_since(at(0), WINDOW, LAG),
+            index.next_since(at(0), WINDOW, LAG, Instant::now()),
             since,
             "nothing accepted yet"
         );
@@ -347,10 +386,11 @@ mod tests {
             true,
             since,
         );
+        index.read_whole_window(t0, 1);
         assert_eq!(machine_check(&index, "m2", f), MachineCheck::Send);
         assert_eq!(machine_check(&index, "m1", f), MachineCheck::ExactRead);
         // The next read starts at the newest creation less the lag.
-        let next = index.next_since(at(10), WINDOW, LAG);
+        let next = index.next_since(at(10), WINDOW, LAG, Instant::now());
         assert_eq!(next, at(-5) - SignedDuration::from_secs(35));
         // A read from later than that (a gap) adds, but the index stays as of t0.
         tokio::time::advance(Duration::from_secs(60)).await;
@@ -369,7 +409,7 @@ mod tests {
         assert_eq!(machine_check(&index, "m2", f1), MachineCheck::Refresh);
         assert_eq!(machine_check(&index, "m3", f1), MachineCheck::Refresh);
         assert_eq!(
-            index.next_since(at(60), WINDOW, LAG),
+            index.next_since(at(60), WINDOW, LAG, Instant::now()),
             next,
             "a read with a gap before it does not move the next start"
         );
@@ -403,5 +443,48 @@ mod tests {
             !complete_answer(&one, 1),
             "a full page may have more behind it"
         );
+    }
+
+    /// One spike of list lag must not leave a gap for good: incremental
+    /// reads start at the newest creation seen less the lag, so an action
+    /// listed later than that is missed by them; the whole window is read
+    /// again every [`REFILL_EVERY`], which finds it.
+    #[tokio::test(start_paused = true)]
+    async fn the_whole_window_is_read_again_so_a_lag_spike_heals() {
+        let t0 = Instant::now();
+        let mut index = filled(
+            &[action("m1", &comment_with_marker("x", "k1"), at(-5))],
+            t0,
+        );
+        let incremental = index.next_since(at(10), WINDOW, LAG, t0);
+        assert_eq!(incremental, at(-5) - SignedDuration::from_secs(35));
+        // Later reads move on past a range an action may still appear in.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        index.fold(
+            &[action("m2", &comment_with_marker("x", "k2"), at(600))],
+            incremental,
+            Instant::now(),
+            true,
+            incremental,
+        );
+        assert!(index.next_since(at(610), WINDOW, LAG, Instant::now()) > at(0));
+        tokio::time::advance(REFILL_EVERY).await;
+        assert_eq!(
+            index.next_since(at(4210), WINDOW, LAG, Instant::now()),
+            at(4210) - SignedDuration::try_from(WINDOW).unwrap(),
+            "after an hour the whole window is read again"
+        );
+    }
+
+    #[test]
+    fn a_stopped_fill_remembers_how_many_pages_it_needs() {
+        let mut index = AdoptIndex::default();
+        assert_eq!(index.pages_needed(), 1);
+        index.stopped_after(2);
+        assert_eq!(index.pages_needed(), 3);
+        index.stopped_after(1);
+        assert_eq!(index.pages_needed(), 3, "never less than already seen");
+        index.read_whole_window(Instant::now(), 4);
+        assert_eq!(index.pages_needed(), 4);
     }
 }

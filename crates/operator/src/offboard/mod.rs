@@ -20,6 +20,8 @@ pub use ports::{KubeStore, MdeCalls, MemoryStore, StatusStore};
 #[cfg(test)]
 mod fakes;
 #[cfg(test)]
+mod machine_tests;
+#[cfg(test)]
 mod property_tests;
 #[cfg(test)]
 mod step_tests;

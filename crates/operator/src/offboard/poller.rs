@@ -241,7 +241,6 @@ pub(crate) async fn run<M: MdeCalls>(
         let read = Read {
             ctx: &ctx,
             mde: &mde,
-            tenant: &key,
         };
         let actions = match read_plan(read, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
@@ -321,8 +320,11 @@ pub(crate) async fn run<M: MdeCalls>(
 struct Read<'a, M> {
     ctx: &'a Context<M>,
     mde: &'a M,
-    tenant: &'a ConnectionKey,
 }
+
+/// How many actions in flight are read by id when the window answer does
+/// not read (ten calls): a bound on what one malformed entry may cost.
+const FALLBACK_IDS: usize = 500;
 
 async fn read_plan<M: MdeCalls>(
     read: Read<'_, M>,
@@ -335,15 +337,34 @@ async fn read_plan<M: MdeCalls>(
     if let Some(since) = plan.window_since {
         let began = tokio::time::Instant::now();
         let offboard_state = &read.ctx.state;
+        let tenant = read.mde.account().tenant_only();
         let next = offboard_state.adopt.next_since(
-            read.tenant,
+            &tenant,
             offboard_state.now(),
             read.ctx.settings.lookup_delay,
         );
-        actions = read
+        actions = match read
             .mde
             .offboard_actions_since(since, MAX_TOP, expected)
-            .await?;
+            .await
+        {
+            Ok(actions) => actions,
+            // An answer with an entry that does not read (one malformed
+            // action) must not stop every poll of the tenant while that entry
+            // stays in the window: read some of the actions in flight by id
+            // instead (those answers skip what does not read), and fold
+            // nothing into the index.
+            Err(error @ MdeError::InvalidResponse { .. }) => {
+                tracing::warn!(error = %error, "the window of offboard actions did not read; reading actions in flight by id instead");
+                let some: Vec<String> = expected.iter().take(FALLBACK_IDS).cloned().collect();
+                let mut actions = read.mde.machine_actions_by_ids(&some).await?;
+                if !plan.by_ids.is_empty() {
+                    actions.extend(read.mde.machine_actions_by_ids(&plan.by_ids).await?);
+                }
+                return Ok(actions);
+            }
+            Err(error) => return Err(error),
+        };
         state.density = Density::observed(now, since, actions.len());
         // The same answer keeps the machine checks' index current.
         if let Some(next) = next {
@@ -351,7 +372,7 @@ async fn read_plan<M: MdeCalls>(
             let now = offboard_state.now();
             offboard_state
                 .adopt
-                .fold(read.tenant, &actions, since, began, complete, next, now);
+                .fold(&tenant, &actions, since, began, complete, next, now);
         }
     }
     if !plan.by_ids.is_empty() {

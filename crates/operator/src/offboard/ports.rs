@@ -69,6 +69,17 @@ pub trait MdeCalls: TenantClient {
         top: usize,
         expected: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+    /// One page of [`Self::offboard_actions_since`] (`skip` actions in): the
+    /// adopt index's fill reads page by page, each in its own budget slot.
+    fn offboard_actions_page(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        skip: usize,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send;
+    /// `GET /api/machines/{id}`: the machine's `lastSeen`, read before a
+    /// `Succeeded` offboard of another request is adopted.
+    fn get_machine(&self, id: &str) -> impl Future<Output = Result<Machine, MdeError>> + Send;
 }
 
 impl MdeCalls for DefenderClient {
@@ -133,6 +144,19 @@ impl MdeCalls for DefenderClient {
         expected: &[String],
     ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
         DefenderClient::offboard_actions_since(self, since, top, expected)
+    }
+
+    fn offboard_actions_page(
+        &self,
+        since: jiff::Timestamp,
+        top: usize,
+        skip: usize,
+    ) -> impl Future<Output = Result<Vec<MachineAction>, MdeError>> + Send {
+        DefenderClient::offboard_actions_page(self, since, top, skip)
+    }
+
+    fn get_machine(&self, id: &str) -> impl Future<Output = Result<Machine, MdeError>> + Send {
+        DefenderClient::get_machine(self, id)
     }
 }
 

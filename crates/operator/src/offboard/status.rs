@@ -42,6 +42,11 @@ pub enum Reason {
     Cancelled,
     /// A cancel was asked for after the action left `Pending`: nothing sent.
     CancelTooLate,
+    /// A cancel was asked for an action another request created: nothing sent.
+    CancelNotOwner,
+    /// The adopted action was cancelled by the request that created it: this
+    /// resource sends its own offboard.
+    AdoptedActionCancelled,
     /// `spec.ttlSecondsAfterFinished` passed: the finished resource is deleted.
     Expired,
     /// `spec.connectionRef` names no `DefenderConnection` of the resource's namespace.

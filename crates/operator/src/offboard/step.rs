@@ -7,18 +7,19 @@ use super::decision::{
     self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
 };
 use super::ports::{MdeCalls, StatusStore};
-use super::state::{self, LookupKey, MachineClaim, OffboardState, TenantMachine};
+use super::state::{self, ClaimGuard, LookupKey, MachineClaim, OffboardState, TenantMachine};
 use super::status::Reason;
 use crate::cache::final_label;
 use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::tenants::ConnectionKey;
 use crate::tenants::Unavailable;
 use kube::ResourceExt;
-use mde_client::client::MAX_TOP;
+use mde_client::client::{MAX_PAGES, MAX_TOP};
 use mde_client::limiter::Permit;
-use mde_client::{ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
+use mde_client::{
+    Account, ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker,
+};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,14 +36,14 @@ pub struct Ports<'a, M, S> {
 /// When to run the next step (`None`: only when the resource changes).
 pub type Requeue = Option<Duration>;
 
+/// The `lastError.code` of a 404 from MDE (`MdeError::NotFound`).
+const NOT_FOUND_CODE: &str = "ResourceNotFound";
+
 /// How soon to look again when this process may not send (lease not held).
 const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
 
 /// How soon to look again while a connection is checked for the first time.
 const CONNECTION_CHECKING_RETRY: Duration = Duration::from_secs(1);
-
-/// How soon to look again when another resource is sending for the machine.
-const MACHINE_BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// One step for `obj`. Errors are only the store's (conflict, API error):
 /// every MDE outcome ends up in the status.
@@ -139,8 +140,10 @@ pub async fn connection_unavailable<S: StatusStore>(
         now: state.now(),
         submitting: None,
         retry_wait: None,
-        cancel: None,
+        cancel: cancel_annotation(&current),
         cancel_clock: None,
+        not_found_for: None,
+        own_retry_at: false,
     };
     let transition = decision::connection_unavailable(&view, unavailable, settings);
     write_status(store, &mut current, &transition.status).await?;
@@ -261,14 +264,50 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
         key: &key,
         proves_absence,
     };
-    match decision::after_lookup(&view, found, lookup, ports.settings) {
+    let decided = match decide_lookup(ports, &view, &found, machine_id, lookup).await {
+        Ok(decided) => decided,
+        Err(wait) => return Ok(Some(wait)),
+    };
+    match decided {
         AfterLookUp::Adopt(transition) => adopt(ports, current, transition).await,
         AfterLookUp::Send => match decision::cancel_instead_of_resend(&view) {
             Some(transition) => apply(ports, current, transition).await,
             None => submit(ports, current, machine_id, false).await,
         },
         AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
+        AfterLookUp::ReadMachine => unreachable_read_machine(),
     }
+}
+
+/// The decision after a list of the machine's offboard actions, reading the
+/// machine's record first when it asks for it (another request's succeeded
+/// offboard stands only if MDE has not seen the machine since). `Err`: the
+/// read budget says to wait; nothing was read.
+async fn decide_lookup<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    view: &View<'_>,
+    found: &std::result::Result<Vec<MachineAction>, MdeError>,
+    machine_id: &str,
+    lookup: LookUp<'_>,
+) -> std::result::Result<AfterLookUp, Duration> {
+    let settings = ports.settings;
+    match decision::after_lookup(view, found, None, lookup, settings) {
+        AfterLookUp::ReadMachine => {
+            let read = ports.mde.get_machine(machine_id);
+            Ok(match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
+                Ok(machine) => decision::after_lookup(view, found, Some(&machine), lookup, settings),
+                // The machine's record could not be read: decide as after a failed list.
+                Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
+            })
+        }
+        decided => Ok(decided),
+    }
+}
+
+/// With the machine's record given, the decision never asks for it again;
+/// should it, nothing is sent: wait as after a failed read.
+fn unreachable_read_machine() -> Result<Requeue> {
+    Ok(Some(Duration::from_secs(1)))
 }
 
 /// When this process's own budget refused a read (nothing was sent): how
@@ -320,22 +359,38 @@ async fn submit<M: MdeCalls, S: StatusStore>(
 ) -> Result<Requeue> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
+    // A predecessor (the process before a restart, the leader before a
+    // failover) may have sent for this machine just before this process
+    // could: no list shows that action until the lookup delay has passed.
+    if check_machine
+        && let Some(wait) = ports
+            .state
+            .predecessor_wait(ports.settings.lookup_delay, Instant::now())
+    {
+        return Ok(Some(wait));
+    }
     // One offboard per machine: a resource of this process already sending
     // for it, or already holding an action, is waited for or adopted.
-    let claim =
-        ports
-            .state
-            .machines
-            .claim(&tenant_machine(current, machine_id), &key, Instant::now());
-    let _claim = match claim {
-        MachineClaim::Granted(claim) => claim,
-        MachineClaim::Busy { key: other } => {
+    let claim = ports.state.machines.claim(
+        &tenant_machine(ports.mde, machine_id),
+        &key,
+        Instant::now(),
+        ports.settings.lookup_delay,
+    );
+    let (claim, exact_read) = match claim {
+        MachineClaim::Granted { guard, exact_read } => (guard, exact_read),
+        MachineClaim::Busy { key: other, retry } => {
             tracing::debug!(%key, %other, "another resource is sending for the machine");
-            return Ok(Some(MACHINE_BUSY_RETRY));
+            return Ok(Some(retry));
         }
-        MachineClaim::Known { action, key } => {
+        MachineClaim::Known { action, key: by } => {
             let view = view_of(ports, current, &status);
-            let transition = decision::record_action(&view, &action, Origin::Shared { key });
+            let origin = if by == key {
+                Origin::Recovered
+            } else {
+                Origin::Shared { key: by }
+            };
+            let transition = decision::record_action(&view, &action, origin);
             return adopt(ports, current, transition).await;
         }
     };
@@ -346,7 +401,8 @@ async fn submit<M: MdeCalls, S: StatusStore>(
     }
     // The offboard slot first, so no worker checks the machine or writes its
     // intent and then waits (and a spent budget costs no read).
-    let tenant = ConnectionKey::of(current);
+    // One queue per budget: MDE counts per tenant and app.
+    let tenant = ports.mde.account().clone();
     let (permit, served) = match ports.mde.budget().try_reserve(ApiFamily::Offboard) {
         Ok(permit) => (permit, ports.state.budget_queues.served(&tenant, &key)),
         Err(not_yet) => {
@@ -387,11 +443,14 @@ async fn submit<M: MdeCalls, S: StatusStore>(
         permit.cancel();
         ports.state.budget_queues.give_back(&tenant, &key, served);
     };
-    if check_machine {
+    // An action this process may have caused and not recorded (or one it
+    // knows finished) is checked for on the machine's own list, even on a
+    // resend: the claim says the adopt index cannot prove its absence.
+    if check_machine || exact_read {
         // Nothing is sent unless the check clears it: the slot goes back
         // whatever else happens, an error included (a dropped permit would
         // count as a call MDE never saw, for a whole hour).
-        match check(ports, current, machine_id).await {
+        match check(ports, current, machine_id, exact_read).await {
             Ok(None) => {}
             Ok(Some(requeue)) => {
                 give_back(permit);
@@ -403,7 +462,7 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             }
         }
     }
-    send(ports, current, machine_id, permit, &give_back).await
+    send(ports, current, machine_id, permit, &give_back, &claim).await
 }
 
 /// The check before a first send: `Some` (the step's result) when the machine's
@@ -412,14 +471,20 @@ async fn check<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
     current: &mut DeviceOffboard,
     machine_id: &str,
+    exact_read: bool,
 ) -> Result<Option<Requeue>> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
     // The common case, nothing to adopt, proven by the tenant's index
     // without a read.
     let max_age = ports.settings.lookup_delay;
-    let tenant = ConnectionKey::of(current);
-    let decided = match machine_check(ports.state, &tenant, machine_id, max_age) {
+    let tenant = ports.mde.account().tenant_only();
+    let index = if exact_read {
+        None
+    } else {
+        machine_check(ports.state, &tenant, machine_id, max_age)
+    };
+    let decided = match index {
         Some(MachineCheck::Refresh) => {
             match refresh_adopt_index(ports, &tenant, machine_id).await {
                 Ok(decided) => decided,
@@ -441,22 +506,32 @@ async fn check<M: MdeCalls, S: StatusStore>(
         proves_absence: true,
     };
     let view = view_of(ports, current, &status);
-    Ok(
-        match decision::after_lookup(&view, found, lookup, ports.settings) {
-            AfterLookUp::Send => None,
-            AfterLookUp::Adopt(transition) => Some(adopt(ports, current, transition).await?),
-            AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
-        },
-    )
+    let decided = match decide_lookup(ports, &view, &found, machine_id, lookup).await {
+        Ok(decided) => decided,
+        Err(wait) => return Ok(Some(Some(wait))),
+    };
+    Ok(match decided {
+        AfterLookUp::Send => None,
+        AfterLookUp::Adopt(transition) => Some(adopt(ports, current, transition).await?),
+        AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
+        AfterLookUp::ReadMachine => Some(unreachable_read_machine()?),
+    })
 }
 
-/// Bring the adopt index up to date with one window read (one worker at a
-/// time: the others wait for its answer), then decide for `machine_id`:
-/// [`MachineCheck::ExactRead`] whenever the read fails or proves nothing;
-/// `Err` (nothing read) when the read budget says to wait.
+/// Bring the adopt index up to date (one worker at a time: the others look
+/// again shortly), then decide for `machine_id`: [`MachineCheck::ExactRead`]
+/// whenever the read fails, stops part way or proves nothing; `Err` (nothing
+/// read) when the read budget or another worker's refresh says to wait.
+///
+/// The read goes page by page, each in its own read slot. A read of the whole
+/// window (the first fill, and every [`super::adopt_index::REFILL_EVERY`]) starts only
+/// when the budget has as many slots free as it was last seen to need; one
+/// that cannot get them, or stops part way, keeps what it read (more entries
+/// only mean more exact reads) and this machine is read exactly, so a spent
+/// read budget never stops first sends (no read is thrown away and retried).
 async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
     ports: &Ports<'_, M, S>,
-    tenant: &ConnectionKey,
+    tenant: &Account,
     machine_id: &str,
 ) -> std::result::Result<MachineCheck, Duration> {
     let max_age = ports.settings.lookup_delay;
@@ -464,36 +539,78 @@ async fn refresh_adopt_index<M: MdeCalls, S: StatusStore>(
         Some(MachineCheck::Send) => MachineCheck::Send,
         _ => MachineCheck::ExactRead,
     };
-    let _refreshing = ports.state.adopt.refreshing(tenant).await;
-    // Another worker may have refreshed it while this one waited.
+    let Some(_refreshing) = ports.state.adopt.try_refreshing(tenant) else {
+        return Err(REFRESH_BUSY_RETRY);
+    };
+    // Another worker may have refreshed it just before.
     if machine_check(ports.state, tenant, machine_id, max_age) != Some(MachineCheck::Refresh) {
         return Ok(decided(ports.state));
     }
-    let Some(since) =
+    let now = ports.state.now();
+    let Some(since) = ports.state.adopt.next_since(tenant, now, max_age) else {
+        return Ok(MachineCheck::ExactRead);
+    };
+    let whole = ports.state.adopt.is_whole_window(since, now);
+    let budget = ports.mde.budget();
+    if whole
+        && (budget.remaining(ApiFamily::MachineActions) as usize)
+            < ports.state.adopt.pages_needed(tenant) + KEEP_FOR_EXACT_READ
+    {
+        return Ok(MachineCheck::ExactRead);
+    }
+    let began = tokio::time::Instant::now();
+    let (actions, pages, complete) = read_window(ports.mde, since).await;
+    let now = ports.state.now();
+    ports
+        .state
+        .adopt
+        .fold(tenant, &actions, since, began, complete, since, now);
+    if whole {
         ports
             .state
             .adopt
-            .next_since(tenant, ports.state.now(), ports.settings.lookup_delay)
-    else {
-        return Ok(MachineCheck::ExactRead);
-    };
-    let began = tokio::time::Instant::now();
-    // No ids expected: every page is read, so the answer is complete.
-    let read = ports.mde.offboard_actions_since(since, MAX_TOP, &[]);
-    match budgeted_read(ports.mde, ApiFamily::MachineActions, read).await? {
-        Ok(actions) => {
-            let now = ports.state.now();
-            ports
-                .state
-                .adopt
-                .fold(tenant, &actions, since, began, true, since, now);
-            Ok(decided(ports.state))
+            .whole_window_read(tenant, began, pages, complete);
+    }
+    Ok(if complete {
+        decided(ports.state)
+    } else {
+        MachineCheck::ExactRead
+    })
+}
+
+/// Read slots a refresh of the adopt index leaves free: the exact read it
+/// falls back to must not wait for the next window.
+const KEEP_FOR_EXACT_READ: usize = 1;
+
+/// How soon a worker looks again while another refreshes the adopt index.
+const REFRESH_BUSY_RETRY: Duration = Duration::from_millis(200);
+
+/// Every offboard action created since `since`, page by page, each page in
+/// its own read slot: what was read, the pages read, and whether the answer
+/// is complete (a short last page). A refused slot or a failed page stops it.
+async fn read_window<M: MdeCalls>(mde: &M, since: jiff::Timestamp) -> (Vec<MachineAction>, usize, bool) {
+    let mut actions = Vec::new();
+    for page in 0..MAX_PAGES {
+        if (mde.budget().remaining(ApiFamily::MachineActions) as usize) <= KEEP_FOR_EXACT_READ {
+            return (actions, page, false);
         }
-        Err(error) => {
-            tracing::debug!(error = %error, "refreshing the adopt index failed; reading the machine's actions instead");
-            Ok(MachineCheck::ExactRead)
+        let read = mde.offboard_actions_page(since, MAX_TOP, page * MAX_TOP);
+        match budgeted_read(mde, ApiFamily::MachineActions, read).await {
+            Ok(Ok(batch)) => {
+                let last = batch.len() < MAX_TOP;
+                actions.extend(batch);
+                if last {
+                    return (actions, page + 1, true);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "reading offboard actions for the adopt index failed; reading the machine's actions instead");
+                return (actions, page, false);
+            }
+            Err(_) => return (actions, page, false),
         }
     }
+    (actions, MAX_PAGES, false)
 }
 
 /// Sign in, write the intent, send in the reserved slot, record.
@@ -503,6 +620,7 @@ async fn send<M: MdeCalls, S: StatusStore>(
     machine_id: &str,
     permit: Permit,
     give_back: &(dyn Fn(Permit) + Sync),
+    claim: &ClaimGuard,
 ) -> Result<Requeue> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
@@ -528,9 +646,17 @@ async fn send<M: MdeCalls, S: StatusStore>(
         Ok(permit) => permit,
         Err(requeue) => return Ok(requeue),
     };
+    // From here an action may exist until one is recorded or a read proves
+    // none: the claim outlives this step unless MDE refuses before acting.
+    claim.posting();
     let result = ports.mde.offboard(permit, machine_id, &comment).await;
-    if result.is_ok() {
-        count(ports.metrics, Reason::Requested);
+    match &result {
+        Ok(_) => count(ports.metrics, Reason::Requested),
+        // "Already pending" created nothing, but proves that an action
+        // exists: the claim stands until it is recorded or a read proves none.
+        Err(MdeError::AlreadyPending { .. }) => {}
+        Err(error) if !error.may_have_created() => claim.nothing_created(),
+        Err(_) => {}
     }
     let view = view_of(ports, current, &intent);
     let transition = match decision::after_send(&view, result, ports.settings) {
@@ -608,27 +734,31 @@ async fn adopt<M: MdeCalls, S: StatusStore>(
 }
 
 /// Once a resource records an action, other resources for its machine adopt it.
-fn remember_action(state: &OffboardState, obj: &DeviceOffboard) {
+/// Remembered under the key of the request that created the action (its
+/// owner: the only one that may cancel it), which is this resource's unless
+/// it adopted the action.
+fn remember_action<M: MdeCalls, S>(ports: &Ports<'_, M, S>, obj: &DeviceOffboard) {
     let Some(status) = &obj.status else { return };
-    let (Some(id), Some(machine_id), Some(key)) =
+    let (Some(id), Some(machine_id), Some(uid)) =
         (&status.machine_action_id, &status.machine_id, obj.uid())
     else {
         return;
     };
+    let owner = status.adopted_from.clone().unwrap_or(uid);
     let word = status.action_status.as_deref().unwrap_or("Pending");
     let action = MachineAction::recorded_offboard(id, machine_id, ActionStatus::from_word(word));
-    state.machines.known(
-        tenant_machine(obj, machine_id),
+    ports.state.machines.known(
+        tenant_machine(ports.mde, machine_id),
         &action,
-        &key,
+        &owner,
         Instant::now(),
     );
 }
 
-/// The resource's machine in its own tenant.
-fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> TenantMachine {
+/// The machine in the tenant `mde` reaches (whichever connection reaches it).
+fn tenant_machine<M: MdeCalls>(mde: &M, machine_id: &str) -> TenantMachine {
     TenantMachine {
-        tenant: ConnectionKey::of(obj),
+        tenant: mde.account().tenant_only(),
         machine_id: machine_id.to_string(),
     }
 }
@@ -636,7 +766,7 @@ fn tenant_machine(obj: &DeviceOffboard, machine_id: &str) -> TenantMachine {
 /// What `tenant`'s adopt index says for a first send to `machine_id`.
 fn machine_check(
     state: &OffboardState,
-    tenant: &ConnectionKey,
+    tenant: &Account,
     machine_id: &str,
     max_age: Duration,
 ) -> Option<MachineCheck> {
@@ -652,6 +782,18 @@ pub async fn record_poll<M: MdeCalls, S: StatusStore>(
     action: &MachineAction,
 ) -> Result<()> {
     let status = obj.status.clone().unwrap_or_default();
+    if let Some(machine_id) = &status.machine_id {
+        ports
+            .state
+            .machines
+            .polled(&tenant_machine(ports.mde, machine_id), action);
+    }
+    if let Some(key) = obj.uid() {
+        ports
+            .state
+            .lookups
+            .observe(&LookupKey::not_found(&key), false, Instant::now());
+    }
     if let Some(transition) = decision::after_poll(&view_of(ports, obj, &status), action) {
         apply(ports, &mut obj.clone(), transition).await?;
     }
@@ -670,8 +812,20 @@ pub async fn record_gone<M: MdeCalls, S: StatusStore>(
     {
         return Ok(());
     }
-    let transition = decision::action_gone(&view_of(ports, obj, &status), action_id);
-    apply(ports, &mut obj.clone(), transition).await?;
+    let key = uid(obj)?;
+    let view = view_of(ports, obj, &status);
+    match decision::action_gone(&view, action_id, ports.settings) {
+        Some(transition) => {
+            apply(ports, &mut obj.clone(), transition).await?;
+        }
+        // The first 404: confirmed (or not) by a read a delay later.
+        None => {
+            ports
+                .state
+                .lookups
+                .observe(&LookupKey::not_found(&key), true, Instant::now());
+        }
+    }
     Ok(())
 }
 
@@ -684,17 +838,31 @@ fn view_of<'a, M, S>(
         spec: &obj.spec,
         status,
         generation: obj.metadata.generation,
-        cancel: obj
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CANCEL_ANNOTATION))
-            .map(String::as_str),
+        cancel: cancel_annotation(obj),
         cancel_clock: None,
         now: ports.state.now(),
         submitting: None,
         retry_wait: obj.uid().map(|uid| retry_wait(ports, &uid)),
+        not_found_for: obj.uid().and_then(|uid| {
+            ports
+                .state
+                .lookups
+                .seen_for(&LookupKey::not_found(&uid), Instant::now())
+        }),
+        own_retry_at: match (obj.uid(), status.next_retry_at.as_ref()) {
+            (Some(uid), Some(at)) => ports.state.retry_times.is_own(&uid, at.0),
+            _ => false,
+        },
     }
+}
+
+/// The `defender.offboard.dev/cancel` annotation's value, if any.
+fn cancel_annotation(obj: &DeviceOffboard) -> Option<&str> {
+    obj.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CANCEL_ANNOTATION))
+        .map(String::as_str)
 }
 
 /// The longest wait between retries of a transient failure, in multiples of
@@ -731,8 +899,23 @@ async fn apply<M: MdeCalls, S: StatusStore>(
     transition: Transition,
 ) -> Result<Requeue> {
     write_status(ports.store, current, &transition.status).await?;
-    remember_action(ports.state, current);
+    remember_action(ports, current);
     if let Some(uid) = current.uid() {
+        let retry_at = transition.status.next_retry_at.as_ref().map(|t| t.0);
+        ports
+            .state
+            .retry_times
+            .wrote(&uid, retry_at, ports.state.now());
+        // A 404 starts the clock that confirms it; any other answer ends it.
+        let not_found = transition
+            .status
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.code == NOT_FOUND_CODE);
+        ports
+            .state
+            .lookups
+            .observe(&LookupKey::not_found(&uid), not_found, Instant::now());
         if decision::is_failed_retry(&transition) {
             ports.state.step_failures.failed(&uid);
         } else {

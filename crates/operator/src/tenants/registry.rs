@@ -12,14 +12,21 @@ use std::sync::{Arc, RwLock};
 use tokio::time::Instant;
 
 /// What the registry needs of a tenant's client: its rate budget (offboards
-/// a predecessor sent are counted against it).
+/// a predecessor sent are counted against it), and whose machines and rate
+/// limits it reaches (the state of one machine is kept per tenant, not per
+/// connection: two connections to one tenant reach the same machines).
 pub trait TenantClient: Send + Sync + 'static {
     fn budget(&self) -> &mde_client::RateBudget;
+    fn account(&self) -> &mde_client::Account;
 }
 
 impl TenantClient for mde_client::DefenderClient {
     fn budget(&self) -> &mde_client::RateBudget {
         mde_client::DefenderClient::budget(self)
+    }
+
+    fn account(&self) -> &mde_client::Account {
+        mde_client::DefenderClient::account(self)
     }
 }
 
@@ -299,6 +306,16 @@ mod tests {
     impl TenantClient for FakeMde {
         fn budget(&self) -> &mde_client::RateBudget {
             &self.0
+        }
+
+        fn account(&self) -> &mde_client::Account {
+            static ACCOUNT: std::sync::LazyLock<mde_client::Account> =
+                std::sync::LazyLock::new(|| mde_client::Account {
+                    tenant: "t".into(),
+                    app: "a".into(),
+                    api: "https://api.security.microsoft.com/".into(),
+                });
+            &ACCOUNT
         }
     }
 

@@ -185,6 +185,10 @@ pub fn record_action(view: &View, action: &MachineAction, origin: Origin) -> Tra
     let status = &mut transition.status;
     status.machine_action_id = Some(action.id.clone());
     status.machine_id = Some(machine.clone());
+    status.adopted_from = match &origin {
+        Origin::Shared { key } => Some(key.clone()),
+        Origin::Sent | Origin::Recovered => None,
+    };
     status.next_retry_at = None;
     if !status.phase.is_some_and(Phase::is_terminal) {
         status.last_error = None;
@@ -213,9 +217,15 @@ pub fn record_action(view: &View, action: &MachineAction, origin: Origin) -> Tra
 }
 
 /// MDE answered 404 for the action this resource records, asked for it alone
-/// (not from a list, where a missing entry proves nothing): final, with the
-/// action named, instead of polling for it forever.
-pub fn action_gone(view: &View, action_id: &str) -> Transition {
+/// (not from a list, where a missing entry proves nothing), and again
+/// `lookup_delay` after the first time: final, with the action named,
+/// instead of polling for it forever.
+/// `None` until a 404 comes again `lookup_delay` after the first: MDE
+/// answers 404 now and then for what exists, and lists lag.
+pub fn action_gone(view: &View, action_id: &str, settings: &Settings) -> Option<Transition> {
+    if !view.not_found_confirmed(settings) {
+        return None;
+    }
     let message = format!(
         "MDE has no offboard action {action_id} (GET /api/machineactions/{action_id} answered 404); check the device in the Defender portal, then create a new DeviceOffboard to offboard it again"
     );
@@ -229,7 +239,7 @@ pub fn action_gone(view: &View, action_id: &str) -> Transition {
             .retain(|c| c.type_ != SUBMITTED);
         transition.status.conditions.push(keep);
     }
-    transition
+    Some(transition)
 }
 
 /// Fold a polled action's status into the resource. `None` when nothing changed.
@@ -239,8 +249,45 @@ pub fn after_poll(view: &View, action: &MachineAction) -> Option<Transition> {
     {
         return None;
     }
+    if action.status == ActionStatus::Cancelled
+        && let Some(owner) = &view.status.adopted_from
+    {
+        return Some(adopted_action_cancelled(view, action, owner));
+    }
     let transition = apply_action_status(view, action);
     (transition.status != *view.status).then_some(transition)
+}
+
+/// The adopted action was cancelled by the request that created it: that
+/// request's cancel says nothing of this one, whose device still needs its
+/// offboard. The action is dropped and this resource sends its own (after
+/// the check of the machine's list, as any first send).
+fn adopted_action_cancelled(view: &View, action: &MachineAction, owner: &str) -> Transition {
+    let owner = if owner.is_empty() { "another request" } else { owner };
+    let message = format!(
+        "the adopted offboard action {} was cancelled by the request that created it ({owner}); this resource sends its own offboard",
+        action.id
+    );
+    let mut status = view.with(
+        Phase::Pending,
+        Conditions {
+            ready: (Reason::AdoptedActionCancelled, message.clone()),
+            submitted: Submitted::no(Reason::AdoptedActionCancelled, message.clone()),
+        },
+    );
+    status.machine_action_id = None;
+    status.action_status = None;
+    status.adopted_from = None;
+    status.submitted_at = None;
+    status.next_retry_at = None;
+    Transition {
+        status,
+        note: Some(Note {
+            reason: Reason::AdoptedActionCancelled,
+            message,
+        }),
+        requeue: Some(Duration::ZERO),
+    }
 }
 
 /// The phase, `Ready` reason, message and Event that MDE's status word means.

@@ -21,8 +21,13 @@ use mde_client::{ActionStatus, MachineAction, MdeError};
 pub(super) fn plan_cancel(view: &View, reason: &str, settings: &Settings) -> Option<Plan> {
     let cancel = view.status.cancel.as_ref();
     match (&view.status.machine_action_id, cancel.map(|c| c.state)) {
-        // Accepted, or too late: the poller carries the action to its end.
-        (Some(_), Some(CancelState::Sent | CancelState::TooLate)) => None,
+        // Accepted, too late, or not ours: the poller carries the action to its end.
+        (Some(_), Some(CancelState::Sent | CancelState::TooLate | CancelState::NotOwner)) => None,
+        // Another request created the action: only it may cancel it (one
+        // cancel per action, and never one for a request that did not ask).
+        (Some(_), None) if view.status.adopted_from.is_some() => {
+            Some(Plan::Write(Box::new(not_owner(view, reason))))
+        }
         (Some(action_id), Some(CancelState::Requesting)) => {
             Some(match lookup_timing(view.cancel_clock, settings) {
                 LookupTiming::Now { proves_absence } => Plan::ReadCancelled {
@@ -138,6 +143,14 @@ pub fn after_cancel_read(
             note: None,
             requeue: Some(settings.lookup_delay),
         }),
+        // A word MDE may add later (or a null): not a proof that the
+        // action can no longer be cancelled, nor that the cancel did
+        // nothing. Read again later.
+        ActionStatus::Other(_) => AfterCancelRead::Write(Transition {
+            status: view.status.clone(),
+            note: None,
+            requeue: Some(settings.lookup_delay),
+        }),
         other => AfterCancelRead::Write(too_late(
             view,
             &reason_of(view),
@@ -171,6 +184,33 @@ fn cancelled(view: &View, action: &MachineAction) -> Transition {
     }
     transition.requeue = None;
     transition
+}
+
+/// The action belongs to another request: nothing is sent; say whose it is
+/// and what to do, once; the resource goes on following the action.
+fn not_owner(view: &View, reason: &str) -> Transition {
+    let mut status = view.status.clone();
+    status.cancel = Some(CancelStatus {
+        reason: reason.to_string(),
+        state: CancelState::NotOwner,
+        requested_at: None,
+        attempts: 0,
+    });
+    let action = view.status.machine_action_id.as_deref().unwrap_or("?");
+    let owner = match view.status.adopted_from.as_deref() {
+        Some("") | None => "a request outside this operator (cancel it in the Defender portal)".to_string(),
+        Some(key) => format!("request {key} (annotate that DeviceOffboard, or cancel it in the Defender portal)"),
+    };
+    Transition {
+        status,
+        note: Some(Note {
+            reason: Reason::CancelNotOwner,
+            message: format!(
+                "not cancelling offboard action {action}: it was created by {owner}, and only the request that created an action cancels it; this resource follows the action to its end"
+            ),
+        }),
+        requeue: None,
+    }
 }
 
 /// Too late to cancel: say so once, leave the annotation, carry on.

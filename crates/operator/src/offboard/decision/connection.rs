@@ -3,6 +3,7 @@
 
 use super::errors::{Retry, retrying};
 use super::{Settings, Transition, View};
+use crate::crd::Phase;
 use crate::offboard::status::Reason;
 use crate::tenants::Unavailable;
 use std::time::Duration;
@@ -19,12 +20,20 @@ pub fn unavailable_reason(unavailable: &Unavailable) -> Reason {
 
 /// Wait in the current phase (`Pending`, or `Submitting` whose lookup needs
 /// the tenant) with the reason in status and an Event; the Event only when
-/// the reason is new, so a long wait does not repeat it every retry.
+/// the reason is new, so a long wait does not repeat it every retry. A
+/// `Pending` resource asked to cancel ends cancelled: nothing was sent.
 pub fn connection_unavailable(
     view: &View,
     unavailable: &Unavailable,
     settings: &Settings,
 ) -> Transition {
+    // A cancel before anything was sent needs no tenant: nothing will be.
+    if let Some(reason) = view.cancel_reason()
+        && view.phase() == Phase::Pending
+        && view.status.machine_action_id.is_none()
+    {
+        return super::cancelled_before_send(view, reason);
+    }
     let reason = unavailable_reason(unavailable);
     let mut transition = retrying(
         view,

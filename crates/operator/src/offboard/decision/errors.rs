@@ -54,6 +54,9 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
         .trim_end()
         .trim_end_matches('.')
         .to_string();
+    if matches!(error, MdeError::NotFound { .. }) && !view.not_found_confirmed(settings) {
+        return unconfirmed_not_found(view, error, phase, &message, settings);
+    }
     if let Some(failure) = final_failure(view, error, &message) {
         return failed(view, failure);
     }
@@ -94,6 +97,33 @@ pub fn on_error(view: &View, error: &MdeError, phase: Phase, settings: &Settings
             reason,
             code: error.code(),
             message,
+            wait,
+        },
+    )
+}
+
+/// A first 404: MDE answers one now and then for a machine that exists
+/// (and a gateway or a wrong path answers 404 too), so it is confirmed by a
+/// second one `lookup_delay` later before the resource fails.
+fn unconfirmed_not_found(
+    view: &View,
+    error: &MdeError,
+    phase: Phase,
+    message: &str,
+    settings: &Settings,
+) -> Transition {
+    let wait = settings.lookup_delay.max(settings.retry_backoff);
+    let machine = view.machine_id().unwrap_or_default();
+    retrying(
+        view,
+        Retry {
+            phase,
+            reason: Reason::DeviceNotFound,
+            code: error.code(),
+            message: format!(
+                "MDE has no machine {machine} ({message}); MDE answers 404 now and then for machines that exist, so the request is made again in {}s before the resource fails",
+                wait.as_secs()
+            ),
             wait,
         },
     )

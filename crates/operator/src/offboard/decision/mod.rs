@@ -53,19 +53,49 @@ pub struct Settings {
     pub retry_backoff: Duration,
     /// Retry after a credentials or permission failure: a person must act.
     pub access_backoff: Duration,
+    /// How far back another request's `Succeeded` offboard may stand for the
+    /// machine (`--adopt-window`; the adopt index covers the same window).
+    /// Zero: never; a finished offboard of another request is never adopted.
+    pub adopt_window: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            // Above the default 30 s request timeout: a request that timed out
-            // may still be in MDE's hands, and must be listable before we look.
-            lookup_delay: Duration::from_secs(35),
+            lookup_delay: DEFAULT_LOOKUP_DELAY,
             retry_backoff: Duration::from_secs(10),
             access_backoff: Duration::from_secs(300),
+            adopt_window: DEFAULT_ADOPT_WINDOW,
         }
     }
 }
+
+/// `--lookup-delay`'s default: the default 30 s request timeout (a request
+/// that timed out may still be in MDE's hands) plus a minute for MDE to act on
+/// it and list its action ([`LIST_LAG_MARGIN`]).
+pub const DEFAULT_LOOKUP_DELAY: Duration = Duration::from_secs(90);
+
+/// How much longer than the request timeout the lookup delay should be.
+pub const LIST_LAG_MARGIN: Duration = Duration::from_secs(60);
+
+/// A warning when `lookup_delay` leaves MDE less than [`LIST_LAG_MARGIN`]
+/// after a request timed out to list its action: a lookup that early may
+/// miss an action the timed-out request created, and send a second one.
+pub fn lookup_delay_warning(lookup_delay: Duration, request_timeout: Duration) -> Option<String> {
+    let floor = request_timeout.saturating_add(LIST_LAG_MARGIN);
+    (lookup_delay < floor).then(|| {
+        format!(
+            "--lookup-delay {}s is less than --request-timeout {}s plus {}s: a lookup that early may miss an action a timed-out request created; set --lookup-delay to at least {}s",
+            lookup_delay.as_secs_f64(),
+            request_timeout.as_secs_f64(),
+            LIST_LAG_MARGIN.as_secs(),
+            floor.as_secs_f64()
+        )
+    })
+}
+
+/// `--adopt-window`'s default: a week.
+pub const DEFAULT_ADOPT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the reconcile should do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +173,16 @@ pub struct View<'a> {
     pub cancel: Option<&'a str>,
     /// While a cancel is `Requesting`: how long this process has seen it so.
     pub cancel_clock: Option<SubmittingClock>,
+    /// How long ago this process first saw MDE answer 404 for this resource
+    /// (`None`: not since its last other answer). MDE answers 404 for
+    /// things that exist now and then, so a 404 is final only when one
+    /// comes again `lookup_delay` after the first.
+    pub not_found_for: Option<Duration>,
+    /// Whether this process wrote the status's `nextRetryAt`. Only such a
+    /// time is waited for: one another replica wrote counts on its clock
+    /// (skewed, after a failover) and its budget; this process plans the
+    /// resource against its own instead.
+    pub own_retry_at: bool,
 }
 
 /// What the `Ready` and `Submitted` conditions say about a new phase.
@@ -194,6 +234,12 @@ impl View<'_> {
     fn until(&self, at: Option<&Time>) -> Option<Duration> {
         let at = at?.0;
         (at > self.now).then(|| to_std(at.duration_since(self.now)))
+    }
+
+    /// Whether a 404 now confirms one seen `lookup_delay` or more before.
+    fn not_found_confirmed(&self, settings: &Settings) -> bool {
+        self.not_found_for
+            .is_some_and(|seen_for| seen_for >= settings.lookup_delay)
     }
 
     /// The wait before retrying a transient failure.

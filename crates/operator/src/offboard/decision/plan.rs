@@ -21,7 +21,9 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
         // An action exists: the batch poller takes it from here.
         return Plan::Idle { requeue: None };
     }
-    if let Some(wait) = view.until(view.status.next_retry_at.as_ref()) {
+    if view.own_retry_at
+        && let Some(wait) = view.until(view.status.next_retry_at.as_ref())
+    {
         return Plan::Idle {
             requeue: Some(wait),
         };

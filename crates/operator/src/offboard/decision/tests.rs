@@ -1,7 +1,7 @@
 //! Table tests of the decision: a new case is one row.
 use super::timing::SubmittingClock;
 use super::*;
-use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use crate::crd::{CancelState, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
 use crate::offboard::status::{READY, Reason, STALLED, SUBMITTED, condition};
 use crate::tenants::Unavailable;
 use crate::test_kit;
@@ -75,6 +75,8 @@ fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> V
         retry_wait: None,
         cancel: None,
         cancel_clock: None,
+        not_found_for: None,
+        own_retry_at: true,
     }
 }
 
@@ -83,6 +85,7 @@ fn settings() -> Settings {
         lookup_delay: Duration::from_secs(5),
         retry_backoff: Duration::from_secs(10),
         access_backoff: Duration::from_secs(300),
+        ..Settings::default()
     }
 }
 
@@ -349,10 +352,12 @@ fn after_send_for_every_outcome() {
             reason: "PermissionDenied",
             event: Some(Reason::PermissionDenied),
         },
+        // A first 404 is confirmed a delay later before the resource fails
+        // (see a_404_is_final_only_when_it_comes_again_a_delay_later).
         Row {
             name: "unknown machine",
             result: Err(MdeError::NotFound { message: msg() }),
-            phase: Phase::Failed,
+            phase: Phase::Pending,
             reason: "DeviceNotFound",
             event: Some(Reason::DeviceNotFound),
         },
@@ -503,7 +508,7 @@ fn lookup_adopts_sends_or_waits() {
         ..proving
     };
     let AfterLookUp::Adopt(t) =
-        after_lookup(&v, Ok(vec![action(ActionStatus::InProgress)]), early, &s)
+        after_lookup(&v, &Ok(vec![action(ActionStatus::InProgress)]), None, early, &s)
     else {
         panic!("found action must be adopted")
     };
@@ -513,9 +518,9 @@ fn lookup_adopts_sends_or_waits() {
     assert_eq!(t.note.unwrap().reason, Reason::Adopted);
     assert_eq!(t.status.attempts, Some(1), "adoption sends nothing");
 
-    assert_eq!(after_lookup(&v, Ok(vec![]), proving, &s), AfterLookUp::Send);
+    assert_eq!(after_lookup(&v, &Ok(vec![]), None, proving, &s), AfterLookUp::Send);
     // Absent on an early lookup: wait out the delay, write nothing.
-    let AfterLookUp::Wait(t) = after_lookup(&v, Ok(vec![]), early, &s) else {
+    let AfterLookUp::Wait(t) = after_lookup(&v, &Ok(vec![]), None, early, &s) else {
         panic!("an early lookup proves nothing")
     };
     assert_eq!(t.status, current);
@@ -524,12 +529,12 @@ fn lookup_adopts_sends_or_waits() {
     let mut others = action(ActionStatus::Failed);
     others.requestor_comment = Some("[defender-offboard:uid-10] retired".into());
     assert_eq!(
-        after_lookup(&v, Ok(vec![others.clone()]), proving, &s),
+        after_lookup(&v, &Ok(vec![others.clone()]), None, proving, &s),
         AfterLookUp::Send
     );
     // ... unless it is live or succeeded: then one offboard serves both.
     others.status = ActionStatus::Pending;
-    let AfterLookUp::Adopt(t) = after_lookup(&v, Ok(vec![others]), proving, &s) else {
+    let AfterLookUp::Adopt(t) = after_lookup(&v, &Ok(vec![others]), None, proving, &s) else {
         panic!("a live action of another request for the machine is adopted")
     };
     assert!(t.note.unwrap().message.contains("uid-10"));
@@ -541,7 +546,7 @@ fn lookup_adopts_sends_or_waits() {
             message: "m".into(),
         },
     ] {
-        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error), proving, &s) else {
+        let AfterLookUp::Wait(t) = after_lookup(&v, &Err(error), None, proving, &s) else {
             panic!("a failed lookup never sends")
         };
         assert_eq!(
@@ -580,7 +585,7 @@ fn a_failed_lookup_never_fails_the_resource() {
             key: "uid",
             proves_absence: true,
         };
-        let AfterLookUp::Wait(t) = after_lookup(&v, Err(error.clone()), proving, &s) else {
+        let AfterLookUp::Wait(t) = after_lookup(&v, &Err(error.clone()), None, proving, &s) else {
             panic!("{error:?}")
         };
         assert_eq!(t.status.phase, Some(Phase::Submitting), "{error:?}");
@@ -962,6 +967,12 @@ fn after_a_cancel_request() {
         after_cancel_read(&v, Err(timeout), true, &s),
         AfterCancelRead::Write(t) if t.status.cancel.as_ref().unwrap().state == crate::crd::CancelState::Requesting
     ));
+    // A status MDE answered as null (or a word it may add later) proves
+    // neither: keep the intent and read again after the delay.
+    assert!(matches!(
+        after_cancel_read(&v, Ok(action(ActionStatus::Other("null".into()))), true, &s),
+        AfterCancelRead::Write(t) if t.status == intent && t.requeue == Some(s.lookup_delay)
+    ));
 }
 
 /// An action cancelled elsewhere (the Defender portal) ends `Failed` with
@@ -1123,4 +1134,269 @@ fn a_cancel_asked_before_a_resend_ends_the_resource_instead() {
     );
     let message = &condition(&transition.status, READY).unwrap().message;
     assert!(message.contains("wrong device"), "{message}");
+}
+
+/// Which action stands for the machine (docs/architecture.md): another
+/// request's `Succeeded` offboard is adopted only when it was created within
+/// the adopt window and MDE has not seen the machine since it ended; a
+/// machine seen again (onboarded again) gets a new offboard. Days are
+/// counted back from `now()`.
+#[test]
+fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since() {
+    let s = settings();
+    let spec = by_id();
+    let current = DeviceOffboardStatus::default();
+    let v = view(&spec, &current);
+    let first_send = LookUp {
+        key: "uid-new",
+        proves_absence: true,
+    };
+    let days_ago = |days: i64| (now() - SignedDuration::from_hours(24 * days)).to_string();
+    let old_offboard = |status: ActionStatus, created: Option<i64>, updated: Option<i64>| {
+        let mut a = action(status);
+        a.requestor_comment = Some("[defender-offboard:uid-old] retired".into());
+        a.creation_date_time_utc = created.map(days_ago);
+        a.last_update_date_time_utc = updated.map(days_ago);
+        a
+    };
+    let machine = |last_seen: Option<&str>| -> Machine {
+        serde_json::from_value(serde_json::json!({ "id": MACHINE, "lastSeen": last_seen }))
+            .unwrap()
+    };
+    let seen = days_ago(1);
+    let long_ago = days_ago(30);
+    enum Then {
+        ReadMachine,
+        Adopt,
+        Send,
+    }
+    // (status, created, last updated (days ago), machine's lastSeen, outcome)
+    type Row<'a> = (ActionStatus, Option<i64>, Option<i64>, Option<Option<&'a str>>, Then);
+    let rows: [Row; 9] = [
+        // Recent, the machine not read yet: read it before deciding.
+        (ActionStatus::Succeeded, Some(3), Some(3), None, Then::ReadMachine),
+        // Not seen since it ended: the old offboard stands.
+        (ActionStatus::Succeeded, Some(3), Some(3), Some(Some(&long_ago)), Then::Adopt),
+        (ActionStatus::Succeeded, Some(3), Some(3), Some(None), Then::Adopt),
+        // Seen after it ended: onboarded again, a new offboard.
+        (ActionStatus::Succeeded, Some(3), Some(2), Some(Some(&seen)), Then::Send),
+        // No end time: the creation time is the end.
+        (ActionStatus::Succeeded, Some(3), None, Some(Some(&seen)), Then::Send),
+        // Older than the adopt window (7 days), or of unreadable age: never
+        // stands, whatever the index holds (and no read of the machine).
+        (ActionStatus::Succeeded, Some(60), Some(60), None, Then::Send),
+        (ActionStatus::Succeeded, None, None, None, Then::Send),
+        // A finished one that did not succeed never stands.
+        (ActionStatus::Failed, Some(3), Some(3), None, Then::Send),
+        // A live one stands whatever its age or the machine's lastSeen.
+        (ActionStatus::Pending, Some(60), Some(60), None, Then::Adopt),
+    ];
+    for (i, (status, created, updated, last_seen, then)) in rows.into_iter().enumerate() {
+        let actions = Ok(vec![old_offboard(status, created, updated)]);
+        let record = last_seen.map(machine);
+        let got = after_lookup(&v, &actions, record.as_ref(), first_send, &s);
+        match then {
+            Then::ReadMachine => assert_eq!(got, AfterLookUp::ReadMachine, "row {i}"),
+            Then::Send => assert_eq!(got, AfterLookUp::Send, "row {i}"),
+            Then::Adopt => {
+                let AfterLookUp::Adopt(t) = got else {
+                    panic!("row {i}: adopted, got {got:?}")
+                };
+                assert!(t.note.unwrap().message.contains("uid-old"), "row {i}");
+            }
+        }
+    }
+    // A zero window: another request's finished offboard never stands.
+    let zero = Settings {
+        adopt_window: Duration::ZERO,
+        ..settings()
+    };
+    let recent = Ok(vec![old_offboard(ActionStatus::Succeeded, Some(0), Some(0))]);
+    assert_eq!(
+        after_lookup(&v, &recent, None, first_send, &zero),
+        AfterLookUp::Send
+    );
+}
+
+/// A `Pending` resource asked to cancel ends cancelled even while its
+/// connection cannot be used: nothing was sent, and nothing needs the tenant.
+/// A `Submitting` one waits: its send may have created an action.
+#[test]
+fn a_cancel_before_any_send_needs_no_connection() {
+    let spec = by_id();
+    let settings = Settings::default();
+    let unavailable = Unavailable::NotFound {
+        namespace: "team-b".into(),
+        name: "contoso".into(),
+    };
+    let pending = status(Phase::Pending);
+    let v = View {
+        cancel: Some("wrong device"),
+        ..view(&spec, &pending)
+    };
+    let t = connection_unavailable(&v, &unavailable, &settings);
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(t.note.unwrap().reason, Reason::Cancelled);
+    let submitting = submitting_since(5);
+    let v = View {
+        cancel: Some("wrong device"),
+        ..view(&spec, &submitting)
+    };
+    let t = connection_unavailable(&v, &unavailable, &settings);
+    assert_eq!(t.status.phase, Some(Phase::Submitting));
+}
+
+/// Cancel works per action: only the request whose marker created an
+/// action cancels it. One that adopted another request's action sends no
+/// cancel (it says whose the action is); and when the owner cancels, the
+/// adopter drops the action and sends its own offboard, unless it was asked
+/// to cancel too.
+#[test]
+fn only_the_request_that_created_an_action_cancels_it() {
+    let s = settings();
+    let spec = by_id();
+    let sent = submitting_since(0);
+    let mut theirs = action(ActionStatus::Pending);
+    theirs.requestor_comment = Some("[defender-offboard:uid-owner] retired".into());
+    let adopted = record_action(
+        &view(&spec, &sent),
+        &theirs,
+        Origin::Shared {
+            key: "uid-owner".into(),
+        },
+    )
+    .status;
+    assert_eq!(adopted.adopted_from.as_deref(), Some("uid-owner"));
+    let own = record_action(&view(&spec, &sent), &action(ActionStatus::Pending), Origin::Sent).status;
+    assert_eq!(own.adopted_from, None);
+    let cancel = |status: &DeviceOffboardStatus| {
+        plan(
+            &View {
+                cancel: Some("wrong device"),
+                ..view(&spec, status)
+            },
+            &s,
+        )
+    };
+    assert!(
+        matches!(cancel(&own), Plan::Cancel { .. }),
+        "the owner cancels its own action"
+    );
+    let Plan::Write(t) = cancel(&adopted) else {
+        panic!("an adopter sends no cancel")
+    };
+    assert_eq!(t.status.cancel.as_ref().unwrap().state, CancelState::NotOwner);
+    let note = t.note.clone().unwrap();
+    assert_eq!(note.reason, Reason::CancelNotOwner);
+    assert!(note.message.contains("uid-owner"), "{}", note.message);
+    assert_eq!(
+        cancel(&t.status),
+        Plan::Idle { requeue: None },
+        "said once; the adopter follows the action"
+    );
+    // The owner cancelled: the adopter drops the action and sends its own.
+    let mut cancelled = theirs.clone();
+    cancelled.status = ActionStatus::Cancelled;
+    let t = after_poll(&view(&spec, &adopted), &cancelled).unwrap();
+    assert_eq!(t.status.phase, Some(Phase::Pending));
+    assert_eq!(
+        (t.status.machine_action_id.as_ref(), t.status.adopted_from.as_ref()),
+        (None, None)
+    );
+    assert_eq!(t.note.as_ref().unwrap().reason, Reason::AdoptedActionCancelled);
+    assert!(matches!(
+        plan(&view(&spec, &t.status), &s),
+        Plan::Submit { .. }
+    ));
+    // ... unless it was asked to cancel too: then it ends cancelled, unsent.
+    let Plan::Write(t2) = cancel(&t.status) else {
+        panic!("cancelled before its own send")
+    };
+    assert_eq!(t2.status.phase, Some(Phase::Failed));
+    // Its own action cancelled ends the owner's resource.
+    let mut own_cancelled = action(ActionStatus::Cancelled);
+    own_cancelled.id = ACTION.into();
+    let t = after_poll(&view(&spec, &own), &own_cancelled).unwrap();
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+}
+
+/// The lookup delay leaves MDE a minute past the request timeout to list an
+/// action a timed-out request created; the defaults keep that, and a shorter
+/// one is named with the fix.
+#[test]
+fn the_lookup_delay_outlasts_a_timed_out_request_by_a_minute() {
+    let timeout = Duration::from_secs(30);
+    assert_eq!(
+        lookup_delay_warning(Settings::default().lookup_delay, timeout),
+        None
+    );
+    let warning = lookup_delay_warning(Duration::from_secs(35), timeout).unwrap();
+    assert!(warning.contains("--lookup-delay to at least 90s"), "{warning}");
+}
+
+/// MDE answers 404 now and then for what exists (and a gateway or a wrong
+/// path answers 404 too): a 404 ends a resource only when it comes again
+/// `lookup_delay` after the first, for the POST and for the recorded action
+/// alike. Everywhere else a 404 already proves nothing.
+#[test]
+fn a_404_is_final_only_when_it_comes_again_a_delay_later() {
+    let s = settings();
+    let spec = by_id();
+    let sending = submitting_since(0);
+    let not_found = || MdeError::NotFound {
+        message: "Machine was not found".into(),
+    };
+    for (seen_for, final_) in [
+        (None, false),
+        (Some(Duration::ZERO), false),
+        (Some(s.lookup_delay - Duration::from_secs(1)), false),
+        (Some(s.lookup_delay), true),
+    ] {
+        let v = View {
+            not_found_for: seen_for,
+            ..view(&spec, &sending)
+        };
+        let AfterSend::Record(t) = after_send(&v, Err(not_found()), &s) else {
+            panic!()
+        };
+        let phase = if final_ { Phase::Failed } else { Phase::Pending };
+        assert_eq!(t.status.phase, Some(phase), "{seen_for:?}");
+        if !final_ {
+            assert_eq!(t.requeue, Some(s.lookup_delay.max(s.retry_backoff)));
+        }
+        let recorded = with_action(Phase::InProgress, "Pending");
+        let v = View {
+            not_found_for: seen_for,
+            ..view(&spec, &recorded)
+        };
+        assert_eq!(
+            action_gone(&v, ACTION, &s).is_some(),
+            final_,
+            "{seen_for:?}"
+        );
+    }
+}
+
+/// A `nextRetryAt` another replica wrote (its clock may be skewed; it had a
+/// budget of its own) is not waited for: the resource is planned against this
+/// process's budget, which writes a time of its own.
+#[test]
+fn only_a_retry_time_this_process_wrote_is_waited_for() {
+    let s = settings();
+    let spec = by_id();
+    let waiting = DeviceOffboardStatus {
+        next_retry_at: Some(Time(now() + SignedDuration::from_hours(2))),
+        ..status(Phase::Pending)
+    };
+    assert_eq!(
+        plan(&view(&spec, &waiting), &s),
+        Plan::Idle {
+            requeue: Some(Duration::from_secs(7200))
+        }
+    );
+    let after_failover = View {
+        own_retry_at: false,
+        ..view(&spec, &waiting)
+    };
+    assert!(matches!(plan(&after_failover, &s), Plan::Submit { .. }));
 }

@@ -5,7 +5,7 @@
 
 use crate::lease_clock::LeaseClock;
 use crate::offboard::adopt_index::{self, AdoptIndex, Freshness, MachineCheck};
-use crate::tenants::ConnectionKey;
+use mde_client::Account;
 use mde_client::MachineAction;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ impl TenantIndex {
 #[derive(Default)]
 struct Indexes {
     window: Mutex<Option<Duration>>,
-    tenants: Mutex<HashMap<ConnectionKey, Arc<TenantIndex>>>,
+    tenants: Mutex<HashMap<Account, Arc<TenantIndex>>>,
 }
 
 #[derive(Clone, Default)]
@@ -47,7 +47,7 @@ impl AdoptIndexes {
         *self.0.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tenant(&self, tenant: &ConnectionKey) -> Arc<TenantIndex> {
+    fn tenant(&self, tenant: &Account) -> Arc<TenantIndex> {
         self.0
             .tenants
             .lock()
@@ -62,7 +62,7 @@ impl AdoptIndexes {
     /// while `lease` was held.
     pub(crate) fn machine_check(
         &self,
-        tenant: &ConnectionKey,
+        tenant: &Account,
         machine_id: &str,
         max_age: Duration,
         lease: &LeaseClock,
@@ -84,12 +84,45 @@ impl AdoptIndexes {
     /// Where `tenant`'s next read starts (`None`: no index), as of `now`.
     pub(crate) fn next_since(
         &self,
-        tenant: &ConnectionKey,
+        tenant: &Account,
         now: jiff::Timestamp,
         lag: Duration,
     ) -> Option<jiff::Timestamp> {
         let window = self.window()?;
-        Some(self.tenant(tenant).index().next_since(now, window, lag))
+        Some(
+            self.tenant(tenant)
+                .index()
+                .next_since(now, window, lag, Instant::now()),
+        )
+    }
+
+    /// Whether a read from `since` covers `tenant`'s whole window as of `now`.
+    pub(crate) fn is_whole_window(&self, since: jiff::Timestamp, now: jiff::Timestamp) -> bool {
+        self.window()
+            .is_some_and(|window| since <= adopt_index::window_start(now, window))
+    }
+
+    /// Read slots a read of `tenant`'s whole window needs, as far as is known.
+    pub(crate) fn pages_needed(&self, tenant: &Account) -> usize {
+        self.tenant(tenant).index().pages_needed()
+    }
+
+    /// A read of `tenant`'s whole window ended: complete in `pages`, or
+    /// stopped after them.
+    pub(crate) fn whole_window_read(
+        &self,
+        tenant: &Account,
+        began: Instant,
+        pages: usize,
+        complete: bool,
+    ) {
+        let tenant = self.tenant(tenant);
+        let mut index = tenant.index();
+        if complete {
+            index.read_whole_window(began, pages);
+        } else {
+            index.stopped_after(pages);
+        }
     }
 
     /// Fold a window read of `tenant` (from `since`, begun at `began`) into
@@ -97,7 +130,7 @@ impl AdoptIndexes {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fold(
         &self,
-        tenant: &ConnectionKey,
+        tenant: &Account,
         actions: &[MachineAction],
         since: jiff::Timestamp,
         began: Instant,
@@ -114,13 +147,16 @@ impl AdoptIndexes {
         index.prune(now, window);
     }
 
-    /// Held by the one worker refreshing `tenant`'s index.
-    pub(crate) async fn refreshing(
+    /// Held by the one worker refreshing `tenant`'s index; `None` while
+    /// another worker holds it. Nobody waits for it: a worker that waited
+    /// would hold its offboard slot and its place among the controller's
+    /// workers while one slow tenant's read goes on, and stall other tenants.
+    pub(crate) fn try_refreshing(
         &self,
-        tenant: &ConnectionKey,
-    ) -> tokio::sync::OwnedMutexGuard<()> {
+        tenant: &Account,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         let lock = self.tenant(tenant).refreshing.clone();
-        lock.lock_owned().await
+        lock.try_lock_owned().ok()
     }
 }
 
@@ -136,8 +172,13 @@ mod tests {
         let indexes = AdoptIndexes::default();
         indexes.use_window(Duration::from_secs(7 * 24 * 3600));
         let (lease, max_age) = (LeaseClock::not_elected(), Duration::from_secs(35));
-        let default = ConnectionKey::Default;
-        let check = |tenant: &ConnectionKey| {
+        let tenant = |id: &str| Account {
+            tenant: id.into(),
+            app: String::new(),
+            api: "https://api.security.microsoft.com/".into(),
+        };
+        let default = tenant("contoso");
+        let check = |tenant: &Account| {
             indexes.machine_check(tenant, "m1", max_age, &lease, Instant::now())
         };
         assert_eq!(check(&default), Some(MachineCheck::Refresh));
@@ -147,10 +188,7 @@ mod tests {
             .unwrap();
         indexes.fold(&default, &[], since, Instant::now(), true, since, now);
         assert_eq!(check(&default), Some(MachineCheck::Send));
-        let team_b = ConnectionKey::Named {
-            namespace: "team-b".into(),
-            name: "contoso".into(),
-        };
+        let team_b = tenant("fabrikam");
         assert_eq!(
             check(&team_b),
             Some(MachineCheck::Refresh),

@@ -5,9 +5,12 @@
 //! counting in the places behind it, but keeps its own: a waiter that is only
 //! late is not sent to the back, where its slot would stay unused until the
 //! windows after every other waiter's. A place unclaimed for
-//! [`QUEUE_FORGET`] is dropped.
+//! [`QUEUE_FORGET`] is dropped. A place given back unsent returns with the
+//! time its waiter was due, so it expires by the same rule and at the same
+//! age as if it had never been served: a waiter that gives its slot back and
+//! never waits again (adopted, final, deleted) holds no slot for good.
 
-use crate::tenants::ConnectionKey;
+use mde_client::Account;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,22 +45,23 @@ impl Queue {
     }
 }
 
-/// A place served to a waiter, to take back if its slot is given back unsent.
+/// A place served to a waiter (its number and when it was due), to take back
+/// if its slot is given back unsent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Served(Option<u64>);
+pub(crate) struct Served(Option<(u64, Instant)>);
 
 #[derive(Clone, Default)]
-pub(crate) struct BudgetQueues(Arc<Mutex<HashMap<ConnectionKey, Queue>>>);
+pub(crate) struct BudgetQueues(Arc<Mutex<HashMap<Account, Queue>>>);
 
 impl BudgetQueues {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Queue>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Account, Queue>> {
         // Plain data behind the lock: a panic elsewhere leaves it usable.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `key`'s place among `tenant`'s waiters (0: next), taking one at the
     /// back if it has none.
-    pub(crate) fn place(&self, tenant: &ConnectionKey, key: &str, now: Instant) -> usize {
+    pub(crate) fn place(&self, tenant: &Account, key: &str, now: Instant) -> usize {
         let mut queues = self.lock();
         let queue = queues.entry(tenant.clone()).or_default();
         let seq = match queue.places.get_mut(key) {
@@ -85,7 +89,7 @@ impl BudgetQueues {
     }
 
     /// When `key` was told to come back for its slot.
-    pub(crate) fn due(&self, tenant: &ConnectionKey, key: &str, due: Instant) {
+    pub(crate) fn due(&self, tenant: &Account, key: &str, due: Instant) {
         if let Some(place) = self
             .lock()
             .get_mut(tenant)
@@ -97,13 +101,17 @@ impl BudgetQueues {
 
     /// `key` has its slot: it leaves its tenant's queue, and gets back the
     /// place it held for [`BudgetQueues::give_back`].
-    pub(crate) fn served(&self, tenant: &ConnectionKey, key: &str) -> Served {
+    pub(crate) fn served(&self, tenant: &Account, key: &str) -> Served {
         let mut queues = self.lock();
         let Some(queue) = queues.get_mut(tenant) else {
             return Served(None);
         };
-        let place = queue.places.remove(key).map(|(seq, _)| seq);
-        if let Some(seq) = place {
+        // A place served while it waits now (no time given yet) is due now.
+        let place = queue
+            .places
+            .remove(key)
+            .map(|(seq, due)| (seq, due.unwrap_or_else(Instant::now)));
+        if let Some((seq, _)) = place {
             queue.order.remove(&seq);
         }
         if queue.places.is_empty() {
@@ -113,9 +121,11 @@ impl BudgetQueues {
     }
 
     /// `key` gave its slot back unsent: it takes back the place it was served
-    /// from (a waiter sent to the back would leave its slot unused).
-    pub(crate) fn give_back(&self, tenant: &ConnectionKey, key: &str, served: Served) {
-        let Served(Some(seq)) = served else {
+    /// from (a waiter sent to the back would leave its slot unused), due when
+    /// it was due, so the place expires like any other if `key` never waits
+    /// again.
+    pub(crate) fn give_back(&self, tenant: &Account, key: &str, served: Served) {
+        let Served(Some((seq, due))) = served else {
             return;
         };
         let mut queues = self.lock();
@@ -124,7 +134,7 @@ impl BudgetQueues {
             return;
         }
         queue.next = queue.next.max(seq + 1);
-        queue.places.insert(key.to_string(), (seq, None));
+        queue.places.insert(key.to_string(), (seq, Some(due)));
         queue.order.insert(seq, key.to_string());
     }
 }
@@ -133,14 +143,19 @@ impl BudgetQueues {
 mod tests {
     use super::*;
 
+    fn account(tenant: &str) -> Account {
+        Account {
+            tenant: tenant.into(),
+            app: "app".into(),
+            api: "https://api.security.microsoft.com/".into(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn budget_waiters_keep_their_places_and_late_ones_stop_counting_until_back() {
         let queues = BudgetQueues::default();
-        let t = ConnectionKey::Default;
-        let other = ConnectionKey::Named {
-            namespace: "other".into(),
-            name: "tenant".into(),
-        };
+        let t = account("contoso");
+        let other = account("fabrikam");
         let now = Instant::now;
         assert_eq!(queues.place(&t, "a", now()), 0);
         assert_eq!(queues.place(&t, "b", now()), 1);
@@ -177,5 +192,31 @@ mod tests {
         tokio::time::advance(QUEUE_FORGET + Duration::from_secs(1)).await;
         assert_eq!(queues.place(&t, "d", now()), 0);
         assert_eq!(queues.place(&other, "x", now()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_place_given_back_expires_like_any_other_when_its_waiter_never_returns() {
+        let queues = BudgetQueues::default();
+        let t = account("contoso");
+        let now = Instant::now;
+        assert_eq!(queues.place(&t, "gone", now()), 0);
+        queues.due(&t, "gone", now());
+        assert_eq!(queues.place(&t, "next", now()), 1);
+        queues.due(&t, "next", now() + Duration::from_secs(60));
+        // `gone` has its slot, gives it back unsent (its machine check adopted
+        // another's action), and never waits again.
+        let served = queues.served(&t, "gone");
+        queues.give_back(&t, "gone", served);
+        assert_eq!(queues.place(&t, "next", now()), 1, "`gone` is ahead again");
+        // Like a waiter that missed its time: after the grace it stops
+        // counting in the places behind it…
+        tokio::time::advance(QUEUE_GRACE + Duration::from_secs(1)).await;
+        assert_eq!(queues.place(&t, "next", now()), 0, "no slot held for it");
+        // …and after an hour unclaimed it is dropped.
+        tokio::time::advance(QUEUE_FORGET).await;
+        queues.place(&t, "next", now());
+        let served = queues.served(&t, "next");
+        assert!(matches!(served, Served(Some((1, _)))));
+        assert!(queues.lock().is_empty(), "nothing kept for `gone`");
     }
 }

@@ -7,11 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
-/// Whose clock: a resource's offboard, or its cancel.
+/// Whose clock: a resource's offboard, its cancel, or the 404s MDE
+/// answered for it (a 404 is final only once confirmed a delay later).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum LookupKey {
     Offboard { uid: String },
     Cancel { uid: String },
+    NotFound { uid: String },
 }
 
 impl LookupKey {
@@ -21,6 +23,10 @@ impl LookupKey {
 
     pub(crate) fn cancel(uid: &str) -> Self {
         LookupKey::Cancel { uid: uid.into() }
+    }
+
+    pub(crate) fn not_found(uid: &str) -> Self {
+        LookupKey::NotFound { uid: uid.into() }
     }
 }
 
@@ -59,6 +65,14 @@ impl LookupClocks {
             seen_for: now.saturating_duration_since(seen.since),
             looked_early: seen.looked_early,
         })
+    }
+
+    /// How long `key`'s clock has run, without starting it.
+    pub(crate) fn seen_for(&self, key: &LookupKey, now: Instant) -> Option<std::time::Duration> {
+        let clocks = self.lock();
+        clocks
+            .get(key)
+            .map(|seen| now.saturating_duration_since(seen.since))
     }
 
     /// The early lookup was made: the next one waits for the delay.

@@ -8,17 +8,20 @@ mod budget_queue;
 mod lookup_clocks;
 mod machine_claims;
 mod retries;
+mod retry_times;
 mod wall_clock;
 
 pub(crate) use adopt_indexes::AdoptIndexes;
 pub(crate) use budget_queue::BudgetQueues;
 pub(crate) use lookup_clocks::{LookupClocks, LookupKey};
-pub(crate) use machine_claims::{MachineClaim, MachineClaims, TenantMachine};
+pub(crate) use machine_claims::{ClaimGuard, MachineClaim, MachineClaims, TenantMachine};
 pub(crate) use retries::{RetryCounter, backoff};
+pub(crate) use retry_times::RetryTimes;
 pub use wall_clock::WallClock;
 
 use crate::lease_clock::LeaseClock;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A request is only sent while the lease has at least this long left.
 pub const LEASE_SEND_MARGIN: Duration = Duration::from_secs(1);
@@ -39,10 +42,18 @@ pub struct OffboardState {
     pub(crate) reconcile_errors: RetryCounter,
     /// Each tenant's index of this operator's recent offboards.
     pub(crate) adopt: AdoptIndexes,
+    /// The `nextRetryAt` times this process wrote (only those are waited for).
+    pub(crate) retry_times: RetryTimes,
     /// Until when this process may send (leader election).
     pub lease: LeaseClock,
     /// Where "now" written into status comes from.
     pub wall: WallClock,
+    /// Whether another process may have sent just before this one could (a
+    /// controller after a restart or a failover): first sends then wait out
+    /// the lookup delay from when this process became able to send, since
+    /// no list shows a predecessor's last action before that. The `offboard`
+    /// command, alone with its key, does not.
+    pub(crate) after_predecessor: bool,
 }
 
 impl OffboardState {
@@ -50,8 +61,20 @@ impl OffboardState {
     pub fn with_lease(lease: LeaseClock) -> Self {
         OffboardState {
             lease,
+            after_predecessor: true,
             ..OffboardState::default()
         }
+    }
+
+    /// How long a first send still waits for a predecessor's last action to
+    /// be listable (`None`: no wait; see `after_predecessor`).
+    pub(crate) fn predecessor_wait(&self, lookup_delay: Duration, now: Instant) -> Option<Duration> {
+        if !self.after_predecessor {
+            return None;
+        }
+        let since = self.lease.sending_since()?;
+        let ready = since.checked_add(lookup_delay)?;
+        (now < ready).then(|| ready - now)
     }
 
     /// Whether this process may send now (always, without leader election).
