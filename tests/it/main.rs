@@ -5,6 +5,7 @@
 //! - `observability`: the chart's alerts and dashboard against the registered metrics;
 //! - `client`, `cli`: the MDE client and the `offboard` command against the simulator;
 //! - `controller`, `rbac`: the controller in process against the in-memory API;
+//! - `final_label`: a final label the operator did not write, against the same;
 //! - `lifecycle`: node offboarding and TTL cleanup against the in-memory API;
 //! - `tenants`: several MDE tenants through DefenderConnections;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
@@ -19,6 +20,7 @@ mod controller;
 mod crd_admission;
 mod e2e;
 mod fault_matrix;
+mod final_label;
 mod lifecycle;
 mod observability;
 mod rbac;

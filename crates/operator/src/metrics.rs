@@ -91,6 +91,7 @@ pub struct Metrics {
     pub in_flight_oldest: Gauge,
     pub parked: Gauge,
     pub ttl_deletions: Counter,
+    pub final_labels_removed: Counter,
     pub node_offboards: Family<ResultLabels, Counter>,
 }
 
@@ -202,6 +203,14 @@ impl Default for Metrics {
             Kind::Counter,
             ttl_deletions.clone(),
         );
+        let final_labels_removed = Counter::default();
+        catalog.register(
+            &mut registry,
+            "final_labels_removed",
+            "Final labels removed from DeviceOffboards whose status is not final (a copied manifest or a hand-set label)",
+            Kind::Counter,
+            final_labels_removed.clone(),
+        );
         let node_offboards = Family::<ResultLabels, Counter>::default();
         catalog.register(
             &mut registry,
@@ -225,6 +234,7 @@ impl Default for Metrics {
             in_flight_oldest,
             parked,
             ttl_deletions,
+            final_labels_removed,
             node_offboards,
         }
     }
@@ -325,6 +335,7 @@ mod tests {
             "defender_offboard_resources",
             "defender_offboard_budget_remaining",
             "defender_offboard_ttl_deletions_total",
+            "defender_offboard_final_labels_removed_total",
             "defender_offboard_node_offboards_total",
         ] {
             assert!(names.contains(name), "{name} missing from {names:?}");

@@ -21,6 +21,7 @@
 //! a notice and skip. Steps that need `kubectl` are skipped with a notice when it
 //! is not on PATH (resources are then created with kube-rs).
 
+mod final_label;
 mod relist;
 mod support;
 

@@ -8,7 +8,8 @@
 //!
 //! The status stays the truth: a resource whose label write was lost (a crash
 //! between the two writes) is still final to the decision, and the next
-//! reconcile of it only adds the label.
+//! reconcile of it only adds the label; a label on a resource whose status is
+//! not final was not the operator's and is removed ([`super::stray_label`]).
 
 use crate::crd::DeviceOffboard;
 use kube::ResourceExt;
@@ -20,6 +21,10 @@ pub const FINAL_LABEL: &str = "defender.offboard.dev/final";
 
 /// What the controller watches: everything not yet labelled final.
 pub const WATCH_SELECTOR: &str = "defender.offboard.dev/final!=true";
+
+/// Exactly the resources [`WATCH_SELECTOR`] leaves out: the labelled ones,
+/// watched for a label the operator did not write (see [`super::stray_label`]).
+pub const LABELLED_SELECTOR: &str = "defender.offboard.dev/final=true";
 
 /// What `kubectl apply` keeps on every object: a copy of the whole manifest.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -155,6 +160,7 @@ mod tests {
     #[test]
     fn the_selector_leaves_out_exactly_the_label() {
         assert_eq!(WATCH_SELECTOR, format!("{FINAL_LABEL}!=true"));
+        assert_eq!(LABELLED_SELECTOR, format!("{FINAL_LABEL}=true"));
         let patch = label_patch(Some("41"));
         assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
         assert_eq!(patch["metadata"]["resourceVersion"], "41");

@@ -10,7 +10,7 @@ pub mod leader;
 
 pub use crd_check::{check_connection_crd_installed, check_crd_installed};
 
-use crate::cache::{final_label, parked};
+use crate::cache::{final_label, parked, stray_label};
 use crate::crd::DeviceOffboard;
 use crate::lease_clock::LeaseClock;
 use crate::metrics::Metrics;
@@ -72,6 +72,12 @@ pub async fn run(
     }
     if args.leader_elect {
         args.lease_timing.validate()?;
+    }
+    if let Some(warning) = crate::offboard::decision::lookup_delay_warning(
+        args.settings.lookup_delay,
+        args.clients.request_timeout,
+    ) {
+        tracing::warn!("{warning}");
     }
     let metrics = Arc::new(Metrics::default());
     let mde = match own_client {
@@ -282,6 +288,14 @@ pub async fn run_controller<M: MdeCalls>(
         ctx.metrics.clone(),
         args.ttl_sweep_interval,
     )));
+    // A final label on a resource whose status is not final hides it from
+    // the watch above: removed here, beside the controller (it writes, so
+    // only on the leader), by a watch of its own that keeps no store.
+    let stray_labels = AbortOnDrop(tokio::spawn(stray_label::run(
+        api.clone(),
+        ctx.store.reporter.clone(),
+        ctx.metrics.clone(),
+    )));
     // Only where the controller runs: on the leader when leader election is on.
     let nodes = args.offboard_deleted_nodes.then(|| {
         AbortOnDrop(tokio::spawn(nodes::run(
@@ -305,7 +319,7 @@ pub async fn run_controller<M: MdeCalls>(
         })
         .await;
     drop(poller);
-    drop((gauges, ttl, nodes, waker));
+    drop((gauges, ttl, nodes, waker, stray_labels));
 }
 
 /// How often the budget-left and in-flight-age gauges are refreshed.
