@@ -37,7 +37,11 @@ fn builder(n: u32) -> test_kit::OffboardBuilder {
     test_kit::offboard(&format!("laptop-{n}"))
         .machine_id(MACHINE)
         .comment("returned")
-        .namespace(if n.is_multiple_of(2) { "it" } else { "pipelines" })
+        .namespace(if n.is_multiple_of(2) {
+            "it"
+        } else {
+            "pipelines"
+        })
         .uid(&format!("6f1c1a52-2222-4a4a-9c9c-00000000000{n}"))
         .generation(1)
 }
@@ -148,7 +152,10 @@ async fn a_send_of_unknown_outcome_keeps_its_machine_from_a_second_post() {
             1,
             "{lost}: a second POST while the first may have created an action"
         );
-        assert_eq!(status.adopted_from.as_deref(), request(1).metadata.uid.as_deref());
+        assert_eq!(
+            status.adopted_from.as_deref(),
+            request(1).metadata.uid.as_deref()
+        );
         assert!(mde.double_posts().is_empty(), "{lost}");
     }
 }
@@ -380,5 +387,41 @@ async fn a_retry_time_another_replica_wrote_does_not_hold_a_resource_after_failo
     };
     let store = ScriptedStore::new(builder(1).status(Some(waiting)).build());
     world.until(&store, Duration::from_secs(60), recorded).await;
+    assert_eq!(mde.posts_for_machine(MACHINE), 1);
+}
+
+/// Item 8: while one worker refreshes a tenant's adopt index (a slow read),
+/// another worker for that tenant does not wait on it holding an offboard
+/// slot and a controller worker: it gives the slot back and looks again
+/// shortly, so other tenants' resources are never stalled behind it.
+#[tokio::test(start_paused = true)]
+async fn a_worker_never_waits_on_another_workers_index_refresh() {
+    use crate::tenants::TenantClient;
+    let mde = FakeMde::default();
+    let state = process(true);
+    let world = World {
+        mde: &mde,
+        state: &state,
+        settings: settings(),
+        metrics: Metrics::default(),
+    };
+    let refreshing = state
+        .adopt
+        .try_refreshing(&mde.account().tenant_only())
+        .expect("no one refreshes yet");
+    let slots = mde.budget().remaining(mde_client::ApiFamily::Offboard);
+    let store = ScriptedStore::new(request(1));
+    let requeue = tokio::time::timeout(Duration::from_secs(1), world.step(&store))
+        .await
+        .expect("the step does not wait for the other worker's refresh");
+    assert!(requeue <= Duration::from_secs(1), "{requeue:?}");
+    assert_eq!(
+        mde.budget().remaining(mde_client::ApiFamily::Offboard),
+        slots,
+        "the offboard slot went back"
+    );
+    assert_eq!(mde.posts_for_machine(MACHINE), 0);
+    drop(refreshing);
+    world.until(&store, Duration::from_secs(30), recorded).await;
     assert_eq!(mde.posts_for_machine(MACHINE), 1);
 }

@@ -7,6 +7,7 @@ use super::adopt_index;
 use super::context::Context;
 use super::poll_plan::{self, Density, InFlight, PollPlan};
 use super::ports::MdeCalls;
+use super::state::OffboardState;
 use super::step::{record_gone, record_poll};
 use crate::crd::{DeviceOffboard, Phase};
 use crate::metrics::{ErrorLabels, PhaseLabels};
@@ -239,8 +240,9 @@ pub(crate) async fn run<M: MdeCalls>(
             .map(|a| a.id.clone())
             .collect();
         let read = Read {
-            ctx: &ctx,
-            mde: &mde,
+            state: &ctx.state,
+            lookup_delay: ctx.settings.lookup_delay,
+            mde: mde.as_ref(),
         };
         let actions = match read_plan(read, &plan, &expected, now, &mut state).await {
             Ok(actions) => actions,
@@ -318,7 +320,8 @@ pub(crate) async fn run<M: MdeCalls>(
 /// tenant the window answers keep current.
 #[derive(Clone, Copy)]
 struct Read<'a, M> {
-    ctx: &'a Context<M>,
+    state: &'a OffboardState,
+    lookup_delay: Duration,
     mde: &'a M,
 }
 
@@ -336,13 +339,12 @@ async fn read_plan<M: MdeCalls>(
     let mut actions = Vec::new();
     if let Some(since) = plan.window_since {
         let began = tokio::time::Instant::now();
-        let offboard_state = &read.ctx.state;
+        let offboard_state = read.state;
         let tenant = read.mde.account().tenant_only();
-        let next = offboard_state.adopt.next_since(
-            &tenant,
-            offboard_state.now(),
-            read.ctx.settings.lookup_delay,
-        );
+        let next =
+            offboard_state
+                .adopt
+                .next_since(&tenant, offboard_state.now(), read.lookup_delay);
         actions = match read
             .mde
             .offboard_actions_since(since, MAX_TOP, expected)
@@ -467,5 +469,39 @@ mod tests {
         // 3000 in flight = 60 calls a poll: at most 750 calls an hour for polling.
         assert_eq!(poll_pause(every, 60, &mde), Duration::from_secs(288));
         assert_eq!(poll_pause(every, 0, &mde), every);
+    }
+
+    /// One malformed entry in the window answer (here: the answer does not
+    /// read) must not stop every poll of the tenant: the actions in flight
+    /// are read by id instead, and the window is not folded into the index.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_answer_that_does_not_read_falls_back_to_reads_by_id() {
+        use crate::offboard::fakes::{FakeMde, Lookup};
+        let mde = FakeMde::default();
+        let action = mde.insert(
+            "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567",
+            "[defender-offboard:k] x",
+        );
+        mde.push_window_read(Lookup::Fail(MdeError::InvalidResponse {
+            message: "1 of the entries do not read".into(),
+        }));
+        let state = OffboardState::default();
+        let read = Read {
+            state: &state,
+            lookup_delay: Duration::from_secs(35),
+            mde: &mde,
+        };
+        let plan = PollPlan {
+            window_since: Some(state.now() - jiff::SignedDuration::from_hours(1)),
+            by_ids: Vec::new(),
+        };
+        let mut poll = PollState::default();
+        let read = read_plan(read, &plan, &[action.id.clone()], state.now(), &mut poll)
+            .await
+            .expect("the poll goes on by id");
+        assert_eq!(
+            read.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            [action.id.as_str()]
+        );
     }
 }
