@@ -496,9 +496,15 @@ mod tests {
             by_ids: Vec::new(),
         };
         let mut poll = PollState::default();
-        let read = read_plan(read, &plan, &[action.id.clone()], state.now(), &mut poll)
-            .await
-            .expect("the poll goes on by id");
+        let read = read_plan(
+            read,
+            &plan,
+            std::slice::from_ref(&action.id),
+            state.now(),
+            &mut poll,
+        )
+        .await
+        .expect("the poll goes on by id");
         assert_eq!(
             read.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
             [action.id.as_str()]
