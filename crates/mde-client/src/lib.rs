@@ -12,8 +12,8 @@ pub use auth::{
     ClientIdentity, Credential, CredentialSource, FetchedCredential, Secret, token_roles,
 };
 pub use client::{
-    Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, comment_with_marker,
-    correlation_marker, has_marker, marker_key,
+    Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver,
+    comment_with_marker, correlation_marker, has_marker, marker_key,
 };
 pub use cloud::{Cloud, Endpoints};
 pub use error::{ErrorClass, MdeError};

@@ -134,6 +134,16 @@ pub struct Action {
     pub created_utc: jiff::Timestamp,
     pub outcome: Outcome,
     pub cancellation: Option<Cancellation>,
+    /// An action from before the simulator started: final from the start.
+    pub ended: Option<Ended>,
+}
+
+/// How and when an action of the past ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Ended {
+    pub status: Status,
+    /// From its creation to its last update.
+    pub took: Duration,
 }
 
 impl Action {
@@ -141,24 +151,38 @@ impl Action {
         now.saturating_sub(self.created)
     }
 
+    /// Whether list answers show it yet: an action stays out of them for
+    /// `lag` after its creation; one of the past has long been listed.
+    pub fn listed(&self, now: Duration, lag: Duration) -> bool {
+        self.ended.is_some() || self.age(now) >= lag
+    }
+
     pub fn status(&self, now: Duration, schedule: Schedule) -> Status {
-        progress(
-            self.age(now),
-            schedule,
-            self.outcome,
-            self.cancellation.as_ref().map(|c| c.at),
-        )
-        .0
+        self.progress(now, schedule).0
+    }
+
+    /// Its status at `now` and the age at which it last changed.
+    fn progress(&self, now: Duration, schedule: Schedule) -> (Status, Duration) {
+        match self.ended {
+            Some(ended) => (ended.status, ended.took),
+            None => progress(
+                self.age(now),
+                schedule,
+                self.outcome,
+                self.cancellation.as_ref().map(|c| c.at),
+            ),
+        }
+    }
+
+    /// When it last changed (`lastUpdateDateTimeUtc`).
+    pub fn last_update(&self, now: Duration, schedule: Schedule) -> jiff::Timestamp {
+        let changed = self.progress(now, schedule).1;
+        self.created_utc + jiff::SignedDuration::try_from(changed).unwrap_or_default()
     }
 
     /// The MachineAction JSON MDE returns.
     pub fn to_json(&self, now: Duration, schedule: Schedule) -> Value {
-        let (status, changed) = progress(
-            self.age(now),
-            schedule,
-            self.outcome,
-            self.cancellation.as_ref().map(|c| c.at),
-        );
+        let (status, changed) = self.progress(now, schedule);
         let utc_at = |age: Duration| {
             let at = self.created_utc
                 + jiff::SignedDuration::try_from(age).unwrap_or(jiff::SignedDuration::ZERO);

@@ -4,7 +4,9 @@
 //! authentication (401), rate limits (429), injected latency and errors (500/503),
 //! then application permissions (403).
 
+use std::borrow::Borrow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -50,6 +52,26 @@ struct OffboardRequest<'a> {
     key: &'a str,
     /// Machine id as the path names it.
     machine_id: &'a str,
+    /// Set once it is counted as received.
+    received: &'a AtomicBool,
+}
+
+/// Tells the store an offboard POST counted as received has been answered,
+/// however its handler ends (its connection closed by the client included).
+struct AnsweredOnDrop<'a> {
+    shared: &'a Shared,
+    machine_id: &'a str,
+    received: &'a AtomicBool,
+}
+
+impl Drop for AnsweredOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.received.load(Ordering::SeqCst) {
+            self.shared
+                .lock()
+                .offboard_request_answered(self.machine_id);
+        }
+    }
 }
 
 /// Authenticates, rate-limits, injects faults and checks permissions for one call.
@@ -89,9 +111,8 @@ async fn admit(
             return Err(too_many_requests(wait, store.config.faults.retry_after));
         }
         if let Some(request) = offboard {
-            store
-                .stats
-                .record_offboard_request(request.key, request.machine_id);
+            store.offboard_request_received(request.key, request.machine_id);
+            request.received.store(true, Ordering::SeqCst);
         }
         let latency = store.config.scaled(store.config.faults.latency);
         let faults = store.config.faults.clone();
@@ -246,8 +267,8 @@ fn encode(value: &str) -> String {
 ///   (`$top` caps the total);
 /// - without, up to `page_size` entities and an `@odata.nextLink` when more remain,
 ///   shaped by `paging.next_link`.
-fn list_page(
-    items: &[Value],
+fn list_page<V: Borrow<Value>>(
+    items: &[V],
     raw_query: Option<&str>,
     entity_set: &str,
     path: &str,
@@ -255,6 +276,20 @@ fn list_page(
     paging: Paging,
     base: &str,
 ) -> Result<Value, QueryError> {
+    list_page_whole(items, raw_query, entity_set, path, filterable, paging, base).map(|(b, _)| b)
+}
+
+/// [`list_page`], and whether the page holds all the query matched (from
+/// the first entity on, none left over).
+fn list_page_whole<V: Borrow<Value>>(
+    items: &[V],
+    raw_query: Option<&str>,
+    entity_set: &str,
+    path: &str,
+    filterable: &[&str],
+    paging: Paging,
+    base: &str,
+) -> Result<(Value, bool), QueryError> {
     let query = parse_query(raw_query)?;
     let filter = match &query.filter {
         Some(text) => {
@@ -270,6 +305,7 @@ fn list_page(
     };
     let matching: Vec<&Value> = items
         .iter()
+        .map(Borrow::borrow)
         .filter(|v| filter.as_ref().is_none_or(|f| f.matches(v)))
         .collect();
     let available = matching.len().saturating_sub(query.skip);
@@ -281,6 +317,7 @@ fn list_page(
             (take, available > take)
         }
     };
+    let whole = query.skip == 0 && take == matching.len();
     let page: Vec<Value> = matching
         .into_iter()
         .skip(query.skip)
@@ -319,7 +356,7 @@ fn list_page(
     if let Some(link) = link {
         body["@odata.nextLink"] = Value::String(link);
     }
-    Ok(body)
+    Ok((body, whole))
 }
 
 /// MDE's mangled `@odata.nextLink`: `$skip` survives, every other parameter loses
@@ -466,9 +503,17 @@ pub async fn offboard(
     body: Bytes,
 ) -> Response {
     let key = body_correlation_key(&body);
+    let received = AtomicBool::new(false);
+    // Declared before the store's lock is taken, so dropped after it is released.
+    let _answered = AnsweredOnDrop {
+        shared: &shared,
+        machine_id: &id,
+        received: &received,
+    };
     let request = OffboardRequest {
         key: &key,
         machine_id: &id,
+        received: &received,
     };
     let (caller, comment) =
         match admit_write(&shared, &headers, Family::Offboard, &body, Some(request)).await {
@@ -583,7 +628,7 @@ pub async fn list_actions(
             paging(&store.config),
         )
     };
-    let mut body = match list_page(
+    let (mut body, whole) = match list_page_whole(
         &items,
         query.as_deref(),
         "MachineActions",
@@ -592,17 +637,22 @@ pub async fn list_actions(
         paging,
         &base,
     ) {
-        Ok(body) => body,
+        Ok(page) => page,
         Err(e) => return e.into_response(),
     };
     // A valid query may still be answered 404 (`--fault-list-404-rate`).
     let (missing, nulls) = {
         let mut store = shared.lock();
         let faults = store.config.faults.clone();
-        (
-            faults::list_not_found(&mut store.fault_rng, &faults),
-            faults.nulls,
-        )
+        let missing = faults::list_not_found(&mut store.fault_rng, &faults);
+        if !missing {
+            let shown = body["value"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            // A poll of actions by id says nothing of what else a machine has.
+            if ids.is_none() {
+                store.action_list_answered(machine_ids.as_deref(), created_from, shown, whole);
+            }
+        }
+        (missing, faults.nulls)
     };
     if missing {
         return bare_not_found();

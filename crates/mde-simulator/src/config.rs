@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::history::{BulkHistory, MachineHistory, PriorCalls};
+
 /// Default roles granted to the simulated application.
 pub const DEFAULT_ROLES: &str = "Machine.Read.All,Machine.Offboard";
 /// Default share of generated machines whose offboard does not succeed.
@@ -46,6 +48,14 @@ pub struct SimConfig {
     /// latency are divided by it.
     pub time_scale: f64,
     pub faults: FaultConfig,
+    /// Machines with a past: when MDE last saw each and the offboards it
+    /// already holds for it (see [`super::MachineHistory`]).
+    pub history: Vec<MachineHistory>,
+    /// Many past offboards of machines gone from the inventory.
+    pub bulk_history: BulkHistory,
+    /// Calls the application made before the start that the rate-limit
+    /// windows still count (a process before a restart).
+    pub prior_calls: Vec<PriorCalls>,
 }
 
 impl Default for SimConfig {
@@ -66,6 +76,9 @@ impl Default for SimConfig {
             window_mode: WindowMode::Sliding,
             time_scale: 1.0,
             faults: FaultConfig::default(),
+            history: Vec::new(),
+            bulk_history: BulkHistory::default(),
+            prior_calls: Vec::new(),
         }
     }
 }
@@ -88,6 +101,9 @@ impl fmt::Debug for SimConfig {
             .field("window_mode", &self.window_mode)
             .field("time_scale", &self.time_scale)
             .field("faults", &self.faults)
+            .field("history", &self.history)
+            .field("bulk_history", &self.bulk_history)
+            .field("prior_calls", &self.prior_calls)
             .finish()
     }
 }
@@ -96,6 +112,14 @@ impl SimConfig {
     /// Turns a simulated duration into wall-clock time.
     pub fn scaled(&self, simulated: Duration) -> Duration {
         scale(simulated, self.time_scale)
+    }
+
+    /// Why this configuration cannot be served (a past that cannot have
+    /// happened, calls of an unknown API family).
+    pub fn check(&self) -> Result<(), String> {
+        super::history::check(&self.history, &self.prior_calls, |family| {
+            super::store::Family::parse_limited(family).is_some()
+        })
     }
 }
 
@@ -428,6 +452,7 @@ impl SimulateArgs {
                 nulls: self.fault_nulls,
                 list_404_rate: self.fault_list_404_rate,
             },
+            ..SimConfig::default()
         }
     }
 }

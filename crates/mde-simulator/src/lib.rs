@@ -57,6 +57,7 @@ mod auth;
 mod config;
 mod control;
 mod faults;
+mod history;
 mod machines;
 mod odata;
 mod ratelimit;
@@ -79,6 +80,7 @@ pub use config::{
     PendingConflictWording, RateLimit, RateLimits, RetryAfterMode, SimConfig, SimulateArgs,
     WindowMode, parse_rate_limits, parse_share, parse_time_scale,
 };
+pub use history::{ACTION_RETENTION, BulkHistory, MachineHistory, PastOffboard, PriorCalls};
 pub use machines::{EXAMPLE_MACHINES, ExampleMachine, ExampleOffboard};
 pub use stats::{CORRELATION_MARKER, SimStats, correlation_key};
 
@@ -136,6 +138,9 @@ impl Drop for SimHandle {
 
 /// Starts the simulator on `listener` (bind port 0 for tests) in the background.
 pub async fn spawn(config: SimConfig, listener: TcpListener) -> std::io::Result<SimHandle> {
+    config
+        .check()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(config, addr));
     let router = server::router(shared.clone());

@@ -376,6 +376,38 @@ pub fn inventory(
     machines
 }
 
+/// A Windows 10 workstation with a given id, for a history that names a
+/// machine the inventory does not hold (the `n`-th such).
+pub fn with_id(rng: &mut StdRng, now: jiff::Timestamp, id: &str, n: usize) -> Machine {
+    build(
+        rng,
+        now,
+        id.to_ascii_lowercase(),
+        format!("past-{n:04}.contoso.local"),
+        "Windows10",
+        Outcome::Succeeded,
+    )
+}
+
+/// How long MDE waits for a report before it calls a machine inactive.
+const INACTIVE_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_hours(7 * 24);
+
+/// MDE last saw the machine at `at`: first seen no later, and inactive once
+/// a week has passed without a report.
+pub fn seen_last_at(machine: &mut Machine, at: jiff::Timestamp, now: jiff::Timestamp) {
+    machine.last_seen = timestamp(at);
+    let first = machine.first_seen.parse::<jiff::Timestamp>().ok();
+    if first.is_none_or(|first| first > at) {
+        machine.first_seen = timestamp(at - jiff::SignedDuration::from_hours(24 * 30));
+    }
+    machine.health_status = if now.duration_since(at) > INACTIVE_AFTER {
+        "Inactive"
+    } else {
+        "Active"
+    }
+    .to_owned();
+}
+
 /// The older half of a re-imaged pair stopped reporting weeks ago.
 fn mark_reimaged(old: &mut Machine) {
     old.health_status = "Inactive".to_owned();

@@ -35,6 +35,35 @@ impl Window {
         }
     }
 
+    /// Counts calls made at `times` (ascending, none after `now`) as if each
+    /// had been allowed then: a predecessor's calls in the current windows.
+    pub fn seed(
+        &mut self,
+        limits: &[RateLimit],
+        mode: WindowMode,
+        times: &[Duration],
+        now: Duration,
+    ) {
+        match mode {
+            WindowMode::Sliding => self
+                .calls
+                .extend(times.iter().copied().filter(|&t| t <= now)),
+            WindowMode::Fixed => {
+                self.fixed.resize(limits.len(), (0, 0));
+                for (limit, (index, count)) in limits.iter().zip(self.fixed.iter_mut()) {
+                    let window_nanos = limit.window.as_nanos().max(1);
+                    let current = (now.as_nanos() / window_nanos) as u64;
+                    let inside = times
+                        .iter()
+                        .filter(|t| (t.as_nanos() / window_nanos) as u64 == current && **t <= now)
+                        .count();
+                    *index = current;
+                    *count = u32::try_from(inside).unwrap_or(u32::MAX);
+                }
+            }
+        }
+    }
+
     fn check_sliding(&mut self, limits: &[RateLimit], now: Duration) -> Decision {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
         while self.calls.front().is_some_and(|&t| t + longest <= now) {
@@ -114,6 +143,24 @@ impl Limiter {
             .entry((family.to_owned(), caller.to_owned()))
             .or_default()
             .check(limits, mode, now)
+    }
+}
+
+impl Limiter {
+    /// Counts a caller's calls made before the start (see [`Window::seed`]).
+    pub fn seed(
+        &mut self,
+        family: &str,
+        caller: &str,
+        limits: &[RateLimit],
+        mode: WindowMode,
+        times: &[Duration],
+        now: Duration,
+    ) {
+        self.windows
+            .entry((family.to_owned(), caller.to_owned()))
+            .or_default()
+            .seed(limits, mode, times, now);
     }
 }
 
@@ -226,6 +273,33 @@ mod tests {
             l.check("offboard", "t/a", &limits, m, s(1.0)),
             Decision::Throttled(_)
         ));
+    }
+
+    /// A predecessor's calls fill the windows: the first call of this
+    /// process waits for the oldest of them to leave, in either mode.
+    #[test]
+    fn seeded_calls_count_against_the_windows() {
+        let times = [s(1.0), s(5.0)];
+        let mut sliding = Window::default();
+        sliding.seed(&TWO_PER_10S, WindowMode::Sliding, &times, s(6.0));
+        assert_eq!(
+            sliding.check(&TWO_PER_10S, WindowMode::Sliding, s(6.0)),
+            Decision::Throttled(s(5.0))
+        );
+        assert_eq!(
+            sliding.check(&TWO_PER_10S, WindowMode::Sliding, s(11.0)),
+            Decision::Allowed
+        );
+        let mut fixed = Window::default();
+        fixed.seed(&TWO_PER_10S, WindowMode::Fixed, &times, s(6.0));
+        assert_eq!(
+            fixed.check(&TWO_PER_10S, WindowMode::Fixed, s(6.0)),
+            Decision::Throttled(s(4.0))
+        );
+        assert_eq!(
+            fixed.check(&TWO_PER_10S, WindowMode::Fixed, s(10.0)),
+            Decision::Allowed
+        );
     }
 
     #[test]

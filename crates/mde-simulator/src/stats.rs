@@ -60,6 +60,32 @@ pub struct SimStats {
     /// Machine id (as in the path, lower-cased) → offboard POSTs received for it,
     /// counted like [`Self::offboard_requests_by_key`].
     pub offboard_requests_by_machine: BTreeMap<String, u64>,
+    /// Machine id (lower-cased) → offboard POSTs for it that followed an
+    /// earlier one with no read in between that showed nothing to adopt:
+    /// "at most one POST per machine unless a proving read in between showed
+    /// none" is asserted on this being empty. Counted like
+    /// [`Self::offboard_requests_by_machine`]. A read proves none when MDE
+    /// answered it (not a `404`) after every earlier POST for the machine had
+    /// been answered, it listed all it matched in one answer, and it showed
+    /// no offboard of the machine that is `Pending` or `InProgress`, nor a
+    /// `Succeeded` one the machine was not seen after (a device offboarded
+    /// already). It is a list of the machine's actions (`machineId eq`), or
+    /// a window of offboards (`creationDateTimeUtc ge T`) from no later than
+    /// the machine's first POST for a machine without such a past offboard.
+    #[serde(default)]
+    pub unproven_offboard_requests_by_machine: BTreeMap<String, u64>,
+    /// Machine id → offboard actions created while an earlier offboard of the
+    /// machine had `Succeeded` and MDE had not seen the machine since: the
+    /// device was offboarded already. One after a `Failed`, `TimeOut` or
+    /// `Cancelled` offboard, or after the machine was onboarded again (seen
+    /// after the success), is not counted.
+    #[serde(default)]
+    pub offboarded_again_by_machine: BTreeMap<String, u64>,
+    /// When the first offboard POST was received (counted as in
+    /// [`Self::offboard_requests_by_key`]), in wall-clock milliseconds since
+    /// the simulator started; multiply by the time scale for MDE's time.
+    #[serde(default)]
+    pub first_offboard_request_ms: Option<u64>,
     /// Offboard POSTs refused before they could create anything: `429` (throttled)
     /// or `401` (missing, invalid, expired or revoked token).
     pub offboard_requests_refused: u64,
@@ -118,6 +144,14 @@ impl SimStats {
             .offboard_requests_by_machine
             .entry(machine_id.to_ascii_lowercase())
             .or_default() += 1;
+    }
+
+    /// Machines with more than one offboard POST.
+    pub fn machines_posted_again(&self) -> usize {
+        self.offboard_requests_by_machine
+            .values()
+            .filter(|n| **n > 1)
+            .count()
     }
 
     /// Offboard POSTs received under `key` (0 when none).

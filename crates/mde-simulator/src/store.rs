@@ -1,18 +1,19 @@
 //! The simulator's state: inventory, actions, tokens, limiter, faults and counters,
 //! behind one lock that is never held across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::actions::{Action, Schedule, Status};
+use super::actions::{Action, Ended, Outcome, Schedule, Status};
 use super::config::RateLimit;
 use super::config::{SimConfig, scale};
+use super::history::{self, ACTION_RETENTION};
 use super::machines::{self, Machine};
 use super::ratelimit::{Decision, Limiter};
 use super::stats::SimStats;
@@ -117,10 +118,21 @@ pub struct Store {
     machine_index: HashMap<String, usize>,
     actions: Vec<Action>,
     action_index: HashMap<uuid::Uuid, usize>,
-    /// Index of the newest offboard action of each machine.
-    latest_offboard: HashMap<String, usize>,
+    /// Indexes of each machine's offboard actions, oldest first.
+    offboards_of: HashMap<String, Vec<usize>>,
+    /// The JSON of actions of the past, which never changes.
+    frozen: HashMap<usize, Arc<Value>>,
+    /// Machines (lower-cased) whose past holds a `Succeeded` offboard they
+    /// were not seen after: a window of recent offboards proves nothing for them.
+    offboarded_before: HashSet<String>,
+    /// What was sent for each machine and read since (see
+    /// [`SimStats::unproven_offboard_requests_by_machine`]).
+    proofs: HashMap<String, Proof>,
     tokens: HashMap<String, IssuedToken>,
     limiter: Limiter,
+    /// Added to the time since start on the limiter's clock, so that calls
+    /// made before the start (`prior_calls`) have a place on it.
+    limiter_epoch: Duration,
     forced_throttles: HashMap<Family, Instant>,
     /// Until when the token endpoint answers 503 (`POST /_sim/token-outage`).
     token_outage_until: Option<Instant>,
@@ -128,16 +140,127 @@ pub struct Store {
     pub stats: SimStats,
 }
 
+/// The offboards sent for one machine, and whether a read has shown since
+/// the last one that nothing stands for it.
+#[derive(Debug)]
+struct Proof {
+    first_post: jiff::Timestamp,
+    /// POSTs received and not yet answered: a read while one is open proves nothing.
+    in_flight: u32,
+    proven: bool,
+}
+
+/// A signed duration back from `at`, saturating at the earliest timestamp.
+fn before(at: jiff::Timestamp, ago: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(ago)
+        .ok()
+        .and_then(|ago| at.checked_sub(ago).ok())
+        .unwrap_or(jiff::Timestamp::MIN)
+}
+
+/// When MDE last saw a machine (`None`: never, or unreadable).
+fn last_seen(machine: &Machine) -> Option<jiff::Timestamp> {
+    machine.last_seen.parse().ok()
+}
+
+/// Whether a `Succeeded` offboard that last changed at `ended` still stands
+/// for `machine`: MDE has not seen the machine since.
+fn still_offboarded(machine: &Machine, ended: jiff::Timestamp) -> bool {
+    last_seen(machine).is_none_or(|seen| seen <= ended)
+}
+
+/// The machines and the actions of the past, oldest first, from the
+/// configured histories: each named machine's last report set (added to the
+/// inventory when it is not in it), past offboards older than MDE keeps dropped.
+fn seed_history(
+    config: &SimConfig,
+    machines: &mut Vec<Machine>,
+    started_utc: jiff::Timestamp,
+) -> Vec<Action> {
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x01d0_ff1e);
+    let mut past = Vec::new();
+    let action = |rng: &mut StdRng,
+                  machine_id: &str,
+                  dns: &str,
+                  comment: &str,
+                  created_ago: Duration,
+                  ended: Ended| Action {
+        id: uuid::Builder::from_random_bytes(rng.random()).into_uuid(),
+        kind: "Offboard",
+        machine_id: machine_id.to_owned(),
+        computer_dns_name: dns.to_owned(),
+        requestor: config.client_id.clone(),
+        comment: comment.to_owned(),
+        created: Duration::ZERO,
+        created_utc: before(started_utc, created_ago),
+        outcome: Outcome::Succeeded,
+        cancellation: None,
+        ended: Some(ended),
+    };
+    for (n, history) in config.history.iter().enumerate() {
+        let id = history.machine_id.to_ascii_lowercase();
+        let index = match machines.iter().position(|m| m.id == id) {
+            Some(index) => index,
+            None => {
+                machines.push(machines::with_id(&mut rng, started_utc, &id, n));
+                machines.len() - 1
+            }
+        };
+        let seen = before(started_utc, history.last_seen_ago);
+        machines::seen_last_at(&mut machines[index], seen, started_utc);
+        let machine = &machines[index];
+        for offboard in history
+            .offboards
+            .iter()
+            .filter(|o| o.created_ago <= ACTION_RETENTION)
+        {
+            let ended = Ended {
+                status: offboard.status,
+                took: offboard.took,
+            };
+            past.push(action(
+                &mut rng,
+                &machine.id,
+                &machine.computer_dns_name,
+                &offboard.comment,
+                offboard.created_ago,
+                ended,
+            ));
+        }
+    }
+    for (n, offboard) in history::bulk(&config.bulk_history, config.seed)
+        .into_iter()
+        .filter(|o| o.created_ago <= ACTION_RETENTION)
+        .enumerate()
+    {
+        let ended = Ended {
+            status: Status::Succeeded,
+            took: Duration::from_secs(600).min(offboard.created_ago),
+        };
+        past.push(action(
+            &mut rng,
+            &offboard.machine_id,
+            &format!("gone-{n:05}.contoso.local"),
+            &offboard.comment,
+            offboard.created_ago,
+            ended,
+        ));
+    }
+    past.sort_by_key(|a| a.created_utc);
+    past
+}
+
 impl Store {
     pub fn new(config: SimConfig) -> Self {
         let started_utc = jiff::Timestamp::now();
-        let machines = machines::inventory(
+        let mut machines = machines::inventory(
             config.machines,
             config.seed,
             config.unsuccessful_share,
             started_utc,
         );
-        let machine_index = machines
+        let past = seed_history(&config, &mut machines, started_utc);
+        let machine_index: HashMap<String, usize> = machines
             .iter()
             .enumerate()
             .map(|(i, m)| (m.id.clone(), i))
@@ -150,7 +273,13 @@ impl Store {
         );
         // Faults draw from their own stream so changing them leaves the inventory alone.
         let fault_rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_fa17);
-        Self {
+        let limiter_epoch = config
+            .prior_calls
+            .iter()
+            .map(|p| config.scaled(p.over))
+            .max()
+            .unwrap_or_default();
+        let mut store = Self {
             config,
             started: Instant::now(),
             started_utc,
@@ -159,14 +288,76 @@ impl Store {
             machine_index,
             actions: Vec::new(),
             action_index: HashMap::new(),
-            latest_offboard: HashMap::new(),
+            offboards_of: HashMap::new(),
+            frozen: HashMap::new(),
+            offboarded_before: HashSet::new(),
+            proofs: HashMap::new(),
             tokens: HashMap::new(),
             limiter: Limiter::default(),
+            limiter_epoch,
             forced_throttles: HashMap::new(),
             token_outage_until: None,
             fault_rng,
             stats: SimStats::default(),
+        };
+        store.add_past(past);
+        store.seed_prior_calls();
+        store
+    }
+
+    /// Stores the actions of the past (oldest first) and notes the machines
+    /// they left offboarded.
+    fn add_past(&mut self, past: Vec<Action>) {
+        let (now, schedule) = (Duration::ZERO, self.schedule());
+        for action in past {
+            let index = self.actions.len();
+            let standing = action.status(now, schedule) == Status::Succeeded
+                && self
+                    .machine(&action.machine_id)
+                    .is_some_and(|m| still_offboarded(m, action.last_update(now, schedule)));
+            if standing {
+                self.offboarded_before.insert(action.machine_id.clone());
+            }
+            self.frozen
+                .insert(index, Arc::new(action.to_json(now, schedule)));
+            self.action_index.insert(action.id, index);
+            self.offboards_of
+                .entry(action.machine_id.clone())
+                .or_default()
+                .push(index);
+            self.actions.push(action);
         }
+    }
+
+    /// Counts `prior_calls` in this application's windows, at their places
+    /// before the start on the limiter's clock.
+    fn seed_prior_calls(&mut self) {
+        let limits = self.limits();
+        let caller = Caller {
+            tenant_id: self.config.tenant_id.clone(),
+            client_id: self.config.client_id.clone(),
+        }
+        .key();
+        for prior in self.config.prior_calls.clone() {
+            // Refused by `SimConfig::check` before the simulator starts.
+            let Some(family) = Family::parse_limited(&prior.family) else {
+                continue;
+            };
+            let times = prior.times(self.config.scaled(prior.over), self.limiter_epoch);
+            self.limiter.seed(
+                family.as_str(),
+                &caller,
+                &limits,
+                self.config.window_mode,
+                &times,
+                self.limiter_epoch,
+            );
+        }
+    }
+
+    /// MDE's clock now.
+    fn now_utc(&self) -> jiff::Timestamp {
+        self.started_utc + jiff::SignedDuration::try_from(self.now()).unwrap_or_default()
     }
 
     /// Wall-clock time since start.
@@ -252,7 +443,7 @@ impl Store {
             self.forced_throttles.remove(&family);
         }
         let limits = self.limits();
-        let now = self.now();
+        let now = self.now() + self.limiter_epoch;
         self.limiter.check(
             family.as_str(),
             &caller.key(),
@@ -284,8 +475,17 @@ impl Store {
 
     pub fn action_json(&self, id: &str) -> Option<Value> {
         let id = uuid::Uuid::parse_str(id).ok()?;
-        let action = &self.actions[*self.action_index.get(&id)?];
-        Some(action.to_json(self.now(), self.schedule()))
+        let index = *self.action_index.get(&id)?;
+        Some(self.json_of(index).as_ref().clone())
+    }
+
+    /// The JSON of the action at `index`: built afresh (its status depends on
+    /// time), or the one of the past that never changes.
+    fn json_of(&self, index: usize) -> Arc<Value> {
+        match self.frozen.get(&index) {
+            Some(json) => json.clone(),
+            None => Arc::new(self.actions[index].to_json(self.now(), self.schedule())),
+        }
     }
 
     /// JSON of the actions a list query sees whose id and machine id are among the
@@ -296,23 +496,33 @@ impl Store {
         ids: Option<&[String]>,
         machine_ids: Option<&[String]>,
         created_from: Option<jiff::Timestamp>,
-    ) -> Vec<Value> {
-        let (now, schedule) = (self.now(), self.schedule());
+    ) -> Vec<Arc<Value>> {
+        let now = self.now();
         let lag = self.config.scaled(self.config.faults.list_lag);
         let wanted = |values: Option<&[String]>, value: &str| {
             values.is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(value)))
         };
         self.actions
             .iter()
-            .filter(|a| a.age(now) >= lag)
-            .filter(|a| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
+            .enumerate()
+            .filter(|(_, a)| a.listed(now, lag))
+            .filter(|(_, a)| wanted(ids, &a.id.to_string()) && wanted(machine_ids, &a.machine_id))
             // A second of slack: the filter compares the JSON's own text.
-            .filter(|a| {
+            .filter(|(_, a)| {
                 created_from
                     .is_none_or(|from| a.created_utc + jiff::SignedDuration::from_secs(1) >= from)
             })
-            .map(|a| a.to_json(now, schedule))
+            .map(|(index, _)| self.json_of(index))
             .collect()
+    }
+
+    /// Whether `machine` (as MDE holds it) is offboarded by the action at
+    /// `index`: it `Succeeded` and the machine was not seen after it ended.
+    fn offboarded_by(&self, machine: &Machine, index: usize) -> bool {
+        let (now, schedule) = (self.now(), self.schedule());
+        let action = &self.actions[index];
+        action.status(now, schedule) == Status::Succeeded
+            && still_offboarded(machine, action.last_update(now, schedule))
     }
 
     /// Creates an offboard action unless MDE would refuse it.
@@ -334,12 +544,20 @@ impl Store {
             machine.offboard_outcome,
         );
         let (now, schedule) = (self.now(), self.schedule());
-        if let Some(&i) = self.latest_offboard.get(&machine_id) {
+        let earlier = self
+            .offboards_of
+            .get(&machine_id)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(&i) = earlier.last() {
             let previous = &self.actions[i];
             if !previous.status(now, schedule).is_final() {
                 return Err(OffboardRefusal::ActiveRequestAlreadyExists(previous.id));
             }
         }
+        let offboarded_already = self
+            .machine(&machine_id)
+            .is_some_and(|m| earlier.iter().any(|&i| self.offboarded_by(m, i)));
         let action = Action {
             id: uuid::Uuid::new_v4(),
             kind: "Offboard",
@@ -348,18 +566,143 @@ impl Store {
             requestor: requestor.to_owned(),
             comment: comment.to_owned(),
             created: now,
-            created_utc: self.started_utc
-                + jiff::SignedDuration::try_from(now).unwrap_or(jiff::SignedDuration::ZERO),
+            created_utc: self.now_utc(),
             outcome,
             cancellation: None,
+            ended: None,
         };
         let json = action.to_json(now, schedule);
         let index = self.actions.len();
         self.action_index.insert(action.id, index);
-        self.latest_offboard.insert(machine_id.clone(), index);
+        self.offboards_of
+            .entry(machine_id.clone())
+            .or_default()
+            .push(index);
         self.actions.push(action);
         self.stats.record_offboard(&machine_id);
+        if offboarded_already {
+            *self
+                .stats
+                .offboarded_again_by_machine
+                .entry(machine_id)
+                .or_default() += 1;
+        }
         Ok(json)
+    }
+
+    // ---- what was sent, and what reads showed since ----
+
+    /// An offboard POST for `machine_id` that got past the token and the
+    /// limits, under the correlation key `key`: counted as received, and
+    /// counted as unproven when it follows an earlier one for the machine
+    /// without a read since that showed nothing stands for it. Pair with
+    /// [`Self::offboard_request_answered`].
+    pub fn offboard_request_received(&mut self, key: &str, machine_id: &str) {
+        self.stats.record_offboard_request(key, machine_id);
+        if self.stats.first_offboard_request_ms.is_none() {
+            self.stats.first_offboard_request_ms =
+                Some(u64::try_from(self.now().as_millis()).unwrap_or(u64::MAX));
+        }
+        let machine = machine_id.to_ascii_lowercase();
+        let now_utc = self.now_utc();
+        match self.proofs.get_mut(&machine) {
+            Some(proof) => {
+                if !proof.proven {
+                    *self
+                        .stats
+                        .unproven_offboard_requests_by_machine
+                        .entry(machine)
+                        .or_default() += 1;
+                }
+                proof.proven = false;
+                proof.in_flight += 1;
+            }
+            None => {
+                self.proofs.insert(
+                    machine,
+                    Proof {
+                        first_post: now_utc,
+                        in_flight: 1,
+                        proven: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The POST [`Self::offboard_request_received`] counted has been answered
+    /// (or its connection closed): from now on a read may prove it created nothing.
+    pub fn offboard_request_answered(&mut self, machine_id: &str) {
+        if let Some(proof) = self.proofs.get_mut(&machine_id.to_ascii_lowercase()) {
+            proof.in_flight = proof.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// A machine-action list was answered with `shown` (the whole of what it
+    /// matched when `whole`): for each machine it covers whose last POST is
+    /// not proven yet, it proves that POST created nothing that stands when it
+    /// shows no live offboard of the machine and no `Succeeded` one the
+    /// machine was not seen after. It covers the machines its `machineId`
+    /// filter names, else, for a window of offboards from `created_from`,
+    /// every machine first sent for no earlier and without such a past.
+    pub fn action_list_answered(
+        &mut self,
+        machine_ids: Option<&[String]>,
+        created_from: Option<jiff::Timestamp>,
+        shown: &[Value],
+        whole: bool,
+    ) {
+        if !whole {
+            return;
+        }
+        let covered: Vec<String> = self
+            .proofs
+            .iter()
+            .filter(|(_, proof)| !proof.proven && proof.in_flight == 0)
+            .filter(|(machine, proof)| match (machine_ids, created_from) {
+                (Some(ids), _) => ids.iter().any(|id| id.eq_ignore_ascii_case(machine)),
+                (None, Some(from)) => {
+                    from <= proof.first_post && !self.offboarded_before.contains(*machine)
+                }
+                (None, None) => false,
+            })
+            .map(|(machine, _)| machine.clone())
+            .collect();
+        for machine in covered {
+            let stands = shown
+                .iter()
+                .filter(|a| {
+                    a.get("type").and_then(Value::as_str) == Some("Offboard")
+                        && a.get("machineId")
+                            .and_then(Value::as_str)
+                            .is_some_and(|m| m.eq_ignore_ascii_case(&machine))
+                })
+                .any(|a| self.stands_for(&machine, a));
+            if !stands && let Some(proof) = self.proofs.get_mut(&machine) {
+                proof.proven = true;
+            }
+        }
+    }
+
+    /// Whether a listed offboard action (its JSON) stands for the machine:
+    /// still live, or `Succeeded` with the machine not seen after it ended.
+    fn stands_for(&self, machine_id: &str, action: &Value) -> bool {
+        match action.get("status").and_then(Value::as_str) {
+            Some("Pending" | "InProgress") => true,
+            Some("Succeeded") => {
+                let ended = action
+                    .get("lastUpdateDateTimeUtc")
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+                match (self.machine(machine_id), ended) {
+                    (Some(machine), Some(ended)) => still_offboarded(machine, ended),
+                    // A machine MDE no longer holds, or an end that cannot be
+                    // read: nothing shows it does not stand.
+                    _ => true,
+                }
+            }
+            _ => false,
+        }
     }
 
     pub fn cancel(

@@ -1749,3 +1749,275 @@ async fn offboard_window_pages_with_top_and_skip_and_undocumented_filters_are_re
         );
     }
 }
+
+// ---- a tenant's past ----
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const REONBOARDED: &str = "aaaa00000000000000000000000000000000a001";
+const STILL_OFFBOARDED: &str = "aaaa00000000000000000000000000000000a002";
+
+/// Two machines offboarded 60 days ago by another request of the operator:
+/// one seen since (onboarded again), one not; and one offboard older than
+/// MDE keeps.
+fn past() -> Vec<mde_simulator::MachineHistory> {
+    use mde_simulator::{MachineHistory, PastOffboard};
+    let old = PastOffboard::succeeded("[defender-offboard:old-key] retired", 60 * DAY);
+    vec![
+        MachineHistory {
+            machine_id: REONBOARDED.into(),
+            last_seen_ago: Duration::from_secs(3600),
+            offboards: vec![old.clone()],
+        },
+        MachineHistory {
+            machine_id: STILL_OFFBOARDED.into(),
+            // A minute before the offboard ended (it took ten).
+            last_seen_ago: 60 * DAY - Duration::from_secs(540),
+            offboards: vec![
+                PastOffboard::succeeded("[defender-offboard:older-key] x", 200 * DAY),
+                old,
+            ],
+        },
+    ]
+}
+
+fn timestamp(value: &Value) -> jiff::Timestamp {
+    value.as_str().unwrap().parse().unwrap()
+}
+
+/// The past is served as MDE would: offboards of 60 days ago in the
+/// machine's list (none older than 180 days), final from the start, the
+/// machine's `lastSeen` after or before them; a new offboard is accepted
+/// for either (nothing is pending), and the one of a machine still
+/// offboarded is counted as an offboard again.
+#[tokio::test]
+async fn a_seeded_past_is_listed_and_a_machine_seen_since_counts_as_onboarded_again() {
+    let sim = start(SimConfig {
+        history: past(),
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let now = jiff::Timestamp::now();
+    for machine in [REONBOARDED, STILL_OFFBOARDED] {
+        let (status, body) = api
+            .get(&format!(
+                "/api/machineactions?$filter=machineId eq '{machine}' and type eq 'Offboard'"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let listed = body["value"].as_array().unwrap();
+        assert_eq!(listed.len(), 1, "older than MDE keeps is gone: {body}");
+        let action = &listed[0];
+        assert_eq!(action["status"], "Succeeded");
+        assert_eq!(
+            action["requestorComment"],
+            "[defender-offboard:old-key] retired"
+        );
+        let age = now.duration_since(timestamp(&action["creationDateTimeUtc"]));
+        assert!(
+            (age.as_secs() - (60 * DAY).as_secs() as i64).abs() < 60,
+            "{age:?}"
+        );
+        let (status, record) = api.get(&format!("/api/machines/{machine}")).await;
+        assert_eq!(status, StatusCode::OK, "{record}");
+        let seen_after =
+            timestamp(&record["lastSeen"]) > timestamp(&action["lastUpdateDateTimeUtc"]);
+        assert_eq!(seen_after, machine == REONBOARDED, "{record}");
+        if machine == STILL_OFFBOARDED {
+            assert_eq!(record["healthStatus"], "Inactive");
+        }
+    }
+    for machine in [REONBOARDED, STILL_OFFBOARDED] {
+        let (status, body) = api.offboard(machine).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let stats = sim.stats();
+    assert_eq!(
+        stats.actions_created, 2,
+        "the past is not counted as created"
+    );
+    assert_eq!(
+        stats.offboarded_again_by_machine.keys().collect::<Vec<_>>(),
+        [STILL_OFFBOARDED],
+        "{stats:?}"
+    );
+}
+
+/// Thousands of old offboards: a window read in pages of `$top` finds them
+/// all, oldest first, each with its own marker.
+#[tokio::test]
+async fn a_bulk_history_fills_several_pages_of_a_window_read() {
+    let sim = start(SimConfig {
+        bulk_history: mde_simulator::BulkHistory {
+            offboards: 2500,
+            span: 30 * DAY,
+            marked: true,
+        },
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 31))
+        .strftime("%Y-%m-%dT%H:%M:%SZ");
+    let window = format!("type eq 'Offboard' and creationDateTimeUtc ge {since}");
+    let mut listed = Vec::new();
+    for skip in (0..).step_by(1000) {
+        let (status, body) = api
+            .get(&format!(
+                "/api/machineactions?$filter={window}&$top=1000&$skip={skip}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let page = body["value"].as_array().unwrap().clone();
+        let last = page.len() < 1000;
+        listed.extend(page);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(listed.len(), 2500);
+    assert!(listed.windows(2).all(
+        |w| timestamp(&w[0]["creationDateTimeUtc"]) <= timestamp(&w[1]["creationDateTimeUtc"])
+    ));
+    assert_eq!(
+        listed[7]["requestorComment"],
+        "[defender-offboard:history-7] decommissioned"
+    );
+    let (_, recent) = api
+        .get(&format!(
+            "/api/machineactions?$filter=type eq 'Offboard' and creationDateTimeUtc ge {}",
+            (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24))
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+        ))
+        .await;
+    let recent = recent["value"].as_array().unwrap().len();
+    assert!((75..=90).contains(&recent), "a day's share: {recent}");
+}
+
+/// Reads a predecessor made just before the start fill the hourly window:
+/// the few left are served, then `429` until the oldest leaves; other
+/// families keep their own budget.
+#[tokio::test]
+async fn prior_calls_leave_only_the_rest_of_the_window() {
+    let sim = start(SimConfig {
+        machines: 20,
+        // 5 per second, 20 per 10 s, in MDE's time.
+        rate_limits: mde_simulator::parse_rate_limits("5/1s,20/10s").unwrap().0,
+        prior_calls: vec![mde_simulator::PriorCalls {
+            family: "machineactions".into(),
+            calls: 18,
+            over: Duration::from_secs(9),
+        }],
+        ..SimConfig::default()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let read = || api.get("/api/machineactions?$filter=type eq 'Offboard'");
+    for _ in 0..2 {
+        let (status, body) = read().await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = read().await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let (status, body) = api.get("/api/machines").await;
+    assert_eq!(status, StatusCode::OK, "another family: {body}");
+    // The oldest prior read (at 0.5 s of the 9) leaves the window 1.5 s after the start.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let (status, body) = read().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let unknown = SimConfig {
+        prior_calls: vec![mde_simulator::PriorCalls {
+            family: "reads".into(),
+            calls: 1,
+            over: Duration::from_secs(1),
+        }],
+        ..SimConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = spawn(unknown, listener).await.err().unwrap();
+    assert!(refused.to_string().contains("reads"), "{refused}");
+}
+
+/// A second POST for a machine counts as unproven unless a read after the
+/// first was answered showing nothing that stands for the machine: the
+/// machine's own list, or a whole window of offboards from before the first.
+/// The first POST's time is kept.
+#[tokio::test]
+async fn a_second_offboard_post_for_a_machine_is_unproven_without_a_read_showing_none() {
+    let sim = start(SimConfig {
+        history: past(),
+        // 3 s Pending.
+        pending_for: Duration::from_secs(30),
+        ..fast()
+    })
+    .await;
+    let api = Api::login(&sim).await;
+    let list = |machine: &str| {
+        format!("/api/machineactions?$filter=machineId eq '{machine}' and type eq 'Offboard'")
+    };
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1))
+        .strftime("%Y-%m-%dT%H:%M:%SZ");
+    let window = format!(
+        "/api/machineactions?$filter=type eq 'Offboard' and creationDateTimeUtc ge {since}"
+    );
+
+    // Sent twice while the first is pending, read in between: unproven.
+    let pending = example("finance-laptop");
+    assert_eq!(api.offboard(pending).await.0, StatusCode::CREATED);
+    assert_eq!(api.get(&list(pending)).await.0, StatusCode::OK);
+    let (status, body) = api.offboard(pending).await;
+    assert_eq!(
+        error_code(&body),
+        "ActiveRequestAlreadyExists",
+        "{status} {body}"
+    );
+
+    // Cancelled, then the machine's list shows it: proven.
+    let cancelled = example("hr-desktop");
+    let (_, action) = api.offboard(cancelled).await;
+    let id = action["id"].as_str().unwrap();
+    let (status, body) = api
+        .post(
+            &format!("/api/machineactions/{id}/cancel"),
+            json!({"Comment": "no"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(api.get(&list(cancelled)).await.0, StatusCode::OK);
+    assert_eq!(api.offboard(cancelled).await.0, StatusCode::CREATED);
+
+    // A machine MDE does not know: no read at all between the two.
+    let unknown = "ffff00000000000000000000000000000000ffff";
+    assert_eq!(api.offboard(unknown).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.offboard(unknown).await.0, StatusCode::NOT_FOUND);
+
+    // Onboarded again after an old success, then cancelled: a window read from
+    // before the first POST proves it. For a machine still offboarded by its
+    // past, a window of recent offboards proves nothing.
+    for machine in [REONBOARDED, STILL_OFFBOARDED] {
+        let (_, action) = api.offboard(machine).await;
+        let id = action["id"].as_str().unwrap();
+        api.post(
+            &format!("/api/machineactions/{id}/cancel"),
+            json!({"Comment": "no"}),
+        )
+        .await;
+    }
+    assert_eq!(api.get(&window).await.0, StatusCode::OK);
+    for machine in [REONBOARDED, STILL_OFFBOARDED] {
+        assert_eq!(api.offboard(machine).await.0, StatusCode::CREATED);
+    }
+
+    let stats: SimStats = stats_over_http(&sim).await;
+    let unproven: Vec<&str> = stats
+        .unproven_offboard_requests_by_machine
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected = vec![pending, unknown, STILL_OFFBOARDED];
+    expected.sort_unstable();
+    assert_eq!(unproven, expected, "{stats:?}");
+    assert_eq!(stats.offboard_requests_by_machine[cancelled], 2);
+    assert!(stats.first_offboard_request_ms.is_some_and(|ms| ms < 5000));
+}

@@ -452,10 +452,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_whole_window_is_read_again_so_a_lag_spike_heals() {
         let t0 = Instant::now();
-        let mut index = filled(
-            &[action("m1", &comment_with_marker("x", "k1"), at(-5))],
-            t0,
-        );
+        let mut index = filled(&[action("m1", &comment_with_marker("x", "k1"), at(-5))], t0);
         let incremental = index.next_since(at(10), WINDOW, LAG, t0);
         assert_eq!(incremental, at(-5) - SignedDuration::from_secs(35));
         // Later reads move on past a range an action may still appear in.

@@ -17,9 +17,7 @@ use crate::tenants::Unavailable;
 use kube::ResourceExt;
 use mde_client::client::{MAX_PAGES, MAX_TOP};
 use mde_client::limiter::Permit;
-use mde_client::{
-    Account, ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker,
-};
+use mde_client::{Account, ActionStatus, ApiFamily, MachineAction, MdeError, comment_with_marker};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -294,11 +292,15 @@ async fn decide_lookup<M: MdeCalls, S: StatusStore>(
     match decision::after_lookup(view, found, None, lookup, settings) {
         AfterLookUp::ReadMachine => {
             let read = ports.mde.get_machine(machine_id);
-            Ok(match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
-                Ok(machine) => decision::after_lookup(view, found, Some(&machine), lookup, settings),
-                // The machine's record could not be read: decide as after a failed list.
-                Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
-            })
+            Ok(
+                match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
+                    Ok(machine) => {
+                        decision::after_lookup(view, found, Some(&machine), lookup, settings)
+                    }
+                    // The machine's record could not be read: decide as after a failed list.
+                    Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
+                },
+            )
         }
         decided => Ok(decided),
     }
@@ -588,7 +590,10 @@ const REFRESH_BUSY_RETRY: Duration = Duration::from_millis(200);
 /// Every offboard action created since `since`, page by page, each page in
 /// its own read slot: what was read, the pages read, and whether the answer
 /// is complete (a short last page). A refused slot or a failed page stops it.
-async fn read_window<M: MdeCalls>(mde: &M, since: jiff::Timestamp) -> (Vec<MachineAction>, usize, bool) {
+async fn read_window<M: MdeCalls>(
+    mde: &M,
+    since: jiff::Timestamp,
+) -> (Vec<MachineAction>, usize, bool) {
     let mut actions = Vec::new();
     for page in 0..MAX_PAGES {
         if (mde.budget().remaining(ApiFamily::MachineActions) as usize) <= KEEP_FOR_EXACT_READ {

@@ -472,7 +472,10 @@ async fn an_action_mde_does_not_have_fails_the_resource() {
     super::step::record_gone(&ports, &store.object(), &recorded)
         .await
         .unwrap();
-    assert_eq!(store.object().status.unwrap().phase, Some(Phase::InProgress));
+    assert_eq!(
+        store.object().status.unwrap().phase,
+        Some(Phase::InProgress)
+    );
     super::step::record_gone(&ports, &store.object(), &recorded)
         .await
         .unwrap();

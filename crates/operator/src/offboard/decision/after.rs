@@ -263,7 +263,11 @@ pub fn after_poll(view: &View, action: &MachineAction) -> Option<Transition> {
 /// offboard. The action is dropped and this resource sends its own (after
 /// the check of the machine's list, as any first send).
 fn adopted_action_cancelled(view: &View, action: &MachineAction, owner: &str) -> Transition {
-    let owner = if owner.is_empty() { "another request" } else { owner };
+    let owner = if owner.is_empty() {
+        "another request"
+    } else {
+        owner
+    };
     let message = format!(
         "the adopted offboard action {} was cancelled by the request that created it ({owner}); this resource sends its own offboard",
         action.id

@@ -198,8 +198,12 @@ fn not_owner(view: &View, reason: &str) -> Transition {
     });
     let action = view.status.machine_action_id.as_deref().unwrap_or("?");
     let owner = match view.status.adopted_from.as_deref() {
-        Some("") | None => "a request outside this operator (cancel it in the Defender portal)".to_string(),
-        Some(key) => format!("request {key} (annotate that DeviceOffboard, or cancel it in the Defender portal)"),
+        Some("") | None => {
+            "a request outside this operator (cancel it in the Defender portal)".to_string()
+        }
+        Some(key) => format!(
+            "request {key} (annotate that DeviceOffboard, or cancel it in the Defender portal)"
+        ),
     };
     Transition {
         status,

@@ -507,9 +507,13 @@ fn lookup_adopts_sends_or_waits() {
         proves_absence: false,
         ..proving
     };
-    let AfterLookUp::Adopt(t) =
-        after_lookup(&v, &Ok(vec![action(ActionStatus::InProgress)]), None, early, &s)
-    else {
+    let AfterLookUp::Adopt(t) = after_lookup(
+        &v,
+        &Ok(vec![action(ActionStatus::InProgress)]),
+        None,
+        early,
+        &s,
+    ) else {
         panic!("found action must be adopted")
     };
     assert_eq!(t.status.machine_action_id.as_deref(), Some(ACTION));
@@ -518,7 +522,10 @@ fn lookup_adopts_sends_or_waits() {
     assert_eq!(t.note.unwrap().reason, Reason::Adopted);
     assert_eq!(t.status.attempts, Some(1), "adoption sends nothing");
 
-    assert_eq!(after_lookup(&v, &Ok(vec![]), None, proving, &s), AfterLookUp::Send);
+    assert_eq!(
+        after_lookup(&v, &Ok(vec![]), None, proving, &s),
+        AfterLookUp::Send
+    );
     // Absent on an early lookup: wait out the delay, write nothing.
     let AfterLookUp::Wait(t) = after_lookup(&v, &Ok(vec![]), None, early, &s) else {
         panic!("an early lookup proves nothing")
@@ -1160,8 +1167,7 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
         a
     };
     let machine = |last_seen: Option<&str>| -> Machine {
-        serde_json::from_value(serde_json::json!({ "id": MACHINE, "lastSeen": last_seen }))
-            .unwrap()
+        serde_json::from_value(serde_json::json!({ "id": MACHINE, "lastSeen": last_seen })).unwrap()
     };
     let seen = days_ago(1);
     let long_ago = days_ago(30);
@@ -1171,20 +1177,62 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
         Send,
     }
     // (status, created, last updated (days ago), machine's lastSeen, outcome)
-    type Row<'a> = (ActionStatus, Option<i64>, Option<i64>, Option<Option<&'a str>>, Then);
+    type Row<'a> = (
+        ActionStatus,
+        Option<i64>,
+        Option<i64>,
+        Option<Option<&'a str>>,
+        Then,
+    );
     let rows: [Row; 9] = [
         // Recent, the machine not read yet: read it before deciding.
-        (ActionStatus::Succeeded, Some(3), Some(3), None, Then::ReadMachine),
+        (
+            ActionStatus::Succeeded,
+            Some(3),
+            Some(3),
+            None,
+            Then::ReadMachine,
+        ),
         // Not seen since it ended: the old offboard stands.
-        (ActionStatus::Succeeded, Some(3), Some(3), Some(Some(&long_ago)), Then::Adopt),
-        (ActionStatus::Succeeded, Some(3), Some(3), Some(None), Then::Adopt),
+        (
+            ActionStatus::Succeeded,
+            Some(3),
+            Some(3),
+            Some(Some(&long_ago)),
+            Then::Adopt,
+        ),
+        (
+            ActionStatus::Succeeded,
+            Some(3),
+            Some(3),
+            Some(None),
+            Then::Adopt,
+        ),
         // Seen after it ended: onboarded again, a new offboard.
-        (ActionStatus::Succeeded, Some(3), Some(2), Some(Some(&seen)), Then::Send),
+        (
+            ActionStatus::Succeeded,
+            Some(3),
+            Some(2),
+            Some(Some(&seen)),
+            Then::Send,
+        ),
         // No end time: the creation time is the end.
-        (ActionStatus::Succeeded, Some(3), None, Some(Some(&seen)), Then::Send),
+        (
+            ActionStatus::Succeeded,
+            Some(3),
+            None,
+            Some(Some(&seen)),
+            Then::Send,
+        ),
         // Older than the adopt window (7 days), or of unreadable age: never
         // stands, whatever the index holds (and no read of the machine).
-        (ActionStatus::Succeeded, Some(60), Some(60), None, Then::Send),
+        (
+            ActionStatus::Succeeded,
+            Some(60),
+            Some(60),
+            None,
+            Then::Send,
+        ),
         (ActionStatus::Succeeded, None, None, None, Then::Send),
         // A finished one that did not succeed never stands.
         (ActionStatus::Failed, Some(3), Some(3), None, Then::Send),
@@ -1211,7 +1259,11 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
         adopt_window: Duration::ZERO,
         ..settings()
     };
-    let recent = Ok(vec![old_offboard(ActionStatus::Succeeded, Some(0), Some(0))]);
+    let recent = Ok(vec![old_offboard(
+        ActionStatus::Succeeded,
+        Some(0),
+        Some(0),
+    )]);
     assert_eq!(
         after_lookup(&v, &recent, None, first_send, &zero),
         AfterLookUp::Send
@@ -1267,7 +1319,12 @@ fn only_the_request_that_created_an_action_cancels_it() {
     )
     .status;
     assert_eq!(adopted.adopted_from.as_deref(), Some("uid-owner"));
-    let own = record_action(&view(&spec, &sent), &action(ActionStatus::Pending), Origin::Sent).status;
+    let own = record_action(
+        &view(&spec, &sent),
+        &action(ActionStatus::Pending),
+        Origin::Sent,
+    )
+    .status;
     assert_eq!(own.adopted_from, None);
     let cancel = |status: &DeviceOffboardStatus| {
         plan(
@@ -1285,7 +1342,10 @@ fn only_the_request_that_created_an_action_cancels_it() {
     let Plan::Write(t) = cancel(&adopted) else {
         panic!("an adopter sends no cancel")
     };
-    assert_eq!(t.status.cancel.as_ref().unwrap().state, CancelState::NotOwner);
+    assert_eq!(
+        t.status.cancel.as_ref().unwrap().state,
+        CancelState::NotOwner
+    );
     let note = t.note.clone().unwrap();
     assert_eq!(note.reason, Reason::CancelNotOwner);
     assert!(note.message.contains("uid-owner"), "{}", note.message);
@@ -1300,10 +1360,16 @@ fn only_the_request_that_created_an_action_cancels_it() {
     let t = after_poll(&view(&spec, &adopted), &cancelled).unwrap();
     assert_eq!(t.status.phase, Some(Phase::Pending));
     assert_eq!(
-        (t.status.machine_action_id.as_ref(), t.status.adopted_from.as_ref()),
+        (
+            t.status.machine_action_id.as_ref(),
+            t.status.adopted_from.as_ref()
+        ),
         (None, None)
     );
-    assert_eq!(t.note.as_ref().unwrap().reason, Reason::AdoptedActionCancelled);
+    assert_eq!(
+        t.note.as_ref().unwrap().reason,
+        Reason::AdoptedActionCancelled
+    );
     assert!(matches!(
         plan(&view(&spec, &t.status), &s),
         Plan::Submit { .. }
@@ -1331,7 +1397,10 @@ fn the_lookup_delay_outlasts_a_timed_out_request_by_a_minute() {
         None
     );
     let warning = lookup_delay_warning(Duration::from_secs(35), timeout).unwrap();
-    assert!(warning.contains("--lookup-delay to at least 90s"), "{warning}");
+    assert!(
+        warning.contains("--lookup-delay to at least 90s"),
+        "{warning}"
+    );
 }
 
 /// MDE answers 404 now and then for what exists (and a gateway or a wrong
@@ -1359,7 +1428,11 @@ fn a_404_is_final_only_when_it_comes_again_a_delay_later() {
         let AfterSend::Record(t) = after_send(&v, Err(not_found()), &s) else {
             panic!()
         };
-        let phase = if final_ { Phase::Failed } else { Phase::Pending };
+        let phase = if final_ {
+            Phase::Failed
+        } else {
+            Phase::Pending
+        };
         assert_eq!(t.status.phase, Some(phase), "{seen_for:?}");
         if !final_ {
             assert_eq!(t.requeue, Some(s.lookup_delay.max(s.retry_backoff)));

@@ -178,9 +178,8 @@ mod tests {
             api: "https://api.security.microsoft.com/".into(),
         };
         let default = tenant("contoso");
-        let check = |tenant: &Account| {
-            indexes.machine_check(tenant, "m1", max_age, &lease, Instant::now())
-        };
+        let check =
+            |tenant: &Account| indexes.machine_check(tenant, "m1", max_age, &lease, Instant::now());
         assert_eq!(check(&default), Some(MachineCheck::Refresh));
         let now = jiff::Timestamp::now();
         let since = indexes

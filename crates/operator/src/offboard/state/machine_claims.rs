@@ -72,10 +72,7 @@ pub(crate) enum MachineClaim {
     /// `exact_read`: an action may exist that the adopt index has not read
     /// (one this process sent, finished, or of unknown outcome), so only
     /// the machine's own list may prove absence.
-    Granted {
-        guard: ClaimGuard,
-        exact_read: bool,
-    },
+    Granted { guard: ClaimGuard, exact_read: bool },
     /// Another key is sending for it, or sent with an unknown outcome less
     /// than the settle time ago: look again after `retry`.
     Busy { key: String, retry: Duration },
@@ -346,7 +343,10 @@ mod tests {
             let done = MachineAction::recorded_offboard("act-1", "m1", status);
             claims.known(default.clone(), &done, "b", now);
             let (guard, exact) = granted(claims.claim(&default, "c", now, SETTLE));
-            assert!(exact, "a finished action this process knows needs the exact read");
+            assert!(
+                exact,
+                "a finished action this process knows needs the exact read"
+            );
             drop(guard);
         }
         // A known action is forgotten after an hour.
@@ -374,7 +374,10 @@ mod tests {
         assert_eq!((key.as_str(), retry), ("a", SETTLE));
         let later = now + SETTLE;
         let (guard, exact) = granted(claims.claim(&m, "b", later, SETTLE));
-        assert!(exact, "after the settle time, only the machine's list may prove absence");
+        assert!(
+            exact,
+            "after the settle time, only the machine's list may prove absence"
+        );
         // b read nothing, did not send (its budget was spent, say): a's
         // uncertain claim stands again for the next resource.
         drop(guard);

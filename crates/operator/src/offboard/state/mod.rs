@@ -68,7 +68,11 @@ impl OffboardState {
 
     /// How long a first send still waits for a predecessor's last action to
     /// be listable (`None`: no wait; see `after_predecessor`).
-    pub(crate) fn predecessor_wait(&self, lookup_delay: Duration, now: Instant) -> Option<Duration> {
+    pub(crate) fn predecessor_wait(
+        &self,
+        lookup_delay: Duration,
+        now: Instant,
+    ) -> Option<Duration> {
         if !self.after_predecessor {
             return None;
         }

@@ -35,7 +35,9 @@ impl RetryTimes {
             None => times.by_uid.remove(uid),
         };
         let keep = jiff::SignedDuration::try_from(KEEP_AFTER_DUE).unwrap_or_default();
-        let due = times.swept.is_none_or(|swept| now.duration_since(swept) >= keep);
+        let due = times
+            .swept
+            .is_none_or(|swept| now.duration_since(swept) >= keep);
         if due {
             times.by_uid.retain(|_, at| now.duration_since(*at) < keep);
             times.by_uid.shrink_to_fit();
