@@ -273,12 +273,11 @@ async fn look_up<M: MdeCalls, S: StatusStore>(
             None => submit(ports, current, machine_id, false).await,
         },
         AfterLookUp::Wait(transition) => apply(ports, current, transition).await,
-        AfterLookUp::ReadMachine => unreachable_read_machine(),
     }
 }
 
 /// The decision after a list of the machine's offboard actions, reading the
-/// machine's record first when it asks for it (another request's succeeded
+/// machine's record first when it needs it (another request's succeeded
 /// offboard stands only if MDE has not seen the machine since). `Err`: the
 /// read budget says to wait; nothing was read.
 async fn decide_lookup<M: MdeCalls, S: StatusStore>(
@@ -289,27 +288,20 @@ async fn decide_lookup<M: MdeCalls, S: StatusStore>(
     lookup: LookUp<'_>,
 ) -> std::result::Result<AfterLookUp, Duration> {
     let settings = ports.settings;
-    match decision::after_lookup(view, found, None, lookup, settings) {
-        AfterLookUp::ReadMachine => {
-            let read = ports.mde.get_machine(machine_id);
-            Ok(
-                match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
-                    Ok(machine) => {
-                        decision::after_lookup(view, found, Some(&machine), lookup, settings)
-                    }
-                    // The machine's record could not be read: decide as after a failed list.
-                    Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
-                },
-            )
-        }
-        decided => Ok(decided),
+    let needed = found
+        .as_ref()
+        .is_ok_and(|actions| decision::needs_machine(actions, lookup.key, view.now, settings));
+    if !needed {
+        return Ok(decision::after_lookup(view, found, None, lookup, settings));
     }
-}
-
-/// With the machine's record given, the decision never asks for it again;
-/// should it, nothing is sent: wait as after a failed read.
-fn unreachable_read_machine() -> Result<Requeue> {
-    Ok(Some(Duration::from_secs(1)))
+    let read = ports.mde.get_machine(machine_id);
+    Ok(
+        match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
+            Ok(machine) => decision::after_lookup(view, found, Some(&machine), lookup, settings),
+            // The machine's record could not be read: decide as after a failed list.
+            Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
+        },
+    )
 }
 
 /// When this process's own budget refused a read (nothing was sent): how
@@ -516,7 +508,6 @@ async fn check<M: MdeCalls, S: StatusStore>(
         AfterLookUp::Send => None,
         AfterLookUp::Adopt(transition) => Some(adopt(ports, current, transition).await?),
         AfterLookUp::Wait(transition) => Some(apply(ports, current, transition).await?),
-        AfterLookUp::ReadMachine => Some(unreachable_read_machine()?),
     })
 }
 

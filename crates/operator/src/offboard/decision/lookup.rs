@@ -137,12 +137,22 @@ pub enum AfterLookUp {
     Send,
     /// Failed, or absent without proof yet: look again at `requeue`.
     Wait(Transition),
-    /// Read the machine's record (its `lastSeen`), then decide again with it.
-    ReadMachine,
+}
+
+/// Whether the decision on `actions` needs the machine's record (its
+/// `lastSeen`): another request's recent `Succeeded` offboard is its only
+/// candidate. Read it, then call [`after_lookup`] with it.
+pub fn needs_machine(
+    actions: &[MachineAction],
+    key: &str,
+    now: Timestamp,
+    settings: &Settings,
+) -> bool {
+    found_in(actions, key, None, now, settings) == Found::NeedsMachine
 }
 
 /// After the list of the machine's offboard actions (`machine`: its record,
-/// when [`AfterLookUp::ReadMachine`] asked for it).
+/// read when [`needs_machine`] says so; without it such a list only waits).
 pub fn after_lookup(
     view: &View,
     result: &Result<Vec<MachineAction>, MdeError>,
@@ -163,7 +173,8 @@ pub fn after_lookup(
         Found::Shared { action, key } => {
             AfterLookUp::Adopt(record_action(view, &action, Origin::Shared { key }))
         }
-        Found::NeedsMachine => AfterLookUp::ReadMachine,
+        // Never sent without the machine's record: wait as for a lagging list.
+        Found::NeedsMachine => AfterLookUp::Wait(not_yet(view, settings)),
         Found::Nothing if lookup.proves_absence => AfterLookUp::Send,
         Found::Nothing => AfterLookUp::Wait(not_yet(view, settings)),
     }
