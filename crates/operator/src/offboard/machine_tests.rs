@@ -62,6 +62,17 @@ struct World<'a> {
     metrics: Metrics,
 }
 
+impl<'a> World<'a> {
+    fn new(mde: &'a FakeMde, state: &'a OffboardState) -> Self {
+        World {
+            mde,
+            state,
+            settings: settings(),
+            metrics: Metrics::default(),
+        }
+    }
+}
+
 impl World<'_> {
     fn ports<'b>(&'b self, store: &'b ScriptedStore) -> Ports<'b, FakeMde, ScriptedStore> {
         Ports {
@@ -127,12 +138,7 @@ async fn a_send_of_unknown_outcome_keeps_its_machine_from_a_second_post() {
             }));
         }
         let state = process(true);
-        let world = World {
-            mde: &mde,
-            state: &state,
-            settings: settings(),
-            metrics: Metrics::default(),
-        };
+        let world = World::new(&mde, &state);
         let first = ScriptedStore::new(request(1));
         if lost != "answer lost" {
             // Write 1 is the intent, write 2 the record of the action.
@@ -218,12 +224,7 @@ async fn an_old_offboard_stands_only_for_a_machine_not_seen_since_whatever_the_i
             };
             mde.last_seen(MACHINE, seen);
             let state = process(index);
-            let world = World {
-                mde: &mde,
-                state: &state,
-                settings: settings(),
-                metrics: Metrics::default(),
-            };
+            let world = World::new(&mde, &state);
             let store = ScriptedStore::new(request(1));
             let status = world.until(&store, Duration::from_secs(60), recorded).await;
             assert_eq!(
@@ -261,12 +262,7 @@ async fn a_first_fill_short_of_read_budget_falls_back_to_the_exact_read() {
         );
     }
     let state = process(true);
-    let world = World {
-        mde: &mde,
-        state: &state,
-        settings: settings(),
-        metrics: Metrics::default(),
-    };
+    let world = World::new(&mde, &state);
     let store = ScriptedStore::new(request(1));
     let started = tokio::time::Instant::now();
     world
@@ -287,12 +283,7 @@ async fn a_first_fill_short_of_read_budget_falls_back_to_the_exact_read() {
 async fn a_cancel_is_per_action_and_only_its_creator_sends_it() {
     let mde = FakeMde::default();
     let state = process(true);
-    let world = World {
-        mde: &mde,
-        state: &state,
-        settings: settings(),
-        metrics: Metrics::default(),
-    };
+    let world = World::new(&mde, &state);
     let owner = ScriptedStore::new(request(1));
     let owned = world.until(&owner, Duration::from_secs(60), recorded).await;
     let action = owned.machine_action_id.clone().unwrap();
@@ -335,12 +326,7 @@ async fn a_cancel_is_per_action_and_only_its_creator_sends_it() {
 async fn an_adopter_whose_action_its_owner_cancelled_sends_its_own() {
     let mde = FakeMde::default();
     let state = process(true);
-    let world = World {
-        mde: &mde,
-        state: &state,
-        settings: settings(),
-        metrics: Metrics::default(),
-    };
+    let world = World::new(&mde, &state);
     let user = ScriptedStore::new(request(1));
     let sent = world.until(&user, Duration::from_secs(60), recorded).await;
     let action = sent.machine_action_id.unwrap();
@@ -372,12 +358,7 @@ async fn an_adopter_whose_action_its_owner_cancelled_sends_its_own() {
 async fn a_retry_time_another_replica_wrote_does_not_hold_a_resource_after_failover() {
     let mde = FakeMde::default();
     let state = process(true);
-    let world = World {
-        mde: &mde,
-        state: &state,
-        settings: settings(),
-        metrics: Metrics::default(),
-    };
+    let world = World::new(&mde, &state);
     let skewed = jiff::Timestamp::now() + SignedDuration::from_hours(2);
     let waiting = DeviceOffboardStatus {
         phase: Some(Phase::Pending),
@@ -399,12 +380,7 @@ async fn a_worker_never_waits_on_another_workers_index_refresh() {
     use crate::tenants::TenantClient;
     let mde = FakeMde::default();
     let state = process(true);
-    let world = World {
-        mde: &mde,
-        state: &state,
-        settings: settings(),
-        metrics: Metrics::default(),
-    };
+    let world = World::new(&mde, &state);
     let refreshing = state
         .adopt
         .try_refreshing(&mde.account().tenant_only())
