@@ -618,14 +618,21 @@ pub async fn list_actions(
     let created_from = filter
         .as_ref()
         .and_then(|f| f.lower_time_bound("creationDateTimeUtc"));
-    let (items, paging) = {
+    let (items, paging, covered) = {
         let mut store = shared.lock();
         if machine_ids.is_some() {
             store.stats.machine_action_lists += 1;
         }
+        // A poll of actions by id says nothing of what else a machine has.
+        let covered = if ids.is_none() {
+            store.covered_by_list(machine_ids.as_deref(), created_from)
+        } else {
+            Vec::new()
+        };
         (
             store.actions_json(ids.as_deref(), machine_ids.as_deref(), created_from),
             paging(&store.config),
+            covered,
         )
     };
     let (mut body, whole) = match list_page_whole(
@@ -647,10 +654,7 @@ pub async fn list_actions(
         let missing = faults::list_not_found(&mut store.fault_rng, &faults);
         if !missing {
             let shown = body["value"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            // A poll of actions by id says nothing of what else a machine has.
-            if ids.is_none() {
-                store.action_list_answered(machine_ids.as_deref(), created_from, shown, whole);
-            }
+            store.action_list_answered(covered, shown, whole);
         }
         (missing, faults.nulls)
     };

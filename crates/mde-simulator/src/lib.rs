@@ -43,13 +43,38 @@
 //! `$filter`, `$top`, `$skip`, `$select`, `$orderby`, `$count` and `$expand` is
 //! refused with MDE's `400` whose `code` is empty.
 //!
-//! # Counting offboards
+//! # A tenant's past
 //!
-//! [`SimStats::offboard_requests_by_key`] counts every offboard POST that could have
-//! created an action (all but `401`/`429` refusals) under the key of the
-//! `[defender-offboard:KEY]` marker at the start of its `Comment`; that, not
-//! [`SimStats::duplicate_offboards`] (actions created), is where "exactly once" is
-//! asserted.
+//! [`SimConfig::history`] seeds machines with offboards that ended before the
+//! start ([`MachineHistory`], [`PastOffboard`]: e.g. a `Succeeded` one of 60
+//! days ago carrying another request's marker) and sets when MDE last saw
+//! each machine: seen after the offboard ended means onboarded again.
+//! [`SimConfig::bulk_history`] adds thousands of old offboards of machines no
+//! longer in the inventory, so a window read needs several pages of `$top`.
+//! Like MDE, nothing older than [`ACTION_RETENTION`] (180 days) is kept.
+//! [`SimConfig::prior_calls`] counts calls made before the start in the
+//! rate-limit windows (a process before a restart, whose reads the next one
+//! cannot know of): the first calls of a family are answered `429` until the
+//! oldest of them leave. [`SimConfig::check`] refuses a past that cannot
+//! have happened; [`spawn`] calls it.
+//!
+//! # Counting offboards and cancels
+//!
+//! [`SimStats::offboard_requests_by_key`] and
+//! [`SimStats::offboard_requests_by_machine`] count every offboard POST that
+//! could have created an action (all but `401`/`429` refusals) under the key
+//! of the `[defender-offboard:KEY]` marker at the start of its `Comment`, and
+//! under the machine; that, not [`SimStats::duplicate_offboards`] (actions
+//! created), is where "exactly once" is asserted.
+//! [`SimStats::unproven_offboard_requests_by_machine`] counts the POSTs for a
+//! machine that followed an earlier one with no read in between showing that
+//! nothing stands for the machine ("at most one POST per machine unless a
+//! proving read showed none"), and [`SimStats::offboarded_again_by_machine`]
+//! the actions created while the machine was offboarded already.
+//! [`SimStats::cancel_requests_by_action`] counts cancel POSTs per action;
+//! [`SimStats::first_offboard_request_ms`] says when the first offboard came.
+//! A second offboard while one is `Pending` or `InProgress` is refused with
+//! `400 ActiveRequestAlreadyExists`, as MDE does.
 
 mod actions;
 mod api;

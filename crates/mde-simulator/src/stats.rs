@@ -146,14 +146,6 @@ impl SimStats {
             .or_default() += 1;
     }
 
-    /// Machines with more than one offboard POST.
-    pub fn machines_posted_again(&self) -> usize {
-        self.offboard_requests_by_machine
-            .values()
-            .filter(|n| **n > 1)
-            .count()
-    }
-
     /// Offboard POSTs received under `key` (0 when none).
     pub fn offboard_requests_for_key(&self, key: &str) -> u64 {
         self.offboard_requests_by_key.get(key).copied().unwrap_or(0)

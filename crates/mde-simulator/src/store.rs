@@ -128,6 +128,8 @@ pub struct Store {
     /// What was sent for each machine and read since (see
     /// [`SimStats::unproven_offboard_requests_by_machine`]).
     proofs: HashMap<String, Proof>,
+    /// Offboard POSTs received so far (numbers them for [`Proof`]).
+    posts_received: u64,
     tokens: HashMap<String, IssuedToken>,
     limiter: Limiter,
     /// Added to the time since start on the limiter's clock, so that calls
@@ -145,9 +147,19 @@ pub struct Store {
 #[derive(Debug)]
 struct Proof {
     first_post: jiff::Timestamp,
+    /// The number of the last POST among all received.
+    last_post: u64,
     /// POSTs received and not yet answered: a read while one is open proves nothing.
     in_flight: u32,
     proven: bool,
+}
+
+/// A machine a list read covers, as it stood when the read was taken: the
+/// read proves nothing for a POST received after that.
+#[derive(Debug)]
+pub struct Covered {
+    machine: String,
+    last_post: u64,
 }
 
 /// A signed duration back from `at`, saturating at the earliest timestamp.
@@ -292,6 +304,7 @@ impl Store {
             frozen: HashMap::new(),
             offboarded_before: HashSet::new(),
             proofs: HashMap::new(),
+            posts_received: 0,
             tokens: HashMap::new(),
             limiter: Limiter::default(),
             limiter_epoch,
@@ -605,6 +618,8 @@ impl Store {
         }
         let machine = machine_id.to_ascii_lowercase();
         let now_utc = self.now_utc();
+        self.posts_received += 1;
+        let number = self.posts_received;
         match self.proofs.get_mut(&machine) {
             Some(proof) => {
                 if !proof.proven {
@@ -616,12 +631,14 @@ impl Store {
                 }
                 proof.proven = false;
                 proof.in_flight += 1;
+                proof.last_post = number;
             }
             None => {
                 self.proofs.insert(
                     machine,
                     Proof {
                         first_post: now_utc,
+                        last_post: number,
                         in_flight: 1,
                         proven: false,
                     },
@@ -638,25 +655,17 @@ impl Store {
         }
     }
 
-    /// A machine-action list was answered with `shown` (the whole of what it
-    /// matched when `whole`): for each machine it covers whose last POST is
-    /// not proven yet, it proves that POST created nothing that stands when it
-    /// shows no live offboard of the machine and no `Succeeded` one the
-    /// machine was not seen after. It covers the machines its `machineId`
-    /// filter names, else, for a window of offboards from `created_from`,
-    /// every machine first sent for no earlier and without such a past.
-    pub fn action_list_answered(
-        &mut self,
+    /// The machines a machine-action list read now may prove something for:
+    /// each whose last POST is answered and not proven yet, and which the
+    /// read covers (the machines its `machineId` filter names, else, for a
+    /// window of offboards from `created_from`, every machine first sent for
+    /// no earlier and without a past offboard that left it offboarded).
+    pub fn covered_by_list(
+        &self,
         machine_ids: Option<&[String]>,
         created_from: Option<jiff::Timestamp>,
-        shown: &[Value],
-        whole: bool,
-    ) {
-        if !whole {
-            return;
-        }
-        let covered: Vec<String> = self
-            .proofs
+    ) -> Vec<Covered> {
+        self.proofs
             .iter()
             .filter(|(_, proof)| !proof.proven && proof.in_flight == 0)
             .filter(|(machine, proof)| match (machine_ids, created_from) {
@@ -666,9 +675,23 @@ impl Store {
                 }
                 (None, None) => false,
             })
-            .map(|(machine, _)| machine.clone())
-            .collect();
-        for machine in covered {
+            .map(|(machine, proof)| Covered {
+                machine: machine.clone(),
+                last_post: proof.last_post,
+            })
+            .collect()
+    }
+
+    /// The list read taken when [`Self::covered_by_list`] answered `covered`
+    /// was answered with `shown` (all it matched when `whole`): it proves
+    /// the last POST of each covered machine created nothing that stands
+    /// when it shows no live offboard of the machine and no `Succeeded` one
+    /// the machine was not seen after, and no POST came since.
+    pub fn action_list_answered(&mut self, covered: Vec<Covered>, shown: &[Value], whole: bool) {
+        if !whole {
+            return;
+        }
+        for Covered { machine, last_post } in covered {
             let stands = shown
                 .iter()
                 .filter(|a| {
@@ -678,7 +701,10 @@ impl Store {
                             .is_some_and(|m| m.eq_ignore_ascii_case(&machine))
                 })
                 .any(|a| self.stands_for(&machine, a));
-            if !stands && let Some(proof) = self.proofs.get_mut(&machine) {
+            if let Some(proof) = self.proofs.get_mut(&machine)
+                && !stands
+                && proof.last_post == last_post
+            {
                 proof.proven = true;
             }
         }
