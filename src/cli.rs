@@ -141,10 +141,13 @@ pub struct RunArgs {
     /// actions starts this much before the earliest time one may have been created.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub clock_skew: Duration,
-    /// How far back the index of this operator's offboards reaches: a first
-    /// send for a machine without one in the index needs no read of the
-    /// machine's actions (0 turns the index off: one read per first send).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    /// How far back another request's Succeeded offboard may stand for a
+    /// machine not seen since (MDE keeps 180 days), and how far back the
+    /// index of this operator's offboards reaches: a first send for a machine
+    /// without one in the index needs no read of the machine's actions. 0
+    /// turns both off: one read per first send, and a finished offboard of
+    /// another request is never adopted.
+    #[arg(long, default_value = "180d", value_parser = humantime::parse_duration)]
     pub adopt_window: Duration,
     /// Retry delay after a transient failure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]

@@ -88,6 +88,19 @@ pub(crate) struct AdoptIndex {
     full_read: Option<Instant>,
     /// Pages a read of the whole window was seen to need (0: not known).
     pages_needed: usize,
+    /// Reads of the whole window in a row that stopped part way, and until
+    /// when no refresh is tried after the last: exact reads serve meanwhile.
+    stopped_fills: u32,
+    refresh_after: Option<Instant>,
+}
+
+/// The wait before a read of the whole window is tried again after one
+/// stopped part way (MDE refused a page, or the read budget ran out):
+/// doubling from a minute to 16. A fill retried at once would spend the
+/// slot that just freed on its first page again, and meet the same refusal
+/// on the next: first sends would wait on it for good.
+fn refresh_backoff(stopped_fills: u32) -> Duration {
+    Duration::from_secs(60).saturating_mul(1 << stopped_fills.clamp(1, 5).saturating_sub(1))
 }
 
 /// How often the whole window is read again. Incremental reads start at the
@@ -113,14 +126,19 @@ pub(crate) fn machine_check(
         // Not able to send: nothing is sent anyway; the exact read is the safe answer.
         return MachineCheck::ExactRead;
     };
+    let refresh = if index.refresh_after.is_some_and(|after| fresh.now < after) {
+        MachineCheck::ExactRead
+    } else {
+        MachineCheck::Refresh
+    };
     let Some(read) = index.read else {
-        return MachineCheck::Refresh;
+        return refresh;
     };
     // Read before this process could send (a previous leader may have sent
     // since), or too long ago: not a proof.
     if read.began < sending_since || fresh.now.saturating_duration_since(read.began) > fresh.max_age
     {
-        return MachineCheck::Refresh;
+        return refresh;
     }
     if index.machines.contains_key(&machine_hash(machine_id)) {
         MachineCheck::ExactRead
@@ -217,12 +235,17 @@ impl AdoptIndex {
     pub(crate) fn read_whole_window(&mut self, began: Instant, pages: usize) {
         self.full_read = self.full_read.max(Some(began));
         self.pages_needed = pages;
+        self.stopped_fills = 0;
+        self.refresh_after = None;
     }
 
     /// A read of the whole window stopped after `pages_read` pages (the read
-    /// budget ran out, or a page failed): it needs at least one more.
-    pub(crate) fn stopped_after(&mut self, pages_read: usize) {
+    /// budget ran out, or a page failed) at `at`: it needs at least one more,
+    /// and is not tried again before [`refresh_backoff`] has passed.
+    pub(crate) fn stopped_after(&mut self, pages_read: usize, at: Instant) {
         self.pages_needed = self.pages_needed.max(pages_read + 1);
+        self.stopped_fills = self.stopped_fills.saturating_add(1);
+        self.refresh_after = Some(at + refresh_backoff(self.stopped_fills));
     }
 
     /// Read slots a read of the whole window needs, as far as is known.
@@ -473,15 +496,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_stopped_fill_remembers_how_many_pages_it_needs() {
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_fill_remembers_its_pages_and_waits_before_the_next() {
         let mut index = AdoptIndex::default();
         assert_eq!(index.pages_needed(), 1);
-        index.stopped_after(2);
+        let now = Instant::now();
+        index.stopped_after(2, now);
         assert_eq!(index.pages_needed(), 3);
-        index.stopped_after(1);
+        // Meanwhile the machine is read exactly, not the window again.
+        let f = fresh(now + Duration::from_secs(59));
+        assert_eq!(machine_check(&index, "m1", f), MachineCheck::ExactRead);
+        let f = fresh(now + Duration::from_secs(60));
+        assert_eq!(machine_check(&index, "m1", f), MachineCheck::Refresh);
+        index.stopped_after(1, now);
         assert_eq!(index.pages_needed(), 3, "never less than already seen");
-        index.read_whole_window(Instant::now(), 4);
+        let f = fresh(now + Duration::from_secs(119));
+        assert_eq!(
+            machine_check(&index, "m1", f),
+            MachineCheck::ExactRead,
+            "the wait doubles"
+        );
+        assert_eq!(
+            refresh_backoff(9),
+            Duration::from_secs(960),
+            "at most 16 minutes"
+        );
+        index.read_whole_window(now, 4);
         assert_eq!(index.pages_needed(), 4);
+        assert_eq!(
+            machine_check(&index, "m1", f),
+            MachineCheck::Refresh,
+            "a complete read ends the wait"
+        );
     }
 }

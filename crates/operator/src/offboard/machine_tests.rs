@@ -18,7 +18,8 @@ use std::time::Duration;
 
 const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
 const LOOKUP_DELAY: Duration = Duration::from_secs(35);
-const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The index covers the rule's window, as the runtime sets it.
+const WINDOW: Duration = super::decision::DEFAULT_ADOPT_WINDOW;
 
 fn settings() -> Settings {
     Settings {
@@ -50,7 +51,7 @@ fn builder(n: u32) -> test_kit::OffboardBuilder {
 fn process(index: bool) -> OffboardState {
     let state = on_tokio_time();
     if index {
-        state.adopt.use_window(WEEK);
+        state.adopt.use_window(WINDOW);
     }
     state
 }
@@ -200,8 +201,14 @@ async fn an_old_offboard_stands_only_for_a_machine_not_seen_since_whatever_the_i
             posts: 1,
         },
         Row {
-            name: "months ago, not seen since: outside the adopt window, sent",
+            name: "months ago, not seen since: adopted",
             days_ago: 90,
+            seen_since: false,
+            posts: 0,
+        },
+        Row {
+            name: "beyond MDE's 180 days and the adopt window: sent",
+            days_ago: 200,
             seen_since: false,
             posts: 1,
         },

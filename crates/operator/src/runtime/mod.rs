@@ -50,6 +50,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub poll_interval: Duration,
     pub clock_skew: Duration,
+    /// Zero turns the adopt index off; otherwise it covers
+    /// `settings.adopt_window`, the window of the rule it serves.
     pub adopt_window: Duration,
     pub settings: Settings,
     pub ttl_sweep_interval: Duration,
@@ -242,7 +244,15 @@ pub async fn run_controller<M: MdeCalls>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    ctx.state.adopt.use_window(args.adopt_window);
+    // The index covers exactly the window in which another request's
+    // succeeded offboard may stand for a machine, so whether it holds an
+    // action or not never changes what is decided (zero: no index).
+    let index_window = if args.adopt_window.is_zero() {
+        Duration::ZERO
+    } else {
+        args.settings.adopt_window
+    };
+    ctx.state.adopt.use_window(index_window);
     budget_seed::seed_budget_from_history(&api, &ctx, args.clients.request_timeout).await;
     // Finished resources are left out of the watch (and so of memory), and
     // what the controller never reads is dropped before an object is cached.

@@ -94,8 +94,8 @@ pub fn lookup_delay_warning(lookup_delay: Duration, request_timeout: Duration) -
     })
 }
 
-/// `--adopt-window`'s default: a week.
-pub const DEFAULT_ADOPT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// `--adopt-window`'s default: the 180 days MDE keeps a machine's records.
+pub const DEFAULT_ADOPT_WINDOW: Duration = Duration::from_secs(180 * 24 * 3600);
 
 /// What the reconcile should do next.
 #[derive(Debug, Clone, PartialEq)]

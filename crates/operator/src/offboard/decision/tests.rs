@@ -1171,6 +1171,7 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
     };
     let seen = days_ago(1);
     let long_ago = days_ago(30);
+    let months_ago = days_ago(100);
     enum Then {
         ReadMachine,
         Adopt,
@@ -1184,7 +1185,7 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
         Option<Option<&'a str>>,
         Then,
     );
-    let rows: [Row; 9] = [
+    let rows: [Row; 10] = [
         // Recent, the machine not read yet: read it before deciding.
         (
             ActionStatus::Succeeded,
@@ -1224,12 +1225,21 @@ fn another_requests_succeeded_offboard_stands_only_for_a_machine_not_seen_since(
             Some(Some(&seen)),
             Then::Send,
         ),
-        // Older than the adopt window (7 days), or of unreadable age: never
-        // stands, whatever the index holds (and no read of the machine).
+        // Months ago, within the adopt window (MDE's 180 days), not seen
+        // since: it stands too.
         (
             ActionStatus::Succeeded,
-            Some(60),
-            Some(60),
+            Some(90),
+            Some(90),
+            Some(Some(&months_ago)),
+            Then::Adopt,
+        ),
+        // Older than the adopt window, or of unreadable age: never stands,
+        // whatever the index holds (and no read of the machine).
+        (
+            ActionStatus::Succeeded,
+            Some(200),
+            Some(200),
             None,
             Then::Send,
         ),

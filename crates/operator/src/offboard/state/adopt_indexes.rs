@@ -121,7 +121,7 @@ impl AdoptIndexes {
         if complete {
             index.read_whole_window(began, pages);
         } else {
-            index.stopped_after(pages);
+            index.stopped_after(pages, Instant::now());
         }
     }
 
