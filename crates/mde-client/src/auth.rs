@@ -75,8 +75,12 @@ pub fn certificate_assertion(
 ) -> Result<String, String> {
     use base64::Engine as _;
     use sha1::Digest as _;
-    let blocks =
-        pem::parse_many(pem_text).map_err(|e| format!("the certificate is not PEM text ({e})"))?;
+    let blocks = pem::parse_many(pem_text).map_err(|e| {
+        format!(
+            "the certificate is not PEM text ({}): put the PEM of the certificate and its private key in the Secret's key",
+            pem_problem(&e)
+        )
+    })?;
     let certificate = blocks
         .iter()
         .find(|b| b.tag() == "CERTIFICATE")
@@ -88,10 +92,10 @@ pub fn certificate_assertion(
     let thumbprint = sha1::Sha1::digest(certificate.contents());
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.x5t = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(thumbprint));
-    let key =
-        jsonwebtoken::EncodingKey::from_rsa_pem(pem::encode(key).as_bytes()).map_err(|e| {
-            format!("the private key is not an RSA key this operator can sign with ({e})")
-        })?;
+    // The library's error is not repeated: an error text could quote the key.
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem::encode(key).as_bytes()).map_err(|_| {
+        "the private key is not an RSA key this operator can sign with (an EC or Ed25519 key, or a damaged one): use the RSA key of the certificate registered on the app".to_string()
+    })?;
     let issued = now.as_second();
     let claims = serde_json::json!({
         "aud": token_url.as_str(),
@@ -104,6 +108,25 @@ pub fn certificate_assertion(
     });
     jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| format!("cannot sign the client assertion ({e})"))
+}
+
+/// What is wrong with a PEM text, in words of our own: the parser's own
+/// messages quote the text (`invalid header: <a line of the key>`, the byte
+/// it could not decode), and these errors reach status and Events, which
+/// people who may not read the Secret can read.
+fn pem_problem(error: &pem::PemError) -> &'static str {
+    match error {
+        pem::PemError::MismatchedTags(..) => "a BEGIN line and its END line name different blocks",
+        pem::PemError::MalformedFraming
+        | pem::PemError::MissingBeginTag
+        | pem::PemError::MissingEndTag => "a BEGIN or END line is missing or malformed",
+        pem::PemError::MissingData => "a block is empty",
+        pem::PemError::InvalidData(_) => "a block is not base64",
+        pem::PemError::InvalidHeader(_) => {
+            "a block holds a line that is neither base64 nor a header (a blank line inside a block?)"
+        }
+        pem::PemError::NotUtf8(_) => "the text is not UTF-8",
+    }
 }
 
 /// Where a credential is fetched from at each sign-in, so rotating it needs
@@ -519,6 +542,65 @@ mod tests {
         assert!(error.contains("no PRIVATE KEY"), "{error}");
         let error = certificate_assertion("hunter2", "a", &url, now).unwrap_err();
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    /// A Secret's content never reaches an error (errors reach status and
+    /// Events, which people who may not read the Secret can read): not a
+    /// line of a key whose PEM holds a blank line, not a byte base64 could
+    /// not decode, not an EC or Ed25519 key, not binary data.
+    #[test]
+    fn no_byte_of_a_malformed_credential_appears_in_its_error() {
+        let url = Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/token").unwrap();
+        let now = jiff::Timestamp::now();
+        let full = include_str!("../testdata/test-certificate.pem");
+        let certificate = &full[..full.find("-----BEGIN PRIVATE KEY").unwrap()];
+        let secret_lines = [
+            "MHcCAQEEIKsecretECkeyLine0123456789abcdefABCDEF",
+            "oAoGCCqGSM49AwEHoUQDQgAEsecond",
+        ];
+        let shapes = [
+            // A blank line inside the block: the lines before it read as headers.
+            format!(
+                "-----BEGIN EC PRIVATE KEY-----\n{}\n\n{}\n-----END EC PRIVATE KEY-----\n",
+                secret_lines[0], secret_lines[1]
+            ),
+            format!(
+                "{certificate}-----BEGIN PRIVATE KEY-----\n{}\n\n{}\n-----END PRIVATE KEY-----\n",
+                secret_lines[0], secret_lines[1]
+            ),
+            // Not base64.
+            format!(
+                "-----BEGIN PRIVATE KEY-----\n{}!@#\n-----END PRIVATE KEY-----\n",
+                secret_lines[0]
+            ),
+            // A well-formed EC key where an RSA key is needed.
+            format!(
+                "{certificate}-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBYhT0V1c2VjcmV0LWtleS1ieXRlcy0wMTIzNDU2Nzg5YWJjZGVmoAoGCCqGSM49AwEH\n-----END EC PRIVATE KEY-----\n"
+            ),
+            // Mismatched tags named after the content.
+            format!(
+                "-----BEGIN {}-----\nAAAA\n-----END OTHER-----\n",
+                secret_lines[1]
+            ),
+            // Binary data.
+            String::from_utf8_lossy(&[0x30, 0x82, 0x04, 0xa4, 0x02, 0x01, 0x00, 0xff, 0xfe])
+                .into_owned(),
+        ];
+        for shape in &shapes {
+            let Err(error) = certificate_assertion(shape, "a", &url, now) else {
+                continue;
+            };
+            for line in shape
+                .lines()
+                .filter(|l| l.len() >= 8 && !l.starts_with("-----"))
+            {
+                assert!(!error.contains(line), "{error:?} quotes {line:?}");
+            }
+            for secret in secret_lines {
+                assert!(!error.contains(secret), "{error:?} quotes the key");
+            }
+            assert!(!error.contains("MHcCAQEE"), "{error:?}");
+        }
     }
 
     #[test]
