@@ -53,6 +53,9 @@ async fn project_crd_rules_are_enforced() {
         assert!(neither.contains("exactly one of spec.machineId or spec.deviceName must be set"), "{neither}");
         let blank = message(api_error(create("blank", spec(None, Some("pc-1"), "   ")).await));
         assert!(blank.contains("spec.comment: Invalid value: \"   \": spec.comment must not be blank"), "{blank}");
+        // A marker in the comment could attribute this action to another request.
+        let marked = message(api_error(create("marked", spec(None, Some("pc-1"), "returned [defender-offboard:6f1c1a52-0000-4a4a-9c9c-000000000001]")).await));
+        assert!(marked.contains("spec.comment must not carry a [defender-offboard:...] marker"), "{marked}");
         let bad_name = message(api_error(create("bad-name", spec(None, Some("pc 1"), "c")).await));
         assert!(bad_name.contains("spec.deviceName: Invalid value: \"pc 1\": spec.deviceName in body should match"), "{bad_name}");
 

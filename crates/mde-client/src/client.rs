@@ -16,11 +16,11 @@ use url::Url;
 /// The most pages one list follows: 100 pages of up to 10,000 items.
 pub const MAX_PAGES: usize = 100;
 
-/// Whether `comment` carries `marker` as a whole, whitespace-delimited token:
-/// a comment that merely quotes another resource's marker inside other text
-/// (`see [defender-offboard:abc]x`) does not match.
+/// Whether `comment` carries `marker` as the operator writes it: its leading
+/// token ([`comment_with_marker`]). A marker anywhere else is someone's text
+/// (a comment quoting another request's marker) and attributes nothing.
 pub fn has_marker(comment: &str, marker: &str) -> bool {
-    comment.split_whitespace().any(|token| token == marker)
+    comment.split_whitespace().next() == Some(marker)
 }
 
 /// How many action ids go in one `id in (...)` filter: keeps the URL well under
@@ -759,8 +759,15 @@ mod tests {
             &comment_with_marker("retired", "uid-1"),
             &marker
         ));
-        assert!(has_marker(
+        // Only as the operator writes it, first: a comment that carries a
+        // marker elsewhere (typed by a person, or another request's comment
+        // quoting it) attributes the action to no one.
+        assert!(!has_marker(
             "moved by hand [defender-offboard:uid-1]",
+            &marker
+        ));
+        assert!(!has_marker(
+            &comment_with_marker("returned [defender-offboard:uid-1]", "uid-2"),
             &marker
         ));
         // Another resource's key that starts with this one's, or a quote of

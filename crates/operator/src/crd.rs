@@ -65,6 +65,7 @@ pub struct DeviceOffboardSpec {
     /// Why the device is offboarded; sent to MDE as the action's comment.
     #[schemars(length(min = 1, max = 900))]
     #[x_kube(validation = Rule::new("self.matches('\\\\S')").message("spec.comment must not be blank: say why the device is offboarded"))]
+    #[x_kube(validation = Rule::new("!self.contains('[defender-offboard:')").message("spec.comment must not carry a [defender-offboard:...] marker: the operator adds its own, and one in the comment could attribute this action to another request"))]
     pub comment: String,
 
     /// Delete this resource this many seconds after it became final

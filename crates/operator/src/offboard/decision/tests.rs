@@ -60,7 +60,7 @@ fn with_action(phase: Phase, action_status: &str) -> DeviceOffboardStatus {
 fn action(status: ActionStatus) -> MachineAction {
     serde_json::from_value(serde_json::json!({
         "id": ACTION, "type": "Offboard", "status": status.as_str(), "machineId": MACHINE,
-        "requestorComment": "retired [defender-offboard:uid]"
+        "requestorComment": "[defender-offboard:uid] retired"
     }))
     .unwrap()
 }
