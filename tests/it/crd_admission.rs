@@ -109,6 +109,13 @@ async fn connection_crd_rules_are_enforced() {
         assert!(none.contains("spec.credential needs exactly one of"), "{none}");
         let ftp = api_error(create("ftp", serde_json::json!({"clientSecret": secret}), Some("ftp://x")).await).message;
         assert!(ftp.contains("spec.apiUrl must be an https:// URL"), "{ftp}");
+        // Names that go into URL paths are Kubernetes names, nothing else.
+        let traversal = api_error(create("traversal", serde_json::json!({"clientSecret": {"name": "../../kube-system/secrets/x", "key": "k"}}), None).await).message;
+        assert!(traversal.contains("spec.credential.clientSecret.name"), "{traversal}");
+        let sa = api_error(create("sa", serde_json::json!({"workloadIdentity": {"serviceAccountName": "Default/token"}}), None).await).message;
+        assert!(sa.contains("spec.credential.workloadIdentity.serviceAccountName"), "{sa}");
+        let key = api_error(create("key", serde_json::json!({"clientSecret": {"name": "s", "key": "a/b"}}), None).await).message;
+        assert!(key.contains("spec.credential.clientSecret.key"), "{key}");
         create("ok", serde_json::json!({"certificate": secret}), Some("https://eu.api.security.microsoft.com")).await.unwrap();
         api.shutdown().await;
     })

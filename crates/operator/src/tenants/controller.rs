@@ -120,6 +120,11 @@ pub fn endpoints(
         ("spec.apiUrl", &endpoints.api),
         ("spec.loginUrl", &endpoints.authority),
     ] {
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "{field} must not carry a user name or password: the operator signs in with the connection's credential only"
+            ));
+        }
         if !host_allowed(url, &settings.allowed_hosts) {
             return Err(format!(
                 "{field} {url} is not a Microsoft login or MDE API host: the operator sends a connection's credential only to those, and to hosts its administrator allows with --connection-allowed-hosts"
@@ -130,7 +135,11 @@ pub fn endpoints(
 }
 
 /// Microsoft's login hosts and MDE API hosts (every cloud, regional ones
-/// included), or `host[:port]` listed in `allowed`.
+/// included, over https), or an entry of `allowed`: `[scheme://]host[:port]`,
+/// matched on the host and the port (no port: the scheme's default port, so
+/// `sim.test` allows `https://sim.test` and not `https://sim.test:8443`), and
+/// on the scheme when the entry names one (without, the operator's http
+/// rules decide which schemes may be used at all).
 pub fn host_allowed(url: &url::Url, allowed: &[String]) -> bool {
     let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
         return false;
@@ -148,14 +157,36 @@ pub fn host_allowed(url: &url::Url, allowed: &[String]) -> bool {
     if microsoft && url.scheme() == "https" {
         return true;
     }
-    let with_port = match url.port_or_known_default() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.clone(),
-    };
     allowed
         .iter()
-        .map(|a| a.trim().to_ascii_lowercase())
-        .any(|a| a == host || a == with_port)
+        .any(|entry| entry_allows(&entry.trim().to_ascii_lowercase(), url, &host))
+}
+
+/// Whether one allow-list entry (`[scheme://]host[:port]`, lower-case)
+/// allows `url`, whose host is `host`.
+fn entry_allows(entry: &str, url: &url::Url, host: &str) -> bool {
+    let (scheme, rest) = match entry.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, entry),
+    };
+    if scheme.is_some_and(|s| s != url.scheme()) {
+        return false;
+    }
+    let rest = rest.trim_end_matches('/');
+    let (entry_host, entry_port) = match rest.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(port) => (h, Some(port)),
+            // Not a port: not an entry this operator understands.
+            Err(_) => return false,
+        },
+        None => (rest, None),
+    };
+    let default_port = match url.scheme() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    entry_host == host && url.port_or_known_default() == entry_port.or(default_port)
 }
 
 /// A client secret read from a key of a Secret in the connection's namespace
@@ -704,6 +735,49 @@ mod tests {
         let mut in_cluster = spec(Some("http://sim.test:8090"));
         in_cluster.login_url = Some("http://sim.test:8090".into());
         assert!(endpoints(&in_cluster, &test_cluster).is_ok());
+    }
+
+    /// An allow-list entry is matched on host and port (no port: the
+    /// scheme's default), and on the scheme when it names one; a URL with a
+    /// user name or password is refused whatever its host.
+    #[test]
+    fn allowed_hosts_match_scheme_host_and_port_and_userinfo_is_refused() {
+        let url = |u: &str| url::Url::parse(u).unwrap();
+        let rows = [
+            ("proxy.corp", "https://proxy.corp", true),
+            ("proxy.corp", "https://proxy.corp:8443", false),
+            ("proxy.corp:8443", "https://proxy.corp:8443", true),
+            ("https://proxy.corp", "https://proxy.corp", true),
+            ("https://proxy.corp", "http://proxy.corp", false),
+            ("https://proxy.corp:8443/", "https://proxy.corp:8443", true),
+            ("proxy.corp", "https://proxy.corp.evil.example", false),
+            ("127.0.0.1:9", "http://127.0.0.1:9", true),
+            ("127.0.0.1", "http://127.0.0.1:9", false),
+            ("proxy.corp:notaport", "https://proxy.corp", false),
+        ];
+        for (entry, target, allowed) in rows {
+            assert_eq!(
+                host_allowed(&url(target), &[entry.to_string()]),
+                allowed,
+                "{entry} -> {target}"
+            );
+        }
+        let none = settings(false, &[]);
+        for field in ["apiUrl", "loginUrl"] {
+            let mut with_user = spec(None);
+            let with = Some("https://user:secret@api.security.microsoft.com".to_string());
+            if field == "apiUrl" {
+                with_user.api_url = with;
+            } else {
+                with_user.login_url = Some("https://user@login.microsoftonline.com".into());
+            }
+            let error = endpoints(&with_user, &none).unwrap_err();
+            assert!(
+                error.contains(&format!("spec.{field}")) && error.contains("user name"),
+                "{error}"
+            );
+            assert!(!error.contains("secret"), "{error}");
+        }
     }
 
     #[test]
