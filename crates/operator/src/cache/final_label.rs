@@ -26,17 +26,27 @@ pub const WATCH_SELECTOR: &str = "defender.offboard.dev/final!=true";
 /// watched for a label the operator did not write (see [`super::stray_label`]).
 pub const LABELLED_SELECTOR: &str = "defender.offboard.dev/final=true";
 
-/// What `kubectl apply` keeps on every object: a copy of the whole manifest.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// The longest cancel reason kept (and sent to MDE as the cancel's
+/// comment), in characters: MDE's comments are short, and an annotation may
+/// hold 256 KiB that the cache would otherwise keep for every resource.
+pub const MAX_CANCEL_REASON: usize = crate::crd::MAX_COMMENT_LEN;
 
 /// Drop what the controller never reads before an object enters its cache:
-/// `managedFields` (one entry per writer) and `kubectl apply`'s copy of the
-/// manifest. The cancel annotation and everything the decision reads stay;
-/// status writes need only the resourceVersion, which stays too.
+/// `managedFields` (one entry per writer), and every annotation but the
+/// cancel annotation (`kubectl apply`'s copy of the manifest, and whatever
+/// else anyone who may write the resource puts there: up to 256 KiB each),
+/// whose value is cut to [`MAX_CANCEL_REASON`] characters. Everything the
+/// decision reads stays; status writes need only the resourceVersion, which
+/// stays too.
 pub fn trim_for_cache(obj: &mut DeviceOffboard) {
     obj.metadata.managed_fields = None;
     if let Some(annotations) = obj.metadata.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
+        annotations.retain(|key, _| key == crate::crd::CANCEL_ANNOTATION);
+        for value in annotations.values_mut() {
+            if let Some((cut, _)) = value.char_indices().nth(MAX_CANCEL_REASON) {
+                value.truncate(cut);
+            }
+        }
         if annotations.is_empty() {
             obj.metadata.annotations = None;
         }
@@ -91,6 +101,9 @@ pub async fn label(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `kubectl apply` keeps on every object: a copy of the whole manifest.
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
     use crate::crd::Phase;
     use crate::test_kit;
 
@@ -112,12 +125,31 @@ mod tests {
             ]
             .into(),
         );
+        obj.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("team.example/notes".into(), "x".repeat(256 * 1024));
         let before = obj.clone();
         trim_for_cache(&mut obj);
         assert_eq!(obj.metadata.managed_fields, None);
         let annotations = obj.metadata.annotations.clone().unwrap();
-        assert_eq!(annotations.len(), 1);
+        assert_eq!(
+            annotations.len(),
+            1,
+            "only the annotation the decision reads"
+        );
         assert_eq!(annotations[crate::crd::CANCEL_ANNOTATION], "wrong device");
+        // A cancel reason of any size is kept at MDE's comment length.
+        let mut long = before.clone();
+        long.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(crate::crd::CANCEL_ANNOTATION.into(), "é".repeat(300 * 1024));
+        trim_for_cache(&mut long);
+        let reason = &long.metadata.annotations.unwrap()[crate::crd::CANCEL_ANNOTATION];
+        assert_eq!(reason.chars().count(), MAX_CANCEL_REASON);
         assert_eq!(obj.metadata.resource_version.as_deref(), Some("7"));
         assert_eq!(
             (obj.spec.clone(), obj.status.clone()),
