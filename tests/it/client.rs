@@ -307,7 +307,7 @@ async fn lost_responses_are_outcome_unknown_and_found_by_lookup() {
         .await;
         let marker = correlation_marker("uid-1");
         let error = client
-            .offboard(FINANCE_LAPTOP, &format!("retired {marker}"))
+            .offboard(FINANCE_LAPTOP, &format!("{marker} retired"))
             .await
             .unwrap_err();
         assert!(
@@ -676,4 +676,241 @@ async fn an_unreadable_action_is_skipped_but_never_proves_absence() {
         );
     })
     .await;
+}
+
+/// An answer far larger than any real one, as a loopback server sends it.
+#[derive(Clone)]
+enum Oversized {
+    /// `prefix`, `piece` `repeats` times, `suffix`: chunked, no content-length.
+    Chunked {
+        prefix: String,
+        piece: String,
+        repeats: usize,
+        suffix: String,
+    },
+    /// A content-length of `declared`, then 1 MiB of it and a long silence.
+    Declared(u64),
+}
+
+impl Oversized {
+    /// A machine-actions page of about `mib` MiB: valid JSON, so only its size
+    /// can make a client refuse it.
+    fn page(mib: usize) -> Self {
+        let action = listed_action(
+            "7a6ab2c7-1f3b-4f5b-a2a4-7fd5e3a7b3c9",
+            json!("Succeeded"),
+            "retired",
+        )
+        .to_string();
+        let piece = format!("{action},").repeat(64);
+        Oversized::Chunked {
+            prefix: r#"{"value":["#.into(),
+            repeats: mib * 1024 * 1024 / piece.len() + 1,
+            piece,
+            suffix: format!("{action}]}}"),
+        }
+    }
+}
+
+/// A loopback server answering every request with `answer` (status 200). For
+/// each answer it reports whether it was sent whole (`false`: the client hung
+/// up first).
+async fn serve_oversized(
+    answer: Oversized,
+) -> (url::Url, tokio::sync::mpsc::UnboundedReceiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sent, reports) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (answer, sent) = (answer.clone(), sent.clone());
+            tokio::spawn(async move {
+                // The head, then as many body bytes as it declares (a token
+                // request and an offboard carry a body).
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                let body_at = loop {
+                    if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&request[..body_at]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while request.len() < body_at + length {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let whole = match answer {
+                    Oversized::Chunked {
+                        prefix,
+                        piece,
+                        repeats,
+                        suffix,
+                    } => {
+                        async fn chunk(
+                            stream: &mut tokio::net::TcpStream,
+                            data: &str,
+                        ) -> std::io::Result<()> {
+                            let framed = format!("{:x}\r\n{data}\r\n", data.len());
+                            stream.write_all(framed.as_bytes()).await
+                        }
+                        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                        async {
+                            stream.write_all(head.as_bytes()).await?;
+                            chunk(&mut stream, &prefix).await?;
+                            for _ in 0..repeats {
+                                chunk(&mut stream, &piece).await?;
+                            }
+                            chunk(&mut stream, &suffix).await?;
+                            stream.write_all(b"0\r\n\r\n").await
+                        }
+                        .await
+                        .is_ok()
+                    }
+                    Oversized::Declared(declared) => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+                        );
+                        let sent = async {
+                            stream.write_all(head.as_bytes()).await?;
+                            stream.write_all(&vec![b' '; 1024 * 1024]).await
+                        }
+                        .await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        sent.is_ok()
+                    }
+                };
+                let _ = sent.send(whole);
+            });
+        }
+    });
+    (format!("http://{addr}/").parse().unwrap(), reports)
+}
+
+/// A client whose MDE API is `api` (sign-in still goes to the simulator).
+fn client_of_api(sim: &defender_offboard::simulator::SimHandle, api: url::Url) -> DefenderClient {
+    let mut config = client_config(sim, "sim-secret", FAST_LIMITS);
+    config.endpoints.api = api;
+    DefenderClient::new(config, Arc::new(Metrics::default())).unwrap()
+}
+
+/// A 50 MiB page of machine actions, chunked with no content-length: the
+/// client stops reading at its cap, well before the server has sent it all,
+/// and says which cap and which path; nothing of the body is in the error.
+#[tokio::test]
+async fn an_oversized_actions_page_is_refused_while_it_is_still_arriving() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let (api, mut reports) = serve_oversized(Oversized::page(50)).await;
+    let client = client_of_api(&sim, api);
+    let started = Instant::now();
+    let error = with_timeout(5, client.list_machine_actions("type eq 'Offboard'"))
+        .await
+        .unwrap_err();
+    let MdeError::InvalidResponse { message } = &error else {
+        panic!("expected InvalidResponse, got {error:?}")
+    };
+    assert!(message.contains("/api/machineactions"), "{message}");
+    assert!(message.contains("MiB"), "the cap is named: {message}");
+    assert!(!message.contains("7a6ab2c7"), "no body content: {message}");
+    assert!(message.len() < 300, "{message}");
+    let whole = with_timeout(5, reports.recv()).await;
+    assert_eq!(
+        whole,
+        Some(false),
+        "the client hung up before the server finished sending, after {:?}",
+        started.elapsed()
+    );
+}
+
+/// A content-length beyond the cap is refused on the head alone: no wait for
+/// a body that is never read.
+#[tokio::test]
+async fn a_declared_oversized_answer_is_refused_before_its_body() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let declared = 1u64 << 40;
+    let (api, _reports) = serve_oversized(Oversized::Declared(declared)).await;
+    let client = client_of_api(&sim, api);
+    client.check_sign_in().await.unwrap();
+    let started = Instant::now();
+    let error = with_timeout(5, client.list_machine_actions("type eq 'Offboard'"))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let MdeError::InvalidResponse { message } = &error else {
+        panic!("expected InvalidResponse, got {error:?}")
+    };
+    assert!(message.contains(&declared.to_string()), "{message}");
+    assert!(message.contains("MiB"), "the cap is named: {message}");
+}
+
+/// An offboard or cancel answered 2xx with a body too large to read may have
+/// created or cancelled the action: outcome unknown, look it up before
+/// sending again.
+#[tokio::test]
+async fn an_oversized_answer_to_a_write_leaves_the_outcome_unknown() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    for answer in [Oversized::page(50), Oversized::Declared(1 << 40)] {
+        let (api, _reports) = serve_oversized(answer).await;
+        let client = client_of_api(&sim, api);
+        let offboard = with_timeout(5, client.offboard(FINANCE_LAPTOP, "x"))
+            .await
+            .unwrap_err();
+        let cancel = with_timeout(
+            5,
+            client.cancel_action(None, "7a6ab2c7-1f3b-4f5b-a2a4-7fd5e3a7b3c9", "x"),
+        )
+        .await
+        .unwrap_err();
+        for error in [offboard, cancel] {
+            assert!(
+                matches!(error, MdeError::OutcomeUnknown { .. }),
+                "{error:?}"
+            );
+            assert!(error.may_have_created());
+            assert!(error.to_string().contains("MiB"), "{error}");
+        }
+    }
+}
+
+/// The login host's answer is bounded far tighter: a token is a header's worth.
+#[tokio::test]
+async fn an_oversized_token_answer_is_refused() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let token = Oversized::Chunked {
+        prefix: r#"{"token_type":"Bearer","expires_in":3600,"access_token":""#.into(),
+        piece: "a".repeat(16 * 1024),
+        repeats: 128,
+        suffix: r#""}"#.into(),
+    };
+    for answer in [token, Oversized::Declared(2 * 1024 * 1024)] {
+        let (login, _reports) = serve_oversized(answer).await;
+        let mut config = client_config(&sim, "sim-secret", FAST_LIMITS);
+        config.endpoints.authority = login;
+        let client = DefenderClient::new(config, Arc::new(Metrics::default())).unwrap();
+        let error = with_timeout(5, client.check_sign_in()).await.unwrap_err();
+        let MdeError::InvalidResponse { message } = &error else {
+            panic!("expected InvalidResponse, got {error:?}")
+        };
+        assert!(
+            message.contains("127.0.0.1"),
+            "the host is named: {message}"
+        );
+        assert!(message.contains("MiB"), "the cap is named: {message}");
+        assert!(!message.contains("aaaa"), "no body content: {message}");
+    }
 }

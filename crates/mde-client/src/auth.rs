@@ -5,7 +5,7 @@
 //! the SDK insists on https authorities (our simulator is plain-http loopback),
 //! does not read `AZURE_CLIENT_SECRET_FILE`, and brings a large dependency tree.
 
-use super::error::{MdeError, error_chain};
+use super::error::{BodyError, MdeError, error_chain, read_capped};
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -243,6 +243,13 @@ struct CachedToken {
     refresh_at: Instant,
 }
 
+/// The largest answer read from the login host: 1 MiB. A token answer is a
+/// JWT of a few KiB plus a few fields, and a token must fit in an
+/// `Authorization` header, which servers cap at tens of KiB; an error answer
+/// is a short description. 1 MiB leaves room for any of them and for an
+/// error page a proxy puts in front.
+pub const MAX_TOKEN_BODY: usize = 1024 * 1024;
+
 /// Hands out bearer tokens, cached until shortly before expiry. Concurrent
 /// callers share one refresh: the cache lock is held across the token request
 /// on purpose, so only the first caller asks and the rest get its answer.
@@ -370,9 +377,23 @@ impl TokenSource {
                 }
             })?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| MdeError::NotSent {
-            reason: format!("login host {host} dropped the answer: {}", error_chain(&e)),
-        })?;
+        let body = read_capped(response, MAX_TOKEN_BODY)
+            .await
+            .map_err(|e| match e {
+                BodyError::Cut(e) => MdeError::NotSent {
+                    reason: format!("login host {host} dropped the answer: {}", error_chain(&e)),
+                },
+                // Whatever its status, an answer too large to read is taken
+                // as a token answer that does not parse.
+                too_large => MdeError::InvalidResponse {
+                    message: format!(
+                        "login host {host}{} answered {} with {}",
+                        self.token_url.path(),
+                        status.as_u16(),
+                        too_large.describe(MAX_TOKEN_BODY)
+                    ),
+                },
+            })?;
         if status.is_success() {
             let token: TokenResponse =
                 serde_json::from_slice(&body).map_err(|e| MdeError::InvalidResponse {

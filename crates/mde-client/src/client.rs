@@ -2,7 +2,7 @@
 
 use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
-use super::error::{CallKind, MdeError, error_chain, parse_retry_after};
+use super::error::{BodyError, CallKind, MdeError, error_chain, parse_retry_after, read_capped};
 use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
 use super::types::{CountedPage, ErrorBody, Machine, MachineAction, WindowAction};
 use jiff::Timestamp;
@@ -29,6 +29,14 @@ pub const IDS_PER_QUERY: usize = 50;
 
 /// The most items MDE returns for one list call (`$top` up to 10,000).
 pub const MAX_TOP: usize = 10_000;
+
+/// The largest API answer read: 32 MiB. The largest legitimate one is a page
+/// of [`MAX_TOP`] machine actions; an action is under 1 KB of JSON, 1.6 KB
+/// with a comment of the longest length the operator writes, so a full page
+/// is at most about 16 MB and the cap leaves twice that. A larger cap (64 MiB)
+/// would let one answer plus its parse pass the pod's 128 MiB memory limit
+/// next to the operator's own working set (~33 MiB at 10,000 resources).
+pub const MAX_API_BODY: usize = 32 * 1024 * 1024;
 
 /// Everything needed to talk to one tenant's MDE.
 #[derive(Clone, Debug)]
@@ -685,17 +693,29 @@ impl DefenderClient {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let bytes = response.bytes().await;
+            let bytes = read_capped(response, MAX_API_BODY).await;
             permit.complete();
             inner.observer.request_finished(family, status);
-            let bytes = bytes.map_err(|e| {
-                let reason = format!("answer {status} cut off: {}", error_chain(&e));
-                if kind == CallKind::Write {
-                    MdeError::OutcomeUnknown { reason }
-                } else {
-                    MdeError::Unavailable {
-                        status,
-                        message: reason,
+            let bytes = bytes.map_err(|e| match (e, kind) {
+                (BodyError::Cut(e), CallKind::Write) => MdeError::OutcomeUnknown {
+                    reason: format!("answer {status} cut off: {}", error_chain(&e)),
+                },
+                (BodyError::Cut(e), CallKind::Read) => MdeError::Unavailable {
+                    status,
+                    message: format!("answer {status} cut off: {}", error_chain(&e)),
+                },
+                // An answer too large to read is no answer, whatever its
+                // status: a write may have acted, a read is retried later.
+                (too_large, kind) => {
+                    let message = format!(
+                        "{method} {}{} answered {status} with {}",
+                        url.host_str().unwrap_or_default(),
+                        url.path(),
+                        too_large.describe(MAX_API_BODY)
+                    );
+                    match kind {
+                        CallKind::Write => MdeError::OutcomeUnknown { reason: message },
+                        CallKind::Read => MdeError::InvalidResponse { message },
                     }
                 }
             })?;
@@ -789,5 +809,32 @@ mod tests {
         assert_eq!(marker_key("retired by hand"), None);
         assert_eq!(marker_key("retired [defender-offboard:uid-1]"), None);
         assert_eq!(marker_key(""), None);
+    }
+
+    /// The figure behind [`MAX_API_BODY`]: a page of [`MAX_TOP`] actions as
+    /// MDE answers them, each with a comment of the longest length the
+    /// operator writes (900 characters), fits the cap twice over.
+    #[test]
+    fn a_full_page_of_the_longest_actions_fits_the_cap_twice_over() {
+        let key = "3f6c2a1e-8d4b-4c1e-9a7f-2b5d8e0c4a91";
+        let comment = comment_with_marker(&"x".repeat(900), key);
+        let action = serde_json::json!({
+            "id": "7a6ab2c7-1f3b-4f5b-a2a4-7fd5e3a7b3c9", "type": "Offboard",
+            "title": "Offboard machine", "scope": null,
+            "requestor": "defender-offboard-app@contoso.onmicrosoft.com",
+            "requestorComment": comment, "status": "Succeeded",
+            "machineId": "1e5bc9d7e413ddd7902c2932e418702b84d0cc07",
+            "computerDnsName": "finance-laptop-07.emea.corp.contoso.com",
+            "creationDateTimeUtc": "2026-01-02T14:39:38.6716938Z",
+            "lastUpdateDateTimeUtc": "2026-01-02T14:40:44.6596267Z",
+            "cancellationRequestor": null, "cancellationComment": null,
+            "cancellationDateTimeUtc": null, "errorHResult": 0, "externalId": null,
+            "requestSource": "PublicApi", "relatedFileInfo": null, "commands": [],
+            "troubleshootInfo": null
+        });
+        serde_json::from_value::<MachineAction>(action.clone()).unwrap();
+        let one = action.to_string().len() + 1;
+        assert!((1500..1700).contains(&one), "{one} bytes");
+        assert!(one * MAX_TOP * 2 <= MAX_API_BODY, "{one} bytes each");
     }
 }

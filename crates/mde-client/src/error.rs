@@ -231,6 +231,61 @@ pub fn is_already_pending(code: &str, message: &str) -> bool {
         || WORDINGS.iter().any(|w| message.contains(w))
 }
 
+/// Why an answer's body was not read whole.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// Larger than the cap: by its `Content-Length` (`declared`) or while
+    /// streaming. Reading stopped there; the rest was never buffered.
+    TooLarge { declared: Option<u64> },
+    /// The connection failed part way.
+    Cut(reqwest::Error),
+}
+
+impl BodyError {
+    /// Words for an error message: the cap and, when given, the declared
+    /// length. Never the body's content.
+    pub(crate) fn describe(&self, cap: usize) -> String {
+        let cap = format!("the {} MiB cap", cap / (1024 * 1024));
+        match self {
+            BodyError::TooLarge {
+                declared: Some(length),
+            } => format!("a body of {length} bytes (content-length), over {cap}; not read"),
+            BodyError::TooLarge { declared: None } => {
+                format!("a body over {cap}; stopped reading there")
+            }
+            BodyError::Cut(error) => format!("a body cut off: {}", error_chain(error)),
+        }
+    }
+}
+
+/// The body of `response`, at most `cap` bytes. A declared length over the
+/// cap is refused before any of the body is read; otherwise the body is read
+/// chunk by chunk and given up as soon as it passes the cap, so a hostile or
+/// broken server can make this hold at most `cap` bytes.
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let declared = response.content_length();
+    if let Some(length) = declared
+        && length > cap as u64
+    {
+        return Err(BodyError::TooLarge {
+            declared: Some(length),
+        });
+    }
+    // Sized once when the length is known (at most `cap`), so the buffer is
+    // not copied while it grows.
+    let mut body = Vec::with_capacity(declared.map_or(0, |length| length as usize));
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Cut)? {
+        if chunk.len() > cap - body.len() {
+            return Err(BodyError::TooLarge { declared: None });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The error with its sources, on one line.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
