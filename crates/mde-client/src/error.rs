@@ -105,6 +105,9 @@ pub enum ErrorClass {
     AlreadyPending,
 }
 
+/// The code of a 404 (`MdeError::NotFound`), as `lastError.code` records it.
+pub const NOT_FOUND_CODE: &str = "ResourceNotFound";
+
 impl MdeError {
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -146,7 +149,7 @@ impl MdeError {
             MdeError::Throttled { .. } => "TooManyRequests",
             MdeError::Unauthorized { .. } => "Unauthorized",
             MdeError::Forbidden { .. } => "Forbidden",
-            MdeError::NotFound { .. } => "ResourceNotFound",
+            MdeError::NotFound { .. } => NOT_FOUND_CODE,
             MdeError::AlreadyPending { .. } => "ActiveRequestAlreadyExists",
             MdeError::PlatformNotSupported { .. } => "OsPlatformNotSupported",
             MdeError::BadRequest { code, .. } => code,

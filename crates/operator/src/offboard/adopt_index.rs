@@ -33,6 +33,7 @@
 //! second installation) created less than `max_age` before the check, as an
 //! exact read would not see one created less than the list's lag before it.
 
+pub(crate) use super::decision::window_start;
 use jiff::{SignedDuration, Timestamp};
 use mde_client::{MachineAction, marker_key};
 use std::collections::HashMap;
@@ -261,13 +262,6 @@ impl AdoptIndex {
             self.machines.shrink_to_fit();
         }
     }
-}
-
-pub(crate) fn window_start(now: Timestamp, window: Duration) -> Timestamp {
-    SignedDuration::try_from(window)
-        .ok()
-        .and_then(|w| now.checked_sub(w).ok())
-        .unwrap_or(Timestamp::MIN)
 }
 
 /// Whether a window read answered everything it was asked: a short last

@@ -34,9 +34,6 @@ pub struct Ports<'a, M, S> {
 /// When to run the next step (`None`: only when the resource changes).
 pub type Requeue = Option<Duration>;
 
-/// The `lastError.code` of a 404 from MDE (`MdeError::NotFound`).
-const NOT_FOUND_CODE: &str = "ResourceNotFound";
-
 /// How soon to look again when this process may not send (lease not held).
 const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
 
@@ -907,7 +904,7 @@ async fn apply<M: MdeCalls, S: StatusStore>(
             .status
             .last_error
             .as_ref()
-            .is_some_and(|e| e.code == NOT_FOUND_CODE);
+            .is_some_and(|e| e.code == mde_client::error::NOT_FOUND_CODE);
         ports
             .state
             .lookups

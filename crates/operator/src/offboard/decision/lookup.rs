@@ -97,11 +97,18 @@ fn within_window(action: &MachineAction, now: Timestamp, window: Duration) -> bo
     if window.is_zero() {
         return false;
     }
-    let Some(created) = parse_time(action.creation_date_time_utc.as_deref()) else {
-        return false;
-    };
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    now.checked_sub(window).is_ok_and(|start| created >= start)
+    parse_time(action.creation_date_time_utc.as_deref())
+        .is_some_and(|created| created >= window_start(now, window))
+}
+
+/// Where a window of `window` ending `now` starts (the beginning of time for
+/// a window longer than time allows): one definition for the rule and for
+/// the adopt index that serves it, so the two always cover the same actions.
+pub fn window_start(now: Timestamp, window: Duration) -> Timestamp {
+    SignedDuration::try_from(window)
+        .ok()
+        .and_then(|w| now.checked_sub(w).ok())
+        .unwrap_or(Timestamp::MIN)
 }
 
 /// Whether a `Succeeded` offboard still stands for `machine`: MDE has not

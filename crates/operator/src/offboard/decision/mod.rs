@@ -33,7 +33,9 @@ pub use cancel::{
 };
 pub use connection::{connection_unavailable, unavailable_reason};
 pub use errors::{list_failed, lookup_failed, on_error};
-pub use lookup::{AfterLookUp, Found, LookUp, after_lookup, found_in, needs_machine, pending_in};
+pub use lookup::{
+    AfterLookUp, Found, LookUp, after_lookup, found_in, needs_machine, pending_in, window_start,
+};
 pub use plan::{invalid_spec, plan};
 pub use timing::SubmittingClock;
 
