@@ -6,9 +6,10 @@
 use mde_client::auth::{ClientIdentity, Secret};
 use mde_client::{BudgetWait, ClientConfig, Cloud, Endpoints, RateLimits};
 use offboard_operator::nodes::{DeviceNameTemplate, NAME_PLACEHOLDER, NodeOptions, NodeSelector};
-use offboard_operator::offboard::decision::Settings;
+use offboard_operator::offboard::decision::{NodeIdentityMode, Settings};
 use offboard_operator::runtime::{self, leader::LeaseTiming};
 use offboard_operator::telemetry::LogFormat;
+use offboard_operator::tenants::DefaultNamespaces;
 use offboard_operator::tenants::controller::ClientSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -166,6 +167,13 @@ pub struct RunArgs {
     /// operator's own credentials become optional.
     #[arg(long, env = "DEFENDER_CONNECTIONS")]
     pub connections: bool,
+    /// The namespaces whose DeviceOffboards without spec.connectionRef use
+    /// the operator's own credentials: `*` for all, or a comma-separated
+    /// list. Default: all without --connections (one tenant for the
+    /// cluster); with --connections, only the operator's own namespace, so
+    /// no namespace reaches the operator's tenant unless listed.
+    #[arg(long, env = "DEFENDER_DEFAULT_CONNECTION_NAMESPACES", value_parser = DefaultNamespaces::parse)]
+    pub default_connection_namespaces: Option<DefaultNamespaces>,
     /// Hosts (`host` or `host:port`) besides Microsoft's login and MDE API
     /// hosts that a DefenderConnection's apiUrl/loginUrl may name, e.g. a
     /// simulator. The operator's own --api-url and --authority-host are allowed.
@@ -214,6 +222,9 @@ impl RunArgs {
                 retry_backoff: self.retry_backoff,
                 access_backoff: self.access_backoff,
                 adopt_window: self.adopt_window,
+                node_identity: self.nodes.node_identity,
+                node_grace: self.nodes.node_offboard_grace,
+                ..Settings::default()
             },
             ttl_sweep_interval: self.ttl_sweep_interval,
             nodes: self.node_options(),
@@ -221,6 +232,18 @@ impl RunArgs {
             remove_node_finalizers: self.nodes.remove_node_finalizers,
             stop_deployment: self.nodes.stop_deployment.clone(),
             connections: self.connections,
+            default_namespaces: self.default_namespaces(),
+        }
+    }
+
+    /// `--default-connection-namespaces`, or its default (see the flag).
+    pub fn default_namespaces(&self) -> DefaultNamespaces {
+        match (&self.default_connection_namespaces, self.connections) {
+            (Some(given), _) => given.clone(),
+            (None, false) => DefaultNamespaces::All,
+            (None, true) => {
+                DefaultNamespaces::Only([self.lease_namespace.clone()].into_iter().collect())
+            }
         }
     }
 
@@ -290,6 +313,17 @@ pub struct NodeArgs {
     /// spec.ttlSecondsAfterFinished of the DeviceOffboards made for deleted Nodes (default: kept).
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..=315_360_000))]
     pub node_offboard_ttl_seconds: Option<i64>,
+    /// How a deleted Node's device is told apart in MDE. `required`: only a
+    /// record whose Azure vmMetadata matches the Node's providerID or
+    /// systemUUID; `preferred`: that record, else one without vmMetadata by
+    /// name; `name`: by name (a record naming another VM is never chosen).
+    #[arg(long, default_value = "required", env = "NODE_IDENTITY", value_parser = node_identity_parser())]
+    pub node_identity: NodeIdentityMode,
+    /// How long a deleted Node's DeviceOffboard waits before anything is sent:
+    /// a Node of the same name or cloud identity back by then, and nothing is.
+    /// It never holds the Node's deletion.
+    #[arg(long, default_value = "5m", env = "NODE_OFFBOARD_GRACE", value_parser = humantime::parse_duration)]
+    pub node_offboard_grace: Duration,
     /// The longest a Node deletion waits for its DeviceOffboard while the operator runs.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub node_finalizer_max_age: Duration,
@@ -301,6 +335,13 @@ pub struct NodeArgs {
     /// namespace) to zero and wait for it, so no replica adds a finalizer again.
     #[arg(long, requires = "remove_node_finalizers")]
     pub stop_deployment: Option<String>,
+}
+
+/// `--node-identity`: one of its modes, listed in `--help`.
+fn node_identity_parser() -> impl clap::builder::TypedValueParser<Value = NodeIdentityMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["required", "preferred", "name"])
+        .try_map(|mode| mode.parse::<NodeIdentityMode>())
 }
 
 impl NodeArgs {
@@ -369,5 +410,57 @@ mod connection_args_tests {
             config(&allowed).unwrap().endpoints.api.host_str(),
             Some("mde-simulator.test")
         );
+    }
+}
+
+#[cfg(test)]
+mod node_args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn settings(args: &[&str]) -> Result<Settings, clap::Error> {
+        let mut argv = vec!["run"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| cli.run.config().settings)
+    }
+
+    #[test]
+    fn node_identity_is_required_and_the_grace_five_minutes_by_default() {
+        let defaults = settings(&[]).unwrap();
+        assert_eq!(defaults.node_identity, NodeIdentityMode::Required);
+        assert_eq!(defaults.node_grace, Duration::from_secs(300));
+        let given = settings(&[
+            "--node-identity",
+            "preferred",
+            "--node-offboard-grace",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(given.node_identity, NodeIdentityMode::Preferred);
+        assert_eq!(given.node_grace, Duration::from_secs(2));
+        assert_eq!(
+            settings(&["--node-identity", "name"])
+                .unwrap()
+                .node_identity,
+            NodeIdentityMode::Name
+        );
+    }
+
+    #[test]
+    fn an_unknown_node_identity_mode_names_the_valid_ones() {
+        let error = settings(&["--node-identity", "uuid"])
+            .err()
+            .unwrap()
+            .to_string();
+        for mode in ["required", "preferred", "name"] {
+            assert!(error.contains(mode), "{error}");
+        }
+        assert!(settings(&["--node-offboard-grace", "soon"]).is_err());
     }
 }

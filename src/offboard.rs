@@ -205,6 +205,7 @@ fn request(args: &OffboardArgs, key: &str, rerun: bool) -> DeviceOffboard {
             comment: args.comment.clone(),
             ttl_seconds_after_finished: None,
             connection_ref: None,
+            node: None,
         },
     );
     obj.metadata.uid = Some(key.to_string());

@@ -575,7 +575,8 @@ fn build_controller(
     configure(&mut run_args);
     let ctx = Arc::new(Context::with_connections(
         client,
-        Connections::new(Some(mde), run_args.connections),
+        Connections::new(Some(mde), run_args.connections)
+            .with_default_namespaces(run_args.default_namespaces()),
         metrics,
         settings,
         Some("dev".into()),

@@ -220,6 +220,7 @@ fn resource(name: &str, machine: &str) -> DeviceOffboard {
             comment: "decommissioned (benchmark)".into(),
             ttl_seconds_after_finished: None,
             connection_ref: None,
+            node: None,
         },
     );
     obj.metadata.namespace = Some(NAMESPACE.into());

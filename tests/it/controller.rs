@@ -75,6 +75,7 @@ pub(crate) async fn create(client: &kube::Client, name: &str, machine_id: &str) 
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
         connection_ref: None,
+        node: None,
     };
     api.create(&PostParams::default(), &DeviceOffboard::new(name, spec))
         .await

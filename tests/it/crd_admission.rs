@@ -39,7 +39,7 @@ async fn project_crd_rules_are_enforced() {
         let spec = |machine: Option<&str>, device: Option<&str>, comment: &str| DeviceOffboardSpec {
             machine_id: machine.map(String::from),
             device_name: device.map(String::from),
-            comment: comment.into(), ttl_seconds_after_finished: None, connection_ref: None };
+            comment: comment.into(), ttl_seconds_after_finished: None, connection_ref: None, node: None };
         let create = |name: &str, spec: DeviceOffboardSpec| {
             let typed = typed.clone();
             let object = DeviceOffboard::new(name, spec);

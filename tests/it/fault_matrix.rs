@@ -318,6 +318,7 @@ async fn apply(client: &kube::Client, target: &Target) {
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
         connection_ref: None,
+        node: None,
     };
     let mut resource = DeviceOffboard::new(&target.name, spec);
     if target.final_label {

@@ -24,6 +24,7 @@ fn spec(machine_id: &str) -> DeviceOffboardSpec {
         comment: "retired".into(),
         ttl_seconds_after_finished: None,
         connection_ref: None,
+        node: None,
     }
 }
 

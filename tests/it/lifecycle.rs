@@ -235,6 +235,7 @@ async fn finished(
         comment: "ttl".into(),
         ttl_seconds_after_finished: ttl,
         connection_ref: None,
+        node: None,
     };
     records
         .create(&PostParams::default(), &DeviceOffboard::new(name, spec))

@@ -200,6 +200,7 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         // Deleted once final: the TTL sweep's delete is recorded.
         ttl_seconds_after_finished: machine.map(|_| 0),
         connection_ref: None,
+        node: None,
     };
     resources
         .create(

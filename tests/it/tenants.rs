@@ -105,6 +105,7 @@ fn resource(name: &str, machine_id: &str, connection: Option<&str>) -> DeviceOff
             comment: "tenant test".into(),
             ttl_seconds_after_finished: None,
             connection_ref: connection.map(|name| ConnectionRef { name: name.into() }),
+            node: None,
         },
     )
 }

@@ -18,4 +18,4 @@ pub use client::{
 pub use cloud::{Cloud, Endpoints};
 pub use error::{ErrorClass, MdeError};
 pub use limiter::{ApiFamily, RateBudget, RateLimits};
-pub use types::{ActionStatus, Machine, MachineAction};
+pub use types::{ActionStatus, Machine, MachineAction, VmMetadata};

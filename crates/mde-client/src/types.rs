@@ -58,6 +58,19 @@ pub struct Machine {
     pub aad_device_id: Option<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub machine_tags: Vec<String>,
+    /// Azure VMs: the VM MDE saw the device on (what a Node's
+    /// `spec.providerID` and `systemUUID` name).
+    pub vm_metadata: Option<VmMetadata>,
+}
+
+/// `vmMetadata` of a machine on a cloud VM.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VmMetadata {
+    pub vm_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub subscription_id: Option<String>,
+    pub cloud_provider: Option<String>,
 }
 
 /// MDE's status of a machine action. The last four are final.

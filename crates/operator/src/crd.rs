@@ -42,7 +42,8 @@ pub const MAX_COMMENT_LEN: usize = 900;
 )]
 #[x_kube(
     validation = Rule::new("self == oldSelf").message("spec is immutable: delete this DeviceOffboard and create a new one to offboard another device"),
-    validation = Rule::new("has(self.machineId) != has(self.deviceName)").message("exactly one of spec.machineId or spec.deviceName must be set")
+    validation = Rule::new("has(self.machineId) != has(self.deviceName)").message("exactly one of spec.machineId or spec.deviceName must be set"),
+    validation = Rule::new("!has(self.node) || has(self.deviceName)").message("spec.node (written by node offboarding) goes with spec.deviceName: the device is resolved by the Node's name and identity")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceOffboardSpec {
@@ -81,6 +82,33 @@ pub struct DeviceOffboardSpec {
     /// operator's own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_ref: Option<ConnectionRef>,
+
+    /// Set by node offboarding: the deleted Node this device was. The device
+    /// is then found by the Node's cloud identity (`--node-identity`), the
+    /// offboard waits `--node-offboard-grace`, and nothing is sent when a
+    /// Node of the same name or identity exists again by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeIdentity>,
+}
+
+/// A deleted Node, as node offboarding recorded it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeIdentity {
+    /// The Node's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The Node's uid.
+    #[schemars(length(min = 1, max = 128))]
+    pub uid: String,
+    /// The Node's `spec.providerID`, e.g. `azure:///subscriptions/.../virtualMachines/vm-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub provider_id: Option<String>,
+    /// The Node's `status.nodeInfo.systemUUID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub system_uuid: Option<String>,
 }
 
 /// A `DefenderConnection` in the same namespace.
@@ -188,6 +216,10 @@ pub struct DeviceOffboardStatus {
     /// A cancel asked for with the `defender.offboard.dev/cancel` annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<CancelStatus>,
+    /// How `deviceName` (or the Node) became `machineId`: which record was
+    /// chosen, and why every other record of the name was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
 }
 
 /// Where a requested cancel stands.

@@ -11,12 +11,20 @@
 //! pre-delete hook), which records the offboards of Nodes already being
 //! deleted and then removes every finalizer of the operator.
 //!
+//! The `DeviceOffboard` records the Node's identity (`spec.node`: name, uid,
+//! `spec.providerID`, `status.nodeInfo.systemUUID`), read from the full Node
+//! while the finalizer still holds it: the device is then found by its cloud
+//! identity (`--node-identity`), and the offboard waits
+//! `--node-offboard-grace` in case the Node comes back. That wait is the
+//! `DeviceOffboard`'s, never the Node's: the finalizer goes as soon as the
+//! record exists.
+//!
 //! The work is level-based: a metadata-only watch of all Nodes (labels may
 //! change, so no server-side selector), one decision per Node
 //! ([`decide`]), and a pass over every Node on an interval so a failed step
 //! is retried.
 
-use crate::crd::{DeviceOffboard, DeviceOffboardSpec, MAX_COMMENT_LEN};
+use crate::crd::{DeviceOffboard, DeviceOffboardSpec, MAX_COMMENT_LEN, NodeIdentity};
 use crate::metrics::{Metrics, ResultLabels};
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -203,14 +211,73 @@ pub fn offboard_name(node: &str, uid: &str, taken_by_earlier_node: bool) -> Stri
     format!("{}-{suffix}", base.trim_end_matches(['-', '.']))
 }
 
+/// The CRD's limits on `spec.node.providerID` and `spec.node.systemUUID`:
+/// a longer value is left out rather than have the record refused.
+const MAX_PROVIDER_ID_LEN: usize = 1024;
+const MAX_SYSTEM_UUID_LEN: usize = 128;
+
+/// What a deleted Node's `DeviceOffboard` records of it: name and uid from
+/// the watch's metadata, the cloud identity from `full`, the Node as read by
+/// name. A Node of another uid (the deleted one gone, a new one of the name)
+/// or none at all leaves name and uid only.
+pub fn identity_of(meta: &ObjectMeta, full: Option<&Node>) -> NodeIdentity {
+    let uid = meta.uid.clone().unwrap_or_default();
+    let full = full.filter(|n| n.metadata.uid.as_deref() == Some(uid.as_str()));
+    let kept = |value: &str, max: usize| {
+        let value = value.trim();
+        (!value.is_empty() && value.len() <= max).then(|| value.to_string())
+    };
+    let provider_id = full
+        .and_then(|n| n.spec.as_ref())
+        .and_then(|s| s.provider_id.as_deref())
+        .and_then(|p| kept(p, MAX_PROVIDER_ID_LEN));
+    let system_uuid = full
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.node_info.as_ref())
+        .and_then(|i| kept(&i.system_uuid, MAX_SYSTEM_UUID_LEN));
+    NodeIdentity {
+        name: meta.name.clone().unwrap_or_default(),
+        uid,
+        provider_id,
+        system_uuid,
+    }
+}
+
+/// The deleted Node's identity: the watch is metadata-only, so the full Node
+/// is read (it still exists: the finalizer holds it). Not found: name and
+/// uid only. Any other error is the caller's to retry.
+pub async fn read_identity(
+    client: &kube::Client,
+    meta: &ObjectMeta,
+) -> Result<NodeIdentity, String> {
+    let api: Api<Node> = Api::all(client.clone());
+    let name = meta.name.clone().unwrap_or_default();
+    let full = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| format!("cannot read Node {name} for its providerID and systemUUID: {e}"))?;
+    Ok(identity_of(meta, full.as_ref()))
+}
+
+/// The deleted Node's identity, or (when it cannot be read) its name and uid
+/// alone: the uninstall hook must not stop at one Node. Under
+/// `--node-identity required` such a record sends nothing.
+async fn identity_or_name(client: &kube::Client, meta: &ObjectMeta) -> NodeIdentity {
+    read_identity(client, meta).await.unwrap_or_else(|error| {
+        tracing::warn!(node = %meta.name.as_deref().unwrap_or_default(), %error, "recording the deleted Node by name and uid only");
+        identity_of(meta, None)
+    })
+}
+
 /// The `DeviceOffboard` for a deleted Node.
 pub fn offboard_for(
     meta: &ObjectMeta,
+    identity: &NodeIdentity,
     options: &NodeOptions,
     name: &str,
 ) -> Result<DeviceOffboard, String> {
-    let node = meta.name.clone().unwrap_or_default();
-    let uid = meta.uid.clone().unwrap_or_default();
+    let node = identity.name.clone();
+    let uid = identity.uid.clone();
     let device = options.device_name.render(&node)?;
     let since = meta
         .deletion_timestamp
@@ -233,6 +300,7 @@ pub fn offboard_for(
             comment,
             ttl_seconds_after_finished: options.ttl_seconds,
             connection_ref: None,
+            node: Some(identity.clone()),
         },
     );
     resource.metadata.namespace = Some(options.namespace.clone());
@@ -263,6 +331,7 @@ impl Recorded {
 pub async fn ensure_offboard(
     client: &kube::Client,
     meta: &ObjectMeta,
+    identity: &NodeIdentity,
     options: &NodeOptions,
 ) -> Result<Recorded, String> {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), &options.namespace);
@@ -270,7 +339,7 @@ pub async fn ensure_offboard(
     let uid = meta.uid.clone().unwrap_or_default();
     for taken in [false, true] {
         let name = offboard_name(&node, &uid, taken);
-        let resource = offboard_for(meta, options, &name)?;
+        let resource = offboard_for(meta, identity, options, &name)?;
         match api.create(&PostParams::default(), &resource).await {
             Ok(_) => return Ok(Recorded::Created),
             Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -343,23 +412,38 @@ pub async fn handle(
         NodeStep::Nothing => return,
         NodeStep::AddFinalizer => set_finalizers(&api, meta, with_finalizer(meta)).await,
         NodeStep::RemoveFinalizer => set_finalizers(&api, meta, without_finalizer(meta)).await,
-        NodeStep::Offboard { past_bound } => match ensure_offboard(client, meta, options).await {
-            Ok(recorded) => {
-                tracing::info!(%node, result = recorded.label(), namespace = %options.namespace, "deleted Node: its DeviceOffboard is recorded");
-                count(metrics, recorded.label());
-                set_finalizers(&api, meta, without_finalizer(meta)).await
+        NodeStep::Offboard { past_bound } => {
+            let identity = match read_identity(client, meta).await {
+                Ok(identity) => identity,
+                // Past the bound the Node is not held for its identity either.
+                Err(error) if past_bound => {
+                    tracing::warn!(%node, %error, "could not read the deleted Node within the bound; recording it by name and uid only");
+                    identity_of(meta, None)
+                }
+                Err(error) => {
+                    tracing::warn!(%node, %error, "could not read the deleted Node; retrying");
+                    count(metrics, "error");
+                    return;
+                }
+            };
+            match ensure_offboard(client, meta, &identity, options).await {
+                Ok(recorded) => {
+                    tracing::info!(%node, result = recorded.label(), namespace = %options.namespace, "deleted Node: its DeviceOffboard is recorded");
+                    count(metrics, recorded.label());
+                    set_finalizers(&api, meta, without_finalizer(meta)).await
+                }
+                Err(error) if past_bound => {
+                    tracing::error!(%node, %error, bound = ?options.max_age, "could not record the deleted Node's DeviceOffboard within the bound; releasing the Node: offboard its device by hand");
+                    count(metrics, "released");
+                    set_finalizers(&api, meta, without_finalizer(meta)).await
+                }
+                Err(error) => {
+                    tracing::warn!(%node, %error, "could not record the deleted Node's DeviceOffboard; retrying");
+                    count(metrics, "error");
+                    return;
+                }
             }
-            Err(error) if past_bound => {
-                tracing::error!(%node, %error, bound = ?options.max_age, "could not record the deleted Node's DeviceOffboard within the bound; releasing the Node: offboard its device by hand");
-                count(metrics, "released");
-                set_finalizers(&api, meta, without_finalizer(meta)).await
-            }
-            Err(error) => {
-                tracing::warn!(%node, %error, "could not record the deleted Node's DeviceOffboard; retrying");
-                count(metrics, "error");
-                return;
-            }
-        },
+        }
     };
     match written {
         Ok(()) => {}
@@ -438,7 +522,8 @@ pub async fn remove_finalizers(
                 continue;
             }
             if meta.deletion_timestamp.is_some() {
-                match ensure_offboard(client, meta, options).await {
+                let identity = identity_or_name(client, meta).await;
+                match ensure_offboard(client, meta, &identity, options).await {
                     Ok(recorded) => count(metrics, recorded.label()),
                     Err(error) => {
                         tracing::error!(node = %node.name_any(), %error, "uninstall: could not record the deleted Node's DeviceOffboard; offboard its device by hand");
@@ -610,7 +695,7 @@ mod tests {
     #[test]
     fn the_offboard_names_the_node_and_links_to_it() {
         let meta = node("windows", true, Some(5));
-        let r = offboard_for(&meta, &options(), "win-node-1").unwrap();
+        let r = offboard_for(&meta, &identity_of(&meta, None), &options(), "win-node-1").unwrap();
         assert_eq!(r.metadata.name.as_deref(), Some("win-node-1"));
         assert_eq!(r.metadata.namespace.as_deref(), Some("defender-offboard"));
         assert_eq!(r.spec.device_name.as_deref(), Some("win-node-1"));
@@ -627,6 +712,64 @@ mod tests {
             "0f3c2a1b-aaaa-bbbb-cccc-000000000001"
         );
         assert_eq!(labels[NODE_NAME_LABEL], "win-node-1");
+    }
+
+    fn full_node(uid: &str, provider_id: Option<&str>, system_uuid: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "win-node-1", "uid": uid},
+            "spec": {"providerID": provider_id},
+            "status": {"nodeInfo": {
+                "systemUUID": system_uuid, "architecture": "amd64", "bootID": "b",
+                "containerRuntimeVersion": "containerd://1.7", "kernelVersion": "10.0",
+                "kubeProxyVersion": "v1.30", "kubeletVersion": "v1.30", "machineID": "m",
+                "operatingSystem": "windows", "osImage": "Windows Server 2022"
+            }}
+        }))
+        .unwrap()
+    }
+
+    const UID: &str = "0f3c2a1b-aaaa-bbbb-cccc-000000000001";
+    const PROVIDER_ID: &str = "azure:///subscriptions/0000/resourceGroups/mc_rg/providers/Microsoft.Compute/virtualMachineScaleSets/akswin/virtualMachines/0";
+    const SYSTEM_UUID: &str = "5c4b1f1e-9d2a-4a8e-8f3b-0d6c2e7a9b41";
+
+    #[test]
+    fn the_identity_comes_from_the_full_node_of_the_same_uid() {
+        let meta = node("windows", true, Some(5));
+        let read = full_node(UID, Some(PROVIDER_ID), SYSTEM_UUID);
+        assert_eq!(
+            identity_of(&meta, Some(&read)),
+            NodeIdentity {
+                name: "win-node-1".into(),
+                uid: UID.into(),
+                provider_id: Some(PROVIDER_ID.into()),
+                system_uuid: Some(SYSTEM_UUID.into()),
+            }
+        );
+        let by_name = NodeIdentity {
+            name: "win-node-1".into(),
+            uid: UID.into(),
+            provider_id: None,
+            system_uuid: None,
+        };
+        assert_eq!(identity_of(&meta, None), by_name, "not found");
+        // Another Node of the name (a new uid) says nothing about this one.
+        let other = full_node("another-uid", Some(PROVIDER_ID), SYSTEM_UUID);
+        assert_eq!(identity_of(&meta, Some(&other)), by_name);
+        // Empty or longer than the CRD allows: left out, the record is still made.
+        let odd = full_node(UID, Some(""), &"u".repeat(129));
+        assert_eq!(identity_of(&meta, Some(&odd)), by_name);
+    }
+
+    #[test]
+    fn the_offboard_records_the_nodes_identity() {
+        let meta = node("windows", true, Some(5));
+        let identity = identity_of(&meta, Some(&full_node(UID, Some(PROVIDER_ID), SYSTEM_UUID)));
+        let r = offboard_for(&meta, &identity, &options(), "win-node-1").unwrap();
+        assert_eq!(r.spec.node.as_ref(), Some(&identity));
+        // As the API server stores it: the identity survives a round trip.
+        let stored: DeviceOffboard =
+            serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(stored.spec.node, Some(identity));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(crate) fn offboard(name: &str) -> OffboardBuilder {
             comment: String::new(),
             ttl_seconds_after_finished: None,
             connection_ref: None,
+            node: None,
         },
     ))
 }

@@ -997,6 +997,10 @@ impl ScriptedStore {
     pub fn notes(&self) -> Vec<Note> {
         self.store.notes()
     }
+
+    pub fn add_node(&self, node: k8s_openapi::api::core::v1::Node) {
+        self.store.add_node(node)
+    }
 }
 
 impl StatusStore for ScriptedStore {
@@ -1031,6 +1035,13 @@ impl StatusStore for ScriptedStore {
 
     async fn publish(&self, obj: &DeviceOffboard, note: &Note) {
         self.store.publish(obj, note).await
+    }
+
+    async fn node_back(
+        &self,
+        node: &crate::crd::NodeIdentity,
+    ) -> crate::error::Result<Option<String>> {
+        self.store.node_back(node).await
     }
 }
 

@@ -6,9 +6,11 @@
 
 use super::decision::Note;
 use crate::cache::final_label;
-use crate::crd::{DeviceOffboard, DeviceOffboardStatus};
+use crate::crd::{DeviceOffboard, DeviceOffboardStatus, NodeIdentity};
 use crate::error::{Error, Result};
 use crate::tenants::TenantClient;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
@@ -178,7 +180,44 @@ pub trait StatusStore: Send + Sync {
     /// Tell a person (a Kubernetes Event; a line on stderr for the CLI).
     /// Never fails the reconcile: the status already carries the outcome.
     fn publish(&self, obj: &DeviceOffboard, note: &Note) -> impl Future<Output = ()> + Send;
+    /// Why the deleted `node` counts as back (a Node of its name, or one
+    /// with its cloud identity, exists now), or `None`: read before a
+    /// deleted Node's device is resolved, never after a send.
+    fn node_back(&self, node: &NodeIdentity)
+    -> impl Future<Output = Result<Option<String>>> + Send;
 }
+
+/// Why the live Node `live` counts as the deleted `node` come back.
+pub fn node_is_back(node: &NodeIdentity, live: &Node) -> Option<String> {
+    let name = live.metadata.name.as_deref().unwrap_or_default();
+    let uid = live.metadata.uid.as_deref().unwrap_or_default();
+    let same = |a: Option<&str>, b: Option<&str>| matches!((a, b), (Some(a), Some(b)) if !a.trim().is_empty() && a.eq_ignore_ascii_case(b));
+    let provider_id = live.spec.as_ref().and_then(|s| s.provider_id.as_deref());
+    let system_uuid = live
+        .status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.system_uuid.as_str());
+    if name == node.name {
+        Some(format!("a Node named {name:?} exists again (uid {uid})"))
+    } else if same(provider_id, node.provider_id.as_deref()) {
+        Some(format!(
+            "Node {name:?} has the deleted Node's providerID {:?}",
+            node.provider_id.as_deref().unwrap_or_default()
+        ))
+    } else if same(system_uuid, node.system_uuid.as_deref()) {
+        Some(format!(
+            "Node {name:?} has the deleted Node's systemUUID {:?}",
+            node.system_uuid.as_deref().unwrap_or_default()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Nodes are listed in pages of this many when a deleted Node's identity is
+/// looked for (once per deleted Node, after its grace).
+const NODE_PAGE: u32 = 500;
 
 /// The Kubernetes API: status merge patches with a resourceVersion
 /// precondition, Events through a recorder made for each one.
@@ -242,6 +281,28 @@ impl StatusStore for KubeStore {
             tracing::warn!(error = %error, reason = note.reason.event_reason(), "could not publish event");
         }
     }
+
+    async fn node_back(&self, node: &NodeIdentity) -> Result<Option<String>> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        if let Some(live) = api.get_opt(&node.name).await.map_err(Error::Kube)? {
+            return Ok(node_is_back(node, &live));
+        }
+        if node.provider_id.is_none() && node.system_uuid.is_none() {
+            return Ok(None);
+        }
+        // No field selector finds a Node by providerID: read them page by page.
+        let mut params = ListParams::default().limit(NODE_PAGE);
+        loop {
+            let page = api.list(&params).await.map_err(Error::Kube)?;
+            if let Some(why) = page.items.iter().find_map(|live| node_is_back(node, live)) {
+                return Ok(Some(why));
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 /// The status merge patch from `old` to `new`: removed fields become `null`
@@ -284,6 +345,7 @@ pub struct MemoryStore {
 struct MemoryState {
     object: DeviceOffboard,
     notes: Vec<Note>,
+    nodes: Vec<Node>,
 }
 
 impl MemoryStore {
@@ -305,6 +367,7 @@ impl MemoryStore {
             state: Mutex::new(MemoryState {
                 object,
                 notes: Vec::new(),
+                nodes: Vec::new(),
             }),
             on_note: Box::new(on_note),
         }
@@ -317,6 +380,12 @@ impl MemoryStore {
 
     pub fn notes(&self) -> Vec<Note> {
         self.lock().notes.clone()
+    }
+
+    /// A Node the cluster holds from now on (none at first: the `offboard`
+    /// command runs without a cluster).
+    pub fn add_node(&self, node: Node) {
+        self.lock().nodes.push(node);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
@@ -374,5 +443,13 @@ impl StatusStore for MemoryStore {
     async fn publish(&self, _obj: &DeviceOffboard, note: &Note) {
         (self.on_note)(note);
         self.lock().notes.push(note.clone());
+    }
+
+    async fn node_back(&self, node: &NodeIdentity) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .nodes
+            .iter()
+            .find_map(|live| node_is_back(node, live)))
     }
 }

@@ -419,6 +419,7 @@ impl Many {
                 retry_backoff: Duration::from_secs(1),
                 access_backoff: Duration::from_secs(60),
                 adopt_window: ADOPT_WINDOW,
+                ..Settings::default()
             },
             metrics: Metrics::default(),
             base,

@@ -24,6 +24,17 @@ pub enum Reason {
     Failed,
     DeviceNotFound,
     DeviceAmbiguous,
+    /// A record was chosen for `deviceName` among several (the Event says why).
+    DeviceResolved,
+    /// A deleted Node's device cannot be told by its cloud identity, and
+    /// `--node-identity required` allows no other way: nothing was sent.
+    NodeIdentityUnverified,
+    /// A deleted Node's offboard waits `--node-offboard-grace`.
+    WaitingForNodeGrace,
+    /// The deleted Node (or one with its identity) is back: nothing was sent.
+    NodeReturned,
+    /// MDE holds another pending action (not an offboard) for the machine.
+    OtherActionPending,
     PlatformNotSupported,
     AuthenticationFailed,
     PermissionDenied,
@@ -57,6 +68,9 @@ pub enum Reason {
     ConnectionsDisabled,
     /// No `spec.connectionRef`, and the operator has no credentials of its own.
     NoDefaultConnection,
+    /// No `spec.connectionRef`, and the operator's own credentials do not
+    /// serve the resource's namespace (`--default-connection-namespaces`).
+    DefaultConnectionNotAllowed,
 }
 
 impl Reason {

@@ -77,7 +77,18 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
             action_id,
             proves_absence,
         } => read_cancelled(ports, &mut current, &action_id, proves_absence).await,
-        Plan::Resolve { device_name } => {
+        Plan::Resolve {
+            device_name,
+            check_node,
+        } => {
+            let back = match &current.spec.node {
+                Some(node) if check_node => ports.store.node_back(node).await?,
+                _ => None,
+            };
+            if let Some(why) = back {
+                let transition = decision::node_returned(&view, &why);
+                return apply(ports, &mut current, transition).await;
+            }
             let found = match budgeted_read(
                 ports.mde,
                 ApiFamily::Machines,
@@ -88,13 +99,40 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
                 Ok(found) => found,
                 Err(wait) => return Ok(Some(wait)),
             };
-            match decision::after_resolve(&view, &device_name, found, ports.settings) {
-                // Never send from `Submitting` without the lookup first.
-                Ok(machine_id) if submitting => {
-                    look_up(ports, &mut current, &machine_id, false).await
+            let resolution =
+                match decision::after_resolve(&view, &device_name, found, ports.settings) {
+                    Ok(resolution) => resolution,
+                    Err(transition) => return apply(ports, &mut current, transition).await,
+                };
+            // The choice is recorded (and told) before anything is sent for it.
+            let transition = decision::resolved(&view, &resolution);
+            apply(ports, &mut current, transition).await?;
+            let machine_id = resolution.machine_id;
+            // Never send from `Submitting` without the lookup first.
+            if submitting {
+                look_up(ports, &mut current, &machine_id, false).await
+            } else {
+                submit(ports, &mut current, &machine_id, true).await
+            }
+        }
+        Plan::ConfirmMachine { machine_id } => {
+            let read = match budgeted_read(
+                ports.mde,
+                ApiFamily::Machines,
+                ports.mde.get_machine(&machine_id),
+            )
+            .await
+            {
+                Ok(read) => read,
+                Err(wait) => return Ok(Some(wait)),
+            };
+            match read {
+                Ok(_) => submit(ports, &mut current, &machine_id, false).await,
+                Err(error) => {
+                    let transition =
+                        decision::on_error(&view, &error, Phase::Pending, ports.settings);
+                    apply(ports, &mut current, transition).await
                 }
-                Ok(machine_id) => submit(ports, &mut current, &machine_id, true).await,
-                Err(transition) => apply(ports, &mut current, transition).await,
             }
         }
         Plan::Submit {
@@ -139,6 +177,7 @@ pub async fn connection_unavailable<S: StatusStore>(
         cancel_clock: None,
         not_found_for: None,
         own_retry_at: false,
+        created: current.metadata.creation_timestamp.as_ref().map(|t| t.0),
     };
     let transition = decision::connection_unavailable(&view, unavailable, settings);
     write_status(store, &mut current, &transition.status).await?;
@@ -702,6 +741,9 @@ async fn adopt_pending<M: MdeCalls, S: StatusStore>(
                     .to_string();
                 decision::record_action(view, action, Origin::Shared { key })
             }
+            None if decision::pending_is_another_type(&actions, view.now, ports.settings) => {
+                decision::other_action_pending(view, machine_id, ports.settings)
+            }
             // Gone final between the two calls: confirm by marker later.
             None => decision::on_error(
                 view,
@@ -846,6 +888,7 @@ fn view_of<'a, M, S>(
             (Some(uid), Some(at)) => ports.state.retry_times.is_own(&uid, at.0),
             _ => false,
         },
+        created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0),
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Config {
     pub remove_node_finalizers: bool,
     pub stop_deployment: Option<String>,
     pub connections: bool,
+    /// The namespaces the operator's own credentials serve.
+    pub default_namespaces: crate::tenants::DefaultNamespaces,
 }
 
 /// `defender-offboard run`, with the operator's own MDE client (`None`:
@@ -121,7 +123,8 @@ pub async fn run(
         state: crate::offboard::state::OffboardState::with_lease(lease_clock.clone()),
         ..Context::with_connections(
             client.clone(),
-            Connections::new(mde, args.connections),
+            Connections::new(mde, args.connections)
+                .with_default_namespaces(args.default_namespaces.clone()),
             metrics.clone(),
             settings,
             Some(identity.clone()),

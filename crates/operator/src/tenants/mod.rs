@@ -7,5 +7,5 @@ pub mod controller;
 pub(crate) mod registry;
 pub mod resource;
 
-pub use registry::{ConnectionKey, Connections, TenantClient, Unavailable};
+pub use registry::{ConnectionKey, Connections, DefaultNamespaces, TenantClient, Unavailable};
 pub use resource::DefenderConnection;

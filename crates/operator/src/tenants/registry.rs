@@ -72,9 +72,59 @@ enum Entry<M> {
     },
 }
 
+/// Which namespaces the operator's own credentials serve
+/// (`--default-connection-namespaces`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DefaultNamespaces {
+    /// Every namespace the operator watches (one tenant for the cluster).
+    #[default]
+    All,
+    /// Only these: with `DefenderConnection`s, every other namespace must
+    /// name a connection of its own, so the operator's tenant is never a
+    /// namespace's by default.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl DefaultNamespaces {
+    /// `*` (every namespace) or a comma-separated list of namespaces.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "*" {
+            return Ok(DefaultNamespaces::All);
+        }
+        let names: std::collections::BTreeSet<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        let valid = |n: &str| {
+            n.len() <= 63
+                && n.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && n.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        match names.iter().find(|n| !valid(n)) {
+            Some(bad) => Err(format!(
+                "--default-connection-namespaces: {bad:?} is not a namespace name; give `*` or namespaces separated by commas"
+            )),
+            None => Ok(DefaultNamespaces::Only(names)),
+        }
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            DefaultNamespaces::All => true,
+            DefaultNamespaces::Only(names) => names.contains(namespace),
+        }
+    }
+}
+
 /// Every tenant this process can reach, by key.
 pub struct Connections<M> {
     default: Option<Arc<M>>,
+    /// The namespaces `default` serves.
+    default_namespaces: DefaultNamespaces,
     /// Whether `DefenderConnection`s are used at all (`run --connections`).
     enabled: bool,
     named: RwLock<HashMap<(String, String), Entry<M>>>,
@@ -91,11 +141,19 @@ impl<M: TenantClient> Connections<M> {
     pub fn new(default: Option<M>, enabled: bool) -> Self {
         Connections {
             default: default.map(Arc::new),
+            default_namespaces: DefaultNamespaces::All,
             enabled,
             named: RwLock::default(),
             synced: Default::default(),
             seeds: Default::default(),
         }
+    }
+
+    /// Serve the operator's own credentials to `namespaces` only.
+    #[must_use]
+    pub fn with_default_namespaces(mut self, namespaces: DefaultNamespaces) -> Self {
+        self.default_namespaces = namespaces;
+        self
     }
 
     pub fn default_client(&self) -> Option<Arc<M>> {
@@ -137,7 +195,15 @@ impl<M: TenantClient> Connections<M> {
         resource: &DeviceOffboard,
     ) -> (ConnectionKey, Result<Arc<M>, Unavailable>) {
         let key = ConnectionKey::of(resource);
-        let client = self.get(&key);
+        let namespace = resource.namespace().unwrap_or_default();
+        let client = match key {
+            ConnectionKey::Default
+                if self.default.is_some() && !self.default_namespaces.allows(&namespace) =>
+            {
+                Err(Unavailable::DefaultNotAllowed { namespace })
+            }
+            _ => self.get(&key),
+        };
         (key, client)
     }
 
@@ -260,6 +326,9 @@ pub enum Unavailable {
     },
     /// No `spec.connectionRef`, and the operator has no credentials of its own.
     NoDefault,
+    /// No `spec.connectionRef`, and the operator's own credentials do not
+    /// serve this namespace (`--default-connection-namespaces`).
+    DefaultNotAllowed { namespace: String },
     /// The connection is being read or signed in for the first time (just
     /// created, or this process just started): wait briefly, write nothing.
     Checking { name: String },
@@ -284,6 +353,9 @@ impl Unavailable {
             ),
             Unavailable::Checking { name } => format!(
                 "DefenderConnection {name:?} is being checked; nothing was sent yet"
+            ),
+            Unavailable::DefaultNotAllowed { namespace } => format!(
+                "the operator's own credentials do not serve namespace {namespace:?} (--default-connection-namespaces; chart: defaultConnectionNamespaces): set spec.connectionRef to a DefenderConnection of this namespace (recreate the resource: the spec is immutable); nothing was sent"
             ),
             Unavailable::NoDefault => "the operator runs without credentials of its own: set spec.connectionRef to a DefenderConnection of this namespace (recreate the resource: the spec is immutable), or give the operator AZURE_TENANT_ID, AZURE_CLIENT_ID and a credential; nothing was sent".into(),
         }
@@ -335,6 +407,56 @@ mod tests {
             Err(unavailable) => unavailable,
             Ok(_) => panic!("expected the connection to be unavailable"),
         }
+    }
+
+    /// The operator's own credentials serve only the namespaces listed: a
+    /// resource elsewhere without a connectionRef gets no client at all.
+    #[test]
+    fn the_default_credentials_serve_only_the_listed_namespaces() {
+        let only = DefaultNamespaces::parse("defender-offboard, secops").unwrap();
+        let connections =
+            Connections::new(Some(FakeMde::default()), true).with_default_namespaces(only);
+        assert!(
+            connections
+                .for_resource(&resource("secops", None))
+                .1
+                .is_ok()
+        );
+        assert!(
+            connections
+                .for_resource(&resource("defender-offboard", None))
+                .1
+                .is_ok()
+        );
+        let refused = unavailable(&connections, &resource("team-b", None));
+        assert_eq!(
+            refused,
+            Unavailable::DefaultNotAllowed {
+                namespace: "team-b".into()
+            }
+        );
+        assert!(
+            refused
+                .message()
+                .contains("--default-connection-namespaces")
+        );
+        assert!(refused.message().contains("spec.connectionRef"));
+        // `*` keeps one tenant for the whole cluster.
+        let all = Connections::new(Some(FakeMde::default()), false)
+            .with_default_namespaces(DefaultNamespaces::parse("*").unwrap());
+        assert!(all.for_resource(&resource("team-b", None)).1.is_ok());
+        // No credentials of its own: the older reason, whatever the list.
+        let none: Connections<FakeMde> = Connections::new(None, true)
+            .with_default_namespaces(DefaultNamespaces::parse("secops").unwrap());
+        assert_eq!(
+            unavailable(&none, &resource("team-b", None)),
+            Unavailable::NoDefault
+        );
+        let error = DefaultNamespaces::parse("Team_B").unwrap_err();
+        assert!(
+            error.contains("\"Team_B\" is not a namespace name"),
+            "{error}"
+        );
     }
 
     /// A name is looked up in the resource's own namespace only; before the

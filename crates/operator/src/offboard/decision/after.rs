@@ -2,6 +2,7 @@
 //! record, send, lookup and poll.
 
 use super::errors::{Failure, failed, on_error};
+use super::resolve::{Resolved, resolve};
 use super::{Conditions, Note, Settings, Submitted, Transition, View};
 use crate::crd::{DeviceOffboardStatus, Phase};
 use crate::offboard::status::{ConditionUpdate, Reason, STALLED, SUBMITTED, condition, last_error};
@@ -9,7 +10,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::{ActionStatus, Machine, MachineAction, MdeError};
 use std::time::Duration;
 
-/// After resolving `deviceName`: the machine id, or a transition to write.
+/// A record chosen for `deviceName`, and why (for `status.resolution`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub machine_id: String,
+    pub why: String,
+}
+
+/// After listing the records of `deviceName`: the record to offboard (see
+/// [`super::resolve`]), or a transition to write.
 // The transition lives for one reconcile; boxing it would buy nothing.
 #[allow(clippy::result_large_err)]
 pub fn after_resolve(
@@ -17,42 +26,89 @@ pub fn after_resolve(
     device_name: &str,
     result: Result<Vec<Machine>, MdeError>,
     settings: &Settings,
-) -> Result<String, Transition> {
+) -> Result<Resolution, Transition> {
     let machines = match result {
         Ok(machines) => machines,
         Err(error) => return Err(on_error(view, &error, Phase::Pending, settings)),
     };
-    match machines.as_slice() {
-        [one] => Ok(one.id.clone()),
-        [] => Err(failed(
-            view,
-            Failure::new(
-                Reason::DeviceNotFound,
-                format!(
-                    "no MDE machine has computerDnsName {device_name:?}; check the name (as shown in the Defender portal) or use spec.machineId"
-                ),
-            ),
-        )),
-        several => {
-            let found: Vec<String> = several
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{} (lastSeen {}, {})",
-                        m.id,
-                        m.last_seen.as_deref().unwrap_or("unknown"),
-                        m.os_platform.as_deref().unwrap_or("unknown platform")
-                    )
-                })
-                .collect();
-            let message = format!(
-                "{} MDE machines share computerDnsName {device_name:?} (a re-imaged device?): {}; create the DeviceOffboard with spec.machineId set to the one to offboard",
-                several.len(),
-                found.join(", ")
-            );
-            Err(failed(view, Failure::new(Reason::DeviceAmbiguous, message)))
+    let resolved = resolve(
+        device_name,
+        &machines,
+        view.spec.node.as_ref(),
+        settings.node_identity,
+        view.now,
+    );
+    let failure = match resolved {
+        Resolved::Chosen { machine_id, why } => return Ok(Resolution { machine_id, why }),
+        Resolved::NotFound { message } => Failure::new(Reason::DeviceNotFound, message),
+        Resolved::Ambiguous { message } => Failure::new(Reason::DeviceAmbiguous, message),
+        Resolved::IdentityUnverified { message } => {
+            Failure::new(Reason::NodeIdentityUnverified, message)
         }
+    };
+    Err(failed(view, failure))
+}
+
+/// The record chosen for `deviceName`, written before anything is sent for
+/// it: `machineId` and `resolution` set, everything else as it was.
+pub fn resolved(view: &View, resolution: &Resolution) -> Transition {
+    let mut status = view.status.clone();
+    status.machine_id = Some(resolution.machine_id.clone());
+    status.resolution = Some(resolution.why.clone());
+    status.observed_generation = view.generation;
+    Transition {
+        status,
+        note: Some(Note {
+            reason: Reason::DeviceResolved,
+            message: resolution.why.clone(),
+        }),
+        requeue: None,
     }
+}
+
+/// Whether MDE's "an action is already pending" was about another action
+/// type (isolation, live response, a scan): none of the machine's offboard
+/// actions (`actions`, complete) is pending, and none finished within
+/// `lookup_delay` (one that did may be the pending one, gone final between
+/// the two calls: that case is confirmed by marker instead).
+pub fn pending_is_another_type(
+    actions: &[MachineAction],
+    now: jiff::Timestamp,
+    settings: &Settings,
+) -> bool {
+    let recent = jiff::SignedDuration::try_from(settings.lookup_delay)
+        .ok()
+        .and_then(|d| now.checked_sub(d).ok())
+        .unwrap_or(jiff::Timestamp::MIN);
+    actions.iter().all(|action| {
+        let updated = action
+            .last_update_date_time_utc
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        action.status.is_final() && updated.is_some_and(|at| at < recent)
+    })
+}
+
+/// MDE refused the offboard because another action type is pending for
+/// the machine: nothing was created, so stay `Pending` and send again after
+/// a wait that grows while the refusal lasts, never sooner than
+/// `access_backoff` (such actions last minutes to hours).
+pub fn other_action_pending(view: &View, machine_id: &str, settings: &Settings) -> Transition {
+    let wait = view.retry_wait(settings).max(settings.access_backoff);
+    let message = format!(
+        "MDE refused the offboard: another action (not an offboard: an isolation, a live response or a scan) is pending for machine {machine_id}; sending again in {}s — cancel that action in the Defender portal to offboard sooner",
+        wait.as_secs()
+    );
+    super::errors::retrying(
+        view,
+        super::errors::Retry {
+            phase: Phase::Pending,
+            reason: Reason::OtherActionPending,
+            code: Reason::OtherActionPending.as_str(),
+            message,
+            wait,
+        },
+    )
 }
 
 /// A budget wait longer than this is written as `nextRetryAt`; a shorter

@@ -15,6 +15,7 @@ pub fn unavailable_reason(unavailable: &Unavailable) -> Reason {
         Unavailable::NotFound { .. } => Reason::ConnectionNotFound,
         Unavailable::NotReady { .. } | Unavailable::Checking { .. } => Reason::ConnectionNotReady,
         Unavailable::NoDefault => Reason::NoDefaultConnection,
+        Unavailable::DefaultNotAllowed { .. } => Reason::DefaultConnectionNotAllowed,
     }
 }
 
@@ -64,6 +65,8 @@ fn unavailable_wait(unavailable: &Unavailable, settings: &Settings) -> Duration 
         Unavailable::NotFound { .. }
         | Unavailable::NotReady { .. }
         | Unavailable::Checking { .. } => settings.retry_backoff,
-        Unavailable::Disabled { .. } | Unavailable::NoDefault => settings.access_backoff,
+        Unavailable::Disabled { .. }
+        | Unavailable::NoDefault
+        | Unavailable::DefaultNotAllowed { .. } => settings.access_backoff,
     }
 }

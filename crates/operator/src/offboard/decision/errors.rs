@@ -121,7 +121,7 @@ fn unconfirmed_not_found(
             reason: Reason::DeviceNotFound,
             code: error.code(),
             message: format!(
-                "MDE has no machine {machine} ({message}); MDE answers 404 now and then for machines that exist, so the request is made again in {}s before the resource fails",
+                "MDE has no machine {machine} ({message}); MDE answers 404 now and then for machines that exist, so the machine is read again in {}s before the resource fails",
                 wait.as_secs()
             ),
             wait,
@@ -146,7 +146,7 @@ fn final_failure(view: &View, error: &MdeError, message: &str) -> Option<Failure
             Reason::PlatformNotSupported,
             error,
             format!(
-                "{message}; the offboard API supports Windows 10 1703+ and Windows Server 2019+ — offboard this device with its local offboarding script"
+                "{message}; MDE's offboard API lists Windows 11, Windows 10 1703+, Windows Server 2019+ (2012 R2 and 2016 with the unified agent), macOS 14+ and the Linux distributions Defender supports — this tenant refused this device: offboard it with its local offboarding script"
             ),
         ),
         MdeError::BadRequest { .. } => Failure {

@@ -18,14 +18,17 @@ mod cancel;
 mod connection;
 mod errors;
 mod lookup;
+mod node;
 mod plan;
+pub mod resolve;
 #[cfg(test)]
 mod tests;
 mod timing;
 
 pub use after::{
-    AfterSend, Origin, action_gone, after_poll, after_resolve, after_send, record_action,
-    submitting, waiting_for_budget,
+    AfterSend, Origin, Resolution, action_gone, after_poll, after_resolve, after_send,
+    other_action_pending, pending_is_another_type, record_action, resolved, submitting,
+    waiting_for_budget,
 };
 pub use cancel::{
     AfterCancelRead, after_cancel, after_cancel_read, cancel_instead_of_resend, cancel_intent,
@@ -36,7 +39,9 @@ pub use errors::{list_failed, lookup_failed, on_error};
 pub use lookup::{
     AfterLookUp, Found, LookUp, after_lookup, found_in, needs_machine, pending_in, window_start,
 };
+pub use node::node_returned;
 pub use plan::{invalid_spec, plan};
+pub use resolve::{NodeIdentityMode, Resolved};
 pub use timing::SubmittingClock;
 
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -59,6 +64,12 @@ pub struct Settings {
     /// machine (`--adopt-window`; the adopt index covers the same window).
     /// Zero: never; a finished offboard of another request is never adopted.
     pub adopt_window: Duration,
+    /// How a deleted Node's device is told apart (`--node-identity`).
+    pub node_identity: NodeIdentityMode,
+    /// How long a deleted Node's offboard waits, so a Node that comes back
+    /// (a kubelet re-registering, a re-created VM) is not offboarded
+    /// (`--node-offboard-grace`).
+    pub node_grace: Duration,
 }
 
 impl Default for Settings {
@@ -68,6 +79,8 @@ impl Default for Settings {
             retry_backoff: Duration::from_secs(10),
             access_backoff: Duration::from_secs(300),
             adopt_window: DEFAULT_ADOPT_WINDOW,
+            node_identity: NodeIdentityMode::default(),
+            node_grace: DEFAULT_NODE_GRACE,
         }
     }
 }
@@ -96,6 +109,11 @@ pub fn lookup_delay_warning(lookup_delay: Duration, request_timeout: Duration) -
     })
 }
 
+/// `--node-offboard-grace`'s default: long enough for a kubelet to register
+/// its Node again after a `kubectl delete node`, or a scale set to re-create
+/// an instance under the same name; short enough for a decommission.
+pub const DEFAULT_NODE_GRACE: Duration = Duration::from_secs(300);
+
 /// `--adopt-window`'s default: the 180 days MDE keeps a machine's records.
 pub const DEFAULT_ADOPT_WINDOW: Duration = Duration::from_secs(180 * 24 * 3600);
 
@@ -105,7 +123,19 @@ pub enum Plan {
     /// Nothing now: final, waiting for the poller, or for `requeue`.
     Idle { requeue: Option<Duration> },
     /// Resolve `spec.deviceName` to a machine id.
-    Resolve { device_name: String },
+    /// Resolve `spec.deviceName` to a machine id; for a deleted Node
+    /// (`check_node`), first make sure no Node of its name or identity is
+    /// back.
+    Resolve {
+        device_name: String,
+        check_node: bool,
+    },
+    /// The offboard was answered 404: read the machine before anything
+    /// else. MDE answers 404 now and then for machines that exist, so only a
+    /// 404 for the machine itself `lookup_delay` after the first fails the
+    /// resource; a machine that reads is sent for again (a 404 created
+    /// nothing).
+    ConfirmMachine { machine_id: String },
     /// Take budget, write `Submitting` (with a precondition), then send.
     /// Before a resource's first send (`check_machine`), list the machine's
     /// offboard actions: one another resource created is adopted instead.
@@ -185,6 +215,9 @@ pub struct View<'a> {
     /// (skewed, after a failover) and its budget; this process plans the
     /// resource against its own instead.
     pub own_retry_at: bool,
+    /// The resource's `creationTimestamp` (a Node's offboard waits
+    /// `node_grace` from it).
+    pub created: Option<Timestamp>,
 }
 
 /// What the `Ready` and `Submitted` conditions say about a new phase.

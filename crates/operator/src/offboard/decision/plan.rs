@@ -28,6 +28,11 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
             requeue: Some(wait),
         };
     }
+    if super::node::before_node_check(view)
+        && let Some(left) = super::node::grace_left(view, settings)
+    {
+        return Plan::Write(Box::new(super::node::waiting_for_grace(view, left)));
+    }
     match (phase, view.machine_id()) {
         (Phase::Submitting, Some(machine_id)) => match lookup_timing(view.submitting, settings) {
             LookupTiming::Now { proves_absence } => Plan::LookUp {
@@ -38,6 +43,9 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
                 requeue: Some(wait),
             },
         },
+        (Phase::Pending, Some(machine_id)) if answered_not_found(view) => {
+            Plan::ConfirmMachine { machine_id }
+        }
         (_, Some(machine_id)) => Plan::Submit {
             machine_id,
             check_machine: view.status.attempts.unwrap_or(0) == 0,
@@ -45,11 +53,20 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
         (_, None) => match &view.spec.device_name {
             Some(device_name) => Plan::Resolve {
                 device_name: device_name.clone(),
+                check_node: super::node::before_node_check(view),
             },
             // The schema forbids this; say so rather than loop.
             None => Plan::Write(Box::new(invalid_spec(view))),
         },
     }
+}
+
+/// Whether the last answer for this resource was MDE's 404.
+fn answered_not_found(view: &View) -> bool {
+    view.status
+        .last_error
+        .as_ref()
+        .is_some_and(|e| e.code == mde_client::error::NOT_FOUND_CODE)
 }
 
 /// A spec with neither `machineId` nor `deviceName` (an older CRD without the

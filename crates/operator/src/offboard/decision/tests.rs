@@ -77,6 +77,7 @@ fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> V
         cancel_clock: None,
         not_found_for: None,
         own_retry_at: true,
+        created: None,
     }
 }
 
@@ -156,6 +157,7 @@ fn plan_for_every_phase() {
             clock: None,
             expected: Plan::Resolve {
                 device_name: "pc-1.contoso.com".into(),
+                check_node: false,
             },
         },
         Row {
@@ -724,13 +726,23 @@ fn device_names_resolve_to_exactly_one_machine() {
     let v = view(&spec, &current);
     let machine = |id: &str| Machine {
         id: id.into(),
+        computer_dns_name: Some("pc-1.contoso.com".into()),
         last_seen: Some("2026-05-01T00:00:00Z".into()),
         ..Default::default()
     };
-    assert_eq!(
-        after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s),
-        Ok(MACHINE.to_string())
+    let chosen = after_resolve(&v, "pc-1.contoso.com", Ok(vec![machine(MACHINE)]), &s).unwrap();
+    assert_eq!(chosen.machine_id, MACHINE);
+    assert!(
+        chosen.why.starts_with("1 record has the name"),
+        "{}",
+        chosen.why
     );
+    // The choice is written before anything is sent, with an Event saying why.
+    let t = resolved(&v, &chosen);
+    assert_eq!(t.status.machine_id.as_deref(), Some(MACHINE));
+    assert_eq!(t.status.resolution.as_deref(), Some(chosen.why.as_str()));
+    assert_eq!(t.status.phase, None, "the phase is left as it was");
+    assert_eq!(t.note.map(|n| n.reason), Some(Reason::DeviceResolved));
 
     let t = after_resolve(&v, "pc-1.contoso.com", Ok(vec![]), &s).unwrap_err();
     assert_eq!(t.status.phase, Some(Phase::Failed));
@@ -760,6 +772,223 @@ fn device_names_resolve_to_exactly_one_machine() {
     let t = after_resolve(&v, "pc-1.contoso.com", Err(throttled()), &s).unwrap_err();
     assert_eq!(t.status.phase, Some(Phase::Pending));
     assert!(t.status.next_retry_at.is_some());
+}
+
+fn node_spec() -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        node: Some(crate::crd::NodeIdentity {
+            name: "aks-pool-1".into(),
+            uid: "node-uid".into(),
+            provider_id: Some("azure:///subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/aks-pool-1".into()),
+            system_uuid: None,
+        }),
+        ..test_kit::offboard("aks-pool-1")
+            .device_name("aks-pool-1")
+            .comment("node deleted")
+            .spec()
+    }
+}
+
+#[test]
+fn a_deleted_nodes_offboard_waits_the_grace_from_its_creation_then_checks_the_node() {
+    let s = Settings {
+        node_grace: Duration::from_secs(300),
+        ..settings()
+    };
+    let spec = node_spec();
+    let fresh = DeviceOffboardStatus::default();
+    let created = |secs_ago: i64| View {
+        created: Some(now() - SignedDuration::from_secs(secs_ago)),
+        // A restarted process wrote no nextRetryAt: the grace still holds.
+        own_retry_at: false,
+        ..view(&spec, &fresh)
+    };
+    let Plan::Write(waiting) = plan(&created(60), &s) else {
+        panic!("a node's offboard within its grace waits")
+    };
+    assert_eq!(waiting.requeue, Some(Duration::from_secs(240)));
+    assert_eq!(ready(&waiting.status).1, "WaitingForNodeGrace");
+    assert_eq!(waiting.status.phase, Some(Phase::Pending));
+    assert_eq!(
+        waiting.note.as_ref().map(|n| n.reason),
+        Some(Reason::WaitingForNodeGrace),
+        "an Event the first time"
+    );
+    // Looked at again while waiting: the same status, no second Event.
+    let again_view = View {
+        now: now() + SignedDuration::from_secs(60),
+        created: Some(now() - SignedDuration::from_secs(60)),
+        own_retry_at: false,
+        ..view(&spec, &waiting.status)
+    };
+    let Plan::Write(again) = plan(&again_view, &s) else {
+        panic!("still waiting")
+    };
+    assert_eq!(again.status, waiting.status, "waiting writes nothing new");
+    assert_eq!(again.note, None);
+    // Past the grace: the Node is looked for before the name is resolved.
+    assert_eq!(
+        plan(&created(301), &s),
+        Plan::Resolve {
+            device_name: "aks-pool-1".into(),
+            check_node: true
+        }
+    );
+    // A resource made by hand (no spec.node) neither waits nor checks.
+    let by_hand = by_name();
+    assert_eq!(
+        plan(
+            &View {
+                created: Some(now()),
+                ..view(&by_hand, &fresh)
+            },
+            &s
+        ),
+        Plan::Resolve {
+            device_name: "pc-1.contoso.com".into(),
+            check_node: false
+        }
+    );
+    // Once resolved (waiting for budget), neither again.
+    let resolved_status = DeviceOffboardStatus {
+        machine_id: Some(MACHINE.into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        plan(
+            &View {
+                created: Some(now()),
+                ..view(&spec, &resolved_status)
+            },
+            &s
+        ),
+        Plan::Submit { .. }
+    ));
+}
+
+#[test]
+fn a_node_that_is_back_fails_the_resource_without_sending() {
+    let spec = node_spec();
+    let fresh = DeviceOffboardStatus::default();
+    let t = node_returned(
+        &view(&spec, &fresh),
+        "a Node named \"aks-pool-1\" exists again (uid u2)",
+    );
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "NodeReturned");
+    assert_eq!(t.status.machine_action_id, None);
+    let message = t.status.last_error.unwrap().message;
+    assert!(
+        message.contains("exists again") && message.contains("nothing was sent"),
+        "{message}"
+    );
+    assert_eq!(t.note.map(|n| n.reason), Some(Reason::NodeReturned));
+}
+
+#[test]
+fn an_offboard_answered_404_reads_the_machine_before_anything_else() {
+    let s = settings();
+    let spec = by_id();
+    let sent = submitting_since(0);
+    let AfterSend::Record(t) = after_send(
+        &view(&spec, &sent),
+        Err(MdeError::NotFound {
+            message: "Machine was not found".into(),
+        }),
+        &s,
+    ) else {
+        panic!("recorded")
+    };
+    assert_eq!(
+        t.status.phase,
+        Some(Phase::Pending),
+        "a 404 created nothing"
+    );
+    assert!(
+        t.status
+            .last_error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("the machine is read again")
+    );
+    let after = View {
+        own_retry_at: false,
+        ..view(&spec, &t.status)
+    };
+    assert_eq!(
+        plan(&after, &s),
+        Plan::ConfirmMachine {
+            machine_id: MACHINE.into()
+        }
+    );
+    // The machine's own 404, `lookup_delay` after the first: final.
+    let confirmed = View {
+        not_found_for: Some(s.lookup_delay),
+        ..after.clone()
+    };
+    let t = on_error(
+        &confirmed,
+        &MdeError::NotFound {
+            message: "Machine was not found".into(),
+        },
+        Phase::Pending,
+        &s,
+    );
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(ready(&t.status).1, "DeviceNotFound");
+}
+
+#[test]
+fn already_pending_for_another_action_type_backs_off_with_its_own_reason() {
+    let s = settings();
+    let offboard = |status: &str, updated: &str| -> MachineAction {
+        serde_json::from_value(serde_json::json!({
+            "id": ACTION, "type": "Offboard", "status": status, "machineId": MACHINE,
+            "lastUpdateDateTimeUtc": updated,
+        }))
+        .unwrap()
+    };
+    let long_ago = "2026-05-01T00:00:00Z";
+    let just_now = "2026-06-01T11:59:59Z";
+    let rows: [(&str, Vec<MachineAction>, bool); 4] = [
+        ("no offboard action at all", vec![], true),
+        (
+            "only offboards finished long ago",
+            vec![offboard("Failed", long_ago)],
+            true,
+        ),
+        (
+            "an offboard that just finished may be the pending one",
+            vec![offboard("Succeeded", just_now)],
+            false,
+        ),
+        (
+            "a pending offboard is the pending one",
+            vec![offboard("Pending", long_ago)],
+            false,
+        ),
+    ];
+    for (case, actions, another) in rows {
+        assert_eq!(
+            pending_is_another_type(&actions, now(), &s),
+            another,
+            "{case}"
+        );
+    }
+    let spec = by_id();
+    let refused = DeviceOffboardStatus {
+        attempts: Some(1),
+        ..submitting_since(0)
+    };
+    let t = other_action_pending(&view(&spec, &refused), MACHINE, &s);
+    assert_eq!(t.status.phase, Some(Phase::Pending), "nothing was created");
+    assert_eq!(ready(&t.status).1, "OtherActionPending");
+    assert!(
+        t.requeue.unwrap() >= s.access_backoff,
+        "backs off, not every lookup delay"
+    );
+    assert_eq!(t.note.map(|n| n.reason), Some(Reason::OtherActionPending));
 }
 
 #[test]
