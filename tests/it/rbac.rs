@@ -167,6 +167,9 @@ async fn the_chart_grants_every_call_the_controller_makes() {
             run.ttl_sweep_interval = Duration::from_millis(200);
             run.connections = true;
             run.connection_allowed_hosts = vec![second_host];
+            run.default_connection_namespaces = Some(
+                defender_offboard::operator::tenants::DefaultNamespaces::parse("default").unwrap(),
+            );
         },
     )
     .unwrap();

@@ -6,6 +6,7 @@
 use crate::common::*;
 use defender_offboard::crd::{ConnectionRef, DeviceOffboard, DeviceOffboardSpec, Phase};
 use defender_offboard::devcluster::ApiHandle;
+use defender_offboard::operator::tenants::DefaultNamespaces;
 use defender_offboard::operator::tenants::resource::DefenderConnection;
 use defender_offboard::playground::{
     create_connection, create_workload_identity_connection, embedded_controller_with, sim_host,
@@ -84,6 +85,10 @@ async fn start(own: SimConfig, second: SimConfig) -> Tenants {
         |run| {
             run.connections = true;
             run.connection_allowed_hosts = vec![allowed];
+            // team-a may use the operator's own tenant; team-b may not.
+            run.default_connection_namespaces = Some(DefaultNamespaces::Only(
+                ["team-a".to_string()].into_iter().collect(),
+            ));
         },
     )
     .unwrap();
@@ -362,6 +367,62 @@ async fn a_connection_of_another_namespace_is_refused() {
     assert!(
         env.own.stats().offboard_requests_by_key.is_empty(),
         "nor through the operator's own tenant"
+    );
+}
+
+/// The operator's own credentials serve only the namespaces listed: a
+/// resource without a connectionRef in another namespace sends nothing to
+/// the operator's tenant (counted at its simulator), and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_outside_the_default_list_cannot_use_the_operators_tenant() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    let machines = windows_machines(&client(&env.own, "1000/1s"), 2).await;
+    create(
+        &env.client,
+        "team-b",
+        resource("outsider", &machines[0], None),
+    )
+    .await;
+    create(
+        &env.client,
+        "team-a",
+        resource("insider", &machines[1], None),
+    )
+    .await;
+    let outsider = with_timeout(30, async {
+        loop {
+            let insider = list(&env.client, "team-a").await;
+            let outsider = list(&env.client, "team-b").await;
+            if insider.iter().all(|r| phase(r).is_terminal())
+                && error_code(&outsider[0]).as_deref() == Some("DefaultConnectionNotAllowed")
+            {
+                break outsider.into_iter().next().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let status = outsider.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    let message = status.last_error.unwrap().message;
+    assert!(
+        message.contains("\"team-b\"") && message.contains("--default-connection-namespaces"),
+        "{message}"
+    );
+    let sent = env.own.stats().offboard_requests_by_machine;
+    assert_eq!(
+        sent.get(&machines[0]),
+        None,
+        "nothing sent for team-b: {sent:?}"
+    );
+    assert_eq!(
+        sent.get(&machines[1]),
+        Some(&1),
+        "team-a's one POST: {sent:?}"
+    );
+    assert!(
+        env.second.stats().offboard_requests_by_key.is_empty(),
+        "nor through the other tenant"
     );
 }
 
