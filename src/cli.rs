@@ -224,7 +224,6 @@ impl RunArgs {
                 adopt_window: self.adopt_window,
                 node_identity: self.nodes.node_identity,
                 node_grace: self.nodes.node_offboard_grace,
-                ..Settings::default()
             },
             ttl_sweep_interval: self.ttl_sweep_interval,
             nodes: self.node_options(),

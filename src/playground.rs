@@ -18,6 +18,7 @@ use offboard_operator::offboard::decision::Settings;
 use offboard_operator::runtime::run_with_connections;
 use offboard_operator::telemetry::{self, LogFormat};
 use offboard_operator::tenants::Connections;
+use offboard_operator::tenants::DefaultNamespaces;
 use offboard_operator::tenants::DefenderConnection;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -495,6 +496,10 @@ fn run_embedded_controller(
             run.nodes.node_offboard_namespace = Some("default".into());
             run.connections = true;
             run.connection_allowed_hosts = vec![second];
+            // The examples are applied to `default` without a connectionRef.
+            run.default_connection_namespaces = Some(DefaultNamespaces::Only(
+                ["default".to_string()].into_iter().collect(),
+            ));
         },
     );
     async move {

@@ -87,10 +87,48 @@ fn chart_flags_are_flags_of_run() {
         "node-offboard-ttl-seconds",
         "remove-node-finalizers",
         "stop-deployment",
+        "node-identity",
+        "node-offboard-grace",
     ] {
         assert!(
             seen.iter().any(|s| s == expected),
             "the chart never passes --{expected}"
         );
+    }
+}
+
+/// The chart's node offboarding defaults are `run`'s: identity `required`, a
+/// grace of 5 minutes (a chart install is as strict as the binary).
+#[test]
+fn chart_node_identity_and_grace_default_as_run_does() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        nodes: defender_offboard::cli::NodeArgs,
+    }
+    let run = Cli::parse_from(["run"]).nodes;
+    let values: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string("charts/defender-offboard/values.yaml").unwrap(),
+    )
+    .unwrap();
+    let nodes = &values["nodeOffboarding"];
+    let identity = nodes["identity"]
+        .as_str()
+        .expect("nodeOffboarding.identity");
+    assert_eq!(identity, "required");
+    assert_eq!(identity.parse().ok(), Some(run.node_identity));
+    let grace = nodes["grace"].as_str().expect("nodeOffboarding.grace");
+    assert_eq!(
+        humantime::parse_duration(grace).unwrap(),
+        run.node_offboard_grace
+    );
+    let deployment =
+        std::fs::read_to_string("charts/defender-offboard/templates/deployment.yaml").unwrap();
+    for arg in [
+        "--node-identity=%v\" .Values.nodeOffboarding.identity",
+        "--node-offboard-grace=%v\" .Values.nodeOffboarding.grace",
+    ] {
+        assert!(deployment.contains(arg), "deployment.yaml lacks {arg}");
     }
 }

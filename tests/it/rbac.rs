@@ -140,6 +140,9 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         lookup_delay: Duration::from_millis(200),
         retry_backoff: Duration::from_millis(200),
         access_backoff: Duration::from_secs(5),
+        // The deleted Node's grace ends within the test, so the look for
+        // the Node come back (get, list) is recorded too.
+        node_grace: Duration::from_millis(300),
         ..Settings::default()
     };
     // With node offboarding and a fast TTL sweep, so their calls are recorded too.
@@ -290,6 +293,18 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         missing.is_empty(),
         "the chart does not grant {missing:?}; add them to charts/defender-offboard/templates"
     );
+    // Nodes are cluster-wide: not one verb more than node offboarding uses.
+    let on_nodes = |set: &BTreeSet<Permission>| -> BTreeSet<String> {
+        set.iter()
+            .filter(|(group, resource, _)| group.is_empty() && resource == "nodes")
+            .map(|(_, _, verb)| verb.clone())
+            .collect()
+    };
+    assert_eq!(
+        on_nodes(&granted),
+        on_nodes(&used),
+        "the chart's verbs on nodes must be exactly those node offboarding calls"
+    );
     for never in [("", "secrets", "list"), ("", "secrets", "watch")] {
         let never = (
             never.0.to_string(),
@@ -314,6 +329,9 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         ("coordination.k8s.io", "leases", "update"),
         ("", "nodes", "watch"),
         ("", "nodes", "patch"),
+        // The deleted Node read in full (its identity), and looked for after its grace.
+        ("", "nodes", "get"),
+        ("", "nodes", "list"),
         ("defender.offboard.dev", "deviceoffboards", "create"),
         ("defender.offboard.dev", "deviceoffboards", "delete"),
         ("defender.offboard.dev", "defenderconnections", "watch"),

@@ -120,6 +120,9 @@ Rendered by the Deployment so every install and upgrade checks them.
 {{- if and .Values.nodeOffboarding.enabled .Values.watchNamespace (ne (include "defender-offboard.nodeOffboardNamespace" .) .Values.watchNamespace) }}
 {{- fail "nodeOffboarding.namespace must be watchNamespace (or empty) when watchNamespace is set: the controller reconciles only that namespace" }}
 {{- end }}
+{{- if and .Values.nodeOffboarding.enabled (not (has (.Values.nodeOffboarding.identity | toString) (list "required" "preferred" "name"))) }}
+{{- fail (printf "nodeOffboarding.identity: %q is not required, preferred or name (see docs/security.md, Node identity)" (.Values.nodeOffboarding.identity | toString)) }}
+{{- end }}
 {{- if .Values.workloadIdentity.enabled }}
 {{- if or .Values.credentials.clientSecret .Values.credentials.existingSecret }}
 {{- fail "workloadIdentity.enabled=true uses no client secret: unset credentials.clientSecret and credentials.existingSecret" }}

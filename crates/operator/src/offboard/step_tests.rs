@@ -642,3 +642,35 @@ async fn a_slot_given_back_unsent_keeps_its_place_in_the_queue() {
     );
     assert_eq!(place(UID), 0);
 }
+
+/// A deleted Node's resource past its grace, and a Node of the same name
+/// registered again (a kubelet re-registering after `kubectl delete node`).
+#[tokio::test]
+async fn a_deleted_node_that_came_back_is_never_offboarded() {
+    let mde = FakeMde::default();
+    let mut obj = test_kit::offboard("aks-pool-1")
+        .device_name("aks-pool-1")
+        .comment("node deleted")
+        .namespace("it")
+        .uid(UID)
+        .generation(1)
+        .created(Timestamp::now() - jiff::SignedDuration::from_secs(3600))
+        .build();
+    obj.spec.node = Some(crate::crd::NodeIdentity {
+        name: "aks-pool-1".into(),
+        uid: "old-node-uid".into(),
+        provider_id: None,
+        system_uuid: None,
+    });
+    let store = ScriptedStore::new(obj);
+    let mut back = k8s_openapi::api::core::v1::Node::default();
+    back.metadata.name = Some("aks-pool-1".into());
+    back.metadata.uid = Some("new-node-uid".into());
+    store.add_node(back);
+    let (status, errors) = drive(&mde, &store).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.last_error.unwrap().code, "NodeReturned");
+    assert_eq!(mde.calls(), 0, "not even the name was looked up");
+    assert_eq!(mde.posts_for_machine(MACHINE), 0);
+}
