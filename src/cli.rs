@@ -300,8 +300,8 @@ pub struct NodeArgs {
     /// When a Node matching --node-selector is deleted, create a DeviceOffboard for its device.
     #[arg(long, env = "OFFBOARD_DELETED_NODES")]
     pub offboard_deleted_nodes: bool,
-    /// Which Nodes are offboarded: equality-based label selector (`k=v`, `k!=v`, `k`, `!k`, comma-separated).
-    #[arg(long, default_value = "kubernetes.io/os=windows", value_parser = NodeSelector::parse)]
+    /// Which Nodes are offboarded: equality-based label selector (`k=v`, `k!=v`, `k`, `!k`, comma-separated); by default every Node a kubelet registered (Windows, Linux), MDE decides what it can offboard.
+    #[arg(long, default_value = "kubernetes.io/os", value_parser = NodeSelector::parse)]
     pub node_selector: NodeSelector,
     /// Namespace of the DeviceOffboards made for deleted Nodes (default: --namespace, else the pod's namespace).
     #[arg(long)]

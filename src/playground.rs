@@ -86,6 +86,20 @@ pub struct DevArgs {
     /// Share of machine-action list answers that are a 404 instead.
     #[arg(long, default_value = "0", value_parser = simulator::parse_share)]
     pub sim_fault_list_404_rate: f64,
+    /// Answer 400 to any `in` in a $filter (the operator falls back to `or`).
+    #[arg(long)]
+    pub sim_fault_refuse_in: bool,
+    /// Play a real tenant's inventory: a stale twin (Inactive, seen 30–170
+    /// days ago) or a discovered twin (never onboarded) beside every device.
+    #[arg(long)]
+    pub sim_real_tenant: bool,
+    /// Issue tokens without a `roles` claim (readiness then reads a machine).
+    #[arg(long)]
+    pub sim_token_without_roles: bool,
+    /// Which platforms the offboard API accepts: `all` (Microsoft's current
+    /// page) or `windows-only` (its older answer).
+    #[arg(long, value_enum, default_value = "all")]
+    pub sim_offboard_platforms: simulator::OffboardPlatforms,
     /// The simulator's rate limits per API family (`none` serves without limit);
     /// the same syntax and parser as `simulate --rate-limit`.
     #[arg(long, default_value = simulator::DEFAULT_RATE_LIMITS, value_parser = simulator::parse_rate_limits)]
@@ -151,7 +165,11 @@ impl DevArgs {
                 pending_conflict_wording: self.sim_fault_pending_conflict_wording,
                 nulls: self.sim_fault_nulls,
                 list_404_rate: self.sim_fault_list_404_rate,
+                refuse_in: self.sim_fault_refuse_in,
             },
+            real_tenant: self.sim_real_tenant,
+            token_without_roles: self.sim_token_without_roles,
+            offboard_platforms: self.sim_offboard_platforms,
             ..SimConfig::default()
         }
     }
@@ -225,10 +243,13 @@ pub async fn create_workload_identity_connection(
     name: &str,
     sim: &SimHandle,
 ) -> Result<(), kube::Error> {
+    // The ServiceAccount's owner lets the connection of the same name use it.
     let account: ServiceAccount = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace, "annotations": {
+            offboard_operator::tenants::controller::TOKEN_OPT_IN_ANNOTATION: name,
+        }},
     }))
     .expect("a valid ServiceAccount");
     let created = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
@@ -283,24 +304,111 @@ pub fn sim_host(sim: &SimHandle) -> String {
         .to_string()
 }
 
-/// The playground's fake Nodes: Windows ones (the simulator has a device of
-/// each name) and Linux ones, which node offboarding leaves alone.
-pub const DEV_NODES: &[(&str, &str)] = &[
-    ("win-node-1", "windows"),
-    ("win-node-2", "windows"),
-    ("win-node-3", "windows"),
-    ("linux-node-1", "linux"),
-    ("linux-node-2", "linux"),
+/// A playground Node: its name, `kubernetes.io/os`, and the cloud identity a
+/// kubelet on an Azure VM scale set reports (the simulator's record of each
+/// carries the matching `vmMetadata`).
+#[derive(Debug, Clone, Copy)]
+pub struct DevNode {
+    pub name: &'static str,
+    pub os: &'static str,
+    pub provider_id: &'static str,
+    pub system_uuid: &'static str,
+}
+
+const fn dev_node(
+    name: &'static str,
+    os: &'static str,
+    provider_id: &'static str,
+    system_uuid: &'static str,
+) -> DevNode {
+    DevNode {
+        name,
+        os,
+        provider_id,
+        system_uuid,
+    }
+}
+
+/// The playground's fake Nodes, Windows and Linux, each with the device the
+/// simulator keeps for it (`win-node-2`'s name is shared by three records: a
+/// previous VM of the reused name and a discovered one; its cloud identity
+/// tells them apart).
+pub const DEV_NODES: &[DevNode] = &[
+    dev_node(
+        "win-node-1",
+        "windows",
+        "azure:///subscriptions/00000000-0000-4000-8000-0000000000aa/resourceGroups/mc_dev_playground/providers/Microsoft.Compute/virtualMachineScaleSets/akswin/virtualMachines/0",
+        "5a1e0001-0000-4000-8000-000000000001",
+    ),
+    dev_node(
+        "win-node-2",
+        "windows",
+        "azure:///subscriptions/00000000-0000-4000-8000-0000000000aa/resourceGroups/mc_dev_playground/providers/Microsoft.Compute/virtualMachineScaleSets/akswin/virtualMachines/1",
+        "5a1e0001-0000-4000-8000-000000000002",
+    ),
+    dev_node(
+        "win-node-3",
+        "windows",
+        "azure:///subscriptions/00000000-0000-4000-8000-0000000000aa/resourceGroups/mc_dev_playground/providers/Microsoft.Compute/virtualMachineScaleSets/akswin/virtualMachines/2",
+        "5a1e0001-0000-4000-8000-000000000003",
+    ),
+    dev_node(
+        "linux-node-1",
+        "linux",
+        "azure:///subscriptions/00000000-0000-4000-8000-0000000000aa/resourceGroups/mc_dev_playground/providers/Microsoft.Compute/virtualMachineScaleSets/akslinux/virtualMachines/0",
+        "5a1e0001-0000-4000-8000-000000000011",
+    ),
+    dev_node(
+        "linux-node-2",
+        "linux",
+        "azure:///subscriptions/00000000-0000-4000-8000-0000000000aa/resourceGroups/mc_dev_playground/providers/Microsoft.Compute/virtualMachineScaleSets/akslinux/virtualMachines/1",
+        "5a1e0001-0000-4000-8000-000000000012",
+    ),
 ];
 
-/// Create a Node with the `kubernetes.io/os` label a kubelet sets.
+/// The playground Node of this name.
+pub fn dev_node_named(name: &str) -> Option<DevNode> {
+    DEV_NODES.iter().copied().find(|n| n.name == name)
+}
+
+/// Create a Node with the `kubernetes.io/os` label a kubelet sets and no
+/// cloud identity (a bare-metal or hand-registered Node).
 pub async fn create_node(client: &kube::Client, name: &str, os: &str) -> Result<(), kube::Error> {
-    let node: Node = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/os": os, "kubernetes.io/hostname": name}},
-    }))
-    .expect("a valid Node");
+    create_node_from(
+        client,
+        serde_json::json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/os": os, "kubernetes.io/hostname": name}},
+        }),
+    )
+    .await
+}
+
+/// Create a playground Node as its kubelet would: labels, `spec.providerID`
+/// and `status.nodeInfo.systemUUID`.
+pub async fn create_dev_node(client: &kube::Client, node: DevNode) -> Result<(), kube::Error> {
+    create_node_from(
+        client,
+        serde_json::json!({
+            "metadata": {"name": node.name, "labels": {"kubernetes.io/os": node.os, "kubernetes.io/hostname": node.name}},
+            "spec": {"providerID": node.provider_id},
+            "status": {"nodeInfo": {
+                "systemUUID": node.system_uuid, "machineID": "", "bootID": "", "kernelVersion": "",
+                "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "", "kubeProxyVersion": "",
+                "operatingSystem": node.os, "architecture": "amd64"
+            }},
+        }),
+    )
+    .await
+}
+
+async fn create_node_from(
+    client: &kube::Client,
+    body: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let mut body = body;
+    body["apiVersion"] = "v1".into();
+    body["kind"] = "Node".into();
+    let node: Node = serde_json::from_value(body).expect("a valid Node");
     match Api::<Node>::all(client.clone())
         .create(&PostParams::default(), &node)
         .await
@@ -312,8 +420,8 @@ pub async fn create_node(client: &kube::Client, name: &str, os: &str) -> Result<
 }
 
 async fn create_nodes(client: &kube::Client) -> Result<(), kube::Error> {
-    for (name, os) in DEV_NODES {
-        create_node(client, name, os).await?;
+    for node in DEV_NODES {
+        create_dev_node(client, *node).await?;
     }
     Ok(())
 }
@@ -414,7 +522,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         "  nodes:          {} (try: kubectl --kubeconfig {} delete node win-node-1)",
         DEV_NODES
             .iter()
-            .map(|(n, _)| *n)
+            .map(|n| n.name)
             .collect::<Vec<_>>()
             .join(", "),
         args.kubeconfig_out.display()
@@ -429,7 +537,7 @@ pub async fn run(args: DevArgs) -> Result<(), Box<dyn std::error::Error + Send +
         None
     } else {
         println!(
-            "  controller:     running in this process, offboarding deleted Windows nodes into `default`"
+            "  controller:     running in this process, offboarding deleted nodes (Windows and Linux) into `default` after a 30 s grace"
         );
         Some(tokio::spawn(run_embedded_controller(
             client.clone(),
@@ -481,6 +589,8 @@ fn run_embedded_controller(
     let second = sim_host(&playground.second);
     let settings = Settings {
         lookup_delay: Duration::from_secs(2),
+        // A deleted Node's offboard waits for it to come back; short here.
+        node_grace: Duration::from_secs(30),
         ..Settings::default()
     };
     // Node offboarding on, in `default`: `kubectl delete node win-node-1`

@@ -63,6 +63,8 @@ pub fn fast_settings() -> Settings {
         lookup_delay: Duration::from_millis(300),
         retry_backoff: Duration::from_millis(300),
         access_backoff: Duration::from_secs(5),
+        // A deleted Node's offboard waits this long for the Node to come back.
+        node_grace: Duration::from_millis(300),
         ..Settings::default()
     }
 }

@@ -117,6 +117,28 @@ async fn connection_crd_rules_are_enforced() {
         let key = api_error(create("key", serde_json::json!({"clientSecret": {"name": "s", "key": "a/b"}}), None).await).message;
         assert!(key.contains("spec.credential.clientSecret.key"), "{key}");
         create("ok", serde_json::json!({"certificate": secret}), Some("https://eu.api.security.microsoft.com")).await.unwrap();
+        // Whom a connection reaches is fixed for its life (resources in
+        // flight were begun there); its credential may be rotated.
+        let current = typed.get("ok").await.unwrap();
+        type Edit = (&'static str, fn(&mut serde_json::Value));
+        let edits: [Edit; 5] = [
+            ("tenantId", |s| s["tenantId"] = "other-tenant".into()),
+            ("clientId", |s| s["clientId"] = "other-app".into()),
+            ("cloud", |s| s["cloud"] = "GCCHigh".into()),
+            ("apiUrl", |s| s["apiUrl"] = "https://us.api.security.microsoft.com".into()),
+            ("loginUrl", |s| s["loginUrl"] = "https://login.microsoftonline.us".into()),
+        ];
+        for (field, edit) in edits {
+            let mut spec = serde_json::to_value(&current.spec).unwrap();
+            edit(&mut spec);
+            let mut edited = current.clone();
+            edited.spec = serde_json::from_value(spec).unwrap();
+            let refused = api_error(typed.replace("ok", &PostParams::default(), &edited).await).message;
+            assert!(refused.contains("spec.tenantId, spec.clientId, spec.cloud, spec.apiUrl and spec.loginUrl cannot change"), "{field}: {refused}");
+        }
+        let mut rotated = current.clone();
+        rotated.spec.credential = serde_json::from_value(serde_json::json!({"certificate": {"name": "s-2026", "key": "tls.pem"}})).unwrap();
+        typed.replace("ok", &PostParams::default(), &rotated).await.expect("a credential rotation is an allowed edit");
         api.shutdown().await;
     })
     .await;

@@ -98,7 +98,7 @@ fn permission(method: &Method, path: &str, query: &str) -> Permission {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chart_grants_every_call_the_controller_makes() {
+async fn the_chart_grants_exactly_the_calls_the_controller_makes() {
     let sim = spawn_sim(fast_sim_config()).await;
     let api = spawn_api().await;
     let seen: Arc<Mutex<BTreeSet<Permission>>> = Arc::default();
@@ -293,6 +293,12 @@ async fn the_chart_grants_every_call_the_controller_makes() {
         missing.is_empty(),
         "the chart does not grant {missing:?}; add them to charts/defender-offboard/templates"
     );
+    // And not one grant more than the calls: what is granted is used.
+    let unused: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "the chart grants {unused:?}, which the operator never calls; remove them from charts/defender-offboard/templates"
+    );
     // Nodes are cluster-wide: not one verb more than node offboarding uses.
     let on_nodes = |set: &BTreeSet<Permission>| -> BTreeSet<String> {
         set.iter()
@@ -341,6 +347,7 @@ async fn the_chart_grants_every_call_the_controller_makes() {
             "patch",
         ),
         ("", "secrets", "get"),
+        ("", "serviceaccounts", "get"),
         ("", "serviceaccounts/token", "create"),
     ] {
         let expected = (

@@ -48,6 +48,8 @@ fn second_client(sim: &SimHandle) -> defender_offboard::mde::DefenderClient {
 
 struct Tenants {
     api: ApiHandle,
+    /// TokenRequests (`POST …/serviceaccounts/NAME/token`) the operator made.
+    token_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The tenant of the operator's own credentials.
     own: SimHandle,
     /// The tenant reached through DefenderConnections.
@@ -76,8 +78,26 @@ async fn start(own: SimConfig, second: SimConfig) -> Tenants {
             .unwrap();
     }
     let allowed = sim_host(&second);
+    // The operator's own client counts its TokenRequests, at the API.
+    let token_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = token_requests.clone();
+    let recorder =
+        tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            if request.method() == http::Method::POST
+                && request.uri().path().contains("/serviceaccounts/")
+                && request.uri().path().ends_with("/token")
+            {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            request
+        });
+    let operator_client =
+        kube::client::ClientBuilder::try_from(kube::Config::new(api.url().parse().unwrap()))
+            .unwrap()
+            .with_layer(&recorder)
+            .build();
     let controller = embedded_controller_with(
-        client.clone(),
+        operator_client,
         &own,
         FAST_LIMITS.parse().unwrap(),
         fast_settings(),
@@ -94,6 +114,7 @@ async fn start(own: SimConfig, second: SimConfig) -> Tenants {
     .unwrap();
     Tenants {
         api,
+        token_requests,
         own,
         second,
         client: client.clone(),
@@ -426,6 +447,35 @@ async fn a_namespace_outside_the_default_list_cannot_use_the_operators_tenant() 
     );
 }
 
+/// An app that may offboard but not read (no `Machine.Read.All` nor
+/// `Machine.ReadWrite.All`) could neither resolve a name nor prove what it
+/// sent: its connection is not Ready, and says which permission to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_cannot_read_is_not_ready_and_the_reason_names_the_read_permission() {
+    let offboard_only = SimConfig {
+        roles: vec!["Machine.Offboard".into()],
+        ..second_tenant(fast_sim_config())
+    };
+    let env = start(fast_sim_config(), offboard_only).await;
+    create_connection(&env.client, "team-a", "blind", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-a", "blind", "PermissionDenied").await;
+    let connection = Api::<DefenderConnection>::namespaced(env.client.clone(), "team-a")
+        .get("blind")
+        .await
+        .unwrap();
+    let ready = &connection.status.unwrap().conditions[0];
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("Machine.Read.All")
+            && ready.message.contains("Machine.ReadWrite.All")
+            && ready.message.contains("grants: Machine.Offboard"),
+        "{}",
+        ready.message
+    );
+}
+
 /// Signed in, but the app lacks Machine.Offboard: `PermissionDenied`, named.
 /// Workload identity: the operator requests the ServiceAccount's token; a
 /// missing ServiceAccount is `CredentialNotFound`.
@@ -481,6 +531,72 @@ async fn readiness_names_what_to_fix() {
     wait_for_connection(&env.client, "team-b", "no-account", "CredentialNotFound").await;
     let tokens = env.second.stats().tokens_issued;
     assert!(tokens >= 2, "both signed in: {tokens}");
+}
+
+/// A connection may use a ServiceAccount only when its owner opted in (the
+/// annotation naming the connection): otherwise no token is minted for it,
+/// counted at the API, and the connection says how to opt in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_that_did_not_opt_in_gets_no_token_minted() {
+    use defender_offboard::operator::tenants::controller::TOKEN_OPT_IN_ANNOTATION;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    // The namespace's deploy bot, federated with some Entra app, never meant
+    // for offboarding: a connection author names it.
+    let bot: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "deploy-bot", "namespace": "team-b"},
+    }))
+    .unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(env.client.clone(), "team-b");
+    accounts.create(&PostParams::default(), &bot).await.unwrap();
+    // Opted in for another connection only: still not this one.
+    create_workload_identity_connection(&env.client, "team-b", "other", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "other", "SignedIn").await;
+    let before = env.token_requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(before >= 1, "the opted-in connection got its token");
+    let mut borrowing = Api::<DefenderConnection>::namespaced(env.client.clone(), "team-b")
+        .get("other")
+        .await
+        .unwrap();
+    borrowing.metadata = kube::api::ObjectMeta {
+        name: Some("borrowing".into()),
+        namespace: Some("team-b".into()),
+        ..Default::default()
+    };
+    borrowing.status = None;
+    borrowing
+        .spec
+        .credential
+        .workload_identity
+        .as_mut()
+        .unwrap()
+        .service_account_name = "deploy-bot".into();
+    let connections = Api::<DefenderConnection>::namespaced(env.client.clone(), "team-b");
+    connections
+        .create(&PostParams::default(), &borrowing)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "borrowing", "CredentialNotFound").await;
+    let message = connections
+        .get("borrowing")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions[0]
+        .message
+        .clone();
+    assert!(
+        message.contains(TOKEN_OPT_IN_ANNOTATION) && message.contains("no token was requested"),
+        "{message}"
+    );
+    // The borrowed account's token was never asked for (`other` keeps the
+    // token it signed in with: no new request either).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = env.token_requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after, before, "no TokenRequest for deploy-bot");
 }
 
 /// `kubectl get defenderconnections` shows the tenant and whether it works.

@@ -153,16 +153,13 @@ Rendered by the Deployment so every install and upgrade checks them.
 {{- end }}
 {{- end }}
 {{- if and .Values.connections.enabled .Values.rbac.create }}
-{{- if and .Values.connections.clusterWide .Values.connections.namespaces }}
-{{- fail "set either connections.namespaces or connections.clusterWide=true, not both" }}
+{{- if hasKey .Values.connections "clusterWide" }}
+{{- fail "connections.clusterWide was removed (it let the operator read any Secret and mint any ServiceAccount's token cluster-wide): list the namespaces in connections.namespaces" }}
 {{- end }}
-{{- if not (or .Values.connections.clusterWide .Values.connections.namespaces) }}
-{{- fail "connections.enabled=true needs connections.namespaces (the namespaces whose Secrets and ServiceAccounts DefenderConnections may use; the operator gets a Role in each) or connections.clusterWide=true" }}
+{{- if not .Values.connections.namespaces }}
+{{- fail "connections.enabled=true needs connections.namespaces: the namespaces whose Secrets and opted-in ServiceAccounts DefenderConnections may use (the operator gets a Role in each)" }}
 {{- end }}
 {{- if .Values.watchNamespace }}
-{{- if .Values.connections.clusterWide }}
-{{- fail "connections.clusterWide=true with watchNamespace set: list only the watched namespace in connections.namespaces" }}
-{{- end }}
 {{- range .Values.connections.namespaces }}
 {{- if ne (toString .) $.Values.watchNamespace }}
 {{- fail (printf "connections.namespaces: %q is not watchNamespace %q; the controller serves only that namespace" (toString .) $.Values.watchNamespace) }}

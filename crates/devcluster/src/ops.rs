@@ -691,7 +691,10 @@ fn create_locked(
             meta.insert("generation".into(), 1.into());
         }
     }
+    // A kubelet registers its Node with its status (the API server's node
+    // strategy keeps status on create); every other kind drops it.
     if rt.status_subresource
+        && rt.kind != "Node"
         && let Some(map) = object.as_object_mut()
     {
         map.remove("status");

@@ -56,25 +56,77 @@ pub enum FetchedCredential {
     /// A federated token (workload identity) sent as `client_assertion`.
     ClientAssertion(Secret),
     /// PEM text holding the app's certificate and its RSA private key: the
-    /// client signs a fresh assertion with it for each sign-in.
+    /// client signs a fresh assertion with it for each sign-in, in the form
+    /// Entra's current page asks for ([`CertificateAssertion::Ps256`]).
     Certificate(Secret),
+    /// As [`FetchedCredential::Certificate`], signed in the form given (see
+    /// [`FetchedCredential::certificate`]).
+    CertificateAs(Secret, CertificateAssertion),
+}
+
+impl FetchedCredential {
+    /// Certificate credentials whose assertion is signed in `form`.
+    pub fn certificate(pem_text: Secret, form: CertificateAssertion) -> Self {
+        FetchedCredential::CertificateAs(pem_text, form)
+    }
+}
+
+/// How a certificate's client assertion is signed and names its certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CertificateAssertion {
+    /// `alg: PS256` with `x5t#S256`, the SHA-256 thumbprint: what Entra's
+    /// current certificate-credentials page asks for.
+    #[default]
+    Ps256,
+    /// `alg: RS256` with `x5t`, the SHA-1 thumbprint: the older form Entra
+    /// still accepts, for a setup that expects it.
+    Rs256,
+}
+
+impl CertificateAssertion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertificateAssertion::Ps256 => "ps256",
+            CertificateAssertion::Rs256 => "rs256",
+        }
+    }
+}
+
+impl fmt::Display for CertificateAssertion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CertificateAssertion {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "ps256" => Ok(CertificateAssertion::Ps256),
+            "rs256" => Ok(CertificateAssertion::Rs256),
+            _ => Err(format!(
+                "certificate assertion {text:?} is not known: use ps256 (SHA-256 thumbprint, the default) or rs256 (SHA-1 thumbprint, the older form)"
+            )),
+        }
+    }
 }
 
 /// How long a certificate assertion is valid: it is used at once.
 const ASSERTION_LIFETIME: i64 = 600;
 
 /// The client assertion of certificate credentials, as Microsoft Entra
-/// expects it: a JWT signed RS256 with the certificate's key, its SHA-1
-/// thumbprint as `x5t`, `aud` the token endpoint, `iss` and `sub` the app.
+/// expects it: a JWT signed with the certificate's key in `form` (PS256 with
+/// the SHA-256 thumbprint as `x5t#S256`, or RS256 with the SHA-1 one as
+/// `x5t`), `aud` the token endpoint, `iss` and `sub` the app.
 /// Errors name what is wrong with the PEM and never contain any of it.
 pub fn certificate_assertion(
     pem_text: &str,
     client_id: &str,
     token_url: &Url,
     now: jiff::Timestamp,
+    form: CertificateAssertion,
 ) -> Result<String, String> {
-    use base64::Engine as _;
-    use sha1::Digest as _;
     let blocks = pem::parse_many(pem_text).map_err(|e| {
         format!(
             "the certificate is not PEM text ({}): put the PEM of the certificate and its private key in the Secret's key",
@@ -89,9 +141,7 @@ pub fn certificate_assertion(
         .iter()
         .find(|b| matches!(b.tag(), "PRIVATE KEY" | "RSA PRIVATE KEY"))
         .ok_or("the PEM holds no PRIVATE KEY (PKCS#8) or RSA PRIVATE KEY block: put the certificate and its private key in the Secret's key")?;
-    let thumbprint = sha1::Sha1::digest(certificate.contents());
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.x5t = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(thumbprint));
+    let header = assertion_header(certificate.contents(), form);
     // The library's error is not repeated: an error text could quote the key.
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem::encode(key).as_bytes()).map_err(|_| {
         "the private key is not an RSA key this operator can sign with (an EC or Ed25519 key, or a damaged one): use the RSA key of the certificate registered on the app".to_string()
@@ -108,6 +158,27 @@ pub fn certificate_assertion(
     });
     jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| format!("cannot sign the client assertion ({e})"))
+}
+
+/// The JWT header naming the certificate (its DER is `certificate_der`) by
+/// the thumbprint `form` uses.
+fn assertion_header(certificate_der: &[u8], form: CertificateAssertion) -> jsonwebtoken::Header {
+    use base64::Engine as _;
+    let encode = |digest: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+    match form {
+        CertificateAssertion::Ps256 => {
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
+            let digest = ring::digest::digest(&ring::digest::SHA256, certificate_der);
+            header.x5t_s256 = Some(encode(digest.as_ref()));
+            header
+        }
+        CertificateAssertion::Rs256 => {
+            use sha1::Digest as _;
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+            header.x5t = Some(encode(&sha1::Sha1::digest(certificate_der)));
+            header
+        }
+    }
 }
 
 /// What is wrong with a PEM text, in words of our own: the parser's own
@@ -345,18 +416,10 @@ impl TokenSource {
                         form.push(("client_assertion", assertion.expose().to_string()));
                     }
                     FetchedCredential::Certificate(pem_text) => {
-                        let assertion = certificate_assertion(
-                            pem_text.expose(),
-                            &self.identity.client_id,
-                            &self.token_url,
-                            jiff::Timestamp::now(),
-                        )
-                        .map_err(|message| MdeError::Credentials { message })?;
-                        form.push((
-                            "client_assertion_type",
-                            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
-                        ));
-                        form.push(("client_assertion", assertion));
+                        form.extend(self.signed_assertion(&pem_text, Default::default())?)
+                    }
+                    FetchedCredential::CertificateAs(pem_text, assertion) => {
+                        form.extend(self.signed_assertion(&pem_text, assertion)?)
                     }
                 }
             }
@@ -437,6 +500,31 @@ impl TokenSource {
     }
 }
 
+impl TokenSource {
+    /// The form fields of a fresh certificate assertion, signed in `assertion`'s form.
+    fn signed_assertion(
+        &self,
+        pem_text: &Secret,
+        assertion: CertificateAssertion,
+    ) -> Result<[(&'static str, String); 2], MdeError> {
+        let signed = certificate_assertion(
+            pem_text.expose(),
+            &self.identity.client_id,
+            &self.token_url,
+            jiff::Timestamp::now(),
+            assertion,
+        )
+        .map_err(|message| MdeError::Credentials { message })?;
+        Ok([
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+            ),
+            ("client_assertion", signed),
+        ])
+    }
+}
+
 fn read_credential_file(path: &std::path::Path, variable: &str) -> Result<String, MdeError> {
     let text = std::fs::read_to_string(path).map_err(|e| MdeError::Credentials {
         message: format!(
@@ -503,51 +591,88 @@ mod tests {
         assert_eq!(token_roles(&jwt("not json")), None);
     }
 
-    /// The assertion Entra checks: signed by the certificate's key (verified
-    /// with its public key), `x5t` the SHA-1 thumbprint `openssl x509
-    /// -fingerprint -sha1` prints, `aud` the token endpoint, short-lived.
-    #[test]
-    fn a_certificate_signs_the_assertion_entra_expects() {
+    /// The certificate's DER, decoded here from the PEM's base64 lines
+    /// without the code under test.
+    fn test_certificate_der() -> Vec<u8> {
+        use base64::Engine as _;
         let pem_text = include_str!("../testdata/test-certificate.pem");
+        let body: String = pem_text
+            .lines()
+            .skip_while(|l| *l != "-----BEGIN CERTIFICATE-----")
+            .skip(1)
+            .take_while(|l| *l != "-----END CERTIFICATE-----")
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    }
+
+    /// The assertion Entra checks, in each form: signed by the certificate's
+    /// key (verified with its public key) with the algorithm the form names,
+    /// the thumbprint of the certificate's DER (the digest computed here and
+    /// what `openssl x509 -fingerprint` prints), `aud` the token endpoint,
+    /// short-lived, new each time.
+    #[test]
+    fn a_certificate_signs_the_assertion_entra_expects_in_either_form() {
+        use base64::Engine as _;
+        let encode = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+        let pem_text = include_str!("../testdata/test-certificate.pem");
+        let public = include_str!("../testdata/test-certificate-public-key.pem");
+        let der = test_certificate_der();
+        let sha256 = encode(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+        let sha1 =
+            encode(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &der).as_ref());
+        // 08:0E:49:54:...:0B:06:3A:03 and 5D:56:27:71:...:3D:E3:EA:64.
+        assert_eq!(sha256, "CA5JVFoijAQzgQHwhRX28vpBR-BKfGphfKpN9QsGOgM");
+        assert_eq!(sha1, "XVYncR2m9fgd9-UYxe19fj3j6mQ");
         let token_url =
             Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/token").unwrap();
         let now = jiff::Timestamp::now();
-        let assertion = certificate_assertion(pem_text, "app-1", &token_url, now).unwrap();
-        let header = jsonwebtoken::decode_header(&assertion).unwrap();
-        assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
-        assert_eq!(
-            header.x5t.as_deref(),
-            Some("XVYncR2m9fgd9-UYxe19fj3j6mQ"),
-            "the thumbprint 5D:56:27:71:1D:A6:F5:F8:1D:F7:E5:18:C5:ED:7D:7E:3D:E3:EA:64"
+        use jsonwebtoken::Algorithm::{PS256, RS256};
+        for (form, alg, x5t_s256, x5t) in [
+            (CertificateAssertion::Ps256, PS256, Some(&sha256), None),
+            (CertificateAssertion::Rs256, RS256, None, Some(&sha1)),
+        ] {
+            let assertion =
+                certificate_assertion(pem_text, "app-1", &token_url, now, form).unwrap();
+            let header = jsonwebtoken::decode_header(&assertion).unwrap();
+            assert_eq!(header.alg, alg, "{form}");
+            assert_eq!(header.x5t_s256.as_ref(), x5t_s256, "{form}");
+            assert_eq!(header.x5t.as_ref(), x5t, "{form}");
+            let mut validation = jsonwebtoken::Validation::new(alg);
+            validation.set_audience(&[token_url.as_str()]);
+            validation.set_issuer(&["app-1"]);
+            let key = jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap();
+            let claims = |a: &str| {
+                jsonwebtoken::decode::<serde_json::Value>(a, &key, &validation)
+                    .expect("signed by the certificate's key")
+                    .claims
+            };
+            let first = claims(&assertion);
+            assert_eq!(first["sub"], "app-1");
+            assert_eq!(
+                first["exp"].as_i64().unwrap() - first["iat"].as_i64().unwrap(),
+                600
+            );
+            let other = certificate_assertion(pem_text, "app-1", &token_url, now, form).unwrap();
+            assert_ne!(first["jti"], claims(&other)["jti"], "each assertion is new");
+        }
+        // The default is the form Entra's current page asks for.
+        assert_eq!(CertificateAssertion::default(), CertificateAssertion::Ps256);
+    }
+
+    #[test]
+    fn assertion_forms_parse_and_print() {
+        for form in [CertificateAssertion::Ps256, CertificateAssertion::Rs256] {
+            assert_eq!(form.to_string().parse::<CertificateAssertion>(), Ok(form));
+        }
+        assert_eq!("PS256".parse(), Ok(CertificateAssertion::Ps256));
+        assert_eq!("rs256".parse(), Ok(CertificateAssertion::Rs256));
+        let error = "es256".parse::<CertificateAssertion>().unwrap_err();
+        assert!(
+            error.contains("ps256") && error.contains("rs256"),
+            "{error}"
         );
-        let public = include_str!("../testdata/test-certificate-public-key.pem");
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-        validation.set_audience(&[token_url.as_str()]);
-        validation.set_issuer(&["app-1"]);
-        let claims = jsonwebtoken::decode::<serde_json::Value>(
-            &assertion,
-            &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
-            &validation,
-        )
-        .expect("signed by the certificate's key")
-        .claims;
-        assert_eq!(claims["sub"], "app-1");
-        assert_eq!(
-            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
-            600
-        );
-        let other = certificate_assertion(pem_text, "app-1", &token_url, now).unwrap();
-        let jti = |a: &str| {
-            jsonwebtoken::decode::<serde_json::Value>(
-                a,
-                &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
-                &validation,
-            )
-            .unwrap()
-            .claims["jti"]
-                .clone()
-        };
-        assert_ne!(jti(&assertion), jti(&other), "each assertion is new");
     }
 
     #[test]
@@ -556,12 +681,15 @@ mod tests {
         let now = jiff::Timestamp::now();
         let full = include_str!("../testdata/test-certificate.pem");
         let key_only = &full[full.find("-----BEGIN PRIVATE KEY").unwrap()..];
-        let error = certificate_assertion(key_only, "a", &url, now).unwrap_err();
+        let error =
+            certificate_assertion(key_only, "a", &url, now, Default::default()).unwrap_err();
         assert!(error.contains("no CERTIFICATE"), "{error}");
         let cert_only = &full[..full.find("-----BEGIN PRIVATE KEY").unwrap()];
-        let error = certificate_assertion(cert_only, "a", &url, now).unwrap_err();
+        let error =
+            certificate_assertion(cert_only, "a", &url, now, Default::default()).unwrap_err();
         assert!(error.contains("no PRIVATE KEY"), "{error}");
-        let error = certificate_assertion("hunter2", "a", &url, now).unwrap_err();
+        let error =
+            certificate_assertion("hunter2", "a", &url, now, Default::default()).unwrap_err();
         assert!(!error.contains("hunter2"), "{error}");
     }
 
@@ -608,7 +736,8 @@ mod tests {
                 .into_owned(),
         ];
         for shape in &shapes {
-            let Err(error) = certificate_assertion(shape, "a", &url, now) else {
+            let Err(error) = certificate_assertion(shape, "a", &url, now, Default::default())
+            else {
                 continue;
             };
             for line in shape

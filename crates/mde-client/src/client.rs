@@ -2,13 +2,16 @@
 
 use super::auth::{ClientIdentity, TokenSource};
 use super::cloud::{Endpoints, same_origin};
-use super::error::{BodyError, CallKind, MdeError, error_chain, parse_retry_after, read_capped};
+use super::error::{
+    BodyError, CallKind, MdeError, error_chain, parse_retry_after, read_capped, request_id,
+};
 use super::limiter::{ApiFamily, Permit, RateBudget, RateLimits};
 use super::types::{CountedPage, ErrorBody, Machine, MachineAction, WindowAction};
 use jiff::Timestamp;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 use url::Url;
@@ -23,8 +26,9 @@ pub fn has_marker(comment: &str, marker: &str) -> bool {
     comment.split_whitespace().next() == Some(marker)
 }
 
-/// How many action ids go in one `id in (...)` filter: keeps the URL well under
-/// common 8 KiB limits (each quoted GUID is ~40 characters).
+/// How many action ids go in one filter: keeps the URL well under common
+/// 8 KiB limits in either form (about 45 encoded characters a GUID with
+/// `in`, 60 with `or`; see [`ids_filter`]).
 pub const IDS_PER_QUERY: usize = 50;
 
 /// The most items MDE returns for one list call (`$top` up to 10,000).
@@ -95,6 +99,8 @@ struct Inner {
     limits: RateLimits,
     budget_wait: BudgetWait,
     observer: Arc<dyn CallObserver>,
+    /// MDE refused an `id in (...)` filter once: poll by id with `or` from then on.
+    ids_with_or: AtomicBool,
 }
 
 /// One API call: what it is, and whether it can change something at MDE.
@@ -196,6 +202,73 @@ pub fn odata_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// The `$filter` that finds the machines named `name`: a name with a dot is
+/// a fully qualified name (what `computerDnsName` holds) and must match
+/// whole; a dotless one is a host name, matched alone or with any domain.
+pub fn machine_name_filter(name: &str) -> String {
+    let quoted = odata_quote(name);
+    if name.contains('.') {
+        format!("computerDnsName eq {quoted}")
+    } else {
+        let prefix = odata_quote(&format!("{name}."));
+        format!("computerDnsName eq {quoted} or startswith(computerDnsName,{prefix})")
+    }
+}
+
+/// Whether a machine's `computerDnsName` answers to `name`, ASCII case
+/// aside: equal, or `name.<domain>` for a dotless name. Applied to what MDE
+/// answers too, since its matching may be looser than the filter asks.
+pub fn machine_name_matches(name: &str, dns_name: &str) -> bool {
+    let (name, dns_name) = (name.to_ascii_lowercase(), dns_name.to_ascii_lowercase());
+    dns_name == name
+        || (!name.contains('.')
+            && dns_name
+                .strip_prefix(&name)
+                .is_some_and(|domain| domain.starts_with('.')))
+}
+
+/// How a batch of action ids is put in one `$filter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdsFilter {
+    /// `id in ('a','b')`: short, used by public clients, not documented for
+    /// machine actions.
+    In,
+    /// `id eq 'a' or id eq 'b'`: longer, built only of documented pieces.
+    Or,
+}
+
+/// The `$filter` reading the actions `ids` in `form`.
+pub fn ids_filter(ids: &[String], form: IdsFilter) -> String {
+    let quoted = ids.iter().map(|id| odata_quote(id));
+    match form {
+        IdsFilter::In => format!("id in ({})", quoted.collect::<Vec<_>>().join(",")),
+        IdsFilter::Or => quoted
+            .map(|id| format!("id eq {id}"))
+            .collect::<Vec<_>>()
+            .join(" or "),
+    }
+}
+
+/// Whether MDE answered 400 (whatever its code or wording), the refusal of
+/// a query it does not accept.
+fn is_bad_request(error: &MdeError) -> bool {
+    match error {
+        MdeError::BadRequest { status, .. } => *status == 400,
+        MdeError::AlreadyPending { .. } | MdeError::PlatformNotSupported { .. } => true,
+        _ => false,
+    }
+}
+
+/// What a 403 to a read of machines means, and the permission to grant.
+fn read_forbidden(code: String, message: String) -> MdeError {
+    MdeError::Forbidden {
+        code,
+        message: format!(
+            "{message}; the app may not read machines: grant it the application permission Machine.Read.All or Machine.ReadWrite.All (WindowsDefenderATP) with admin consent in Microsoft Entra"
+        ),
+    }
+}
+
 impl DefenderClient {
     pub fn new(config: ClientConfig, observer: Arc<dyn CallObserver>) -> Result<Self, MdeError> {
         let budget = RateBudget::new(&config.rate_limits);
@@ -240,6 +313,7 @@ impl DefenderClient {
                 limits: config.rate_limits,
                 budget_wait: config.budget_wait,
                 observer,
+                ids_with_or: AtomicBool::new(false),
             }),
         })
     }
@@ -328,19 +402,44 @@ impl DefenderClient {
         self.call(Call::read(ApiFamily::Machines, url), None).await
     }
 
-    /// Machines whose `computerDnsName` is `name` (several when a device was re-imaged).
+    /// Machines whose `computerDnsName` answers to `name` (several when a
+    /// device was re-imaged): the whole name for a fully qualified one, the
+    /// name alone or with any domain for a dotless one
+    /// ([`machine_name_filter`], [`machine_name_matches`]).
     pub async fn find_machines_by_name(&self, name: &str) -> Result<Vec<Machine>, MdeError> {
-        let filter = format!(
-            "computerDnsName eq {}",
-            odata_quote(&name.to_ascii_lowercase())
-        );
+        let name = name.to_ascii_lowercase();
+        let filter = machine_name_filter(&name);
         match self
-            .list_all(ApiFamily::Machines, "api/machines", &filter)
+            .list_all::<Machine>(ApiFamily::Machines, "api/machines", &filter)
             .await
         {
+            Ok(mut machines) => {
+                machines.retain(|m| {
+                    m.computer_dns_name
+                        .as_deref()
+                        .is_some_and(|dns| machine_name_matches(&name, dns))
+                });
+                Ok(machines)
+            }
             // The list answers 404 when it has no recent machines at all.
             Err(MdeError::NotFound { .. }) => Ok(Vec::new()),
-            other => other,
+            Err(other) => Err(other),
+        }
+    }
+
+    /// A read of one machine (`GET /api/machines?$top=1`) within the
+    /// machines budget: whether MDE lets this app read at all, judged by
+    /// MDE's answer rather than by the token's claims. A 403 is
+    /// [`MdeError::Forbidden`] naming the permission to grant; a 404 (MDE's
+    /// answer when it has no recent machines) means the read was allowed.
+    pub async fn probe_read(&self) -> Result<(), MdeError> {
+        let url = self.api_url("api/machines", &[("$top", "1")])?;
+        let answer: Result<serde::de::IgnoredAny, MdeError> =
+            self.call(Call::read(ApiFamily::Machines, url), None).await;
+        match answer {
+            Ok(_) | Err(MdeError::NotFound { .. }) => Ok(()),
+            Err(MdeError::Forbidden { code, message }) => Err(read_forbidden(code, message)),
+            Err(other) => Err(other),
         }
     }
 
@@ -377,11 +476,7 @@ impl DefenderClient {
         let mut actions = Vec::with_capacity(ids.len());
         let mut unreadable = 0;
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let quoted: Vec<String> = chunk.iter().map(|id| odata_quote(id)).collect();
-            let filter = format!("id in ({})", quoted.join(","));
-            let listed = self
-                .list(ApiFamily::MachineActions, "api/machineactions", &filter)
-                .await?;
+            let listed = self.machine_actions_batch(chunk).await?;
             unreadable += listed.unreadable;
             actions.extend(listed.items);
         }
@@ -393,6 +488,29 @@ impl DefenderClient {
             );
         }
         Ok(actions)
+    }
+
+    /// One batch of [`Self::machine_actions_by_ids`]. `in` is not documented
+    /// for machine actions: a 400 to it is answered by the same batch as
+    /// `id eq ... or ...` once, and the client keeps to that form afterwards,
+    /// so a tenant that refuses `in` never stalls a poll.
+    async fn machine_actions_batch(
+        &self,
+        chunk: &[String],
+    ) -> Result<Listed<MachineAction>, MdeError> {
+        let path = "api/machineactions";
+        if !self.inner.ids_with_or.load(Ordering::Relaxed) {
+            let filter = ids_filter(chunk, IdsFilter::In);
+            match self.list(ApiFamily::MachineActions, path, &filter).await {
+                Err(error) if is_bad_request(&error) => {
+                    tracing::warn!(%error, "MDE refused an `id in (...)` filter; reading actions by id with `or` from now on");
+                    self.inner.ids_with_or.store(true, Ordering::Relaxed);
+                }
+                answered => return answered,
+            }
+        }
+        let filter = ids_filter(chunk, IdsFilter::Or);
+        self.list(ApiFamily::MachineActions, path, &filter).await
     }
 
     /// Every offboard action created at or after `since`, read in pages of
@@ -446,6 +564,10 @@ impl DefenderClient {
             "api/machineactions",
             &[
                 ("$filter", &filter),
+                // A fixed order (oldest first), so an action created while
+                // the pages are read goes to the end rather than shifting
+                // one already read into the next page or out of every page.
+                ("$orderby", "creationDateTimeUtc"),
                 ("$top", &top_text),
                 ("$skip", &skip_text),
             ],
@@ -750,6 +872,7 @@ impl DefenderClient {
     ) -> MdeError {
         let body: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
         let retry_at = retry_after.and_then(|v| parse_retry_after(v, Timestamp::now()));
+        let request_id = body.error.target.as_deref().and_then(request_id);
         let error = MdeError::from_status(
             status,
             body.error.code,
@@ -757,11 +880,12 @@ impl DefenderClient {
             family,
             retry_at,
             kind,
-        );
+        )
+        .with_request_id(request_id);
         if let MdeError::Throttled { retry_at, .. } = &error {
             let wait = retry_at.duration_since(Timestamp::now());
             let wait = Duration::try_from(wait).unwrap_or_default();
-            tracing::warn!(%family, wait_ms = wait.as_millis() as u64, "MDE answered 429; parking this family's budget");
+            tracing::warn!(%family, wait_ms = wait.as_millis() as u64, mde_request_id = request_id.unwrap_or_default(), "MDE answered 429; parking this family's budget");
             self.inner.budget.park(family, Instant::now() + wait);
         }
         error
@@ -809,6 +933,58 @@ mod tests {
         assert_eq!(marker_key("retired by hand"), None);
         assert_eq!(marker_key("retired [defender-offboard:uid-1]"), None);
         assert_eq!(marker_key(""), None);
+    }
+
+    /// A full batch of GUIDs fits common 8 KiB URL limits in either form,
+    /// as the client encodes the query.
+    #[test]
+    fn a_full_batch_of_ids_fits_the_url_limit_in_either_form() {
+        let ids: Vec<String> = (0..IDS_PER_QUERY)
+            .map(|n| format!("7a6ab2c7-1f3b-4f5b-a2a4-{n:012}"))
+            .collect();
+        for form in [IdsFilter::In, IdsFilter::Or] {
+            let filter = ids_filter(&ids, form);
+            let encoded: String = url::form_urlencoded::byte_serialize(filter.as_bytes()).collect();
+            let url = format!(
+                "https://api.securitycenter.microsoft.com/api/machineactions?$filter={}",
+                encoded.replace('+', "%20")
+            );
+            assert!(url.len() < 4096, "{form:?}: {} bytes", url.len());
+        }
+        assert_eq!(
+            ids_filter(&["a'b".into(), "c".into()], IdsFilter::Or),
+            "id eq 'a''b' or id eq 'c'"
+        );
+        assert_eq!(
+            ids_filter(&["a'b".into(), "c".into()], IdsFilter::In),
+            "id in ('a''b','c')"
+        );
+    }
+
+    #[test]
+    fn names_match_whole_or_as_a_host_in_a_domain() {
+        for (name, dns, matches) in [
+            ("pc-1", "pc-1", true),
+            ("pc-1", "PC-1.contoso.com", true),
+            ("PC-1", "pc-1.contoso.com", true),
+            ("pc-1", "pc-10.contoso.com", false),
+            ("pc-1", "xpc-1.contoso.com", false),
+            ("pc-1", "pc-1x", false),
+            ("pc-1.contoso.com", "pc-1.contoso.com", true),
+            ("pc-1.contoso.com", "PC-1.Contoso.COM", true),
+            ("pc-1.contoso.com", "pc-1.contoso.com.evil.example", false),
+            ("pc-1.contoso.com", "pc-1", false),
+        ] {
+            assert_eq!(machine_name_matches(name, dns), matches, "{name} ~ {dns}");
+        }
+        assert_eq!(
+            machine_name_filter("pc-1.contoso.com"),
+            "computerDnsName eq 'pc-1.contoso.com'"
+        );
+        assert_eq!(
+            machine_name_filter("o'brien"),
+            "computerDnsName eq 'o''brien' or startswith(computerDnsName,'o''brien.')"
+        );
     }
 
     /// The figure behind [`MAX_API_BODY`]: a page of [`MAX_TOP`] actions as

@@ -217,6 +217,66 @@ impl MdeError {
     }
 }
 
+/// MDE's correlation id (`error.target` of an error body) if it looks like
+/// one: 1 to 64 letters, digits or `-`. Anything else is dropped: the body
+/// is hostile input, and the id reaches logs, status and Events.
+pub fn request_id(target: &str) -> Option<&str> {
+    let plausible = (1..=64).contains(&target.len())
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    plausible.then_some(target)
+}
+
+impl MdeError {
+    /// This error with MDE's correlation id `request_id` (already checked by
+    /// [`request_id`]) at the end of its text, where people reading a status,
+    /// an Event or a log find what Microsoft support asks for. The variants
+    /// without text are unchanged (a 429 carries no message; its id is logged).
+    pub fn with_request_id(self, request_id: Option<&str>) -> MdeError {
+        let Some(id) = request_id else {
+            return self;
+        };
+        let tag =
+            |text: String| format!("{text} (MDE request id {id}; Microsoft support asks for it)");
+        match self {
+            MdeError::OutcomeUnknown { reason } => MdeError::OutcomeUnknown {
+                reason: tag(reason),
+            },
+            MdeError::Unauthorized { message } => MdeError::Unauthorized {
+                message: tag(message),
+            },
+            MdeError::Forbidden { code, message } => MdeError::Forbidden {
+                code,
+                message: tag(message),
+            },
+            MdeError::NotFound { message } => MdeError::NotFound {
+                message: tag(message),
+            },
+            MdeError::AlreadyPending { message } => MdeError::AlreadyPending {
+                message: tag(message),
+            },
+            MdeError::PlatformNotSupported { message } => MdeError::PlatformNotSupported {
+                message: tag(message),
+            },
+            MdeError::BadRequest {
+                status,
+                code,
+                message,
+            } => MdeError::BadRequest {
+                status,
+                code,
+                message: tag(message),
+            },
+            MdeError::Unavailable { status, message } => MdeError::Unavailable {
+                status,
+                message: tag(message),
+            },
+            other => other,
+        }
+    }
+}
+
 /// The wordings of "an offboard is already pending for this machine" this
 /// client recognises: the code `ActiveRequestAlreadyExists` (seen in public
 /// clients), or a message saying an action is already in progress, pending,
@@ -357,6 +417,64 @@ mod tests {
         assert_eq!(parse_retry_after("inf", now), None);
         assert_eq!(parse_retry_after("NaN", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn request_ids_keep_only_what_looks_like_one() {
+        assert_eq!(
+            request_id("4f1c2a9e-77b0-4f3e-9d2a-0c1b2a3d4e5f"),
+            Some("4f1c2a9e-77b0-4f3e-9d2a-0c1b2a3d4e5f")
+        );
+        assert_eq!(request_id("A1"), Some("A1"));
+        assert_eq!(request_id(&"a".repeat(64)), Some("a".repeat(64).as_str()));
+        for hostile in [
+            "",
+            &"a".repeat(65),
+            "abc def",
+            "abc\nEvent: forged",
+            "id; Microsoft support",
+            "<script>",
+            "id_1",
+            "ünï",
+        ] {
+            assert_eq!(request_id(hostile), None, "{hostile:?}");
+        }
+    }
+
+    /// Every error built from an MDE error body shows its request id; an
+    /// error without one reads as before.
+    #[test]
+    fn errors_from_a_body_show_its_request_id() {
+        let id = "4f1c2a9e-77b0-4f3e-9d2a-0c1b2a3d4e5f";
+        let suffix = format!("(MDE request id {id}; Microsoft support asks for it)");
+        for (status, code, kind) in [
+            (401, "Unauthorized", CallKind::Read),
+            (403, "Forbidden", CallKind::Read),
+            (404, "ResourceNotFound", CallKind::Read),
+            (400, "ActiveRequestAlreadyExists", CallKind::Write),
+            (400, "OsPlatformNotSupported", CallKind::Write),
+            (400, "InvalidRequestBody", CallKind::Write),
+            (503, "ServiceUnavailable", CallKind::Read),
+            (503, "ServiceUnavailable", CallKind::Write),
+        ] {
+            let error = || {
+                MdeError::from_status(
+                    status,
+                    code.into(),
+                    "the message".into(),
+                    ApiFamily::Offboard,
+                    None,
+                    kind,
+                )
+            };
+            let tagged = error().with_request_id(Some(id));
+            let text = tagged.to_string();
+            assert!(text.ends_with(&suffix), "{status} {code}: {text}");
+            assert!(text.contains("the message"), "{text}");
+            assert_eq!(tagged.class(), error().class(), "the class is unchanged");
+            assert_eq!(tagged.code(), error().code(), "the code is unchanged");
+            assert_eq!(error().with_request_id(None), error());
+        }
     }
 
     #[test]

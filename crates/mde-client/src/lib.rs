@@ -9,7 +9,8 @@ pub mod limiter;
 pub mod types;
 
 pub use auth::{
-    ClientIdentity, Credential, CredentialSource, FetchedCredential, Secret, token_roles,
+    CertificateAssertion, ClientIdentity, Credential, CredentialSource, FetchedCredential, Secret,
+    token_roles,
 };
 pub use client::{
     Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver,

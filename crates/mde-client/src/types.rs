@@ -12,6 +12,39 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// A field no decision reads, as MDE sent it, or `None` when it is `null` or
+/// of another type than documented (`rbacGroupId` as a string, `osBuild` as
+/// text): such a change must not make the whole machine or action unreadable.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// `machineTags`: a list of strings as documented; `null` or missing is no
+/// tag, a lone string is one tag, and an entry that is not text is dropped,
+/// so a changed shape never makes the machine unreadable.
+fn tags<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    use serde_json::Value;
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Array(entries) => entries
+            .into_iter()
+            .filter_map(|entry| match entry {
+                Value::String(tag) => Some(tag),
+                _ => None,
+            })
+            .collect(),
+        Value::String(tag) => vec![tag],
+        _ => Vec::new(),
+    })
+}
+
 /// An action's `status` as MDE sent it. A status that is `null`, missing or
 /// not a string is read as an unknown status ([`ActionStatus::Other`] holding
 /// the JSON text, `"null"` when missing) rather than failing the whole page
@@ -31,32 +64,49 @@ fn missing_status() -> ActionStatus {
     ActionStatus::Other(serde_json::Value::Null.to_string())
 }
 
-/// A device in MDE (`GET /api/machines`).
+/// A device in MDE (`GET /api/machines`). The fields a decision reads (id,
+/// name, platform, health, onboarding, last seen, VM, tags) are read as
+/// documented, `null` as absent; the rest are read leniently ([`lenient`]).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Machine {
     pub id: String,
     pub computer_dns_name: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub first_seen: Option<String>,
     pub last_seen: Option<String>,
     pub os_platform: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub os_version: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub os_processor: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub version: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub os_build: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
     pub last_ip_address: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub last_external_ip_address: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub agent_version: Option<String>,
     pub health_status: Option<String>,
     pub onboarding_status: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub device_value: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub rbac_group_id: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
     pub rbac_group_name: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub risk_score: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub exposure_level: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub is_aad_joined: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
     pub aad_device_id: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "tags")]
     pub machine_tags: Vec<String>,
     /// Azure VMs: the VM MDE saw the device on (what a Node's
     /// `spec.providerID` and `systemUUID` name).
@@ -133,7 +183,9 @@ impl std::fmt::Display for ActionStatus {
     }
 }
 
-/// A machine action (`GET /api/machineactions`), e.g. the one an offboard creates.
+/// A machine action (`GET /api/machineactions`), e.g. the one an offboard
+/// creates. What a decision reads (id, type, status, machine, comments,
+/// times) is read as documented, `null` as absent; the rest leniently.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineAction {
@@ -143,23 +195,23 @@ pub struct MachineAction {
     #[serde(default = "missing_status", deserialize_with = "status_or_unknown")]
     pub status: ActionStatus,
     pub machine_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub scope: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub requestor: Option<String>,
-    #[serde(default, rename = "externalID")]
+    #[serde(default, rename = "externalID", deserialize_with = "lenient")]
     pub external_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub request_source: Option<String>,
     #[serde(default)]
     pub commands: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub cancellation_requestor: Option<String>,
     #[serde(default)]
     pub requestor_comment: Option<String>,
     #[serde(default)]
     pub cancellation_comment: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub computer_dns_name: Option<String>,
     #[serde(default)]
     pub creation_date_time_utc: Option<String>,
@@ -167,7 +219,7 @@ pub struct MachineAction {
     pub cancellation_date_time_utc: Option<String>,
     #[serde(default)]
     pub last_update_date_time_utc: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub title: Option<String>,
     #[serde(default)]
     pub related_file_info: Option<serde_json::Value>,
@@ -307,6 +359,10 @@ pub struct ErrorDetail {
     pub code: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
+    /// The correlation id Microsoft support asks for, unchecked (see
+    /// [`crate::error::request_id`] before showing it).
+    #[serde(default, deserialize_with = "lenient")]
+    pub target: Option<String>,
 }
 
 #[cfg(test)]
@@ -432,6 +488,95 @@ mod tests {
         let unknown: ActionStatus = serde_json::from_value(serde_json::json!("Queued")).unwrap();
         assert_eq!(unknown, ActionStatus::Other("Queued".into()));
         assert!(!unknown.is_final());
+    }
+
+    /// A type changed at MDE in a field no decision reads leaves the machine
+    /// readable, the decision fields intact and the odd field absent; the
+    /// tags read whatever their shape.
+    #[test]
+    fn a_machine_with_an_odd_type_in_a_field_no_decision_reads_still_reads() {
+        use serde_json::json;
+        let base = json!({
+            "id": "0a1b", "computerDnsName": "pc-1.contoso.com", "osPlatform": "Windows11",
+            "healthStatus": "Active", "onboardingStatus": "Onboarded",
+            "lastSeen": "2026-05-01T00:00:00Z", "machineTags": ["finance"],
+            "vmMetadata": {"vmId": "vm-1", "cloudProvider": "Azure"}
+        });
+        type Check = fn(&Machine) -> bool;
+        let cases: [(&str, serde_json::Value, Check); 14] = [
+            ("rbacGroupId", json!("42"), |m| m.rbac_group_id.is_none()),
+            ("rbacGroupId", json!({"id": 42}), |m| {
+                m.rbac_group_id.is_none()
+            }),
+            ("rbacGroupId", json!(42), |m| m.rbac_group_id == Some(42)),
+            ("osBuild", json!("19045"), |m| m.os_build.is_none()),
+            ("exposureLevel", json!(3), |m| m.exposure_level.is_none()),
+            ("riskScore", json!(["High"]), |m| m.risk_score.is_none()),
+            ("isAadJoined", json!("true"), |m| m.is_aad_joined.is_none()),
+            ("firstSeen", json!(1767225600), |m| m.first_seen.is_none()),
+            ("lastIpAddress", json!({"v4": "10.0.0.1"}), |m| {
+                m.last_ip_address.is_none()
+            }),
+            ("version", json!(2009), |m| m.version.is_none()),
+            ("machineTags", json!("finance"), |m| {
+                m.machine_tags == ["finance"]
+            }),
+            ("machineTags", json!(null), |m| m.machine_tags.is_empty()),
+            ("machineTags", json!(["a", 7, "b"]), |m| {
+                m.machine_tags == ["a", "b"]
+            }),
+            ("machineTags", json!({"tag": "a"}), |m| {
+                m.machine_tags.is_empty()
+            }),
+        ];
+        for (field, odd, expected) in cases {
+            let mut json = base.clone();
+            json[field] = odd.clone();
+            let machine: Machine = serde_json::from_value(json.clone())
+                .unwrap_or_else(|e| panic!("{field}: {odd} fails the machine: {e}"));
+            assert!(expected(&machine), "{field}: {odd} read as {machine:?}");
+            assert_eq!(machine.id, "0a1b", "{field}");
+            assert_eq!(
+                machine.computer_dns_name.as_deref(),
+                Some("pc-1.contoso.com")
+            );
+            assert_eq!(machine.os_platform.as_deref(), Some("Windows11"));
+            assert_eq!(machine.health_status.as_deref(), Some("Active"));
+            assert_eq!(machine.onboarding_status.as_deref(), Some("Onboarded"));
+            assert_eq!(machine.last_seen.as_deref(), Some("2026-05-01T00:00:00Z"));
+            let vm = machine.vm_metadata.clone().expect("vmMetadata read");
+            assert_eq!(vm.vm_id.as_deref(), Some("vm-1"));
+            // In a page too: the entry is read, not counted as unreadable.
+            let page: CountedPage<Machine> =
+                serde_json::from_value(json!({"value": [json]})).unwrap();
+            assert_eq!(
+                (page.items.len(), page.unreadable),
+                (1, 0),
+                "{field}: {odd}"
+            );
+        }
+        // The decision fields stay strict: no id is no machine.
+        let mut no_id = base.clone();
+        no_id["id"] = json!(7);
+        assert!(serde_json::from_value::<Machine>(no_id).is_err());
+    }
+
+    #[test]
+    fn an_action_with_an_odd_type_in_a_field_no_decision_reads_still_reads() {
+        use serde_json::json;
+        let action: MachineAction = serde_json::from_value(json!({
+            "id": "a1", "type": "Offboard", "status": "Succeeded", "machineId": "0a1b",
+            "requestorComment": "[defender-offboard:k] retired",
+            "creationDateTimeUtc": "2026-05-01T00:00:00Z",
+            "scope": 1, "requestor": {"upn": "x"}, "externalID": 5, "requestSource": [],
+            "cancellationRequestor": false, "computerDnsName": 3, "title": {"en": "t"}
+        }))
+        .unwrap();
+        assert_eq!(action.status, ActionStatus::Succeeded);
+        assert_eq!(action.machine_id.as_deref(), Some("0a1b"));
+        assert!(action.requestor_comment.is_some() && action.creation_date_time_utc.is_some());
+        assert!(action.scope.is_none() && action.requestor.is_none() && action.title.is_none());
+        assert!(action.external_id.is_none() && action.computer_dns_name.is_none());
     }
 
     #[test]

@@ -33,7 +33,8 @@ use super::store::{Caller, CancelRefusal, Family, OffboardRefusal, Shared};
 pub const MAX_TOP: usize = 10_000;
 
 /// The OData system query options MDE knows; any other option starting with `$`
-/// is refused (`$select`, `$orderby`, `$count` and `$expand` are accepted and ignored).
+/// is refused (`$select`, `$count` and `$expand` are accepted and ignored;
+/// `$orderby` sorts by filterable properties).
 pub const SYSTEM_QUERY_OPTIONS: &[&str] = &[
     "$filter", "$top", "$skip", "$select", "$orderby", "$count", "$expand",
 ];
@@ -162,10 +163,11 @@ fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
     }
 }
 
-/// `$filter`, `$top` and `$skip` of a list call.
+/// `$filter`, `$orderby`, `$top` and `$skip` of a list call.
 #[derive(Debug, Default, PartialEq)]
 struct ListQuery {
     filter: Option<String>,
+    orderby: Option<String>,
     top: Option<usize>,
     skip: usize,
     /// Parameters without a name (`=value`), as in MDE's mangled `@odata.nextLink`.
@@ -179,8 +181,9 @@ enum QueryError {
     CustomOption(String),
     /// A known option with a bad value (`400 BadRequest` with this message).
     Invalid(String),
-    /// A `$filter` MDE cannot run: unparsable, or naming a property the
-    /// entity does not filter on (OData's empty-code `400`).
+    /// A `$filter` or `$orderby` MDE cannot run: unparsable, naming a
+    /// property the entity does not filter or sort on, or (`--fault-refuse-in`)
+    /// using `in` (OData's empty-code `400`).
     Filter(String),
 }
 
@@ -226,6 +229,7 @@ fn parse_query(raw: Option<&str>) -> Result<ListQuery, QueryError> {
     for (key, value) in query_pairs(raw) {
         match key.as_ref() {
             "$filter" => q.filter = Some(value.into_owned()),
+            "$orderby" => q.orderby = Some(value.into_owned()),
             "$top" => {
                 let top: usize = value.parse().map_err(|_| {
                     QueryError::Invalid(format!("$top must be a whole number, got '{value}'"))
@@ -251,18 +255,20 @@ fn parse_query(raw: Option<&str>) -> Result<ListQuery, QueryError> {
     Ok(q)
 }
 
-/// How a list pages: the page size without `$top`, and the link quirk.
+/// How a list pages: the page size without `$top`, and the link quirk; and
+/// whether a `$filter` with `in` is refused (`--fault-refuse-in`).
 #[derive(Clone, Copy, Debug)]
 struct Paging {
     page_size: usize,
     next_link: NextLinkMode,
+    refuse_in: bool,
 }
 
 fn encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-/// One page of a filtered collection, the way MDE pages:
+/// One page of a filtered (and `$orderby` sorted) collection, the way MDE pages:
 /// - with `$top`, up to `$top` entities after `$skip` and never an `@odata.nextLink`
 ///   (`$top` caps the total);
 /// - without, up to `page_size` entities and an `@odata.nextLink` when more remain,
@@ -291,23 +297,32 @@ fn list_page_whole<V: Borrow<Value>>(
     base: &str,
 ) -> Result<(Value, bool), QueryError> {
     let query = parse_query(raw_query)?;
+    let entity = path.trim_start_matches("/api/");
     let filter = match &query.filter {
         Some(text) => {
             let parsed = odata::parse(text)
-                .and_then(|f| {
-                    f.check_fields(path.trim_start_matches("/api/"), filterable)
-                        .map(|()| f)
-                })
+                .and_then(|f| f.check_fields(entity, filterable).map(|()| f))
                 .map_err(|e| QueryError::Filter(format!("Invalid $filter '{text}': {e}")))?;
+            if paging.refuse_in && parsed.uses_in() {
+                return Err(QueryError::Filter(format!(
+                    "Invalid $filter '{text}': the operator 'in' is not supported."
+                )));
+            }
             Some(parsed)
         }
         None => None,
     };
-    let matching: Vec<&Value> = items
+    let order = match &query.orderby {
+        Some(text) => odata::parse_orderby(text, entity, filterable)
+            .map_err(|e| QueryError::Filter(format!("Invalid $orderby '{text}': {e}")))?,
+        None => Vec::new(),
+    };
+    let mut matching: Vec<&Value> = items
         .iter()
         .map(Borrow::borrow)
         .filter(|v| filter.as_ref().is_none_or(|f| f.matches(v)))
         .collect();
+    odata::order_by(&mut matching, &order);
     let available = matching.len().saturating_sub(query.skip);
     let page_size = paging.page_size.max(1);
     let (take, more) = match query.top {
@@ -334,6 +349,9 @@ fn list_page_whole<V: Borrow<Value>>(
             let mut link = format!("{base}{path}?");
             if let Some(f) = &query.filter {
                 link.push_str(&format!("$filter={}&", encode(f)));
+            }
+            if let Some(o) = &query.orderby {
+                link.push_str(&format!("$orderby={}&", encode(o)));
             }
             link.push_str(&format!("$skip={}", query.skip + take));
             Some(link)
@@ -492,6 +510,7 @@ fn paging(config: &super::config::SimConfig) -> Paging {
     Paging {
         page_size: config.page_size,
         next_link: config.faults.next_link,
+        refuse_in: config.faults.refuse_in,
     }
 }
 
@@ -525,6 +544,14 @@ pub async fn offboard(
     let mut action = match store.offboard(&id, &caller.client_id, &comment) {
         Ok(action) => action,
         Err(OffboardRefusal::NotFound) => return not_found(format!("Machine {id} was not found")),
+        Err(OffboardRefusal::NotOnboarded(status)) => {
+            return bad_request(
+                "BadRequest",
+                format!(
+                    "Machine {id} is not onboarded (onboardingStatus {status}): only onboarded machines can be offboarded."
+                ),
+            );
+        }
         Err(OffboardRefusal::PlatformNotSupported(platform)) => {
             return bad_request(
                 "OsPlatformNotSupported",
@@ -721,6 +748,7 @@ mod tests {
             Paging {
                 page_size,
                 next_link,
+                refuse_in: false,
             },
             "http://h",
         )

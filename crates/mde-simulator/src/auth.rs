@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::certificates::{self, RegisteredCertificate};
 use super::responses::aad_error;
 use super::store::{Caller, Shared};
 
@@ -33,14 +34,27 @@ fn refuse(status: StatusCode, error: &'static str, code: u32, description: Strin
     }
 }
 
-/// Checks a client-credentials request against the configured app registration.
+/// The app registration the token endpoint signs in: its tenant, id, secret
+/// and certificates.
+#[derive(Clone, Copy, Debug)]
+pub struct AppRegistration<'a> {
+    pub tenant_id: &'a str,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    pub certificates: &'a [RegisteredCertificate],
+}
+
+/// Checks a client-credentials request sent to `token_url` at `now`
+/// (seconds since the epoch) against the app registration.
 pub fn check_token_request(
     tenant: &str,
     form: &HashMap<String, String>,
-    expected_tenant: &str,
-    expected_client: &str,
-    expected_secret: &str,
+    app: &AppRegistration<'_>,
+    token_url: &str,
+    now: i64,
 ) -> Result<Caller, TokenRefusal> {
+    let (expected_tenant, expected_client, expected_secret) =
+        (app.tenant_id, app.client_id, app.client_secret);
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
     if !tenant.eq_ignore_ascii_case(expected_tenant) {
         return Err(refuse(
@@ -103,7 +117,22 @@ pub fn check_token_request(
     }
     let assertion_ok =
         field("client_assertion_type") == JWT_BEARER && !field("client_assertion").is_empty();
-    if !assertion_ok {
+    if assertion_ok {
+        let expected = certificates::Expected {
+            client_id,
+            token_url,
+            now,
+        };
+        certificates::check_assertion(field("client_assertion"), app.certificates, expected)
+            .map_err(|r| {
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    r.code,
+                    r.description,
+                )
+            })?;
+    } else {
         let secret = field("client_secret");
         if secret.is_empty() {
             return Err(refuse(
@@ -134,9 +163,17 @@ pub fn check_token_request(
 pub async fn token(
     State(shared): State<Arc<Shared>>,
     Path(tenant): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // The endpoint as the client addressed it: what a certificate assertion's `aud` names.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| shared.local_addr.to_string(), str::to_owned);
+    let token_url = format!("http://{host}/{tenant}/oauth2/v2.0/token");
     let mut store = shared.lock();
     if store.token_endpoint_down() {
         // What Azure AD answers while it cannot issue tokens.
@@ -147,12 +184,18 @@ pub async fn token(
             "A transient error has occurred. Please try again.",
         );
     }
+    let app = AppRegistration {
+        tenant_id: &store.config.tenant_id,
+        client_id: &store.config.client_id,
+        client_secret: &store.config.client_secret,
+        certificates: store.certificates(),
+    };
     let checked = check_token_request(
         &tenant,
         &form,
-        &store.config.tenant_id,
-        &store.config.client_id,
-        &store.config.client_secret,
+        &app,
+        &token_url,
+        jiff::Timestamp::now().as_second(),
     );
     match checked {
         Ok(caller) => {
@@ -193,7 +236,19 @@ mod tests {
     }
 
     fn check(tenant: &str, pairs: &[(&str, &str)]) -> Result<Caller, TokenRefusal> {
-        check_token_request(tenant, &form(pairs), "t", "c", "s")
+        let app = AppRegistration {
+            tenant_id: "t",
+            client_id: "c",
+            client_secret: "s",
+            certificates: &[],
+        };
+        check_token_request(
+            tenant,
+            &form(pairs),
+            &app,
+            "http://h/t/oauth2/v2.0/token",
+            0,
+        )
     }
 
     const SCOPE: (&str, &str) = ("scope", "https://api.securitycenter.microsoft.com/.default");

@@ -56,6 +56,32 @@ pub struct SimConfig {
     /// Calls the application made before the start that the rate-limit
     /// windows still count (a process before a restart).
     pub prior_calls: Vec<PriorCalls>,
+    /// A tenant as they are after years of use: every example name also has
+    /// a stale record (`Inactive`, last seen 30 to 170 days ago) and every
+    /// generated machine a record found by device discovery
+    /// (`CanBeOnboarded`), each with an id of its own.
+    pub real_tenant: bool,
+    /// Issue access tokens without a `roles` claim (Entra asks clients not
+    /// to read it); calls are still authorised by [`Self::roles`].
+    pub token_without_roles: bool,
+    /// Which platforms the offboard API accepts.
+    pub offboard_platforms: OffboardPlatforms,
+    /// PEM texts of the certificates registered on the app: a client
+    /// assertion that names a certificate (`x5t` or `x5t#S256`) must be
+    /// signed with one of them. Other blocks (a private key) are ignored.
+    pub client_certificates: Vec<String>,
+}
+
+/// `--offboard-platforms`: the platforms MDE's offboard API accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffboardPlatforms {
+    /// Windows, Linux and macOS (Microsoft's current Offboard machine page).
+    #[default]
+    All,
+    /// Windows only: Linux and macOS are answered `400 OsPlatformNotSupported`
+    /// (the page's older version).
+    WindowsOnly,
 }
 
 impl Default for SimConfig {
@@ -79,6 +105,10 @@ impl Default for SimConfig {
             history: Vec::new(),
             bulk_history: BulkHistory::default(),
             prior_calls: Vec::new(),
+            real_tenant: false,
+            token_without_roles: false,
+            offboard_platforms: OffboardPlatforms::All,
+            client_certificates: Vec::new(),
         }
     }
 }
@@ -104,6 +134,10 @@ impl fmt::Debug for SimConfig {
             .field("history", &self.history)
             .field("bulk_history", &self.bulk_history)
             .field("prior_calls", &self.prior_calls)
+            .field("real_tenant", &self.real_tenant)
+            .field("token_without_roles", &self.token_without_roles)
+            .field("offboard_platforms", &self.offboard_platforms)
+            .field("client_certificates", &self.client_certificates.len())
             .finish()
     }
 }
@@ -115,11 +149,17 @@ impl SimConfig {
     }
 
     /// Why this configuration cannot be served (a past that cannot have
-    /// happened, calls of an unknown API family).
+    /// happened, calls of an unknown API family, a certificate that cannot
+    /// be read).
     pub fn check(&self) -> Result<(), String> {
         super::history::check(&self.history, &self.prior_calls, |family| {
             super::store::Family::parse_limited(family).is_some()
-        })
+        })?;
+        for (i, pem) in self.client_certificates.iter().enumerate() {
+            super::certificates::parse_certificates(pem)
+                .map_err(|e| format!("client_certificates[{i}]: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -164,6 +204,9 @@ pub struct FaultConfig {
     /// Share of machine-action list answers that are `404 ResourceNotFound` instead
     /// of the real (possibly non-empty) answer.
     pub list_404_rate: f64,
+    /// Refuse every `$filter` that uses `in` with `400` (MDE documents
+    /// `in` for no machine-action property).
+    pub refuse_in: bool,
 }
 
 /// `--fault-next-link`: how `@odata.nextLink` behaves on lists without `$top`
@@ -412,6 +455,33 @@ pub struct SimulateArgs {
     /// Share of machine-action list answers that are 404 ResourceNotFound (0..1).
     #[arg(long, default_value = "0", value_parser = parse_share)]
     pub fault_list_404_rate: f64,
+    /// Answer every `$filter` that uses `in` with 400.
+    #[arg(long)]
+    pub fault_refuse_in: bool,
+    /// Add a stale record beside every example machine and a discovered one
+    /// (CanBeOnboarded) beside every generated machine.
+    #[arg(long)]
+    pub real_tenant: bool,
+    /// Issue tokens without a `roles` claim (calls are still authorised by --roles).
+    #[arg(long)]
+    pub token_without_roles: bool,
+    /// Platforms the offboard API accepts: `all` (Windows, Linux, macOS) or
+    /// `windows-only` (Linux and macOS answered 400 OsPlatformNotSupported).
+    #[arg(long, value_enum, default_value = "all")]
+    pub offboard_platforms: OffboardPlatforms,
+    /// A PEM file holding a certificate registered on the app (repeatable);
+    /// certificate assertions must be signed with one of them.
+    #[arg(long = "client-certificate", value_name = "PEM_FILE", value_parser = read_certificate_file)]
+    pub client_certificates: Vec<String>,
+}
+
+/// `--client-certificate`: the PEM text of the file, refused when it holds
+/// no certificate this simulator can verify assertions with.
+fn read_certificate_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the certificate file {path:?}: {e}"))?;
+    super::certificates::parse_certificates(&text).map_err(|e| format!("{path:?}: {e}"))?;
+    Ok(text)
 }
 
 impl fmt::Debug for SimulateArgs {
@@ -451,7 +521,12 @@ impl SimulateArgs {
                 pending_conflict_wording: self.fault_pending_conflict_wording,
                 nulls: self.fault_nulls,
                 list_404_rate: self.fault_list_404_rate,
+                refuse_in: self.fault_refuse_in,
             },
+            real_tenant: self.real_tenant,
+            token_without_roles: self.token_without_roles,
+            offboard_platforms: self.offboard_platforms,
+            client_certificates: self.client_certificates,
             ..SimConfig::default()
         }
     }

@@ -66,6 +66,7 @@ pub struct FaultUpdate {
     pub pending_conflict_wording: Option<PendingConflictWording>,
     pub nulls: Option<bool>,
     pub list_404_rate: Option<f64>,
+    pub refuse_in: Option<bool>,
 }
 
 impl FaultUpdate {
@@ -111,6 +112,9 @@ impl FaultUpdate {
         }
         if let Some(v) = self.list_404_rate {
             faults.list_404_rate = v;
+        }
+        if let Some(v) = self.refuse_in {
+            faults.refuse_in = v;
         }
         Ok(())
     }
@@ -191,7 +195,8 @@ mod tests {
 
         let quirks: FaultUpdate = serde_json::from_str(
             r#"{"list_lag":"3s","next_link":"mangled","retry_after":"http-date",
-                "pending_conflict_wording":"message-only","nulls":true,"list_404_rate":0.5}"#,
+                "pending_conflict_wording":"message-only","nulls":true,"list_404_rate":0.5,
+                "refuse_in":true}"#,
         )
         .unwrap();
         quirks.apply(&mut faults).unwrap();
@@ -204,6 +209,7 @@ mod tests {
         );
         assert!(faults.nulls);
         assert_eq!(faults.list_404_rate, 0.5);
+        assert!(faults.refuse_in);
         assert_eq!(faults.latency, Duration::from_millis(250), "untouched");
     }
 }

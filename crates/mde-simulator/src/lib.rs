@@ -31,7 +31,8 @@
 //! | `--fault-retry-after seconds\|http-date\|missing\|huge` | `retry_after` | how a 429 carries `Retry-After`: seconds, an HTTP date, none, or `1e19` ([`RetryAfterMode`]) |
 //! | `--fault-pending-conflict-wording code\|message-only` | `pending_conflict_wording` | a second offboard while one is pending: `400 ActiveRequestAlreadyExists`, or `400 BadRequest` "Action is already in progress" ([`PendingConflictWording`]) |
 //! | `--fault-nulls` | `nulls` | machines and machine actions carry `null` for every optional field |
-//! | `--fault-list-404-rate SHARE` | `list_404_rate` | that share of machine-action list answers is `404 {"error":{"code":"ResourceNotFound","message":"Not found"}}` |
+//! | `--fault-list-404-rate SHARE` | `list_404_rate` | that share of machine-action list answers is `404 {"error":{"code":"ResourceNotFound","message":"Not found","target":...}}` |
+//! | `--fault-refuse-in` | `refuse_in` | every `$filter` using `in` (machines and machine actions) is answered `400` with OData's empty-code error |
 //!
 //! `POST /_sim/token-outage {"seconds": N}` takes the token endpoint down for N
 //! wall-clock seconds (Azure AD's `503 temporarily_unavailable`); tokens already
@@ -41,7 +42,39 @@
 //! Always on, as MDE does: a list with `$top` (at most 10000) answers up to `$top`
 //! entities with no `@odata.nextLink`; a query option starting with `$` other than
 //! `$filter`, `$top`, `$skip`, `$select`, `$orderby`, `$count` and `$expand` is
-//! refused with MDE's `400` whose `code` is empty.
+//! refused with MDE's `400` whose `code` is empty; `$orderby` (`property
+//! [asc|desc]`, e.g. `creationDateTimeUtc desc`) sorts by a filterable
+//! property and refuses any other the same way. String comparisons and
+//! `startswith`/`endswith`/`contains` ignore case. Every error body carries
+//! `target`, a fresh correlation id: `{"error":{"code","message","target"}}`.
+//!
+//! # Records, permissions, platforms, certificates
+//!
+//! Every machine has `onboardingStatus`, `healthStatus` (`null` for a device
+//! found by device discovery, `CanBeOnboarded`), `lastSeen`, `osPlatform`,
+//! and Azure VMs `vmMetadata` (`vmId`, `cloudProvider`, `resourceId`,
+//! `subscriptionId`). [`EXAMPLE_MACHINES`] lists the fixed records, the `dev`
+//! playground's Nodes among them (their [`ExampleVm`]). An offboard of a
+//! discovered record is refused `400 BadRequest`; one of a stale record
+//! (`Inactive`) is never picked up and ends `TimeOut`.
+//! [`SimConfig::real_tenant`] (`--real-tenant`) adds a stale twin beside every
+//! example name and a discovered twin beside every generated name;
+//! [`SimHandle::machines`] lists them all.
+//!
+//! Reads need `Machine.Read.All` or `Machine.ReadWrite.All` among
+//! [`SimConfig::roles`], offboard `Machine.Offboard` (else `403 Forbidden`
+//! naming them); [`SimConfig::token_without_roles`] (`--token-without-roles`)
+//! leaves the `roles` claim out of tokens. [`SimConfig::offboard_platforms`]
+//! (`--offboard-platforms all|windows-only`) says whether Linux and macOS are
+//! refused `400 OsPlatformNotSupported`; `build-agent-03` is refused either way.
+//!
+//! A client assertion whose header names a certificate must be `PS256` with
+//! `x5t#S256` (SHA-256 of the certificate's DER) or `RS256` with `x5t`
+//! (SHA-1), signed by one of [`SimConfig::client_certificates`]
+//! (`--client-certificate FILE`), with `aud` the token endpoint, `iss` =
+//! `sub` = the client id, a `jti`, and now between `nbf` and `exp`;
+//! otherwise Entra's `401 invalid_client` (`AADSTS700027` and kin). An
+//! assertion naming no certificate (a federated token) is taken as it comes.
 //!
 //! # A tenant's past
 //!
@@ -79,6 +112,7 @@
 mod actions;
 mod api;
 mod auth;
+mod certificates;
 mod config;
 mod control;
 mod faults;
@@ -102,11 +136,14 @@ use tokio::task::JoinHandle;
 pub use actions::Status as ActionStatus;
 pub use config::{
     DEFAULT_RATE_LIMITS, DEFAULT_ROLES, FaultConfig, LostResponseMode, NextLinkMode,
-    PendingConflictWording, RateLimit, RateLimits, RetryAfterMode, SimConfig, SimulateArgs,
-    WindowMode, parse_rate_limits, parse_share, parse_time_scale,
+    OffboardPlatforms, PendingConflictWording, RateLimit, RateLimits, RetryAfterMode, SimConfig,
+    SimulateArgs, WindowMode, parse_rate_limits, parse_share, parse_time_scale,
 };
 pub use history::{ACTION_RETENTION, BulkHistory, MachineHistory, PastOffboard, PriorCalls};
-pub use machines::{EXAMPLE_MACHINES, ExampleMachine, ExampleOffboard};
+pub use machines::{
+    EXAMPLE_MACHINES, ExampleMachine, ExampleOffboard, ExampleRecord, ExampleVm,
+    PLAYGROUND_SUBSCRIPTION,
+};
 pub use stats::{CORRELATION_MARKER, SimStats, correlation_key};
 
 use store::Shared;
@@ -138,6 +175,12 @@ impl SimHandle {
     /// The configuration it serves (tenant, app, secret, limits).
     pub fn config(&self) -> SimConfig {
         self.shared.lock().config.clone()
+    }
+
+    /// Every machine record as `GET /api/machines` serves it (twins of
+    /// [`SimConfig::real_tenant`] included), for tests that need the ids.
+    pub fn machines(&self) -> Vec<serde_json::Value> {
+        self.shared.lock().machines_json().as_ref().clone()
     }
 
     /// A snapshot of the counters (same as `GET /_sim/stats`).

@@ -394,6 +394,16 @@ impl Filter {
         }
     }
 
+    /// Whether `in` appears anywhere in the filter.
+    pub fn uses_in(&self) -> bool {
+        match self {
+            Filter::In { .. } => true,
+            Filter::And(a, b) | Filter::Or(a, b) => a.uses_in() || b.uses_in(),
+            Filter::Not(a) => a.uses_in(),
+            Filter::Compare { .. } | Filter::Function { .. } => false,
+        }
+    }
+
     /// Refuses properties outside `allowed` (matched case-sensitively, as MDE does).
     pub fn check_fields(&self, entity: &str, allowed: &[&str]) -> Result<(), FilterError> {
         for field in self.fields() {
@@ -515,6 +525,97 @@ fn compare(actual: &Value, op: CompareOp, literal: &Literal) -> bool {
     }
 }
 
+/// One key of an `$orderby`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderKey {
+    pub field: String,
+    pub descending: bool,
+}
+
+/// Parses `$orderby`: `property [asc|desc]`, comma-separated, each property
+/// among `allowed` (matched case-sensitively).
+pub fn parse_orderby(
+    text: &str,
+    entity: &str,
+    allowed: &[&str],
+) -> Result<Vec<OrderKey>, FilterError> {
+    text.split(',')
+        .map(|clause| {
+            let words: Vec<&str> = clause.split_whitespace().collect();
+            let (field, descending) = match words[..] {
+                [field] | [field, "asc"] => (field, false),
+                [field, "desc"] => (field, true),
+                _ => {
+                    return Err(FilterError(format!(
+                        "'{}' is not 'property', 'property asc' or 'property desc'",
+                        clause.trim()
+                    )));
+                }
+            };
+            if !allowed.contains(&field) {
+                return Err(FilterError(format!(
+                    "property '{field}' cannot be ordered by on {entity}; properties to order by: {}",
+                    allowed.join(", ")
+                )));
+            }
+            Ok(OrderKey {
+                field: field.to_owned(),
+                descending,
+            })
+        })
+        .collect()
+}
+
+/// What an entity sorts by on one key: nulls first, timestamps as instants,
+/// text case-insensitively.
+#[derive(Debug, PartialEq, PartialOrd)]
+enum SortKey {
+    Null,
+    Bool(bool),
+    Number(f64),
+    Time(jiff::Timestamp),
+    Text(String),
+}
+
+fn sort_key(value: Option<&Value>) -> SortKey {
+    match value {
+        None | Some(Value::Null) => SortKey::Null,
+        Some(Value::Bool(b)) => SortKey::Bool(*b),
+        Some(Value::Number(n)) => SortKey::Number(n.as_f64().unwrap_or_default()),
+        Some(Value::String(s)) => match s.parse::<jiff::Timestamp>() {
+            Ok(t) => SortKey::Time(t),
+            Err(_) => SortKey::Text(s.to_lowercase()),
+        },
+        Some(other) => SortKey::Text(other.to_string()),
+    }
+}
+
+/// Sorts entities by the keys; ties keep their order. Keys are read once
+/// per entity, not per comparison.
+pub fn order_by(entities: &mut Vec<&Value>, keys: &[OrderKey]) {
+    if keys.is_empty() {
+        return;
+    }
+    let mut keyed: Vec<(Vec<SortKey>, &Value)> = entities
+        .iter()
+        .map(|e| {
+            let ks = keys.iter().map(|k| sort_key(e.get(&k.field))).collect();
+            (ks, *e)
+        })
+        .collect();
+    keyed.sort_by(|(a, _), (b, _)| {
+        keys.iter()
+            .zip(a.iter().zip(b))
+            .map(|(key, (a, b))| {
+                let o = a.partial_cmp(b).unwrap_or(Ordering::Equal);
+                if key.descending { o.reverse() } else { o }
+            })
+            .find(|o| o.is_ne())
+            .unwrap_or(Ordering::Equal)
+    });
+    *entities = keyed.into_iter().map(|(_, e)| e).collect();
+}
+
 /// Timestamps compare as instants (so `2024-01-01T00:00:00Z` and
 /// `2024-01-01T00:00:00.0000000Z` are equal); everything else case-insensitively.
 fn compare_strings(a: &str, b: &str) -> Ordering {
@@ -621,6 +722,46 @@ mod tests {
         assert_eq!(ids("id eq 'a' or status eq 'x'"), None);
         assert_eq!(ids("not id eq 'a'"), None);
         assert_eq!(ids("id ne 'a'"), None);
+    }
+
+    #[test]
+    fn orderby_sorts_by_instants_and_refuses_what_it_cannot_order_by() {
+        let actions = [
+            json!({"id": "b", "creationDateTimeUtc": "2024-05-01T10:00:00.5Z"}),
+            json!({"id": "a", "creationDateTimeUtc": "2024-05-01T10:00:00.1234567Z"}),
+            json!({"id": "c", "creationDateTimeUtc": "2024-05-01T09:00:00Z"}),
+            json!({"id": "d"}),
+        ];
+        let ordered = |text: &str| {
+            let keys =
+                parse_orderby(text, "machineactions", &["id", "creationDateTimeUtc"]).unwrap();
+            let mut all: Vec<&Value> = actions.iter().collect();
+            order_by(&mut all, &keys);
+            all.iter()
+                .map(|a| a["id"].as_str().unwrap())
+                .collect::<String>()
+        };
+        assert_eq!(ordered("creationDateTimeUtc"), "dcab");
+        assert_eq!(ordered("creationDateTimeUtc asc"), "dcab");
+        assert_eq!(ordered("creationDateTimeUtc desc"), "bacd");
+        assert_eq!(ordered("creationDateTimeUtc desc, id"), "bacd");
+        let err = |text: &str| {
+            parse_orderby(text, "machineactions", &["id"])
+                .unwrap_err()
+                .0
+        };
+        assert!(err("lastUpdateDateTimeUtc desc").contains("'lastUpdateDateTimeUtc'"));
+        assert!(err("id sideways").contains("'id sideways'"));
+        assert!(err("").contains("is not 'property'"));
+    }
+
+    #[test]
+    fn in_is_found_wherever_it_is() {
+        let uses_in = |f: &str| parse(f).unwrap().uses_in();
+        assert!(uses_in("id in ('a')"));
+        assert!(uses_in("status eq 'x' and not (id in ('a') or id eq 'b')"));
+        assert!(!uses_in("id eq 'a' or id eq 'b'"));
+        assert!(!uses_in("startswith(computerDnsName,'in')"));
     }
 
     #[test]

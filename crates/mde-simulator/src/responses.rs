@@ -62,38 +62,38 @@ fn http_date_after(wait: Duration) -> HeaderValue {
     HeaderValue::from_str(&text).expect("an HTTP date is a valid header value")
 }
 
-/// MDE's answer to an unknown `$` query option: `400`, an *empty* code, no target.
-pub fn custom_query_option(option: &str) -> Response {
+/// MDE's OData refusal of a query: `400` with an *empty* code, `details`,
+/// and the `target` every MDE error carries.
+fn odata_refusal(message: String) -> Response {
     let body = json!({
         "error": {
             "code": "",
-            "message": format!(
-                "The query specified in the URI is not valid. Custom query option '{option}' that starts with '$' is not supported."
-            ),
+            "message": message,
             "details": [],
+            "target": uuid::Uuid::new_v4().to_string(),
         }
     });
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
-/// MDE's OData refusal of a query it cannot run (a property it does not
-/// filter on, a filter it cannot parse): `400` with an empty code, as for an
-/// unknown `$` option.
+/// MDE's answer to an unknown `$` query option.
+pub fn custom_query_option(option: &str) -> Response {
+    odata_refusal(format!(
+        "The query specified in the URI is not valid. Custom query option '{option}' that starts with '$' is not supported."
+    ))
+}
+
+/// MDE's refusal of a query it cannot run (a property it does not filter or
+/// order on, a filter it cannot parse), shaped as for an unknown `$` option.
 pub fn invalid_query(detail: &str) -> Response {
-    let body = json!({
-        "error": {
-            "code": "",
-            "message": format!("The query specified in the URI is not valid. {detail}"),
-            "details": [],
-        }
-    });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    odata_refusal(format!(
+        "The query specified in the URI is not valid. {detail}"
+    ))
 }
 
 /// The bare `404` a machine-action list sometimes answers (`--fault-list-404-rate`).
 pub fn bare_not_found() -> Response {
-    let body = json!({"error": {"code": "ResourceNotFound", "message": "Not found"}});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    mde_error(StatusCode::NOT_FOUND, "ResourceNotFound", "Not found")
 }
 
 pub fn unauthorized(message: &str) -> Response {

@@ -11,10 +11,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use super::actions::{Action, Ended, Outcome, Schedule, Status};
+use super::certificates::{self, RegisteredCertificate};
 use super::config::RateLimit;
 use super::config::{SimConfig, scale};
 use super::history::{self, ACTION_RETENTION};
-use super::machines::{self, Machine};
+use super::machines::{self, Machine, Refusal};
 use super::ratelimit::{Decision, Limiter};
 use super::stats::SimStats;
 
@@ -59,23 +60,27 @@ pub struct Caller {
 }
 
 /// An access token shaped like Entra's: a JWT whose payload names the tenant
-/// (`tid`), the app (`appid`) and its application `roles`, with a random
-/// signature part that makes it unguessable. Clients may read the claims; the
-/// simulator only ever looks the whole string up.
-fn access_token(caller: &Caller, roles: &[String], lifetime: Duration) -> String {
+/// (`tid`), the app (`appid`) and its application `roles` (none with
+/// `token_without_roles`), with a random signature part that makes it
+/// unguessable. Clients may read the claims; the simulator only ever looks
+/// the whole string up.
+fn access_token(caller: &Caller, roles: Option<&[String]>, lifetime: Duration) -> String {
     use base64::Engine as _;
     let encode = |value: serde_json::Value| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
     };
     let expires = jiff::Timestamp::now().as_second() + lifetime.as_secs() as i64;
     let header = encode(serde_json::json!({"typ": "JWT", "alg": "RS256"}));
-    let payload = encode(serde_json::json!({
+    let mut payload = serde_json::json!({
         "aud": "https://api.securitycenter.microsoft.com",
         "tid": caller.tenant_id,
         "appid": caller.client_id,
-        "roles": roles,
         "exp": expires,
-    }));
+    });
+    if let Some(roles) = roles {
+        payload["roles"] = serde_json::json!(roles);
+    }
+    let payload = encode(payload);
     let signature: [u8; 32] = rand::random();
     let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature);
     format!("{header}.{payload}.{signature}")
@@ -97,6 +102,8 @@ struct IssuedToken {
 #[derive(Debug, PartialEq, Eq)]
 pub enum OffboardRefusal {
     NotFound,
+    /// The record was found by device discovery: its `onboardingStatus`.
+    NotOnboarded(String),
     PlatformNotSupported(String),
     ActiveRequestAlreadyExists(uuid::Uuid),
 }
@@ -131,6 +138,8 @@ pub struct Store {
     /// Offboard POSTs received so far (numbers them for [`Proof`]).
     posts_received: u64,
     tokens: HashMap<String, IssuedToken>,
+    /// The certificates registered on the app (from `client_certificates`).
+    certificates: Vec<RegisteredCertificate>,
     limiter: Limiter,
     /// Added to the time since start on the limiter's clock, so that calls
     /// made before the start (`prior_calls`) have a place on it.
@@ -269,8 +278,16 @@ impl Store {
             config.machines,
             config.seed,
             config.unsuccessful_share,
+            config.real_tenant,
             started_utc,
         );
+        // `SimConfig::check` has refused certificates that cannot be read.
+        let registered = config
+            .client_certificates
+            .iter()
+            .filter_map(|pem| certificates::parse_certificates(pem).ok())
+            .flatten()
+            .collect();
         let past = seed_history(&config, &mut machines, started_utc);
         let machine_index: HashMap<String, usize> = machines
             .iter()
@@ -306,6 +323,7 @@ impl Store {
             proofs: HashMap::new(),
             posts_received: 0,
             tokens: HashMap::new(),
+            certificates: registered,
             limiter: Limiter::default(),
             limiter_epoch,
             forced_throttles: HashMap::new(),
@@ -401,7 +419,8 @@ impl Store {
     /// Issues a fresh opaque token; returns it and its lifetime in wall-clock time.
     pub fn issue_token(&mut self, caller: Caller) -> (String, Duration) {
         let lifetime = self.config.scaled(self.config.token_lifetime);
-        let token = access_token(&caller, &self.config.roles, lifetime);
+        let roles = (!self.config.token_without_roles).then_some(self.config.roles.as_slice());
+        let token = access_token(&caller, roles, lifetime);
         self.tokens.insert(
             token.clone(),
             IssuedToken {
@@ -411,6 +430,10 @@ impl Store {
         );
         self.stats.tokens_issued += 1;
         (token, lifetime)
+    }
+
+    pub fn certificates(&self) -> &[RegisteredCertificate] {
+        &self.certificates
     }
 
     /// The caller of a valid, unexpired token.
@@ -546,10 +569,14 @@ impl Store {
         comment: &str,
     ) -> Result<Value, OffboardRefusal> {
         let machine = self.machine(machine_id).ok_or(OffboardRefusal::NotFound)?;
-        if !machine.offboard_supported() {
-            return Err(OffboardRefusal::PlatformNotSupported(
-                machine.os_platform.clone(),
-            ));
+        match machine.offboard_refusal(self.config.offboard_platforms) {
+            Some(Refusal::NotOnboarded(status)) => {
+                return Err(OffboardRefusal::NotOnboarded(status));
+            }
+            Some(Refusal::PlatformNotSupported(platform)) => {
+                return Err(OffboardRefusal::PlatformNotSupported(platform));
+            }
+            None => {}
         }
         let (machine_id, dns, outcome) = (
             machine.id.clone(),

@@ -220,6 +220,34 @@ pub struct DeviceOffboardStatus {
     /// chosen, and why every other record of the name was skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<String>,
+    /// The tenant, app and API host this resource was begun with (recorded
+    /// with its first decision): if its connection later names another, it
+    /// stops (`ConnectionChanged`) instead of going on in that tenant, where
+    /// nothing it did is to be found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<StatusTenant>,
+}
+
+/// Whom a resource's requests went to.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusTenant {
+    /// The Microsoft Entra tenant id, lower-case.
+    pub tenant_id: String,
+    /// The app's client id, lower-case.
+    pub client_id: String,
+    /// The MDE API base URL.
+    pub api: String,
+}
+
+impl From<&mde_client::Account> for StatusTenant {
+    fn from(account: &mde_client::Account) -> Self {
+        StatusTenant {
+            tenant_id: account.tenant.clone(),
+            client_id: account.app.clone(),
+            api: account.api.clone(),
+        }
+    }
 }
 
 /// Where a requested cancel stands.

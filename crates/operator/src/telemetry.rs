@@ -44,16 +44,40 @@ pub struct Probes {
     pub liveness: Liveness,
 }
 
-/// Set once the controller is watching; read by `/readyz`.
+/// Set once the controller is watching, unless the operator's own
+/// credentials cannot offboard and read; read by `/readyz`.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    watching: Arc<AtomicBool>,
+    access_problem: Arc<std::sync::Mutex<Option<String>>>,
+}
 
 impl Readiness {
     pub fn set(&self) {
-        self.0.store(true, Ordering::SeqCst)
+        self.watching.store(true, Ordering::SeqCst)
+    }
+    /// What the operator's own credentials lack (`None`: nothing).
+    pub fn set_access_problem(&self, problem: Option<String>) {
+        *self
+            .access_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = problem;
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.problem().is_none()
+    }
+    /// Why `/readyz` fails, if it does.
+    pub fn problem(&self) -> Option<String> {
+        let access = self
+            .access_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match access {
+            Some(problem) => Some(problem),
+            None if !self.watching.load(Ordering::SeqCst) => Some("starting".into()),
+            None => None,
+        }
     }
 }
 
@@ -119,10 +143,9 @@ async fn metrics_handler(State(health): State<Health>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(health): State<Health>) -> impl IntoResponse {
-    if health.probes.readiness.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    match health.probes.readiness.problem() {
+        None => (StatusCode::OK, "ready".to_string()),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, problem),
     }
 }
 
@@ -176,6 +199,14 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         readiness.set();
+        assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
+        // The operator's own credentials lacking a permission: not ready,
+        // and the probe says what to grant.
+        readiness.set_access_problem(Some("PermissionDenied: grant Machine.Read.All".into()));
+        let (status, text) = get(app.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("Machine.Read.All"), "{text}");
+        readiness.set_access_problem(None);
         assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
         let (status, text) = get(app, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

@@ -9,6 +9,9 @@ pub const READY: &str = "Ready";
 /// Set `True` on terminal failure so kstatus (Flux) reports Failed at once
 /// instead of waiting for its timeout.
 pub const STALLED: &str = "Stalled";
+/// `True` while the resource is not final: kstatus (Flux, `kpt`, `kubectl
+/// wait` users of cli-utils) takes a custom resource without it as Current.
+pub const RECONCILING: &str = "Reconciling";
 
 /// The one vocabulary of outcomes: a condition's reason is the variant's name,
 /// and [`Reason::event_reason`] and [`Reason::metric_label`] derive the Event
@@ -33,6 +36,9 @@ pub enum Reason {
     WaitingForNodeGrace,
     /// The deleted Node (or one with its identity) is back: nothing was sent.
     NodeReturned,
+    /// The resource's connection now reaches another tenant, app or API host
+    /// than the one it was begun with: it stopped there.
+    ConnectionChanged,
     /// MDE holds another pending action (not an offboard) for the machine.
     OtherActionPending,
     PlatformNotSupported,

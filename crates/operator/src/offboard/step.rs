@@ -178,6 +178,7 @@ pub async fn connection_unavailable<S: StatusStore>(
         not_found_for: None,
         own_retry_at: false,
         created: current.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        tenant: None,
     };
     let transition = decision::connection_unavailable(&view, unavailable, settings);
     write_status(store, &mut current, &transition.status).await?;
@@ -864,7 +865,7 @@ pub async fn record_gone<M: MdeCalls, S: StatusStore>(
     Ok(())
 }
 
-fn view_of<'a, M, S>(
+fn view_of<'a, M: MdeCalls, S>(
     ports: &Ports<'_, M, S>,
     obj: &'a DeviceOffboard,
     status: &'a DeviceOffboardStatus,
@@ -889,6 +890,7 @@ fn view_of<'a, M, S>(
             _ => false,
         },
         created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        tenant: Some(ports.mde.account().into()),
     }
 }
 

@@ -674,3 +674,41 @@ async fn a_deleted_node_that_came_back_is_never_offboarded() {
     assert_eq!(mde.calls(), 0, "not even the name was looked up");
     assert_eq!(mde.posts_for_machine(MACHINE), 0);
 }
+
+/// A resource found `Submitting` that was begun in another tenant (its
+/// connection was made again under its name for this one): it stops. No
+/// lookup could prove absence here, and nothing is sent here.
+#[tokio::test]
+async fn a_resource_begun_in_another_tenant_sends_nothing_to_this_one() {
+    let mde = FakeMde::default();
+    let here = crate::crd::StatusTenant::from(mde.account());
+    let began = crate::crd::StatusTenant {
+        tenant_id: "00000000-0000-4000-8000-0000000000bb".into(),
+        ..here.clone()
+    };
+    let crashed = DeviceOffboardStatus {
+        phase: Some(Phase::Submitting),
+        machine_id: Some(MACHINE.into()),
+        attempts: Some(1),
+        submitted_at: Some(Time(Timestamp::now())),
+        tenant: Some(began.clone()),
+        ..Default::default()
+    };
+    let store = ScriptedStore::new(resource(Some(crashed)));
+    let (status, errors) = drive(&mde, &store).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.last_error.unwrap().code, "ConnectionChanged");
+    assert_eq!(
+        status.tenant,
+        Some(began),
+        "the tenant it was begun in is kept"
+    );
+    assert_eq!(mde.posts_for(UID), 0, "nothing sent to the new tenant");
+    assert_eq!(mde.calls(), 0, "not even a lookup there");
+    // The same resource begun here goes on and sends once.
+    let fresh = ScriptedStore::new(resource(None));
+    let (status, _) = drive(&mde, &fresh).await;
+    assert_eq!(status.tenant, Some(here));
+    assert_eq!(mde.posts_for(UID), 1);
+}

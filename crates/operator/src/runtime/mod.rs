@@ -104,6 +104,9 @@ pub async fn run(
         check_sign_in(mde).await?;
     }
     let readiness = Readiness::default();
+    let _own_access = mde
+        .clone()
+        .map(|mde| AbortOnDrop(tokio::spawn(watch_own_access(mde, readiness.clone()))));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
@@ -200,6 +203,33 @@ async fn check_sign_in(mde: &DefenderClient) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The operator's own credentials, judged as a connection's are (may they
+/// offboard and read?) now and every [`tenants::controller::RECHECK_READY`]:
+/// `/readyz` fails with what to grant while they cannot, so a rollout with
+/// an app lacking `Machine.Read.All` stops at the first pod.
+async fn watch_own_access(mde: DefenderClient, readiness: Readiness) {
+    let mut last: Option<tenants::access::Readiness> = None;
+    loop {
+        let now = tenants::access::check(&mde).await;
+        if last.as_ref() != Some(&now) {
+            if now.ready {
+                tracing::info!(reason = now.reason, "{}", now.message);
+            } else {
+                tracing::error!(
+                    reason = now.reason,
+                    "the operator's own credentials: {}",
+                    now.message
+                );
+            }
+        }
+        readiness.set_access_problem(
+            (!now.ready && !now.is_transient()).then(|| format!("{}: {}", now.reason, now.message)),
+        );
+        last = Some(now);
+        tokio::time::sleep(tenants::controller::RECHECK_READY).await;
+    }
 }
 
 fn warn_about_timings(args: &Config) {

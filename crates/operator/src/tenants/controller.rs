@@ -18,7 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use mde_client::{
     ApiFamily, BudgetWait, ClientConfig, ClientIdentity, Credential, CredentialSource,
-    DefenderClient, Endpoints, FetchedCredential, MdeError, RateBudget, RateLimits, Secret,
+    DefenderClient, Endpoints, FetchedCredential, RateBudget, RateLimits, Secret,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,9 +28,6 @@ use std::time::Duration;
 
 /// The audience Microsoft Entra expects of a federated (workload identity) token.
 pub const WORKLOAD_IDENTITY_AUDIENCE: &str = "api://AzureADTokenExchange";
-
-/// The permission an app needs to offboard (the roles claim of its token).
-const OFFBOARD_ROLE: &str = "Machine.Offboard";
 
 /// DefenderConnections read per page when the watch (re)lists.
 const CONNECTION_PAGE: u32 = 500;
@@ -53,52 +50,7 @@ pub struct ClientSettings {
     pub allowed_hosts: Vec<String>,
 }
 
-/// The outcome of one check, as the connection's `Ready` condition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Readiness {
-    pub ready: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Readiness {
-    fn not(reason: &'static str, message: impl Into<String>) -> Self {
-        Readiness {
-            ready: false,
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
-/// What a sign-in (with the roles its token grants) says about a connection.
-pub fn readiness(signed_in: Result<Option<Vec<String>>, &MdeError>) -> Readiness {
-    match signed_in {
-        Ok(Some(roles)) if !roles.iter().any(|r| r == OFFBOARD_ROLE) => Readiness::not(
-            reason::PERMISSION_DENIED,
-            format!(
-                "signed in, but the app lacks the {OFFBOARD_ROLE} application permission (its token grants: {}); grant it with admin consent in Microsoft Entra",
-                if roles.is_empty() {
-                    "none".to_string()
-                } else {
-                    roles.join(", ")
-                }
-            ),
-        ),
-        Ok(_) => Readiness {
-            ready: true,
-            reason: reason::SIGNED_IN,
-            message: "signed in to Microsoft Defender for Endpoint".into(),
-        },
-        Err(MdeError::Credentials { message }) => {
-            Readiness::not(reason::CREDENTIAL_NOT_FOUND, message.clone())
-        }
-        Err(error @ MdeError::SignIn { .. }) => {
-            Readiness::not(reason::AUTHENTICATION_FAILED, error.to_string())
-        }
-        Err(error) => Readiness::not(reason::LOGIN_UNAVAILABLE, error.to_string()),
-    }
-}
+pub use super::access::Readiness;
 
 /// Where a connection's tokens and requests go: its cloud's hosts, or its
 /// overrides under the operator's own host rules, and only to Microsoft's
@@ -254,13 +206,37 @@ impl CredentialSource for SecretKeySource {
     }
 }
 
+/// The annotation by which a ServiceAccount's owner lets connections of its
+/// namespace use it: the connections' names, comma-separated, or `*`. RBAC
+/// cannot narrow `serviceaccounts/token: create` to some ServiceAccounts, so
+/// without this anyone who may create a connection could borrow any
+/// ServiceAccount of the namespace that has an Entra federation.
+pub const TOKEN_OPT_IN_ANNOTATION: &str = "defender.offboard.dev/connections";
+
+/// Whether `account`'s annotations let connection `connection` use it.
+pub fn opted_in(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    connection: &str,
+) -> bool {
+    annotations
+        .and_then(|a| a.get(TOKEN_OPT_IN_ANNOTATION))
+        .is_some_and(|names| {
+            names
+                .split(',')
+                .map(str::trim)
+                .any(|name| name == "*" || name == connection)
+        })
+}
+
 /// A federated token of a ServiceAccount in the connection's namespace,
-/// requested at every sign-in (TokenRequest, the Workload ID audience).
+/// requested at every sign-in (TokenRequest, the Workload ID audience), only
+/// once the ServiceAccount is seen to opt in ([`TOKEN_OPT_IN_ANNOTATION`]).
 #[derive(Clone)]
 struct ServiceAccountTokenSource {
     api: Api<ServiceAccount>,
     namespace: String,
     name: String,
+    connection: String,
 }
 
 impl std::fmt::Debug for ServiceAccountTokenSource {
@@ -284,6 +260,22 @@ impl CredentialSource for ServiceAccountTokenSource {
                 ..Default::default()
             };
             let what = format!("ServiceAccount {:?} in namespace {:?}", self.name, self.namespace);
+            let account = self.api.get(&self.name).await.map_err(|e| match e {
+                kube::Error::Api(s) if s.is_not_found() => format!(
+                    "{what} does not exist: create it, or fix spec.credential.workloadIdentity.serviceAccountName"
+                ),
+                kube::Error::Api(s) if s.code == 403 => format!(
+                    "the operator may not read {what} ({}): list the namespace in the chart's connections.namespaces",
+                    s.message
+                ),
+                other => format!("cannot read {what}: {other}"),
+            })?;
+            if !opted_in(account.metadata.annotations.as_ref(), &self.connection) {
+                return Err(format!(
+                    "{what} does not let this connection use it: its owner opts in with the annotation {TOKEN_OPT_IN_ANNOTATION}={:?} (or a comma-separated list of connections, or \"*\"); no token was requested",
+                    self.connection
+                ));
+            }
             let answer = self
                 .api
                 .create_token_request(&self.name, &PostParams::default(), &request)
@@ -313,6 +305,7 @@ impl CredentialSource for ServiceAccountTokenSource {
 fn credential(
     client: &kube::Client,
     namespace: &str,
+    connection: &str,
     spec: &DefenderConnectionSpec,
 ) -> Result<Credential, String> {
     let credential = &spec.credential;
@@ -336,6 +329,7 @@ fn credential(
             api: Api::namespaced(client.clone(), namespace),
             namespace: namespace.into(),
             name: identity.service_account_name.clone(),
+            connection: connection.into(),
         }),
         _ => {
             return Err(
@@ -396,7 +390,7 @@ fn build_client(
 ) -> Result<DefenderClient, Readiness> {
     let invalid = |message: String| Readiness::not(reason::INVALID_SPEC, message);
     let endpoints = endpoints(spec, &shared.settings).map_err(invalid)?;
-    let credential = credential(&shared.client, namespace, spec).map_err(invalid)?;
+    let credential = credential(&shared.client, namespace, name, spec).map_err(invalid)?;
     let identity = ClientIdentity {
         tenant_id: spec.tenant_id.clone(),
         client_id: spec.client_id.clone(),
@@ -434,10 +428,7 @@ async fn keep(shared: Shared, connection: DefenderConnection) {
     loop {
         let readiness = match &client {
             Err(refused) => refused.clone(),
-            Ok(client) => match client.granted_roles().await {
-                Ok(roles) => readiness(Ok(roles)),
-                Err(error) => readiness(Err(&error)),
-            },
+            Ok(client) => super::access::check(client).await,
         };
         match (&client, readiness.ready) {
             (Ok(client), true) => {
@@ -447,8 +438,7 @@ async fn keep(shared: Shared, connection: DefenderConnection) {
             }
             // The login host briefly down: a connection that worked keeps
             // its client (its sends retry on their own); others wait.
-            _ if readiness.reason == reason::LOGIN_UNAVAILABLE
-                && last.as_ref().is_some_and(|l| l.ready) => {}
+            _ if readiness.is_transient() && last.as_ref().is_some_and(|l| l.ready) => {}
             _ => shared.connections.set_not_ready(
                 &namespace,
                 &name,
@@ -646,42 +636,6 @@ mod tests {
                 workload_identity: None,
             },
         }
-    }
-
-    #[test]
-    fn readiness_names_the_reason_a_person_acts_on() {
-        let ok = readiness(Ok(Some(vec!["Machine.Offboard".into()])));
-        assert!(ok.ready);
-        assert_eq!(ok.reason, reason::SIGNED_IN);
-        assert!(
-            readiness(Ok(None)).ready,
-            "a token that does not say is trusted"
-        );
-        let denied = readiness(Ok(Some(vec!["Machine.Read.All".into()])));
-        assert!(!denied.ready);
-        assert_eq!(denied.reason, reason::PERMISSION_DENIED);
-        assert!(
-            denied.message.contains("Machine.Offboard")
-                && denied.message.contains("Machine.Read.All")
-        );
-        let refused = MdeError::SignIn {
-            message: "invalid_client".into(),
-        };
-        assert_eq!(
-            readiness(Err(&refused)).reason,
-            reason::AUTHENTICATION_FAILED
-        );
-        let missing = MdeError::Credentials {
-            message: "Secret \"s\" does not exist".into(),
-        };
-        assert_eq!(
-            readiness(Err(&missing)).reason,
-            reason::CREDENTIAL_NOT_FOUND
-        );
-        let down = MdeError::NotSent {
-            reason: "login host down".into(),
-        };
-        assert_eq!(readiness(Err(&down)).reason, reason::LOGIN_UNAVAILABLE);
     }
 
     fn settings(allow_insecure_http: bool, allowed_hosts: &[&str]) -> ClientSettings {

@@ -3,6 +3,7 @@
 //! the controller that signs each connection in. It never reaches into the
 //! offboard room. See docs/architecture.md.
 
+pub mod access;
 pub mod controller;
 pub(crate) mod registry;
 pub mod resource;

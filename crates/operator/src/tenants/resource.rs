@@ -12,11 +12,12 @@ pub const CONNECTION_CRD_NAME: &str = "defenderconnections.defender.offboard.dev
 
 /// The `Ready` condition's reasons. Contract: read by people and scripts.
 pub mod reason {
-    /// Signed in, and the token grants `Machine.Offboard`.
+    /// Signed in, and the app may offboard and read machines.
     pub const SIGNED_IN: &str = "SignedIn";
     /// The login host refused the credential (wrong tenant, app or secret).
     pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";
-    /// Signed in, but the app lacks the `Machine.Offboard` application permission.
+    /// Signed in, but the app lacks `Machine.Offboard` or a read permission
+    /// (`Machine.Read.All` or `Machine.ReadWrite.All`).
     pub const PERMISSION_DENIED: &str = "PermissionDenied";
     /// The Secret, its key or the ServiceAccount is missing or unreadable.
     pub const CREDENTIAL_NOT_FOUND: &str = "CredentialNotFound";
@@ -24,6 +25,9 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The login host did not answer, or answered 5xx/429: retried.
     pub const LOGIN_UNAVAILABLE: &str = "LoginUnavailable";
+    /// Signed in, but the read that judges a token without roles failed
+    /// (MDE unreachable or 5xx): retried.
+    pub const MDE_UNAVAILABLE: &str = "MdeUnavailable";
 }
 
 /// An MDE tenant and the app registration that offboards its devices.
@@ -46,6 +50,9 @@ pub mod reason {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.tenantId == oldSelf.tenantId && self.clientId == oldSelf.clientId && has(self.cloud) == has(oldSelf.cloud) && (!has(self.cloud) || self.cloud == oldSelf.cloud) && has(self.apiUrl) == has(oldSelf.apiUrl) && (!has(self.apiUrl) || self.apiUrl == oldSelf.apiUrl) && has(self.loginUrl) == has(oldSelf.loginUrl) && (!has(self.loginUrl) || self.loginUrl == oldSelf.loginUrl)").message("spec.tenantId, spec.clientId, spec.cloud, spec.apiUrl and spec.loginUrl cannot change: DeviceOffboards in flight were begun in this tenant; create a new DefenderConnection for another tenant or app and point new DeviceOffboards at it (the credential may be rotated)")
+)]
 pub struct DefenderConnectionSpec {
     /// The Microsoft Entra tenant (directory) id: a GUID or a domain name.
     #[schemars(

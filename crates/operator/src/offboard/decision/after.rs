@@ -56,6 +56,7 @@ pub fn resolved(view: &View, resolution: &Resolution) -> Transition {
     status.machine_id = Some(resolution.machine_id.clone());
     status.resolution = Some(resolution.why.clone());
     status.observed_generation = view.generation;
+    status.tenant = view.recorded_tenant();
     Transition {
         status,
         note: Some(Note {

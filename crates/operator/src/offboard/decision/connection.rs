@@ -70,3 +70,31 @@ fn unavailable_wait(unavailable: &Unavailable, settings: &Settings) -> Duration 
         | Unavailable::DefaultNotAllowed { .. } => settings.access_backoff,
     }
 }
+
+/// A resource begun in one tenant whose connection now reaches another (the
+/// connection was deleted and made again under its name with another tenant,
+/// app or API host): it stops, since a lookup there would "prove" that
+/// nothing was sent and a second offboard would go out in the wrong tenant.
+pub fn tenant_changed(view: &View) -> Option<Transition> {
+    let (Some(began), Some(now)) = (view.status.tenant.as_ref(), view.tenant.as_ref()) else {
+        return None;
+    };
+    if began == now {
+        return None;
+    }
+    let sent = if view.status.machine_action_id.is_some() {
+        "its action stays where it was sent (look it up there)"
+    } else {
+        "nothing is sent to the new one"
+    };
+    Some(super::errors::failed(
+        view,
+        super::errors::Failure::new(
+            Reason::ConnectionChanged,
+            format!(
+                "begun in tenant {} with app {} ({}); its connection now reaches tenant {} with app {} ({}): {sent}. Create a new DeviceOffboard to offboard the device through this connection",
+                began.tenant_id, began.client_id, began.api, now.tenant_id, now.client_id, now.api
+            ),
+        ),
+    ))
+}

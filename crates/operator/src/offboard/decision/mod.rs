@@ -45,7 +45,9 @@ pub use resolve::{NodeIdentityMode, Resolved};
 pub use timing::SubmittingClock;
 
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
-use crate::offboard::status::{ConditionUpdate, Observed, READY, Reason, SUBMITTED, set_condition};
+use crate::offboard::status::{
+    ConditionUpdate, Observed, READY, RECONCILING, Reason, SUBMITTED, set_condition,
+};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
@@ -218,6 +220,8 @@ pub struct View<'a> {
     /// The resource's `creationTimestamp` (a Node's offboard waits
     /// `node_grace` from it).
     pub created: Option<Timestamp>,
+    /// Whom the resource's connection reaches now (`None`: not known here).
+    pub tenant: Option<crate::crd::StatusTenant>,
 }
 
 /// What the `Ready` and `Submitted` conditions say about a new phase.
@@ -299,6 +303,7 @@ impl View<'_> {
         let mut status = self.status.clone();
         status.phase = Some(phase);
         status.observed_generation = self.generation;
+        status.tenant = self.recorded_tenant();
         self.set(
             &mut status,
             ConditionUpdate {
@@ -312,6 +317,12 @@ impl View<'_> {
         status
     }
 
+    /// The tenant the status keeps: the one recorded first, else the one
+    /// the connection reaches now.
+    fn recorded_tenant(&self) -> Option<crate::crd::StatusTenant> {
+        self.status.tenant.clone().or_else(|| self.tenant.clone())
+    }
+
     /// `Ready` for `phase`: it holds only once the offboard `Succeeded`.
     fn set_ready(
         &self,
@@ -319,6 +330,15 @@ impl View<'_> {
         phase: Phase,
         (reason, message): (Reason, String),
     ) {
+        self.set(
+            status,
+            ConditionUpdate {
+                type_: RECONCILING,
+                holds: !phase.is_terminal(),
+                reason,
+                message: message.clone(),
+            },
+        );
         self.set(
             status,
             ConditionUpdate {

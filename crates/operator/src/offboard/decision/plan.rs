@@ -12,6 +12,9 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
     if phase.is_terminal() {
         return Plan::Idle { requeue: None };
     }
+    if let Some(stop) = super::connection::tenant_changed(view) {
+        return Plan::Write(Box::new(stop));
+    }
     if let Some(reason) = view.cancel_reason()
         && let Some(plan) = super::cancel::plan_cancel(view, reason, settings)
     {

@@ -78,6 +78,7 @@ fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> V
         not_found_for: None,
         own_retry_at: true,
         created: None,
+        tenant: None,
     }
 }
 
@@ -1718,4 +1719,78 @@ fn only_a_retry_time_this_process_wrote_is_waited_for() {
         ..view(&spec, &waiting)
     };
     assert!(matches!(plan(&after_failover, &s), Plan::Submit { .. }));
+}
+
+fn tenant(id: &str) -> crate::crd::StatusTenant {
+    crate::crd::StatusTenant {
+        tenant_id: id.into(),
+        client_id: "app-1".into(),
+        api: "https://api.security.microsoft.com/".into(),
+    }
+}
+
+/// A resource records the tenant of its first decision and keeps it; one
+/// whose connection later reaches another tenant (or app, or API host)
+/// stops there, whatever its phase, and sends nothing more.
+#[test]
+fn a_resource_begun_in_one_tenant_never_goes_on_in_another() {
+    let s = settings();
+    let spec = by_id();
+    let fresh = DeviceOffboardStatus::default();
+    let first = View {
+        tenant: Some(tenant("tenant-a")),
+        ..view(&spec, &fresh)
+    };
+    let Plan::Submit { .. } = plan(&first, &s) else {
+        panic!("a new resource is sent")
+    };
+    let intent = submitting(&first, MACHINE);
+    assert_eq!(
+        intent.tenant,
+        Some(tenant("tenant-a")),
+        "recorded with the intent"
+    );
+    // Same tenant: it goes on (the lookup of its Submitting state).
+    let same = View {
+        tenant: Some(tenant("tenant-a")),
+        submitting: Some(SubmittingClock {
+            seen_for: Duration::from_secs(600),
+            looked_early: true,
+        }),
+        ..view(&spec, &intent)
+    };
+    assert!(matches!(plan(&same, &s), Plan::LookUp { .. }));
+    // Tenant, app or API host changed under it: Failed, nothing planned.
+    for other in [
+        tenant("tenant-b"),
+        crate::crd::StatusTenant {
+            client_id: "app-2".into(),
+            ..tenant("tenant-a")
+        },
+        crate::crd::StatusTenant {
+            api: "https://eu.api.security.microsoft.com/".into(),
+            ..tenant("tenant-a")
+        },
+    ] {
+        let moved = View {
+            tenant: Some(other.clone()),
+            submitting: Some(SubmittingClock {
+                seen_for: Duration::from_secs(600),
+                looked_early: true,
+            }),
+            ..view(&spec, &intent)
+        };
+        let Plan::Write(t) = plan(&moved, &s) else {
+            panic!("stopped: {other:?}")
+        };
+        assert_eq!(t.status.phase, Some(Phase::Failed));
+        assert_eq!(ready(&t.status).1, "ConnectionChanged");
+        assert_eq!(
+            t.status.tenant,
+            Some(tenant("tenant-a")),
+            "the first is kept"
+        );
+        let message = t.status.last_error.unwrap().message;
+        assert!(message.contains("nothing is sent"), "{message}");
+    }
 }
