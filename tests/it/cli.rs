@@ -169,7 +169,7 @@ async fn bad_input_ends_with_one_clear_line() {
             SECRET,
             vec![
                 "--device-name",
-                "kiosk-lobby-01.contoso.com",
+                "shared-kiosk-02.contoso.com",
                 "--comment",
                 "x",
             ],

@@ -7,7 +7,7 @@ use defender_offboard::metrics::Metrics;
 use defender_offboard::operator::nodes::{self, NODE_FINALIZER, NODE_UID_LABEL};
 use defender_offboard::operator::offboard::ports::KubeStore;
 use defender_offboard::operator::ttl;
-use defender_offboard::playground::{create_node, embedded_controller_with};
+use defender_offboard::playground::{create_dev_node, dev_node_named, embedded_controller_with};
 use defender_offboard::simulator::SimHandle;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
@@ -97,20 +97,39 @@ async fn deleting_a_windows_node_creates_one_offboard_and_one_post() {
     let admin = api.client().await.unwrap();
     let nodes: Api<Node> = Api::all(admin.clone());
     let records: Api<DeviceOffboard> = Api::namespaced(admin.clone(), "default");
-    create_node(&admin, "win-node-1", "windows").await.unwrap();
-    create_node(&admin, "linux-node-1", "linux").await.unwrap();
+    create_dev_node(&admin, dev_node_named("win-node-1").unwrap())
+        .await
+        .unwrap();
+    create_dev_node(&admin, dev_node_named("linux-node-1").unwrap())
+        .await
+        .unwrap();
     let controller = start_controller(admin.clone(), &sim);
 
     wait_until_held(&nodes, "win-node-1").await;
-    assert!(
-        !held(&nodes, "linux-node-1").await,
-        "a Linux node is not held"
-    );
+    // Linux Nodes are offboarded too: MDE's Offboard API takes them.
+    wait_until_held(&nodes, "linux-node-1").await;
     nodes
         .delete("linux-node-1", &DeleteParams::default())
         .await
         .unwrap();
+    let linux = wait_for_phase(&records, "linux-node-1", Phase::Succeeded).await;
     wait_until_gone(&nodes, "linux-node-1").await;
+    assert_eq!(
+        linux
+            .spec
+            .node
+            .as_ref()
+            .and_then(|n| n.provider_id.as_deref()),
+        Some(dev_node_named("linux-node-1").unwrap().provider_id),
+        "the Node's cloud identity is recorded"
+    );
+    assert_eq!(
+        sim.stats()
+            .offboard_requests_by_machine
+            .get("7a11e0de00000000000000000000000000000011"),
+        Some(&1),
+        "the Linux node's device, once"
+    );
 
     let uid = nodes.get("win-node-1").await.unwrap().metadata.uid.unwrap();
     nodes
@@ -135,8 +154,8 @@ async fn deleting_a_windows_node_creates_one_offboard_and_one_post() {
         .collect();
     assert_eq!(
         names,
-        ["win-node-1"],
-        "one DeviceOffboard, none for the Linux node"
+        ["linux-node-1", "win-node-1"],
+        "one DeviceOffboard per Node"
     );
     let stats = sim.stats();
     println!(
@@ -149,8 +168,8 @@ async fn deleting_a_windows_node_creates_one_offboard_and_one_post() {
     );
     assert_eq!(
         stats.offboard_requests_by_machine.values().sum::<u64>(),
-        1,
-        "one POST in all"
+        2,
+        "one POST per Node in all"
     );
 }
 
@@ -161,7 +180,9 @@ async fn a_node_deleted_while_the_operator_is_down_is_offboarded_after_restart()
     let admin = api.client().await.unwrap();
     let nodes: Api<Node> = Api::all(admin.clone());
     let records: Api<DeviceOffboard> = Api::namespaced(admin.clone(), "default");
-    create_node(&admin, "win-node-2", "windows").await.unwrap();
+    create_dev_node(&admin, dev_node_named("win-node-2").unwrap())
+        .await
+        .unwrap();
     let first = start_controller(admin.clone(), &sim);
     wait_until_held(&nodes, "win-node-2").await;
     first.abort();
@@ -196,7 +217,9 @@ async fn uninstalling_removes_the_operators_finalizers() {
     let nodes: Api<Node> = Api::all(admin.clone());
     let records: Api<DeviceOffboard> = Api::namespaced(admin.clone(), "default");
     for name in ["win-node-1", "win-node-3"] {
-        create_node(&admin, name, "windows").await.unwrap();
+        create_dev_node(&admin, dev_node_named(name).unwrap())
+            .await
+            .unwrap();
     }
     let controller = start_controller(admin.clone(), &sim);
     wait_until_held(&nodes, "win-node-1").await;

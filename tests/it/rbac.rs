@@ -13,8 +13,8 @@ use defender_offboard::operator::tenants::resource::DefenderConnection;
 use defender_offboard::metrics::Metrics;
 use defender_offboard::operator::nodes::{self, NODE_FINALIZER};
 use defender_offboard::playground::{
-    create_connection, create_node, create_workload_identity_connection, embedded_controller_with,
-    sim_host,
+    create_connection, create_dev_node, create_workload_identity_connection, dev_node_named,
+    embedded_controller_with, sim_host,
 };
 use http::{Method, Request};
 use k8s_openapi::api::core::v1::Node;
@@ -147,8 +147,12 @@ async fn the_chart_grants_exactly_the_calls_the_controller_makes() {
     };
     // With node offboarding and a fast TTL sweep, so their calls are recorded too.
     let admin = api.client().await.unwrap();
-    create_node(&admin, "win-node-1", "windows").await.unwrap();
-    create_node(&admin, "win-node-2", "windows").await.unwrap();
+    create_dev_node(&admin, dev_node_named("win-node-1").unwrap())
+        .await
+        .unwrap();
+    create_dev_node(&admin, dev_node_named("win-node-2").unwrap())
+        .await
+        .unwrap();
     // Two DefenderConnections: one with a Secret, one with workload identity.
     let second = spawn_sim(fast_sim_config()).await;
     create_connection(&admin, "default", "with-secret", &second)
@@ -221,7 +225,7 @@ async fn the_chart_grants_exactly_the_calls_the_controller_makes() {
     resources
         .create(
             &PostParams::default(),
-            &DeviceOffboard::new("ambiguous", spec(None, Some("kiosk-lobby-01.contoso.com"))),
+            &DeviceOffboard::new("ambiguous", spec(None, Some("shared-kiosk-02.contoso.com"))),
         )
         .await
         .unwrap();
@@ -293,8 +297,26 @@ async fn the_chart_grants_exactly_the_calls_the_controller_makes() {
         missing.is_empty(),
         "the chart does not grant {missing:?}; add them to charts/defender-offboard/templates"
     );
-    // And not one grant more than the calls: what is granted is used.
-    let unused: Vec<_> = granted.difference(&used).collect();
+    // And not one grant more than the calls: what is granted is used. These
+    // are used on paths this run does not drive, each named:
+    let elsewhere: BTreeSet<Permission> = [
+        // `run --remove-node-finalizers --stop-deployment` (the uninstall
+        // hook) scales the controller to zero first.
+        ("apps", "deployments", "get"),
+        ("apps", "deployments/scale", "patch"),
+        // kube's event recorder patches an Event it publishes again (a series).
+        ("events.k8s.io", "events", "patch"),
+        // The record of a deleted Node read back by name when its create
+        // answered 409 (made by an earlier leader).
+        ("defender.offboard.dev", "deviceoffboards", "get"),
+    ]
+    .into_iter()
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+    .collect();
+    let unused: Vec<_> = granted
+        .difference(&used)
+        .filter(|p| !elsewhere.contains(*p))
+        .collect();
     assert!(
         unused.is_empty(),
         "the chart grants {unused:?}, which the operator never calls; remove them from charts/defender-offboard/templates"

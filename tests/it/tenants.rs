@@ -649,8 +649,14 @@ async fn kubectl_shows_tenant_and_readiness() {
 /// private key; the operator signs an assertion with it and offboards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_connection_offboards() {
-    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
     let pem = include_str!("../../crates/mde-client/testdata/test-certificate.pem");
+    // The app's certificate is registered in the second tenant (its public part
+    // is all Entra keeps; the simulator reads the certificate from the PEM).
+    let second = SimConfig {
+        client_certificates: vec![pem.to_string()],
+        ..second_tenant(fast_sim_config())
+    };
+    let env = start(fast_sim_config(), second).await;
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "app-b-certificate", "namespace": "team-b"},
         "stringData": {"tls.pem": pem},
