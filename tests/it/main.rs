@@ -24,4 +24,5 @@ mod final_label;
 mod lifecycle;
 mod observability;
 mod rbac;
+mod real_tenant;
 mod tenants;

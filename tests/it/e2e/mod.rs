@@ -899,21 +899,20 @@ async fn deleting_a_windows_node_in_the_playground_offboards_its_device() {
             &["--offboard-deleted-nodes", "--node-offboard-grace", "1s"],
         );
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client.clone());
-        // The controller holds the Windows Nodes with its finalizer first.
+        // The controller holds the Nodes with its finalizer first.
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let finalizers = nodes.get("win-node-1").await.unwrap().metadata.finalizers;
-            if finalizers.is_some_and(|f| {
-                f.iter()
-                    .any(|f| f == "defender.offboard.dev/offboard-device")
-            }) {
-                break;
+        for node in ["linux-node-1", "win-node-1"] {
+            loop {
+                let finalizers = nodes.get(node).await.unwrap().metadata.finalizers;
+                if finalizers.is_some_and(|f| {
+                    f.iter()
+                        .any(|f| f == "defender.offboard.dev/offboard-device")
+                }) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{node} never got the finalizer");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "win-node-1 never got the finalizer"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for node in ["linux-node-1", "win-node-1"] {
             if kubectl {
@@ -923,10 +922,15 @@ async fn deleting_a_windows_node_in_the_playground_offboards_its_device() {
                 nodes.delete(node, &Default::default()).await.unwrap();
             }
         }
+        // Linux Nodes are offboarded too (MDE's Offboard API takes them).
         let all = cluster
-            .wait_final(&["win-node-1".to_string()], Duration::from_secs(60))
+            .wait_final(
+                &["linux-node-1".to_string(), "win-node-1".to_string()],
+                Duration::from_secs(60),
+            )
             .await;
         assert_eq!(phase(&all["win-node-1"]), "Succeeded");
+        assert_eq!(phase(&all["linux-node-1"]), "Succeeded");
         if kubectl {
             let out = cluster.kubectl_ok(&["get", "doff"], None).await;
             println!("kubectl get doff after kubectl delete node win-node-1:\n{out}");
@@ -942,9 +946,9 @@ async fn deleting_a_windows_node_in_the_playground_offboards_its_device() {
             .into_iter()
             .filter_map(|d| d.metadata.name)
             .collect();
-        assert_eq!(names, ["win-node-1"]);
+        assert_eq!(names, ["linux-node-1", "win-node-1"]);
         let stats = Sim::new(cluster.sim_url.as_deref().unwrap()).stats().await;
-        assert_eq!(count(&stats, "actions_created"), 1, "{stats}");
+        assert_eq!(count(&stats, "actions_created"), 2, "{stats}");
     })
     .await;
 }
