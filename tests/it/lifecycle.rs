@@ -7,7 +7,9 @@ use defender_offboard::metrics::Metrics;
 use defender_offboard::operator::nodes::{self, NODE_FINALIZER, NODE_UID_LABEL};
 use defender_offboard::operator::offboard::ports::KubeStore;
 use defender_offboard::operator::ttl;
-use defender_offboard::playground::{create_dev_node, dev_node_named, embedded_controller_with};
+use defender_offboard::playground::{
+    create_dev_node, create_node, dev_node_named, embedded_controller_with,
+};
 use defender_offboard::simulator::SimHandle;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
@@ -390,5 +392,39 @@ async fn a_node_is_never_held_past_the_bound() {
         metrics
             .encode()
             .contains("defender_offboard_node_offboards_total{result=\"released\"} 1")
+    );
+}
+
+/// Anyone who can register a Node can name it after a workstation and delete
+/// it. Under the default `--node-identity required` no MDE record of the name
+/// carries this Node's VM identity: nothing is sent, and the reason says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_named_after_a_workstation_sends_nothing() {
+    let sim = spawn_sim(fast_sim_config()).await;
+    let api = spawn_api().await;
+    let admin = api.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let records: Api<DeviceOffboard> = Api::namespaced(admin.clone(), "default");
+    create_node(&admin, "finance-laptop-07", "windows")
+        .await
+        .unwrap();
+    let controller = start_controller(admin.clone(), &sim);
+    wait_until_held(&nodes, "finance-laptop-07").await;
+    nodes
+        .delete("finance-laptop-07", &DeleteParams::default())
+        .await
+        .unwrap();
+    let record = wait_for_phase(&records, "finance-laptop-07", Phase::Failed).await;
+    wait_until_gone(&nodes, "finance-laptop-07").await;
+    controller.abort();
+    let error = record.status.unwrap().last_error.unwrap();
+    assert_eq!(error.code, "NodeIdentityUnverified", "{}", error.message);
+    assert_eq!(
+        sim.stats()
+            .offboard_requests_by_machine
+            .values()
+            .sum::<u64>(),
+        0,
+        "the workstation is not offboarded"
     );
 }

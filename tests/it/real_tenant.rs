@@ -156,3 +156,58 @@ async fn by_name_resources_offboard_the_live_device_beside_stale_and_discovered_
         stats.offboard_requests_by_machine
     );
 }
+
+/// MDE refuses `in` in a machine-action `$filter` (it is documented for no
+/// property there): the batch poll falls back to `id eq … or …` and the
+/// resource still finishes, with one POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_finishes_when_mde_refuses_in() {
+    let mut config = fast_sim_config();
+    config.faults.refuse_in = true;
+    let sim = spawn_sim(config).await;
+    let api = spawn_api().await;
+    let client = api.client().await.unwrap();
+    let controller = tokio::spawn(
+        embedded_controller_with(
+            client.clone(),
+            &sim,
+            FAST_LIMITS.parse().unwrap(),
+            fast_settings(),
+            Duration::from_millis(200),
+            |_| {},
+        )
+        .unwrap(),
+    );
+    let records: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
+    let machine = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+    let spec: DeviceOffboardSpec = serde_json::from_value(serde_json::json!({
+        "machineId": machine, "comment": "returned",
+    }))
+    .unwrap();
+    records
+        .create(&PostParams::default(), &DeviceOffboard::new("laptop", spec))
+        .await
+        .unwrap();
+    let status = with_timeout(60, async {
+        loop {
+            let status = records
+                .get("laptop")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if status.phase.is_some_and(Phase::is_terminal) {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    controller.abort();
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:?}");
+    assert_eq!(status.action_status.as_deref(), Some("Succeeded"));
+    assert_eq!(
+        sim.stats().offboard_requests_by_machine.get(machine),
+        Some(&1)
+    );
+}

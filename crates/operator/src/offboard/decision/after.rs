@@ -103,7 +103,10 @@ pub fn other_action_pending(view: &View, machine_id: &str, settings: &Settings) 
     super::errors::retrying(
         view,
         super::errors::Retry {
-            phase: Phase::Pending,
+            // Still `Submitting`: the answer may have been about this
+            // resource's own offboard, hidden by a lagging list, so the
+            // next send waits for a lookup that proves absence.
+            phase: Phase::Submitting,
             reason: Reason::OtherActionPending,
             code: Reason::OtherActionPending.as_str(),
             message,

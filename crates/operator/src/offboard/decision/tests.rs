@@ -983,7 +983,22 @@ fn already_pending_for_another_action_type_backs_off_with_its_own_reason() {
         ..submitting_since(0)
     };
     let t = other_action_pending(&view(&spec, &refused), MACHINE, &s);
-    assert_eq!(t.status.phase, Some(Phase::Pending), "nothing was created");
+    // The read that found no pending offboard may have lagged behind this
+    // resource's own: the next send waits for a lookup that proves absence.
+    assert_eq!(t.status.phase, Some(Phase::Submitting));
+    let later = View {
+        own_retry_at: true,
+        now: now() + SignedDuration::from_secs(3600),
+        submitting: Some(SubmittingClock {
+            seen_for: Duration::from_secs(3600),
+            looked_early: true,
+        }),
+        ..view(&spec, &t.status)
+    };
+    assert!(
+        matches!(plan(&later, &s), Plan::LookUp { .. }),
+        "looked up before any resend"
+    );
     assert_eq!(ready(&t.status).1, "OtherActionPending");
     assert!(
         t.requeue.unwrap() >= s.access_backoff,
