@@ -79,7 +79,9 @@ async fn wait_until_gone(nodes: &Api<Node>, name: &str) {
 }
 
 async fn wait_for_phase(records: &Api<DeviceOffboard>, name: &str, phase: Phase) -> DeviceOffboard {
-    with_timeout(60, async {
+    // Seconds alone; the headroom is for a full parallel run on 2 cores,
+    // where these node tests have once exceeded 60 s.
+    with_timeout(180, async {
         loop {
             if let Some(r) = records.get_opt(name).await.unwrap()
                 && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
