@@ -339,13 +339,19 @@ async fn a_throttled_run_waits_for_retry_after_without_blocking_others() {
         late.next_retry_at.is_some(),
         "nextRetryAt shows when it tries again"
     );
-    assert_eq!(
-        late.conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap()
-            .reason,
-        "Throttled"
+    // Throttled by MDE's 429, or (looked at again before Retry-After) held
+    // by the operator's own budget, which learned the throttle from it:
+    // either way nothing is sent until then.
+    let reason = late
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .reason
+        .clone();
+    assert!(
+        reason == "Throttled" || reason == "WaitingForBudget",
+        "{reason}"
     );
 
     let done = wait_all_final(&env.client, 10, 30).await;
