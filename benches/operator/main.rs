@@ -2,6 +2,7 @@
 //! `cargo bench --bench operator -- --resources 10000`.
 //! See `suite.rs`; it prints figures and asserts no timing.
 
+mod hostile;
 mod suite;
 
 use clap::Parser;
@@ -39,6 +40,10 @@ struct Args {
     /// `cargo build --release --no-default-features`.
     #[arg(long)]
     run_bin: Option<PathBuf>,
+    /// The hostile namespace row: resources, connections, recreations of
+    /// one connection (each object with 255 KiB of annotations).
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 300, 200])]
+    hostile: Vec<usize>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -65,6 +70,11 @@ async fn main() {
         shared: args.shared,
         run_args: args.run_args,
         only: args.only,
+        hostile: (
+            args.hostile.first().copied().unwrap_or(0),
+            args.hostile.get(1).copied().unwrap_or(0),
+            args.hostile.get(2).copied().unwrap_or(0),
+        ),
     };
     let report = suite::run(&config).await;
     print!("{}", suite::table(&report, &config));

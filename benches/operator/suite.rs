@@ -51,18 +51,21 @@ pub struct Config {
     pub shared: usize,
     /// Extra arguments for `run` (e.g. `--adopt-window=0` to compare).
     pub run_args: Vec<String>,
-    /// Which parts to run (all when empty): `polls`, `rows`, `naive`, `shared`.
+    /// Which parts to run (all when empty): `polls`, `rows`, `naive`, `shared`, `hostile`.
     pub only: Vec<String>,
+    /// The hostile namespace's resources, connections and recreations
+    /// (no row when resources is 0).
+    pub hostile: (usize, usize, usize),
 }
 
 impl Config {
-    fn runs(&self, part: &str) -> bool {
+    pub fn runs(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|p| p == part)
     }
 }
 
 /// MDE's limits on every family: 100 a minute, 1500 an hour.
-fn mde_limits() -> Vec<RateLimit> {
+pub fn mde_limits() -> Vec<RateLimit> {
     vec![
         RateLimit {
             calls: 100,
@@ -75,7 +78,7 @@ fn mde_limits() -> Vec<RateLimit> {
     ]
 }
 
-fn scaled(limits: &[RateLimit], time_scale: f64, share: f64) -> RateLimits {
+pub fn scaled(limits: &[RateLimit], time_scale: f64, share: f64) -> RateLimits {
     RateLimits(
         limits
             .iter()
@@ -114,14 +117,14 @@ pub fn ceiling(n: usize, limits: &RateLimits) -> Duration {
     times.last().copied().unwrap_or_default()
 }
 
-struct Stage {
-    api: ApiHandle,
-    sim: SimHandle,
-    dir: tempfile::TempDir,
-    client: kube::Client,
+pub struct Stage {
+    pub api: ApiHandle,
+    pub sim: SimHandle,
+    pub dir: tempfile::TempDir,
+    pub client: kube::Client,
 }
 
-async fn stage(machines: usize, time_scale: f64) -> Stage {
+pub async fn stage(machines: usize, time_scale: f64) -> Stage {
     let sim = simulator::spawn(
         SimConfig {
             machines,
@@ -136,7 +139,10 @@ async fn stage(machines: usize, time_scale: f64) -> Stage {
     .unwrap();
     let api = devcluster::spawn_api(
         ApiServerConfig {
-            crds: vec![DeviceOffboard::crd()],
+            crds: vec![
+                DeviceOffboard::crd(),
+                defender_offboard::operator::tenants::resource::DefenderConnection::crd(),
+            ],
             ..ApiServerConfig::default()
         },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -152,7 +158,7 @@ async fn stage(machines: usize, time_scale: f64) -> Stage {
     }
 }
 
-fn mde_client(
+pub fn mde_client(
     sim: &SimHandle,
     limits: RateLimits,
     observer: Arc<dyn CallObserver>,
@@ -180,7 +186,7 @@ fn mde_client(
 
 /// Counts 429 answers per family.
 #[derive(Default)]
-struct Throttled(AtomicU64);
+pub struct Throttled(pub AtomicU64);
 
 impl CallObserver for Throttled {
     fn request_finished(&self, _family: ApiFamily, status: u16) {
@@ -190,7 +196,7 @@ impl CallObserver for Throttled {
     }
 }
 
-async fn windows_machines(client: &DefenderClient, n: usize) -> Vec<String> {
+pub async fn windows_machines(client: &DefenderClient, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for platform in [
         "Windows10",
@@ -211,7 +217,7 @@ async fn windows_machines(client: &DefenderClient, n: usize) -> Vec<String> {
     ids
 }
 
-fn resource(name: &str, machine: &str) -> DeviceOffboard {
+pub fn resource(name: &str, machine: &str) -> DeviceOffboard {
     let mut obj = DeviceOffboard::new(
         name,
         DeviceOffboardSpec {
@@ -254,9 +260,9 @@ fn watch_all(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> tokio::task::Join
 }
 
 /// `run` as its own process against the stage.
-struct Run {
-    child: tokio::process::Child,
-    pid: u32,
+pub struct Run {
+    pub child: tokio::process::Child,
+    pub pid: u32,
 }
 
 fn free_port() -> u16 {
@@ -266,7 +272,7 @@ fn free_port() -> u16 {
         .unwrap_or(18_080)
 }
 
-fn start_run(config: &Config, stage: &Stage, limits: &RateLimits) -> Run {
+pub fn start_run(config: &Config, stage: &Stage, limits: &RateLimits) -> Run {
     let kubeconfig = stage.dir.path().join("kubeconfig");
     stage.api.write_kubeconfig(&kubeconfig).unwrap();
     let secret = stage.dir.path().join("secret");
@@ -304,7 +310,7 @@ fn start_run(config: &Config, stage: &Stage, limits: &RateLimits) -> Run {
 
 /// Peak RSS (`VmHWM`, KiB) and CPU seconds (user + system) of a live process,
 /// read from `/proc` (Linux; zero elsewhere).
-fn usage(pid: u32) -> (f64, f64) {
+pub fn usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kib: f64 = status
         .lines()
@@ -743,6 +749,7 @@ pub struct Report {
     pub shared: Option<Row>,
     pub naive: Option<Naive>,
     pub polls: Vec<(usize, usize, usize)>,
+    pub hostile: Option<super::hostile::Hostile>,
     pub wall: Duration,
 }
 
@@ -778,6 +785,12 @@ pub async fn run(config: &Config) -> Report {
     }
     if config.shared > 0 && config.runs("shared") {
         report.shared = Some(operator_row(config, config.shared, 0, 0.5).await);
+    }
+    let (resources, connections, recreate) = config.hostile;
+    if resources > 0 && config.runs("hostile") {
+        let row = super::hostile::hostile_row(config, resources, connections, recreate).await;
+        eprintln!("{row:?}");
+        report.hostile = Some(row);
     }
     report.wall = started.elapsed();
     report
@@ -899,6 +912,9 @@ pub fn table(report: &Report, config: &Config) -> String {
             s.posts_per_resource(),
             s.second_client_posts
         ));
+    }
+    if let Some(hostile) = &report.hostile {
+        line(super::hostile::table(hostile));
     }
     line(String::new());
     line(format!(

@@ -2,6 +2,8 @@
 //! it cannot rot. Asserts what it counts (one POST per resource, every
 //! resource final, one poll call), never a time.
 
+#[path = "../../benches/operator/hostile.rs"]
+mod hostile;
 #[path = "../../benches/operator/suite.rs"]
 mod suite;
 
@@ -17,6 +19,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         shared: 4,
         run_args: Vec::new(),
         only: Vec::new(),
+        hostile: (6, 3, 3),
     };
     let report = suite::run(&config).await;
     let table = suite::table(&report, &config);
@@ -32,5 +35,10 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
     let naive = report.naive.expect("the naive loop ran");
     assert_eq!(naive.posts, naive.resources as u64);
     assert!(table.contains("| 429 answers |"), "{table}");
+    let hostile = report.hostile.expect("the hostile row ran");
+    assert!(hostile.alive, "{hostile:?}");
+    assert_eq!(hostile.hostile_posts, 0, "{hostile:?}");
+    assert_eq!(hostile.answered, hostile.resources, "{hostile:?}");
+    assert!(hostile.own_sent, "{hostile:?}");
     assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
 }

@@ -226,7 +226,9 @@ impl RateBudget {
                     .iter()
                     .map(|limit| Window {
                         limit: *limit,
-                        slots: VecDeque::with_capacity(limit.calls as usize),
+                        // Grown as calls are made: a budget that is
+                        // hardly used (one of hundreds of tenants) stays small.
+                        slots: VecDeque::new(),
                     })
                     .collect();
                 (
@@ -376,6 +378,23 @@ impl RateBudget {
             .map(|w| w.limit.calls.saturating_sub(w.used(now)))
             .min()
             .unwrap_or(u32::MAX)
+    }
+
+    /// Whether forgetting this budget loses nothing: no call in flight or
+    /// still counted in any window, and no 429 pause running. A registry of
+    /// budgets may then drop it (a new one would decide the same).
+    pub fn is_idle(&self) -> bool {
+        let now = Instant::now();
+        let state = self.inner.lock().expect("budget lock poisoned");
+        state.families.iter().all(|(_, budget)| {
+            budget.parked_until.is_none_or(|p| p <= now)
+                && budget.windows.iter().all(|w| w.used(now) == 0)
+        })
+    }
+
+    /// Whether another handle (a client) still uses this budget.
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1
     }
 
     /// A 429 told us the server's budget is spent: stop this family until `until`.
@@ -612,5 +631,25 @@ mod tests {
         assert!(Instant::now() >= until);
         drop(permit);
         assert!(budget.try_reserve(ApiFamily::MachineActions).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_is_idle_once_its_calls_leave_every_window_and_no_park_runs() {
+        let budget = RateBudget::new(&limits("3/1s,5/10s"));
+        assert!(budget.is_idle() && !budget.is_shared());
+        let client = budget.clone();
+        assert!(budget.is_shared(), "a client holds it");
+        drop(client);
+        let permit = budget.try_reserve(ApiFamily::Offboard).unwrap();
+        assert!(!budget.is_idle(), "a call in flight");
+        permit.complete();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!budget.is_idle(), "still counted in the 10 s window");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(budget.is_idle());
+        budget.park(ApiFamily::Cancel, Instant::now() + Duration::from_secs(3));
+        assert!(!budget.is_idle(), "a 429's pause must outlive the client");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(budget.is_idle());
     }
 }

@@ -470,9 +470,20 @@ pub async fn run(
     let api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<PartialObjectMeta<Node>>();
     let mut changes = std::pin::pin!(
-        reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .applied_objects()
+        reflector(
+            writer,
+            watcher(
+                api,
+                watcher::Config::default().page_size(crate::pages::FULL_OBJECT_PAGE)
+            )
+            // Node annotations are written by many agents and never read here.
+            .modify(|node| {
+                node.metadata.managed_fields = None;
+                node.metadata.annotations = None;
+            })
+        )
+        .default_backoff()
+        .applied_objects()
     );
     let mut tick = tokio::time::interval(retry);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

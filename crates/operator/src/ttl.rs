@@ -70,7 +70,7 @@ pub fn expiry(resource: &DeviceOffboard, now: Timestamp) -> Expiry {
 const FIRST_SWEEP_DELAY: Duration = Duration::from_secs(10);
 
 /// Resources read per list call.
-const PAGE: u32 = 500;
+const PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
 
 /// One pass over every resource: publish `Expired` and delete the due ones.
 /// Returns when the next one falls due, if any does.

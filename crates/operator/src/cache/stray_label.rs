@@ -37,7 +37,7 @@ use std::time::Duration;
 pub const REMOVED_REASON: &str = "FinalLabelRemoved";
 
 /// Resources read per list page.
-const PAGE: u32 = 500;
+const PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
 
 /// Pauses between tries of one removal that failed for a reason other than
 /// a changed (409) or deleted (404) object: a blip of the API server.

@@ -217,7 +217,7 @@ pub fn node_is_back(node: &NodeIdentity, live: &Node) -> Option<String> {
 
 /// Nodes are listed in pages of this many when a deleted Node's identity is
 /// looked for (once per deleted Node, after its grace).
-const NODE_PAGE: u32 = 500;
+const NODE_PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
 
 /// The Kubernetes API: status merge patches with a resourceVersion
 /// precondition, Events through a recorder made for each one.

@@ -706,3 +706,30 @@ fn a_crash_within_the_list_lag_sends_no_second_post() {
         vec![Act::Step(0), crash, Act::Step(1)],
     );
 }
+
+/// Found by the property test: a throttled send, then a restart; the new
+/// process's heal loop steps every resource of a machine in turn.
+#[test]
+fn a_throttled_send_then_a_restart_sends_no_second_post() {
+    let world = World {
+        machines: 2,
+        per_machine: 2,
+        lag: 0,
+        spike: None,
+        finish_after: 40,
+        reads_spent: 0,
+        old_offboard: None,
+    };
+    run_case(
+        world,
+        vec![
+            Act::Wait(8),
+            Act::Step(0),
+            Act::Post(PostOutcome::Throttled),
+            Act::Wait(27),
+            Act::Step(5),
+            Act::Step(4),
+            Act::Restart,
+        ],
+    );
+}

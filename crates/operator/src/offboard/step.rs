@@ -390,6 +390,15 @@ async fn submit<M: MdeCalls, S: StatusStore>(
 ) -> Result<Requeue> {
     let key = uid(current)?;
     let status = current.status.clone().unwrap_or_default();
+    // A retry (after a 429 or a refused send) skips the machine check only
+    // when this process made the attempt before it: its claims then know of
+    // any action another resource sent for the machine since. A process
+    // that restarted or took over knows nothing of the kind, so it checks.
+    let own_retry = status
+        .next_retry_at
+        .as_ref()
+        .is_some_and(|at| ports.state.retry_times.is_own(&key, at.0));
+    let check_machine = check_machine || !own_retry;
     // A predecessor (the process before a restart, the leader before a
     // failover) may have sent for this machine just before this process
     // could: no list shows that action until the lookup delay has passed.

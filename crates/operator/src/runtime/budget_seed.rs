@@ -85,7 +85,7 @@ pub(crate) fn recent_submissions<'a>(
 }
 
 /// Resources read per page when seeding the budget.
-const SEED_PAGE: u32 = 500;
+const SEED_PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
 
 /// The longest window worth remembering (MDE's hourly limit).
 const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);

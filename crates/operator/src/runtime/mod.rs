@@ -290,6 +290,7 @@ pub async fn run_controller<M: MdeCalls>(
     // Finished resources are left out of the watch (and so of memory), and
     // what the controller never reads is dropped before an object is cached.
     let watch = watcher::Config::default()
+        .page_size(crate::pages::FULL_OBJECT_PAGE)
         .any_semantic()
         .labels(final_label::WATCH_SELECTOR);
     let (reader, writer) = reflector::store();

@@ -30,7 +30,12 @@ use std::time::Duration;
 pub const WORKLOAD_IDENTITY_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 /// DefenderConnections read per page when the watch (re)lists.
-const CONNECTION_PAGE: u32 = 500;
+const CONNECTION_PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
+
+/// The longest wait between sign-in attempts of a connection that keeps
+/// failing (it starts at [`RECHECK_NOT_READY`] and doubles, with jitter): a
+/// hundred broken connections must not keep the login host busy.
+pub const RECHECK_NOT_READY_CAP: Duration = Duration::from_secs(600);
 
 /// How often a connection that works is checked again and its budget written.
 pub const RECHECK_READY: Duration = Duration::from_secs(60);
@@ -357,9 +362,13 @@ impl Budgets {
         api: &str,
         limits: &RateLimits,
     ) -> RateBudget {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut budgets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // A budget no client holds any more, with nothing left in its
+        // windows, is dropped: a connection deleted, or recreated with
+        // another tenant, frees its budget here once its last calls age out
+        // (while they count, a connection recreated for that tenant must see them).
+        budgets.retain(|_, budget| budget.is_shared() || !budget.is_idle());
+        budgets
             .entry((
                 tenant.to_lowercase(),
                 client.to_lowercase(),
@@ -367,6 +376,15 @@ impl Budgets {
             ))
             .or_insert_with(|| RateBudget::new(limits))
             .clone()
+    }
+
+    /// Budgets kept (for the memory tests).
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -425,6 +443,7 @@ async fn keep(shared: Shared, connection: DefenderConnection) {
     let name = connection.name_any();
     let client = build_client(&shared, &namespace, &name, &connection.spec);
     let mut last: Option<Readiness> = None;
+    let mut failing = not_ready_waits();
     loop {
         let readiness = match &client {
             Err(refused) => refused.clone(),
@@ -455,13 +474,29 @@ async fn keep(shared: Shared, connection: DefenderConnection) {
             tracing::info!(connection = %format!("{namespace}/{name}"), reason = readiness.reason, ready = readiness.ready, "connection checked");
         }
         let wait = if readiness.ready {
+            failing = not_ready_waits();
             RECHECK_READY
         } else {
-            RECHECK_NOT_READY
+            failing.next().unwrap_or(RECHECK_NOT_READY_CAP)
         };
         last = Some(readiness);
         tokio::time::sleep(wait).await;
     }
+}
+
+/// The waits between sign-ins of a connection that is not ready: doubling
+/// from [`RECHECK_NOT_READY`] to [`RECHECK_NOT_READY_CAP`], jittered so
+/// connections that failed together do not retry together.
+fn not_ready_waits() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(RECHECK_NOT_READY)
+        .with_max_delay(RECHECK_NOT_READY_CAP)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(|wait| wait.min(RECHECK_NOT_READY_CAP))
 }
 
 /// Calls left now in the tightest window, per family.
@@ -557,7 +592,16 @@ pub async fn run(shared: Shared, namespace: Option<String>) {
     let mut tasks: HashMap<(String, String), Task> = HashMap::new();
     let mut relisted: Option<std::collections::HashSet<(String, String)>> = None;
     let config = watcher::Config::default().page_size(CONNECTION_PAGE);
-    let mut events = watcher(api, config).default_backoff().boxed();
+    // Only the spec, name and status are read: annotations (256 KiB each, set
+    // by anyone who may edit the connection) and managedFields are dropped
+    // before a task keeps its copy.
+    let mut events = watcher(api, config)
+        .default_backoff()
+        .modify(|connection| {
+            connection.metadata.managed_fields = None;
+            connection.metadata.annotations = None;
+        })
+        .boxed();
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => event,
@@ -747,5 +791,42 @@ mod tests {
             a.remaining(ApiFamily::Offboard)
         );
         assert!(other.remaining(ApiFamily::Offboard) > a.remaining(ApiFamily::Offboard));
+    }
+
+    /// A `tenantId` edited (a connection recreated) in a loop must not keep
+    /// one budget per tenant it ever named: a budget no client holds and
+    /// nothing counts in is dropped, one whose calls still count is kept.
+    #[tokio::test(start_paused = true)]
+    async fn budgets_of_gone_connections_are_freed_once_their_calls_age_out() {
+        let budgets = Budgets::default();
+        let limits: RateLimits = "5/10s".parse().unwrap();
+        for tenant in 0..1000 {
+            let client = budgets.for_app(&format!("t{tenant}"), "c", "https://api", &limits);
+            drop(client);
+        }
+        assert!(budgets.len() <= 1, "{} budgets kept", budgets.len());
+        let used = budgets.for_app("busy", "c", "https://api", &limits);
+        used.try_reserve(ApiFamily::Offboard).unwrap().complete();
+        drop(used);
+        let _other = budgets.for_app("other", "c", "https://api", &limits);
+        let again = budgets.for_app("busy", "c", "https://api", &limits);
+        assert_eq!(
+            again.remaining(ApiFamily::Offboard),
+            4,
+            "its call still counts"
+        );
+        drop(again);
+        tokio::time::advance(std::time::Duration::from_secs(11)).await;
+        let _third = budgets.for_app("third", "c", "https://api", &limits);
+        assert_eq!(budgets.len(), 2, "busy aged out; other and third are held");
+    }
+
+    #[test]
+    fn sign_in_waits_double_to_the_cap() {
+        let waits: Vec<Duration> = not_ready_waits().take(12).collect();
+        assert!(waits[0] >= RECHECK_NOT_READY);
+        assert!(waits.windows(2).take(3).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= RECHECK_NOT_READY_CAP));
+        assert_eq!(waits[11], RECHECK_NOT_READY_CAP);
     }
 }
