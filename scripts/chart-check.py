@@ -138,7 +138,25 @@ def check_rollout():
     print("chart-check: without leader election an upgrade never runs two controllers")
 
 
+def check_network_policy():
+    """The metrics port admits the named namespaces only, and nobody when none are named."""
+    def policy(extra):
+        objects = render({**SECRET, "networkPolicy": {"enabled": True, **extra}})
+        return next(o for o in objects if o["kind"] == "NetworkPolicy")["spec"]
+    closed = policy({})
+    if closed.get("ingress") != []:
+        fail(f"a NetworkPolicy without metricsNamespaces admits {closed.get('ingress')}")
+    spec = policy({"metricsNamespaces": ["monitoring"]})
+    peers = [peer for rule in spec["ingress"] for peer in rule.get("from", [])]
+    expected = [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}]}}]
+    if peers != expected or any("from" not in rule for rule in spec["ingress"]):
+        fail(f"metricsNamespaces [monitoring] renders ingress {spec['ingress']}")
+    print("chart-check: the NetworkPolicy admits the metrics port from the named namespaces only")
+
+
 lint_every_ci_values_file()
+check_network_policy()
 check_connections_rbac()
 check_refusals()
 check_rollout()

@@ -149,11 +149,66 @@ async fn ready_handler(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
+/// How the endpoint guards itself against clients that hold connections
+/// open (it is reachable by whatever the network lets reach the pod).
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client has to send its request's head.
+    pub header_read_timeout: std::time::Duration,
+    /// The longest a connection lives, its response included.
+    pub connection_timeout: std::time::Duration,
+}
+
+impl Default for ServeLimits {
+    /// A scraper and the kubelet's probes need a few connections, each a
+    /// few milliseconds: 32 at once, 5 s for a request head, 30 s in all.
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 32,
+            header_read_timeout: std::time::Duration::from_secs(5),
+            connection_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, probes: Probes) {
+    serve_with(listener, router(metrics, probes), ServeLimits::default()).await
+}
+
+/// The accept loop. By hand because `axum::serve` sets neither a connection
+/// limit nor a header-read timeout; hyper does the HTTP, with keep-alive off
+/// so every connection ends with its one response (a scrape opens another).
+pub async fn serve_with(listener: tokio::net::TcpListener, app: Router, limits: ServeLimits) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     }
-    let _ = axum::serve(listener, router(metrics, probes)).await;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(%error, "could not accept a metrics connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+            drop(slot);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -222,5 +277,55 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// A client that opens connections and sends nothing holds a slot for
+    /// the header-read timeout at most: with every slot taken, a scrape
+    /// waits and is then served.
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_cannot_starve_a_scrape() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 2,
+            header_read_timeout: std::time::Duration::from_millis(300),
+            connection_timeout: std::time::Duration::from_secs(5),
+        };
+        let app = router(Arc::new(Metrics::default()), Probes::default());
+        let server = tokio::spawn(serve_with(listener, app, limits));
+        let started = std::time::Instant::now();
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            scrape.read_to_string(&mut answer),
+        )
+        .await
+        .expect("the scrape is served once the idle connections time out")
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(250),
+            "both slots were held by the idle connections"
+        );
+        for mut stream in idle {
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                stream.read_to_end(&mut buf),
+            )
+            .await;
+            assert!(read.is_ok(), "an idle connection was closed");
+        }
+        server.abort();
     }
 }
