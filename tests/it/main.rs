@@ -25,4 +25,5 @@ mod lifecycle;
 mod observability;
 mod rbac;
 mod real_tenant;
+mod status_shapes;
 mod tenants;

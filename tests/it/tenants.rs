@@ -729,3 +729,126 @@ async fn a_missing_connection_crd_is_named_at_start() {
         "--connections: the DefenderConnection CRD is not installed: kubectl apply -f crds/defenderconnections.defender.offboard.dev.yaml"
     );
 }
+
+/// Whoever may create connections but not read Secrets learns nothing of a
+/// Secret's content by pointing a connection at it: for every malformed
+/// credential shape, no line of it appears in the connection's status, a
+/// resource's status or any Event of the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_byte_of_a_malformed_credential_reaches_status_or_events() {
+    let env = start(fast_sim_config(), second_tenant(fast_sim_config())).await;
+    // Key material as a person would find it in other Secrets: lines long
+    // enough to tell apart from any message.
+    let ec_with_blank_line = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkQ9c3tAfLq8eXr1SUPERSECRETLINEONEz0Jw6yq4Kp0oAoGCCqGSM49\n\nAwEHoUQDQgAEsecretlinetwoK7n3vQ8mX2bYHc4pZt1uW6aLr0eJdF9sN5qTgVhY\n-----END EC PRIVATE KEY-----\n";
+    let ed25519 = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEd25519SECRETLINEw1Zr9Qk3mT7pXa2Lc8VbN0Hs\n-----END PRIVATE KEY-----\n";
+    let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJTRUNSRVRUT0tFTkxJTkUifQ.c2lnbmF0dXJlU0VDUkVU";
+    let shapes: [(&str, Vec<u8>); 4] = [
+        ("ec-blank-line", ec_with_blank_line.as_bytes().to_vec()),
+        ("ed25519", ed25519.as_bytes().to_vec()),
+        ("binary", (0u8..=255).cycle().take(600).collect()),
+        ("token-file", token.as_bytes().to_vec()),
+    ];
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), "team-b");
+    let connections: Api<DefenderConnection> = Api::namespaced(env.client.clone(), "team-b");
+    for (name, bytes) in &shapes {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some("team-b".into()),
+                ..Default::default()
+            },
+            data: Some(
+                [(
+                    "tls.pem".to_string(),
+                    k8s_openapi::ByteString(bytes.clone()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let connection: DefenderConnection = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "team-b"},
+            "spec": {
+                "tenantId": "tenant-b",
+                "clientId": "app-b",
+                "apiUrl": env.second.base_url(),
+                "loginUrl": env.second.base_url(),
+                "credential": {"certificate": {"name": name, "key": "tls.pem"}},
+            },
+        }))
+        .unwrap();
+        connections
+            .create(&PostParams::default(), &connection)
+            .await
+            .unwrap();
+        create(
+            &env.client,
+            "team-b",
+            resource(&format!("via-{name}"), &"a".repeat(40), Some(name)),
+        )
+        .await;
+    }
+    // Every connection says it cannot sign in, and every resource says why it waits.
+    with_timeout(30, async {
+        loop {
+            let mut answered = 0;
+            for (name, _) in &shapes {
+                let reason = connection_reason(&env.client, "team-b", name).await;
+                if reason.is_some_and(|r| r != "SignedIn" && r != "Checking") {
+                    answered += 1;
+                }
+            }
+            let waiting = list(&env.client, "team-b")
+                .await
+                .iter()
+                .filter(|r| r.status.as_ref().is_some_and(|s| !s.conditions.is_empty()))
+                .count();
+            if answered == shapes.len() && waiting == shapes.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut seen = String::new();
+    for connection in connections.list(&ListParams::default()).await.unwrap() {
+        seen.push_str(&serde_json::to_string(&connection.status).unwrap());
+    }
+    for resource in list(&env.client, "team-b").await {
+        seen.push_str(&serde_json::to_string(&resource.status).unwrap());
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), "team-b");
+    for event in events.list(&ListParams::default()).await.unwrap() {
+        seen.push_str(&serde_json::to_string(&event).unwrap());
+    }
+    let core_events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(env.client.clone(), "team-b");
+    for event in core_events.list(&ListParams::default()).await.unwrap() {
+        seen.push_str(&serde_json::to_string(&event).unwrap());
+    }
+    assert!(
+        seen.contains("CredentialNotFound"),
+        "the messages say what is wrong: {seen}"
+    );
+    for (name, bytes) in &shapes {
+        let text = String::from_utf8_lossy(bytes);
+        for piece in text
+            .split(['\n', '.'])
+            .filter(|p| p.len() >= 12 && !p.starts_with("-----"))
+        {
+            assert!(
+                !seen.contains(piece),
+                "{name}: {piece:?} appeared in {seen}"
+            );
+        }
+    }
+    assert!(
+        env.second.stats().offboard_requests_by_machine.is_empty(),
+        "nothing sent"
+    );
+}

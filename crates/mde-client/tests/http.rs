@@ -149,9 +149,14 @@ async fn answer(mut stream: tokio::net::TcpStream, handler: &Handler, kept: &Mut
     } else {
         handler(&seen)
     };
+    // A redirect's target comes as the body's `location`.
+    let location = match (status, body.get("location").and_then(Value::as_str)) {
+        (300..=399, Some(to)) => format!("location: {to}\r\n"),
+        _ => String::new(),
+    };
     let body = body.to_string();
     let response = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{location}connection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
@@ -465,4 +470,25 @@ async fn a_certificate_signs_in_with_ps256_unless_rs256_is_asked_for() {
     assert_eq!(headers[2].alg, jsonwebtoken::Algorithm::RS256);
     assert_eq!(headers[2].x5t.as_deref(), Some(sha1));
     assert_eq!(headers[2].x5t_s256, None);
+}
+
+/// A redirect is never followed, whatever its code: the bearer token would go
+/// with the request to the `Location`'s host. The call fails, naming the
+/// answer, and the other host sees nothing.
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_the_token_goes_nowhere_else() {
+    let elsewhere = Scripted::start(|_| (200, json!({"value": []}))).await;
+    let target = format!("{}/api/machines", elsewhere.base);
+    for code in [301u16, 302, 307, 308] {
+        let to = target.clone();
+        let server = Scripted::start(move |_| (code, json!({"location": to}))).await;
+        let result = server.client().get_machine(&"a".repeat(40)).await;
+        assert!(result.is_err(), "{code}: {result:?}");
+        assert_eq!(server.api_calls().len(), 1, "{code}: one call, not retried");
+    }
+    assert!(
+        elsewhere.seen.lock().unwrap().is_empty(),
+        "the redirect target received {:?}",
+        elsewhere.seen.lock().unwrap()
+    );
 }
