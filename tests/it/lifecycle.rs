@@ -81,17 +81,21 @@ async fn wait_until_gone(nodes: &Api<Node>, name: &str) {
 async fn wait_for_phase(records: &Api<DeviceOffboard>, name: &str, phase: Phase) -> DeviceOffboard {
     // Seconds alone; the headroom is for a full parallel run on 2 cores,
     // where these node tests have once exceeded 60 s.
-    with_timeout(180, async {
-        loop {
-            if let Some(r) = records.get_opt(name).await.unwrap()
-                && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
-            {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let record = records.get_opt(name).await.unwrap();
+        if let Some(r) = &record
+            && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        {
+            return r.clone();
         }
-    })
-    .await
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached {phase:?}; last seen: {:#?}",
+            record.map(|r| r.status)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +151,10 @@ async fn deleting_a_windows_node_creates_one_offboard_and_one_post() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_deleted_while_the_operator_is_down_is_offboarded_after_restart() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("offboard_operator=debug,defender_offboard=debug")
+        .with_test_writer()
+        .try_init();
     let sim = spawn_sim(fast_sim_config()).await;
     let api = spawn_api().await;
     let admin = api.client().await.unwrap();

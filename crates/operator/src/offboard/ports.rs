@@ -188,9 +188,17 @@ pub trait StatusStore: Send + Sync {
 }
 
 /// Why the live Node `live` counts as the deleted `node` come back.
+///
+/// The deleted Node itself (same uid) is never "back": it stays, terminating,
+/// until the Node handler has recorded its `DeviceOffboard` and removed the
+/// finalizer, and a reconcile may read it in between. Nor is any other Node
+/// that is being deleted: its device is leaving, not in use again.
 pub fn node_is_back(node: &NodeIdentity, live: &Node) -> Option<String> {
     let name = live.metadata.name.as_deref().unwrap_or_default();
     let uid = live.metadata.uid.as_deref().unwrap_or_default();
+    if uid == node.uid || live.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
     let same = |a: Option<&str>, b: Option<&str>| matches!((a, b), (Some(a), Some(b)) if !a.trim().is_empty() && a.eq_ignore_ascii_case(b));
     let provider_id = live.spec.as_ref().and_then(|s| s.provider_id.as_deref());
     let system_uuid = live
@@ -451,5 +459,81 @@ impl StatusStore for MemoryStore {
             .nodes
             .iter()
             .find_map(|live| node_is_back(node, live)))
+    }
+}
+
+#[cfg(test)]
+mod node_is_back_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus, NodeSystemInfo};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn live(name: &str, uid: &str, provider: Option<&str>, uuid: &str, terminating: bool) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.uid = Some(uid.into());
+        n.metadata.deletion_timestamp = terminating.then(|| Time(jiff::Timestamp::now()));
+        n.spec = Some(NodeSpec {
+            provider_id: provider.map(Into::into),
+            ..NodeSpec::default()
+        });
+        n.status = Some(NodeStatus {
+            node_info: Some(NodeSystemInfo {
+                system_uuid: uuid.into(),
+                ..NodeSystemInfo::default()
+            }),
+            ..NodeStatus::default()
+        });
+        n
+    }
+
+    /// The rule, as a table: (live Node, is it the deleted Node come back).
+    #[test]
+    fn which_live_nodes_count_as_the_deleted_node_back() {
+        let deleted = NodeIdentity {
+            name: "win-1".into(),
+            uid: "uid-old".into(),
+            provider_id: Some("azure:///vm-1".into()),
+            system_uuid: Some("UUID-1".into()),
+        };
+        let cases = [
+            // The deleted Node itself, still held by the finalizer.
+            (
+                live("win-1", "uid-old", Some("azure:///vm-1"), "UUID-1", true),
+                false,
+            ),
+            // The deleted Node itself, read before the deletion shows.
+            (
+                live("win-1", "uid-old", Some("azure:///vm-1"), "UUID-1", false),
+                false,
+            ),
+            // A new Node of the same name.
+            (live("win-1", "uid-new", None, "other", false), true),
+            // A new Node of the same name, itself being deleted.
+            (live("win-1", "uid-new", None, "other", true), false),
+            // Another name, the same cloud VM.
+            (
+                live("win-2", "uid-new", Some("AZURE:///VM-1"), "other", false),
+                true,
+            ),
+            // Another name, the same machine.
+            (live("win-2", "uid-new", None, "uuid-1", false), true),
+            // Unrelated.
+            (
+                live("win-2", "uid-new", Some("azure:///vm-2"), "UUID-2", false),
+                false,
+            ),
+            // Blank identities never match.
+            (live("win-2", "uid-new", Some(" "), " ", false), false),
+        ];
+        for (i, (node, back)) in cases.iter().enumerate() {
+            assert_eq!(node_is_back(&deleted, node).is_some(), *back, "case {i}");
+        }
+        let blank = NodeIdentity {
+            provider_id: Some(" ".into()),
+            system_uuid: Some(" ".into()),
+            ..deleted.clone()
+        };
+        assert!(node_is_back(&blank, &cases[7].0).is_none());
     }
 }
