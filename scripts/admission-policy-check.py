@@ -21,6 +21,7 @@ CHART = os.path.join(os.path.dirname(__file__), "..", "charts", "defender-offboa
 OPERATOR = "system:serviceaccount:ops:defender-offboard"
 SOMEONE = "alice@contoso.com"
 FINAL = "defender.offboard.dev/final"
+CANCEL = "defender.offboard.dev/cancel"
 
 
 def fail(message):
@@ -86,11 +87,12 @@ def node(labels=None, annotations=None, finalizers=None, taints=None):
     }
 
 
-def offboard(labels=None):
+def offboard(labels=None, annotations=None):
     return {
         "apiVersion": "defender.offboard.dev/v1alpha1",
         "kind": "DeviceOffboard",
-        "metadata": {"name": "pc-1", "namespace": "it", **({"labels": labels} if labels is not None else {})},
+        "metadata": {"name": "pc-1", "namespace": "it", **({"labels": labels} if labels is not None else {}),
+                     **({"annotations": annotations} if annotations is not None else {})},
         "spec": {"deviceName": "pc-1.contoso.com", "comment": "returned"},
     }
 
@@ -132,6 +134,20 @@ SAMPLES = [
      {"resource": "deviceoffboards", "operation": "UPDATE", "user": SOMEONE, "oldObject": offboard({FINAL: "true"}), "object": offboard({})}, True),
     ("final-label", "the operator sets the final label",
      {"resource": "deviceoffboards", "operation": "UPDATE", "user": OPERATOR, "oldObject": offboard(), "object": offboard({FINAL: "true"})}, True),
+    ("cancel-reason", "a person cancels with a reason",
+     {"resource": "deviceoffboards", "operation": "UPDATE", "user": SOMEONE, "oldObject": offboard(), "object": offboard(annotations={CANCEL: "wrong device"})}, True),
+    ("cancel-reason", "a person cancels with a reason of 900 characters (multi-byte)",
+     {"resource": "deviceoffboards", "operation": "UPDATE", "user": SOMEONE, "oldObject": offboard(), "object": offboard(annotations={CANCEL: "é" * 900})}, True),
+    ("cancel-reason", "a person cancels with a reason of 901 characters",
+     {"resource": "deviceoffboards", "operation": "UPDATE", "user": SOMEONE, "oldObject": offboard(), "object": offboard(annotations={CANCEL: "x" * 901})}, False),
+    ("cancel-reason", "a person creates one already cancelled with 256 KiB of reason",
+     {"resource": "deviceoffboards", "operation": "CREATE", "user": SOMEONE, "oldObject": None, "object": offboard(annotations={CANCEL: "x" * 256 * 1024})}, False),
+    ("cancel-reason", "the operator labels a resource whose long reason predates the policy",
+     {"resource": "deviceoffboards", "operation": "UPDATE", "user": OPERATOR, "oldObject": offboard(annotations={CANCEL: "x" * 2000}), "object": offboard({FINAL: "true"}, annotations={CANCEL: "x" * 2000})}, True),
+    ("cancel-reason", "a person lengthens a reason that predates the policy",
+     {"resource": "deviceoffboards", "operation": "UPDATE", "user": SOMEONE, "oldObject": offboard(annotations={CANCEL: "x" * 2000}), "object": offboard(annotations={CANCEL: "x" * 2001})}, False),
+    ("cancel-reason", "a long annotation that is not the cancel one",
+     {"resource": "deviceoffboards", "operation": "CREATE", "user": SOMEONE, "oldObject": None, "object": offboard(annotations={"team/notes": "x" * 4096})}, True),
 ]
 
 
@@ -140,7 +156,7 @@ def main():
                            "nodeOffboarding": {"enabled": True}}))
     policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"}
     bindings = {o["spec"]["policyName"] for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"}
-    if sorted(policies) != ["defender-offboard-final-label", "defender-offboard-node-finalizer-only"]:
+    if sorted(policies) != ["defender-offboard-cancel-reason", "defender-offboard-final-label", "defender-offboard-node-finalizer-only"]:
         fail(f"unexpected policies: {sorted(policies)}")
     if bindings != set(policies):
         fail(f"every policy needs its binding: {bindings} vs {set(policies)}")
