@@ -104,7 +104,9 @@ pub struct RunArgs {
     pub namespace: Option<String>,
     #[command(flatten)]
     pub connection: ConnectionArgs,
-    /// Resources reconciled at the same time.
+    /// Resources reconciled at the same time for each connection (the
+    /// operator's own credentials and each `DefenderConnection`); all
+    /// connections together at most 16 times as many.
     #[arg(long, default_value_t = 8, env = "DEFENDER_CONCURRENCY")]
     pub concurrency: u16,
     /// Address of /metrics, /healthz and /readyz.

@@ -85,7 +85,8 @@ pub async fn hostile_row(
     connections: usize,
     recreate: usize,
 ) -> Hostile {
-    let stage: Stage = suite::stage(resources + 8, config.time_scale).await;
+    // Not every simulated machine is Windows: room for the ones that are not.
+    let stage: Stage = suite::stage((resources + 1) * 5 / 4 + 200, config.time_scale).await;
     let limits = suite::scaled(&suite::mde_limits(), config.time_scale, 1.0);
     let helper = suite::mde_client(
         &stage.sim,

@@ -65,6 +65,15 @@ impl Drop for Tenants {
 }
 
 async fn start(own: SimConfig, second: SimConfig) -> Tenants {
+    start_with(own, second, |_| {}).await
+}
+
+/// [`start`], with more of `run`'s arguments set by `configure`.
+async fn start_with(
+    own: SimConfig,
+    second: SimConfig,
+    configure: impl FnOnce(&mut defender_offboard::cli::RunArgs),
+) -> Tenants {
     let own = spawn_sim(own).await;
     let second = spawn_sim(second).await;
     let api = spawn_api().await;
@@ -109,6 +118,7 @@ async fn start(own: SimConfig, second: SimConfig) -> Tenants {
             run.default_connection_namespaces = Some(DefaultNamespaces::Only(
                 ["team-a".to_string()].into_iter().collect(),
             ));
+            configure(run);
         },
     )
     .unwrap();
@@ -248,6 +258,87 @@ async fn a_throttled_tenant_does_not_slow_another() {
         a.offboard_requests_by_key.values().all(|n| *n == 1),
         "A's throttling never doubled a POST: {:?}",
         a.offboard_requests_by_key
+    );
+}
+
+/// Tenant A's MDE hangs: every call takes a minute, longer than the
+/// client's 10 s timeout, and each first send reads its machine first (no
+/// adopt index). Twenty of A's resources are applied first, more
+/// than the slots of a connection, so A's calls hold every slot it has. B's
+/// resources are still sent at once: each is at B's MDE while none of A's
+/// calls has come back, timed out or answered (no A resource has anything
+/// in its status but the wait). With one pool for every tenant, B's
+/// reconciles waited until A's calls timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_holds_no_worker_another_needs() {
+    let mut hanging = fast_sim_config();
+    // Simulated time: a minute of wall time at the test's time scale.
+    hanging.faults.latency = Duration::from_secs(60) * hanging.time_scale as u32;
+    // Without the adopt index every first send reads its machine's actions:
+    // one hanging call per resource, each in a worker.
+    let env = start_with(hanging, second_tenant(fast_sim_config()), |run| {
+        run.adopt_window = Duration::ZERO;
+    })
+    .await;
+    create_connection(&env.client, "team-b", "tenant-b", &env.second)
+        .await
+        .unwrap();
+    wait_for_connection(&env.client, "team-b", "tenant-b", "SignedIn").await;
+    let machines = windows_machines(&second_client(&env.second), 25).await;
+    for (i, machine) in machines[..20].iter().enumerate() {
+        create(
+            &env.client,
+            "team-a",
+            resource(&format!("a-{i}"), machine, None),
+        )
+        .await;
+    }
+    // A's reconciles are under way (they wait on A's MDE).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, machine) in machines[20..].iter().enumerate() {
+        create(
+            &env.client,
+            "team-b",
+            resource(&format!("b-{i}"), machine, Some("tenant-b")),
+        )
+        .await;
+    }
+    with_timeout(60, async {
+        while env.second.stats().offboard_requests_by_key.len() < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let a = list(&env.client, "team-a").await;
+    let answered: Vec<_> = a
+        .iter()
+        .filter(|r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.last_error.is_some()
+                    || s.machine_action_id.is_some()
+                    || s.phase.is_some_and(Phase::is_terminal)
+            })
+        })
+        .map(|r| r.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        answered.is_empty(),
+        "B was sent only after A's calls came back: {answered:?}"
+    );
+    let b = env.second.stats();
+    assert!(
+        b.offboard_requests_by_key.values().all(|n| *n == 1),
+        "one POST per resource: {:?}",
+        b.offboard_requests_by_key
+    );
+    assert_eq!(
+        env.own
+            .stats()
+            .offboard_requests_by_key
+            .values()
+            .sum::<u64>(),
+        0,
+        "no POST of A has been answered"
     );
 }
 

@@ -5,6 +5,7 @@ use super::decision::Settings;
 use super::ports::{KubeStore, MdeCalls};
 use super::state::OffboardState;
 use super::step::Ports;
+use super::tenant_slots::TenantSlots;
 use crate::cache::parked::ParkingLot;
 use crate::metrics::Metrics;
 use crate::telemetry::Liveness;
@@ -29,6 +30,8 @@ pub struct Context<M = DefenderClient> {
     pub(crate) settings: Settings,
     /// Resources waiting outside the cache until their `nextRetryAt`.
     pub(crate) parked: Arc<ParkingLot>,
+    /// Each connection's reconcile slots ([`super::tenant_slots`]).
+    pub(crate) slots: TenantSlots,
 }
 
 impl<M: MdeCalls> Context<M> {
@@ -73,6 +76,7 @@ impl<M: MdeCalls> Context<M> {
             metrics,
             settings,
             parked: Arc::default(),
+            slots: TenantSlots::default(),
         }
     }
 

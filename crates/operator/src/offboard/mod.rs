@@ -13,6 +13,7 @@ pub(crate) mod reconcile;
 pub mod state;
 pub mod status;
 pub mod step;
+pub mod tenant_slots;
 
 pub use context::Context;
 pub use ports::{KubeStore, MdeCalls, MemoryStore, StatusStore};

@@ -9,6 +9,7 @@ use crate::cache::final_label;
 use crate::crd::DeviceOffboard;
 use crate::error::{Error, Result};
 use crate::metrics::ErrorLabels;
+use crate::tenants::ConnectionKey;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use std::sync::Arc;
@@ -19,6 +20,11 @@ pub(crate) async fn reconcile<M: MdeCalls>(
     obj: Arc<DeviceOffboard>,
     ctx: Arc<Context<M>>,
 ) -> Result<Action> {
+    // One of the connection's slots, or back soon holding nothing: no
+    // tenant's waits hold a worker another tenant needs.
+    let Some(_slot) = ctx.slots.try_take(&ConnectionKey::of(&obj)) else {
+        return Ok(Action::requeue(super::tenant_slots::BUSY_RETRY));
+    };
     // Final in status, label lost (a crash between the two writes): nothing
     // is done for it but the label that takes it out of the watch.
     if final_label::needs_label(&obj) {

@@ -249,6 +249,7 @@ pub async fn run_with_connections(
     ctx: Arc<Context<DefenderClient>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    ctx.slots.set_per_connection(args.concurrency.into());
     let connections = args.connections.then(|| {
         let shared = tenants::controller::Shared {
             client: ctx.client.clone(),
@@ -312,7 +313,9 @@ pub async fn run_controller<M: MdeCalls>(
         revive,
     )));
     let controller = Controller::for_stream(objects, reader)
-        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .with_config(ControllerConfig::default().concurrency(
+            crate::offboard::tenant_slots::global_concurrency(args.concurrency),
+        ))
         .graceful_shutdown_on(shutdown);
     // Aborted when this future ends or is dropped (e.g. a lost lease aborts
     // the whole controller): a detached poller would keep writing.
