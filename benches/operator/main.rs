@@ -2,6 +2,7 @@
 //! `cargo bench --bench operator -- --resources 10000`.
 //! See `suite.rs`; it prints figures and asserts no timing.
 
+mod fairness;
 mod hostile;
 mod suite;
 
@@ -44,6 +45,10 @@ struct Args {
     /// one connection (each object with 255 KiB of annotations).
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 300, 200])]
     hostile: Vec<usize>,
+    /// The fairness row: resources of tenant A (each MDE call 2 s) and of
+    /// tenant B (a connection of its own).
+    #[arg(long, value_delimiter = ',', default_values_t = [10000, 200])]
+    fairness: Vec<usize>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -70,6 +75,10 @@ async fn main() {
         shared: args.shared,
         run_args: args.run_args,
         only: args.only,
+        fairness: (
+            args.fairness.first().copied().unwrap_or(0),
+            args.fairness.get(1).copied().unwrap_or(0),
+        ),
         hostile: (
             args.hostile.first().copied().unwrap_or(0),
             args.hostile.get(1).copied().unwrap_or(0),

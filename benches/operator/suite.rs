@@ -56,6 +56,9 @@ pub struct Config {
     /// The hostile namespace's resources, connections and recreations
     /// (no row when resources is 0).
     pub hostile: (usize, usize, usize),
+    /// The fairness row's resources of tenant A and of tenant B (no row
+    /// when A's is 0).
+    pub fairness: (usize, usize),
 }
 
 impl Config {
@@ -125,13 +128,29 @@ pub struct Stage {
 }
 
 pub async fn stage(machines: usize, time_scale: f64) -> Stage {
+    stage_with(sim_config(machines, time_scale)).await
+}
+
+/// A simulated tenant with `machines` and MDE's own limits (the simulator
+/// divides its windows by the time scale).
+pub fn sim_config(machines: usize, time_scale: f64) -> SimConfig {
+    SimConfig {
+        machines,
+        time_scale,
+        rate_limits: simulator::RateLimits::mde().0,
+        ..SimConfig::default()
+    }
+}
+
+/// [`stage`] with the operator's own tenant simulated as `sim` says (its
+/// tenant, app and secret are `run`'s).
+pub async fn stage_with(sim: SimConfig) -> Stage {
     let sim = simulator::spawn(
         SimConfig {
-            machines,
-            time_scale,
-            // MDE's own limits; the simulator divides its windows by the time scale.
-            rate_limits: simulator::RateLimits::mde().0,
-            ..SimConfig::default()
+            tenant_id: TENANT.into(),
+            client_id: CLIENT.into(),
+            client_secret: SECRET.into(),
+            ..sim
         },
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
@@ -163,14 +182,24 @@ pub fn mde_client(
     limits: RateLimits,
     observer: Arc<dyn CallObserver>,
 ) -> DefenderClient {
+    mde_client_as(sim, limits, observer)
+}
+
+/// A client of `sim` signing in with the simulator's own tenant, app and secret.
+pub fn mde_client_as(
+    sim: &SimHandle,
+    limits: RateLimits,
+    observer: Arc<dyn CallObserver>,
+) -> DefenderClient {
     let url = sim.base_url();
+    let identity = sim.config();
     DefenderClient::new(
         ClientConfig {
             endpoints: Endpoints::new(Cloud::Commercial, Some(&url), Some(&url)).unwrap(),
             identity: ClientIdentity::from_parts(
-                Some(TENANT.into()),
-                Some(CLIENT.into()),
-                Some(SECRET.into()),
+                Some(identity.tenant_id),
+                Some(identity.client_id),
+                Some(identity.client_secret),
                 None,
                 None,
             )
@@ -235,13 +264,23 @@ pub fn resource(name: &str, machine: &str) -> DeviceOffboard {
 
 /// When each resource got its action id and its final phase, seen from a watch.
 #[derive(Default)]
-struct Seen {
-    recorded: HashMap<String, Instant>,
-    finished: HashMap<String, Instant>,
+pub struct Seen {
+    pub recorded: HashMap<String, Instant>,
+    pub finished: HashMap<String, Instant>,
 }
 
 fn watch_all(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()> {
-    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), NAMESPACE);
+    watch_namespace(client, NAMESPACE, seen)
+}
+
+/// Record into `seen` when each resource of `namespace` got its action id
+/// and its final phase.
+pub fn watch_namespace(
+    client: &kube::Client,
+    namespace: &str,
+    seen: Arc<Mutex<Seen>>,
+) -> tokio::task::JoinHandle<()> {
+    let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), namespace);
     tokio::spawn(async move {
         let stream = watcher(api, watcher::Config::default()).applied_objects();
         futures::pin_mut!(stream);
@@ -750,6 +789,7 @@ pub struct Report {
     pub naive: Option<Naive>,
     pub polls: Vec<(usize, usize, usize)>,
     pub hostile: Option<super::hostile::Hostile>,
+    pub fairness: Option<super::fairness::Fairness>,
     pub wall: Duration,
 }
 
@@ -792,11 +832,17 @@ pub async fn run(config: &Config) -> Report {
         eprintln!("{row:?}");
         report.hostile = Some(row);
     }
+    let (a, b) = config.fairness;
+    if a > 0 && config.runs("fairness") {
+        let row = super::fairness::fairness_row(config, a, b).await;
+        eprintln!("{row:?}");
+        report.fairness = Some(row);
+    }
     report.wall = started.elapsed();
     report
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -915,6 +961,9 @@ pub fn table(report: &Report, config: &Config) -> String {
     }
     if let Some(hostile) = &report.hostile {
         line(super::hostile::table(hostile));
+    }
+    if let Some(fairness) = &report.fairness {
+        line(super::fairness::table(fairness));
     }
     line(String::new());
     line(format!(

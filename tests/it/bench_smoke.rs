@@ -2,6 +2,8 @@
 //! it cannot rot. Asserts what it counts (one POST per resource, every
 //! resource final, one poll call), never a time.
 
+#[path = "../../benches/operator/fairness.rs"]
+mod fairness;
 #[path = "../../benches/operator/hostile.rs"]
 mod hostile;
 #[path = "../../benches/operator/suite.rs"]
@@ -20,6 +22,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         run_args: Vec::new(),
         only: Vec::new(),
         hostile: (6, 3, 3),
+        fairness: (20, 4),
     };
     let report = suite::run(&config).await;
     let table = suite::table(&report, &config);
@@ -40,5 +43,13 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
     assert_eq!(hostile.hostile_posts, 0, "{hostile:?}");
     assert_eq!(hostile.answered, hostile.resources, "{hostile:?}");
     assert!(hostile.own_sent, "{hostile:?}");
+    let fairness = report.fairness.expect("the fairness row ran");
+    assert_eq!(fairness.max_posts_per_machine, 1, "{fairness:?}");
+    for phase in [&fairness.alone, &fairness.loaded] {
+        // Every probe was recorded (the first is left out) and the burst
+        // reached B's MDE.
+        assert!(phase.p99_ms.is_finite(), "{fairness:?}");
+        assert_eq!(phase.burst_sent, phase.burst as u64, "{fairness:?}");
+    }
     assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
 }
