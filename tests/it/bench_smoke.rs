@@ -34,6 +34,13 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         assert_eq!(row.duplicates, 0, "{row:?}");
     }
     assert_eq!(report.rows[1].history, 6);
+    let (_, reads_at_start) = report.rows[1]
+        .cold_start
+        .expect("the first probe was recorded");
+    assert!(
+        reads_at_start > 0,
+        "the machine check read MDE before the first send"
+    );
     assert_eq!(report.polls, [(3, 1, 1), (60, 1, 2)], "one call per poll");
     let naive = report.naive.expect("the naive loop ran");
     assert_eq!(naive.posts, naive.resources as u64);
