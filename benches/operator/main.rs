@@ -5,6 +5,7 @@
 mod fairness;
 mod hostile;
 mod suite;
+mod takeover;
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -49,6 +50,10 @@ struct Args {
     /// tenant B (a connection of its own).
     #[arg(long, value_delimiter = ',', default_values_t = [10000, 200])]
     fairness: Vec<usize>,
+    /// The takeover row's resources (two replicas, the leader killed at 30 %
+    /// of the POSTs; `run`'s default 15 s lease).
+    #[arg(long, default_value_t = 10_000)]
+    takeover: usize,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -75,6 +80,7 @@ async fn main() {
         shared: args.shared,
         run_args: args.run_args,
         only: args.only,
+        takeover: (args.takeover, takeover::DEFAULT_LEASE),
         fairness: (
             args.fairness.first().copied().unwrap_or(0),
             args.fairness.get(1).copied().unwrap_or(0),

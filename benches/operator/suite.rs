@@ -59,6 +59,8 @@ pub struct Config {
     /// The fairness row's resources of tenant A and of tenant B (no row
     /// when A's is 0).
     pub fairness: (usize, usize),
+    /// The takeover row's resources (no row when 0) and lease.
+    pub takeover: (usize, Duration),
 }
 
 impl Config {
@@ -312,11 +314,16 @@ fn free_port() -> u16 {
 }
 
 pub fn start_run(config: &Config, stage: &Stage, limits: &RateLimits) -> Run {
+    start_run_logged(config, stage, limits, "run")
+}
+
+/// [`start_run`], its stderr in `<name>.log` (several `run`s on one stage).
+pub fn start_run_logged(config: &Config, stage: &Stage, limits: &RateLimits, name: &str) -> Run {
     let kubeconfig = stage.dir.path().join("kubeconfig");
     stage.api.write_kubeconfig(&kubeconfig).unwrap();
     let secret = stage.dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
-    let log = std::fs::File::create(stage.dir.path().join("run.log")).unwrap();
+    let log = std::fs::File::create(stage.dir.path().join(format!("{name}.log"))).unwrap();
     let scale = |secs: f64| format!("{}ms", ((secs * 1000.0 / config.time_scale) as u64).max(1));
     let child = tokio::process::Command::new(&config.bin)
         .arg("run")
@@ -811,6 +818,7 @@ pub struct Report {
     pub polls: Vec<(usize, usize, usize)>,
     pub hostile: Option<super::hostile::Hostile>,
     pub fairness: Option<super::fairness::Fairness>,
+    pub takeover: Option<super::takeover::Takeover>,
     pub wall: Duration,
 }
 
@@ -858,6 +866,12 @@ pub async fn run(config: &Config) -> Report {
         let row = super::fairness::fairness_row(config, a, b).await;
         eprintln!("{row:?}");
         report.fairness = Some(row);
+    }
+    let (n, lease) = config.takeover;
+    if n > 0 && config.runs("takeover") {
+        let row = super::takeover::takeover_row(config, n, lease).await;
+        eprintln!("{row:?}");
+        report.takeover = Some(row);
     }
     report.wall = started.elapsed();
     report
@@ -995,6 +1009,9 @@ pub fn table(report: &Report, config: &Config) -> String {
     }
     if let Some(fairness) = &report.fairness {
         line(super::fairness::table(fairness));
+    }
+    if let Some(takeover) = &report.takeover {
+        line(super::takeover::table(takeover));
     }
     line(String::new());
     line(format!(

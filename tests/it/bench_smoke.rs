@@ -8,6 +8,8 @@ mod fairness;
 mod hostile;
 #[path = "../../benches/operator/suite.rs"]
 mod suite;
+#[path = "../../benches/operator/takeover.rs"]
+mod takeover;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_benchmark_runs_at_a_tiny_size() {
@@ -23,6 +25,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         only: Vec::new(),
         hostile: (6, 3, 3),
         fairness: (20, 4),
+        takeover: (250, std::time::Duration::from_secs(3)),
     };
     let report = suite::run(&config).await;
     let table = suite::table(&report, &config);
@@ -58,5 +61,15 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         assert!(phase.p99_ms.is_finite(), "{fairness:?}");
         assert_eq!(phase.burst_sent, phase.burst as u64, "{fairness:?}");
     }
+    let takeover = report.takeover.expect("the takeover row ran");
+    assert!(
+        takeover.first_post.is_some(),
+        "the standby sent: {takeover:?}"
+    );
+    assert_eq!(takeover.posts, 250, "every resource sent: {takeover:?}");
+    assert_eq!(
+        takeover.max_posts_per_machine, 1,
+        "no second POST: {takeover:?}"
+    );
     assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
 }
