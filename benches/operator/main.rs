@@ -4,6 +4,7 @@
 
 mod fairness;
 mod hostile;
+mod many_tenants;
 mod suite;
 mod takeover;
 
@@ -34,7 +35,8 @@ struct Args {
     /// (comma-separated; the last holds the history).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
-    /// Run only these parts (comma-separated: polls, rows, naive, shared).
+    /// Run only these parts (comma-separated: polls, rows, naive, shared,
+    /// hostile, fairness, takeover, tenants).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The binary whose `run` is measured (default: the one built with the
@@ -54,6 +56,10 @@ struct Args {
     /// of the POSTs; `run`'s default 15 s lease).
     #[arg(long, default_value_t = 10_000)]
     takeover: usize,
+    /// The many-tenants row: tenants (a simulator and a connection each)
+    /// and resources of each.
+    #[arg(long, value_delimiter = ',', default_values_t = [200, 50])]
+    many_tenants: Vec<usize>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -80,6 +86,10 @@ async fn main() {
         shared: args.shared,
         run_args: args.run_args,
         only: args.only,
+        many_tenants: (
+            args.many_tenants.first().copied().unwrap_or(0),
+            args.many_tenants.get(1).copied().unwrap_or(0),
+        ),
         takeover: (args.takeover, takeover::DEFAULT_LEASE),
         fairness: (
             args.fairness.first().copied().unwrap_or(0),

@@ -59,6 +59,8 @@ pub struct Config {
     /// The fairness row's resources of tenant A and of tenant B (no row
     /// when A's is 0).
     pub fairness: (usize, usize),
+    /// The many-tenants row: tenants and resources each (no row when 0).
+    pub many_tenants: (usize, usize),
     /// The takeover row's resources (no row when 0) and lease.
     pub takeover: (usize, Duration),
 }
@@ -819,6 +821,7 @@ pub struct Report {
     pub hostile: Option<super::hostile::Hostile>,
     pub fairness: Option<super::fairness::Fairness>,
     pub takeover: Option<super::takeover::Takeover>,
+    pub many_tenants: Option<super::many_tenants::ManyTenants>,
     pub wall: Duration,
 }
 
@@ -872,6 +875,12 @@ pub async fn run(config: &Config) -> Report {
         let row = super::takeover::takeover_row(config, n, lease).await;
         eprintln!("{row:?}");
         report.takeover = Some(row);
+    }
+    let (tenants, each) = config.many_tenants;
+    if tenants > 0 && config.runs("tenants") {
+        let row = super::many_tenants::many_tenants_row(config, tenants, each).await;
+        eprintln!("{row:?}");
+        report.many_tenants = Some(row);
     }
     report.wall = started.elapsed();
     report
@@ -1012,6 +1021,9 @@ pub fn table(report: &Report, config: &Config) -> String {
     }
     if let Some(takeover) = &report.takeover {
         line(super::takeover::table(takeover));
+    }
+    if let Some(many) = &report.many_tenants {
+        line(super::many_tenants::table(many));
     }
     line(String::new());
     line(format!(

@@ -6,6 +6,8 @@
 mod fairness;
 #[path = "../../benches/operator/hostile.rs"]
 mod hostile;
+#[path = "../../benches/operator/many_tenants.rs"]
+mod many_tenants;
 #[path = "../../benches/operator/suite.rs"]
 mod suite;
 #[path = "../../benches/operator/takeover.rs"]
@@ -25,6 +27,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         only: Vec::new(),
         hostile: (6, 3, 3),
         fairness: (20, 4),
+        many_tenants: (3, 12),
         takeover: (250, std::time::Duration::from_secs(3)),
     };
     let report = suite::run(&config).await;
@@ -71,5 +74,9 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         takeover.max_posts_per_machine, 1,
         "no second POST: {takeover:?}"
     );
+    let many = report.many_tenants.expect("the many-tenants row ran");
+    assert_eq!(many.posts, 36, "every tenant's resources sent: {many:?}");
+    assert_eq!(many.max_posts_per_machine, 1, "{many:?}");
+    assert!(many.min_ratio() > 0.0, "every tenant finished: {many:?}");
     assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
 }
