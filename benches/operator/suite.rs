@@ -11,7 +11,7 @@ use defender_offboard::mde::limiter::{ApiFamily, RateLimit, RateLimits};
 use defender_offboard::mde::{
     BudgetWait, ClientConfig, ClientIdentity, Cloud, DefenderClient, Endpoints,
 };
-use defender_offboard::operator::cache::final_label::FINAL_LABEL;
+use defender_offboard::operator::cache::final_label::{FINAL_HOUR_LABEL, FINAL_LABEL, final_hour};
 use defender_offboard::operator::offboard::poll_plan::{self, Density, InFlight};
 use defender_offboard::simulator::{self, SimConfig, SimHandle};
 use futures::{StreamExt, TryStreamExt};
@@ -445,6 +445,11 @@ async fn seed_history(client: &kube::Client, count: usize) {
                 let name = format!("history-{i}");
                 let mut obj = resource(&name, &format!("{:040x}", i));
                 obj.labels_mut().insert(FINAL_LABEL.into(), "true".into());
+                // Labelled as the operator labels a resource that finished a day ago.
+                obj.labels_mut().insert(
+                    FINAL_HOUR_LABEL.into(),
+                    final_hour(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24)),
+                );
                 api.create(&PostParams::default(), &obj).await.unwrap();
                 let status = DeviceOffboardStatus {
                     phase: Some(Phase::Succeeded),

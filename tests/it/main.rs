@@ -12,6 +12,7 @@
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
 mod bench_smoke;
+mod budget_seed;
 mod chart;
 mod cli;
 mod client;

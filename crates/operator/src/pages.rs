@@ -36,6 +36,14 @@ impl Pages {
         }
     }
 
+    /// A list of the objects `selector` selects, in pages of `limit`.
+    pub fn with_labels(limit: u32, selector: &str) -> Self {
+        Pages {
+            params: ListParams::default().limit(limit).labels(selector),
+            ..Self::new(limit)
+        }
+    }
+
     /// The parameters of the next page to read.
     pub fn params(&self) -> &ListParams {
         &self.params

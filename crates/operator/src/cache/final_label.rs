@@ -19,6 +19,44 @@ use serde_json::json;
 /// The label of a finished resource.
 pub const FINAL_LABEL: &str = "defender.offboard.dev/final";
 
+/// The UTC hour (`YYYYMMDDHH`) in which a resource was labelled final, set
+/// with [`FINAL_LABEL`]. Labelling comes after the send, so a resource sent
+/// within the budget's window was labelled in one of the last few hours: the
+/// budget seed at start reads only those ([`recent_hours_selector`]), not a
+/// cluster's whole history.
+pub const FINAL_HOUR_LABEL: &str = "defender.offboard.dev/final-hour";
+
+/// The [`FINAL_HOUR_LABEL`] value for `at`.
+pub fn final_hour(at: jiff::Timestamp) -> String {
+    at.strftime("%Y%m%d%H").to_string()
+}
+
+/// Labelled final in an hour from `since` to `until` (both included).
+pub fn recent_hours_selector(since: jiff::Timestamp, until: jiff::Timestamp) -> String {
+    let mut hours = Vec::new();
+    let mut at = since;
+    // Steps of at most an hour: every hour between is hit.
+    loop {
+        hours.push(final_hour(at));
+        if at >= until {
+            break;
+        }
+        at = at
+            .saturating_add(jiff::SignedDuration::from_hours(1))
+            .unwrap_or(until)
+            .min(until);
+    }
+    hours.dedup();
+    format!(
+        "{FINAL_LABEL}=true,{FINAL_HOUR_LABEL} in ({})",
+        hours.join(",")
+    )
+}
+
+/// Labelled final by a version that wrote no hour: read whole by the seed.
+pub const LABELLED_WITHOUT_HOUR_SELECTOR: &str =
+    "defender.offboard.dev/final=true,!defender.offboard.dev/final-hour";
+
 /// What the controller watches: everything not yet labelled final.
 pub const WATCH_SELECTOR: &str = "defender.offboard.dev/final!=true";
 
@@ -73,8 +111,9 @@ pub fn needs_label(obj: &DeviceOffboard) -> bool {
 
 /// The merge patch that labels a resource final, with the resourceVersion
 /// the status was read at as a precondition.
-pub fn label_patch(resource_version: Option<&str>) -> serde_json::Value {
-    json!({ "metadata": { "resourceVersion": resource_version, "labels": { FINAL_LABEL: "true" } } })
+pub fn label_patch(resource_version: Option<&str>, now: jiff::Timestamp) -> serde_json::Value {
+    json!({ "metadata": { "resourceVersion": resource_version,
+        "labels": { FINAL_LABEL: "true", FINAL_HOUR_LABEL: final_hour(now) } } })
 }
 
 /// Label a final resource. The patch goes by name, so it carries the
@@ -93,7 +132,7 @@ pub async fn label(
         field_manager: Some(crate::crd::FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    let patch = label_patch(obj.resource_version().as_deref());
+    let patch = label_patch(obj.resource_version().as_deref(), jiff::Timestamp::now());
     api.patch(&obj.name_any(), &params, &Patch::Merge(&patch))
         .await
 }
@@ -157,6 +196,20 @@ mod tests {
         );
     }
 
+    /// The seed's selector names every hour from the first to the last.
+    #[test]
+    fn recent_hours_cover_the_whole_span() {
+        let at = |t: &str| t.parse::<jiff::Timestamp>().unwrap();
+        assert_eq!(
+            recent_hours_selector(at("2026-12-07T11:59:30Z"), at("2026-12-07T13:05:00Z")),
+            "defender.offboard.dev/final=true,defender.offboard.dev/final-hour in (2026120711,2026120712,2026120713)"
+        );
+        assert_eq!(
+            recent_hours_selector(at("2026-12-31T23:10:00Z"), at("2027-01-01T00:20:00Z")),
+            "defender.offboard.dev/final=true,defender.offboard.dev/final-hour in (2026123123,2027010100)"
+        );
+    }
+
     fn with(phase: Option<Phase>, label: Option<&str>) -> DeviceOffboard {
         let mut obj = test_kit::offboard("r").device_name("d").comment("c");
         if let Some(phase) = phase {
@@ -193,7 +246,8 @@ mod tests {
     fn the_selector_leaves_out_exactly_the_label() {
         assert_eq!(WATCH_SELECTOR, format!("{FINAL_LABEL}!=true"));
         assert_eq!(LABELLED_SELECTOR, format!("{FINAL_LABEL}=true"));
-        let patch = label_patch(Some("41"));
+        let patch = label_patch(Some("41"), "2026-12-07T13:45:00Z".parse().unwrap());
+        assert_eq!(patch["metadata"]["labels"][FINAL_HOUR_LABEL], "2026120713");
         assert_eq!(patch["metadata"]["labels"][FINAL_LABEL], "true");
         assert_eq!(patch["metadata"]["resourceVersion"], "41");
     }

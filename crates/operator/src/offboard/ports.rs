@@ -444,6 +444,10 @@ impl StatusStore for MemoryStore {
             .object
             .labels_mut()
             .insert(final_label::FINAL_LABEL.into(), "true".into());
+        state.object.labels_mut().insert(
+            final_label::FINAL_HOUR_LABEL.into(),
+            final_label::final_hour(jiff::Timestamp::now()),
+        );
         state.bump_version();
         Ok(state.object.clone())
     }
