@@ -22,6 +22,9 @@ OPERATOR = "system:serviceaccount:ops:defender-offboard"
 SOMEONE = "alice@contoso.com"
 FINAL = "defender.offboard.dev/final"
 CANCEL = "defender.offboard.dev/cancel"
+OTHER = "bob@contoso.com"
+CREATED = "defender.offboard.dev/created-by"
+APPROVED = "defender.offboard.dev/approved-by"
 
 
 def fail(message):
@@ -97,6 +100,43 @@ def offboard(labels=None, annotations=None):
     }
 
 
+def create(user, annotations=None):
+    return {"resource": "deviceoffboards", "operation": "CREATE", "user": user, "oldObject": None,
+            "object": offboard(annotations=annotations)}
+
+
+def update(user, before, after, labels=None):
+    return {"resource": "deviceoffboards", "operation": "UPDATE", "user": user,
+            "oldObject": offboard(labels=labels, annotations=before), "object": offboard(labels=labels, annotations=after)}
+
+
+BY_SOMEONE = {CREATED: SOMEONE}
+APPROVED_BY_OTHER = {CREATED: SOMEONE, APPROVED: OTHER}
+# The two-person rule (safety.requireApproval): (description, request, allowed?)
+APPROVAL_SAMPLES = [
+    ("the creator stamps their own name on create", create(SOMEONE, BY_SOMEONE), True),
+    ("a create without the creator's name", create(SOMEONE), False),
+    ("forging created-by: a create naming someone else", create(SOMEONE, {CREATED: OTHER}), False),
+    ("an approval on create (by the creator, necessarily)", create(SOMEONE, {CREATED: SOMEONE, APPROVED: SOMEONE}), False),
+    ("the operator creates a deleted Node's resource without a name", create(OPERATOR), True),
+    ("the operator creates one naming someone else", create(OPERATOR, {CREATED: SOMEONE}), False),
+    ("self-approval: the creator approves", update(SOMEONE, BY_SOMEONE, {CREATED: SOMEONE, APPROVED: SOMEONE}), False),
+    ("approval by another person", update(OTHER, BY_SOMEONE, APPROVED_BY_OTHER), True),
+    ("forging approved-by: one person writes another's name", update(OTHER, BY_SOMEONE, {CREATED: SOMEONE, APPROVED: "carol@contoso.com"}), False),
+    ("the creator writes another's name as approver", update(SOMEONE, BY_SOMEONE, APPROVED_BY_OTHER), False),
+    ("forging created-by: renaming the creator to approve oneself", update(SOMEONE, BY_SOMEONE, {CREATED: OTHER, APPROVED: SOMEONE}), False),
+    ("changing created-by", update(OTHER, BY_SOMEONE, {CREATED: OTHER}), False),
+    ("removing created-by", update(SOMEONE, BY_SOMEONE, {}), False),
+    ("the operator labels an approved resource final (annotations kept)", update(OPERATOR, APPROVED_BY_OTHER, APPROVED_BY_OTHER, labels={FINAL: "true"}), True),
+    ("another edit leaves the approval as it was", update(SOMEONE, APPROVED_BY_OTHER, {**APPROVED_BY_OTHER, "team": "it"}), True),
+    ("withdrawing an approval", update(OTHER, APPROVED_BY_OTHER, BY_SOMEONE), True),
+    ("stamping one's own name on a resource created without one", update(SOMEONE, None, BY_SOMEONE), True),
+    ("stamping someone else's name on it", update(SOMEONE, None, {CREATED: OTHER}), False),
+    ("approving a resource that names no creator", update(OTHER, None, {APPROVED: OTHER}), False),
+    ("stamping and approving oneself at once", update(SOMEONE, None, {CREATED: SOMEONE, APPROVED: SOMEONE}), False),
+]
+
+
 BEFORE = node(labels={"kubernetes.io/os": "linux"}, annotations={"a": "1"})
 # (policy suffix, description, request, allowed?)
 SAMPLES = [
@@ -156,14 +196,35 @@ def main():
                            "nodeOffboarding": {"enabled": True}}))
     policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"}
     bindings = {o["spec"]["policyName"] for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"}
-    if sorted(policies) != ["defender-offboard-cancel-reason", "defender-offboard-final-label", "defender-offboard-node-finalizer-only"]:
+    expected = ["defender-offboard-cancel-reason", "defender-offboard-final-label", "defender-offboard-node-finalizer-only"]
+    if sorted(policies) != expected:
         fail(f"unexpected policies: {sorted(policies)}")
     if bindings != set(policies):
         fail(f"every policy needs its binding: {bindings} vs {set(policies)}")
+    approval_objects = list(render({"clientId": "c", "tenantId": "t", "credentials": {"clientSecret": "s"},
+                                    "nodeOffboarding": {"enabled": True}, "safety": {"requireApproval": True}}))
+    approval_policies = {o["metadata"]["name"]: o for o in approval_objects if o["kind"] == "ValidatingAdmissionPolicy"}
+    approval_bindings = {o["spec"]["policyName"] for o in approval_objects if o["kind"] == "ValidatingAdmissionPolicyBinding"}
+    if sorted(approval_policies) != sorted(expected + ["defender-offboard-approvals"]):
+        fail(f"safety.requireApproval=true: unexpected policies: {sorted(approval_policies)}")
+    if approval_bindings != set(approval_policies):
+        fail(f"safety.requireApproval=true: every policy needs its binding: {approval_bindings} vs {set(approval_policies)}")
+    for name, policy in policies.items():
+        if approval_policies[name] != policy:
+            fail(f"safety.requireApproval=true changes the policy {name}")
+    approval_policy = approval_policies["defender-offboard-approvals"]
     off = [o for o in render({"clientId": "c", "tenantId": "t", "credentials": {"clientSecret": "s"},
                               "admissionPolicies": {"enabled": False}}) if o["kind"].startswith("ValidatingAdmission")]
     if off:
         fail("admissionPolicies.enabled=false still renders policies")
+    try:
+        list(render({"clientId": "c", "tenantId": "t", "credentials": {"clientSecret": "s"},
+                     "admissionPolicies": {"enabled": False}, "safety": {"requireApproval": True}}))
+    except Exception as error:  # the Helm library raises on `fail`
+        if "admissionPolicies.enabled" not in str(error):
+            fail(f"requireApproval without admissionPolicies is refused without naming the value: {error}")
+    else:
+        fail("safety.requireApproval=true with admissionPolicies.enabled=false renders: approvals could be forged")
     wrong = 0
     for suffix, description, request, allowed in SAMPLES:
         policy = policies[f"defender-offboard-{suffix}"]
@@ -172,9 +233,15 @@ def main():
         mark = "ok" if outcome == allowed else "WRONG"
         print(f"admission-policy-check: {suffix}: {description}: {verdict} ({why}) {mark}")
         wrong += outcome != allowed
+    for description, request, allowed in APPROVAL_SAMPLES:
+        outcome, why = admit(approval_policy, request)
+        verdict = "allowed" if outcome else "refused"
+        mark = "ok" if outcome == allowed else "WRONG"
+        print(f"admission-policy-check: approvals: {description}: {verdict} ({why}) {mark}")
+        wrong += outcome != allowed
     if wrong:
         fail(f"{wrong} sample(s) decided differently than expected")
-    print(f"admission-policy-check: {len(SAMPLES)} samples decided as expected")
+    print(f"admission-policy-check: {len(SAMPLES) + len(APPROVAL_SAMPLES)} samples decided as expected")
 
 
 if __name__ == "__main__":

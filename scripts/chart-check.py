@@ -155,8 +155,45 @@ def check_network_policy():
     print("chart-check: the NetworkPolicy admits the metrics port from the named namespaces only")
 
 
+
+def check_safety_flags():
+    """`safety.*` values reach `run` as its flags, one per list entry, and
+    the defaults pass none (nothing protected unless asked)."""
+    def args(values):
+        deployment = next(o for o in render(values) if o["kind"] == "Deployment")
+        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    default = [a for a in args(SECRET) if a.startswith("--protected-")]
+    if default:
+        fail(f"the default values pass protection flags: {default}")
+    safety = {"protectedTags": ["do-not-offboard", "Tier0"], "protectedNamePatterns": ["^dc-\\d+$"]}
+    given = args({**SECRET, "safety": safety})
+    for expected in ["--protected-tag=do-not-offboard", "--protected-tag=Tier0", "--protected-name=^dc-\\d+$"]:
+        if expected not in given:
+            fail(f"safety values do not pass {expected}: {given}")
+    print("chart-check: safety.protectedTags and safety.protectedNamePatterns pass --protected-tag and --protected-name")
+
+
+def check_breaker_and_approval_flags():
+    """`safety.maxOffboardsPerHour` and `safety.requireApproval` reach `run`
+    as its flags: the breaker on by default (100, as `run`'s own default,
+    checked by `cargo test`), the two-person rule off unless asked."""
+    def args(values):
+        deployment = next(o for o in render(values) if o["kind"] == "Deployment")
+        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    default = args(SECRET)
+    if "--max-offboards-per-hour=100" not in default or "--require-approval" in default:
+        fail(f"the default values should pass --max-offboards-per-hour=100 and no --require-approval: {default}")
+    given = args({**SECRET, "safety": {"maxOffboardsPerHour": 0, "requireApproval": True}})
+    for expected in ["--max-offboards-per-hour=0", "--require-approval"]:
+        if expected not in given:
+            fail(f"safety values do not pass {expected}: {given}")
+    print("chart-check: safety.maxOffboardsPerHour and safety.requireApproval pass --max-offboards-per-hour and --require-approval")
+
+
 lint_every_ci_values_file()
 check_network_policy()
 check_connections_rbac()
 check_refusals()
 check_rollout()
+check_safety_flags()
+check_breaker_and_approval_flags()

@@ -6,7 +6,9 @@
 use mde_client::auth::{ClientIdentity, Secret};
 use mde_client::{BudgetWait, ClientConfig, Cloud, Endpoints, RateLimits};
 use offboard_operator::nodes::{DeviceNameTemplate, NAME_PLACEHOLDER, NodeOptions, NodeSelector};
-use offboard_operator::offboard::decision::{NodeIdentityMode, Settings};
+use offboard_operator::offboard::decision::{
+    DEFAULT_MAX_OFFBOARDS_PER_HOUR, NamePattern, NodeIdentityMode, Protection, Settings,
+};
 use offboard_operator::runtime::{self, leader::LeaseTiming};
 use offboard_operator::telemetry::LogFormat;
 use offboard_operator::tenants::DefaultNamespaces;
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Connection flags shared by `run` and `offboard`.
+/// Connection flags shared by `run`, `offboard` and `plan`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectionArgs {
     /// Microsoft cloud: sets the login and API hosts.
@@ -54,6 +56,40 @@ pub struct ConnectionArgs {
     pub client_secret_file: Option<PathBuf>,
     #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
     pub federated_token_file: Option<PathBuf>,
+}
+
+/// Devices never offboarded, shared by `run`, `offboard` and `plan`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ProtectionArgs {
+    /// Never offboard a device carrying this MDE machine tag (compared
+    /// without case; repeat the flag, or separate tags with commas): its
+    /// DeviceOffboard ends Failed with reason DeviceProtected, nothing sent.
+    #[arg(long = "protected-tag", value_name = "TAG", env = "DEFENDER_PROTECTED_TAGS", value_delimiter = ',', value_parser = protected_tag)]
+    pub protected_tags: Vec<String>,
+    /// Never offboard a device whose computerDnsName this regular expression
+    /// matches (searched without case: anchor it, e.g. `^dc-`). Repeatable;
+    /// the environment variable holds one pattern (join several with `|`).
+    #[arg(
+        long = "protected-name",
+        value_name = "REGEX",
+        env = "DEFENDER_PROTECTED_NAME"
+    )]
+    pub protected_names: Vec<NamePattern>,
+}
+
+impl ProtectionArgs {
+    pub fn protection(&self) -> Protection {
+        Protection::from_flags(&self.protected_tags, &self.protected_names)
+    }
+}
+
+fn protected_tag(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err(
+            "an empty tag protects nothing: give the MDE machine tag, e.g. do-not-offboard".into(),
+        ),
+        tag => Ok(tag.to_string()),
+    }
 }
 
 /// `--cloud`: one of [`Cloud::NAMES`], listed in `--help`.
@@ -164,6 +200,8 @@ pub struct RunArgs {
     pub ttl_sweep_interval: Duration,
     #[command(flatten)]
     pub nodes: NodeArgs,
+    #[command(flatten)]
+    pub protection: ProtectionArgs,
     /// Use DefenderConnections: a DeviceOffboard with spec.connectionRef is
     /// offboarded through that tenant and app (docs/tenants.md). The
     /// operator's own credentials become optional.
@@ -181,6 +219,19 @@ pub struct RunArgs {
     /// simulator. The operator's own --api-url and --authority-host are allowed.
     #[arg(long, value_delimiter = ',', env = "DEFENDER_CONNECTION_ALLOWED_HOSTS")]
     pub connection_allowed_hosts: Vec<String>,
+    /// The blast-radius breaker: at most this many new offboards per MDE
+    /// tenant in any hour; the rest wait in Pending (reason BreakerOpen)
+    /// until the hour frees a slot, or until a resource is annotated
+    /// defender.offboard.dev/release-breaker=true. Resends, adopts and
+    /// cancels do not count. 0 turns it off (docs/operations.md, "Breaker").
+    #[arg(long, default_value_t = DEFAULT_MAX_OFFBOARDS_PER_HOUR, env = "DEFENDER_MAX_OFFBOARDS_PER_HOUR")]
+    pub max_offboards_per_hour: u32,
+    /// The two-person rule: send nothing for a DeviceOffboard until its
+    /// defender.offboard.dev/approved-by annotation names someone other
+    /// than its defender.offboard.dev/created-by (the chart's admission
+    /// policies make both the requester's own username).
+    #[arg(long, env = "DEFENDER_REQUIRE_APPROVAL")]
+    pub require_approval: bool,
 }
 
 impl RunArgs {
@@ -226,6 +277,9 @@ impl RunArgs {
                 adopt_window: self.adopt_window,
                 node_identity: self.nodes.node_identity,
                 node_grace: self.nodes.node_offboard_grace,
+                protection: self.protection.protection(),
+                max_offboards_per_hour: self.max_offboards_per_hour,
+                require_approval: self.require_approval,
             },
             ttl_sweep_interval: self.ttl_sweep_interval,
             nodes: self.node_options(),

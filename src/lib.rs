@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod offboard;
+pub mod plan;
 #[cfg(feature = "dev")]
 pub mod playground;
 

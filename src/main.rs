@@ -20,7 +20,7 @@ pub static malloc_conf: Option<&std::ffi::c_char> = Some(
 );
 use defender_offboard::cli;
 use defender_offboard::operator::{runtime, tenants};
-use defender_offboard::{crd, offboard};
+use defender_offboard::{crd, offboard, plan};
 
 /// Offboard Windows devices from Microsoft Defender for Endpoint, exactly once per resource.
 #[derive(Parser, Debug)]
@@ -41,6 +41,8 @@ enum Command {
     },
     /// Offboard one device from the command line; prints the MachineAction as JSON.
     Offboard(Box<offboard::OffboardArgs>),
+    /// Show what the operator would do for DeviceOffboard manifests (read-only MDE calls; nothing is sent).
+    Plan(Box<plan::PlanArgs>),
     /// Run a faithful MDE API simulator on a local address.
     #[cfg(feature = "dev")]
     Simulate(Box<defender_offboard::simulator::SimulateArgs>),
@@ -79,6 +81,13 @@ async fn main() {
             Err(error) => {
                 eprintln!("error: {error}");
                 std::process::exit(error.exit_code());
+            }
+        },
+        Command::Plan(args) => match plan::run(*args).await {
+            Ok(code) => std::process::exit(code),
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(plan::EXIT_ERROR);
             }
         },
         #[cfg(feature = "dev")]

@@ -4,7 +4,7 @@
 //! step ([`step::step`]) with the MDE client; only the ending differs: it
 //! exits where the controller would wait for a person.
 
-use crate::cli::ConnectionArgs;
+use crate::cli::{ConnectionArgs, ProtectionArgs};
 use mde_client::limiter::Permit;
 use mde_client::{
     DefenderClient, Machine, MachineAction, MdeError, NoObserver, RateBudget, RateLimits,
@@ -57,6 +57,8 @@ pub struct OffboardArgs {
     /// the same --idempotency-key picks up where this one stopped.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub protection: ProtectionArgs,
     #[command(flatten)]
     pub connection: ConnectionArgs,
 }
@@ -150,6 +152,7 @@ pub async fn run(args: OffboardArgs) -> Result<(), OffboardError> {
         lookup_delay: args.lookup_delay,
         retry_backoff: Duration::from_secs(2),
         access_backoff: Duration::from_secs(2),
+        protection: args.protection.protection(),
         ..Settings::default()
     };
     let metrics = Metrics::default();

@@ -14,7 +14,7 @@ use mde_simulator::{self as simulator, FaultConfig, LostResponseMode, SimConfig,
 use offboard_operator::crd::{DeviceOffboard, Phase};
 use offboard_operator::metrics::Metrics;
 use offboard_operator::offboard::Context;
-use offboard_operator::offboard::decision::Settings;
+use offboard_operator::offboard::decision::{Protection, Settings};
 use offboard_operator::runtime::run_with_connections;
 use offboard_operator::telemetry::{self, LogFormat};
 use offboard_operator::tenants::Connections;
@@ -468,11 +468,13 @@ fn write_run_files(
         format!(
             "export KUBECONFIG={kubeconfig}\nexport AZURE_TENANT_ID={SIM_TENANT}\nexport AZURE_CLIENT_ID={SIM_CLIENT}\n\
              export AZURE_CLIENT_SECRET_FILE={secret}\nexport DEFENDER_API_URL={url}\nexport AZURE_AUTHORITY_HOST={url}\n\
-             export DEFENDER_CONNECTIONS=true\nexport DEFENDER_CONNECTION_ALLOWED_HOSTS={second}\n",
+             export DEFENDER_CONNECTIONS=true\nexport DEFENDER_CONNECTION_ALLOWED_HOSTS={second}\n\
+             export DEFENDER_PROTECTED_TAGS={protected}\n",
             kubeconfig = kubeconfig.display(),
             secret = secret.display(),
             url = sim.base_url(),
             second = sim_host(second),
+            protected = simulator::PROTECTED_EXAMPLE_TAG,
         ),
     )?;
     Ok(env)
@@ -591,6 +593,8 @@ fn run_embedded_controller(
         lookup_delay: Duration::from_secs(2),
         // A deleted Node's offboard waits for it to come back; short here.
         node_grace: Duration::from_secs(30),
+        // As the env file's `run`: examples/protected.yaml shows a refusal.
+        protection: Protection::from_flags(&[simulator::PROTECTED_EXAMPLE_TAG.to_string()], &[]),
         ..Settings::default()
     };
     // Node offboarding on, in `default`: `kubectl delete node win-node-1`

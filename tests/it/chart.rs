@@ -89,6 +89,8 @@ fn chart_flags_are_flags_of_run() {
         "stop-deployment",
         "node-identity",
         "node-offboard-grace",
+        "protected-tag",
+        "protected-name",
     ] {
         assert!(
             seen.iter().any(|s| s == expected),

@@ -8,6 +8,7 @@
 //! - `final_label`: a final label the operator did not write, against the same;
 //! - `lifecycle`: node offboarding and TTL cleanup against the in-memory API;
 //! - `tenants`: several MDE tenants through DefenderConnections;
+//! - `safety`: the blast-radius breaker and the two-person rule in the controller;
 //! - `fault_matrix`: the controller under one kind of MDE misbehaviour per row;
 //! - `e2e`: the built binary with real `kubectl` (or a real cluster, see README).
 
@@ -24,7 +25,9 @@ mod fault_matrix;
 mod final_label;
 mod lifecycle;
 mod observability;
+mod plan;
 mod rbac;
 mod real_tenant;
+mod safety;
 mod status_shapes;
 mod tenants;

@@ -54,7 +54,8 @@
 //! found by device discovery, `CanBeOnboarded`), `lastSeen`, `osPlatform`,
 //! and Azure VMs `vmMetadata` (`vmId`, `cloudProvider`, `resourceId`,
 //! `subscriptionId`). [`EXAMPLE_MACHINES`] lists the fixed records, the `dev`
-//! playground's Nodes among them (their [`ExampleVm`]). An offboard of a
+//! playground's Nodes among them (their [`ExampleVm`]); `dc-01.contoso.com`
+//! carries the machine tag [`PROTECTED_EXAMPLE_TAG`]. An offboard of a
 //! discovered record is refused `400 BadRequest`; one of a stale record
 //! (`Inactive`) is never picked up and ends `TimeOut`.
 //! [`SimConfig::real_tenant`] (`--real-tenant`) adds a stale twin beside every
@@ -142,7 +143,7 @@ pub use config::{
 pub use history::{ACTION_RETENTION, BulkHistory, MachineHistory, PastOffboard, PriorCalls};
 pub use machines::{
     EXAMPLE_MACHINES, ExampleMachine, ExampleOffboard, ExampleRecord, ExampleVm,
-    PLAYGROUND_SUBSCRIPTION,
+    PLAYGROUND_SUBSCRIPTION, PROTECTED_EXAMPLE_TAG,
 };
 pub use stats::{CORRELATION_MARKER, SimStats, correlation_key};
 

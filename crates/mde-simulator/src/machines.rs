@@ -91,6 +91,8 @@ pub struct ExampleMachine {
     pub offboard: ExampleOffboard,
     pub record: ExampleRecord,
     pub vm: Option<ExampleVm>,
+    /// Its `machineTags`; `None` keeps the ones drawn for it.
+    pub tags: Option<&'static [&'static str]>,
 }
 
 /// The examples that were there first draw their details from the
@@ -111,6 +113,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "finance-laptop-07.contoso.com",
         os_platform: "Windows11",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(12),
         vm: None,
     },
@@ -119,6 +122,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "hr-desktop-12.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(25),
         vm: None,
     },
@@ -127,6 +131,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "ws2019-file-01.contoso.com",
         os_platform: "WindowsServer2019",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(8),
         vm: None,
     },
@@ -135,6 +140,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "build-agent-03.contoso.com",
         os_platform: "Linux",
         offboard: ExampleOffboard::PlatformNotSupported,
+        tags: None,
         record: active(40),
         vm: None,
     },
@@ -143,6 +149,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "kiosk-lobby-01.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::TimesOut,
+        tags: None,
         record: ExampleRecord::Onboarded {
             health: "Inactive",
             seen_mins_ago: 42 * 24 * 60,
@@ -154,6 +161,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "kiosk-lobby-01.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(5),
         vm: None,
     },
@@ -162,6 +170,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "lab-pc-09.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::Fails,
+        tags: None,
         record: active(30),
         vm: None,
     },
@@ -173,6 +182,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "win-node-1",
         os_platform: "WindowsServer2022",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(1),
         vm: Some(ExampleVm {
             vm_id: "5a1e0001-0000-4000-8000-000000000001",
@@ -185,6 +195,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "win-node-2",
         os_platform: "WindowsServer2022",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(1),
         vm: Some(ExampleVm {
             vm_id: "5a1e0001-0000-4000-8000-000000000002",
@@ -197,6 +208,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "win-node-3",
         os_platform: "WindowsServer2022",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(1),
         vm: Some(ExampleVm {
             vm_id: "5a1e0001-0000-4000-8000-000000000003",
@@ -210,6 +222,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "shared-kiosk-02.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(5),
         vm: None,
     },
@@ -218,6 +231,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "shared-kiosk-02.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(20),
         vm: None,
     },
@@ -226,6 +240,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "lab-pc-09.contoso.com",
         os_platform: "Windows10",
         offboard: ExampleOffboard::NotOnboarded,
+        tags: None,
         record: ExampleRecord::Discovered { seen_mins_ago: 30 },
         vm: None,
     },
@@ -235,6 +250,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "win-node-2",
         os_platform: "WindowsServer2022",
         offboard: ExampleOffboard::TimesOut,
+        tags: None,
         record: ExampleRecord::Onboarded {
             health: "Active",
             seen_mins_ago: 2 * 24 * 60,
@@ -250,6 +266,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "win-node-2",
         os_platform: "WindowsServer2022",
         offboard: ExampleOffboard::NotOnboarded,
+        tags: None,
         record: ExampleRecord::Discovered { seen_mins_ago: 10 },
         vm: None,
     },
@@ -258,6 +275,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "linux-node-1",
         os_platform: "Linux",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(1),
         vm: Some(ExampleVm {
             vm_id: "5a1e0001-0000-4000-8000-000000000011",
@@ -270,6 +288,7 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
         computer_dns_name: "linux-node-2",
         os_platform: "Linux",
         offboard: ExampleOffboard::Succeeds,
+        tags: None,
         record: active(1),
         vm: Some(ExampleVm {
             vm_id: "5a1e0001-0000-4000-8000-000000000012",
@@ -277,7 +296,21 @@ pub const EXAMPLE_MACHINES: &[ExampleMachine] = &[
             resource_id: playground_vm!("akslinux", "1"),
         }),
     },
+    // A domain controller carrying the tag administrators protect devices
+    // with: `run --protected-tag do-not-offboard` never offboards it.
+    ExampleMachine {
+        id: "fedc000000000000000000000000000000000001",
+        computer_dns_name: "dc-01.contoso.com",
+        os_platform: "WindowsServer2022",
+        offboard: ExampleOffboard::Succeeds,
+        tags: Some(&[PROTECTED_EXAMPLE_TAG, "Tier0"]),
+        record: active(3),
+        vm: None,
+    },
 ];
+
+/// The machine tag `dc-01.contoso.com` carries (`examples/protected.yaml`).
+pub const PROTECTED_EXAMPLE_TAG: &str = "do-not-offboard";
 
 /// Platforms the offboard API refuses with `OsPlatformNotSupported` under
 /// `--offboard-platforms windows-only` (the older Offboard machine page).
@@ -631,6 +664,9 @@ fn example(rng: &mut StdRng, now: jiff::Timestamp, e: &ExampleMachine) -> Machin
         outcome,
     );
     machine.platform_refused = e.offboard == ExampleOffboard::PlatformNotSupported;
+    if let Some(tags) = e.tags {
+        machine.machine_tags = tags.iter().map(|t| t.to_string()).collect();
+    }
     machine.vm_metadata = e.vm.map(|vm| {
         VmMetadata::azure(
             vm.vm_id.to_owned(),

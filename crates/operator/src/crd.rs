@@ -15,6 +15,49 @@ pub const CRD_NAME: &str = "deviceoffboards.defender.offboard.dev";
 /// as the cancel's comment) asks the operator to cancel its offboard while MDE
 /// still has it `Pending`: `kubectl annotate doff NAME defender.offboard.dev/cancel="wrong device"`.
 pub const CANCEL_ANNOTATION: &str = "defender.offboard.dev/cancel";
+/// `true` lets a resource the blast-radius breaker holds (`BreakerOpen`,
+/// `--max-offboards-per-hour`) be sent at once: `kubectl annotate doff NAME
+/// defender.offboard.dev/release-breaker=true`.
+pub const RELEASE_BREAKER_ANNOTATION: &str = "defender.offboard.dev/release-breaker";
+/// Who created the resource (their Kubernetes username). With
+/// `--require-approval` the chart's admission policy makes the creator set it
+/// to their own name on create, and refuses any change to it.
+pub const CREATED_BY_ANNOTATION: &str = "defender.offboard.dev/created-by";
+/// Who approved the offboard (their Kubernetes username): with
+/// `--require-approval` nothing is sent until it names someone other than
+/// [`CREATED_BY_ANNOTATION`]; the admission policy refuses a value that is
+/// not the requester's own name, or is the creator's.
+pub const APPROVED_BY_ANNOTATION: &str = "defender.offboard.dev/approved-by";
+
+/// What the safety rails (the two-person rule, the breaker's release) read
+/// from a resource's annotations; the decision (`offboard::decision::safety`)
+/// judges them, the cache (`cache::parked`) reads the release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SafetyMarks<'a> {
+    /// `defender.offboard.dev/created-by`, if set and not blank.
+    pub created_by: Option<&'a str>,
+    /// `defender.offboard.dev/approved-by`, if set and not blank.
+    pub approved_by: Option<&'a str>,
+    /// `defender.offboard.dev/release-breaker=true`.
+    pub release_breaker: bool,
+}
+
+impl<'a> SafetyMarks<'a> {
+    pub fn of(annotations: Option<&'a std::collections::BTreeMap<String, String>>) -> Self {
+        let get = |key: &str| {
+            annotations
+                .and_then(|a| a.get(key))
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        SafetyMarks {
+            created_by: get(CREATED_BY_ANNOTATION),
+            approved_by: get(APPROVED_BY_ANNOTATION),
+            release_breaker: get(RELEASE_BREAKER_ANNOTATION)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        }
+    }
+}
 
 /// Longest comment accepted. MDE documents no limit; this leaves room for the
 /// correlation marker the operator appends, and keeps requests small.

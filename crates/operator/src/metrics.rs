@@ -93,6 +93,14 @@ pub struct Metrics {
     pub ttl_deletions: Counter,
     pub final_labels_removed: Counter,
     pub node_offboards: Family<ResultLabels, Counter>,
+    pub breaker_held: Family<TenantLabels, Counter>,
+    pub breaker_open: Family<TenantLabels, Gauge>,
+}
+
+/// Per MDE tenant (the Microsoft Entra tenant id): the breaker counts per tenant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -219,6 +227,22 @@ impl Default for Metrics {
             Kind::Counter,
             node_offboards.clone(),
         );
+        let breaker_held = Family::<TenantLabels, Counter>::default();
+        catalog.register(
+            &mut registry,
+            "breaker_held",
+            "New offboards the blast-radius breaker held back (once per resource and hold)",
+            Kind::Counter,
+            breaker_held.clone(),
+        );
+        let breaker_open = Family::<TenantLabels, Gauge>::default();
+        catalog.register(
+            &mut registry,
+            "breaker_open",
+            "1 while the tenant's last hour holds --max-offboards-per-hour new offboards (the next new one is held)",
+            Kind::Gauge,
+            breaker_open.clone(),
+        );
         Metrics {
             registry,
             catalog,
@@ -236,6 +260,8 @@ impl Default for Metrics {
             ttl_deletions,
             final_labels_removed,
             node_offboards,
+            breaker_held,
+            breaker_open,
         }
     }
 }

@@ -133,6 +133,8 @@ async fn examples_reach_their_final_phases() {
             "build-agent-03",
             "shared-kiosk-02",
             "lab-pc-09",
+            // Protected: the playground's env file sets DEFENDER_PROTECTED_TAGS.
+            "dc-01",
         ]
         .map(String::from)
         .to_vec();
@@ -193,6 +195,11 @@ async fn examples_reach_their_final_phases() {
         let lab_status = lab.status.as_ref().unwrap();
         assert!(lab_status.machine_action_id.is_some(), "{lab_status:?}");
         assert_eq!(lab_status.action_status.as_deref(), Some("Failed"));
+
+        let dc = &all["dc-01"];
+        assert_eq!(phase(dc), "Failed");
+        assert_eq!(ready(dc).1, "DeviceProtected", "{:?}", dc.status);
+        assert!(dc.status.as_ref().unwrap().machine_action_id.is_none());
 
         // A shared simulator of a real cluster counts earlier runs' offboards too.
         if let (false, Some(url)) = (cluster.is_real(), &cluster.sim_url) {

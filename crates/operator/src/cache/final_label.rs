@@ -69,17 +69,27 @@ pub const LABELLED_SELECTOR: &str = "defender.offboard.dev/final=true";
 /// hold 256 KiB that the cache would otherwise keep for every resource.
 pub const MAX_CANCEL_REASON: usize = crate::crd::MAX_COMMENT_LEN;
 
+/// The annotations the decision reads: the cancel and the safety rails'.
+pub const KEPT_ANNOTATIONS: [&str; 4] = [
+    crate::crd::CANCEL_ANNOTATION,
+    crate::crd::RELEASE_BREAKER_ANNOTATION,
+    crate::crd::CREATED_BY_ANNOTATION,
+    crate::crd::APPROVED_BY_ANNOTATION,
+];
+
 /// Drop what the controller never reads before an object enters its cache:
 /// `managedFields` (one entry per writer), and every annotation but the
-/// cancel annotation (`kubectl apply`'s copy of the manifest, and whatever
-/// else anyone who may write the resource puts there: up to 256 KiB each),
-/// whose value is cut to [`MAX_CANCEL_REASON`] characters. Everything the
+/// ones a decision reads ([`KEPT_ANNOTATIONS`]: `kubectl apply`'s copy of
+/// the manifest, and whatever else anyone who may write the resource puts
+/// there: up to 256 KiB each), whose values are cut to
+/// [`MAX_CANCEL_REASON`] characters (a cut name only ever makes two names
+/// look alike, which holds an approval back, never lets one through). Everything the
 /// decision reads stays; status writes need only the resourceVersion, which
 /// stays too.
 pub fn trim_for_cache(obj: &mut DeviceOffboard) {
     obj.metadata.managed_fields = None;
     if let Some(annotations) = obj.metadata.annotations.as_mut() {
-        annotations.retain(|key, _| key == crate::crd::CANCEL_ANNOTATION);
+        annotations.retain(|key, _| KEPT_ANNOTATIONS.contains(&key.as_str()));
         for value in annotations.values_mut() {
             if let Some((cut, _)) = value.char_indices().nth(MAX_CANCEL_REASON) {
                 value.truncate(cut);
@@ -169,26 +179,63 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert("team.example/notes".into(), "x".repeat(256 * 1024));
+        // The safety rails' annotations: the breaker's release and the
+        // two-person rule's names.
+        let rails = [
+            (crate::crd::RELEASE_BREAKER_ANNOTATION, "true"),
+            (crate::crd::CREATED_BY_ANNOTATION, "alice@contoso.com"),
+            (crate::crd::APPROVED_BY_ANNOTATION, "bob@contoso.com"),
+        ];
+        for (key, value) in rails {
+            obj.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(key.into(), value.into());
+        }
         let before = obj.clone();
         trim_for_cache(&mut obj);
         assert_eq!(obj.metadata.managed_fields, None);
         let annotations = obj.metadata.annotations.clone().unwrap();
         assert_eq!(
-            annotations.len(),
-            1,
-            "only the annotation the decision reads"
+            annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+            {
+                let mut kept = KEPT_ANNOTATIONS.to_vec();
+                kept.sort();
+                kept
+            },
+            "only the annotations the decision reads"
         );
         assert_eq!(annotations[crate::crd::CANCEL_ANNOTATION], "wrong device");
-        // A cancel reason of any size is kept at MDE's comment length.
+        for (key, value) in rails {
+            assert_eq!(annotations[key], value, "{key}");
+        }
+        // The rails read the same from the cached copy as from the object.
+        use crate::crd::SafetyMarks;
+        let marks = SafetyMarks::of(obj.metadata.annotations.as_ref());
+        assert_eq!(marks, SafetyMarks::of(before.metadata.annotations.as_ref()));
+        assert_eq!(
+            marks,
+            SafetyMarks {
+                created_by: Some("alice@contoso.com"),
+                approved_by: Some("bob@contoso.com"),
+                release_breaker: true,
+            }
+        );
+        // A value of any size is kept at MDE's comment length.
         let mut long = before.clone();
-        long.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(crate::crd::CANCEL_ANNOTATION.into(), "é".repeat(300 * 1024));
+        for key in KEPT_ANNOTATIONS {
+            long.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(key.into(), "é".repeat(300 * 1024));
+        }
         trim_for_cache(&mut long);
-        let reason = &long.metadata.annotations.unwrap()[crate::crd::CANCEL_ANNOTATION];
-        assert_eq!(reason.chars().count(), MAX_CANCEL_REASON);
+        let long = long.metadata.annotations.unwrap();
+        for key in KEPT_ANNOTATIONS {
+            assert_eq!(long[key].chars().count(), MAX_CANCEL_REASON, "{key}");
+        }
         assert_eq!(obj.metadata.resource_version.as_deref(), Some("7"));
         assert_eq!(
             (obj.spec.clone(), obj.status.clone()),

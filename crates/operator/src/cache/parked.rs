@@ -89,10 +89,13 @@ pub(crate) fn parked_until(obj: &DeviceOffboard, now: Timestamp) -> Option<Times
     let cancel_asked = obj
         .annotations()
         .contains_key(crate::crd::CANCEL_ANNOTATION);
+    // A breaker hold released by its annotation is sent now.
+    let released = crate::crd::SafetyMarks::of(obj.metadata.annotations.as_ref()).release_breaker;
     let quiet = status.phase == Some(Phase::Pending)
         && status.machine_action_id.is_none()
         && status.cancel.is_none()
         && !cancel_asked
+        && !released
         && obj.metadata.deletion_timestamp.is_none();
     let at = status.next_retry_at.as_ref()?.0;
     let beyond = SignedDuration::try_from(PARK_BEYOND).unwrap_or(SignedDuration::MAX);
@@ -590,6 +593,20 @@ mod tests {
         cancel_asked.metadata.annotations =
             Some([(crate::crd::CANCEL_ANNOTATION.to_string(), "no".to_string())].into());
         assert_eq!(parked_until(&cancel_asked, now), None, "a cancel acts now");
+
+        let mut released = long.clone();
+        released.metadata.annotations = Some(
+            [(
+                crate::crd::RELEASE_BREAKER_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            parked_until(&released, now),
+            None,
+            "a released hold sends now"
+        );
 
         let mut cancelling = long.clone();
         cancelling.status.as_mut().unwrap().cancel = Some(CancelStatus {

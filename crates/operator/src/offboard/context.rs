@@ -9,9 +9,10 @@ use super::tenant_slots::TenantSlots;
 use crate::cache::parked::ParkingLot;
 use crate::metrics::Metrics;
 use crate::telemetry::Liveness;
-use crate::tenants::Connections;
+use crate::tenants::{ConnectionKey, Connections};
 use kube::runtime::events::Reporter;
 use mde_client::DefenderClient;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Shared by every reconcile: built once. `M` is the MDE port: the client in
@@ -77,6 +78,18 @@ impl<M: MdeCalls> Context<M> {
             settings,
             parked: Arc::default(),
             slots: TenantSlots::default(),
+        }
+    }
+
+    /// The tunables for a resource of connection `key`: the operator's own,
+    /// with the connection's protected devices added to its own.
+    pub fn settings_for(&self, key: &ConnectionKey) -> Cow<'_, Settings> {
+        match self.connections.protection(key) {
+            Some(extra) => Cow::Owned(Settings {
+                protection: self.settings.protection.combined(&extra),
+                ..self.settings.clone()
+            }),
+            None => Cow::Borrowed(&self.settings),
         }
     }
 

@@ -40,7 +40,14 @@ pub(crate) async fn reconcile<M: MdeCalls>(
     }
     let started = std::time::Instant::now();
     let result = match ctx.connections.for_resource(&obj) {
-        (_, Ok(mde)) => step::step(&obj, &ctx.ports(&mde)).await,
+        (key, Ok(mde)) => {
+            let settings = ctx.settings_for(&key);
+            let ports = step::Ports {
+                settings: &settings,
+                ..ctx.ports(&mde)
+            };
+            step::step(&obj, &ports).await
+        }
         (key, Err(unavailable)) => {
             tracing::debug!(connection = %key, reason = super::decision::unavailable_reason(&unavailable).as_str(), "connection unavailable");
             step::connection_unavailable(&obj, &ctx.store, &ctx.state, &ctx.settings, &unavailable)

@@ -29,6 +29,10 @@ pub enum Reason {
     DeviceAmbiguous,
     /// A record was chosen for `deviceName` among several (the Event says why).
     DeviceResolved,
+    /// The device carries a protected machine tag or matches a protected
+    /// name pattern (`--protected-tag`, `--protected-name`, or the
+    /// connection's own rules): nothing was sent.
+    DeviceProtected,
     /// A deleted Node's device cannot be told by its cloud identity, and
     /// `--node-identity required` allows no other way: nothing was sent.
     NodeIdentityUnverified,
@@ -36,6 +40,12 @@ pub enum Reason {
     WaitingForNodeGrace,
     /// The deleted Node (or one with its identity) is back: nothing was sent.
     NodeReturned,
+    /// The blast-radius breaker holds this new send: its tenant had
+    /// `--max-offboards-per-hour` new sends in the last hour.
+    BreakerOpen,
+    /// `--require-approval`: nothing is sent until someone other than the
+    /// creator approves (`defender.offboard.dev/approved-by`).
+    AwaitingApproval,
     /// The resource's connection now reaches another tenant, app or API host
     /// than the one it was begun with: it stopped there.
     ConnectionChanged,

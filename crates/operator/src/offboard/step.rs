@@ -4,15 +4,18 @@
 
 use super::adopt_index::MachineCheck;
 use super::decision::{
-    self, AfterCancelRead, AfterLookUp, AfterSend, LookUp, Origin, Plan, Settings, Transition, View,
+    self, AfterCancelRead, AfterLookUp, AfterSend, BreakerCheck, Held, LookUp, Origin, Plan,
+    SendKind, Settings, Transition, View,
 };
 use super::ports::{MdeCalls, StatusStore};
-use super::state::{self, ClaimGuard, LookupKey, MachineClaim, OffboardState, TenantMachine};
+use super::state::{self, Ask, ClaimGuard, LookupKey, MachineClaim, OffboardState, TenantMachine};
 use super::status::Reason;
 use crate::cache::final_label;
-use crate::crd::{CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase};
+use crate::crd::{
+    CANCEL_ANNOTATION, CancelState, DeviceOffboard, DeviceOffboardStatus, Phase, SafetyMarks,
+};
 use crate::error::{Error, Result};
-use crate::metrics::{Metrics, OutcomeLabels};
+use crate::metrics::{Metrics, OutcomeLabels, TenantLabels};
 use crate::tenants::Unavailable;
 use kube::ResourceExt;
 use mde_client::client::{MAX_PAGES, MAX_TOP};
@@ -67,7 +70,14 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
         ),
         ..view_of(ports, &current, &status)
     };
-    match decision::plan(&view, ports.settings) {
+    let marks = SafetyMarks::of(current.metadata.annotations.as_ref());
+    let plan = decision::guard(
+        decision::plan(&view, ports.settings),
+        &view,
+        &marks,
+        ports.settings,
+    );
+    match plan {
         Plan::Idle { requeue } => Ok(requeue),
         Plan::Write(transition) => apply(ports, &mut current, *transition).await,
         Plan::Cancel { action_id, reason } => {
@@ -127,12 +137,31 @@ pub async fn step<M: MdeCalls, S: StatusStore>(
                 Err(wait) => return Ok(Some(wait)),
             };
             match read {
-                Ok(_) => submit(ports, &mut current, &machine_id, false).await,
+                // Read anyway: a protected device is not sent for.
+                Ok(machine) => match decision::protected_machine(&view, &machine, ports.settings) {
+                    Some(stop) => apply(ports, &mut current, stop).await,
+                    None => submit(ports, &mut current, &machine_id, false).await,
+                },
                 Err(error) => {
                     let transition =
                         decision::on_error(&view, &error, Phase::Pending, ports.settings);
                     apply(ports, &mut current, transition).await
                 }
+            }
+        }
+        Plan::CheckProtection { machine_id } => {
+            let read = ports.mde.get_machine(&machine_id);
+            let read = match budgeted_read(ports.mde, ApiFamily::Machines, read).await {
+                Ok(read) => read,
+                Err(wait) => return Ok(Some(wait)),
+            };
+            match decision::after_machine_read(&view, &machine_id, read, ports.settings) {
+                Ok(resolution) => {
+                    let transition = decision::checked(&view, &resolution);
+                    apply(ports, &mut current, transition).await?;
+                    submit(ports, &mut current, &machine_id, true).await
+                }
+                Err(transition) => apply(ports, &mut current, transition).await,
             }
         }
         Plan::Submit {
@@ -334,7 +363,15 @@ async fn decide_lookup<M: MdeCalls, S: StatusStore>(
     let read = ports.mde.get_machine(machine_id);
     Ok(
         match budgeted_read(ports.mde, ApiFamily::Machines, read).await? {
-            Ok(machine) => decision::after_lookup(view, found, Some(&machine), lookup, settings),
+            Ok(machine) => {
+                match decision::after_lookup(view, found, Some(&machine), lookup, settings) {
+                    // The record was read anyway: a send it proved safe is still
+                    // refused for a protected device (the transition ends it).
+                    AfterLookUp::Send => decision::protected_machine(view, &machine, settings)
+                        .map_or(AfterLookUp::Send, AfterLookUp::Wait),
+                    decided => decided,
+                }
+            }
             // The machine's record could not be read: decide as after a failed list.
             Err(error) => decision::after_lookup(view, &Err(error), None, lookup, settings),
         },
@@ -502,7 +539,79 @@ async fn submit<M: MdeCalls, S: StatusStore>(
             }
         }
     }
-    send(ports, current, machine_id, permit, &give_back, &claim).await
+    // The breaker last, just before the send: an adopt (found by the claim
+    // or the check) neither counts nor waits for it.
+    let ask = Ask {
+        limit: ports.settings.max_offboards_per_hour,
+        send: if status.attempts.unwrap_or(0) == 0 {
+            SendKind::First
+        } else {
+            SendKind::Again
+        },
+        released: SafetyMarks::of(current.metadata.annotations.as_ref()).release_breaker,
+    };
+    let breaker_tenant = tenant.tenant_only();
+    let check = ports
+        .state
+        .breaker
+        .try_send(&breaker_tenant, &key, ask, Instant::now());
+    if ask.limit > 0 {
+        ports
+            .state
+            .breaker
+            .publish_tenant(ports.metrics, &breaker_tenant, ask.limit);
+    }
+    let counted = match check {
+        BreakerCheck::Pass { counted } => counted,
+        BreakerCheck::Hold(held) => {
+            give_back(permit);
+            return hold(ports, current, &held, machine_id).await;
+        }
+    };
+    // A counted send never made frees its slot in the breaker's hour too.
+    let give_back_all = |permit: Permit| {
+        give_back(permit);
+        if counted {
+            ports.state.breaker.give_back(&breaker_tenant, &key);
+        }
+    };
+    send(ports, current, machine_id, permit, &give_back_all, &claim).await
+}
+
+/// A first send the breaker holds: say so (an Event and the counter when
+/// the hold begins), and come back when the hour frees its slot. Like a
+/// budget wait, a long hold parks the resource outside the cache.
+async fn hold<M: MdeCalls, S: StatusStore>(
+    ports: &Ports<'_, M, S>,
+    current: &mut DeviceOffboard,
+    held: &Held,
+    machine_id: &str,
+) -> Result<Requeue> {
+    let status = current.status.clone().unwrap_or_default();
+    let view = view_of(ports, current, &status);
+    let now = view.now;
+    let transition = decision::breaker_open(&view, held, machine_id);
+    if transition.note.is_some() {
+        tracing::warn!(
+            limit = held.limit,
+            sent = held.sent,
+            "the blast-radius breaker holds a new offboard"
+        );
+        ports
+            .metrics
+            .breaker_held
+            .get_or_create(&TenantLabels {
+                tenant: ports.mde.account().tenant.clone(),
+            })
+            .inc();
+    }
+    let before = current.metadata.resource_version.clone();
+    let requeue = apply(ports, current, transition).await?;
+    let written = current.metadata.resource_version != before;
+    if written && crate::cache::parked::parked_until(current, now).is_some() {
+        return Ok(None);
+    }
+    Ok(requeue)
 }
 
 /// The check before a first send: `Some` (the step's result) when the machine's

@@ -23,6 +23,8 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
     let now_instant = tokio::time::Instant::now();
     let now = jiff::Timestamp::now();
     let mut past: HashMap<ConnectionKey, Vec<Duration>> = HashMap::new();
+    // The breaker's hour too, per tenant, from the same pages.
+    let mut breaker: HashMap<mde_client::Account, Vec<Duration>> = HashMap::new();
     for selector in seed_selectors(now, request_timeout) {
         let mut pages = Pages::with_labels(SEED_PAGE, &selector);
         loop {
@@ -34,6 +36,13 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
                 }
             };
             for resource in &page.items {
+                if let Some((tenant, age)) = resource
+                    .status
+                    .as_ref()
+                    .and_then(|status| breaker_send(status, now))
+                {
+                    breaker.entry(tenant).or_default().push(age);
+                }
                 let Some(submitted) = resource
                     .status
                     .as_ref()
@@ -52,6 +61,16 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
             if !pages.advance(page.metadata.continue_) {
                 break;
             }
+        }
+    }
+    if ctx.settings.max_offboards_per_hour > 0 {
+        for (tenant, ages) in breaker {
+            tracing::info!(
+                tenant = %tenant.tenant,
+                recent = ages.len(),
+                "counting recent new offboards against the breaker"
+            );
+            ctx.state.breaker.seed(&tenant, &ages, now_instant);
         }
     }
     for (key, ages) in past {
@@ -111,8 +130,70 @@ pub(crate) fn seed_selectors(now: jiff::Timestamp, request_timeout: Duration) ->
 /// How far another replica's clock may be from ours when it wrote a label.
 const LABEL_CLOCK_SKEW: Duration = Duration::from_secs(600);
 
+/// A new send this resource made within the breaker's hour: its tenant (any
+/// app) and how long ago. Sent means its intent was recorded (`attempts`);
+/// one that only adopted another's action sent nothing. `submittedAt` is
+/// its latest send's: a resend makes it count later, never not at all.
+pub(crate) fn breaker_send(
+    status: &crate::crd::DeviceOffboardStatus,
+    now: jiff::Timestamp,
+) -> Option<(mde_client::Account, Duration)> {
+    if status.attempts.unwrap_or(0) == 0 {
+        return None;
+    }
+    let tenant = status.tenant.as_ref()?;
+    let age = Duration::try_from(now.duration_since(status.submitted_at.as_ref()?.0)).ok()?;
+    let tenant = mde_client::Account {
+        tenant: tenant.tenant_id.clone(),
+        app: String::new(),
+        api: tenant.api.clone(),
+    };
+    (age < crate::offboard::decision::BREAKER_WINDOW).then_some((tenant, age))
+}
+
 /// Resources read per page when seeding the budget.
 const SEED_PAGE: u32 = crate::pages::FULL_OBJECT_PAGE;
 
 /// The longest window worth remembering (MDE's hourly limit).
 const MAX_BUDGET_MEMORY: Duration = Duration::from_secs(3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DeviceOffboardStatus, StatusTenant};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    /// The breaker's hour after a restart: the resources sent within it, by
+    /// tenant (any app); not those only adopted, nor older ones.
+    #[test]
+    fn the_breaker_is_seeded_from_sends_within_the_hour() {
+        let now: jiff::Timestamp = "2026-03-01T10:00:00Z".parse().unwrap();
+        let sent = |attempts, mins_ago: i64| DeviceOffboardStatus {
+            attempts,
+            submitted_at: Some(Time(now - jiff::SignedDuration::from_mins(mins_ago))),
+            tenant: Some(StatusTenant {
+                tenant_id: "contoso".into(),
+                client_id: "app-1".into(),
+                api: "https://api.security.microsoft.com/".into(),
+            }),
+            ..Default::default()
+        };
+        let (tenant, age) = breaker_send(&sent(Some(1), 20), now).expect("sent 20 min ago");
+        assert_eq!(age, Duration::from_secs(1200));
+        assert_eq!(
+            (tenant.tenant.as_str(), tenant.app.as_str()),
+            ("contoso", "")
+        );
+        assert_eq!(breaker_send(&sent(None, 20), now), None, "adopted only");
+        assert_eq!(
+            breaker_send(&sent(Some(2), 61), now),
+            None,
+            "over an hour ago"
+        );
+        let no_tenant = DeviceOffboardStatus {
+            tenant: None,
+            ..sent(Some(1), 5)
+        };
+        assert_eq!(breaker_send(&no_tenant, now), None);
+    }
+}

@@ -81,6 +81,10 @@ pub(crate) async fn run<M: MdeCalls>(
             &store.state(),
             ctx.parked.oldest_created(),
         );
+        // The breaker closes as its hour slides, with no send to say so.
+        ctx.state
+            .breaker
+            .publish(&ctx.metrics, ctx.settings.max_offboards_per_hour);
         tokio::time::sleep(interval).await;
     }
 }

@@ -3,6 +3,7 @@
 //! in, and writes whether that works (`Ready`) and the budget left into the
 //! connection's status. A slow or refused tenant only ever holds its own task.
 
+use super::protection::Protection;
 use super::registry::Connections;
 use crate::metrics::{ConnectionObserver, Metrics};
 use crate::tenants::resource::{
@@ -436,12 +437,26 @@ fn build_client(
         .map_err(|e| Readiness::not(reason::INVALID_SPEC, e.to_string()))
 }
 
+/// The connection's own protection rules (`spec.protectedTags`,
+/// `spec.protectedNamePatterns`), or why they cannot be used.
+fn connection_protection(
+    spec: &DefenderConnectionSpec,
+    name: &str,
+) -> Result<Protection, Readiness> {
+    Protection::from_connection(name, &spec.protected_tags, &spec.protected_name_patterns)
+        .map_err(|message| Readiness::not(reason::INVALID_SPEC, message))
+}
+
 /// One connection, until its task is aborted (spec changed, deleted, or the
 /// controller stopped): check, write the status, wait, again.
 async fn keep(shared: Shared, connection: DefenderConnection) {
     let namespace = connection.namespace().unwrap_or_default();
     let name = connection.name_any();
-    let client = build_client(&shared, &namespace, &name, &connection.spec);
+    // The connection's protected devices are known before its client is
+    // usable; rules that cannot be read leave it unusable (nothing is sent).
+    let client = connection_protection(&connection.spec, &name)
+        .map(|rules| shared.connections.set_protection(&namespace, &name, rules))
+        .and_then(|()| build_client(&shared, &namespace, &name, &connection.spec));
     let mut last: Option<Readiness> = None;
     let mut failing = not_ready_waits();
     loop {
@@ -679,6 +694,8 @@ mod tests {
                 certificate: None,
                 workload_identity: None,
             },
+            protected_tags: Vec::new(),
+            protected_name_patterns: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! has its own client (token cache, rate budget, metrics label), so one
 //! tenant's 429s or revoked secret never slow another's resources.
 
+use super::protection::Protection;
 use crate::crd::DeviceOffboard;
 use crate::metrics::DEFAULT_CONNECTION;
 use kube::ResourceExt;
@@ -134,6 +135,9 @@ pub struct Connections<M> {
     /// Offboards sent in the budget windows, read at start, for connections
     /// whose client does not exist yet: applied when it is created.
     seeds: std::sync::Mutex<HashMap<ConnectionKey, Vec<Instant>>>,
+    /// Each connection's own protected devices (`spec.protectedTags`,
+    /// `spec.protectedNamePatterns`), added to the operator's own.
+    protection: RwLock<HashMap<(String, String), Arc<Protection>>>,
 }
 
 impl<M: TenantClient> Connections<M> {
@@ -146,6 +150,7 @@ impl<M: TenantClient> Connections<M> {
             named: RwLock::default(),
             synced: Default::default(),
             seeds: Default::default(),
+            protection: RwLock::default(),
         }
     }
 
@@ -253,8 +258,35 @@ impl<M: TenantClient> Connections<M> {
             );
     }
 
+    /// A connection's own protection rules, set before its client is ready.
+    pub fn set_protection(&self, namespace: &str, name: &str, rules: Protection) {
+        let mut protection = self.protection.write().unwrap_or_else(|e| e.into_inner());
+        if rules.is_empty() {
+            protection.remove(&(namespace.into(), name.into()));
+        } else {
+            protection.insert((namespace.into(), name.into()), Arc::new(rules));
+        }
+    }
+
+    /// The protection rules of `key`'s connection beyond the operator's own
+    /// (`None`: it adds none; the operator's own credentials never do).
+    pub fn protection(&self, key: &ConnectionKey) -> Option<Arc<Protection>> {
+        let ConnectionKey::Named { namespace, name } = key else {
+            return None;
+        };
+        self.protection
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.clone(), name.clone()))
+            .cloned()
+    }
+
     /// The connection was deleted.
     pub fn remove(&self, namespace: &str, name: &str) {
+        self.protection
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(namespace.to_string(), name.to_string()));
         self.named
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -508,5 +540,25 @@ mod tests {
             unavailable(&no_default, &resource("a", None)),
             Unavailable::NoDefault
         );
+    }
+
+    /// A connection's protected devices are its own: another connection of
+    /// the same name elsewhere and the operator's credentials get none, and
+    /// they go with the connection.
+    #[test]
+    fn protection_rules_belong_to_their_connection() {
+        let connections = Connections::new(Some(FakeMde::default()), true);
+        let rules = Protection::from_connection("shared", &["tier0".into()], &[]).unwrap();
+        connections.set_protection("a", "shared", rules);
+        let own = ConnectionKey::of(&resource("a", Some("shared")));
+        assert!(connections.protection(&own).is_some_and(|r| !r.is_empty()));
+        let other = ConnectionKey::of(&resource("b", Some("shared")));
+        assert!(connections.protection(&other).is_none());
+        assert!(connections.protection(&ConnectionKey::Default).is_none());
+        connections.set_protection("a", "shared", Protection::default());
+        assert!(connections.protection(&own).is_none());
+        connections.set_protection("a", "shared", Protection::from_flags(&["x".into()], &[]));
+        connections.remove("a", "shared");
+        assert!(connections.protection(&own).is_none());
     }
 }

@@ -90,6 +90,22 @@ pub struct DefenderConnectionSpec {
     /// How the app proves who it is: exactly one of `clientSecret`,
     /// `certificate` or `workloadIdentity`.
     pub credential: ConnectionCredential,
+
+    /// MDE machine tags whose devices are never offboarded through this
+    /// connection (compared without case), besides the operator's own
+    /// `--protected-tag`s: such a DeviceOffboard ends `Failed` with reason
+    /// `DeviceProtected`, nothing sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
+    pub protected_tags: Vec<String>,
+
+    /// Regular expressions searched (without case) in a device's
+    /// `computerDnsName`: a matching device is never offboarded through this
+    /// connection, besides the operator's own `--protected-name`s. An invalid
+    /// pattern makes the connection not ready (`InvalidSpec`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
+    pub protected_name_patterns: Vec<String>,
 }
 
 /// The Microsoft clouds, as in the operator's `--cloud`.

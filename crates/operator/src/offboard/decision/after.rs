@@ -3,19 +3,12 @@
 
 use super::errors::{Failure, failed, on_error};
 use super::resolve::{Resolved, resolve};
-use super::{Conditions, Note, Settings, Submitted, Transition, View};
+use super::{Conditions, Note, Resolution, Settings, Submitted, Transition, View};
 use crate::crd::{DeviceOffboardStatus, Phase};
 use crate::offboard::status::{ConditionUpdate, Reason, STALLED, SUBMITTED, condition, last_error};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::{ActionStatus, Machine, MachineAction, MdeError};
 use std::time::Duration;
-
-/// A record chosen for `deviceName`, and why (for `status.resolution`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resolution {
-    pub machine_id: String,
-    pub why: String,
-}
 
 /// After listing the records of `deviceName`: the record to offboard (see
 /// [`super::resolve`]), or a transition to write.
@@ -39,7 +32,15 @@ pub fn after_resolve(
         view.now,
     );
     let failure = match resolved {
-        Resolved::Chosen { machine_id, why } => return Ok(Resolution { machine_id, why }),
+        Resolved::Chosen { machine_id, why } => {
+            let resolution = Resolution { machine_id, why };
+            // A protected record is never sent for, however it was chosen.
+            return match super::protection::protected_choice(view, &machines, &resolution, settings)
+            {
+                Some(stop) => Err(stop),
+                None => Ok(resolution),
+            };
+        }
         Resolved::NotFound { message } => Failure::new(Reason::DeviceNotFound, message),
         Resolved::Ambiguous { message } => Failure::new(Reason::DeviceAmbiguous, message),
         Resolved::IdentityUnverified { message } => {

@@ -20,15 +20,17 @@ mod errors;
 mod lookup;
 mod node;
 mod plan;
+pub mod protection;
 pub mod resolve;
+mod safety;
 #[cfg(test)]
 mod tests;
 mod timing;
 
+pub use crate::tenants::protection::{NamePattern, Protection, protection};
 pub use after::{
-    AfterSend, Origin, Resolution, action_gone, after_poll, after_resolve, after_send,
-    other_action_pending, pending_is_another_type, record_action, resolved, submitting,
-    waiting_for_budget,
+    AfterSend, Origin, action_gone, after_poll, after_resolve, after_send, other_action_pending,
+    pending_is_another_type, record_action, resolved, submitting, waiting_for_budget,
 };
 pub use cancel::{
     AfterCancelRead, after_cancel, after_cancel_read, cancel_instead_of_resend, cancel_intent,
@@ -41,7 +43,12 @@ pub use lookup::{
 };
 pub use node::node_returned;
 pub use plan::{invalid_spec, plan};
+pub use protection::{after_machine_read, checked, protected_machine};
 pub use resolve::{NodeIdentityMode, Resolved};
+pub use safety::{
+    BREAKER_WINDOW, BreakerCheck, DEFAULT_MAX_OFFBOARDS_PER_HOUR, Held, SendKind, approval,
+    awaiting_approval, breaker, breaker_open, guard,
+};
 pub use timing::SubmittingClock;
 
 use crate::crd::{DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -72,6 +79,17 @@ pub struct Settings {
     /// (a kubelet re-registering, a re-created VM) is not offboarded
     /// (`--node-offboard-grace`).
     pub node_grace: Duration,
+    /// Devices never offboarded (`--protected-tag`, `--protected-name`, and
+    /// the resource's connection's own rules).
+    pub protection: Protection,
+    /// New sends per tenant in any hour before the breaker holds the rest
+    /// (`--max-offboards-per-hour`); 0: off. Off by default here, for the
+    /// `offboard` command and tests; `run` defaults to
+    /// [`DEFAULT_MAX_OFFBOARDS_PER_HOUR`].
+    pub max_offboards_per_hour: u32,
+    /// Send nothing until someone other than the creator approves
+    /// (`--require-approval`).
+    pub require_approval: bool,
 }
 
 impl Default for Settings {
@@ -83,6 +101,9 @@ impl Default for Settings {
             adopt_window: DEFAULT_ADOPT_WINDOW,
             node_identity: NodeIdentityMode::default(),
             node_grace: DEFAULT_NODE_GRACE,
+            protection: Protection::default(),
+            max_offboards_per_hour: 0,
+            require_approval: false,
         }
     }
 }
@@ -138,6 +159,9 @@ pub enum Plan {
     /// resource; a machine that reads is sent for again (a 404 created
     /// nothing).
     ConfirmMachine { machine_id: String },
+    /// Read the record `spec.machineId` names before the first send, when a
+    /// protection rule applies: a protected device is never sent for.
+    CheckProtection { machine_id: String },
     /// Take budget, write `Submitting` (with a precondition), then send.
     /// Before a resource's first send (`check_machine`), list the machine's
     /// offboard actions: one another resource created is adopted instead.
@@ -188,6 +212,15 @@ pub fn is_failed_retry(transition: &Transition) -> bool {
     transition.requeue.is_some()
         && transition.status.last_error.is_some()
         && transition.status.machine_action_id.is_none()
+}
+
+/// The record a resource offboards, and why (for `status.resolution`):
+/// chosen for `deviceName`, or named by `machineId` and checked against the
+/// protection rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub machine_id: String,
+    pub why: String,
 }
 
 /// The state a decision reads.

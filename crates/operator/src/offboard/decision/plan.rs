@@ -49,6 +49,9 @@ pub fn plan(view: &View, settings: &Settings) -> Plan {
         (Phase::Pending, Some(machine_id)) if answered_not_found(view) => {
             Plan::ConfirmMachine { machine_id }
         }
+        (Phase::Pending, Some(machine_id)) if super::protection::needs_check(view, settings) => {
+            Plan::CheckProtection { machine_id }
+        }
         (_, Some(machine_id)) => Plan::Submit {
             machine_id,
             check_machine: view.status.attempts.unwrap_or(0) == 0,

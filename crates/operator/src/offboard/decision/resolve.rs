@@ -335,7 +335,7 @@ fn swap_uuid(uuid: &str) -> String {
 }
 
 /// "Active, seen 2 min ago".
-fn describe(machine: &Machine, now: Timestamp) -> String {
+pub(crate) fn describe(machine: &Machine, now: Timestamp) -> String {
     let health = machine.health_status.as_deref().unwrap_or("health unknown");
     let seen = match last_seen(machine) {
         Some(seen) => format!("seen {}", ago(seen, now)),

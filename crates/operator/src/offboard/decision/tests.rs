@@ -1,4 +1,5 @@
-//! Table tests of the decision: a new case is one row.
+//! Table tests of the decision: a new case is one row. The fixtures marked
+//! `pub(crate)` are shared with the rails' tests (`safety`, `protection`).
 use super::timing::SubmittingClock;
 use super::*;
 use crate::crd::{CancelState, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
@@ -10,21 +11,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mde_client::{ActionStatus, ApiFamily, Machine, MachineAction, MdeError};
 use std::time::Duration;
 
-const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+pub(crate) const MACHINE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
 const ACTION: &str = "5382f7ea-7557-4ab7-9782-d50480024a4e";
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     "2026-06-01T12:00:00Z".parse().unwrap()
 }
 
-fn by_id() -> DeviceOffboardSpec {
+pub(crate) fn by_id() -> DeviceOffboardSpec {
     test_kit::offboard("by-id")
         .machine_id(MACHINE)
         .comment("retired")
         .spec()
 }
 
-fn by_name() -> DeviceOffboardSpec {
+pub(crate) fn by_name() -> DeviceOffboardSpec {
     test_kit::offboard("by-name")
         .device_name("pc-1.contoso.com")
         .comment("retired")
@@ -65,7 +66,7 @@ fn action(status: ActionStatus) -> MachineAction {
     .unwrap()
 }
 
-fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> View<'a> {
+pub(crate) fn view<'a>(spec: &'a DeviceOffboardSpec, status: &'a DeviceOffboardStatus) -> View<'a> {
     View {
         spec,
         status,
@@ -1736,7 +1737,7 @@ fn only_a_retry_time_this_process_wrote_is_waited_for() {
     assert!(matches!(plan(&after_failover, &s), Plan::Submit { .. }));
 }
 
-fn tenant(id: &str) -> crate::crd::StatusTenant {
+pub(crate) fn tenant(id: &str) -> crate::crd::StatusTenant {
     crate::crd::StatusTenant {
         tenant_id: id.into(),
         client_id: "app-1".into(),

@@ -4,6 +4,7 @@
 //! [`OffboardState`]. See docs/architecture.md.
 
 mod adopt_indexes;
+mod breaker;
 mod budget_queue;
 mod lookup_clocks;
 mod machine_claims;
@@ -12,6 +13,7 @@ mod retry_times;
 mod wall_clock;
 
 pub(crate) use adopt_indexes::AdoptIndexes;
+pub(crate) use breaker::{Ask, BreakerWindows};
 pub(crate) use budget_queue::BudgetQueues;
 pub(crate) use lookup_clocks::{LookupClocks, LookupKey};
 pub(crate) use machine_claims::{ClaimGuard, MachineClaim, MachineClaims, TenantMachine};
@@ -36,6 +38,8 @@ pub struct OffboardState {
     pub(crate) machines: MachineClaims,
     /// The waiters for each tenant's offboard budget, in order.
     pub(crate) budget_queues: BudgetQueues,
+    /// Each tenant's new sends in the last hour (the blast-radius breaker).
+    pub(crate) breaker: BreakerWindows,
     /// Steps in a row that failed transiently, per resource.
     pub(crate) step_failures: RetryCounter,
     /// Reconciles in a row that ended in an error, per resource.
