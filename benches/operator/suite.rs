@@ -330,6 +330,9 @@ pub fn start_run_logged(config: &Config, stage: &Stage, limits: &RateLimits, nam
     let child = tokio::process::Command::new(&config.bin)
         .arg("run")
         .args(["--rate-limit", &limits_flag(limits)])
+        // The breaker's hour is wall time, not scaled: off, as it would hold
+        // every row past its first 100 sends.
+        .arg("--max-offboards-per-hour=0")
         // MDE's offboards take minutes; a poll a minute keeps the reads for the
         // machine checks that precede each send.
         .args(["--poll-interval", &scale(60.0)])
