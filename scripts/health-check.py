@@ -58,6 +58,9 @@ EXPECTED = {
     # A person stopped it on purpose: Suspended, not an alert.
     "failed-cancelled": ("Suspended", "Cancelled: MDE offboard action", "Failed"),
     "failed-cancelled-before-send": ("Suspended", "Cancelled: cancelled before", "Failed"),
+    "failed-device-protected": ("Degraded", "DeviceProtected:", "Failed"),
+    "pending-breaker-open": ("Progressing", "Pending (BreakerOpen)", "InProgress"),
+    "pending-awaiting-approval": ("Progressing", "Pending (AwaitingApproval)", "InProgress"),
     # Derived (see DERIVED): states real runs show only for a moment.
     "succeeded+generation-ahead": ("Progressing", "see generation 2", "InProgress"),
     "in-progress+deleting": ("Progressing", "Being deleted", "Terminating"),

@@ -43,6 +43,9 @@ const SHAPES: &[&str] = &[
     "failed-invalid-spec",
     "failed-cancelled",
     "failed-cancelled-before-send",
+    "failed-device-protected",
+    "pending-breaker-open",
+    "pending-awaiting-approval",
 ];
 
 /// Example machines of the simulator and how their offboard ends.
@@ -546,18 +549,76 @@ async fn permission_denied(shapes: &mut Shapes) {
     shapes.keep("pending-permission-denied", object);
 }
 
+/// The safety rails: a protected device (`--protected-tag`), a new offboard
+/// held by the breaker (`--max-offboards-per-hour 1`, after one was sent),
+/// and one waiting for its approval (`--require-approval`).
+async fn safety(shapes: &mut Shapes) {
+    let mut rails = env(fast_sim_config(), true).await;
+    let machines = windows_machines(&client(&rails.sim, FAST_LIMITS), 2).await;
+    rails.start_controller(Settings {
+        protection: defender_offboard::operator::offboard::decision::Protection::from_flags(
+            &[defender_offboard::simulator::PROTECTED_EXAMPLE_TAG.into()],
+            &[],
+        ),
+        max_offboards_per_hour: 1,
+        ..fast_settings()
+    });
+    rails
+        .create("protected", by_name("dc-01.contoso.com"), json!({}))
+        .await;
+    let object = rails
+        .wait("protected", "Failed/DeviceProtected", |s| {
+            is(s, "Failed", "DeviceProtected")
+        })
+        .await;
+    shapes.keep("failed-device-protected", object);
+    rails.create("first", by_id(&machines[0]), json!({})).await;
+    rails
+        .wait("first", "sent", |s| s["machineActionId"].is_string())
+        .await;
+    rails.create("held", by_id(&machines[1]), json!({})).await;
+    let object = rails
+        .wait("held", "Pending/BreakerOpen", |s| {
+            is(s, "Pending", "BreakerOpen")
+        })
+        .await;
+    shapes.keep("pending-breaker-open", object);
+
+    // A second cluster, approvals required.
+    let mut approvals = env(fast_sim_config(), true).await;
+    let machine = windows_machines(&client(&approvals.sim, FAST_LIMITS), 1).await;
+    approvals.start_controller(Settings {
+        require_approval: true,
+        ..fast_settings()
+    });
+    approvals
+        .create(
+            "unapproved",
+            by_id(&machine[0]),
+            json!({"defender.offboard.dev/created-by": "alice@contoso.com"}),
+        )
+        .await;
+    let object = approvals
+        .wait("unapproved", "Pending/AwaitingApproval", |s| {
+            is(s, "Pending", "AwaitingApproval")
+        })
+        .await;
+    shapes.keep("pending-awaiting-approval", object);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_status_shape_is_collected_from_a_real_run() {
-    let (mut a, mut b, mut c, mut d, mut e) = Default::default();
+    let (mut a, mut b, mut c, mut d, mut e, mut f) = Default::default();
     tokio::join!(
         finals(&mut a),
         under_way(&mut b),
         submitting(&mut c),
         throttled(&mut d),
         permission_denied(&mut e),
+        safety(&mut f),
     );
     let mut shapes = Shapes::default();
-    for part in [a, b, c, d, e] {
+    for part in [a, b, c, d, e, f] {
         shapes.0.extend(part.0);
     }
     let mut expected = SHAPES.to_vec();
