@@ -6,24 +6,13 @@
 //! cluster's history does not delay the first send.
 
 use crate::common::*;
-use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use defender_offboard::operator::cache::final_label::{FINAL_HOUR_LABEL, FINAL_LABEL, final_hour};
 use defender_offboard::playground::embedded_controller_with;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-fn spec(machine_id: &str) -> DeviceOffboardSpec {
-    DeviceOffboardSpec {
-        machine_id: Some(machine_id.into()),
-        device_name: None,
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-        node: None,
-    }
-}
 
 /// The reason in the resource's Ready condition, once it has one.
 fn ready_reason(obj: &DeviceOffboard) -> Option<String> {
@@ -45,7 +34,7 @@ async fn new_resource_waits(labels: BTreeMap<String, String>) -> bool {
     let sent = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
     for (i, machine) in machines[..3].iter().enumerate() {
         let name = format!("past-{i}");
-        let mut obj = DeviceOffboard::new(&name, spec(machine));
+        let mut obj = DeviceOffboard::new(&name, retired(machine));
         obj.metadata.labels = Some(labels.clone());
         offboards
             .create(&PostParams::default(), &obj)
@@ -80,7 +69,7 @@ async fn new_resource_waits(labels: BTreeMap<String, String>) -> bool {
     offboards
         .create(
             &PostParams::default(),
-            &DeviceOffboard::new("new", spec(&machines[3])),
+            &DeviceOffboard::new("new", retired(&machines[3])),
         )
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests: everything on 127.0.0.1, port 0.
 #![allow(dead_code)]
 
-use defender_offboard::crd::DeviceOffboard;
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec};
 use defender_offboard::mde::{ClientConfig, ClientIdentity, DefenderClient, RateLimits};
 use defender_offboard::metrics::Metrics;
 use defender_offboard::operator::offboard::decision::Settings;
@@ -122,4 +122,16 @@ pub async fn with_timeout<T>(seconds: u64, future: impl std::future::Future<Outp
     tokio::time::timeout(Duration::from_secs(seconds), future)
         .await
         .expect("test timed out")
+}
+
+/// The spec of a resource that offboards `machine_id` ("retired").
+pub fn retired(machine_id: &str) -> DeviceOffboardSpec {
+    DeviceOffboardSpec {
+        machine_id: Some(machine_id.into()),
+        device_name: None,
+        comment: "retired".into(),
+        ttl_seconds_after_finished: None,
+        connection_ref: None,
+        node: None,
+    }
 }

@@ -2,7 +2,7 @@
 //! the MDE simulator (time-scaled ×60: MDE's 100/min is 100/s here).
 
 use crate::common::*;
-use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, Phase};
+use defender_offboard::crd::{DeviceOffboard, Phase};
 use defender_offboard::devcluster::ApiHandle;
 use defender_offboard::metrics::Metrics;
 use defender_offboard::playground::observed_controller;
@@ -69,17 +69,12 @@ pub(crate) async fn start_limited(
 
 pub(crate) async fn create(client: &kube::Client, name: &str, machine_id: &str) {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
-    let spec = DeviceOffboardSpec {
-        machine_id: Some(machine_id.into()),
-        device_name: None,
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-        node: None,
-    };
-    api.create(&PostParams::default(), &DeviceOffboard::new(name, spec))
-        .await
-        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &DeviceOffboard::new(name, retired(machine_id)),
+    )
+    .await
+    .unwrap();
 }
 
 pub(crate) async fn phases(client: &kube::Client) -> Vec<(String, Phase, Option<String>)> {

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use crate::controller::{Env, start};
-use defender_offboard::crd::{DeviceOffboard, DeviceOffboardSpec, DeviceOffboardStatus, Phase};
+use defender_offboard::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use defender_offboard::operator::cache::final_label::FINAL_LABEL;
 use defender_offboard::operator::cache::stray_label::REMOVED_REASON;
 use defender_offboard::simulator::SimConfig;
@@ -16,17 +16,6 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-
-fn spec(machine_id: &str) -> DeviceOffboardSpec {
-    DeviceOffboardSpec {
-        machine_id: Some(machine_id.into()),
-        device_name: None,
-        comment: "retired".into(),
-        ttl_seconds_after_finished: None,
-        connection_ref: None,
-        node: None,
-    }
-}
 
 /// The names of the resources an Event with `reason` was published for.
 async fn events_with_reason(client: &kube::Client, reason: &str) -> BTreeSet<String> {
@@ -72,7 +61,7 @@ async fn a_final_label_on_a_resource_not_final_is_removed_and_it_is_offboarded_o
     let api: Api<DeviceOffboard> = Api::namespaced(env.client.clone(), "default");
 
     // `kubectl get -o yaml` of a Failed resource, applied under a new name.
-    let mut copied = DeviceOffboard::new("copied", spec(&machines[0]));
+    let mut copied = DeviceOffboard::new("copied", retired(&machines[0]));
     copied.metadata.labels = Some(BTreeMap::from([(FINAL_LABEL.into(), "true".into())]));
     copied.status = Some(DeviceOffboardStatus {
         phase: Some(Phase::Failed),

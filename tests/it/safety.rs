@@ -7,7 +7,7 @@
 use crate::common::*;
 use crate::controller::{Env, create, start_with};
 use defender_offboard::crd::{
-    APPROVED_BY_ANNOTATION, CREATED_BY_ANNOTATION, DeviceOffboard, DeviceOffboardSpec, Phase,
+    APPROVED_BY_ANNOTATION, CREATED_BY_ANNOTATION, DeviceOffboard, Phase,
     RELEASE_BREAKER_ANNOTATION,
 };
 use defender_offboard::operator::offboard::decision::Settings;
@@ -173,17 +173,7 @@ async fn fifty_resources_at_ten_an_hour_send_ten_and_the_released_rest_once_each
 
 async fn create_by(client: &kube::Client, name: &str, machine_id: &str, creator: &str) {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
-    let mut resource = DeviceOffboard::new(
-        name,
-        DeviceOffboardSpec {
-            machine_id: Some(machine_id.into()),
-            device_name: None,
-            comment: "retired".into(),
-            ttl_seconds_after_finished: None,
-            connection_ref: None,
-            node: None,
-        },
-    );
+    let mut resource = DeviceOffboard::new(name, retired(machine_id));
     resource.metadata.annotations = Some(
         [(CREATED_BY_ANNOTATION.to_string(), creator.to_string())]
             .into_iter()

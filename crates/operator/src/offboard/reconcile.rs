@@ -9,7 +9,6 @@ use crate::cache::final_label;
 use crate::crd::DeviceOffboard;
 use crate::error::{Error, Result};
 use crate::metrics::ErrorLabels;
-use crate::tenants::ConnectionKey;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use std::sync::Arc;
@@ -20,9 +19,10 @@ pub(crate) async fn reconcile<M: MdeCalls>(
     obj: Arc<DeviceOffboard>,
     ctx: Arc<Context<M>>,
 ) -> Result<Action> {
+    let (key, mde) = ctx.connections.for_resource(&obj);
     // One of the connection's slots, or back soon holding nothing: no
     // tenant's waits hold a worker another tenant needs.
-    let Some(_slot) = ctx.slots.try_take(&ConnectionKey::of(&obj)) else {
+    let Some(_slot) = ctx.slots.try_take(&key) else {
         return Ok(Action::requeue(super::tenant_slots::BUSY_RETRY));
     };
     // Final in status, label lost (a crash between the two writes): nothing
@@ -39,8 +39,8 @@ pub(crate) async fn reconcile<M: MdeCalls>(
         };
     }
     let started = std::time::Instant::now();
-    let result = match ctx.connections.for_resource(&obj) {
-        (key, Ok(mde)) => {
+    let result = match mde {
+        Ok(mde) => {
             let settings = ctx.settings_for(&key);
             let ports = step::Ports {
                 settings: &settings,
@@ -48,7 +48,7 @@ pub(crate) async fn reconcile<M: MdeCalls>(
             };
             step::step(&obj, &ports).await
         }
-        (key, Err(unavailable)) => {
+        Err(unavailable) => {
             tracing::debug!(connection = %key, reason = super::decision::unavailable_reason(&unavailable).as_str(), "connection unavailable");
             step::connection_unavailable(&obj, &ctx.store, &ctx.state, &ctx.settings, &unavailable)
                 .await

@@ -101,15 +101,9 @@ pub fn after_machine_read(
 /// `machineId` and `resolution` set, nothing told (no Event: the record was
 /// named, not chosen).
 pub fn checked(view: &View, resolution: &Resolution) -> Transition {
-    let mut status = view.status.clone();
-    status.machine_id = Some(resolution.machine_id.clone());
-    status.resolution = Some(resolution.why.clone());
-    status.observed_generation = view.generation;
-    status.tenant = view.recorded_tenant();
     Transition {
-        status,
         note: None,
-        requeue: None,
+        ..super::after::resolved(view, resolution)
     }
 }
 
