@@ -190,7 +190,7 @@ pub async fn fairness_row(config: &Config, a_resources: usize, b_resources: usiz
     ]);
     let mut run = suite::start_run(&run_config, &stage, &limits);
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let watch = suite::watch_namespace(&client, TENANT_B, seen.clone());
+    let watch = suite::watch_namespace(&client, TENANT_B, seen.clone()).await;
     let alone = measure_b(
         &client,
         &b,

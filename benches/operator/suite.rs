@@ -16,7 +16,7 @@ use defender_offboard::operator::offboard::poll_plan::{self, Density, InFlight};
 use defender_offboard::simulator::{self, SimConfig, SimHandle};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{CustomResourceExt, ResourceExt};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -273,22 +273,36 @@ pub struct Seen {
     pub finished: HashMap<String, Instant>,
 }
 
-fn watch_all(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()> {
-    watch_namespace(client, NAMESPACE, seen)
+async fn watch_all(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()> {
+    watch_namespace(client, NAMESPACE, seen).await
 }
 
 /// Record into `seen` when each resource of `namespace` got its action id
-/// and its final phase.
-pub fn watch_namespace(
+/// and its final phase. Returns once the watch's first list is read: a
+/// watch still listing a long history would see the first new resource
+/// seconds after `run` wrote it, and count its own lag as the operator's.
+pub async fn watch_namespace(
     client: &kube::Client,
     namespace: &str,
     seen: Arc<Mutex<Seen>>,
 ) -> tokio::task::JoinHandle<()> {
     let api: Api<DeviceOffboard> = Api::namespaced(client.clone(), namespace);
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).applied_objects();
+    let (synced, listed) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default());
         futures::pin_mut!(stream);
-        while let Ok(Some(obj)) = stream.try_next().await {
+        let mut synced = Some(synced);
+        while let Ok(Some(event)) = stream.try_next().await {
+            let obj = match event {
+                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => obj,
+                watcher::Event::InitDone => {
+                    if let Some(synced) = synced.take() {
+                        let _ = synced.send(());
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
             let status = obj.status.clone().unwrap_or_default();
             let mut seen = seen.lock().unwrap();
             let now = Instant::now();
@@ -299,7 +313,10 @@ pub fn watch_namespace(
                 seen.finished.entry(obj.name_any()).or_insert(now);
             }
         }
-    })
+    });
+    // Bounded: a watch that cannot list ends the wait, not the benchmark.
+    let _ = tokio::time::timeout(Duration::from_secs(300), listed).await;
+    task
 }
 
 /// `run` as its own process against the stage.
@@ -349,7 +366,11 @@ pub fn start_run_logged(config: &Config, stage: &Stage, limits: &RateLimits, nam
         .env("AZURE_CLIENT_SECRET_FILE", &secret)
         .env("DEFENDER_API_URL", stage.sim.base_url())
         .env("AZURE_AUTHORITY_HOST", stage.sim.base_url())
-        .env("RUST_LOG", "warn")
+        // `BENCH_RUN_LOG=info` for `run`'s start-up steps (see benchmarks.md).
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -482,7 +503,7 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
     let machines = windows_machines(&helper, n + probes + if share > 0.0 { n } else { 0 }).await;
     seed_history(&stage.client, history).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let watch = watch_all(&stage.client, seen.clone());
+    let watch = watch_all(&stage.client, seen.clone()).await;
     let reads_before = mde_reads(&stage.sim.stats());
     let run_started = Instant::now();
     let mut run = start_run(config, &stage, &ours);
@@ -632,6 +653,10 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
         cold_start,
         applied,
     };
+    // The stage's directory goes with it; `BENCH_KEEP_LOG=FILE` keeps `run`'s log.
+    if let Ok(to) = std::env::var("BENCH_KEEP_LOG") {
+        let _ = std::fs::copy(stage.dir.path().join("run.log"), to);
+    }
     stage.api.shutdown().await;
     stage.sim.shutdown().await;
     row

@@ -17,6 +17,7 @@ mod budget_seed;
 mod chart;
 mod cli;
 mod client;
+mod cold_start;
 mod common;
 mod controller;
 mod crd_admission;

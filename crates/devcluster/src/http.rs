@@ -372,6 +372,13 @@ async fn resource(
             if flag(&query, "watch") {
                 return watch_response(app, rt, ns, &query, labels, fields, form, include);
             }
+            let selector = query.get("labelSelector").map(String::as_str).unwrap_or("");
+            tokio::select! {
+                () = shared.holds.pass(&rt.plural, selector) => {}
+                () = shared.shutdown.cancelled() => {
+                    return Err(ApiError::new(503, "ServiceUnavailable", "the API is shutting down"));
+                }
+            }
             let page = shared.list_page(&rt, ns, &labels, &fields, page_request(&query)?)?;
             let objects: Vec<Value> = page.items.iter().map(|o| to_external(&rt, o)).collect();
             let rv = page.rv;

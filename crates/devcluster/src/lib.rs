@@ -37,6 +37,7 @@
 
 mod discovery;
 mod events;
+mod holds;
 mod http;
 pub mod kubeconfig;
 mod lifecycle;
@@ -134,6 +135,22 @@ impl ApiHandle {
     /// clients that resume from the version they last saw get `410 Expired` and relist.
     pub fn compact(&self) {
         self.shared.compact();
+    }
+
+    /// Hold every list of `plural` whose `labelSelector` is exactly
+    /// `label_selector` (empty: lists without one) until
+    /// [`ApiHandle::release_lists`]. Watches are not held.
+    pub fn hold_lists(&self, plural: &str, label_selector: &str) {
+        self.shared.holds.hold(plural, label_selector);
+    }
+
+    pub fn release_lists(&self) {
+        self.shared.holds.release_all();
+    }
+
+    /// How many list requests have been held so far.
+    pub fn lists_held(&self) -> u64 {
+        self.shared.holds.waited()
     }
 
     /// Stop serving: end open watches and wait for the server to finish.

@@ -3,6 +3,7 @@
 //! subresource split, finalizers, validation, and the events conversion.
 
 use super::events;
+use super::holds::ListHolds;
 use super::lifecycle::{
     after_removal, crd_status, defaults_on_create, delete_locked, finish_namespace,
     terminating_namespace, validate_crd,
@@ -35,6 +36,8 @@ pub struct Shared {
     pub compactions: watch::Sender<u64>,
     /// Watches answered with the in-stream `410 Expired`, for `/metrics`.
     pub expired_watches: AtomicU64,
+    /// Lists a test holds back (see [`ListHolds`]).
+    pub holds: ListHolds,
 }
 
 impl Shared {
@@ -49,6 +52,7 @@ impl Shared {
             shutdown: tokio_util::sync::CancellationToken::new(),
             compactions: watch::channel(0).0,
             expired_watches: AtomicU64::new(0),
+            holds: ListHolds::default(),
         }
     }
 
