@@ -4,6 +4,7 @@
 
 mod fairness;
 mod hostile;
+mod in_flight;
 mod many_tenants;
 mod suite;
 mod takeover;
@@ -36,7 +37,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
     /// Run only these parts (comma-separated: polls, rows, naive, shared,
-    /// hostile, fairness, takeover, tenants).
+    /// hostile, fairness, takeover, tenants, inflight).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The binary whose `run` is measured (default: the one built with the
@@ -60,6 +61,10 @@ struct Args {
     /// and resources of each.
     #[arg(long, value_delimiter = ',', default_values_t = [200, 50])]
     many_tenants: Vec<usize>,
+    /// The in-flight row: resources sent at once and left `Pending`, and
+    /// the seconds all are held in flight together.
+    #[arg(long, value_delimiter = ',', default_values_t = [10000, 20])]
+    in_flight: Vec<usize>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -91,6 +96,10 @@ async fn main() {
             args.many_tenants.get(1).copied().unwrap_or(0),
         ),
         takeover: (args.takeover, takeover::DEFAULT_LEASE),
+        in_flight: (
+            args.in_flight.first().copied().unwrap_or(0),
+            std::time::Duration::from_secs(args.in_flight.get(1).copied().unwrap_or(20) as u64),
+        ),
         fairness: (
             args.fairness.first().copied().unwrap_or(0),
             args.fairness.get(1).copied().unwrap_or(0),

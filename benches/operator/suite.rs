@@ -29,7 +29,7 @@ use tokio::time::Instant;
 const TENANT: &str = "sim-tenant";
 const CLIENT: &str = "sim-client";
 const SECRET: &str = "sim-secret";
-const NAMESPACE: &str = "default";
+pub const NAMESPACE: &str = "default";
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -63,6 +63,9 @@ pub struct Config {
     pub many_tenants: (usize, usize),
     /// The takeover row's resources (no row when 0) and lease.
     pub takeover: (usize, Duration),
+    /// The in-flight row's resources (no row when 0) and how long all are
+    /// held in flight together.
+    pub in_flight: (usize, Duration),
 }
 
 impl Config {
@@ -855,6 +858,7 @@ pub struct Report {
     pub fairness: Option<super::fairness::Fairness>,
     pub takeover: Option<super::takeover::Takeover>,
     pub many_tenants: Option<super::many_tenants::ManyTenants>,
+    pub in_flight: Option<super::in_flight::InFlight>,
     pub wall: Duration,
 }
 
@@ -914,6 +918,12 @@ pub async fn run(config: &Config) -> Report {
         let row = super::many_tenants::many_tenants_row(config, tenants, each).await;
         eprintln!("{row:?}");
         report.many_tenants = Some(row);
+    }
+    let (n, hold) = config.in_flight;
+    if n > 0 && config.runs("inflight") {
+        let row = super::in_flight::in_flight_row(config, n, hold).await;
+        eprintln!("{row:?}");
+        report.in_flight = Some(row);
     }
     report.wall = started.elapsed();
     report
@@ -1057,6 +1067,9 @@ pub fn table(report: &Report, config: &Config) -> String {
     }
     if let Some(many) = &report.many_tenants {
         line(super::many_tenants::table(many));
+    }
+    if let Some(in_flight) = &report.in_flight {
+        line(super::in_flight::table(in_flight));
     }
     line(String::new());
     line(format!(

@@ -25,6 +25,9 @@ pub struct Takeover {
     pub posts_at_kill: u64,
     /// Kill → the first POST MDE saw after it.
     pub first_post: Option<Duration>,
+    /// Kill → the earliest time a perfect client could make the next call
+    /// (zero when the budget allowed one at once): no takeover sends sooner.
+    pub budget_next: Duration,
     /// Kill → the first MDE read after it.
     pub first_read: Option<Duration>,
     /// MDE reads in the first simulated minute from the standby's first call.
@@ -148,6 +151,8 @@ pub async fn takeover_row(config: &Config, n: usize, lease: Duration) -> Takeove
     // What was on its way when the process died has landed by now.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let posts_at_kill = posts(&stage.sim);
+    let budget_next = suite::ceiling(posts_at_kill as usize + 1, &limits)
+        .saturating_sub(killed_at.duration_since(started));
     let reads_at_kill = suite::mde_reads(&stage.sim.stats());
     let (mut first_post, mut first_read) = (None, None);
     until(long, || {
@@ -190,6 +195,7 @@ pub async fn takeover_row(config: &Config, n: usize, lease: Duration) -> Takeove
         lease,
         posts_at_kill,
         first_post,
+        budget_next,
         first_read,
         reads_first_minute,
         all_posted,
@@ -214,6 +220,7 @@ pub fn table(row: &Takeover) -> String {
          Two replicas, {} resources applied at once, the leader killed (SIGKILL) at {} POSTs:\n\n\
          | figure | value | target | ratio |\n|---|---|---|---|\n\
          | kill → the standby's first POST | {} | ≤ {:.0} s (lease + 2 s) | {} |\n\
+         | kill → the budget's next call (a perfect client's call {} under both windows) | {:.2} s | | |\n\
          | kill → the standby's first MDE read | {} | | |\n\
          | MDE reads in the standby's first simulated minute | {} | ≤ 100 (MDE's minute) | |\n\
          | every POST at MDE | {} | {:.1} s (ceiling) | {:.3} |\n\
@@ -226,6 +233,8 @@ pub fn table(row: &Takeover) -> String {
             "{:.2}",
             d.as_secs_f64() / (row.lease + Duration::from_secs(2)).as_secs_f64()
         )),
+        row.posts_at_kill + 1,
+        row.budget_next.as_secs_f64(),
         secs(row.first_read),
         row.reads_first_minute,
         secs(row.all_posted),

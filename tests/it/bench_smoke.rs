@@ -6,6 +6,8 @@
 mod fairness;
 #[path = "../../benches/operator/hostile.rs"]
 mod hostile;
+#[path = "../../benches/operator/in_flight.rs"]
+mod in_flight;
 #[path = "../../benches/operator/many_tenants.rs"]
 mod many_tenants;
 #[path = "../../benches/operator/suite.rs"]
@@ -29,6 +31,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         fairness: (20, 4),
         many_tenants: (3, 12),
         takeover: (250, std::time::Duration::from_secs(3)),
+        in_flight: (40, std::time::Duration::from_secs(2)),
     };
     let report = suite::run(&config).await;
     let table = suite::table(&report, &config);
@@ -78,5 +81,16 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
     assert_eq!(many.posts, 36, "every tenant's resources sent: {many:?}");
     assert_eq!(many.max_posts_per_machine, 1, "{many:?}");
     assert!(many.min_ratio() > 0.0, "every tenant finished: {many:?}");
+    let in_flight = report.in_flight.expect("the in-flight row ran");
+    assert_eq!(
+        in_flight.recorded, 40,
+        "every action recorded: {in_flight:?}"
+    );
+    assert_eq!(in_flight.posts, 40, "{in_flight:?}");
+    assert_eq!(in_flight.max_posts_per_machine, 1, "{in_flight:?}");
+    assert_eq!(
+        in_flight.ended_during_hold, 0,
+        "all still in flight: {in_flight:?}"
+    );
     assert!(suite::ceiling(101, &"100/60s".parse().unwrap()) == std::time::Duration::from_secs(60));
 }

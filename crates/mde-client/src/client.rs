@@ -269,6 +269,39 @@ fn read_forbidden(code: String, message: String) -> MdeError {
     }
 }
 
+/// One HTTP client (connection pool, TLS configuration, root certificates)
+/// for every [`DefenderClient`] built with it: an operator serving hundreds
+/// of tenants holds one, not one per tenant. Safe to share: nothing of a
+/// tenant's lives in it (no cookies; each request carries its own token).
+#[derive(Clone, Debug)]
+pub struct SharedHttp(reqwest::Client);
+
+/// Idle connections kept per host (reqwest keeps any number by default).
+const IDLE_CONNECTIONS_PER_HOST: usize = 2;
+/// How long an idle connection is kept (reqwest's default is 90 s).
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl SharedHttp {
+    pub fn new(request_timeout: Duration) -> Result<Self, MdeError> {
+        reqwest::Client::builder()
+            .user_agent(concat!("defender-offboard/", env!("CARGO_PKG_VERSION")))
+            .timeout(request_timeout)
+            .connect_timeout(Duration::from_secs(10))
+            // Idle connections are what many tenants cost (each keeps its
+            // buffers): a tenant's steady pace needs one or two at a time,
+            // and a burst's extra connections close when they come back.
+            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
+            // Never follow redirects: a redirect could carry the bearer token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map(SharedHttp)
+            .map_err(|e| MdeError::Credentials {
+                message: format!("cannot build the HTTP client: {e}"),
+            })
+    }
+}
+
 impl DefenderClient {
     pub fn new(config: ClientConfig, observer: Arc<dyn CallObserver>) -> Result<Self, MdeError> {
         let budget = RateBudget::new(&config.rate_limits);
@@ -282,16 +315,19 @@ impl DefenderClient {
         observer: Arc<dyn CallObserver>,
         budget: RateBudget,
     ) -> Result<Self, MdeError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("defender-offboard/", env!("CARGO_PKG_VERSION")))
-            .timeout(config.request_timeout)
-            .connect_timeout(Duration::from_secs(10))
-            // Never follow redirects: a redirect could carry the bearer token to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| MdeError::Credentials {
-                message: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let http = SharedHttp::new(config.request_timeout)?;
+        Self::with_http(config, observer, budget, &http)
+    }
+
+    /// A client that sends through `http`, which other clients share (its
+    /// request timeout is `http`'s, not `config`'s).
+    pub fn with_http(
+        config: ClientConfig,
+        observer: Arc<dyn CallObserver>,
+        budget: RateBudget,
+        http: &SharedHttp,
+    ) -> Result<Self, MdeError> {
+        let http = http.0.clone();
         let account = Account {
             tenant: config.identity.tenant_id.to_ascii_lowercase(),
             app: config.identity.client_id.to_ascii_lowercase(),

@@ -13,7 +13,7 @@ pub use auth::{
     token_roles,
 };
 pub use client::{
-    Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver,
+    Account, BudgetWait, CallObserver, ClientConfig, DefenderClient, NoObserver, SharedHttp,
     comment_with_marker, correlation_marker, has_marker, marker_key,
 };
 pub use cloud::{Cloud, Endpoints};

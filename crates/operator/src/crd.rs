@@ -249,6 +249,11 @@ pub struct DeviceOffboardStatus {
     pub attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<Time>,
+    /// When MDE's answer to this resource's latest send came (the
+    /// operator's clock): a new leader counts the send against the budget
+    /// from here, without the request timeout's margin `submittedAt` needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
     /// While throttled or backing off: when the operator tries again.

@@ -43,20 +43,12 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
                 {
                     breaker.entry(tenant).or_default().push(age);
                 }
-                let Some(submitted) = resource
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.submitted_at.as_ref())
-                else {
+                let Some(status) = resource.status.as_ref() else {
                     continue;
                 };
                 past.entry(ConnectionKey::of(resource))
                     .or_default()
-                    .extend(recent_submissions(
-                        std::iter::once(submitted),
-                        now,
-                        request_timeout,
-                    ));
+                    .extend(recent_submission(status, now, request_timeout));
             }
             if !pages.advance(page.metadata.continue_) {
                 break;
@@ -89,21 +81,36 @@ pub(crate) async fn seed_budget_from_history<M: MdeCalls>(
     }
 }
 
-/// The ages of the submissions within the longest budget window.
-/// `submittedAt` is written before the send and kept to the second: the
-/// answer came at the latest a request timeout (and a second) later.
-pub(crate) fn recent_submissions<'a>(
-    submitted: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+/// How long ago the resource's latest send counted at MDE, if within the
+/// longest budget window. `answeredAt` (written with the action, kept to
+/// the second) is when the answer came: counted a second later, for the
+/// rounding. Without it (an answer never recorded: a timeout, a crash, a
+/// version that did not write it) `submittedAt`, written before the send,
+/// stands: the answer came at the latest a request timeout (and a second)
+/// later. An `answeredAt` before `submittedAt` is another send's, not this one's.
+pub(crate) fn recent_submission(
+    status: &crate::crd::DeviceOffboardStatus,
     now: jiff::Timestamp,
     request_timeout: Duration,
-) -> Vec<Duration> {
-    let latest_answer = jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
-        .unwrap_or_default();
-    submitted
-        .filter_map(|t| t.0.checked_add(latest_answer).ok())
-        .map(|t| Duration::try_from(now.duration_since(t)).unwrap_or_default())
-        .filter(|age| *age <= MAX_BUDGET_MEMORY)
-        .collect()
+) -> Option<Duration> {
+    let submitted = status.submitted_at.as_ref()?.0;
+    let answered = status
+        .answered_at
+        .as_ref()
+        .map(|t| t.0)
+        .filter(|answered| *answered >= submitted);
+    let counted = match answered {
+        Some(answered) => answered.checked_add(jiff::SignedDuration::from_secs(1)),
+        None => {
+            let latest_answer =
+                jiff::SignedDuration::try_from(request_timeout + Duration::from_secs(1))
+                    .unwrap_or(jiff::SignedDuration::MAX);
+            submitted.checked_add(latest_answer)
+        }
+    }
+    .ok()?;
+    let age = Duration::try_from(now.duration_since(counted)).unwrap_or_default();
+    (age <= MAX_BUDGET_MEMORY).then_some(age)
 }
 
 /// The resources that may hold a submission within the window, as three
@@ -162,6 +169,53 @@ mod tests {
     use super::*;
     use crate::crd::{DeviceOffboardStatus, StatusTenant};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    /// When a past send counts, as a table: from its answer when one was
+    /// recorded for this send, else from its intent plus the request timeout.
+    #[test]
+    fn a_past_send_counts_from_its_answer_or_its_intent_plus_the_timeout() {
+        let now: jiff::Timestamp = "2026-03-01T10:00:00Z".parse().unwrap();
+        let ago = |secs: i64| Some(Time(now - jiff::SignedDuration::from_secs(secs)));
+        let timeout = Duration::from_secs(30);
+        let status = |submitted, answered| DeviceOffboardStatus {
+            submitted_at: submitted,
+            answered_at: answered,
+            ..Default::default()
+        };
+        let secs = Duration::from_secs;
+        let cases = [
+            (
+                "answered 2 s after its intent",
+                ago(600),
+                ago(598),
+                Some(secs(597)),
+            ),
+            ("no answer recorded", ago(600), None, Some(secs(569))),
+            (
+                "an answer of an earlier send",
+                ago(600),
+                ago(900),
+                Some(secs(569)),
+            ),
+            ("answered just now", ago(1), ago(0), Some(secs(0))),
+            ("never sent", None, ago(10), None),
+            ("answered over an hour ago", ago(3700), ago(3650), None),
+            ("sent over an hour ago, no answer", ago(3640), None, None),
+            (
+                "sent within the hour plus the timeout",
+                ago(3620),
+                None,
+                Some(secs(3589)),
+            ),
+        ];
+        for (case, submitted, answered, counted) in cases {
+            assert_eq!(
+                recent_submission(&status(submitted, answered), now, timeout),
+                counted,
+                "{case}"
+            );
+        }
+    }
 
     /// The breaker's hour after a restart: the resources sent within it, by
     /// tenant (any app); not those only adopted, nor older ones.

@@ -250,13 +250,21 @@ pub async fn run_with_connections(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     ctx.slots.set_per_connection(args.concurrency.into());
-    let connections = args.connections.then(|| {
+    let http = match mde_client::SharedHttp::new(args.clients.request_timeout) {
+        Ok(http) => Some(http),
+        Err(error) => {
+            tracing::error!(error = %error, "DefenderConnections are not served");
+            None
+        }
+    };
+    let connections = http.filter(|_| args.connections).map(|http| {
         let shared = tenants::controller::Shared {
             client: ctx.client.clone(),
             connections: ctx.connections.clone(),
             metrics: ctx.metrics.clone(),
             settings: args.clients.clone(),
             budgets: tenants::controller::Budgets::default(),
+            http,
             reporter: ctx.store.reporter.clone(),
         };
         AbortOnDrop(tokio::spawn(tenants::controller::run(

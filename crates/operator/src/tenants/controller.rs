@@ -397,6 +397,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub settings: ClientSettings,
     pub budgets: Budgets,
+    /// One HTTP client for every connection's MDE client.
+    pub http: mde_client::SharedHttp,
     pub reporter: Reporter,
 }
 
@@ -433,7 +435,7 @@ fn build_client(
         metrics: shared.metrics.clone(),
         connection: format!("{namespace}/{name}"),
     });
-    DefenderClient::with_budget(config, observer, budget)
+    DefenderClient::with_http(config, observer, budget, &shared.http)
         .map_err(|e| Readiness::not(reason::INVALID_SPEC, e.to_string()))
 }
 

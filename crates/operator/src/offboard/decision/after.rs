@@ -162,6 +162,7 @@ pub fn submitting(view: &View, machine_id: &str) -> DeviceOffboardStatus {
     status.machine_id = Some(machine_id.to_string());
     status.attempts = Some(view.status.attempts.unwrap_or(0) + 1);
     status.submitted_at = Some(Time(view.now));
+    status.answered_at = None;
     status.next_retry_at = None;
     status
 }
@@ -181,7 +182,11 @@ pub fn after_send(
     settings: &Settings,
 ) -> AfterSend {
     let error = match result {
-        Ok(action) => return AfterSend::Record(record_action(view, &action, Origin::Sent)),
+        Ok(action) => {
+            let mut transition = record_action(view, &action, Origin::Sent);
+            transition.status.answered_at = Some(Time(view.now));
+            return AfterSend::Record(transition);
+        }
         Err(MdeError::AlreadyPending { .. }) => return AfterSend::AdoptPending,
         Err(error) => error,
     };
@@ -344,6 +349,7 @@ fn adopted_action_cancelled(view: &View, action: &MachineAction, owner: &str) ->
     status.action_status = None;
     status.adopted_from = None;
     status.submitted_at = None;
+    status.answered_at = None;
     status.next_retry_at = None;
     Transition {
         status,

@@ -280,8 +280,13 @@ fn intent_record_counts_attempts() {
     assert_eq!(first.submitted_at, Some(Time(now())));
     assert_eq!(first.machine_id.as_deref(), Some(MACHINE));
     assert_eq!(condition(&first, SUBMITTED).unwrap().reason, "Submitting");
-    let second = submitting(&view(&spec, &first), MACHINE);
+    let answered = DeviceOffboardStatus {
+        answered_at: Some(Time(now())),
+        ..first
+    };
+    let second = submitting(&view(&spec, &answered), MACHINE);
     assert_eq!(second.attempts, Some(2));
+    assert_eq!(second.answered_at, None, "the answer was the first send's");
 }
 
 /// Phase after each client outcome of the send, the event, and whether a lookup must follow.
@@ -435,6 +440,8 @@ fn after_send_for_every_outcome() {
                     "{name}"
                 );
                 assert!(t.status.last_error.is_none(), "{name}");
+                // What a new leader's budget counts the send from.
+                assert_eq!(t.status.answered_at, Some(Time(now())), "{name}");
             }
             Phase::Failed => {
                 assert!(t.status.completed_at.is_some(), "{name}");
