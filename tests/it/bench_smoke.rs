@@ -22,6 +22,7 @@ async fn the_operator_benchmark_runs_at_a_tiny_size() {
         sizes: vec![4, 10],
         history: 6,
         time_scale: 100.0,
+        tenant_time_scale: 100.0,
         latency_probes: 3,
         polls: vec![3, 60],
         shared: 4,

@@ -718,16 +718,20 @@ impl Store {
         if !whole {
             return;
         }
+        // The machines a shown offboard stands for, once per answer: a
+        // window answer can show thousands of actions for thousands of
+        // covered machines.
+        let standing: std::collections::HashSet<String> = shown
+            .iter()
+            .filter(|a| a.get("type").and_then(Value::as_str) == Some("Offboard"))
+            .filter_map(|a| {
+                let machine = a.get("machineId").and_then(Value::as_str)?;
+                self.stands_for(machine, a)
+                    .then(|| machine.to_ascii_lowercase())
+            })
+            .collect();
         for Covered { machine, last_post } in covered {
-            let stands = shown
-                .iter()
-                .filter(|a| {
-                    a.get("type").and_then(Value::as_str) == Some("Offboard")
-                        && a.get("machineId")
-                            .and_then(Value::as_str)
-                            .is_some_and(|m| m.eq_ignore_ascii_case(&machine))
-                })
-                .any(|a| self.stands_for(&machine, a));
+            let stands = standing.contains(&machine.to_ascii_lowercase());
             if let Some(proof) = self.proofs.get_mut(&machine)
                 && !stands
                 && proof.last_post == last_post

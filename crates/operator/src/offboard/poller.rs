@@ -208,10 +208,15 @@ pub(crate) async fn run<M: MdeCalls>(
                 continue;
             }
         };
+        // Filtered from a borrowed snapshot, not `into_iter()`: collecting a
+        // vector's own iterator reuses its buffer, and every tenant's poller
+        // would hold room for the whole cache across its reads (heaptrack:
+        // 7 MB with 200 tenants and 10,000 resources).
         let resources: Vec<Arc<DeviceOffboard>> = store
             .state()
-            .into_iter()
+            .iter()
             .filter(|r| ConnectionKey::of(r) == key)
+            .cloned()
             .collect();
         let in_flight = in_flight_actions(&resources, &state.created);
         let wanted: std::collections::HashSet<&str> =
