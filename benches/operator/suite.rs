@@ -355,7 +355,13 @@ pub fn start_run_logged(config: &Config, stage: &Stage, limits: &RateLimits, nam
     stage.api.write_kubeconfig(&kubeconfig).unwrap();
     let secret = stage.dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
-    let log = std::fs::File::create(stage.dir.path().join(format!("{name}.log"))).unwrap();
+    // The stage's directory goes with it; `BENCH_KEEP_LOG=PREFIX` writes
+    // `run`'s log to `PREFIX-<name>.log` instead, to be read afterwards.
+    let log_path = match std::env::var("BENCH_KEEP_LOG") {
+        Ok(prefix) => PathBuf::from(format!("{prefix}-{name}.log")),
+        Err(_) => stage.dir.path().join(format!("{name}.log")),
+    };
+    let log = std::fs::File::create(log_path).unwrap();
     let scale = |secs: f64| format!("{}ms", ((secs * 1000.0 / config.time_scale) as u64).max(1));
     let child = tokio::process::Command::new(&config.bin)
         .arg("run")
@@ -666,10 +672,6 @@ pub async fn operator_row(config: &Config, n: usize, history: usize, share: f64)
         cold_start,
         applied,
     };
-    // The stage's directory goes with it; `BENCH_KEEP_LOG=FILE` keeps `run`'s log.
-    if let Ok(to) = std::env::var("BENCH_KEEP_LOG") {
-        let _ = std::fs::copy(stage.dir.path().join("run.log"), to);
-    }
     stage.api.shutdown().await;
     stage.sim.shutdown().await;
     row
