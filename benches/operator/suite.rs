@@ -123,9 +123,16 @@ fn limits_flag(limits: &RateLimits) -> String {
 /// The earliest time the `n`-th call can go under sliding-window `limits`
 /// (every call as early as allowed): the ceiling a perfect client reaches.
 pub fn ceiling(n: usize, limits: &RateLimits) -> Duration {
+    ceiling_from(&vec![Duration::ZERO; n], limits)
+}
+
+/// [`ceiling`] for calls that cannot go before their resource exists:
+/// `arrivals[k]` is when the k-th resource was created (in order).
+pub fn ceiling_from(arrivals: &[Duration], limits: &RateLimits) -> Duration {
+    let n = arrivals.len();
     let mut times: Vec<Duration> = Vec::with_capacity(n);
     for k in 0..n {
-        let mut t = times.last().copied().unwrap_or_default();
+        let mut t = times.last().copied().unwrap_or_default().max(arrivals[k]);
         for l in &limits.0 {
             let calls = l.calls as usize;
             if k >= calls {
