@@ -22,10 +22,8 @@ pub(crate) async fn reconcile<M: MdeCalls>(
     let (key, mde) = ctx.connections.for_resource(&obj);
     // One of the connection's slots, or back soon holding nothing: no
     // tenant's waits hold a worker another tenant needs.
-    let waiter = obj.metadata.uid.as_deref().unwrap_or_default();
-    let _slot = match ctx.slots.try_take(&key, waiter) {
-        Ok(slot) => slot,
-        Err(retry) => return Ok(Action::requeue(retry)),
+    let Some(_slot) = ctx.slots.try_take(&key) else {
+        return Ok(Action::requeue(super::tenant_slots::BUSY_RETRY));
     };
     // Final in status, label lost (a crash between the two writes): nothing
     // is done for it but the label that takes it out of the watch.
