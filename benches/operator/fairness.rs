@@ -242,12 +242,7 @@ pub async fn fairness_row(config: &Config, a_resources: usize, b_resources: usiz
     eprintln!("fairness, B beside A's load: {loaded:?}");
     let max_posts_per_machine = [stage.sim.stats(), b.stats()]
         .iter()
-        .flat_map(|s| {
-            s.offboard_requests_by_machine
-                .values()
-                .copied()
-                .collect::<Vec<_>>()
-        })
+        .map(suite::most_posts_for_one_machine)
         .max()
         .unwrap_or(0);
     watch.abort();

@@ -36,17 +36,6 @@ pub struct InFlight {
     pub ended_during_hold: usize,
 }
 
-/// `VmRSS` of a live process, MiB (Linux; zero elsewhere).
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 pub async fn in_flight_row(config: &Config, n: usize, hold: Duration) -> InFlight {
     let mut sim = suite::sim_config(n * 5 / 4 + 200, config.time_scale);
     sim.rate_limits = Vec::new();
@@ -101,7 +90,7 @@ pub async fn in_flight_row(config: &Config, n: usize, hold: Duration) -> InFligh
     let held = hold_started.elapsed();
     let reads = suite::mde_reads(&stage.sim.stats()) - reads_before;
     let (peak_rss_mib, _) = suite::usage(run.pid);
-    let rss_after_hold_mib = rss_mib(run.pid);
+    let rss_after_hold_mib = suite::proc_status_kib(run.pid, "VmRSS") / 1024.0;
     let _ = run.child.start_kill();
     let _ = run.child.wait().await;
     watch.abort();
@@ -120,12 +109,7 @@ pub async fn in_flight_row(config: &Config, n: usize, hold: Duration) -> InFligh
         rss_after_hold_mib,
         reads_per_interval: reads as f64 / (held.as_secs_f64() / interval).max(1e-9),
         posts: stats.offboard_requests_by_machine.values().sum(),
-        max_posts_per_machine: stats
-            .offboard_requests_by_machine
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0),
+        max_posts_per_machine: suite::most_posts_for_one_machine(&stats),
         ended_during_hold,
     };
     stage.api.shutdown().await;

@@ -218,7 +218,7 @@ pub async fn many_tenants_row(config: &Config, tenants: usize, per_tenant: usize
             .sum(),
         max_posts_per_machine: stats
             .iter()
-            .flat_map(|s| s.offboard_requests_by_machine.values().copied())
+            .map(suite::most_posts_for_one_machine)
             .max()
             .unwrap_or(0),
         throttled: stats.iter().map(|s| s.throttled).sum(),

@@ -406,15 +406,30 @@ pub fn start_run_logged(config: &Config, stage: &Stage, limits: &RateLimits, nam
     Run { child, pid }
 }
 
+/// A `/proc/<pid>/status` figure in KiB (`VmHWM`, `VmRSS`; Linux, zero elsewhere).
+pub fn proc_status_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The most POSTs the simulator counted for one machine (1: exactly once).
+pub fn most_posts_for_one_machine(stats: &simulator::SimStats) -> u64 {
+    stats
+        .offboard_requests_by_machine
+        .values()
+        .copied()
+        .max()
+        .unwrap_or(0)
+}
+
 /// Peak RSS (`VmHWM`, KiB) and CPU seconds (user + system) of a live process,
 /// read from `/proc` (Linux; zero elsewhere).
 pub fn usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
+    let hwm_kib = proc_status_kib(pid, "VmHWM");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at `state`;
     // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).

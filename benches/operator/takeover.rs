@@ -201,12 +201,7 @@ pub async fn takeover_row(config: &Config, n: usize, lease: Duration) -> Takeove
         all_posted,
         ceiling,
         posts: stats.offboard_requests_by_machine.values().sum(),
-        max_posts_per_machine: stats
-            .offboard_requests_by_machine
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0),
+        max_posts_per_machine: suite::most_posts_for_one_machine(&stats),
         throttled: stats.throttled,
     }
 }

@@ -10,7 +10,7 @@ use defender_offboard::crd::{DeviceOffboard, DeviceOffboardStatus, Phase};
 use defender_offboard::operator::cache::final_label::{FINAL_HOUR_LABEL, FINAL_LABEL, final_hour};
 use defender_offboard::playground::embedded_controller_with;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -29,17 +29,13 @@ async fn new_resource_waits(labels: BTreeMap<String, String>) -> bool {
     let sim = spawn_sim(fast_sim_config()).await;
     let api = spawn_api().await;
     let client = api.client().await.unwrap();
-    let machines = windows_machines(&client_for(&sim), 4).await;
+    let machines = windows_machines(&crate::common::client(&sim, FAST_LIMITS), 4).await;
     let offboards: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
     let sent = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30);
     for (i, machine) in machines[..3].iter().enumerate() {
         let name = format!("past-{i}");
         let mut obj = DeviceOffboard::new(&name, retired(machine));
         obj.metadata.labels = Some(labels.clone());
-        offboards
-            .create(&PostParams::default(), &obj)
-            .await
-            .unwrap();
         let status = DeviceOffboardStatus {
             phase: Some(Phase::Succeeded),
             machine_action_id: Some(format!("00000000-0000-4000-8000-00000000000{i}")),
@@ -47,14 +43,7 @@ async fn new_resource_waits(labels: BTreeMap<String, String>) -> bool {
             completed_at: Some(Time(sent)),
             ..Default::default()
         };
-        offboards
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
-            )
-            .await
-            .unwrap();
+        create_with_status(&offboards, &obj, &status).await;
     }
     let controller = embedded_controller_with(
         client.clone(),
@@ -98,12 +87,6 @@ async fn new_resource_waits(labels: BTreeMap<String, String>) -> bool {
         .copied();
     assert_eq!(posts, (!waits).then_some(1), "the POSTs say the same");
     waits
-}
-
-fn client_for(
-    sim: &defender_offboard::simulator::SimHandle,
-) -> defender_offboard::mde::DefenderClient {
-    client(sim, FAST_LIMITS)
 }
 
 /// The rule, as a table: which past sends are read.

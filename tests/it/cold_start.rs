@@ -10,7 +10,7 @@ use defender_offboard::operator::cache::final_label::{
     FINAL_HOUR_LABEL, FINAL_LABEL, LABELLED_SELECTOR, final_hour,
 };
 use defender_offboard::playground::embedded_controller_with;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -24,23 +24,12 @@ async fn seed_finished(offboards: &Api<DeviceOffboard>, count: usize) {
             (FINAL_LABEL.to_string(), "true".to_string()),
             (FINAL_HOUR_LABEL.to_string(), final_hour(day_ago)),
         ]));
-        offboards
-            .create(&PostParams::default(), &obj)
-            .await
-            .unwrap();
         let status = DeviceOffboardStatus {
             phase: Some(Phase::Succeeded),
             machine_action_id: Some(uuid::Uuid::new_v4().to_string()),
             ..Default::default()
         };
-        offboards
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
-            )
-            .await
-            .unwrap();
+        create_with_status(offboards, &obj, &status).await;
     }
 }
 
@@ -49,7 +38,9 @@ async fn a_new_resource_is_sent_while_the_history_is_still_being_read() {
     let sim = spawn_sim(fast_sim_config()).await;
     let api = spawn_api().await;
     let client = api.client().await.unwrap();
-    let machine = windows_machines(&client_for(&sim), 1).await.remove(0);
+    let machine = windows_machines(&crate::common::client(&sim, FAST_LIMITS), 1)
+        .await
+        .remove(0);
     let offboards: Api<DeviceOffboard> = Api::namespaced(client.clone(), "default");
     seed_finished(&offboards, 150).await;
     // Every read of the finished history waits until the test says.
@@ -109,10 +100,4 @@ async fn a_new_resource_is_sent_while_the_history_is_still_being_read() {
     .await;
     assert_eq!(posts(), 1, "still one POST after the history was read");
     controller.abort();
-}
-
-fn client_for(
-    sim: &defender_offboard::simulator::SimHandle,
-) -> defender_offboard::mde::DefenderClient {
-    client(sim, FAST_LIMITS)
 }

@@ -135,3 +135,22 @@ pub fn retired(machine_id: &str) -> DeviceOffboardSpec {
         node: None,
     }
 }
+
+/// Create `obj` and give it `status` (as the operator would have written it).
+pub async fn create_with_status(
+    api: &kube::Api<DeviceOffboard>,
+    obj: &DeviceOffboard,
+    status: &defender_offboard::crd::DeviceOffboardStatus,
+) {
+    use kube::ResourceExt;
+    api.create(&kube::api::PostParams::default(), obj)
+        .await
+        .unwrap();
+    api.patch_status(
+        &obj.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .unwrap();
+}
